@@ -1,0 +1,92 @@
+"""safetensors weights from a Hugging Face layout directory, straight into dtype and device.
+
+Only safetensors (never pickle: `.bin`/`.pt` checkpoints are refused, not loaded). A sharded
+checkpoint is read through `model.safetensors.index.json`. Each tensor is materialised once, in the
+target dtype on the target device, so an 8B model never exists as a float32 copy in memory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import DflashError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Map every tensor name to the file that holds it."""
+    directory = Path(directory)
+    if (directory / INDEX).is_file():
+        try:
+            weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DflashError(f"{directory / INDEX} is not a valid safetensors index ({e})") from None
+        files = {name: directory / shard for name, shard in weight_map.items()}
+        missing = sorted({p.name for p in files.values() if not p.is_file()})
+        if missing:
+            raise DflashError(f"{directory}: shard {missing[0]} listed in {INDEX} is missing")
+        return files
+    if (directory / SINGLE).is_file():
+        return {name: directory / SINGLE for name in _names(directory / SINGLE)}
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    hint = f" (found {pickled[0]}: pickle checkpoints are never loaded)" if pickled else ""
+    raise DflashError(f"no model.safetensors in {directory}{hint}")
+
+
+def _names(path: Path) -> list[str]:
+    with _open(path, "cpu") as f:
+        return list(f.keys())
+
+
+def _open(path: Path, device: str):
+    _check_complete(path)
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as e:
+        raise DflashError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _check_complete(path: Path) -> None:
+    """A truncated download would otherwise fail deep inside a read: check the header's extent."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DflashError(f"{path} is truncated ({size} bytes): download it again")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise DflashError(f"{path} is truncated or corrupt (header says {header_len} bytes): download it again")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DflashError(f"{path} has a corrupt header: download it again") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise DflashError(f"{path} is truncated ({size} of {8 + header_len + end} bytes): download it again")
+
+
+def load_tensors(
+    files: dict[str, Path], names: Iterable[str], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Read `names` (all must exist) into `dtype` on `device`."""
+    names = list(names)
+    absent = [n for n in names if n not in files]
+    if absent:
+        directory = next(iter(files.values())).parent if files else "?"
+        raise DflashError(f"{directory}: weight '{absent[0]}' is missing from the checkpoint")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    load_device = "cpu" if device.type == "cpu" else str(device)
+    for path, group in by_file.items():
+        with _open(path, load_device) as f:
+            for name in group:
+                out[name] = f.get_tensor(name).to(dtype=dtype, device=device)
+    return out

@@ -1,0 +1,118 @@
+"""The DFlash drafter, as released (DESIGN §2): a few Qwen3-style layers that denoise a whole block.
+
+Input: `[bonus, MASK × (B-1)]` at positions n .. n+B-1, embedded with the target's table. Each layer
+attends, without a causal mask, over the context K/V of every committed token plus the block's own
+K/V. Context K/V comes from target features: `ctx_h = hidden_norm(fc(concat(features)))`, projected
+by each layer's k_proj/v_proj (k-normed and rotated) and cached once per token (`add_context`). The
+block's K/V is written past the committed length and never committed, so the next draft overwrites
+it. Outputs at block positions 1..B-1 go through the target's lm_head; the argmax is the draft.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .cache import KVCache
+from .checkpoint import load_tensors, weight_files
+from .config import DrafterConfig
+from .errors import DflashError
+from .rope import rope_table
+
+
+@dataclass
+class DraftLayer:
+    input_norm: torch.Tensor
+    q_proj: torch.Tensor
+    kv_proj: torch.Tensor  # this layer's rows of the stacked context projection
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    window: int | None
+
+
+class Drafter:
+    def __init__(self, cfg: DrafterConfig, fc: torch.Tensor, hidden_norm: torch.Tensor, norm: torch.Tensor,
+                 layers: list[DraftLayer], w_kv: torch.Tensor, embed: torch.Tensor, lm_head: torch.Tensor,
+                 max_positions: int):
+        self.cfg, self.fc, self.hidden_norm, self.norm, self.layers = cfg, fc, hidden_norm, norm, layers
+        self.w_kv, self.embed, self.lm_head = w_kv, embed, lm_head
+        self.k_norms = torch.stack([layer.k_norm for layer in layers])
+        self.cos_sin = rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions, embed.device)
+        self.scale = cfg.head_dim**-0.5
+        self.mask_ids = torch.full((cfg.block_size - 1,), cfg.mask_token_id, dtype=torch.int64, device=embed.device)
+
+    @classmethod
+    def load(cls, directory: Path, cfg: DrafterConfig, embed: torch.Tensor, lm_head: torch.Tensor,
+             max_positions: int) -> "Drafter":
+        files = weight_files(directory)
+        dtype, device = embed.dtype, embed.device
+        if f"layers.{cfg.num_layers}.mlp.down_proj.weight" in files or f"layers.{cfg.num_layers - 1}.mlp.down_proj.weight" not in files:
+            count = len({n.split(".")[1] for n in files if n.startswith("layers.")})
+            raise DflashError(f"drafter {directory}: weights have {count} layers, config.json says {cfg.num_layers}")
+        top = load_tensors(files, ["fc.weight", "hidden_norm.weight", "norm.weight"], dtype, device)
+        want = (cfg.hidden_size, len(cfg.target_layer_ids) * cfg.hidden_size)
+        if tuple(top["fc.weight"].shape) != want:
+            raise DflashError(f"drafter {directory}: fc.weight is {tuple(top['fc.weight'].shape)}, but "
+                              f"{len(cfg.target_layer_ids)} target layers × hidden {cfg.hidden_size} need {want}")
+        kv, layers = [], []
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            names = [p + n for n in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                     "self_attn.v_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+                                     "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                                     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
+            w = [load_tensors(files, names, dtype, device)[n] for n in names]
+            q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            for name, t, rows in ((names[1], w[1], q_rows), (names[2], w[2], kv_rows), (names[3], w[3], kv_rows)):
+                if tuple(t.shape) != (rows, cfg.hidden_size):
+                    raise DflashError(f"drafter {directory}: {name} is {tuple(t.shape)}, config.json implies "
+                                      f"{(rows, cfg.hidden_size)}")
+            kv.append(torch.cat((w[2], w[3])))
+            layers.append(DraftLayer(input_norm=w[0], q_proj=w[1], kv_proj=kv[-1], q_norm=w[4], k_norm=w[5],
+                                     o_proj=w[6], post_norm=w[7], gate_up=torch.cat(w[8:10]), down=w[10],
+                                     window=cfg.sliding_windows[i]))
+        w_kv = torch.cat(kv)
+        rows = w_kv.shape[0] // cfg.num_layers
+        for i, layer in enumerate(layers):  # share the stacked tensor rather than keep two copies
+            layer.kv_proj = w_kv[i * rows:(i + 1) * rows]
+        return cls(cfg, top["fc.weight"], top["hidden_norm.weight"], top["norm.weight"], layers, w_kv,
+                   embed, lm_head, max_positions)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.cfg
+        return KVCache.allocate(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.embed.dtype, self.embed.device)
+
+    def add_context(self, features: torch.Tensor, cache: KVCache, count: int | torch.Tensor | None = None) -> None:
+        """Cache the context K/V of the tokens whose target features are given, then commit `count`
+        of them (all by default). Entries past `count` are padding the next draft overwrites."""
+        ctx_h, _ = ops.rms_norm(F.linear(features, self.fc), self.hidden_norm, self.cfg.rms_norm_eps)
+        ops.draft_ctx_kv(ctx_h, self.w_kv, self.k_norms, self.cfg.rms_norm_eps, self.cos_sin,
+                         cache.positions(features.shape[0]), cache.k, cache.v)
+        cache.commit(features.shape[0] if count is None else count)
+
+    def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
+        """bonus: [1] id at position cache.length. Returns the block-1 drafted ids (greedy)."""
+        c = self.cfg
+        ids = torch.cat((bonus, self.mask_ids[: block_size - 1]))
+        positions, kv_len = cache.positions(block_size), cache.length + block_size
+        x = F.embedding(ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            h, _ = ops.rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            k, v = F.linear(h, layer.kv_proj).view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
+            q = ops.qk_norm_rope_cache(F.linear(h, layer.q_proj).view(block_size, c.num_heads, c.head_dim),
+                                       k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
+                                       positions, cache.k[i], cache.v[i])
+            out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=False, scale=self.scale,
+                                sliding_window=layer.window)
+            x = x + F.linear(out.reshape(block_size, -1), layer.o_proj)
+            h, _ = ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            x = x + F.linear(ops.swiglu(F.linear(h, layer.gate_up)), layer.down)
+        h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps)
+        return F.linear(h, self.lm_head).argmax(-1)

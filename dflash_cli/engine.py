@@ -1,0 +1,159 @@
+"""The speculative loop: prefill, then draft → verify → accept → commit, yielding as tokens commit.
+
+One loop serves both modes: with a drafter and block size B > 1 it is DFlash; with B = 1 it is
+plain autoregressive decoding through the same verify path (the `--no-spec` baseline, and the
+"same loop with B = 1" the DFlash paper measures speedups against).
+
+The target cache and the drafter's context cache always hold the same committed tokens. A chat's
+next turn reuses both caches for the longest common prefix of the new prompt.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from . import ops
+from .drafter import Drafter
+from .errors import DflashError
+from .sampling import SamplingParams
+from .target import Target
+
+
+@dataclass
+class Step:
+    """What one iteration committed. `tokens` are already cut at a stop token or the token limit."""
+
+    tokens: list[int]
+    drafts: list[int]  # the drafter's proposal this iteration (B - 1 ids; empty for prefill and plain decoding)
+    accepted: int  # of which the target accepted
+    seconds: float  # wall time since the previous step (prefill included in the first)
+    prefill: bool = False
+    finish: str | None = None  # "stop", "length" or None while generating
+
+    @property
+    def drafted(self) -> int:
+        return len(self.drafts)
+
+    @property
+    def acceptance_length(self) -> int:
+        """τ of this iteration: accepted drafts plus the target's own token."""
+        return self.accepted + 1
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int = 512
+    stop_token_ids: frozenset[int] = frozenset()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+class Engine:
+    def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None,
+                 max_context: int | None = None, prefill_chunk: int = 512):
+        """max_context: the most tokens (prompt + answer) a generation may hold; the caches get
+        block_size slots more, so a verify block never runs past them."""
+        if drafter is None:
+            block_size = 1
+        elif block_size is None:
+            block_size = drafter.cfg.block_size
+        if not 1 <= block_size <= (drafter.cfg.block_size if drafter else 1):
+            raise DflashError(f"block size must be between 1 and the drafter's {drafter.cfg.block_size}, got {block_size}")
+        self.target, self.drafter, self.block_size = target, drafter, block_size
+        rope_positions = target.cos_sin.shape[0]
+        self.max_context = min(max_context or rope_positions, rope_positions - block_size)
+        self.prefill_chunk = prefill_chunk
+        capacity = self.max_context + block_size
+        self.target_cache = target.new_cache(capacity)
+        self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
+        self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
+        self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order
+
+    @property
+    def speculative(self) -> bool:
+        return self.drafter is not None and self.block_size > 1
+
+    @torch.inference_mode()
+    def generate(self, request: Request) -> Iterator[Step]:
+        prompt, limit = request.prompt_ids, self.max_context
+        if not prompt:
+            raise DflashError("the prompt is empty")
+        if len(prompt) >= limit:
+            raise DflashError(f"the prompt is {len(prompt)} tokens; the context limit is {limit} "
+                              "(raise it with --max-context, or shorten the prompt)")
+        seed = request.sampling.resolve_seed()
+        params = request.sampling.kernel_args(seed)
+        budget = min(request.max_new_tokens, limit - len(prompt))
+        stops = request.stop_token_ids
+        clock = time.perf_counter()
+
+        logits = self._prefill(prompt)
+        rows = torch.tensor([len(prompt) - 1], device=logits.device)
+        bonus = ops.sample(logits, rows, **params)
+        step = _cut(Step([int(bonus)], [], 0, 0.0, prefill=True), stops, budget)
+        produced = len(step.tokens)
+        step.seconds, clock = time.perf_counter() - clock, time.perf_counter()
+        yield step
+        while step.finish is None:
+            emitted, accepted, block = self._iterate(bonus, params)
+            self._cached_ids += block[: accepted + 1]
+            bonus = torch.tensor(emitted[-1:], device=rows.device)
+            step = _cut(Step(emitted, block[1:], accepted, 0.0), stops, budget - produced)
+            produced += len(step.tokens)
+            step.seconds, clock = time.perf_counter() - clock, time.perf_counter()
+            yield step
+
+    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Fill both caches with the prompt (reusing the longest cached prefix); last position's logits."""
+        reuse = _common_prefix(self._cached_ids, prompt, len(prompt) - 1)
+        self.target_cache.rollback(reuse)
+        if self.draft_cache is not None:
+            self.draft_cache.rollback(reuse)
+        device = self.target.device
+        for start in range(reuse, len(prompt), self.prefill_chunk):
+            chunk = torch.tensor(prompt[start:start + self.prefill_chunk], device=device)
+            last = start + self.prefill_chunk >= len(prompt)
+            logits, features = self.target.forward(chunk, self.target_cache, logits_from=-1 if last else None,
+                                                   feature_layers=self.feature_layers)
+            self.target_cache.commit(chunk.shape[0])
+            if self.draft_cache is not None:
+                self.drafter.add_context(features, self.draft_cache)
+        self._cached_ids = list(prompt)
+        return logits
+
+    def _iterate(self, bonus: torch.Tensor, params: dict) -> tuple[list[int], int, list[int]]:
+        """One draft → verify → accept → commit. Returns (emitted ids, accepted drafts, the block)."""
+        if self.speculative:
+            block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, self.block_size)))
+        else:
+            block = bonus
+        logits, features = self.target.forward(block, self.target_cache, logits_from=0,
+                                               feature_layers=self.feature_layers)
+        y, accepted = ops.accept(logits, block, self.target_cache.length, **params)  # commits a + 1
+        if self.speculative:
+            self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
+        a = int(accepted)  # the one host sync of the iteration
+        return y[: a + 1].tolist(), a, block.tolist()
+
+
+def _cut(step: Step, stops: frozenset[int], budget: int) -> Step:
+    """End the step at the first stop token (not emitted) or when the token budget runs out."""
+    for i, token in enumerate(step.tokens[:budget]):
+        if token in stops:
+            step.tokens, step.finish = step.tokens[:i], "stop"
+            return step
+    if len(step.tokens) >= budget:
+        step.tokens, step.finish = step.tokens[:budget], "length"
+    return step
+
+
+def _common_prefix(a: list[int], b: list[int], cap: int) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y or n >= cap:
+            break
+        n += 1
+    return n

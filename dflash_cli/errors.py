@@ -1,0 +1,13 @@
+"""Errors a user can fix: the CLI prints them as one line and exits non-zero, never a traceback."""
+
+
+class DflashError(Exception):
+    """A problem with the user's input, files or environment, stated so they can fix it."""
+
+    exit_code = 1
+
+
+class UsageError(DflashError):
+    """Bad flags or arguments (exit code 2, like click/typer usage errors)."""
+
+    exit_code = 2

@@ -1,0 +1,102 @@
+"""Load a target, its drafter and the tokenizer from local Hugging Face layout directories.
+
+Configs are read and the pair is checked before a single weight is loaded. Tokenizers load through
+transformers without remote code. Stop tokens come from generation_config.json and the tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DrafterConfig, TargetConfig
+from .drafter import Drafter
+from .errors import DflashError, UsageError
+from .target import Target
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_CONTEXT = 8192
+
+
+@dataclass
+class Model:
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    target: Target
+    drafter: Drafter | None
+    stop_token_ids: frozenset[int]
+    max_context: int
+    target_dir: Path
+    drafter_dir: Path | None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DflashError("--device cuda was asked for, but torch sees no CUDA GPU (see `dflash doctor`)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype '{name}' (use auto, bfloat16 or float32)")
+    if name == "float16":
+        raise UsageError("float16 is not supported: the drafter's feature fusion overflows in fp16; use bfloat16")
+    return DTYPES[name]
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types here; all mean "no usable tokenizer"
+        raise DflashError(f"cannot load a tokenizer from {directory}: {str(e).splitlines()[0]}") from None
+
+
+def stop_token_ids(directory: Path, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    path = Path(directory) / "generation_config.json"
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise DflashError(f"{path} is not valid JSON: {e}") from None
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
+def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dtype: str = "auto",
+         max_context: int | None = None) -> Model:
+    target_dir = Path(target_dir)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    target_cfg = TargetConfig.from_dir(target_dir)
+    drafter_cfg = None
+    if drafter_dir is not None:
+        drafter_dir = Path(drafter_dir)
+        drafter_cfg = DrafterConfig.from_dir(drafter_dir)
+        drafter_cfg.check_against(target_cfg, drafter_dir)
+    context = max_context or min(target_cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    if context < 2:
+        raise UsageError(f"--max-context must be at least 2, got {context}")
+    positions = context + (drafter_cfg.block_size if drafter_cfg else 1)
+    tokenizer = load_tokenizer(target_dir)
+    target = Target.load(target_dir, target_cfg, dt, dev, positions)
+    drafter = None
+    if drafter_cfg is not None:
+        drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)
+    return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir)

@@ -1,0 +1,73 @@
+"""The one dispatch point between the Triton kernels and their torch references.
+
+Model code calls `ops.<name>`; on CUDA that is the fused Triton kernel, on CPU the plain-torch
+reference that the kernel is tested against. `DFLASH_KERNELS=triton` forces the kernels (on CPU
+together with `TRITON_INTERPRET=1`, which is how the end-to-end losslessness test runs them);
+`DFLASH_KERNELS=torch` forces the references everywhere.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from functools import cache
+from typing import Callable
+
+import torch
+
+_MODULES = {
+    "rms_norm": "rmsnorm",
+    "swiglu": "swiglu",
+    "qk_norm_rope_cache": "rope_cache",
+    "attention": "attention",
+    "draft_ctx_kv": "draft_kv",
+    "sample": "accept",
+    "accept": "accept",
+}
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("DFLASH_KERNELS", "auto")
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"DFLASH_KERNELS must be auto, torch or triton, not {mode!r}")
+    return mode
+
+
+@cache
+def _impl(name: str, triton: bool) -> Callable:
+    module = importlib.import_module(f"dflash_cli.kernels.{_MODULES[name]}")
+    return getattr(module, name if triton else f"{name}_ref")
+
+
+def _pick(name: str, device: torch.device) -> Callable:
+    mode = kernel_mode()
+    return _impl(name, mode == "triton" or (mode == "auto" and device.type == "cuda"))
+
+
+def rms_norm(x, weight, eps, residual=None):
+    return _pick("rms_norm", x.device)(x, weight, eps, residual)
+
+
+def swiglu(gate_up):
+    return _pick("swiglu", gate_up.device)(gate_up)
+
+
+def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache):
+    return _pick("qk_norm_rope_cache", q.device)(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache)
+
+
+def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None):
+    return _pick("attention", q.device)(
+        q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window
+    )
+
+
+def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache):
+    return _pick("draft_ctx_kv", ctx_h.device)(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache)
+
+
+def sample(logits, rows, **params):
+    return _pick("sample", logits.device)(logits, rows, **params)
+
+
+def accept(logits, block_ids, cache_len, **params):
+    return _pick("accept", logits.device)(logits, block_ids, cache_len, **params)

@@ -1,0 +1,1 @@
+"""Triton kernels for the hot path; each file holds a kernel, its launcher and its torch reference."""

@@ -1,0 +1,139 @@
+"""Tiny checkpoints in the exact Hugging Face / DFlash layouts, written by tests.
+
+Random weights at the default init make a model repeat one token; these are scaled (unit-variance
+embeddings, 1/sqrt(fan_in) projections) so that greedy continuations vary with the context.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+QWEN3_TOKENIZER = SHARED / "qwen3-tokenizer"
+STORIES = SHARED / "stories260K" / "hf"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def _linear(g: torch.Generator, out: int, inp: int, gain: float = 1.0) -> torch.Tensor:
+    return torch.randn(out, inp, generator=g) * gain / inp**0.5
+
+
+def _norm(g: torch.Generator, n: int) -> torch.Tensor:
+    return 1.0 + 0.1 * torch.randn(n, generator=g)
+
+
+def target_config(family: str = "qwen3", *, vocab: int = 512, hidden: int = 64, layers: int = 4, heads: int = 4,
+                  kv_heads: int = 2, head_dim: int = 16, intermediate: int = 128, max_pos: int = 1024,
+                  tie: bool = True, rope_scaling: dict | None = None) -> dict:
+    arch = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[family]
+    cfg = {
+        "architectures": [arch], "model_type": family, "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": max_pos, "tie_word_embeddings": tie, "hidden_act": "silu",
+        "attention_bias": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+    }
+    if rope_scaling:
+        cfg["rope_scaling"] = rope_scaling
+    return cfg
+
+
+def write_target(directory: Path, cfg: dict, seed: int = 0, shards: int = 1) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    h, d, hq, hkv = cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    inter = cfg["intermediate_size"]
+    w = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], h, generator=g),
+         "model.norm.weight": _norm(g, h)}
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = _linear(g, cfg["vocab_size"], h, gain=4.0)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w |= {
+            p + "input_layernorm.weight": _norm(g, h), p + "post_attention_layernorm.weight": _norm(g, h),
+            p + "self_attn.q_proj.weight": _linear(g, hq * d, h, 2.0), p + "self_attn.k_proj.weight": _linear(g, hkv * d, h, 2.0),
+            p + "self_attn.v_proj.weight": _linear(g, hkv * d, h), p + "self_attn.o_proj.weight": _linear(g, h, hq * d),
+            p + "mlp.gate_proj.weight": _linear(g, inter, h), p + "mlp.up_proj.weight": _linear(g, inter, h),
+            p + "mlp.down_proj.weight": _linear(g, h, inter),
+        }
+        if cfg["model_type"] == "qwen3":
+            w |= {p + "self_attn.q_norm.weight": _norm(g, d), p + "self_attn.k_norm.weight": _norm(g, d)}
+    save_weights(directory, w, shards)
+    _write_json(directory / "config.json", cfg)
+    _write_json(directory / "generation_config.json", {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]})
+    return directory
+
+
+def save_weights(directory: Path, weights: dict[str, torch.Tensor], shards: int = 1) -> None:
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    if shards == 1:
+        save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(weights)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: weights[n] for n in part}, str(directory / fname), metadata={"format": "pt"})
+        weight_map |= {n: fname for n in part}
+    _write_json(directory / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+
+
+def drafter_config(target_cfg: dict, *, block_size: int = 8, layers: int = 2, target_layer_ids=(1, 2),
+                   mask_token_id: int | None = None, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
+                   intermediate: int = 128, top_level: bool = False, layer_types=None, sliding_window=None) -> dict:
+    mask = target_cfg["vocab_size"] - 1 if mask_token_id is None else mask_token_id
+    cfg = {
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+        "hidden_size": target_cfg["hidden_size"], "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": target_cfg["max_position_embeddings"],
+        "vocab_size": target_cfg["vocab_size"], "num_target_layers": target_cfg["num_hidden_layers"],
+        "tie_word_embeddings": False, "torch_dtype": "float32",
+        "dflash_config": {"target_layer_ids": list(target_layer_ids)},
+    }
+    where = cfg if top_level else cfg["dflash_config"]
+    where |= {"block_size": block_size, "mask_token_id": mask}
+    if layer_types:
+        cfg |= {"layer_types": layer_types, "sliding_window": sliding_window}
+    return cfg
+
+
+def write_drafter(directory: Path, cfg: dict, seed: int = 1, weights: dict | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    if weights is None:
+        g = torch.Generator().manual_seed(seed)
+        h, d, hq, hkv = cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        inter, n_ctx = cfg["intermediate_size"], len(cfg["dflash_config"]["target_layer_ids"])
+        weights = {"fc.weight": _linear(g, h, n_ctx * h), "hidden_norm.weight": _norm(g, h), "norm.weight": _norm(g, h)}
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"layers.{i}."
+            weights |= {
+                p + "input_layernorm.weight": _norm(g, h), p + "post_attention_layernorm.weight": _norm(g, h),
+                p + "self_attn.q_proj.weight": _linear(g, hq * d, h), p + "self_attn.k_proj.weight": _linear(g, hkv * d, h),
+                p + "self_attn.v_proj.weight": _linear(g, hkv * d, h), p + "self_attn.o_proj.weight": _linear(g, h, hq * d),
+                p + "self_attn.q_norm.weight": _norm(g, d), p + "self_attn.k_norm.weight": _norm(g, d),
+                p + "mlp.gate_proj.weight": _linear(g, inter, h), p + "mlp.up_proj.weight": _linear(g, inter, h),
+                p + "mlp.down_proj.weight": _linear(g, h, inter),
+            }
+    save_weights(directory, weights)
+    _write_json(directory / "config.json", cfg)
+    return directory
+
+
+def copy_qwen3_tokenizer(directory: Path) -> None:
+    for f in QWEN3_TOKENIZER.iterdir():
+        shutil.copy(f, directory / f.name)
+
+
+def copy_stories(directory: Path) -> Path:
+    shutil.copytree(STORIES, directory, dirs_exist_ok=True)
+    return directory
