@@ -98,7 +98,13 @@ class Drafter:
         cache.commit(features.shape[0] if count is None else count)
 
     def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
-        """bonus: [1] id at position cache.length. Returns the block-1 drafted ids (greedy)."""
+        """bonus: [1] id at position cache.length. Returns the block_size - 1 drafted ids.
+
+        The draft is the argmax: a point mass, which is what makes the accept rule lossless."""
+        return self.draft_logits(bonus, cache, block_size).argmax(-1)
+
+    def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
+        """Logits [block_size - 1, V] for the tokens after `bonus`."""
         c = self.cfg
         ids = torch.cat((bonus, self.mask_ids[: block_size - 1]))
         positions, kv_len = cache.positions(block_size), cache.length + block_size
@@ -115,4 +121,4 @@ class Drafter:
             h, _ = ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)
             x = x + F.linear(ops.swiglu(F.linear(h, layer.gate_up)), layer.down)
         h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps)
-        return F.linear(h, self.lm_head).argmax(-1)
+        return F.linear(h, self.lm_head)

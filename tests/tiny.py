@@ -68,6 +68,9 @@ def write_target(directory: Path, cfg: dict, seed: int = 0, shards: int = 1) -> 
     save_weights(directory, w, shards)
     _write_json(directory / "config.json", cfg)
     _write_json(directory / "generation_config.json", {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]})
+    if cfg["vocab_size"] == 512:  # the stories260K tokenizer fits: 512 ids, BOS 1, EOS 2
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(STORIES / name, directory / name)
     return directory
 
 

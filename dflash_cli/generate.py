@@ -1,0 +1,82 @@
+"""Text streaming on top of the engine, and the statistics every front end shows.
+
+`stream_text` turns committed tokens into final text (see detok.py) and ends the generation at a
+stop string; `Stats` accumulates what the status line, the summary and `--json` report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .detok import StreamDecoder
+from .engine import Engine, Request, Step
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    acceptance_lengths: list[int] = field(default_factory=list)  # τ per speculative/decode iteration
+    finish: str | None = None
+
+    def add(self, step: Step) -> None:
+        self.token_ids += step.tokens
+        if step.prefill:
+            self.prefill_seconds += step.seconds
+        else:
+            self.decode_seconds += step.seconds
+            self.acceptance_lengths.append(step.acceptance_length)
+        self.finish = step.finish or self.finish
+
+    @property
+    def generated(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time after prefill (as DFlash reports)."""
+        return (self.generated - 1) / self.decode_seconds if self.decode_seconds > 0 and self.generated > 1 else 0.0
+
+    @property
+    def end_to_end_tokens_per_second(self) -> float:
+        total = self.prefill_seconds + self.decode_seconds
+        return self.generated / total if total > 0 else 0.0
+
+    @property
+    def mean_acceptance(self) -> float:
+        taus = self.acceptance_lengths
+        return sum(taus) / len(taus) if taus else 0.0
+
+    def summary(self) -> str:
+        line = (f"{self.generated} tokens · {self.tokens_per_second:.1f} tok/s · τ {self.mean_acceptance:.2f} · "
+                f"prompt {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s")
+        return line + (f" · stopped: {self.finish}" if self.finish == "length" else "")
+
+
+@dataclass
+class Chunk:
+    text: str  # newly final text (may be empty)
+    step: Step
+
+
+def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
+                stop_strings: tuple[str, ...] = ()) -> Iterator[Chunk]:
+    """Generate, yielding final text per step; `stats` is updated before each yield."""
+    decoder = StreamDecoder(tokenizer, stop_strings)
+    stats.prompt_tokens = len(request.prompt_ids)
+    steps = engine.generate(request)
+    try:
+        for step in steps:
+            text = decoder.push(step.tokens)
+            if decoder.stopped:
+                step.finish = "stop"
+            elif step.finish is not None:
+                text += decoder.flush()
+            stats.add(step)
+            yield Chunk(text, step)
+            if step.finish is not None:
+                return
+    finally:
+        steps.close()

@@ -1,0 +1,69 @@
+"""`dflash run`: one prompt in, the answer on stdout, statistics on stderr (or one JSON object)."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from .engine import Engine, Request
+from .generate import Stats, stream_text
+from .loader import Model
+from .prompt import encode_chat, encode_raw
+from .sampling import SamplingParams
+
+
+@dataclass
+class RunOptions:
+    max_tokens: int = 512
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    system: str | None = None
+    raw: bool = False
+    think: bool = False
+    json: bool = False
+    trace: bool = False
+    quiet: bool = False
+
+
+def prompt_ids(model: Model, text: str, opts: RunOptions) -> list[int]:
+    if opts.raw:
+        return encode_raw(model.tokenizer, text)
+    messages = ([{"role": "system", "content": opts.system}] if opts.system else []) + [{"role": "user", "content": text}]
+    return encode_chat(model.tokenizer, messages, enable_thinking=opts.think)
+
+
+def run_prompt(model: Model, engine: Engine, text: str, opts: RunOptions,
+               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> dict:
+    request = Request(prompt_ids(model, text, opts), opts.max_tokens, model.stop_token_ids, opts.sampling)
+    stats, pieces, trace = Stats(), [], []
+    for chunk in stream_text(engine, model.tokenizer, request, stats, opts.stop):
+        pieces.append(chunk.text)
+        if opts.trace and not chunk.step.prefill:
+            trace.append({"drafted": chunk.step.drafts, "accepted": chunk.step.accepted, "emitted": chunk.step.tokens})
+        if not opts.json and chunk.text:
+            out.write(chunk.text)
+            out.flush()
+    result = {
+        "text": "".join(pieces),
+        "token_ids": stats.token_ids,
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated,
+        "finish_reason": stats.finish,
+        "acceptance_lengths": stats.acceptance_lengths,
+        "mean_acceptance_length": round(stats.mean_acceptance, 4),
+        "tokens_per_second": round(stats.tokens_per_second, 3),
+        "prefill_seconds": round(stats.prefill_seconds, 4),
+        "decode_seconds": round(stats.decode_seconds, 4),
+        "block_size": engine.block_size,
+    }
+    if opts.trace:
+        result["trace"] = trace
+    if opts.json:
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        out.write("\n")
+    out.flush()
+    if not opts.quiet:
+        err.write(stats.summary() + "\n")
+    return result
