@@ -10,6 +10,11 @@ from typing import List, Optional
 import click
 import typer
 
+# Recent typer vendors its own click; older typer uses click itself. Catch both families.
+_EXIT = (typer.Exit, click.exceptions.Exit)
+_ABORT = (typer.Abort, click.exceptions.Abort)
+_PARSER_ERRORS = (typer.TyperException, click.ClickException)
+
 from . import __version__
 from .errors import DflashError, UsageError
 
@@ -28,20 +33,21 @@ OUTPUT = "Output"
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    """-p as given; a file or stdin without its final newline (editors and `echo` add one)."""
     if prompt is not None and prompt_file is not None:
         raise UsageError("give either -p/--prompt or --prompt-file, not both")
     if prompt is not None:
         return prompt
     if prompt_file is not None:
         if str(prompt_file) == "-":
-            return sys.stdin.read()
+            return sys.stdin.read().removesuffix("\n")
         try:
-            return prompt_file.read_text()
+            return prompt_file.read_text().removesuffix("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("no prompt: give -p TEXT, --prompt-file FILE, or pipe text on stdin")
-    return sys.stdin.read()
+    return sys.stdin.read().removesuffix("\n")
 
 
 @app.command()
@@ -117,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
         return 0
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return e.exit_code
-    except click.ClickException as e:  # usage errors from the parser: exit 2
+    except _ABORT:
+        return 130
+    except _PARSER_ERRORS as e:  # usage errors from the parser: exit 2
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        return 130
     except DflashError as e:
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code

@@ -34,7 +34,8 @@ def prompt_ids(model: Model, text: str, opts: RunOptions) -> list[int]:
 
 
 def run_prompt(model: Model, engine: Engine, text: str, opts: RunOptions,
-               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> dict:
+               out: TextIO | None = None, err: TextIO | None = None) -> dict:
+    out, err = out or sys.stdout, err or sys.stderr
     request = Request(prompt_ids(model, text, opts), opts.max_tokens, model.stop_token_ids, opts.sampling)
     stats, pieces, trace = Stats(), [], []
     for chunk in stream_text(engine, model.tokenizer, request, stats, opts.stop):
