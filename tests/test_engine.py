@@ -1,0 +1,46 @@
+"""Engine mechanics that must not change the output: chunked prefill, cache reuse across turns."""
+from __future__ import annotations
+
+from dflash_cli.engine import Engine, Request
+
+from .conftest import STORY_PROMPTS
+
+
+def _text(engine, prompt, n=40):
+    return [t for s in engine.generate(Request(prompt, n)) for t in s.tokens]
+
+
+def test_chunked_prefill_changes_nothing(stories_model):
+    m = stories_model
+    prompt = m.tokenizer.encode(" ".join(STORY_PROMPTS))
+    whole = _text(Engine(m.target, m.drafter), prompt)
+    assert _text(Engine(m.target, m.drafter, prefill_chunk=5), prompt) == whole
+
+
+def test_next_turn_reuses_the_cached_prefix_and_changes_nothing(stories_model, monkeypatch):
+    m = stories_model
+    engine = Engine(m.target, m.drafter)
+    first = m.tokenizer.encode(STORY_PROMPTS[0])
+    answer = _text(engine, first)
+    follow_up = first + answer + m.tokenizer.encode(" Then", add_special_tokens=False)
+    cached = engine._cached_ids
+    common = next((i for i, (a, b) in enumerate(zip(cached, follow_up)) if a != b), min(len(cached), len(follow_up)))
+    assert common >= len(first) + len(answer) - 1  # the whole first turn is in the caches
+    prefilled = []
+    forward = m.target.forward
+    monkeypatch.setattr(m.target, "forward", lambda ids, *a, **k: prefilled.append(len(ids)) or forward(ids, *a, **k))
+    reused = _text(engine, follow_up)
+    monkeypatch.undo()
+    assert prefilled[0] == len(follow_up) - common  # only the new text is prefilled
+    assert reused == _text(Engine(m.target, m.drafter), follow_up)
+    # A different conversation after that still starts from scratch correctly.
+    other = m.tokenizer.encode(STORY_PROMPTS[3])
+    assert _text(engine, other) == _text(Engine(m.target, m.drafter), other)
+
+
+def test_context_limit_ends_generation_with_length(stories_model):
+    m = stories_model
+    prompt = m.tokenizer.encode(STORY_PROMPTS[0])
+    engine = Engine(m.target, m.drafter, max_context=len(prompt) + 10)
+    steps = list(engine.generate(Request(prompt, 100)))
+    assert sum(len(s.tokens) for s in steps) == 10 and steps[-1].finish == "length"
