@@ -98,9 +98,8 @@ class Engine:
         step.seconds, clock = time.perf_counter() - clock, time.perf_counter()
         yield step
         while step.finish is None:
-            emitted, accepted, block = self._iterate(bonus, params)
+            emitted, accepted, block, bonus = self._iterate(bonus, params)
             self._cached_ids += block[: accepted + 1]
-            bonus = torch.tensor(emitted[-1:], device=rows.device)
             step = _cut(Step(emitted, block[1:], accepted, 0.0), stops, budget - produced)
             produced += len(step.tokens)
             step.seconds, clock = time.perf_counter() - clock, time.perf_counter()
@@ -124,8 +123,12 @@ class Engine:
         self._cached_ids = list(prompt)
         return logits
 
-    def _iterate(self, bonus: torch.Tensor, params: dict) -> tuple[list[int], int, list[int]]:
-        """One draft → verify → accept → commit. Returns (emitted ids, accepted drafts, the block)."""
+    def _iterate(self, bonus: torch.Tensor, params: dict) -> tuple[list[int], int, list[int], torch.Tensor]:
+        """One draft → verify → accept → commit.
+
+        Returns (emitted ids, accepted drafts, the block, the next bonus still on the device).
+        Everything the host needs comes back in one transfer: the iteration's only sync.
+        """
         if self.speculative:
             block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, self.block_size)))
         else:
@@ -135,8 +138,10 @@ class Engine:
         y, accepted = ops.accept(logits, block, self.target_cache.length, **params)  # commits a + 1
         if self.speculative:
             self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
-        a = int(accepted)  # the one host sync of the iteration
-        return y[: a + 1].tolist(), a, block.tolist()
+        next_bonus = y.gather(0, accepted.view(1))
+        host = torch.cat((accepted.view(1), y, block)).tolist()
+        a, b = host[0], self.block_size
+        return host[1:2 + a], a, host[1 + b:], next_bonus
 
 
 def _cut(step: Step, stops: frozenset[int], budget: int) -> Step:
