@@ -100,6 +100,70 @@ def run(
     run_prompt(m, engine, text, opts)
 
 
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Model alias, or a shape name with --synthetic."),
+    target: Optional[Path] = typer.Option(None, "--target", help="Target model directory.", rich_help_panel=MODEL),
+    drafter: Optional[Path] = typer.Option(None, "--drafter", help="DFlash drafter directory.", rich_help_panel=MODEL),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Random weights at MODEL's real shapes (qwen3-8b, qwen3-4b, llama3.1-8b, tiny): times each step, no download."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="With --synthetic: the acceptance length to project tok/s for (default: the published one)."),
+    context: int = typer.Option(1024, "--context", min=1, help="With --synthetic: tokens already in the KV cache."),
+    categories: str = typer.Option("math,code,chat", "--prompts", help="Built-in prompt sets to run (comma-separated)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Tokens per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy.", rich_help_panel=SAMPLING),
+    block_size: Optional[int] = typer.Option(None, "--block-size", "-b", min=2, help="Draft block size B.", rich_help_panel=MODEL),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32.", rich_help_panel=MODEL),
+    max_context: Optional[int] = typer.Option(None, "--max-context", min=2, rich_help_panel=MODEL),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel=OUTPUT),
+) -> None:
+    """Measure: plain decoding and DFlash side by side on built-in math, code and chat prompts.
+
+    \b
+    Examples:
+      dflash bench --target ./Qwen3-8B --drafter ./Qwen3-8B-DFlash-b16
+      dflash bench --synthetic qwen3-8b --tau 6.4      # check a GPU without downloading
+    """
+    import json
+
+    from rich.console import Console
+
+    from . import bench as bench_mod
+    from . import loader
+    from .sampling import SamplingParams
+
+    console = Console(stderr=False)
+    if synthetic:
+        from .synthetic import run_synthetic
+
+        dev = loader.resolve_device(device)
+        report = run_synthetic(model or "qwen3-8b", device=dev, dtype=loader.resolve_dtype(dtype, dev),
+                               context=context, block_size=block_size, tau=tau)
+        if json_out:
+            typer.echo(json.dumps(report.to_json()))
+        else:
+            bench_mod.render_synthetic(report, console)
+        return
+    wanted = tuple(c.strip() for c in categories.split(",") if c.strip())
+    unknown = [c for c in wanted if c not in bench_mod.CATEGORIES]
+    if unknown or not wanted:
+        raise UsageError(f"unknown prompt set '{(unknown or [categories])[0]}' (choose from {', '.join(bench_mod.CATEGORIES)})")
+    target_dir, drafter_dir = _resolve_model(model, target, drafter)
+    if drafter_dir is None:
+        raise UsageError("bench compares against DFlash: give a drafter (--drafter DIR or a model alias)")
+    m = loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
+    progress = Console(stderr=True)
+    report = bench_mod.run_bench(
+        m, bench_mod.builtin_prompts(wanted), max_tokens=max_tokens, block_size=block_size,
+        sampling=SamplingParams(temperature=temperature, seed=0),
+        on_row=lambda r: progress.print(f"[dim]{r.category}: {r.dflash_tps:.1f} vs {r.plain_tps:.1f} tok/s, τ {r.tau:.2f}[/dim]"),
+    )
+    if json_out:
+        typer.echo(json.dumps(report.to_json()))
+    else:
+        bench_mod.render(report, console)
+
+
 def _resolve_model(model: Optional[str], target: Optional[Path], drafter: Optional[Path]) -> tuple[Path, Optional[Path]]:
     if target is None:
         if model is None:

@@ -1,0 +1,51 @@
+"""`dflash bench` on CPU with tiny models, and the synthetic mode at a tiny shape."""
+from __future__ import annotations
+
+import json
+
+from dflash_cli.bench import histogram_line
+from dflash_cli.cli import main
+
+
+def test_bench_compares_plain_and_dflash_with_identical_answers(capsys, stories_pair):
+    t, d = stories_pair
+    code = main(["bench", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-n", "24",
+                 "--prompts", "math,chat", "--json"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert code == 0 and len(report["rows"]) == 6
+    assert {r["category"] for r in report["rows"]} == {"math", "chat"}
+    assert all(r["identical"] and r["plain_tps"] > 0 and r["dflash_tps"] > 0 for r in report["rows"])
+    assert sum(report["acceptance_histogram"].values()) > 0 and report["totals"]["all_identical"]
+    assert "math:" in err  # progress on stderr, never in the JSON
+
+
+def test_bench_table(capsys, stories_pair):
+    t, d = stories_pair
+    assert main(["bench", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-n", "8", "--prompts", "code"]) == 0
+    out = capsys.readouterr().out
+    assert "dflash bench" in out and "speedup" in out and "acceptance τ=1…8" in out
+
+
+def test_synthetic_mode_times_each_step_and_labels_the_projection(capsys):
+    assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--context", "64", "--tau", "4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("decode_s", "verify_s", "draft_s", "accept_s", "iteration_s", "copy_bytes_per_s"):
+        assert r[key] > 0
+    assert r["projected_tps"] == 4 / r["iteration_s"] and "projection" in r
+    assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--context", "64"]) == 0
+    assert "PROJECTION" not in capsys.readouterr().out  # no published τ for the tiny shape, none given
+
+
+def test_bad_bench_input(capsys, stories_pair):
+    assert main(["bench", "nope", "--synthetic", "--device", "cpu"]) == 2
+    assert "unknown synthetic shape 'nope'" in capsys.readouterr().err
+    t, d = stories_pair
+    assert main(["bench", "--target", str(t), "--drafter", str(d), "--prompts", "poetry"]) == 2
+    assert "unknown prompt set 'poetry'" in capsys.readouterr().err
+
+
+def test_histogram_line():
+    from collections import Counter
+
+    assert histogram_line(Counter({1: 4, 3: 2, 4: 1}), 4) == "acceptance τ=1…4: █ ▄▂  (7 iterations)"
