@@ -15,10 +15,10 @@ import torch
 from .config import DrafterConfig, TargetConfig
 from .drafter import Drafter
 from .errors import DflashError, UsageError
+from .memory import free_device_memory, plan_context
 from .target import Target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_CONTEXT = 8192
 
 
 @dataclass
@@ -90,9 +90,9 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
         drafter_dir = Path(drafter_dir)
         drafter_cfg = DrafterConfig.from_dir(drafter_dir)
         drafter_cfg.check_against(target_cfg, drafter_dir)
-    context = max_context or min(target_cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    if context < 2:
-        raise UsageError(f"--max-context must be at least 2, got {context}")
+    if max_context is not None and max_context < 2:
+        raise UsageError(f"--max-context must be at least 2, got {max_context}")
+    context = plan_context(target_cfg, drafter_cfg, dt, max_context, free_device_memory(dev))
     positions = context + (drafter_cfg.block_size if drafter_cfg else 1)
     tokenizer = load_tokenizer(target_dir)
     target = Target.load(target_dir, target_cfg, dt, dev, positions)
