@@ -18,6 +18,7 @@ import torch
 from . import ops
 from .drafter import Drafter
 from .errors import DflashError
+from .graphs import StepGraphs
 from .sampling import SamplingParams
 from .target import Target
 
@@ -71,6 +72,7 @@ class Engine:
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
         self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order
+        self.graphs = StepGraphs(target.device, [c for c in (self.target_cache, self.draft_cache) if c is not None])
 
     @property
     def speculative(self) -> bool:
@@ -129,19 +131,32 @@ class Engine:
         Returns (emitted ids, accepted drafts, the block, the next bonus still on the device).
         Everything the host needs comes back in one transfer: the iteration's only sync.
         """
-        if self.speculative:
-            block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, self.block_size)))
+        graph = self.graphs.get(params, self._device_step, bonus)
+        if graph is not None:
+            host, next_bonus = graph(bonus)
         else:
-            block = bonus
-        logits, features = self.target.forward(block, self.target_cache, logits_from=0,
-                                               feature_layers=self.feature_layers)
-        y, accepted = ops.accept(logits, block, self.target_cache.length, **params)  # commits a + 1
-        if self.speculative:
-            self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
-        next_bonus = y.gather(0, accepted.view(1))
-        host = torch.cat((accepted.view(1), y, block)).tolist()
+            packed, next_bonus = self._device_step(params)(bonus)
+            host = packed.tolist()
         a, b = host[0], self.block_size
         return host[1:2 + a], a, host[1 + b:], next_bonus
+
+    def _device_step(self, params: dict):
+        """The device side of an iteration, free of host syncs so that a CUDA graph can capture it.
+        Returns packed [accepted, y_0..y_(B-1), block_0..block_(B-1)] and the next bonus."""
+
+        def step(bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.speculative:
+                block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, self.block_size)))
+            else:
+                block = bonus
+            logits, features = self.target.forward(block, self.target_cache, logits_from=0,
+                                                   feature_layers=self.feature_layers)
+            y, accepted = ops.accept(logits, block, self.target_cache.length, **params)  # commits a + 1
+            if self.speculative:
+                self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
+            return torch.cat((accepted.view(1), y, block)), y.gather(0, accepted.view(1))
+
+        return step
 
 
 def _cut(step: Step, stops: frozenset[int], budget: int) -> Step:

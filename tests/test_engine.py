@@ -44,3 +44,14 @@ def test_context_limit_ends_generation_with_length(stories_model):
     engine = Engine(m.target, m.drafter, max_context=len(prompt) + 10)
     steps = list(engine.generate(Request(prompt, 100)))
     assert sum(len(s.tokens) for s in steps) == 10 and steps[-1].finish == "length"
+
+
+def test_cuda_graphs_are_off_on_cpu_and_keyed_by_sampling_parameters(stories_model):
+    from dflash_cli.graphs import StepGraphs
+
+    engine = Engine(stories_model.target, stories_model.drafter)
+    assert not engine.graphs.enabled
+    greedy = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+    assert StepGraphs.key(greedy | {"seed": 1}) == StepGraphs.key(greedy | {"seed": 2})
+    hot = dict(greedy, temperature=0.7)
+    assert StepGraphs.key(hot | {"seed": 1}) != StepGraphs.key(hot | {"seed": 2})
