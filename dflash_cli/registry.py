@@ -1,0 +1,58 @@
+"""The released DFlash pairs (DESIGN §3): aliases, Hub ids, and whether this version runs them."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    alias: str
+    target: str
+    drafter: str
+    block_size: int
+    supported: bool = True
+    note: str = ""
+    gated: bool = False
+
+
+_MOE = "MoE target: not supported yet"
+_HYBRID = "hybrid linear-attention target (rollback needs state snapshots): not supported yet"
+_GPT_OSS = "attention sinks, sliding windows and MXFP4 weights: not supported yet"
+
+PAIRS: tuple[ModelPair, ...] = (
+    ModelPair("qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", 16),
+    ModelPair("qwen3-8b", "Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", 16),
+    ModelPair("llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "z-lab/LLaMA3.1-8B-Instruct-DFlash-UltraChat", 10,
+              gated=True, note="gated: accept Meta's licence on the Hub first"),
+    ModelPair("qwen3-coder-30b-a3b", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "z-lab/Qwen3-Coder-30B-A3B-DFlash", 16,
+              supported=False, note=_MOE),
+    ModelPair("gpt-oss-20b", "openai/gpt-oss-20b", "z-lab/gpt-oss-20b-DFlash", 16, supported=False, note=_GPT_OSS),
+    ModelPair("gpt-oss-120b", "openai/gpt-oss-120b", "z-lab/gpt-oss-120b-DFlash", 16, supported=False, note=_GPT_OSS),
+    *(ModelPair(f"qwen3.5-{size.lower()}", f"Qwen/Qwen3.5-{size}", f"z-lab/Qwen3.5-{size}-DFlash", 16,
+                supported=False, note=_HYBRID) for size in ("4B", "9B", "27B", "35B-A3B", "122B-A10B")),
+    *(ModelPair(f"qwen3.6-{size.lower()}", f"Qwen/Qwen3.6-{size}", f"z-lab/Qwen3.6-{size}-DFlash", 16,
+                supported=False, note=_HYBRID) for size in ("27B", "35B-A3B")),
+)
+
+_BY_ALIAS = {p.alias: p for p in PAIRS}
+
+
+def all_pairs() -> tuple[ModelPair, ...]:
+    return PAIRS
+
+
+def aliases() -> list[str]:
+    return [p.alias for p in PAIRS]
+
+
+def resolve(name: str) -> ModelPair:
+    """The pair for an alias (case-insensitive); a usage error with a suggestion otherwise."""
+    pair = _BY_ALIAS.get(name.lower())
+    if pair is not None:
+        return pair
+    close = difflib.get_close_matches(name.lower(), _BY_ALIAS, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (see `dflash models`)"
+    raise UsageError(f"unknown model '{name}'{hint}")
