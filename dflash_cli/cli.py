@@ -10,17 +10,18 @@ from typing import List, Optional
 import click
 import typer
 
+from . import __version__
+from .errors import DflashError, UsageError
+
 # Recent typer vendors its own click; older typer uses click itself. Catch both families.
 _EXIT = (typer.Exit, click.exceptions.Exit)
 _ABORT = (typer.Abort, click.exceptions.Abort)
 _PARSER_ERRORS = (typer.TyperException, click.ClickException)
 
-from . import __version__
-from .errors import DflashError, UsageError
-
 app = typer.Typer(
     name="dflash",
-    help="Lossless speculative decoding (DFlash) for local LLM chat: the same tokens, several times faster.",
+    help="Lossless speculative decoding (DFlash) for local LLM chat: the same tokens, several times faster.\n\n"
+         "Start with `dflash chat qwen3-8b`; `dflash models` lists what can run.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -30,6 +31,40 @@ app = typer.Typer(
 SAMPLING = "Sampling"
 MODEL = "Model"
 OUTPUT = "Output"
+
+# Options shared by run, chat and bench (typer reads the same declaration for each command).
+MODEL_ARG = typer.Argument(None, help="Model alias (see `dflash models`); or use --target/--drafter.",
+                           metavar="MODEL")
+TARGET = typer.Option(None, "--target", help="Target: a Hugging Face repo id or a local directory.", rich_help_panel=MODEL)
+DRAFTER = typer.Option(None, "--drafter", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
+YES = typer.Option(False, "--yes", "-y", help="Download missing models without asking.", rich_help_panel=MODEL)
+BLOCK = typer.Option(None, "--block-size", "-b", min=1, help="Draft block size B (default: the drafter's).", rich_help_panel=MODEL)
+NO_SPEC = typer.Option(False, "--no-spec", help="Plain autoregressive decoding (the baseline).", rich_help_panel=MODEL)
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)
+DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32.", rich_help_panel=MODEL)
+MAX_CONTEXT = typer.Option(None, "--max-context", min=2, help="Most tokens (prompt + answer) in the KV cache (default: what fits).", rich_help_panel=MODEL)
+MAX_TOKENS = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer.")
+TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0 is greedy.", rich_help_panel=SAMPLING)
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 disables).", rich_help_panel=SAMPLING)
+TOP_K = typer.Option(0, "--top-k", help="Keep the k likeliest tokens (0 disables).", rich_help_panel=SAMPLING)
+MIN_P = typer.Option(0.0, "--min-p", help="Drop tokens below min_p × the top probability.", rich_help_panel=SAMPLING)
+SEED = typer.Option(None, "--seed", help="Sampling seed: the same seed gives the same answer, with or without speculation.", rich_help_panel=SAMPLING)
+SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
+THINK = typer.Option(False, "--think", help="Qwen3 thinking mode (off by default: the drafters were trained without it).")
+
+
+def _load(model, target, drafter, yes, no_spec, device, dtype, max_context):
+    from . import loader
+    from .resolve import resolve_model
+
+    target_dir, drafter_dir = resolve_model(model, target, drafter, yes=yes, no_spec=no_spec)
+    return loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
+
+
+def _engine(m, block_size):
+    from .engine import Engine
+
+    return Engine(m.target, m.drafter, block_size=block_size if m.drafter else None, max_context=m.max_context)
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -52,76 +87,118 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
 
 @app.command()
 def run(
-    model: Optional[str] = typer.Argument(None, help="Model alias (see `dflash models`); or use --target/--drafter."),
+    model: Optional[str] = MODEL_ARG,
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The prompt text."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from FILE ('-' for stdin)."),
-    target: Optional[Path] = typer.Option(None, "--target", help="Target model directory (Hugging Face layout).", rich_help_panel=MODEL),
-    drafter: Optional[Path] = typer.Option(None, "--drafter", help="DFlash drafter directory.", rich_help_panel=MODEL),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy.", rich_help_panel=SAMPLING),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 disables).", rich_help_panel=SAMPLING),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k likeliest tokens (0 disables).", rich_help_panel=SAMPLING),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p × the top probability.", rich_help_panel=SAMPLING),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same answer).", rich_help_panel=SAMPLING),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from FILE ('-' for stdin); a .jsonl file runs one prompt per line."),
+    target: Optional[str] = TARGET,
+    drafter: Optional[str] = DRAFTER,
+    yes: bool = YES,
+    max_tokens: int = MAX_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    seed: Optional[int] = SEED,
     stop: List[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable).", rich_help_panel=SAMPLING),
-    block_size: Optional[int] = typer.Option(None, "--block-size", "-b", min=1, help="Draft block size B (default: the drafter's).", rich_help_panel=MODEL),
-    no_spec: bool = typer.Option(False, "--no-spec", help="Plain autoregressive decoding (the baseline).", rich_help_panel=MODEL),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32.", rich_help_panel=MODEL),
-    max_context: Optional[int] = typer.Option(None, "--max-context", min=2, help="Most tokens (prompt + answer) held in the KV cache.", rich_help_panel=MODEL),
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    block_size: Optional[int] = BLOCK,
+    no_spec: bool = NO_SPEC,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    max_context: Optional[int] = MAX_CONTEXT,
+    system: Optional[str] = SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
-    think: bool = typer.Option(False, "--think", help="Qwen3 thinking mode (off by default: the drafters were trained without it)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, acceptance lengths) instead of text.", rich_help_panel=OUTPUT),
+    think: bool = THINK,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt (text, token ids, acceptance lengths).", rich_help_panel=OUTPUT),
     trace: bool = typer.Option(False, "--trace", help="With --json: every iteration's drafted tokens and how many were accepted.", rich_help_panel=OUTPUT),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No statistics on stderr.", rich_help_panel=OUTPUT),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=OUTPUT),
 ) -> None:
-    """Answer one prompt: the answer streams to stdout, statistics go to stderr.
+    """Answer a prompt: the answer streams to stdout, statistics go to stderr.
 
     \b
     Examples:
-      dflash run --target ./Qwen3-8B --drafter ./Qwen3-8B-DFlash-b16 -p "Why is the sky blue?"
-      cat question.txt | dflash run --target T --drafter D > answer.txt
-      dflash run --target T --drafter D -p "2+2?" --json --trace | jq .acceptance_lengths
+      dflash run qwen3-8b -p "Why is the sky blue?"
+      cat question.txt | dflash run qwen3-8b > answer.txt
+      dflash run qwen3-8b --prompt-file prompts.jsonl --json > results.jsonl
+      dflash run --target ./Qwen3-8B --drafter ./Qwen3-8B-DFlash-b16 -p "2+2?" --json --trace
     """
-    from . import loader
-    from .engine import Engine
-    from .run import RunOptions, run_prompt
+    from .run import RunOptions, read_jsonl_prompts, run_jsonl, run_prompt
     from .sampling import SamplingParams
 
-    text = _read_prompt(prompt, prompt_file)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    target_dir, drafter_dir = _resolve_model(model, target, drafter)
-    if no_spec:
-        drafter_dir = None
-    m = loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
-    engine = Engine(m.target, m.drafter, block_size=block_size if m.drafter else None, max_context=m.max_context)
     opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, json_out, trace, quiet)
-    run_prompt(m, engine, text, opts)
+    if prompt_file is not None and prompt_file.suffix == ".jsonl":
+        if prompt is not None:
+            raise UsageError("give either -p/--prompt or --prompt-file, not both")
+        batch = read_jsonl_prompts(prompt_file)  # checked before any model is loaded
+        m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
+        run_jsonl(m, _engine(m, block_size), batch, opts)
+        return
+    text = _read_prompt(prompt, prompt_file)
+    m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
+    run_prompt(m, _engine(m, block_size), text, opts)
+
+
+@app.command()
+def chat(
+    model: Optional[str] = MODEL_ARG,
+    target: Optional[str] = TARGET,
+    drafter: Optional[str] = DRAFTER,
+    yes: bool = YES,
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    seed: Optional[int] = SEED,
+    block_size: Optional[int] = BLOCK,
+    no_spec: bool = NO_SPEC,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    max_context: Optional[int] = MAX_CONTEXT,
+    system: Optional[str] = SYSTEM,
+    think: bool = THINK,
+    plain: bool = typer.Option(False, "--plain", help="Plain text: no Markdown rendering, no live status line.", rich_help_panel=OUTPUT),
+    show_drafts: bool = typer.Option(False, "--show-drafts", help="Colour tokens by origin: accepted draft or the target's own.", rich_help_panel=OUTPUT),
+    history: Optional[Path] = typer.Option(None, "--history", help="Input history file (default: ~/.local/share/dflash/history).", rich_help_panel=OUTPUT),
+) -> None:
+    """Chat in the terminal, with live speed and acceptance.
+
+    \b
+    Enter sends; Alt-Enter (or Esc then Enter) starts a new line. Ctrl-C stops an answer,
+    Ctrl-D leaves. Type /help for commands (/system, /set, /think, /clear, /save, /load, /stats).
+    """
+    from .chat import ChatSession, run_chat
+    from .sampling import SamplingParams
+
+    sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
+    m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
+    session = ChatSession(m, _engine(m, block_size), sampling=sampling, max_tokens=max_tokens, system=system, think=think)
+    run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
 
 
 @app.command()
 def bench(
-    model: Optional[str] = typer.Argument(None, help="Model alias, or a shape name with --synthetic."),
-    target: Optional[Path] = typer.Option(None, "--target", help="Target model directory.", rich_help_panel=MODEL),
-    drafter: Optional[Path] = typer.Option(None, "--drafter", help="DFlash drafter directory.", rich_help_panel=MODEL),
+    model: Optional[str] = typer.Argument(None, help="Model alias, or a shape name with --synthetic.", metavar="MODEL"),
+    target: Optional[str] = TARGET,
+    drafter: Optional[str] = DRAFTER,
+    yes: bool = YES,
     synthetic: bool = typer.Option(False, "--synthetic", help="Random weights at MODEL's real shapes (qwen3-8b, qwen3-4b, llama3.1-8b, tiny): times each step, no download."),
     tau: Optional[float] = typer.Option(None, "--tau", help="With --synthetic: the acceptance length to project tok/s for (default: the published one)."),
     context: int = typer.Option(1024, "--context", min=1, help="With --synthetic: tokens already in the KV cache."),
     categories: str = typer.Option("math,code,chat", "--prompts", help="Built-in prompt sets to run (comma-separated)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Tokens per answer."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy.", rich_help_panel=SAMPLING),
+    temperature: float = TEMPERATURE,
     block_size: Optional[int] = typer.Option(None, "--block-size", "-b", min=2, help="Draft block size B.", rich_help_panel=MODEL),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32.", rich_help_panel=MODEL),
-    max_context: Optional[int] = typer.Option(None, "--max-context", min=2, rich_help_panel=MODEL),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    max_context: Optional[int] = MAX_CONTEXT,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel=OUTPUT),
 ) -> None:
     """Measure: plain decoding and DFlash side by side on built-in math, code and chat prompts.
 
     \b
     Examples:
-      dflash bench --target ./Qwen3-8B --drafter ./Qwen3-8B-DFlash-b16
+      dflash bench qwen3-8b
       dflash bench --synthetic qwen3-8b --tau 6.4      # check a GPU without downloading
     """
     import json
@@ -132,7 +209,7 @@ def bench(
     from . import loader
     from .sampling import SamplingParams
 
-    console = Console(stderr=False)
+    console = Console()
     if synthetic:
         from .synthetic import run_synthetic
 
@@ -148,10 +225,9 @@ def bench(
     unknown = [c for c in wanted if c not in bench_mod.CATEGORIES]
     if unknown or not wanted:
         raise UsageError(f"unknown prompt set '{(unknown or [categories])[0]}' (choose from {', '.join(bench_mod.CATEGORIES)})")
-    target_dir, drafter_dir = _resolve_model(model, target, drafter)
-    if drafter_dir is None:
-        raise UsageError("bench compares against DFlash: give a drafter (--drafter DIR or a model alias)")
-    m = loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
+    m = _load(model, target, drafter, yes, False, device, dtype, max_context)
+    if m.drafter is None:
+        raise UsageError("bench compares against DFlash: give a drafter (--drafter or a model alias)")
     progress = Console(stderr=True)
     report = bench_mod.run_bench(
         m, bench_mod.builtin_prompts(wanted), max_tokens=max_tokens, block_size=block_size,
@@ -164,15 +240,92 @@ def bench(
         bench_mod.render(report, console)
 
 
-def _resolve_model(model: Optional[str], target: Optional[Path], drafter: Optional[Path]) -> tuple[Path, Optional[Path]]:
-    if target is None:
-        if model is None:
-            raise UsageError("name a model, or give --target DIR (and --drafter DIR)")
-        raise UsageError(f"model aliases are not available yet; give --target DIR --drafter DIR (got '{model}')")
-    for flag, path in (("--target", target), ("--drafter", drafter)):
-        if path is not None and not path.is_dir():
-            raise UsageError(f"{flag} {path} is not a directory")
-    return target, drafter
+@app.command()
+def pull(model: str = typer.Argument(..., help="Model alias, or a Hugging Face repo id.", metavar="MODEL")) -> None:
+    """Download a model pair (or one repo) into the Hugging Face cache; resumes where it stopped.
+
+    Only safetensors, JSON configs and tokenizer files are fetched. Gated repos (Llama) need
+    `hf auth login` or HF_TOKEN. Models already in the cache (from transformers, vLLM…) are reused.
+    """
+    from . import hub, registry
+
+    repos = [model] if "/" in model else [(p := registry.resolve(model)).target, p.drafter]
+    for repo in repos:
+        print(f"pulling {repo}", file=sys.stderr)
+        path = hub.pull(repo)
+        print(f"{repo}: {path}", file=sys.stderr)
+
+
+@app.command("models")
+def models_cmd(json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """List the released DFlash pairs: aliases, whether this version runs them, what is downloaded."""
+    import json
+
+    from .models import model_rows, render_models
+
+    rows = model_rows()
+    if json_out:
+        typer.echo(json.dumps(rows))
+    else:
+        render_models(rows)
+
+
+@app.command()
+def rm(
+    model: str = typer.Argument(..., help="Model alias, or a Hugging Face repo id.", metavar="MODEL"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    drafter_only: bool = typer.Option(False, "--drafter-only", help="Keep the target (it may be shared with other tools)."),
+) -> None:
+    """Delete a model pair (or one repo) from the Hugging Face cache."""
+    from . import hub, registry
+    from .resolve import _ask, _interactive
+
+    if "/" in model:
+        repos = [model]
+    else:
+        pair = registry.resolve(model)
+        repos = [pair.drafter] if drafter_only else [pair.target, pair.drafter]
+    present = [(r, hub.cached_size(r)) for r in repos]
+    present = [(r, s) for r, s in present if s is not None]
+    if not present:
+        print(f"{model} is not in the cache ({hub.cache_dir()})", file=sys.stderr)
+        return
+    listing = ", ".join(f"{r} ({s / 1e9:.1f} GB)" for r, s in present)
+    if not yes:
+        if not _interactive():
+            raise UsageError(f"this would delete {listing}: pass --yes to confirm")
+        if not _ask(f"Delete {listing} from {hub.cache_dir()}?"):
+            raise typer.Exit(1)
+    for repo, _ in present:
+        freed = hub.remove(repo)
+        print(f"removed {repo} ({freed / 1e9:.1f} GB)", file=sys.stderr)
+
+
+@app.command()
+def doctor(model: Optional[str] = typer.Argument(None, help="Check the GPU memory this model needs.", metavar="MODEL")) -> None:
+    """Check the setup: Python, torch, CUDA, Triton, GPU memory, the model cache and Hub login."""
+    from .doctor import render_checks, run_checks
+
+    checks = run_checks(model)
+    render_checks(checks)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+def completions(shell: str = typer.Argument(..., help="bash, zsh or fish.", metavar="SHELL")) -> None:
+    """Print a shell completion script.
+
+    \b
+    bash:  dflash completions bash > ~/.local/share/bash-completion/completions/dflash
+    zsh:   dflash completions zsh > "${fpath[1]}/_dflash"
+    fish:  dflash completions fish > ~/.config/fish/completions/dflash.fish
+    """
+    from .completion import SHELLS, render
+
+    if shell not in SHELLS:
+        raise UsageError(f"unknown shell '{shell}' (choose from {', '.join(SHELLS)})")
+    typer.echo(render(shell), nl=False)
 
 
 @app.callback(invoke_without_command=True)
@@ -185,7 +338,7 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 def main(argv: list[str] | None = None) -> int:
     """Entry point: never a traceback for a user's mistake."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="dflash")
         return 0
     except _EXIT as e:
         return e.exit_code

@@ -18,15 +18,16 @@ class ModelPair:
     gated: bool = False
 
 
-_MOE = "MoE target: not supported yet"
-_HYBRID = "hybrid linear-attention target (rollback needs state snapshots): not supported yet"
-_GPT_OSS = "attention sinks, sliding windows and MXFP4 weights: not supported yet"
+# Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
+_MOE = "MoE target"
+_HYBRID = "hybrid linear attention: rollback needs state snapshots"
+_GPT_OSS = "attention sinks and MXFP4 weights"
 
 PAIRS: tuple[ModelPair, ...] = (
     ModelPair("qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", 16),
     ModelPair("qwen3-8b", "Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", 16),
     ModelPair("llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "z-lab/LLaMA3.1-8B-Instruct-DFlash-UltraChat", 10,
-              gated=True, note="gated: accept Meta's licence on the Hub first"),
+              gated=True),
     ModelPair("qwen3-coder-30b-a3b", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "z-lab/Qwen3-Coder-30B-A3B-DFlash", 16,
               supported=False, note=_MOE),
     ModelPair("gpt-oss-20b", "openai/gpt-oss-20b", "z-lab/gpt-oss-20b-DFlash", 16, supported=False, note=_GPT_OSS),

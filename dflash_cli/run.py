@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TextIO
 
 from .engine import Engine, Request
+from .errors import UsageError
 from .generate import Stats, stream_text
 from .loader import Model
 from .prompt import encode_chat, encode_raw
@@ -26,14 +28,59 @@ class RunOptions:
     quiet: bool = False
 
 
-def prompt_ids(model: Model, text: str, opts: RunOptions) -> list[int]:
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl_prompts(path: Path) -> list[str | list[dict]]:
+    """Each line: a JSON string (one user message) or a list of {role, content} messages."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --prompt-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(item, list):
+            item = validate_messages(item, f"{path}:{n}")
+        elif not isinstance(item, str):
+            raise UsageError(f"{path}:{n}: expected a string or a list of messages, got {type(item).__name__}")
+        prompts.append(item)
+    if not prompts:
+        raise UsageError(f"{path} holds no prompts")
+    return prompts
+
+
+def validate_messages(items: list, where: str) -> list[dict]:
+    for m in items:
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise UsageError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a string content")
+    return [{"role": m["role"], "content": m["content"]} for m in items]
+
+
+def prompt_ids(model: Model, prompt: str | list[dict], opts: RunOptions) -> list[int]:
     if opts.raw:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
         return encode_raw(model.tokenizer, text)
-    messages = ([{"role": "system", "content": opts.system}] if opts.system else []) + [{"role": "user", "content": text}]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if opts.system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": opts.system})
     return encode_chat(model.tokenizer, messages, enable_thinking=opts.think)
 
 
-def run_prompt(model: Model, engine: Engine, text: str, opts: RunOptions,
+def run_jsonl(model: Model, engine: Engine, prompts: list[str | list[dict]], opts: RunOptions,
+              out: TextIO | None = None) -> None:
+    """One JSON result per prompt (see read_jsonl_prompts), in order, on stdout."""
+    out = out or sys.stdout
+    for prompt in prompts:
+        run_prompt(model, engine, prompt, replace(opts, json=True), out=out)
+
+
+def run_prompt(model: Model, engine: Engine, text: str | list[dict], opts: RunOptions,
                out: TextIO | None = None, err: TextIO | None = None) -> dict:
     out, err = out or sys.stdout, err or sys.stderr
     request = Request(prompt_ids(model, text, opts), opts.max_tokens, model.stop_token_ids, opts.sampling)

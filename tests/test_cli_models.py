@@ -1,0 +1,101 @@
+"""pull, models, rm, doctor, model resolution and batch prompts, through the command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dflash_cli import registry
+from dflash_cli.cli import main
+
+from .hub_server import HubServer
+from .test_hub import server  # noqa: F401  (the local Hub fixture)
+
+
+@pytest.fixture
+def hub_pair(server, stories_pair, monkeypatch):  # noqa: F811
+    """The stories pair served as the registry's qwen3-4b, so aliases work end to end."""
+    t, d = stories_pair
+    server.add_dir("Test/Stories", t)
+    server.add_dir("Test/Stories-DFlash", d)
+    pair = registry.ModelPair("qwen3-4b", "Test/Stories", "Test/Stories-DFlash", 8)
+    monkeypatch.setattr(registry, "_BY_ALIAS", registry._BY_ALIAS | {"qwen3-4b": pair})
+    monkeypatch.setattr(registry, "PAIRS", (pair,) + registry.PAIRS[1:])
+    return pair
+
+
+def test_pull_then_run_by_alias(capsys, hub_pair):
+    assert main(["pull", "qwen3-4b"]) == 0
+    capsys.readouterr()
+    assert main(["run", "qwen3-4b", "-p", "Once upon a time", "--raw", "-n", "8", "--device", "cpu", "-q"]) == 0
+    assert capsys.readouterr().out.startswith(", there was a little girl")
+
+
+def test_missing_model_in_a_script_says_how_to_pull(capsys, hub_pair):
+    assert main(["run", "qwen3-4b", "-p", "x", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "Test/Stories is not downloaded: run `dflash pull Test/Stories`, or pass --yes" in err
+
+
+def test_yes_pulls_missing_models(capsys, hub_pair):
+    assert main(["run", "qwen3-4b", "-p", "The cat", "--raw", "-n", "4", "--device", "cpu", "--yes", "-q"]) == 0
+
+
+def test_models_lists_downloaded_pairs(capsys, hub_pair):
+    main(["models", "--json"])
+    rows = {r["alias"]: r for r in json.loads(capsys.readouterr().out)}
+    assert not rows["qwen3-4b"]["downloaded"] and not rows["gpt-oss-20b"]["supported"]
+    main(["pull", "qwen3-4b"])
+    capsys.readouterr()
+    main(["models", "--json"])
+    row = {r["alias"]: r for r in json.loads(capsys.readouterr().out)}["qwen3-4b"]
+    assert row["downloaded"] and row["size_on_disk"] > 100_000
+    assert main(["models"]) == 0 and "ready" in capsys.readouterr().out
+
+
+def test_rm_needs_confirmation_in_scripts_and_removes_with_yes(capsys, hub_pair):
+    main(["pull", "qwen3-4b"])
+    assert main(["rm", "qwen3-4b"]) == 2
+    assert "pass --yes to confirm" in capsys.readouterr().err
+    assert main(["rm", "qwen3-4b", "--yes"]) == 0
+    assert "removed Test/Stories-DFlash" in capsys.readouterr().err
+    main(["models", "--json"])
+    assert not json.loads(capsys.readouterr().out)[0]["downloaded"]
+
+
+def test_unsupported_and_unknown_models(capsys, server):  # noqa: F811
+    assert main(["run", "gpt-oss-20b", "-p", "x"]) == 1
+    assert "not supported by this version yet (attention sinks and MXFP4 weights)" in capsys.readouterr().err
+    assert main(["chat", "qwen-8b"]) == 2
+    assert "did you mean 'qwen3-8b'" in capsys.readouterr().err
+
+
+def test_doctor_reports_each_check(capsys):
+    code = main(["doctor", "qwen3-8b"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("python", "torch", "cuda", "triton", "cache", "hub login", "qwen3-8b"):
+        assert name in out
+    assert "needs ~18 GiB of GPU memory" in out
+
+
+def test_jsonl_prompt_file_gives_one_result_per_line(capsys, stories_pair, tmp_path):
+    t, d = stories_pair
+    f = tmp_path / "batch.jsonl"
+    f.write_text(json.dumps("Once upon a time") + "\n\n" + json.dumps([{"role": "user", "content": "The cat"}]) + "\n")
+    assert main(["run", "--target", str(t), "--drafter", str(d), "--device", "cpu", "--prompt-file", str(f),
+                 "-n", "6", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["generated_tokens"] == 6 for x in lines)
+    f.write_text('"fine"\n{"role": "user"}\n')
+    assert main(["run", "--target", str(t), "--prompt-file", str(f)]) == 2
+    assert f"{f}:2: expected a string or a list of messages" in capsys.readouterr().err
+
+
+def test_version_and_help():
+    p = subprocess.run([sys.executable, "-m", "dflash_cli.cli", "--help"], capture_output=True, text=True,
+                       env={"NO_COLOR": "1", "COLUMNS": "100", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0 and "chat" in p.stdout and "\x1b[" not in p.stdout
+    assert main(["--version"]) == 0
