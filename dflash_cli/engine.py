@@ -110,6 +110,7 @@ class Engine:
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
         """Fill both caches with the prompt (reusing the longest cached prefix); last position's logits."""
         reuse = _common_prefix(self._cached_ids, prompt, len(prompt) - 1)
+        self._cached_ids = self._cached_ids[:reuse]  # true even if this prefill is interrupted
         self.target_cache.rollback(reuse)
         if self.draft_cache is not None:
             self.draft_cache.rollback(reuse)

@@ -59,23 +59,29 @@ class Stats:
 class Chunk:
     text: str  # newly final text (may be empty)
     step: Step
+    draft_chars: int = 0  # with split_drafts: how much of `text` came from accepted drafts (it comes first)
 
 
 def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
-                stop_strings: tuple[str, ...] = ()) -> Iterator[Chunk]:
-    """Generate, yielding final text per step; `stats` is updated before each yield."""
+                stop_strings: tuple[str, ...] = (), split_drafts: bool = False) -> Iterator[Chunk]:
+    """Generate, yielding final text per step; `stats` is updated before each yield.
+
+    With `split_drafts`, the step's accepted-draft tokens are decoded before the target's own
+    token, so a UI can show which text the drafter wrote."""
     decoder = StreamDecoder(tokenizer, stop_strings)
     stats.prompt_tokens = len(request.prompt_ids)
     steps = engine.generate(request)
     try:
         for step in steps:
-            text = decoder.push(step.tokens)
+            drafted = min(step.accepted, len(step.tokens)) if split_drafts and not step.prefill else 0
+            draft_text = decoder.push(step.tokens[:drafted]) if drafted else ""
+            text = draft_text + decoder.push(step.tokens[drafted:])
             if decoder.stopped:
                 step.finish = "stop"
             elif step.finish is not None:
                 text += decoder.flush()
             stats.add(step)
-            yield Chunk(text, step)
+            yield Chunk(text, step, len(draft_text))
             if step.finish is not None:
                 return
     finally:

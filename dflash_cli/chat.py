@@ -1,0 +1,271 @@
+"""`dflash chat`: the conversation, its slash commands and transcripts, and the terminal loop.
+
+`ChatSession` holds everything that is not the terminal (messages, settings, statistics) so tests
+reach it directly; `run_chat` is the prompt-toolkit loop around it. Ctrl-C stops an answer and keeps
+what was written of it in the conversation; Ctrl-C at the prompt clears the line; Ctrl-D leaves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+from .engine import Engine, Request
+from .errors import DflashError, UsageError
+from .generate import Chunk, Stats, stream_text
+from .loader import Model
+from .prompt import encode_chat
+from .run import validate_messages
+from .sampling import SamplingParams
+
+HELP = """\
+Commands:
+  /help                      this text
+  /system TEXT               set the system prompt (/system alone clears it)
+  /set NAME VALUE            temperature, top_p, top_k, min_p, max_tokens or seed
+  /think on|off              Qwen3 thinking mode (off by default)
+  /clear                     start a new conversation
+  /save FILE, /load FILE     the conversation as JSONL, one message per line
+  /stats                     speed and acceptance for this session
+  /exit                      leave (or Ctrl-D)
+Enter sends; Alt-Enter (Esc, Enter) starts a new line. Ctrl-C stops an answer."""
+
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "seed": int}
+
+
+@dataclass
+class Reply:
+    """What a slash command answers: text to show, and whether to leave."""
+
+    text: str = ""
+    exit: bool = False
+
+
+@dataclass
+class ChatSession:
+    model: Model
+    engine: Engine
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 2048
+    system: str | None = None
+    think: bool = False
+    messages: list[dict] = field(default_factory=list)  # user and assistant turns (system kept apart)
+    answers: list[Stats] = field(default_factory=list)
+    live: Stats | None = None  # the answer being generated (updated in place while it streams)
+
+    # ---- conversation ---------------------------------------------------------------------
+    def conversation(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def ask(self, text: str, split_drafts: bool = False) -> Iterator[Chunk]:
+        """Stream the answer to `text`. Whatever was generated joins the conversation, also when
+        the caller stops early (Ctrl-C)."""
+        self.messages.append({"role": "user", "content": text})
+        ids = encode_chat(self.model.tokenizer, self.conversation(), enable_thinking=self.think)
+        stats, pieces = Stats(), []
+        self.live = stats
+        request = Request(ids, self.max_tokens, self.model.stop_token_ids, self.sampling)
+        steps = stream_text(self.engine, self.model.tokenizer, request, stats, split_drafts=split_drafts)
+        try:
+            first = next(steps)
+        except BaseException:
+            self.messages.pop()  # nothing was answered (a prompt too long, Ctrl-C in prefill): forget the question
+            raise
+        try:
+            for chunk in _chain(first, steps):
+                pieces.append(chunk.text)
+                yield chunk
+        finally:
+            steps.close()
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            if stats.finish is None:
+                stats.finish = "interrupted"
+            self.answers.append(stats)
+
+    # ---- slash commands -------------------------------------------------------------------
+    def command(self, line: str) -> Reply:
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        handler = {
+            "/help": lambda: Reply(HELP), "/exit": lambda: Reply(exit=True), "/quit": lambda: Reply(exit=True),
+            "/system": lambda: self._system(arg), "/set": lambda: self._set(arg), "/think": lambda: self._think(arg),
+            "/clear": self._clear, "/save": lambda: self._save(arg), "/load": lambda: self._load(arg),
+            "/stats": lambda: Reply(self.stats_text()),
+        }.get(name)
+        if handler is None:
+            raise UsageError(f"unknown command {name} (/help lists them)")
+        return handler()
+
+    def _system(self, text: str) -> Reply:
+        self.system = text or None
+        return Reply(f"system prompt set ({len(text)} characters)" if text else "system prompt cleared")
+
+    def _set(self, arg: str) -> Reply:
+        key, _, value = arg.partition(" ")
+        if key not in SETTABLE or not value.strip():
+            raise UsageError(f"usage: /set {'|'.join(SETTABLE)} VALUE")
+        try:
+            parsed = SETTABLE[key](value.strip())
+        except ValueError:
+            raise UsageError(f"/set {key}: '{value.strip()}' is not a {SETTABLE[key].__name__}") from None
+        if key == "max_tokens":
+            if parsed < 1:
+                raise UsageError("/set max_tokens: must be at least 1")
+            self.max_tokens = parsed
+        else:
+            self.sampling = replace(self.sampling, **{key: parsed})  # validated by SamplingParams
+        return Reply(f"{key} = {parsed}")
+
+    def _think(self, arg: str) -> Reply:
+        if arg not in ("on", "off"):
+            raise UsageError("usage: /think on|off")
+        self.think = arg == "on"
+        return Reply(f"thinking {arg}")
+
+    def _clear(self) -> Reply:
+        self.messages = []
+        return Reply("conversation cleared")
+
+    def _save(self, path: str) -> Reply:
+        if not path:
+            raise UsageError("usage: /save FILE")
+        save_transcript(Path(path).expanduser(), self.conversation())
+        return Reply(f"saved {len(self.conversation())} messages to {path}")
+
+    def _load(self, path: str) -> Reply:
+        if not path:
+            raise UsageError("usage: /load FILE")
+        messages = load_transcript(Path(path).expanduser())
+        self.system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        self.messages = [m for m in messages if m["role"] != "system"]
+        return Reply(f"loaded {len(messages)} messages from {path}")
+
+    # ---- statistics -----------------------------------------------------------------------
+    def histogram(self) -> Counter:
+        return Counter(t for s in self.answers for t in s.acceptance_lengths)
+
+    def stats_text(self) -> str:
+        from .ui import tau_bars
+
+        if not self.answers:
+            return "no answers yet"
+        tokens = sum(s.generated for s in self.answers)
+        decode = sum(s.decode_seconds for s in self.answers)
+        taus = [t for s in self.answers for t in s.acceptance_lengths]
+        tps = sum(max(s.generated - 1, 0) for s in self.answers) / decode if decode else 0.0
+        mean = sum(taus) / len(taus) if taus else 0.0
+        return (f"{len(self.answers)} answers · {tokens} tokens · {tps:.1f} tok/s · mean τ {mean:.2f} · "
+                f"block size {self.engine.block_size}\nτ 1…{self.engine.block_size}: "
+                f"{tau_bars(self.histogram(), self.engine.block_size)}")
+
+
+def _chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
+    yield first
+    yield from rest
+
+
+def save_transcript(path: Path, messages: list[dict]) -> None:
+    """JSONL, written atomically: a crash or a full disk never leaves half a transcript behind."""
+    path = path.resolve()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DflashError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for m in messages:
+                f.write(json.dumps({"role": m["role"], "content": m["content"]}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise DflashError(f"cannot write {path}: {e.strerror}") from None
+
+
+def load_transcript(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DflashError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    messages = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DflashError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        messages += validate_messages([item], f"{path}:{n}")
+    return messages
+
+
+# ---- the terminal loop -----------------------------------------------------------------------
+def default_history() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "dflash" / "history"
+
+
+def _line_reader(history: Path | None):
+    """prompt-toolkit input on a terminal (history, editing keys, Alt-Enter for a new line);
+    plain lines from stdin otherwise, so `dflash chat < questions.txt` works too."""
+    if not sys.stdin.isatty():
+        def read() -> str:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+        return read
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    path = history or default_history()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _newline(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    session = PromptSession(history=FileHistory(str(path)), key_bindings=keys, multiline=False)
+    return lambda: session.prompt(">>> ", prompt_continuation="... ")
+
+
+def run_chat(session: ChatSession, *, plain: bool = False, show_drafts: bool = False,
+             history: Path | None = None) -> None:
+    from .ui import ChatView
+
+    view = ChatView(session, plain=plain, show_drafts=show_drafts)
+    view.banner()
+    read = _line_reader(history)
+    while True:
+        try:
+            line = read()
+        except KeyboardInterrupt:
+            continue  # Ctrl-C at the prompt clears the line, as in a shell
+        except EOFError:
+            view.note("bye")
+            return
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            try:
+                reply = session.command(line)
+            except DflashError as e:
+                view.error(str(e))
+                continue
+            if reply.text:
+                view.note(reply.text)
+            if reply.exit:
+                return
+            continue
+        try:
+            view.answer(session.ask(line, split_drafts=show_drafts))
+        except DflashError as e:
+            view.error(str(e))

@@ -1,0 +1,101 @@
+"""The chat session without a terminal: turns, slash commands, transcripts, interruption."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dflash_cli import loader
+from dflash_cli.chat import ChatSession, load_transcript, save_transcript
+from dflash_cli.engine import Engine
+from dflash_cli.errors import DflashError, UsageError
+
+
+@pytest.fixture
+def session(qwen3_chat_pair):
+    m = loader.load(*qwen3_chat_pair, device="cpu", max_context=256)
+    return ChatSession(m, Engine(m.target, m.drafter, max_context=m.max_context), max_tokens=12)
+
+
+def test_turns_join_the_conversation_and_reuse_the_cache(session):
+    first = "".join(c.text for c in session.ask("Hello"))
+    assert session.messages == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first}]
+    cached = len(session.engine._cached_ids)
+    list(session.ask("And then?"))
+    assert len(session.messages) == 4 and cached > 10
+    assert session.answers[-1].prompt_tokens > cached  # the second prompt holds the whole first turn
+
+
+def test_interrupted_answer_keeps_what_was_written(session):
+    stream = session.ask("Tell me a story")
+    got = [next(stream).text, next(stream).text]
+    stream.close()  # what Ctrl-C does
+    assert session.messages[-1] == {"role": "assistant", "content": "".join(got)}
+    assert session.answers[-1].finish == "interrupted"
+
+
+def test_a_question_that_fails_is_not_kept(session):
+    with pytest.raises(DflashError, match="context limit"):
+        list(session.ask("word " * 400))
+    assert session.messages == []
+
+
+def test_slash_commands(session):
+    assert "/set NAME VALUE" in session.command("/help").text
+    session.command("/system Be brief.")
+    assert session.conversation()[0] == {"role": "system", "content": "Be brief."}
+    session.command("/set temperature 0.7")
+    session.command("/set top_k 20")
+    session.command("/set max_tokens 3")
+    assert (session.sampling.temperature, session.sampling.top_k, session.max_tokens) == (0.7, 20, 3)
+    session.command("/think on")
+    assert session.think
+    with pytest.raises(UsageError, match="/set top_p: 'lots' is not a float"):
+        session.command("/set top_p lots")
+    with pytest.raises(UsageError, match="--top-p must be in"):
+        session.command("/set top_p 2")
+    with pytest.raises(UsageError, match="unknown command /nope"):
+        session.command("/nope")
+    assert session.command("/stats").text == "no answers yet"
+    list(session.ask("Hi"))
+    assert "1 answers" in session.command("/stats").text
+    assert session.command("/clear").text == "conversation cleared" and session.messages == []
+    assert session.command("/exit").exit
+
+
+def test_save_and_load_round_trip(session, tmp_path):
+    session.command("/system Be brief.")
+    list(session.ask("Hi"))
+    path = tmp_path / "chat.jsonl"
+    session.command(f"/save {path}")
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [m["role"] for m in lines] == ["system", "user", "assistant"]
+    other = ChatSession(session.model, session.engine)
+    assert other.command(f"/load {path}").text == f"loaded 3 messages from {path}"
+    assert other.conversation() == session.conversation()
+
+
+def test_save_is_atomic_and_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "chat.jsonl"
+    save_transcript(path, [{"role": "user", "content": "old"}])
+
+    def boom(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", boom)
+    with pytest.raises(DflashError, match="cannot write .*No space left on device"):
+        save_transcript(path, [{"role": "user", "content": "new"}])
+    assert load_transcript(path) == [{"role": "user", "content": "old"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.jsonl"]
+
+
+def test_bad_transcripts_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"role": "user", "content": "ok"}\n{"role": "robot", "content": "x"}\n')
+    with pytest.raises(DflashError, match=r"bad.jsonl:2: each message needs a role"):
+        load_transcript(path)
+    path.write_text("not json\n")
+    with pytest.raises(DflashError, match=r"bad.jsonl:1: not valid JSON"):
+        load_transcript(path)
+    with pytest.raises(DflashError, match="cannot read"):
+        load_transcript(tmp_path / "missing.jsonl")

@@ -1,0 +1,113 @@
+"""`dflash chat` in a real terminal (tmux): streamed text, the live status line, Ctrl-C mid-answer,
+/save and /load, Ctrl-D. Assertions are on captured screens, as a person would see them."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .tiny import copy_qwen3_tokenizer, drafter_config, target_config, write_drafter, write_target
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+
+@pytest.fixture(scope="module")
+def slow_pair(tmp_path_factory):
+    """A Qwen3 big enough (a ~80 MB lm_head read per step) that an answer takes seconds on CPU,
+    so Ctrl-C reliably lands mid-answer; the real Qwen3 tokenizer and chat template."""
+    d = tmp_path_factory.mktemp("pty")
+    cfg = target_config("qwen3", vocab=151936, hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32,
+                        intermediate=256, tie=True, max_pos=8192) | {"eos_token_id": 151645}
+    t = write_target(d / "t", cfg, seed=11)
+    copy_qwen3_tokenizer(t)
+    dr = write_drafter(d / "d", drafter_config(cfg, block_size=16, target_layer_ids=(0, 1), heads=4, kv_heads=2,
+                                               head_dim=32, intermediate=256, mask_token_id=151669))
+    return t, dr
+
+
+class Tmux:
+    def __init__(self, name: str, command: str):
+        self.name = name
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "110", "-y", "30", command], check=True)
+        subprocess.run(["tmux", "set-option", "-t", name, "remain-on-exit", "on"], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
+
+    def send(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def type(self, text: str) -> None:
+        self.send("-l", text)
+        self.send("Enter")
+
+    def wait_for(self, needle: str, timeout: float = 60.0, count: int = 1) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            screen = self.screen()
+            if screen.count(needle) >= count:
+                return screen
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} did not appear; the screen was:\n{self.screen()}")
+
+    def dead(self) -> bool:
+        out = subprocess.run(["tmux", "display-message", "-p", "-t", self.name, "#{pane_dead}"],
+                             capture_output=True, text=True).stdout.strip()
+        return out == "1"
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+
+def test_chat_in_a_terminal(slow_pair, tmp_path):
+    t, d = slow_pair
+    transcript = tmp_path / "chat.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    cmd = (f"cd {root} && TERM=xterm-256color {sys.executable} -m dflash_cli.cli chat --target {t} --drafter {d} "
+           f"--device cpu --history {tmp_path / 'history'} -n 3000 --max-context 4096")
+    tmux = Tmux(f"dflash-test-{time.time_ns()}", cmd)
+    try:
+        tmux.wait_for(">>>", timeout=120)
+        assert "DFlash, block size 16" in tmux.screen()
+        tmux.type("Write a long story about a lighthouse.")
+        live = tmux.wait_for("tok/s")  # the live status line, while the answer streams
+        assert "τ" in live and "tokens" in live and "(last " in live
+        tmux.send("C-c")
+        stopped = tmux.wait_for("[stopped]")
+        assert "tok/s" in stopped  # the summary of the stopped answer
+        tmux.wait_for(">>>", count=2)
+
+        tmux.type(f"/save {transcript}")
+        tmux.wait_for("saved 2 messages")
+        saved = [json.loads(x) for x in transcript.read_text().splitlines()]
+        assert saved[0] == {"role": "user", "content": "Write a long story about a lighthouse."}
+        assert saved[1]["role"] == "assistant" and saved[1]["content"]
+
+        tmux.type("/clear")
+        tmux.wait_for("conversation cleared")
+        tmux.type(f"/load {transcript}")
+        tmux.wait_for("loaded 2 messages")
+
+        tmux.type("/set max_tokens 5")
+        tmux.wait_for("max_tokens = 5")
+        tmux.type("And then?")
+        after = tmux.wait_for("5 tokens ·")  # the chat went on after Ctrl-C: a full second answer
+        assert "stopped: length" in after
+
+        tmux.type("/stats")
+        tmux.wait_for("2 answers")
+        tmux.send("C-d")
+        tmux.wait_for("bye")
+        deadline = time.time() + 10
+        while not tmux.dead() and time.time() < deadline:
+            time.sleep(0.1)
+        assert tmux.dead()
+        assert (tmp_path / "history").read_text().count("+Write a long story") == 1
+    finally:
+        tmux.close()
