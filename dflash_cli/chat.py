@@ -20,7 +20,7 @@ from .errors import DflashError, UsageError
 from .generate import Chunk, Stats, stream_text
 from .loader import Model
 from .prompt import encode_chat
-from .run import validate_messages
+from .jsonl import read_jsonl, validate_messages
 from .sampling import SamplingParams
 
 HELP = """\
@@ -189,20 +189,7 @@ def save_transcript(path: Path, messages: list[dict]) -> None:
 
 
 def load_transcript(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DflashError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    messages = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DflashError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        messages += validate_messages([item], f"{path}:{n}")
-    return messages
+    return [m for n, item in read_jsonl(path) for m in validate_messages([item], f"{path}:{n}")]
 
 
 # ---- the terminal loop -----------------------------------------------------------------------

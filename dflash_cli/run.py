@@ -10,6 +10,7 @@ from typing import TextIO
 from .engine import Engine, Request
 from .errors import UsageError
 from .generate import Stats, stream_text
+from .jsonl import read_jsonl, validate_messages
 from .loader import Model
 from .prompt import encode_chat, encode_raw
 from .sampling import SamplingParams
@@ -28,38 +29,18 @@ class RunOptions:
     quiet: bool = False
 
 
-ROLES = ("system", "user", "assistant")
-
-
 def read_jsonl_prompts(path: Path) -> list[str | list[dict]]:
     """Each line: a JSON string (one user message) or a list of {role, content} messages."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --prompt-file {path}: {getattr(e, 'strerror', None) or e}") from None
     prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, item in read_jsonl(path, UsageError, "--prompt-file "):
         if isinstance(item, list):
-            item = validate_messages(item, f"{path}:{n}")
+            item = validate_messages(item, f"{path}:{n}", UsageError)
         elif not isinstance(item, str):
             raise UsageError(f"{path}:{n}: expected a string or a list of messages, got {type(item).__name__}")
         prompts.append(item)
     if not prompts:
         raise UsageError(f"{path} holds no prompts")
     return prompts
-
-
-def validate_messages(items: list, where: str) -> list[dict]:
-    for m in items:
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise UsageError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a string content")
-    return [{"role": m["role"], "content": m["content"]} for m in items]
 
 
 def prompt_ids(model: Model, prompt: str | list[dict], opts: RunOptions) -> list[int]:
