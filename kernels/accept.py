@@ -102,3 +102,161 @@ def accept_ref(
     accepted = (block_ids[1:] == y[:-1]).cumprod(0).sum()
     cache_len.add_(accepted + 1)
     return y, accepted
+
+
+# ---- Triton ---------------------------------------------------------------------------------
+# One program per row. Greedy: a running first-index argmax over vocabulary chunks. Sampling:
+# passes over the row's chunks, never materialising a softmax: the max; for top-k, a bisection on
+# the order-preserving integer image of the float scores finds the k-th largest value exactly
+# (32 passes); for top-p, a second bisection finds the smallest score whose strictly-higher mass
+# is below top_p; min-p is a closed-form threshold (exp(s - max) >= min_p); then the Gumbel-max
+# pass with the same hashed noise as the reference. Seeds may be ints or device tensors.
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _order_key(s):
+    """int32 image of float32 that preserves order."""
+    bits = s.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _scores(row_ptr, cols, vocab, temperature):
+    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    return x / temperature
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, temperature, top_k, top_p, min_p,
+                   GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row_ptr = logits_ptr + pid.to(tl.int64) * stride
+    offs = tl.arange(0, BLOCK)
+    if GREEDY:
+        best = tl.full((), float("-inf"), tl.float32)
+        best_i = tl.full((), 0, tl.int64)
+        for c0 in range(0, vocab, BLOCK):
+            x = tl.load(row_ptr + c0 + offs, mask=c0 + offs < vocab, other=float("-inf")).to(tl.float32)
+            cm = tl.max(x, axis=0)
+            ci = tl.min(tl.where(x == cm, c0 + offs, vocab), axis=0).to(tl.int64)  # first maximal index
+            take = cm > best
+            best_i = tl.where(take, ci, best_i)
+            best = tl.where(take, cm, best)
+        tl.store(out_ptr + pid, best_i)
+        return
+    m = tl.full((), float("-inf"), tl.float32)
+    for c0 in range(0, vocab, BLOCK):
+        m = tl.maximum(m, tl.max(_scores(row_ptr, c0 + offs, vocab, temperature), axis=0))
+    lo_k = tl.full((), -2147483648, tl.int64)  # keep tokens whose key >= lo_k
+    if TOP_K:
+        lo = tl.full((), -2147483648, tl.int64)
+        hi = tl.full((), 2147483647, tl.int64)
+        for _ in range(33):  # largest T with count(key >= T) >= k: the k-th largest score
+            mid = (lo + hi + 1) // 2
+            count = tl.full((), 0, tl.int64)
+            for c0 in range(0, vocab, BLOCK):
+                cols = c0 + offs
+                key = _order_key(_scores(row_ptr, cols, vocab, temperature)).to(tl.int64)
+                count += tl.sum(((key >= mid) & (cols < vocab)).to(tl.int64), axis=0)
+            ok = count >= top_k
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        lo_k = lo
+    if TOP_P:
+        z = tl.full((), 0.0, tl.float32)
+        for c0 in range(0, vocab, BLOCK):
+            cols = c0 + offs
+            s = _scores(row_ptr, cols, vocab, temperature)
+            keep = (_order_key(s).to(tl.int64) >= lo_k) & (cols < vocab)
+            z += tl.sum(tl.where(keep, tl.exp(s - m), 0.0), axis=0)
+        lo = lo_k
+        hi = tl.full((), 2147483647, tl.int64)
+        for _ in range(33):  # smallest X with mass(key > X) < top_p
+            mid = (lo + hi) // 2
+            mass = tl.full((), 0.0, tl.float32)
+            for c0 in range(0, vocab, BLOCK):
+                cols = c0 + offs
+                s = _scores(row_ptr, cols, vocab, temperature)
+                key = _order_key(s).to(tl.int64)
+                mass += tl.sum(tl.where((key > mid) & (key >= lo_k) & (cols < vocab), tl.exp(s - m), 0.0), axis=0)
+            below = mass / z < top_p
+            hi = tl.where(below, mid, hi)
+            lo = tl.where(below, lo, mid + 1)
+        lo_k = lo
+    seed = tl.load(seed_ptr).to(tl.uint32)
+    row = tl.load(rows_ptr + pid).to(tl.uint32)
+    key_a = _fmix32(row ^ seed)
+    key_b = _fmix32(key_a ^ 0x5BD1E995)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_i = tl.full((), 0, tl.int64)
+    for c0 in range(0, vocab, BLOCK):
+        cols = c0 + offs
+        s = _scores(row_ptr, cols, vocab, temperature)
+        keep = (_order_key(s).to(tl.int64) >= lo_k) & (cols < vocab)
+        if MIN_P:
+            keep = keep & (tl.exp(s - m) >= min_p)
+        h = _fmix32(_fmix32(cols.to(tl.uint32) + key_a) ^ key_b)
+        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        g = tl.where(keep, s - tl.log(-tl.log(u)), float("-inf"))
+        cm = tl.max(g, axis=0)
+        ci = tl.min(tl.where(g == cm, cols, vocab), axis=0).to(tl.int64)
+        take = cm > best
+        best_i = tl.where(take, ci, best_i)
+        best = tl.where(take, cm, best)
+    tl.store(out_ptr + pid, best_i)
+
+
+def _seed_tensor(seed, device) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):
+        return (seed & M32).reshape(1)
+    return torch.full((1,), seed & M32, dtype=torch.int64, device=device)
+
+
+def sample(logits: torch.Tensor, rows: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+           min_p: float = 0.0, seed=0) -> torch.Tensor:
+    """Triton: same contract as `sample_ref`."""
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    n, vocab = logits.shape
+    out = torch.empty(n, dtype=torch.int64, device=logits.device)
+    greedy = temperature == 0.0
+    _sample_kernel[(n,)](
+        logits, logits.stride(0), rows, _seed_tensor(seed, logits.device), out, vocab,
+        1.0 if greedy else float(temperature), top_k, top_p, min_p, GREEDY=greedy,
+        TOP_K=0 < top_k < vocab, TOP_P=top_p < 1.0, MIN_P=min_p > 0.0,
+        BLOCK=min(4096, triton.next_power_of_2(vocab)))
+    return out
+
+
+@triton.jit
+def _accept_kernel(block_ptr, y_ptr, len_ptr, acc_ptr, b, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    ok = i < b - 1
+    draft = tl.load(block_ptr + 1 + i, mask=ok, other=-1)
+    target = tl.load(y_ptr + i, mask=ok, other=-2)
+    miss = tl.where(ok & (draft != target), i, b - 1)
+    accepted = tl.min(miss, axis=0).to(tl.int64)  # drafts accepted: up to the first mismatch
+    tl.store(acc_ptr, accepted)
+    tl.store(len_ptr, tl.load(len_ptr) + accepted + 1)
+
+
+def accept(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tensor, *, temperature: float,
+           top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton: same contract as `accept_ref`, with no host synchronisation."""
+    b = logits.shape[0]
+    rows = cache_len + torch.arange(b, device=logits.device)
+    y = sample(logits, rows, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    accepted = torch.empty((), dtype=torch.int64, device=logits.device)
+    _accept_kernel[(1,)](block_ids, y, cache_len, accepted, b, BLOCK=max(2, triton.next_power_of_2(b)))
+    return y, accepted

@@ -30,3 +30,45 @@ def draft_ctx_kv_ref(
         k = rotate(head_rms_norm(kv[:, i, 0], k_norm[i], eps), cs)
         k_cache[i][:, positions] = k.transpose(0, 1).to(k_cache.dtype)
         v_cache[i][:, positions] = kv[:, i, 1].transpose(0, 1).to(v_cache.dtype)
+
+
+# ---- Triton ---------------------------------------------------------------------------------
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from .rope_cache import norm_rope_halves  # noqa: E402
+
+
+@triton.jit
+def _ctx_kv_kernel(kv_ptr, kn_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, n_layers, n_heads, capacity, half, eps,
+                   BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)
+    lh = tl.program_id(1)  # layer * n_heads + head
+    layer = lh // n_heads
+    head = lh % n_heads
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < half
+    d = 2 * half
+    pos = tl.load(pos_ptr + t)
+    base = kv_ptr + ((t * n_layers + layer) * 2 * n_heads) * d  # kv: [T, layers, 2, heads, D]
+    k_src = base + head * d
+    v_src = base + (n_heads + head) * d
+    dtype = kc_ptr.dtype.element_ty
+    x1 = tl.load(k_src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(k_src + half + offs, mask=mask, other=0.0).to(tl.float32)
+    o1, o2 = norm_rope_halves(x1, x2, kn_ptr + layer * d, cs_ptr + pos * d, half, eps, True, BLOCK_H, dtype)
+    row = ((layer.to(tl.int64) * n_heads + head) * capacity + pos) * d
+    tl.store(kc_ptr + row + offs, o1.to(dtype), mask=mask)
+    tl.store(kc_ptr + row + half + offs, o2.to(dtype), mask=mask)
+    tl.store(vc_ptr + row + offs, tl.load(v_src + offs, mask=mask), mask=mask)
+    tl.store(vc_ptr + row + half + offs, tl.load(v_src + half + offs, mask=mask), mask=mask)
+
+
+def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache) -> None:
+    """Triton: one GEMM for all draft layers' K and V, then one kernel for k-norm, rope and the
+    cache writes of every (token, layer, head)."""
+    layers, hkv, capacity, d = k_cache.shape
+    kv = (ctx_h @ w_kv.T).contiguous()
+    t = ctx_h.shape[0]
+    _ctx_kv_kernel[(t, layers * hkv)](kv, k_norm, cos_sin, positions, k_cache, v_cache, layers, hkv, capacity,
+                                      d // 2, eps, BLOCK_H=triton.next_power_of_2(d // 2))

@@ -1,0 +1,42 @@
+"""Kernel tests: Triton kernels against their torch references.
+
+Without a GPU they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is
+imported). Inputs are fresh random values each run; the seed is in every failure message.
+Outputs the launchers allocate are poisoned (NaN, or -1 for integers), so an element a kernel
+forgets to write fails the comparison.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=8e-2)}
+
+
+@pytest.fixture
+def seed() -> int:
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """torch.empty / empty_like return poisoned memory while a kernel test runs."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_like(*a, **k)))
+
+
+def nan_like(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
