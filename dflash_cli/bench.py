@@ -89,7 +89,8 @@ def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block
     spec = Engine(model.target, model.drafter, block_size=block_size, max_context=model.max_context)
     report = BenchReport(spec.block_size, max_tokens)
     warm = encode_chat(model.tokenizer, [{"role": "user", "content": "Hello"}])
-    for engine in (plain, spec):  # first calls pay for kernel compilation and allocator growth
+    for engine in (plain, spec):  # first calls pay for kernel compilation, graph capture, allocator growth
+        engine.warm_up(sampling)
         _generate(engine, model, warm, 8, sampling)
     for p in prompts:
         ids = encode_chat(model.tokenizer, [{"role": "user", "content": p["prompt"]}])

@@ -72,7 +72,16 @@ class Engine:
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
         self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order
+        # The sampling seed lives on the device, so one captured graph serves every generation.
+        self.seed = torch.zeros((), dtype=torch.int64, device=target.device)
         self.graphs = StepGraphs(target.device, [c for c in (self.target_cache, self.draft_cache) if c is not None])
+
+    def warm_up(self, sampling: SamplingParams | None = None) -> None:
+        """Capture the CUDA graphs now, with a short throwaway generation, rather than during the
+        user's first answer. Nothing to do where graphs are off (CPU)."""
+        if self.graphs.enabled:
+            for _ in self.generate(Request([0, 1, 2], 2 * self.block_size + 2, sampling=sampling or SamplingParams())):
+                pass
 
     @property
     def speculative(self) -> bool:
@@ -86,8 +95,8 @@ class Engine:
         if len(prompt) >= limit:
             raise DflashError(f"the prompt is {len(prompt)} tokens; the context limit is {limit} "
                               "(raise it with --max-context, or shorten the prompt)")
-        seed = request.sampling.resolve_seed()
-        params = request.sampling.kernel_args(seed)
+        self.seed.fill_(request.sampling.resolve_seed() & 0xFFFFFFFF)
+        params = request.sampling.kernel_args(self.seed)
         budget = min(request.max_new_tokens, limit - len(prompt))
         stops = request.stop_token_ids
         clock = time.perf_counter()

@@ -6,8 +6,8 @@ iteration (draft → verify → accept → drafter context commit), which is gra
 length and position is read from device tensors. Inputs and outputs are static buffers; the host
 reads the packed result through pinned memory, once per iteration.
 
-Sampling parameters are baked into a capture, so a graph is kept per parameter set (greedy
-decoding ignores the seed, so it needs one graph in all). Capture failures fall back to eager
+Sampling parameters are baked into a capture, so a graph is kept per parameter set; the seed is a
+device tensor the engine refills per generation, so it never forces a new capture. Capture failures fall back to eager
 execution with a message; `DFLASH_CUDA_GRAPHS=0` turns graphs off.
 """
 from __future__ import annotations
@@ -71,8 +71,9 @@ class StepGraphs:
 
     @staticmethod
     def key(params: dict) -> tuple:
-        greedy = params["temperature"] == 0.0
-        return tuple(sorted((k, v) for k, v in params.items() if not (greedy and k != "temperature")))
+        if params["temperature"] == 0.0:
+            return (("temperature", 0.0),)  # greedy ignores every other parameter
+        return tuple(sorted((k, v) for k, v in params.items() if k != "seed"))
 
     def get(self, params: dict, make_step: Callable[[dict], DeviceStep], bonus: torch.Tensor) -> StepGraph | None:
         if not self.enabled:

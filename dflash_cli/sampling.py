@@ -33,7 +33,8 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def kernel_args(self, seed: int) -> dict:
+    def kernel_args(self, seed) -> dict:
+        """Arguments of the sample/accept kernels; `seed` is an int or a 0-d device tensor."""
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, seed=seed)
 
     def resolve_seed(self) -> int:

@@ -49,6 +49,9 @@ class ChatView:
     def banner(self) -> None:
         m, e = self.session.model, self.session.engine
         mode = f"DFlash, block size {e.block_size}" if e.speculative else "plain decoding"
+        if e.graphs.enabled:
+            with self.console.status("capturing CUDA graphs…"):
+                e.warm_up(self.session.sampling)
         self.note(f"{m.target_dir.name} · {mode} · {m.target.device} · /help for commands, Ctrl-D to leave")
 
     def note(self, text: str) -> None:
