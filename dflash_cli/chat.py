@@ -6,6 +6,7 @@ what was written of it in the conversation; Ctrl-C at the prompt clears the line
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -77,7 +78,7 @@ class ChatSession:
             self.messages.pop()  # nothing was answered (a prompt too long, Ctrl-C in prefill): forget the question
             raise
         try:
-            for chunk in _chain(first, steps):
+            for chunk in itertools.chain([first], steps):
                 pieces.append(chunk.text)
                 yield chunk
         finally:
@@ -162,11 +163,6 @@ class ChatSession:
         return (f"{len(self.answers)} answers · {tokens} tokens · {tps:.1f} tok/s · mean τ {mean:.2f} · "
                 f"block size {self.engine.block_size}\nτ 1…{self.engine.block_size}: "
                 f"{tau_bars(self.histogram(), self.engine.block_size)}")
-
-
-def _chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
-    yield first
-    yield from rest
 
 
 def save_transcript(path: Path, messages: list[dict]) -> None:

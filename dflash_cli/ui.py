@@ -70,7 +70,8 @@ class ChatView:
                 stats = self._stream_live(chunks, text)
         except KeyboardInterrupt:
             chunks.close()  # the session keeps what was written
-            stats = self.session.answers[-1] if self.session.answers else None
+            answers = self.session.answers
+            stats = answers[-1] if answers and answers[-1] is self.session.live else None
             if not self.plain:
                 self.console.print(text)
             self.console.print(Text("[stopped]", style="yellow"))
