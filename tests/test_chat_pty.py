@@ -97,7 +97,7 @@ def test_chat_in_a_terminal(slow_pair, tmp_path):
         tmux.type("/set max_tokens 5")
         tmux.wait_for("max_tokens = 5")
         tmux.type("And then?")
-        after = tmux.wait_for("5 tokens ·")  # the chat went on after Ctrl-C: a full second answer
+        after = tmux.wait_for("\n5 tokens ·")  # the chat went on after Ctrl-C: a full second answer
         assert "stopped: length" in after
 
         tmux.type("/stats")
