@@ -164,7 +164,7 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, tempe
         lo = tl.full((), -2147483648, tl.int64)
         hi = tl.full((), 2147483647, tl.int64)
         for _ in range(33):  # largest T with count(key >= T) >= k: the k-th largest score
-            mid = (lo + hi + 1) // 2
+            mid = lo + (hi - lo + 1) // 2  # non-negative division: floor on every backend
             count = tl.full((), 0, tl.int64)
             for c0 in range(0, vocab, BLOCK):
                 cols = c0 + offs
@@ -184,7 +184,7 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, tempe
         lo = lo_k
         hi = tl.full((), 2147483647, tl.int64)
         for _ in range(33):  # smallest X with mass(key > X) < top_p
-            mid = (lo + hi) // 2
+            mid = lo + (hi - lo) // 2
             mass = tl.full((), 0.0, tl.float32)
             for c0 in range(0, vocab, BLOCK):
                 cols = c0 + offs

@@ -55,7 +55,8 @@ _UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
                        q_len, group, capacity, split_size, n_splits, window, scale,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     kv_len = tl.load(len_ptr)
@@ -85,7 +86,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
             k = tl.load(k_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee" if q.dtype == tl.float32 else None) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             ok = key_ok[None, :] & row_ok[:, None]
             if CAUSAL:
                 ok = ok & (keys[None, :] <= q_pos[:, None])
@@ -99,8 +100,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
             v = tl.load(v_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
-                                                input_precision="ieee" if v.dtype == tl.float32 else None)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
     out = (kvh * n_splits + split) * BLOCK_M + rows
@@ -147,8 +147,9 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
     _attn_split_kernel[(hkv, n_splits)](
         q, k_cache, v_cache, kv_len, acc, m, l, tq, group, capacity, split_size, n_splits,
         sliding_window or 0, scale, CAUSAL=causal, WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d,
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_UPCAST_DOTS)
+        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_UPCAST_DOTS,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays exact; bf16 uses tensor cores
     out = torch.empty_like(q)
     _attn_merge_kernel[(hkv, tq * group)](acc, m, l, out, group, n_splits, D=d, BLOCK_D=block_d,
-                                          BLOCK_M=block_m, BLOCK_S=triton.next_power_of_2(n_splits))
+                                          BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
     return out
