@@ -1,0 +1,66 @@
+"""Compile every Triton kernel for a Hopper GPU (sm_90, the H200) without one: Triton's CUDA
+backend lowers to PTX and runs ptxas on the host. Run as a script, outside TRITON_INTERPRET
+(which replaces kernels by interpreted functions). Prints one line per kernel; exits 1 on failure."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from dflash_cli.kernels import accept, attention, draft_kv, rmsnorm, rope_cache, swiglu  # noqa: E402
+
+
+def cases(dt: str):
+    p = f"*{dt}"
+    yield "rms_norm", rmsnorm._rms_norm_kernel, dict(x_ptr=p, res_ptr=p, w_ptr=p, out_ptr=p, n_cols="i32", eps="fp32"), \
+        dict(HAS_RESIDUAL=True, BLOCK=4096)
+    yield "swiglu", swiglu._swiglu_kernel, dict(gu_ptr=p, out_ptr=p, inter="i32"), dict(BLOCK=1024)
+    for norm in (True, False):
+        yield f"qk_norm_rope_cache(norm={norm})", rope_cache._qk_norm_rope_cache_kernel, dict(
+            q_ptr=p, k_ptr=p, v_ptr=p, qn_ptr=p, kn_ptr=p, cs_ptr="*fp32", pos_ptr="*i64", kc_ptr=p, vc_ptr=p,
+            qo_ptr=p, sq_t="i32", sq_h="i32", sk_t="i32", sk_h="i32", sv_t="i32", sv_h="i32", n_q_heads="i32",
+            capacity="i32", half="i32", eps="fp32"), dict(HAS_NORM=norm, BLOCK_H=64)
+    yield "draft_ctx_kv", draft_kv._ctx_kv_kernel, dict(
+        kv_ptr=p, kn_ptr=p, cs_ptr="*fp32", pos_ptr="*i64", kc_ptr=p, vc_ptr=p, n_layers="i32", n_heads="i32",
+        capacity="i32", half="i32", eps="fp32"), dict(BLOCK_H=64)
+    for causal, window in ((True, False), (False, True)):
+        yield f"attention split(causal={causal}, window={window})", attention._attn_split_kernel, dict(
+            q_ptr=p, k_ptr=p, v_ptr=p, len_ptr="*i64", acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", q_len="i32",
+            group="i32", capacity="i32", split_size="i32", n_splits="i32", window="i32", scale="fp32"), dict(
+            CAUSAL=causal, WINDOW=window, D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=32, UPCAST=False,
+            PRECISION="ieee" if dt == "fp32" else "tf32")
+    yield "attention merge", attention._attn_merge_kernel, dict(
+        acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", o_ptr=p, group="i32", n_splits="i32"), dict(
+        D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_S=8)
+    for greedy, top in ((True, False), (False, False), (False, True)):
+        yield f"sample(greedy={greedy}, filters={top})", accept._sample_kernel, dict(
+            logits_ptr=p, stride="i32", rows_ptr="*i64", seed_ptr="*i64", out_ptr="*i64", vocab="i32",
+            temperature="fp32", top_k="i32", top_p="fp32", min_p="fp32"), dict(
+            GREEDY=greedy, TOP_K=top, TOP_P=top, MIN_P=top, BLOCK=4096)
+    yield "accept", accept._accept_kernel, dict(block_ptr="*i64", y_ptr="*i64", len_ptr="*i64", acc_ptr="*i64",
+                                                b="i32"), dict(BLOCK=16)
+
+
+def main() -> int:
+    target = GPUTarget("cuda", 90, 32)
+    failed = 0
+    for dt in ("bf16", "fp32"):
+        for name, fn, sig, consts in cases(dt):
+            signature = sig | {k: "constexpr" for k in consts}
+            try:
+                triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target)
+                print(f"ok   {dt} {name}")
+            except Exception:
+                failed += 1
+                print(f"FAIL {dt} {name}\n{traceback.format_exc()}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
