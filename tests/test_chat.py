@@ -99,3 +99,16 @@ def test_bad_transcripts_name_the_line(tmp_path):
         load_transcript(path)
     with pytest.raises(DflashError, match="cannot read"):
         load_transcript(tmp_path / "missing.jsonl")
+
+
+def test_show_drafts_separates_drafted_text(stories_model):
+    """With split_drafts each chunk says how much of its text came from accepted drafts."""
+    m = stories_model
+    session = ChatSession(m, Engine(m.target, m.drafter), max_tokens=60)
+    chunks = list(session.ask("Once upon a time", split_drafts=True))
+    drafted = [c for c in chunks if c.draft_chars]
+    assert drafted, "the fitted drafter has accepted drafts on this prompt"
+    for c in chunks:
+        assert 0 <= c.draft_chars <= len(c.text)
+        assert c.draft_chars == 0 or c.step.accepted > 0
+    assert "".join(c.text for c in chunks) == session.messages[-1]["content"]

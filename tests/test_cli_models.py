@@ -99,3 +99,16 @@ def test_version_and_help():
                        env={"NO_COLOR": "1", "COLUMNS": "100", "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0 and "chat" in p.stdout and "\x1b[" not in p.stdout
     assert main(["--version"]) == 0
+
+
+def test_interactive_confirmation_pulls_or_refuses(hub_pair):
+    from dflash_cli.errors import DflashError
+    from dflash_cli.resolve import resolve_model
+
+    asked = []
+    with pytest.raises(DflashError, match="Test/Stories is not downloaded"):
+        resolve_model("qwen3-4b", None, None, confirm=lambda q: asked.append(q) or False)
+    assert asked == ["Test/Stories is not downloaded. Download it now?"]
+    t, d = resolve_model("qwen3-4b", None, None, confirm=lambda q: True)
+    assert (t / "config.json").is_file() and (d / "config.json").is_file()
+    assert resolve_model("qwen3-4b", None, None, no_spec=True)[1] is None

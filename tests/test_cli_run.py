@@ -118,3 +118,30 @@ def test_pipeline_head_ends_quietly(stories_pair):
     cmd = f"echo 'Once upon a time' | dflash run --target {t} --drafter {d} --raw -n 200 | head -c 5"
     p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert p.stdout == ", the" and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr
+
+
+def _break(kind, t, d):
+    if kind == "truncated":
+        f = t / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:5000])
+    elif kind == "missing field":
+        cfg = json.loads((t / "config.json").read_text())
+        del cfg["intermediate_size"]
+        (t / "config.json").write_text(json.dumps(cfg))
+    elif kind == "vocab":
+        cfg = json.loads((d / "config.json").read_text()) | {"vocab_size": 1000}
+        (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "is truncated"),
+    ("missing field", "config.json is missing 'intermediate_size'"),
+    ("vocab", "vocab size 1000 vs target 512"),
+])
+def test_broken_checkpoints_are_one_line(capsys, tmp_path, kind, message):
+    cfg = target_config("qwen3")
+    t = write_target(tmp_path / "t", cfg)
+    d = write_drafter(tmp_path / "d", drafter_config(cfg))
+    _break(kind, t, d)
+    code, out, err = run(capsys, "--target", t, "--drafter", d, "-p", "x", "--raw", "--device", "cpu")
+    assert code == 1 and out == "" and err.count("\n") == 1 and message in err and err.startswith("Error: ")
