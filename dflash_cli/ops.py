@@ -55,7 +55,15 @@ def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache
     return _pick("qk_norm_rope_cache", q.device)(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache)
 
 
+# The split-K kernel holds all of a kv head's query rows in one block: it is for decode, verify and
+# draft (q_len <= 32). Prefill chunks are long and run once: torch's SDPA serves them.
+MAX_KERNEL_Q_LEN = 32
+
+
 def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None):
+    if q.shape[0] > MAX_KERNEL_Q_LEN:
+        return _impl("attention", False)(
+            q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window)
     return _pick("attention", q.device)(
         q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window
     )
