@@ -85,15 +85,17 @@ def _generate(engine: Engine, model: Model, ids: list[int], max_tokens: int, sam
 def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block_size: int | None = None,
               sampling: SamplingParams | None = None, on_row=None) -> BenchReport:
     sampling = sampling or SamplingParams(seed=0)
-    plain = Engine(model.target, max_context=model.max_context)
-    spec = Engine(model.target, model.drafter, block_size=block_size, max_context=model.max_context)
+    encoded = [encode_chat(model.tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
+    # Two engines share the GPU with one set of weights: size their caches for these prompts only.
+    context = min(model.max_context, max(len(ids) for ids in encoded) + max_tokens + 64)
+    plain = Engine(model.target, max_context=context)
+    spec = Engine(model.target, model.drafter, block_size=block_size, max_context=context)
     report = BenchReport(spec.block_size, max_tokens)
     warm = encode_chat(model.tokenizer, [{"role": "user", "content": "Hello"}])
     for engine in (plain, spec):  # first calls pay for kernel compilation, graph capture, allocator growth
         engine.warm_up(sampling)
         _generate(engine, model, warm, 8, sampling)
-    for p in prompts:
-        ids = encode_chat(model.tokenizer, [{"role": "user", "content": p["prompt"]}])
+    for p, ids in zip(prompts, encoded):
         a = _generate(plain, model, ids, max_tokens, sampling)
         b = _generate(spec, model, ids, max_tokens, sampling)
         report.histogram.update(b.acceptance_lengths)
