@@ -131,11 +131,15 @@ def run(
             raise UsageError("give either -p/--prompt or --prompt-file, not both")
         batch = read_jsonl_prompts(prompt_file)  # checked before any model is loaded
         m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
-        run_jsonl(m, _engine(m, block_size), batch, opts)
+        engine = _engine(m, block_size)
+        engine.warm_up(sampling)  # CUDA graphs captured before timing starts (no-op on CPU)
+        run_jsonl(m, engine, batch, opts)
         return
     text = _read_prompt(prompt, prompt_file)
     m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
-    run_prompt(m, _engine(m, block_size), text, opts)
+    engine = _engine(m, block_size)
+    engine.warm_up(sampling)
+    run_prompt(m, engine, text, opts)
 
 
 @app.command()
