@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import subprocess
 import sys
@@ -145,3 +146,27 @@ def test_broken_checkpoints_are_one_line(capsys, tmp_path, kind, message):
     _break(kind, t, d)
     code, out, err = run(capsys, "--target", t, "--drafter", d, "-p", "x", "--raw", "--device", "cpu")
     assert code == 1 and out == "" and err.count("\n") == 1 and message in err and err.startswith("Error: ")
+
+
+def test_system_prompt_and_sampling_flags(capsys, qwen3_chat_pair):
+    t, d = qwen3_chat_pair
+    base = ["--target", t, "--drafter", d, "-p", "Hi", "-n", "6", "--json", "--device", "cpu"]
+    _, out, _ = run(capsys, *base)
+    _, with_system, _ = run(capsys, *base, "--system", "Be brief.")
+    assert json.loads(with_system)["prompt_tokens"] > json.loads(out)["prompt_tokens"]
+    sampled = ["--temperature", "0.9", "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--seed", "7"]
+    first = json.loads(run(capsys, *base, *sampled)[1])["token_ids"]
+    again = json.loads(run(capsys, *base, *sampled)[1])["token_ids"]
+    plain = json.loads(run(capsys, *base, *sampled, "--no-spec")[1])["token_ids"]
+    assert first == again == plain  # a seed fixes the answer, with or without speculation
+
+
+def test_chat_reads_piped_input_in_plain_mode(stories_pair, tmp_path):
+    t, d = stories_pair
+    script = "Once upon a time\n/set max_tokens 4\nThe cat\n/save {}\n".format(tmp_path / "c.jsonl")
+    p = subprocess.run([sys.executable, "-m", "dflash_cli.cli", "chat", "--target", str(t), "--drafter", str(d),
+                        "--device", "cpu", "-n", "12", "--plain", "--show-drafts"],
+                       input=script, capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+    assert p.returncode == 0 and "\x1b[" not in p.stdout
+    assert ", there was a little girl" in p.stdout and "4 tokens ·" in p.stdout and "bye" in p.stdout
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 4
