@@ -145,3 +145,38 @@ def test_missing_target_layer_ids_falls_back_with_a_warning(pair):
     assert c.target_layer_ids == (1, 9, 17, 25, 33)  # the released Qwen3-8B ids happen to match here
     assert default_target_layer_ids(32, 5) == [1, 8, 15, 22, 29]
     assert default_target_layer_ids(36, 1) == [18]
+
+
+QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12288,
+            "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3",
+            "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+            "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+QWEN3_8B_DRAFTER = {"architectures": ["DFlashDraftModel"], "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+                    "attention_bias": False, "block_size": 16, "head_dim": 128, "hidden_size": 4096,
+                    "intermediate_size": 12288, "max_position_embeddings": 40960, "model_type": "qwen3",
+                    "num_attention_heads": 32, "num_hidden_layers": 5, "num_key_value_heads": 8,
+                    "num_target_layers": 36, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+                    "layer_types": ["full_attention"] * 5, "vocab_size": 151936,
+                    "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33]}}
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
+               "eos_token_id": [128001, 128008, 128009], "head_dim": 128, "hidden_size": 4096,
+               "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+               "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+               "rope_theta": 500000.0, "tie_word_embeddings": False, "vocab_size": 128256}
+
+
+def test_released_configs_parse_and_pair(tmp_path):
+    for name, cfg in (("t", QWEN3_8B), ("d", QWEN3_8B_DRAFTER), ("l", LLAMA_31_8B)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    target, drafter = TargetConfig.from_dir(tmp_path / "t"), DrafterConfig.from_dir(tmp_path / "d")
+    drafter.check_against(target, tmp_path / "d")
+    assert (target.family, target.head_dim, target.rope_scaling, target.qk_norm) == ("qwen3", 128, None, True)
+    assert (drafter.block_size, drafter.mask_token_id, drafter.target_layer_ids) == (16, 151669, (1, 9, 17, 25, 33))
+    llama = TargetConfig.from_dir(tmp_path / "l")
+    assert llama.family == "llama" and not llama.qk_norm and llama.rope_scaling["rope_type"] == "llama3"
