@@ -135,11 +135,9 @@ def render(report: BenchReport, console) -> None:
 
 def histogram_line(histogram: Counter, block_size: int) -> str:
     """τ histogram as one line of bars: how often 1, 2, … B tokens were committed per iteration."""
-    bars = " ▁▂▃▄▅▆▇█"
-    total = sum(histogram.values()) or 1
-    peak = max(histogram.values(), default=0) or 1
-    cells = "".join(bars[round(8 * histogram.get(t, 0) / peak)] for t in range(1, block_size + 1))
-    return f"acceptance τ=1…{block_size}: {cells}  ({total} iterations)"
+    from .ui import tau_bars
+
+    return f"acceptance τ=1…{block_size}: {tau_bars(histogram, block_size)}  ({sum(histogram.values())} iterations)"
 
 
 def render_synthetic(report, console) -> None:

@@ -6,6 +6,7 @@ target dtype on the target device, so an 8B model never exists as a float32 copy
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Iterable
@@ -53,8 +54,14 @@ def _open(path: Path, device: str):
 
 
 def _check_complete(path: Path) -> None:
-    """A truncated download would otherwise fail deep inside a read: check the header's extent."""
-    size = path.stat().st_size
+    """A truncated download would otherwise fail deep inside a read: check the header's extent
+    (once per file version: loading reads a shard many times)."""
+    stat = path.stat()
+    _check_extent(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_extent(path: Path, size: int, mtime_ns: int) -> None:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:

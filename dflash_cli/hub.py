@@ -154,22 +154,26 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         (disable_progress_bars if was_disabled else enable_progress_bars)()
 
 
-def _cached_repo(repo_id: str):
+def _cached_repos() -> dict:
     directory = cache_dir()
     if not directory.is_dir():
-        return None
-    return next((r for r in scan_cache_dir(directory).repos if r.repo_id == repo_id and r.repo_type == "model"), None)
+        return {}
+    return {r.repo_id: r for r in scan_cache_dir(directory).repos if r.repo_type == "model"}
+
+
+def cached_sizes() -> dict[str, int]:
+    """Bytes on disk per cached model repo, from one scan of the cache."""
+    return {repo_id: r.size_on_disk for repo_id, r in _cached_repos().items()}
 
 
 def cached_size(repo_id: str) -> int | None:
     """Bytes on disk for `repo_id` in the cache, or None when it is not there."""
-    repo = _cached_repo(repo_id)
-    return repo.size_on_disk if repo is not None else None
+    return cached_sizes().get(repo_id)
 
 
 def remove(repo_id: str) -> int:
     """Delete every cached revision of `repo_id`; returns the bytes freed (0 if absent)."""
-    repo = _cached_repo(repo_id)
+    repo = _cached_repos().get(repo_id)
     if repo is None:
         return 0
     strategy = scan_cache_dir(cache_dir()).delete_revisions(*[r.commit_hash for r in repo.revisions])

@@ -5,9 +5,9 @@ from . import hub, registry
 
 
 def model_rows() -> list[dict]:
-    rows = []
+    rows, on_disk = [], hub.cached_sizes()
     for p in registry.all_pairs():
-        sizes = [hub.cached_size(p.target), hub.cached_size(p.drafter)]
+        sizes = [on_disk.get(p.target), on_disk.get(p.drafter)]
         complete = all(hub.local_path(r) is not None for r in (p.target, p.drafter)) if all(s is not None for s in sizes) else False
         rows.append({
             "alias": p.alias, "target": p.target, "drafter": p.drafter, "block_size": p.block_size,
