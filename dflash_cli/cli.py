@@ -282,7 +282,7 @@ def rm(
 ) -> None:
     """Delete a model pair (or one repo) from the Hugging Face cache."""
     from . import hub, registry
-    from .resolve import _ask, _interactive
+    from .resolve import ask, interactive
 
     if "/" in model:
         repos = [model]
@@ -296,9 +296,9 @@ def rm(
         return
     listing = ", ".join(f"{r} ({s / 1e9:.1f} GB)" for r, s in present)
     if not yes:
-        if not _interactive():
+        if not interactive():
             raise UsageError(f"this would delete {listing}: pass --yes to confirm")
-        if not _ask(f"Delete {listing} from {hub.cache_dir()}?"):
+        if not ask(f"Delete {listing} from {hub.cache_dir()}?"):
             raise typer.Exit(1)
     for repo, _ in present:
         freed = hub.remove(repo)

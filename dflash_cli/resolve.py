@@ -15,13 +15,13 @@ from .errors import DflashError, UsageError
 Confirm = Callable[[str], bool]
 
 
-def _ask(question: str) -> bool:
+def ask(question: str) -> bool:
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline().strip().lower()
     return answer in ("y", "yes")
 
 
-def _interactive() -> bool:
+def interactive() -> bool:
     return sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
 
 
@@ -36,7 +36,7 @@ def locate(name: str, *, yes: bool = False, confirm: Confirm | None = None, flag
     if cached is not None:
         return cached
     if not yes:
-        ask = confirm or (_ask if _interactive() else None)
+        ask = confirm or (ask if interactive() else None)
         if ask is None:
             raise DflashError(f"{name} is not downloaded: run `dflash pull {name}`, or pass --yes to download it now")
         if not ask(f"{name} is not downloaded. Download it now?"):
