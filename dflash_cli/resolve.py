@@ -36,10 +36,10 @@ def locate(name: str, *, yes: bool = False, confirm: Confirm | None = None, flag
     if cached is not None:
         return cached
     if not yes:
-        ask = confirm or (ask if interactive() else None)
-        if ask is None:
+        confirm = confirm or (ask if interactive() else None)
+        if confirm is None:
             raise DflashError(f"{name} is not downloaded: run `dflash pull {name}`, or pass --yes to download it now")
-        if not ask(f"{name} is not downloaded. Download it now?"):
+        if not confirm(f"{name} is not downloaded. Download it now?"):
             raise DflashError(f"{name} is not downloaded (run `dflash pull {name}`)")
     return hub.pull(name)
 

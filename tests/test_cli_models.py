@@ -112,3 +112,13 @@ def test_interactive_confirmation_pulls_or_refuses(hub_pair):
     t, d = resolve_model("qwen3-4b", None, None, confirm=lambda q: True)
     assert (t / "config.json").is_file() and (d / "config.json").is_file()
     assert resolve_model("qwen3-4b", None, None, no_spec=True)[1] is None
+
+
+def test_a_terminal_user_is_asked_before_a_download(hub_pair, monkeypatch):
+    from dflash_cli import resolve
+
+    questions = []
+    monkeypatch.setattr(resolve, "interactive", lambda: True)
+    monkeypatch.setattr(resolve, "ask", lambda q: questions.append(q) or True)
+    t, _ = resolve.resolve_model("qwen3-4b", None, None)
+    assert questions[0] == "Test/Stories is not downloaded. Download it now?" and (t / "config.json").is_file()
