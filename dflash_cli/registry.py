@@ -9,13 +9,13 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class ModelPair:
-    alias: str
-    target: str
-    drafter: str
-    block_size: int
-    supported: bool = True
-    note: str = ""
-    gated: bool = False
+    alias: str  # what users type: `dflash run qwen3-8b`
+    target: str  # Hub repo id of the target model
+    drafter: str  # Hub repo id of its DFlash drafter
+    block_size: int  # tokens per draft block; the drafter's config.json is what the engine reads
+    supported: bool = True  # whether this version can run the pair
+    note: str = ""  # why not, in one line, when unsupported
+    gated: bool = False  # the target needs an accepted licence and a token
 
 
 # Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
@@ -28,6 +28,7 @@ PAIRS: tuple[ModelPair, ...] = (
     ModelPair("qwen3-8b", "Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", 16),
     ModelPair("llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "z-lab/LLaMA3.1-8B-Instruct-DFlash-UltraChat", 10,
               gated=True),
+    # Listed so `dflash models` shows them; their block sizes are not checked against the released configs.
     ModelPair("qwen3-coder-30b-a3b", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "z-lab/Qwen3-Coder-30B-A3B-DFlash", 16,
               supported=False, note=_MOE),
     ModelPair("gpt-oss-20b", "openai/gpt-oss-20b", "z-lab/gpt-oss-20b-DFlash", 16, supported=False, note=_GPT_OSS),
@@ -51,9 +52,10 @@ def aliases() -> list[str]:
 
 def resolve(name: str) -> ModelPair:
     """The pair for an alias (case-insensitive); a usage error with a suggestion otherwise."""
-    pair = _BY_ALIAS.get(name.lower())
+    key = name.strip().lower()
+    pair = _BY_ALIAS.get(key)
     if pair is not None:
         return pair
-    close = difflib.get_close_matches(name.lower(), _BY_ALIAS, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, _BY_ALIAS, n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else " (see `dflash models`)"
     raise UsageError(f"unknown model '{name}'{hint}")
