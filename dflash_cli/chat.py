@@ -14,7 +14,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .engine import Engine, Request
 from .errors import DflashError, UsageError
@@ -23,6 +23,9 @@ from .loader import Model
 from .prompt import encode_chat
 from .jsonl import read_jsonl, validate_messages
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from prompt_toolkit.history import History
 
 HELP = """\
 Commands:
@@ -68,6 +71,10 @@ class ChatSession:
         the caller stops early (Ctrl-C)."""
         self.messages.append({"role": "user", "content": text})
         ids = encode_chat(self.model.tokenizer, self.conversation(), enable_thinking=self.think)
+        if len(ids) >= self.engine.max_context:
+            self.messages.pop()
+            raise DflashError(f"the conversation is {len(ids)} tokens; the context limit is {self.engine.max_context} "
+                              "(/clear starts a new one; --max-context raises the limit)")
         stats, pieces = Stats(), []
         self.live = stats
         request = Request(ids, self.max_tokens, self.model.stop_token_ids, self.sampling)
@@ -126,7 +133,9 @@ class ChatSession:
         if arg not in ("on", "off"):
             raise UsageError("usage: /think on|off")
         self.think = arg == "on"
-        return Reply(f"thinking {arg}")
+        template = getattr(self.model.tokenizer, "chat_template", None) or ""
+        caveat = "" if "enable_thinking" in template else " (this model's chat template has no thinking mode)"
+        return Reply(f"thinking {arg}{caveat}")
 
     def _clear(self) -> Reply:
         self.messages = []
@@ -185,7 +194,14 @@ def save_transcript(path: Path, messages: list[dict]) -> None:
 
 
 def load_transcript(path: Path) -> list[dict]:
-    return [m for n, item in read_jsonl(path) for m in validate_messages([item], f"{path}:{n}")]
+    """A transcript written by /save: one {role, content} per line, a system message only first."""
+    messages = []
+    for n, item in read_jsonl(path):
+        message = validate_messages([item], f"{path}:{n}")[0]
+        if message["role"] == "system" and messages:
+            raise DflashError(f"{path}:{n}: a system message can only be the first message")
+        messages.append(message)
+    return messages
 
 
 # ---- the terminal loop -----------------------------------------------------------------------
@@ -194,7 +210,22 @@ def default_history() -> Path:
     return Path(base) / "dflash" / "history"
 
 
-def _line_reader(history: Path | None):
+def open_history(path: Path, warn: Callable[[str], None]) -> History:
+    """The input history in `path`, kept across sessions; in memory only (with a warning) where
+    the file cannot be written, e.g. a read-only home directory."""
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        warn(f"input history is not saved: cannot write {path} ({e.strerror})")
+        return InMemoryHistory()
+    return FileHistory(str(path))
+
+
+def _line_reader(history: Path | None, warn: Callable[[str], None]):
     """prompt-toolkit input on a terminal (history, editing keys, Alt-Enter for a new line);
     plain lines from stdin otherwise, so `dflash chat < questions.txt` works too."""
     if not sys.stdin.isatty():
@@ -205,18 +236,16 @@ def _line_reader(history: Path | None):
             return line.rstrip("\n")
         return read
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
     from prompt_toolkit.key_binding import KeyBindings
 
-    path = history or default_history()
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys = KeyBindings()
 
     @keys.add("escape", "enter")
     def _newline(event) -> None:
         event.current_buffer.insert_text("\n")
 
-    session = PromptSession(history=FileHistory(str(path)), key_bindings=keys, multiline=False)
+    session = PromptSession(history=open_history(history or default_history(), warn), key_bindings=keys,
+                            multiline=False)
     return lambda: session.prompt(">>> ", prompt_continuation="... ")
 
 
@@ -226,7 +255,7 @@ def run_chat(session: ChatSession, *, plain: bool = False, show_drafts: bool = F
 
     view = ChatView(session, plain=plain, show_drafts=show_drafts)
     view.banner()
-    read = _line_reader(history)
+    read = _line_reader(history, view.note)
     while True:
         try:
             line = read()

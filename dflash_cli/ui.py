@@ -2,14 +2,13 @@
 a histogram of accepted lengths), Markdown once the answer ends, and a one-line summary.
 
 `--show-drafts` colours text by origin: green for tokens the drafter proposed and the target
-accepted, the default colour for tokens the target produced itself. Colour and the live line are
-off when stdout is not a terminal, with NO_COLOR, and with --plain.
+accepted, the default colour for tokens the target produced itself (underlined instead of green
+under NO_COLOR). Colour and the live line are off when stdout is not a terminal and with --plain;
+NO_COLOR turns colour off.
 """
 from __future__ import annotations
 
-import os
-import sys
-import time
+import threading
 from collections import Counter
 from typing import Iterator
 
@@ -30,21 +29,46 @@ def tau_bars(histogram: Counter, block_size: int) -> str:
     return "".join(BARS[round(8 * histogram.get(t, 0) / peak)] for t in range(1, block_size + 1))
 
 
-def status_line(stats: Stats, block_size: int, elapsed: float) -> str:
+def drafted_tokens(chunk: Chunk) -> int:
+    """How many of the chunk's tokens came from accepted drafts (they come first in the step)."""
+    step = chunk.step
+    return 0 if step.prefill else min(step.accepted, len(step.tokens))
+
+
+def status_line(stats: Stats, block_size: int, drafted: int | None = None, draft_style: str = DRAFT_STYLE) -> Text:
+    """tok/s (decode, as in the summary), mean and last τ, the τ histogram, tokens so far; with
+    `drafted`, how many of those tokens the drafter wrote, in the draft colour."""
     taus = stats.acceptance_lengths
     last = taus[-1] if taus else 0
-    speed = stats.generated / elapsed if elapsed > 0 else 0.0
-    return (f"{speed:6.1f} tok/s · τ {stats.mean_acceptance:.2f} (last {last}) · "
-            f"{tau_bars(Counter(taus), block_size)} · {stats.generated} tokens")
+    line = Text(f"{stats.tokens_per_second:6.1f} tok/s · τ {stats.mean_acceptance:.2f} (last {last}) · "
+                f"{tau_bars(Counter(taus), block_size)} · {stats.generated} tokens", style="dim cyan")
+    if drafted is not None:
+        line.append(" · ")
+        line.append(f"{drafted} drafted", style=draft_style)
+        line.append(f" + {stats.generated - drafted} target")
+    return line
+
+
+def screen_tail(text: Text, console: Console, height: int) -> Text:
+    """The last `height` screen lines of `text`. Only the end is wrapped: the live view redraws
+    many times a second, and an answer can run to pages."""
+    width = console.size.width
+    start = max(0, len(text) - 2 * height * width)
+    if start:
+        newline = text.plain.find("\n", start, start + height * width)
+        text = text[newline + 1 if newline >= 0 else start:]
+    lines = text.wrap(console, width)
+    return Text("\n").join(lines[-height:]) if len(lines) > height else text
 
 
 class ChatView:
-    def __init__(self, session, *, plain: bool = False, show_drafts: bool = False):
+    def __init__(self, session, *, plain: bool = False, show_drafts: bool = False, console: Console | None = None):
         self.session = session
-        self.console = Console(highlight=False)
-        self.err = Console(stderr=True, highlight=False)
+        self.console = console or Console(highlight=False)
+        self.err = console or Console(stderr=True, highlight=False)
         self.plain = plain or not self.console.is_terminal
-        self.show_drafts = show_drafts and not self.plain and not os.environ.get("NO_COLOR")
+        self.show_drafts = show_drafts and not self.plain
+        self.draft_style = "underline" if self.console.no_color else DRAFT_STYLE
 
     def banner(self) -> None:
         m, e = self.session.model, self.session.engine
@@ -61,54 +85,57 @@ class ChatView:
         self.err.print(Text(f"Error: {text}", style="red"))
 
     def answer(self, chunks: Iterator[Chunk]) -> None:
-        text = Text()
-        stats = None
+        """Stream one answer; Ctrl-C stops it (the session keeps what was written) and is not re-raised."""
+        text, drafted = Text(), [0]
         try:
             if self.plain:
-                stats = self._stream_plain(chunks)
+                self._stream_plain(chunks, text)
             else:
-                stats = self._stream_live(chunks, text)
+                self._stream_live(chunks, text, drafted)
         except KeyboardInterrupt:
-            chunks.close()  # the session keeps what was written
-            answers = self.session.answers
-            stats = answers[-1] if answers and answers[-1] is self.session.live else None
-            if not self.plain:
+            chunks.close()
+            if self.plain:
+                self.console.file.write("\n" if text.plain and not text.plain.endswith("\n") else "")
+            else:
                 self.console.print(text)
             self.console.print(Text("[stopped]", style="yellow"))
         else:
             if not self.plain:
                 self.console.print(text if self.show_drafts else Markdown(text.plain))
+        answers = self.session.answers
+        stats = answers[-1] if answers and answers[-1] is self.session.live else None  # None: stopped in prefill
         if stats is not None:
-            self.note(stats.summary())
+            self.note(stats.summary() + (f" · {drafted[0]} drafted" if self.show_drafts else ""))
 
-    def _stream_plain(self, chunks: Iterator[Chunk]) -> Stats:
-        out = sys.stdout
+    def _stream_plain(self, chunks: Iterator[Chunk], text: Text) -> None:
+        out = self.console.file
         for chunk in chunks:
+            text.append(chunk.text)
             out.write(chunk.text)
             out.flush()
         out.write("\n")
-        return self.session.answers[-1]
 
-    def _stream_live(self, chunks: Iterator[Chunk], text: Text) -> Stats:
+    def _stream_live(self, chunks: Iterator[Chunk], text: Text, drafted: list[int]) -> None:
         block = self.session.engine.block_size
-        start = time.perf_counter()
-        stats_ref: list[Stats] = []
+        lock = threading.Lock()  # Live redraws from its own thread; rich's Text is not thread-safe
+        started: list[Stats] = []
 
         def render():
-            height = max(3, self.console.size.height - 2)
-            lines = text.wrap(self.console, self.console.size.width)
-            tail = Text("\n").join(lines[-height:]) if len(lines) > height else text
-            status = status_line(stats_ref[0], block, time.perf_counter() - start) if stats_ref else "prefill…"
-            return Group(tail, Text(status, style="dim cyan"))
+            with lock:
+                tail = screen_tail(text, self.console, max(3, self.console.size.height - 2))
+                if not started:
+                    return Group(tail, Text("prefill…", style="dim cyan"))
+                return Group(tail, status_line(started[0], block, drafted[0] if self.show_drafts else None,
+                                               self.draft_style))
 
         with Live(console=self.console, transient=True, refresh_per_second=12, get_renderable=render):
             for chunk in chunks:
-                if not stats_ref:
-                    stats_ref.append(self.session.live)
-                if self.show_drafts and chunk.draft_chars:
-                    text.append(chunk.text[: chunk.draft_chars], style=DRAFT_STYLE)
-                    text.append(chunk.text[chunk.draft_chars:])
-                else:
-                    text.append(chunk.text)
-        return self.session.answers[-1]
-
+                with lock:
+                    if not started:
+                        started.append(self.session.live)
+                    if self.show_drafts and chunk.draft_chars:
+                        text.append(chunk.text[: chunk.draft_chars], style=self.draft_style)
+                        text.append(chunk.text[chunk.draft_chars:])
+                    else:
+                        text.append(chunk.text)
+                    drafted[0] += drafted_tokens(chunk)

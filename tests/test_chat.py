@@ -1,14 +1,19 @@
 """The chat session without a terminal: turns, slash commands, transcripts, interruption."""
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import pytest
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from rich.console import Console
 
 from dflash_cli import loader
-from dflash_cli.chat import ChatSession, load_transcript, save_transcript
+from dflash_cli.chat import ChatSession, load_transcript, open_history, save_transcript
 from dflash_cli.engine import Engine
 from dflash_cli.errors import DflashError, UsageError
+from dflash_cli.ui import ChatView
 
 
 @pytest.fixture
@@ -35,7 +40,7 @@ def test_interrupted_answer_keeps_what_was_written(session):
 
 
 def test_a_question_that_fails_is_not_kept(session):
-    with pytest.raises(DflashError, match="context limit"):
+    with pytest.raises(DflashError, match=r"context limit is 256 \(/clear starts a new one"):
         list(session.ask("word " * 400))
     assert session.messages == []
 
@@ -94,6 +99,9 @@ def test_bad_transcripts_name_the_line(tmp_path):
     path.write_text('{"role": "user", "content": "ok"}\n{"role": "robot", "content": "x"}\n')
     with pytest.raises(DflashError, match=r"bad.jsonl:2: each message needs a role"):
         load_transcript(path)
+    path.write_text('{"role": "user", "content": "ok"}\n{"role": "system", "content": "late"}\n')
+    with pytest.raises(DflashError, match=r"bad.jsonl:2: a system message can only be the first"):
+        load_transcript(path)
     path.write_text("not json\n")
     with pytest.raises(DflashError, match=r"bad.jsonl:1: not valid JSON"):
         load_transcript(path)
@@ -112,3 +120,85 @@ def test_show_drafts_separates_drafted_text(stories_model):
         assert 0 <= c.draft_chars <= len(c.text)
         assert c.draft_chars == 0 or c.step.accepted > 0
     assert "".join(c.text for c in chunks) == session.messages[-1]["content"]
+
+
+def test_history_falls_back_to_memory_where_it_cannot_be_written(tmp_path):
+    warnings = []
+    assert isinstance(open_history(tmp_path / "data" / "history", warnings.append), FileHistory)
+    (tmp_path / "file").write_text("")
+    assert isinstance(open_history(tmp_path / "file" / "history", warnings.append), InMemoryHistory)
+    assert len(warnings) == 1 and warnings[0].startswith("input history is not saved: cannot write")
+
+
+def test_think_says_when_the_template_has_no_thinking_mode(session, stories_model):
+    assert session.command("/think on").text == "thinking on"
+    m = stories_model
+    other = ChatSession(m, Engine(m.target, m.drafter))
+    assert other.command("/think on").text == "thinking on (this model's chat template has no thinking mode)"
+
+
+# ---- what the terminal shows (a rich console writing to a string) ----------------------------
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+
+
+def colours(output: str) -> set[int]:
+    """Foreground/background colour codes among the output's SGR sequences (39/49 reset to the default)."""
+    codes = {int(c) for params in SGR.findall(output) for c in params.split(";") if c}
+    return {c for c in codes if 30 <= c <= 49 or 90 <= c <= 107} - {39, 49}
+
+
+def terminal(**kw) -> Console:
+    return Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=100, height=30,
+                   highlight=False, **kw)
+
+
+@pytest.fixture
+def stories_session(stories_model):
+    m = stories_model
+    return ChatSession(m, Engine(m.target, m.drafter), max_tokens=60)
+
+
+def test_show_drafts_colours_drafted_text_green(stories_session):
+    view = ChatView(stories_session, show_drafts=True, console=terminal())
+    view.answer(stories_session.ask("Once upon a time", split_drafts=True))
+    out = view.console.file.getvalue()
+    assert "\x1b[32m" in out  # green: tokens the drafter wrote
+    summary = out.splitlines()[-1]
+    drafted = int(re.search(r"· (\d+) drafted", summary).group(1))
+    assert 0 < drafted < 60 and summary.startswith("\x1b[2m60 tokens ·")
+
+
+def test_no_color_and_plain_output(stories_session, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    view = ChatView(stories_session, show_drafts=True, console=terminal())
+    view.answer(stories_session.ask("Once upon a time", split_drafts=True))
+    out = view.console.file.getvalue()
+    assert not colours(out) and "\x1b[4m" in out  # drafted text is underlined instead
+
+    monkeypatch.delenv("NO_COLOR")
+    pipe = Console(file=io.StringIO(), width=100)  # not a terminal: plain text, no live status line
+    view = ChatView(stories_session, show_drafts=True, console=pipe)
+    view.answer(stories_session.ask("Once upon a time", split_drafts=True))
+    out = pipe.file.getvalue()
+    assert "\x1b" not in out and "tok/s ·" not in out.splitlines()[0]
+    assert out.splitlines()[0] == stories_session.messages[-1]["content"].splitlines()[0]
+    assert re.fullmatch(r"60 tokens · [\d.]+ tok/s · τ [\d.]+ · prompt \d+ tokens in [\d.]+ s · stopped: length",
+                        out.splitlines()[-1])
+
+
+def test_ctrl_c_in_the_view_stops_the_answer_and_keeps_it(stories_session):
+    def interrupted(stream, after):
+        try:
+            for i, chunk in enumerate(stream):
+                if i == after:
+                    raise KeyboardInterrupt
+                yield chunk
+        finally:
+            stream.close()
+
+    view = ChatView(stories_session, console=terminal())
+    view.answer(interrupted(stories_session.ask("Once upon a time"), 3))  # does not raise
+    out = view.console.file.getvalue()
+    assert "[stopped]" in out and "tok/s" in out.splitlines()[-1]
+    assert stories_session.answers[-1].finish == "interrupted"
+    assert stories_session.messages[-1]["content"] and len(stories_session.messages) == 2
