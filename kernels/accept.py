@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 M32 = 0xFFFFFFFF
+U_MAX = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,9 @@ def uniform_noise(seed: int, rows: torch.Tensor, vocab: int) -> torch.Tensor:
     key_b = fmix32(key_a ^ 0x5BD1E995)
     v = torch.arange(vocab, device=rows.device, dtype=torch.int64)[None, :]
     h = fmix32(fmix32((v + key_a) & M32) ^ key_b)
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # float32(2**24 - 1) + 0.5 rounds up to 2**24: u would be exactly 1 and its Gumbel noise +inf
+    # (one token in ~16M), which wins whatever its probability. Cap u below 1.
+    return (((h >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=U_MAX)
 
 
 def filtered_scores(
@@ -208,7 +211,7 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, tempe
         if MIN_P:
             keep = keep & (tl.exp(s - m) >= min_p)
         h = _fmix32(_fmix32(cols.to(tl.uint32) + key_a) ^ key_b)
-        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994039535522)  # U_MAX
         g = tl.where(keep, s - tl.log(-tl.log(u)), float("-inf"))
         cm = tl.max(g, axis=0)
         ci = tl.min(tl.where(g == cm, cols, vocab), axis=0).to(tl.int64)

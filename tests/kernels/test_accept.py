@@ -75,3 +75,13 @@ def test_accept_counts_agreement_and_advances_the_cache_length(seed, params):
         want_y, want_a = accept_ref(logits, block, want_len, seed=seed, **params)
         assert torch.equal(got_y, want_y) and int(got_a) == int(want_a) == agree, f"seed {seed}"
         assert int(got_len) == int(want_len) == int(length) + agree + 1
+
+
+def test_noise_never_reaches_one():
+    """The largest hash value must not round u up to 1.0 (that would be +inf Gumbel noise)."""
+    from dflash_cli.kernels.accept import U_MAX, uniform_noise
+
+    u = uniform_noise(0, torch.arange(64), 1 << 16)
+    assert float(u.max()) <= U_MAX < 1.0 and float(u.min()) > 0.0
+    h = torch.tensor([(1 << 24) - 1], dtype=torch.float32)
+    assert float((h + 0.5) * (1.0 / (1 << 24))) == 1.0  # the rounding the cap guards against
