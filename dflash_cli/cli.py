@@ -253,10 +253,13 @@ def pull(model: str = typer.Argument(..., help="Model alias, or a Hugging Face r
     """
     from . import hub, registry
 
-    repos = [model] if "/" in model else [(p := registry.resolve(model)).target, p.drafter]
-    for repo in repos:
-        print(f"pulling {repo}", file=sys.stderr)
-        path = hub.pull(repo)
+    if "/" in model:
+        print(f"pulling {model}", file=sys.stderr)
+        print(f"{model}: {hub.pull(model)}", file=sys.stderr)
+        return
+    pair = registry.resolve(model)
+    print(f"pulling {pair.target} and {pair.drafter}", file=sys.stderr)
+    for repo, path in zip((pair.target, pair.drafter), hub.pull_pair(pair)):  # one disk check for both
         print(f"{repo}: {path}", file=sys.stderr)
 
 

@@ -107,16 +107,18 @@ def local_path(repo_id_or_dir: str | Path) -> Path | None:
         return None
 
 
-def _cached_repos() -> dict:
+def _cached_repos() -> tuple[object | None, dict]:
+    """One scan of the cache: the scan itself (None without a cache) and its model repos by id."""
     directory = cache_dir()
     if not directory.is_dir():
-        return {}
-    return {r.repo_id: r for r in scan_cache_dir(directory).repos if r.repo_type == "model"}
+        return None, {}
+    info = scan_cache_dir(directory)
+    return info, {r.repo_id: r for r in info.repos if r.repo_type == "model"}
 
 
 def cached_sizes() -> dict[str, int]:
     """Bytes on disk per cached model repo, from one scan of the cache."""
-    return {repo_id: r.size_on_disk for repo_id, r in _cached_repos().items()}
+    return {repo_id: r.size_on_disk for repo_id, r in _cached_repos()[1].items()}
 
 
 def cached_size(repo_id: str) -> int | None:
@@ -126,10 +128,11 @@ def cached_size(repo_id: str) -> int | None:
 
 def remove(repo_id: str) -> int:
     """Delete every cached revision of `repo_id`; returns the bytes freed (0 if absent)."""
-    repo = _cached_repos().get(repo_id)
+    info, repos = _cached_repos()
+    repo = repos.get(repo_id)
     if repo is None:
         return 0
-    strategy = scan_cache_dir(cache_dir()).delete_revisions(*[r.commit_hash for r in repo.revisions])
+    strategy = info.delete_revisions(*[r.commit_hash for r in repo.revisions])
     strategy.execute()
     # Blobs of a pull that never finished belong to no revision, and a killed download can leave
     # `*.incomplete` files behind: remove the whole repo folder.
