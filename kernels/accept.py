@@ -32,14 +32,14 @@ def fmix32(h: torch.Tensor) -> torch.Tensor:
 def uniform_noise(seed: int, rows: torch.Tensor, vocab: int) -> torch.Tensor:
     """u in (0, 1), float32, [len(rows), vocab]: a pure function of (seed, row, vocab id).
 
-    Two keys per row keep rows from colliding as whole permutations of each other.
+    Two keys per row keep rows from colliding as whole permutations of each other. The top 24-bit
+    value, 2^24 - 1 + 0.5, rounds to 2^24 in float32: u would be exactly 1, its Gumbel noise +inf
+    (and a filtered token's score NaN, which argmax picks), so u is capped at U_MAX.
     """
     key_a = fmix32((rows & M32) ^ (seed & M32))[:, None]
     key_b = fmix32(key_a ^ 0x5BD1E995)
     v = torch.arange(vocab, device=rows.device, dtype=torch.int64)[None, :]
     h = fmix32(fmix32((v + key_a) & M32) ^ key_b)
-    # float32(2**24 - 1) + 0.5 rounds up to 2**24: u would be exactly 1 and its Gumbel noise +inf
-    # (one token in ~16M), which wins whatever its probability. Cap u below 1.
     return (((h >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=U_MAX)
 
 
@@ -108,14 +108,41 @@ def accept_ref(
 
 
 # ---- Triton ---------------------------------------------------------------------------------
-# One program per row. Greedy: a running first-index argmax over vocabulary chunks. Sampling:
-# passes over the row's chunks, never materialising a softmax: the max; for top-k, a bisection on
-# the order-preserving integer image of the float scores finds the k-th largest value exactly
-# (32 passes); for top-p, a second bisection finds the smallest score whose strictly-higher mass
-# is below top_p; min-p is a closed-form threshold (exp(s - max) >= min_p); then the Gumbel-max
-# pass with the same hashed noise as the reference. Seeds may be ints or device tensors.
+# Two launches, so that one row's vocabulary is spread over many programs (a verify has only B rows,
+# and one program walking 152k logits dozens of times is the slow way to sample).
+#  1. `_chunk_kernel`, grid (rows, vocabulary chunks of CHUNK): greedy → the chunk's max and its
+#     first index; sampling without filters → the chunk's Gumbel-max winner; with filters → the
+#     chunk's CANDIDATES highest scores (the order-preserving int32 image of the float score,
+#     packed with the token index into an int64 and picked by a bitonic top-k), the key of its
+#     lowest candidate, and its max and Σ exp(s - max) for top-p's normaliser.
+#  2. `_select_kernel`, one program per row: greedy and unfiltered sampling reduce the chunk
+#     winners (ties → first index). Filtered: with `low` the highest "lowest candidate" key, every
+#     token whose key is above `low` is a candidate, so a threshold above `low` is found exactly
+#     among the candidates. Both thresholds are "the smallest key X whose strictly higher tokens
+#     weigh less than a budget": top-k counts them (budget k: X is the k-th largest score, ties
+#     kept as the reference keeps them), top-p sums exp(s - max) (budget top_p · z: the reference's
+#     "mass ranked before" rule); a PROBES-ary search on the int32 keys pins X in 16 steps.
+#     min-p is a closed form, exp(s - max) >= min_p. When the filters drop every token at or below
+#     `low` (the usual case: kept sets are small next to 64 per chunk) the sample is the Gumbel-max
+#     over the candidates. Otherwise (e.g. a flat distribution under top-p near 1, or top-k beyond
+#     the candidates) the program runs the same searches over its whole row (8-ary, 11 passes per
+#     threshold): slow but exact, and rare.
+# Agreement with `sample_ref` is exact up to ties: scores tied at a top-p boundary (all kept here,
+# the reference's sort keeps an arbitrary subset) and probability sums within rounding of top_p.
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+CHUNK = 8192  # vocabulary entries per program of the first pass (a power of two)
+CANDIDATES = 64  # highest scores each chunk hands to the second pass (a power of two, <= CHUNK)
+PROBES = 4  # thresholds per step of a search among the candidates (8 per pass in the fallback)
+
+
+def _search_steps(probes: int) -> int:
+    """Steps of a `probes`-ary search to pin one int32 key: each leaves at most ceil(d/probes) - 1."""
+    d, steps = 2**32 - 1, 0
+    while d:
+        d, steps = -(-d // probes) - 1, steps + 1
+    return steps
 
 
 @triton.jit
@@ -129,96 +156,228 @@ def _fmix32(h):
 
 @triton.jit
 def _order_key(s):
-    """int32 image of float32 that preserves order."""
+    """int32 image of float32 that preserves order (an involution on the bits: see _key_score)."""
     bits = s.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _scores(row_ptr, cols, vocab, temperature):
-    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-    return x / temperature
+def _key_score(key):
+    bits = key.to(tl.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, temperature, top_k, top_p, min_p,
-                   GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _scores(row_ptr, cols, vocab, temperature):
+    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    return tl.div_rn(x, temperature)  # IEEE division, as torch's (a plain `/` is approximate on GPUs)
+
+
+@triton.jit
+def _row_keys(rows_ptr, seed_ptr, pid, ROW_OFFSET: tl.constexpr):
+    """The row's two noise keys (see `uniform_noise`); the row is the logits' sequence position,
+    given per row, or (ROW_OFFSET) as the first row's position: accept reads the cache length."""
+    if ROW_OFFSET:
+        row = tl.load(rows_ptr) + pid
+    else:
+        row = tl.load(rows_ptr + pid)
+    key_a = _fmix32(row.to(tl.uint32) ^ tl.load(seed_ptr).to(tl.uint32))
+    return key_a, _fmix32(key_a ^ 0x5BD1E995)
+
+
+@triton.jit
+def _gumbel(s, cols, key_a, key_b):
+    """s + Gumbel noise, computed as the reference does: s + (-log(-log(u)))."""
+    h = _fmix32(_fmix32(cols.to(tl.uint32) + key_a) ^ key_b)
+    u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994039535522)  # U_MAX
+    return s - tl.log(-tl.log(u))
+
+
+@triton.jit
+def _chunk_kernel(logits_ptr, stride, rows_ptr, seed_ptr, vocab, temperature, best_ptr, index_ptr, cand_ptr,
+                  low_ptr, sum_ptr, MODE: tl.constexpr, ROW_OFFSET: tl.constexpr, NEED_SUM: tl.constexpr,
+                  CHUNK: tl.constexpr, KC: tl.constexpr):
     pid = tl.program_id(0)
+    slot = pid * tl.num_programs(1) + tl.program_id(1)
+    cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    ok = cols < vocab
     row_ptr = logits_ptr + pid.to(tl.int64) * stride
+    if MODE == 0:  # greedy
+        x = tl.load(row_ptr + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        best = tl.max(x, axis=0)
+        tl.store(best_ptr + slot, best)
+        tl.store(index_ptr + slot, tl.min(tl.where(x == best, cols, vocab), axis=0))  # first maximal index
+    elif MODE == 1:  # sampling without filters
+        key_a, key_b = _row_keys(rows_ptr, seed_ptr, pid, ROW_OFFSET)
+        g = tl.where(ok, _gumbel(_scores(row_ptr, cols, vocab, temperature), cols, key_a, key_b), float("-inf"))
+        best = tl.max(g, axis=0)
+        tl.store(best_ptr + slot, best)
+        tl.store(index_ptr + slot, tl.min(tl.where(g == best, cols, vocab), axis=0))
+    else:  # filtered: the chunk's KC highest scores, as key << 32 | index
+        s = _scores(row_ptr, cols, vocab, temperature)
+        key = tl.where(ok, _order_key(s), -2147483648)  # no float maps to INT_MIN: it marks padding
+        packed = (key.to(tl.int64) << 32) | cols.to(tl.int64)
+        if KC < CHUNK:
+            top = tl.topk(packed, KC)
+            low = tl.min(top, axis=0) >> 32  # INT_MIN: the chunk has no more than KC tokens
+        else:
+            top = packed
+            low = tl.full((), -2147483648, tl.int64)
+        tl.store(cand_ptr + slot.to(tl.int64) * KC + tl.arange(0, KC), top)
+        tl.store(low_ptr + slot, low)
+        if NEED_SUM:
+            m = tl.max(s, axis=0)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            tl.store(best_ptr + slot, m)
+            tl.store(sum_ptr + slot, tl.sum(tl.where(ok, tl.exp(s - m), 0.0), axis=0))
+
+
+@triton.jit
+def _smallest_above(key, weight, lo, budget, PROBES: tl.constexpr, STEPS: tl.constexpr):
+    """The smallest X >= lo with Σ weight[key > X] < budget, over keys held in registers.
+
+    Top-k is X = the k-th largest key (weights 1, budget k); top-p is the smallest X whose strictly
+    higher mass is below top_p · z. A PROBES-ary search: each step evaluates PROBES thresholds at
+    once and keeps 1/PROBES of the range; STEPS of them pin any int32 key."""
+    hi = tl.full((), 2147483647, tl.int64)  # nothing lies above INT_MAX: the answer is <= hi
+    probes = tl.arange(0, PROBES)
+    for _ in range(STEPS):
+        mids = lo + ((hi - lo) * probes) // PROBES  # non-negative division: floor on every backend
+        above = tl.sum(tl.where(key[:, None] > mids[None, :], weight[:, None], 0.0), axis=0)
+        below = above < budget
+        hi = tl.min(tl.where(below, mids, hi), axis=0)
+        lo = tl.max(tl.where(below, lo, mids + 1), axis=0)
+    return hi
+
+
+@triton.jit
+def _row_smallest_above(row_ptr, vocab, temperature, m, lo, budget, MASS: tl.constexpr, PROBES: tl.constexpr,
+                        STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """`_smallest_above` over a whole row in memory (the fallback): weights 1 (count) or, with MASS,
+    exp(s - m); each step is one pass over the row."""
+    hi = tl.full((), 2147483647, tl.int64)
+    probes = tl.arange(0, PROBES)
     offs = tl.arange(0, BLOCK)
-    if GREEDY:
-        best = tl.full((), float("-inf"), tl.float32)
-        best_i = tl.full((), 0, tl.int64)
-        for c0 in range(0, vocab, BLOCK):
-            x = tl.load(row_ptr + c0 + offs, mask=c0 + offs < vocab, other=float("-inf")).to(tl.float32)
-            cm = tl.max(x, axis=0)
-            ci = tl.min(tl.where(x == cm, c0 + offs, vocab), axis=0).to(tl.int64)  # first maximal index
-            take = cm > best
-            best_i = tl.where(take, ci, best_i)
-            best = tl.where(take, cm, best)
-        tl.store(out_ptr + pid, best_i)
-        return
-    m = tl.full((), float("-inf"), tl.float32)
-    for c0 in range(0, vocab, BLOCK):
-        m = tl.maximum(m, tl.max(_scores(row_ptr, c0 + offs, vocab, temperature), axis=0))
-    lo_k = tl.full((), -2147483648, tl.int64)  # keep tokens whose key >= lo_k
-    if TOP_K:
-        lo = tl.full((), -2147483648, tl.int64)
-        hi = tl.full((), 2147483647, tl.int64)
-        for _ in range(33):  # largest T with count(key >= T) >= k: the k-th largest score
-            mid = lo + (hi - lo + 1) // 2  # non-negative division: floor on every backend
-            count = tl.full((), 0, tl.int64)
-            for c0 in range(0, vocab, BLOCK):
-                cols = c0 + offs
-                key = _order_key(_scores(row_ptr, cols, vocab, temperature)).to(tl.int64)
-                count += tl.sum(((key >= mid) & (cols < vocab)).to(tl.int64), axis=0)
-            ok = count >= top_k
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        lo_k = lo
-    if TOP_P:
-        z = tl.full((), 0.0, tl.float32)
+    for _ in range(STEPS):
+        mids = lo + ((hi - lo) * probes) // PROBES
+        above = tl.zeros([PROBES], tl.float32)
         for c0 in range(0, vocab, BLOCK):
             cols = c0 + offs
             s = _scores(row_ptr, cols, vocab, temperature)
-            keep = (_order_key(s).to(tl.int64) >= lo_k) & (cols < vocab)
-            z += tl.sum(tl.where(keep, tl.exp(s - m), 0.0), axis=0)
-        lo = lo_k
-        hi = tl.full((), 2147483647, tl.int64)
-        for _ in range(33):  # smallest X with mass(key > X) < top_p
-            mid = lo + (hi - lo) // 2
-            mass = tl.full((), 0.0, tl.float32)
-            for c0 in range(0, vocab, BLOCK):
-                cols = c0 + offs
-                s = _scores(row_ptr, cols, vocab, temperature)
-                key = _order_key(s).to(tl.int64)
-                mass += tl.sum(tl.where((key > mid) & (key >= lo_k) & (cols < vocab), tl.exp(s - m), 0.0), axis=0)
-            below = mass / z < top_p
-            hi = tl.where(below, mid, hi)
-            lo = tl.where(below, lo, mid + 1)
-        lo_k = lo
-    seed = tl.load(seed_ptr).to(tl.uint32)
-    row = tl.load(rows_ptr + pid).to(tl.uint32)
-    key_a = _fmix32(row ^ seed)
-    key_b = _fmix32(key_a ^ 0x5BD1E995)
-    best = tl.full((), float("-inf"), tl.float32)
-    best_i = tl.full((), 0, tl.int64)
-    for c0 in range(0, vocab, BLOCK):
-        cols = c0 + offs
-        s = _scores(row_ptr, cols, vocab, temperature)
-        keep = (_order_key(s).to(tl.int64) >= lo_k) & (cols < vocab)
+            key = tl.where(cols < vocab, _order_key(s), -2147483648).to(tl.int64)
+            if MASS:
+                w = tl.exp(s - m)
+            else:
+                w = tl.full([BLOCK], 1.0, tl.float32)
+            above += tl.sum(tl.where(key[:, None] > mids[None, :], w[:, None], 0.0), axis=0)
+        below = above < budget
+        hi = tl.min(tl.where(below, mids, hi), axis=0)
+        lo = tl.max(tl.where(below, lo, mids + 1), axis=0)
+    return hi
+
+
+@triton.jit
+def _select_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, temperature, top_k, top_p,
+                   min_p, best_ptr, index_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, MODE: tl.constexpr,
+                   TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROW_OFFSET: tl.constexpr,
+                   KC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CAND: tl.constexpr, BLOCK: tl.constexpr,
+                   PROBES: tl.constexpr, STEPS: tl.constexpr, ROW_STEPS: tl.constexpr, TRACE: tl.constexpr):
+    pid = tl.program_id(0)
+    chunks = tl.arange(0, BLOCK_C)
+    c_ok = chunks < n_chunks
+    slots = pid * n_chunks + chunks
+    if MODE < 2:  # greedy or unfiltered: the best chunk winner, ties to the first index
+        winner = tl.load(best_ptr + slots, mask=c_ok, other=float("-inf"))
+        winner_index = tl.load(index_ptr + slots, mask=c_ok, other=vocab)
+        tl.store(out_ptr + pid, tl.min(tl.where(winner == tl.max(winner, axis=0), winner_index, vocab), axis=0)
+                 .to(tl.int64))
+    else:
+        _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, temperature, top_k, top_p,
+                         min_p, best_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, pid, slots, c_ok, TOP_K, TOP_P, MIN_P,
+                         ROW_OFFSET, KC, BLOCK_CAND, BLOCK, PROBES, STEPS, ROW_STEPS, TRACE)
+
+
+@triton.jit
+def _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, temperature, top_k, top_p,
+                     min_p, best_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, pid, slots, c_ok, TOP_K: tl.constexpr,
+                     TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROW_OFFSET: tl.constexpr, KC: tl.constexpr,
+                     BLOCK_CAND: tl.constexpr, BLOCK: tl.constexpr, PROBES: tl.constexpr, STEPS: tl.constexpr,
+                     ROW_STEPS: tl.constexpr, TRACE: tl.constexpr):
+    # Every token whose key is above `low` is a candidate (INT_MIN: every token is).
+    low = tl.max(tl.load(low_ptr + slots, mask=c_ok, other=-2147483648), axis=0)
+    j = tl.arange(0, BLOCK_CAND)
+    j_ok = j < n_chunks * KC
+    packed = tl.load(cand_ptr + pid.to(tl.int64) * n_chunks * KC + j, mask=j_ok, other=0)
+    key = tl.where(j_ok, packed >> 32, -2147483648)
+    index = packed.to(tl.int32)
+    valid = key > -2147483648
+    s = tl.where(valid, _key_score(key), float("-inf"))
+    m = tl.max(s, axis=0)  # the row's max is always a candidate
+    e = tl.where(valid, tl.exp(s - m), 0.0)
+    if TOP_P and not TOP_K:
+        c_max = tl.load(best_ptr + slots, mask=c_ok, other=float("-inf"))
+        c_sum = tl.load(sum_ptr + slots, mask=c_ok, other=0.0)
+        z = tl.sum(tl.where(c_ok, tl.exp(c_max - m) * c_sum, 0.0), axis=0)  # top-p's z: the whole row
+    # keep key >= lo_k; `exact`: the filters drop every token at or below `low`, so the candidates
+    # hold the answer (thresholds found among them above `low` are the whole row's).
+    lo_k = low + 1
+    exact = low == -2147483648
+    k_exact = exact
+    if TOP_K:  # (`top_k + 0.0`, not .to(): an int argument equal to 1 is compiled as a constant)
+        x = _smallest_above(key, valid.to(tl.float32), lo_k - 1, top_k + 0.0, PROBES, STEPS)
+        k_exact = exact | (x > low)
+        exact = k_exact
+        lo_k = tl.maximum(lo_k, x)
+    if TOP_P:
+        if TOP_K:
+            z = tl.sum(tl.where(key >= lo_k, e, 0.0), axis=0)
+        x = _smallest_above(key, e, lo_k - 1, top_p * z, PROBES, STEPS)
+        exact = exact | (x > low)
+        lo_k = tl.maximum(lo_k, x)
+    if MIN_P:
+        exact = exact | (tl.exp(_key_score(low) - m) < min_p)
+    if TOP_K and TOP_P:
+        exact = exact & k_exact  # top-p's z is the mass of the whole top-k set
+    key_a, key_b = _row_keys(rows_ptr, seed_ptr, pid, ROW_OFFSET)
+    if exact:
+        keep = key >= lo_k
         if MIN_P:
-            keep = keep & (tl.exp(s - m) >= min_p)
-        h = _fmix32(_fmix32(cols.to(tl.uint32) + key_a) ^ key_b)
-        u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994039535522)  # U_MAX
-        g = tl.where(keep, s - tl.log(-tl.log(u)), float("-inf"))
-        cm = tl.max(g, axis=0)
-        ci = tl.min(tl.where(g == cm, cols, vocab), axis=0).to(tl.int64)
-        take = cm > best
-        best_i = tl.where(take, ci, best_i)
-        best = tl.where(take, cm, best)
-    tl.store(out_ptr + pid, best_i)
+            keep = keep & (e >= min_p)
+        g = tl.where(keep, _gumbel(s, index, key_a, key_b), float("-inf"))
+        top = tl.max(g, axis=0)
+        choice = tl.min(tl.where(g == top, index, vocab), axis=0)
+    else:  # the same searches and the Gumbel-max, in passes over the whole row
+        row_ptr = logits_ptr + pid.to(tl.int64) * stride
+        offs = tl.arange(0, BLOCK)
+        lo_k = tl.full((), -2147483648, tl.int64)
+        if TOP_K:
+            lo_k = _row_smallest_above(row_ptr, vocab, temperature, m, lo_k, top_k + 0.0, False, 8,
+                                       ROW_STEPS, BLOCK)
+        if TOP_P:
+            if TOP_K:
+                z = tl.zeros([BLOCK], tl.float32)
+                for c0 in range(0, vocab, BLOCK):
+                    cols = c0 + offs
+                    sc = _scores(row_ptr, cols, vocab, temperature)
+                    z += tl.where((cols < vocab) & (_order_key(sc) >= lo_k), tl.exp(sc - m), 0.0)
+                z = tl.sum(z, axis=0)
+            lo_k = _row_smallest_above(row_ptr, vocab, temperature, m, lo_k, top_p * z, True, 8, ROW_STEPS, BLOCK)
+        best_g = tl.full((), float("-inf"), tl.float32)
+        choice = tl.full((), 0, tl.int32)
+        for c0 in range(0, vocab, BLOCK):
+            cols = c0 + offs
+            sc = _scores(row_ptr, cols, vocab, temperature)
+            keep = (cols < vocab) & (_order_key(sc) >= lo_k)
+            if MIN_P:
+                keep = keep & (tl.exp(sc - m) >= min_p)
+            g = tl.where(keep, _gumbel(sc, cols, key_a, key_b), float("-inf"))
+            cm = tl.max(g, axis=0)
+            ci = tl.min(tl.where(g == cm, cols, vocab), axis=0)
+            choice = tl.where(cm > best_g, ci, choice)
+            best_g = tl.maximum(cm, best_g)
+    tl.store(out_ptr + pid, choice.to(tl.int64))
+    if TRACE:
+        tl.store(exact_ptr + pid, exact.to(tl.int32))
 
 
 def _seed_tensor(seed, device) -> torch.Tensor:
@@ -227,19 +386,49 @@ def _seed_tensor(seed, device) -> torch.Tensor:
     return torch.full((1,), seed & M32, dtype=torch.int64, device=device)
 
 
-def sample(logits: torch.Tensor, rows: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-           min_p: float = 0.0, seed=0) -> torch.Tensor:
-    """Triton: same contract as `sample_ref`."""
+def _sample(logits: torch.Tensor, rows: torch.Tensor, row_offset: bool, temperature: float, top_k: int, top_p: float,
+            min_p: float, seed, trace: torch.Tensor | None = None) -> torch.Tensor:
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     n, vocab = logits.shape
-    out = torch.empty(n, dtype=torch.int64, device=logits.device)
+    dev = logits.device
+    out = torch.empty(n, dtype=torch.int64, device=dev)
     greedy = temperature == 0.0
-    _sample_kernel[(n,)](
-        logits, logits.stride(0), rows, _seed_tensor(seed, logits.device), out, vocab,
-        1.0 if greedy else float(temperature), top_k, top_p, min_p, GREEDY=greedy,
-        TOP_K=0 < top_k < vocab, TOP_P=top_p < 1.0, MIN_P=min_p > 0.0,
-        BLOCK=min(4096, triton.next_power_of_2(vocab)))
+    filters = dict(TOP_K=not greedy and 0 < top_k < vocab, TOP_P=not greedy and top_p < 1.0,
+                   MIN_P=not greedy and min_p > 0.0)
+    mode = 0 if greedy else 2 if any(filters.values()) else 1
+    # A small vocabulary is all candidates (chunks of CANDIDATES tokens): nothing to select, no fallback.
+    chunk = CANDIDATES if vocab <= 16 * CANDIDATES else min(CHUNK, triton.next_power_of_2(vocab))
+    n_chunks = triton.cdiv(vocab, chunk)
+    best = torch.empty(n * n_chunks, dtype=torch.float32, device=dev)
+    index = torch.empty(n * n_chunks, dtype=torch.int32, device=dev)
+    if mode == 2:
+        cand = torch.empty(n * n_chunks * CANDIDATES, dtype=torch.int64, device=dev)
+        low = torch.empty(n * n_chunks, dtype=torch.int64, device=dev)
+        total = torch.empty(n * n_chunks, dtype=torch.float32, device=dev)
+    else:
+        cand = low = total = best  # unused
+    temperature = 1.0 if greedy else float(temperature)
+    seed_t = _seed_tensor(seed, dev)
+    if n == 0:
+        return out
+    _chunk_kernel[(n, n_chunks)](
+        logits, logits.stride(0), rows, seed_t, vocab, temperature, best, index, cand, low, total, MODE=mode,
+        ROW_OFFSET=row_offset, NEED_SUM=filters["TOP_P"] and not filters["TOP_K"], CHUNK=chunk, KC=CANDIDATES,
+        num_warps=16)
+    _select_kernel[(n,)](
+        logits, logits.stride(0), rows, seed_t, out, vocab, n_chunks, temperature, top_k, top_p, min_p, best, index,
+        cand, low, total, trace if trace is not None else out, MODE=mode, ROW_OFFSET=row_offset, KC=CANDIDATES,
+        BLOCK_C=max(2, triton.next_power_of_2(n_chunks)),
+        BLOCK_CAND=max(2, triton.next_power_of_2(n_chunks * CANDIDATES)),
+        BLOCK=min(1024, triton.next_power_of_2(vocab)), PROBES=PROBES, STEPS=_search_steps(PROBES),
+        ROW_STEPS=_search_steps(8), TRACE=trace is not None, num_warps=16, **filters)
     return out
+
+
+def sample(logits: torch.Tensor, rows: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+           min_p: float = 0.0, seed=0) -> torch.Tensor:
+    """Triton: same contract as `sample_ref` (the seed may also be a 0-d device tensor)."""
+    return _sample(logits, rows, False, temperature, top_k, top_p, min_p, seed)
 
 
 @triton.jit
@@ -256,10 +445,11 @@ def _accept_kernel(block_ptr, y_ptr, len_ptr, acc_ptr, b, BLOCK: tl.constexpr):
 
 def accept(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tensor, *, temperature: float,
            top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton: same contract as `accept_ref`, with no host synchronisation."""
+    """Triton: same contract as `accept_ref`, with no host synchronisation: the two sampling passes
+    read the positions from `cache_len` on the device, then one small kernel counts the accepted
+    drafts and advances `cache_len`."""
     b = logits.shape[0]
-    rows = cache_len + torch.arange(b, device=logits.device)
-    y = sample(logits, rows, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    y = _sample(logits, cache_len, True, temperature, top_k, top_p, min_p, seed)
     accepted = torch.empty((), dtype=torch.int64, device=logits.device)
     _accept_kernel[(1,)](block_ids, y, cache_len, accepted, b, BLOCK=max(2, triton.next_power_of_2(b)))
     return y, accepted

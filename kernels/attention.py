@@ -37,10 +37,12 @@ def attention_ref(
 
 
 # ---- Triton: split-K "flash-decoding" -------------------------------------------------------
-# Grid (kv head, split): each program takes all query rows of one kv head (q_len × group, GQA)
-# and one slice of the cache, runs an online softmax over it, and writes a partial result; a
-# second kernel merges the splits. Splits cover the cache's capacity and stop at kv_len, read on
-# the device, so one launch configuration (and one CUDA graph) serves every length.
+# Grid (kv head, split, row block): each program takes up to BLOCK_M query rows of one kv head
+# (query token × the head's GQA group) and one slice of the keys, runs an online softmax over it
+# and writes a partial result; a second kernel merges the splits. The launch shape depends only on
+# the cache's capacity; the slices are cut on the device from kv_len (and the sliding window), so
+# every split has work at any length, keys past kv_len are never read, and one launch (one CUDA
+# graph) serves every step.
 import os  # noqa: E402
 
 import triton  # noqa: E402
@@ -49,37 +51,52 @@ import triton.language as tl  # noqa: E402
 # Triton's CPU interpreter mis-computes tl.dot on bfloat16 operands (seen with triton 3.9): under
 # TRITON_INTERPRET the operands are upcast to float32 first. On a GPU the dots stay in bf16.
 _UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
+_BLOCK_N = 32  # keys per step
+_MIN_CHUNK = 128  # fewest keys per split: smaller slices cost more in partials than they save
+_TARGET_PROGRAMS = 256  # splits × kv heads × row blocks to aim for (an H200 has 132 SMs)
+
+
+@triton.jit
+def _key_range(len_ptr, q_len, window, n_splits, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+               MIN_CHUNK: tl.constexpr):
+    """Keys the queries can see, [lo, kv_len), cut into slices of `size` (a multiple of BLOCK_N)."""
+    kv_len = tl.load(len_ptr).to(tl.int32)
+    lo = kv_len * 0
+    if WINDOW:  # the first query sees keys j > kv_len - q_len - window
+        lo = tl.maximum(kv_len - q_len - window + 1, 0) // BLOCK_N * BLOCK_N
+    size = tl.cdiv(tl.cdiv(kv_len - lo, n_splits), BLOCK_N) * BLOCK_N
+    return kv_len, lo, tl.maximum(size, MIN_CHUNK)
 
 
 @triton.jit
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
-                       q_len, group, capacity, split_size, n_splits, window, scale,
+                       q_len, group, capacity, n_splits, n_rows, window, scale,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr):
     kvh = tl.program_id(0)
     split = tl.program_id(1)
-    kv_len = tl.load(len_ptr)
-    rows = tl.arange(0, BLOCK_M)  # row r = t * group + g  →  query token t, head kvh * group + g
-    t = rows // group
-    g = rows % group
-    row_ok = rows < q_len * group
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    n_heads = tl.num_programs(0) * group
-    q = tl.load(q_ptr + ((t * n_heads + kvh * group + g) * D)[:, None] + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    q_pos = kv_len - q_len + t
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    start = split * split_size
-    end = tl.minimum(start + split_size, kv_len)
-    base = kvh.to(tl.int64) * capacity * D
-    for n0 in range(start, start + split_size, BLOCK_N):
-        if n0 < end:
+    kv_len, lo, size = _key_range(len_ptr, q_len, window, n_splits, WINDOW, BLOCK_N, MIN_CHUNK)
+    start = lo + split * size
+    if start < kv_len:  # splits past the keys write nothing: the merge counts them out the same way
+        end = tl.minimum(start + size, kv_len)
+        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = t * group + g
+        t = rows // group
+        g = rows % group
+        row_ok = rows < q_len * group
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        n_heads = tl.num_programs(0) * group
+        q = tl.load(q_ptr + ((t * n_heads + kvh * group + g) * D)[:, None] + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        q_pos = kv_len - q_len + t
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        base = kvh.to(tl.int64) * capacity * D
+        for n0 in range(start, end, BLOCK_N):
             keys = n0 + tl.arange(0, BLOCK_N)
             key_ok = keys < end
             kv_off = base + keys[:, None] * D + dims[None, :]
@@ -94,7 +111,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
                 ok = ok & (q_pos[:, None] - keys[None, :] < window)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
             v = tl.load(v_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -103,20 +120,22 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
-    out = (kvh * n_splits + split) * BLOCK_M + rows
-    tl.store(acc_ptr + out[:, None] * BLOCK_D + dims[None, :], acc)
-    tl.store(m_ptr + out, m)
-    tl.store(l_ptr + out, l)
+        out = (kvh * n_splits + split) * n_rows + rows
+        tl.store(acc_ptr + out[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(m_ptr + out, m, mask=row_ok)
+        tl.store(l_ptr + out, l, mask=row_ok)
 
 
 @triton.jit
-def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, group, n_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, q_len, group, n_splits, n_rows, window,
+                       WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MIN_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
     kvh = tl.program_id(0)
     r = tl.program_id(1)  # one query row (token, head)
+    kv_len, lo, size = _key_range(len_ptr, q_len, window, n_splits, WINDOW, BLOCK_N, MIN_CHUNK)
     splits = tl.arange(0, BLOCK_S)
-    s_ok = splits < n_splits
-    idx = (kvh * n_splits + splits) * BLOCK_M + r
+    s_ok = splits < tl.cdiv(kv_len - lo, size)  # the splits that had keys
+    idx = (kvh * n_splits + splits) * n_rows + r
     m = tl.load(m_ptr + idx, mask=s_ok, other=float("-inf"))
     l = tl.load(l_ptr + idx, mask=s_ok, other=0.0)
     m_max = tl.max(m, axis=0)
@@ -131,25 +150,30 @@ def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, group, n_splits, D: tl.cons
 
 
 def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, sliding_window: int | None = None):
-    """Triton: same contract as `attention_ref`; q_len × group must fit one block of rows (≤ 128)."""
+    """Triton: same contract as `attention_ref` (caches contiguous, as the engine allocates them)."""
     q = q.contiguous()
     tq, hq, d = q.shape
     hkv, capacity, _ = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
+    assert hq % hkv == 0 and k_cache.shape[2] == d, (q.shape, k_cache.shape)
     group = hq // hkv
-    block_m = max(16, triton.next_power_of_2(tq * group))
-    block_n, block_d = 32, max(16, triton.next_power_of_2(d))
-    n_splits = max(1, min(64, triton.cdiv(capacity, 512)))
-    split_size = triton.cdiv(triton.cdiv(capacity, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(capacity, split_size)
-    acc = torch.empty((hkv * n_splits * block_m, block_d), dtype=torch.float32, device=q.device)
-    m = torch.empty((hkv * n_splits * block_m,), dtype=torch.float32, device=q.device)
+    block_m = min(64, max(16, triton.next_power_of_2(tq * group)))
+    row_blocks = triton.cdiv(tq * group, block_m)
+    n_rows = row_blocks * block_m
+    block_n, block_d = _BLOCK_N, max(16, triton.next_power_of_2(d))
+    n_splits = max(1, min(triton.cdiv(capacity, _MIN_CHUNK), _TARGET_PROGRAMS // (hkv * row_blocks)))
+    acc = torch.empty((hkv * n_splits * n_rows, block_d), dtype=torch.float32, device=q.device)
+    m = torch.empty((hkv * n_splits * n_rows,), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    _attn_split_kernel[(hkv, n_splits)](
-        q, k_cache, v_cache, kv_len, acc, m, l, tq, group, capacity, split_size, n_splits,
-        sliding_window or 0, scale, CAUSAL=causal, WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d,
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_UPCAST_DOTS,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays exact; bf16 uses tensor cores
+    window = sliding_window or 0
+    _attn_split_kernel[(hkv, n_splits, row_blocks)](
+        q, k_cache, v_cache, kv_len, acc, m, l, tq, group, capacity, n_splits, n_rows, window, scale,
+        CAUSAL=causal, WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        MIN_CHUNK=_MIN_CHUNK, UPCAST=_UPCAST_DOTS,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 uses tensor cores
+        num_warps=4 if block_m * block_d <= 64 * 128 else 8)
     out = torch.empty_like(q)
-    _attn_merge_kernel[(hkv, tq * group)](acc, m, l, out, group, n_splits, D=d, BLOCK_D=block_d,
-                                          BLOCK_M=block_m, BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
+    _attn_merge_kernel[(hkv, tq * group)](
+        acc, m, l, out, kv_len, tq, group, n_splits, n_rows, window, WINDOW=sliding_window is not None, D=d,
+        BLOCK_D=block_d, BLOCK_N=block_n, MIN_CHUNK=_MIN_CHUNK, BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
     return out

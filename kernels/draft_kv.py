@@ -68,7 +68,10 @@ def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache)
     """Triton: one GEMM for all draft layers' K and V, then one kernel for k-norm, rope and the
     cache writes of every (token, layer, head)."""
     layers, hkv, capacity, d = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
+    assert k_norm.is_contiguous() and cos_sin.is_contiguous() and w_kv.shape[0] == layers * 2 * hkv * d
     kv = (ctx_h @ w_kv.T).contiguous()
     t = ctx_h.shape[0]
-    _ctx_kv_kernel[(t, layers * hkv)](kv, k_norm, cos_sin, positions, k_cache, v_cache, layers, hkv, capacity,
-                                      d // 2, eps, BLOCK_H=triton.next_power_of_2(d // 2))
+    if t:
+        _ctx_kv_kernel[(t, layers * hkv)](kv, k_norm, cos_sin, positions, k_cache, v_cache, layers, hkv, capacity,
+                                          d // 2, eps, BLOCK_H=triton.next_power_of_2(d // 2))

@@ -119,10 +119,13 @@ def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache
     q, k, v = _rows(q), _rows(k), _rows(v)
     t, hq, d = q.shape
     hkv = k.shape[1]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[0] == hkv and d % 2 == 0
+    assert cos_sin.is_contiguous() and cos_sin.shape[1] == d, (cos_sin.shape, d)
     out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
     has_norm = q_norm is not None
-    _qk_norm_rope_cache_kernel[(t, hq + hkv)](
-        q, k, v, q_norm if has_norm else q, k_norm if has_norm else k, cos_sin, positions, k_cache, v_cache, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), hq, k_cache.shape[1],
-        d // 2, eps, HAS_NORM=has_norm, BLOCK_H=triton.next_power_of_2(d // 2))
+    if t:
+        _qk_norm_rope_cache_kernel[(t, hq + hkv)](
+            q, k, v, q_norm if has_norm else q, k_norm if has_norm else k, cos_sin, positions, k_cache, v_cache,
+            out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), hq,
+            k_cache.shape[1], d // 2, eps, HAS_NORM=has_norm, BLOCK_H=triton.next_power_of_2(d // 2))
     return out

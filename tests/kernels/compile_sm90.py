@@ -18,8 +18,10 @@ from dflash_cli.kernels import accept, attention, draft_kv, rmsnorm, rope_cache,
 
 def cases(dt: str):
     p = f"*{dt}"
-    yield "rms_norm", rmsnorm._rms_norm_kernel, dict(x_ptr=p, res_ptr=p, w_ptr=p, out_ptr=p, n_cols="i32", eps="fp32"), \
-        dict(HAS_RESIDUAL=True, BLOCK=4096)
+    for one_block in (True, False):
+        yield f"rms_norm(one block={one_block})", rmsnorm._rms_norm_kernel, dict(
+            x_ptr=p, res_ptr=p, w_ptr=p, out_ptr=p, n_cols="i32", eps="fp32"), dict(
+            HAS_RESIDUAL=True, BLOCK=4096 if one_block else 8192, ONE_BLOCK=one_block)
     yield "swiglu", swiglu._swiglu_kernel, dict(gu_ptr=p, out_ptr=p, inter="i32"), dict(BLOCK=1024)
     for norm in (True, False):
         yield f"qk_norm_rope_cache(norm={norm})", rope_cache._qk_norm_rope_cache_kernel, dict(
@@ -32,26 +34,45 @@ def cases(dt: str):
     for causal, window in ((True, False), (False, True)):
         yield f"attention split(causal={causal}, window={window})", attention._attn_split_kernel, dict(
             q_ptr=p, k_ptr=p, v_ptr=p, len_ptr="*i64", acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", q_len="i32",
-            group="i32", capacity="i32", split_size="i32", n_splits="i32", window="i32", scale="fp32"), dict(
-            CAUSAL=causal, WINDOW=window, D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=32, UPCAST=False,
-            PRECISION="ieee" if dt == "fp32" else "tf32")
+            group="i32", capacity="i32", n_splits="i32", n_rows="i32", window="i32", scale="fp32"), dict(
+            CAUSAL=causal, WINDOW=window, D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=attention._BLOCK_N,
+            MIN_CHUNK=attention._MIN_CHUNK, UPCAST=False, PRECISION="ieee" if dt == "fp32" else "tf32")
     yield "attention merge", attention._attn_merge_kernel, dict(
-        acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", o_ptr=p, group="i32", n_splits="i32"), dict(
-        D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_S=8)
-    for greedy, top in ((True, False), (False, False), (False, True)):
-        yield f"sample(greedy={greedy}, filters={top})", accept._sample_kernel, dict(
-            logits_ptr=p, stride="i32", rows_ptr="*i64", seed_ptr="*i64", out_ptr="*i64", vocab="i32",
-            temperature="fp32", top_k="i32", top_p="fp32", min_p="fp32"), dict(
-            GREEDY=greedy, TOP_K=top, TOP_P=top, MIN_P=top, BLOCK=4096)
+        acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", o_ptr=p, len_ptr="*i64", q_len="i32", group="i32",
+        n_splits="i32", n_rows="i32", window="i32"), dict(WINDOW=True, D=128, BLOCK_D=128, BLOCK_N=attention._BLOCK_N,
+                                                          MIN_CHUNK=attention._MIN_CHUNK, BLOCK_S=32)
+    common = dict(logits_ptr=p, stride="i32", rows_ptr="*i64", seed_ptr="*i64", vocab="i32", temperature="fp32",
+                  best_ptr="*fp32", index_ptr="*i32", cand_ptr="*i64", low_ptr="*i64", sum_ptr="*fp32")
+    for mode, need_sum in ((0, False), (1, False), (2, True)):
+        yield f"sample chunks(mode={mode})", accept._chunk_kernel, common, dict(
+            MODE=mode, ROW_OFFSET=mode == 1, NEED_SUM=need_sum, CHUNK=accept.CHUNK, KC=accept.CANDIDATES)
+    for mode, top_k, top_p, min_p in ((0, False, False, False), (1, False, False, False), (2, True, True, True),
+                                      (2, False, True, False)):
+        yield f"sample select(mode={mode}, top_k={top_k}, top_p={top_p}, min_p={min_p})", accept._select_kernel, \
+            common | dict(out_ptr="*i64", n_chunks="i32", top_k="i32", top_p="fp32", min_p="fp32",
+                          exact_ptr="*i32"), dict(
+            MODE=mode, TOP_K=top_k, TOP_P=top_p, MIN_P=min_p, ROW_OFFSET=False, KC=accept.CANDIDATES, BLOCK_C=32,
+            BLOCK_CAND=2048, BLOCK=1024, PROBES=accept.PROBES, STEPS=accept._search_steps(accept.PROBES),
+            ROW_STEPS=accept._search_steps(8), TRACE=False)
     yield "accept", accept._accept_kernel, dict(block_ptr="*i64", y_ptr="*i64", len_ptr="*i64", acc_ptr="*i64",
                                                 b="i32"), dict(BLOCK=16)
+
+
+def ones(sig: dict, consts: dict) -> tuple[dict, dict]:
+    """The same call with every integer argument equal to 1 (a decode's q_len, one split, one chunk,
+    top_k=1...): Triton's launcher compiles such arguments as constants, so `.to()` and the like on
+    them break only then."""
+    ints = {k for k, v in sig.items() if v == "i32"}
+    return {k: v for k, v in sig.items() if k not in ints}, consts | {k: 1 for k in ints}
 
 
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failed = 0
-    for dt in ("bf16", "fp32"):
-        for name, fn, sig, consts in cases(dt):
+    for dt in ("bf16", "fp32", "bf16, int args = 1"):
+        for name, fn, sig, consts in cases(dt.split(",")[0]):
+            if dt.endswith("= 1"):
+                sig, consts = ones(sig, consts)
             signature = sig | {k: "constexpr" for k in consts}
             try:
                 triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target)
@@ -59,6 +80,7 @@ def main() -> int:
             except Exception:
                 failed += 1
                 print(f"FAIL {dt} {name}\n{traceback.format_exc()}")
+    print(f"{failed} failed")
     return 1 if failed else 0
 
 

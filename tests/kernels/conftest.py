@@ -1,19 +1,24 @@
 """Kernel tests: Triton kernels against their torch references.
 
-Without a GPU they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is
-imported). Inputs are fresh random values each run; the seed is in every failure message.
-Outputs the launchers allocate are poisoned (NaN, or -1 for integers), so an element a kernel
-forgets to write fails the comparison.
+Without a GPU they run under Triton's CPU interpreter: TRITON_INTERPRET=1 is set here, before any
+kernel module is imported (triton.jit picks the interpreter when a kernel is defined). Inputs are
+fresh random values each run; the seed is in every failure message. Outputs the launchers allocate
+are poisoned (NaN, or -1 for integers), so an element a kernel forgets to write fails the
+comparison. DFLASH_KERNELS is cleared for every test here (a test that wants it sets it with
+monkeypatch), so neither the caller's environment nor these tests change which path others take.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    early = sorted(m for m in sys.modules if m.startswith("dflash_cli.kernels."))
+    assert not early, f"{early} were imported before TRITON_INTERPRET was set: their kernels cannot run on the CPU"
+    os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=8e-2)}
@@ -24,6 +29,11 @@ def seed() -> int:
     s = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture(autouse=True)
+def kernel_mode_is_local(monkeypatch):
+    monkeypatch.delenv("DFLASH_KERNELS", raising=False)
 
 
 @pytest.fixture(autouse=True)

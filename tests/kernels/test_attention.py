@@ -6,6 +6,15 @@ from dflash_cli.kernels.attention import attention, attention_ref
 from .conftest import DEVICE, TOL
 
 
+def _inputs(q_len, hq, hkv, d, capacity, kv_len, dtype):
+    q = torch.randn(q_len, hq, d, dtype=dtype, device=DEVICE)
+    k = torch.randn(hkv, capacity, d, dtype=dtype, device=DEVICE)
+    v = torch.randn(hkv, capacity, d, dtype=dtype, device=DEVICE)
+    k[:, kv_len:] = float("nan")  # slots past the valid length must never be read
+    v[:, kv_len:] = float("nan")
+    return q, k, v
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len, hq, hkv, d, capacity, kv_len", [
     (1, 4, 2, 16, 100, 37),      # decode
@@ -13,15 +22,28 @@ from .conftest import DEVICE, TOL
     (16, 4, 1, 16, 1100, 700),   # B = 16, several splits, a length off every block boundary
     (5, 6, 3, 24, 90, 90),       # odd head size, cache full
     (16, 4, 4, 32, 64, 16),      # the block is the whole context
+    (3, 4, 2, 128, 2100, 2001),  # Qwen3/Llama head size, every split busy
+    (17, 4, 1, 32, 300, 200),    # 17 tokens × GQA 4 = 68 query rows: two row blocks of 64
 ])
-@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (False, 13), (True, 7)])
+@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (False, 13), (True, 7), (True, 1)])
 def test_attention_matches_reference(seed, dtype, q_len, hq, hkv, d, capacity, kv_len, causal, window):
-    q = torch.randn(q_len, hq, d, dtype=dtype, device=DEVICE)
-    k = torch.randn(hkv, capacity, d, dtype=dtype, device=DEVICE)
-    v = torch.randn(hkv, capacity, d, dtype=dtype, device=DEVICE)
-    k[:, kv_len:] = float("nan")  # slots past the valid length must never be read
-    v[:, kv_len:] = float("nan")
+    q, k, v = _inputs(q_len, hq, hkv, d, capacity, kv_len, dtype)
     length = torch.tensor(kv_len, device=DEVICE)
     got = attention(q, k, v, length, causal=causal, scale=d**-0.5, sliding_window=window)
     want = attention_ref(q, k, v, length, causal=causal, scale=d**-0.5, sliding_window=window)
+    assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_length_is_read_on_the_device(seed, causal):
+    """One launch configuration (as a CUDA graph replays it) serves every length: only the value
+    in the length tensor changes between calls."""
+    q_len, capacity = 4, 600
+    q, k, v = _inputs(q_len, 8, 2, 32, capacity, capacity, torch.float32)
+    length = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    for kv_len in (q_len, 33, 300, 511, capacity):
+        length.fill_(kv_len)
+        got = attention(q, k, v, length, causal=causal, scale=0.2)
+        want = attention_ref(q, k, v, length, causal=causal, scale=0.2)
+        torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"seed {seed}, {kv_len}: {m}")

@@ -16,4 +16,4 @@ def test_all_kernels_compile_for_hopper():
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
                        cwd=Path(__file__).resolve().parents[2])
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("ok ") == 24
+    assert p.stdout.count("ok ") >= 45 and p.stdout.splitlines()[-1] == "0 failed", p.stdout

@@ -1,6 +1,9 @@
-"""The whole engine through the Triton kernels (interpreted on CPU) is still lossless."""
+"""The whole engine through the Triton kernels (interpreted on CPU) is still lossless.
+
+A tiny Qwen3 target and block-4 drafter (the interpreter runs a few programs per millisecond):
+the speculative tokens through every kernel equal the tokens of the torch-reference path.
+"""
 import pytest
-import torch
 
 from dflash_cli import loader
 from dflash_cli.engine import Engine, Request
@@ -8,6 +11,8 @@ from dflash_cli.sampling import SamplingParams
 
 from ..tiny import drafter_config, target_config, write_drafter, write_target
 from .conftest import DEVICE
+
+PROMPT = list(range(5, 25))
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +23,27 @@ def pair(tmp_path_factory):
             write_drafter(d / "d", drafter_config(cfg, block_size=4, target_layer_ids=(0, 1))))
 
 
-def _generate(model, block_size, sampling):
-    engine = Engine(model.target, model.drafter if block_size > 1 else None, block_size=block_size if block_size > 1 else None)
-    return [t for s in engine.generate(Request(list(range(5, 25)), 16, sampling=sampling)) for t in s.tokens]
+def _generate(model, block_size: int, sampling: SamplingParams, new_tokens: int) -> list[int]:
+    spec = block_size > 1
+    engine = Engine(model.target, model.drafter if spec else None, block_size=block_size if spec else None)
+    return [t for s in engine.generate(Request(PROMPT, new_tokens, sampling=sampling)) for t in s.tokens]
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_k=40, seed=3)],
-                         ids=["greedy", "sampled"])
-def test_speculative_output_through_kernels_equals_the_reference_path(pair, monkeypatch, sampling):
+def test_greedy_speculative_tokens_through_kernels_equal_the_reference_path(pair, monkeypatch):
     model = loader.load(*pair, device=DEVICE)
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
-    plain_ref = _generate(model, 1, sampling)
+    reference = _generate(model, 4, SamplingParams(), 16)
+    assert reference == _generate(model, 1, SamplingParams(), 16)
     monkeypatch.setenv("DFLASH_KERNELS", "triton")
-    assert _generate(model, 4, sampling) == plain_ref
-    assert _generate(model, 1, sampling) == plain_ref
+    assert _generate(model, 4, SamplingParams(), 16) == reference
+    assert _generate(model, 1, SamplingParams(), 16) == reference  # the decode-shaped kernels too
+
+
+def test_seeded_sampled_tokens_through_kernels_equal_the_reference_path(pair, monkeypatch):
+    """Same seed, same tokens: the kernel sampler draws the reference's draws, keyed by position."""
+    model = loader.load(*pair, device=DEVICE)
+    sampling = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=3)
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    reference = _generate(model, 1, sampling, 8)
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    assert _generate(model, 4, sampling, 8) == reference

@@ -7,14 +7,30 @@ from .conftest import DEVICE, TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, width", [(1, 64), (5, 96), (16, 200), (3, 1000)])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 96), (16, 200), (3, 1000), (2, 3, 96), (2, 9000)],
+                         ids=lambda s: "x".join(map(str, s)))  # 9000: wider than one block, walked in chunks
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_reference(seed, dtype, rows, width, with_residual):
-    x = torch.randn(rows, width, dtype=dtype, device=DEVICE)
-    w = torch.randn(width, dtype=dtype, device=DEVICE)
-    res = torch.randn(rows, width, dtype=dtype, device=DEVICE) if with_residual else None
+def test_rms_norm_matches_reference(seed, dtype, shape, with_residual):
+    x = torch.randn(shape, dtype=dtype, device=DEVICE)
+    w = torch.randn(shape[-1], dtype=dtype, device=DEVICE)
+    res = torch.randn(shape, dtype=dtype, device=DEVICE) * 4 if with_residual else None
+    x_before = x.clone()
     got, got_res = rms_norm(x, w, 1e-6, res.clone() if with_residual else None)
     want, want_res = rms_norm_ref(x, w, 1e-6, res.clone() if with_residual else None)
-    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
-    if with_residual:
-        torch.testing.assert_close(got_res, want_res, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+    msg = lambda m: f"seed {seed}: {m}"  # noqa: E731
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=msg)
+    assert torch.equal(x, x_before)
+    if with_residual and (dtype == torch.float32 or DEVICE == "cuda"):
+        assert torch.equal(got_res, want_res), f"seed {seed}: the residual sum is rounded as torch rounds it"
+    elif with_residual:  # Triton's interpreter rounds float32 -> bfloat16 towards zero, GPUs to nearest
+        torch.testing.assert_close(got_res, want_res, **TOL[dtype], msg=msg)
+    else:
+        assert got_res is None
+
+
+def test_the_residual_is_updated_in_place_and_returned(seed):
+    x, res = torch.randn(3, 96, device=DEVICE), torch.randn(3, 96, device=DEVICE)
+    want = res + x
+    _, out_res = rms_norm(x, torch.ones(96, device=DEVICE), 1e-6, res)
+    assert out_res is res and torch.equal(res, want), f"seed {seed}"

@@ -23,19 +23,23 @@ def test_norm_rope_and_cache_write(seed, dtype, t, hq, hkv, d, qk_norm):
     k_norm = torch.randn(d, dtype=dtype, device=DEVICE) if qk_norm else None
     positions = torch.randperm(capacity, device=DEVICE)[:t]  # any positions, not only a contiguous run
     caches = [nan_like((hkv, capacity, d), dtype) for _ in range(4)]
+    qkv_before = qkv.clone()
     got = qk_norm_rope_cache(q, k, v, q_norm, k_norm, 1e-6, cos_sin, positions, caches[0], caches[1])
     want = qk_norm_rope_cache_ref(q, k, v, q_norm, k_norm, 1e-6, cos_sin, positions, caches[2], caches[3])
     msg = lambda m: f"seed {seed}: {m}"  # noqa: E731
+    assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, **TOL[dtype], msg=msg)
     torch.testing.assert_close(caches[0][:, positions], caches[2][:, positions], **TOL[dtype], msg=msg)
-    assert torch.equal(caches[1][:, positions], caches[3][:, positions])
+    assert torch.equal(caches[1][:, positions], caches[3][:, positions]), f"seed {seed}"
     untouched = torch.ones(capacity, dtype=torch.bool, device=DEVICE)
     untouched[positions] = False
-    assert caches[0][:, untouched].isnan().all() and caches[1][:, untouched].isnan().all()
+    assert caches[0][:, untouched].isnan().all() and caches[1][:, untouched].isnan().all(), f"seed {seed}"
+    assert torch.equal(qkv, qkv_before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t, layers, hkv, d, hidden", [(1, 1, 2, 16, 64), (7, 5, 2, 32, 96), (16, 3, 4, 64, 128)])
+@pytest.mark.parametrize("t, layers, hkv, d, hidden", [(1, 1, 2, 16, 64), (7, 5, 2, 32, 96), (16, 3, 4, 64, 200),
+                                                        (3, 2, 2, 128, 96)])
 def test_draft_context_kv(seed, dtype, t, layers, hkv, d, hidden):
     capacity = 40
     cos_sin = rope_table(d, 1e6, None, 64, DEVICE)
@@ -48,7 +52,8 @@ def test_draft_context_kv(seed, dtype, t, layers, hkv, d, hidden):
     draft_ctx_kv(ctx, w_kv, k_norm, 1e-6, cos_sin, positions, caches[0], caches[1])
     draft_ctx_kv_ref(ctx, w_kv, k_norm, 1e-6, cos_sin, positions, caches[2], caches[3])
     written = slice(start, start + t)
-    torch.testing.assert_close(caches[0][:, :, written], caches[2][:, :, written], **TOL[dtype],
-                               msg=lambda m: f"seed {seed}: {m}")
-    torch.testing.assert_close(caches[1][:, :, written], caches[3][:, :, written], **TOL[dtype])
-    assert caches[0][:, :, :start].isnan().all() and caches[0][:, :, start + t:].isnan().all()
+    msg = lambda m: f"seed {seed}: {m}"  # noqa: E731
+    torch.testing.assert_close(caches[0][:, :, written], caches[2][:, :, written], **TOL[dtype], msg=msg)
+    torch.testing.assert_close(caches[1][:, :, written], caches[3][:, :, written], **TOL[dtype], msg=msg)
+    for c in caches[:2]:
+        assert c[:, :, :start].isnan().all() and c[:, :, start + t:].isnan().all(), f"seed {seed}"
