@@ -18,13 +18,18 @@ from typing import Callable
 
 import torch
 
+from . import ops
 from .cache import KVCache
 
 DeviceStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def graphs_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("DFLASH_CUDA_GRAPHS", "1") != "0"
+    """On CUDA through the Triton kernels, unless DFLASH_CUDA_GRAPHS=0. Not with
+    DFLASH_KERNELS=torch: the attention reference slices the cache at `int(kv_len)`, a host read
+    that a capture would freeze (tests/test_graph_safety.py)."""
+    return (device.type == "cuda" and os.environ.get("DFLASH_CUDA_GRAPHS", "1") != "0"
+            and ops.kernel_mode() != "torch")
 
 
 class StepGraph:

@@ -55,8 +55,8 @@ def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache
     return _pick("qk_norm_rope_cache", q.device)(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache)
 
 
-# The split-K kernel holds all of a kv head's query rows in one block: it is for decode, verify and
-# draft (q_len <= 32). Prefill chunks are long and run once: torch's SDPA serves them.
+# The split-K kernel is shaped for decode, verify and draft (a few query rows, many keys). Prefill
+# chunks are long and run once, eagerly: torch's SDPA (flash attention on CUDA) serves them.
 MAX_KERNEL_Q_LEN = 32
 
 

@@ -56,3 +56,20 @@ def test_cuda_graphs_are_off_on_cpu_and_keyed_by_sampling_parameters(stories_mod
     hot = dict(greedy, temperature=0.7)
     assert StepGraphs.key(hot | {"seed": 1}) == StepGraphs.key(hot | {"seed": 2})  # the seed is a device tensor
     assert StepGraphs.key(hot) != StepGraphs.key(dict(hot, top_p=0.9))
+
+
+def test_cuda_graphs_need_the_kernel_path(monkeypatch):
+    import torch
+
+    from dflash_cli.graphs import graphs_enabled
+
+    cuda = torch.device("cuda")  # only the decision is tested: no GPU needed
+    monkeypatch.delenv("DFLASH_KERNELS", raising=False)
+    monkeypatch.delenv("DFLASH_CUDA_GRAPHS", raising=False)
+    assert graphs_enabled(cuda) and not graphs_enabled(torch.device("cpu"))
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")  # the references read lengths back to the host
+    assert not graphs_enabled(cuda)
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    assert graphs_enabled(cuda)
+    monkeypatch.setenv("DFLASH_CUDA_GRAPHS", "0")
+    assert not graphs_enabled(cuda)

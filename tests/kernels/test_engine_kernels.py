@@ -4,11 +4,13 @@ A tiny Qwen3 target and block-4 drafter (the interpreter runs a few programs per
 the speculative tokens through every kernel equal the tokens of the torch-reference path.
 """
 import pytest
+import torch
 
 from dflash_cli import loader
 from dflash_cli.engine import Engine, Request
 from dflash_cli.sampling import SamplingParams
 
+from ..host_reads import HostReads
 from ..tiny import drafter_config, target_config, write_drafter, write_target
 from .conftest import DEVICE
 
@@ -47,3 +49,18 @@ def test_seeded_sampled_tokens_through_kernels_equal_the_reference_path(pair, mo
     reference = _generate(model, 1, sampling, 8)
     monkeypatch.setenv("DFLASH_KERNELS", "triton")
     assert _generate(model, 4, sampling, 8) == reference
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_the_device_step_through_kernels_never_reads_back_to_the_host(pair, monkeypatch, sampling):
+    """What a CUDA graph captures (tests/test_graph_safety.py checks the engine's glue on the torch path)."""
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    model = loader.load(*pair, device=DEVICE)
+    engine = Engine(model.target, model.drafter)
+    steps = engine.generate(Request(PROMPT, 16, sampling=sampling))
+    next(steps)  # the prefill runs eagerly
+    step = engine._device_step(sampling.kernel_args(engine.seed))
+    with torch.inference_mode(), HostReads() as reads:
+        packed, _ = step(torch.tensor([7], device=DEVICE))
+    assert reads.seen == [] and packed.shape == (1 + 2 * engine.block_size,)

@@ -1,0 +1,120 @@
+"""The engine's device step is safe to capture as a CUDA graph: checked on the CPU.
+
+A CUDA graph records the device work of one call and replays it; whatever the host computed
+during capture (Python ints, branches, shapes) is frozen into it. So the captured step must (1)
+never synchronise with the host (an `.item()`, the truth value of a tensor, a data-dependent
+shape) and (2) give the right answer when the very same recorded operations are replayed on the
+same buffers every iteration. Neither needs a GPU to check:
+
+1. a dispatch mode sees every aten op of one step and fails on the ops that read device values
+   back to the host (`_local_scalar_dense` is behind `.item()`, `int()`, `bool()`, `.tolist()`);
+2. `make_fx` records one step as a fixed list of aten ops, with host values baked in just as a
+   capture bakes them, over the engine's own tensors; replaying that trace for every iteration of
+   a generation must give exactly the tokens of eager execution.
+
+Both run the engine's torch path, with one substitution: the attention reference slices the cache
+at `int(kv_len)` (cheap on a CPU, and the reason graphs are only used with the kernels), so here
+it is replaced, for the eager run and the replayed one alike, by the same attention masked on the
+device over the whole cache. tests/kernels/test_engine_kernels.py runs check 1 on the Triton path.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from dflash_cli import engine as engine_module
+from dflash_cli import ops
+from dflash_cli.engine import Engine, Request
+from dflash_cli.sampling import SamplingParams
+
+from .conftest import STORY_PROMPTS
+from .host_reads import HostReads
+
+SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, top_p=0.95, seed=11)]
+IDS = ["greedy", "sampled"]
+
+
+def attention_masked_on_device(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None):
+    """`attention_ref` without the host read: every cache slot, masked by positions on the device."""
+    tq, capacity = q.shape[0], k_cache.shape[1]
+    q_pos = kv_len - tq + torch.arange(tq, device=q.device)[:, None]
+    k_pos = torch.arange(capacity, device=q.device)[None, :]
+    mask = k_pos < kv_len
+    if causal:
+        mask = mask & (k_pos <= q_pos)
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None], attn_mask=mask,
+                                         scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+@pytest.fixture(autouse=True)
+def device_masked_attention(monkeypatch):
+    monkeypatch.setattr(ops, "attention", attention_masked_on_device)
+
+
+class TracedStep:
+    """Stands in for `graphs.StepGraph`: record the step once, then replay the record."""
+
+    def __init__(self, step, bonus, caches):
+        self.bonus = bonus.clone()
+        lengths = [c.length.clone() for c in caches]
+        self.trace = make_fx(step)(self.bonus)  # recording runs the step once: undo its commits
+        for cache, length in zip(caches, lengths):
+            cache.length.copy_(length)
+        self.replays = 0
+
+    def __call__(self, bonus):
+        self.bonus.copy_(bonus)
+        packed, next_bonus = self.trace(self.bonus)
+        self.replays += 1
+        return packed.tolist(), next_bonus
+
+
+def _tokens(engine: Engine, prompt: list[int], sampling: SamplingParams, n: int = 48) -> list[int]:
+    return [t for s in engine.generate(Request(prompt, n, sampling=sampling)) for t in s.tokens]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=IDS)
+def test_the_device_step_never_reads_back_to_the_host(stories_model, sampling):
+    m = stories_model
+    engine = Engine(m.target, m.drafter)
+    prompt = m.tokenizer.encode(STORY_PROMPTS[0])
+    steps = engine.generate(Request(prompt, 64, sampling=sampling))
+    next(steps)  # prefill (may sync: it runs once, eagerly)
+    params = sampling.kernel_args(engine.seed)
+    bonus = torch.tensor([int(engine._cached_ids[-1])])
+    with torch.inference_mode(), HostReads() as reads:
+        packed, _ = engine._device_step(params)(bonus)
+    assert reads.seen == []
+    assert packed.shape == (1 + 2 * engine.block_size,)
+    for read_back in (lambda t: t.tolist(), lambda t: int(t[0]), lambda t: bool(t[0] > 0), lambda t: t[t > 0]):
+        with HostReads() as reads:  # the detector sees each way of reading back
+            read_back(packed)
+        assert reads.seen
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=IDS)
+def test_replaying_one_recorded_step_gives_the_eager_tokens(stories_model, monkeypatch, sampling):
+    m = stories_model
+    prompts = [m.tokenizer.encode(p) for p in STORY_PROMPTS[:2]]
+    eager = Engine(m.target, m.drafter)
+    want = [_tokens(eager, p, sampling) for p in prompts]
+
+    traced: list[TracedStep] = []
+
+    def record(self, params, make_step, bonus):  # StepGraphs.get with make_fx in place of CUDA
+        key = self.key(params)
+        if key not in self._graphs:
+            self._graphs[key] = TracedStep(make_step(params), bonus, self.caches)
+            traced.append(self._graphs[key])
+        return self._graphs[key]
+
+    monkeypatch.setattr(engine_module.StepGraphs, "get", record)
+    engine = Engine(m.target, m.drafter)
+    got = [_tokens(engine, p, sampling) for p in prompts]  # the second prompt reuses the first trace
+    assert got == want
+    assert len(traced) == 1 and traced[0].replays >= 2 * 48 // m.drafter.cfg.block_size
