@@ -17,6 +17,7 @@ from . import ops
 from .config import DrafterConfig, TargetConfig
 from .drafter import DraftLayer, Drafter
 from .engine import Engine
+from .graphs import graphs_enabled
 from .errors import UsageError
 from .target import Target, TargetLayer
 
@@ -92,6 +93,24 @@ def time_it(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
         _sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """`fn` captured as a CUDA graph and replayed per call, as the engine runs its step, so that a
+    phase is timed without the launch overhead the engine does not pay; `fn` itself where graphs
+    are off (CPU, DFLASH_CUDA_GRAPHS=0)."""
+    if not graphs_enabled(device):
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # Triton compiles and allocator warm-up stay outside the capture
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -177,12 +196,14 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
                     cache.rollback(context)
             return call
 
+        # decode and iteration are whole engine iterations (their own graph, host readback, Python);
+        # the phases are replayed as graphs of their own, so their sum leaves the host's share.
         decode = at_context(lambda: plain._iterate(bonus, params))
-        verify = at_context(lambda: target.forward(block, engine.target_cache, logits_from=0,
-                                                   feature_layers=drafter_cfg.target_layer_ids))
-        draft = at_context(lambda: (drafter.add_context(features, engine.draft_cache, count=b),
-                                    drafter.draft(bonus, engine.draft_cache, b)))
-        accept = at_context(lambda: ops.accept(logits, block, engine.target_cache.length, **params))
+        verify = graphed(at_context(lambda: target.forward(block, engine.target_cache, logits_from=0,
+                                                           feature_layers=drafter_cfg.target_layer_ids)), device)
+        draft = graphed(at_context(lambda: (drafter.add_context(features, engine.draft_cache, count=b),
+                                            drafter.draft(bonus, engine.draft_cache, b))), device)
+        accept = graphed(at_context(lambda: ops.accept(logits, block, engine.target_cache.length, **params)), device)
         iteration = at_context(lambda: engine._iterate(bonus, params))
         report = SyntheticReport(
             shape=shape, device=str(device), dtype=str(dtype).removeprefix("torch."), context=context, block_size=b,
