@@ -67,6 +67,15 @@ def _engine(m, block_size):
     return Engine(m.target, m.drafter, block_size=block_size if m.drafter else None, max_context=m.max_context)
 
 
+def _warm_engine(m, block_size, sampling, quiet: bool):
+    """The engine with its CUDA graphs captured before any timing starts (nothing to do on CPU)."""
+    engine = _engine(m, block_size)
+    seconds = engine.warm_up(sampling)
+    if seconds is not None and not quiet:
+        print(f"dflash: CUDA graphs captured in {seconds:.1f} s", file=sys.stderr)
+    return engine
+
+
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     """-p as given; a file or stdin without its final newline (editors and `echo` add one)."""
     if prompt is not None and prompt_file is not None:
@@ -131,15 +140,12 @@ def run(
             raise UsageError("give either -p/--prompt or --prompt-file, not both")
         batch = read_jsonl_prompts(prompt_file)  # checked before any model is loaded
         m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
-        engine = _engine(m, block_size)
-        engine.warm_up(sampling)  # CUDA graphs captured before timing starts (no-op on CPU)
+        engine = _warm_engine(m, block_size, sampling, quiet)
         run_jsonl(m, engine, batch, opts)
         return
     text = _read_prompt(prompt, prompt_file)
     m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
-    engine = _engine(m, block_size)
-    engine.warm_up(sampling)
-    run_prompt(m, engine, text, opts)
+    run_prompt(m, _warm_engine(m, block_size, sampling, quiet), text, opts)
 
 
 @app.command()

@@ -76,12 +76,15 @@ class Engine:
         self.seed = torch.zeros((), dtype=torch.int64, device=target.device)
         self.graphs = StepGraphs(target.device, [c for c in (self.target_cache, self.draft_cache) if c is not None])
 
-    def warm_up(self, sampling: SamplingParams | None = None) -> None:
+    def warm_up(self, sampling: SamplingParams | None = None) -> float | None:
         """Capture the CUDA graphs now, with a short throwaway generation, rather than during the
-        user's first answer. Nothing to do where graphs are off (CPU)."""
-        if self.graphs.enabled:
-            for _ in self.generate(Request([0, 1, 2], 2 * self.block_size + 2, sampling=sampling or SamplingParams())):
-                pass
+        user's first answer; returns the seconds it took. Nothing to do where graphs are off (CPU)."""
+        if not self.graphs.enabled:
+            return None
+        start = time.perf_counter()
+        for _ in self.generate(Request([0, 1, 2], 2 * self.block_size + 2, sampling=sampling or SamplingParams())):
+            pass
+        return time.perf_counter() - start
 
     @property
     def speculative(self) -> bool:
