@@ -2,11 +2,12 @@
 
 Random weights (no download). For each case, greedy tokens of one prompt, compared with the first
 row of the case (the reference) and printed as `same` or the first index that differs:
-  tiny, float32: torch references (eager) · Triton kernels (eager) · kernels + CUDA graphs, each
-      speculative and plain. In float32 every row must agree: this is the lossless claim on a GPU.
-  qwen3-8b shapes, bf16: kernels eager · kernels + CUDA graphs (must be identical: a replay runs
-      the same kernels on the same data), and plain decoding beside them (bf16 verify and decode
-      round differently, so near-ties may part; reported, not required).
+  tiny, float32: torch references (eager) · Triton kernels (eager) · kernels + CUDA graphs, with
+      and without lookahead (iteration i+1 queued before i is read), speculative and plain. In
+      float32 every row must agree: this is the lossless claim on a GPU.
+  qwen3-8b shapes, bf16: kernels eager · kernels + CUDA graphs + lookahead (must be identical: a
+      replay runs the same kernels on the same data), and plain decoding beside them (bf16 verify
+      and decode round differently, so near-ties may part; reported, not required).
 Exits 1 if a required agreement fails. Usage: python benchmarks/gpu_check.py [--only tiny]
 (`TRITON_INTERPRET=1 python benchmarks/gpu_check.py --device cpu --only tiny` rehearses it on a CPU.)
 """
@@ -24,11 +25,11 @@ from dflash_cli.synthetic import SHAPES, random_pair
 
 
 def tokens(device: torch.device, shape: str, dtype: torch.dtype, kernels: str, graphs: bool, speculative: bool,
-           n: int) -> list[int]:
+           lookahead: bool, n: int) -> list[int]:
     os.environ["DFLASH_KERNELS"], os.environ["DFLASH_CUDA_GRAPHS"] = kernels, "1" if graphs else "0"
     torch.manual_seed(0)  # the same random weights for every row
     target, drafter = random_pair(shape, dtype, device, 2048)
-    engine = Engine(target, drafter if speculative else None, max_context=1024)
+    engine = Engine(target, drafter if speculative else None, max_context=1024, lookahead=lookahead)
     prompt = torch.randint(0, SHAPES[shape][0].vocab_size, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     out = [t for step in engine.generate(Request(prompt, n)) for t in step.tokens]
     del engine, target, drafter
@@ -52,24 +53,26 @@ def main() -> int:
         return 0
     failed = False
     cases = [
-        ("tiny", torch.float32, 64, [("torch", False, True), ("torch", False, False), ("triton", False, True),
-                                     ("triton", False, False), ("triton", True, True), ("triton", True, False)], None),
-        ("qwen3-8b", torch.bfloat16, 48, [("triton", False, True), ("triton", True, True), ("triton", True, False)],
-         2),
+        ("tiny", torch.float32, 64, [("torch", False, True, False), ("torch", False, False, False),
+                                     ("triton", False, True, False), ("triton", False, False, False),
+                                     ("triton", True, True, False), ("triton", True, True, True),
+                                     ("triton", True, False, True)], None),
+        ("qwen3-8b", torch.bfloat16, 48, [("triton", False, True, False), ("triton", True, True, True),
+                                          ("triton", True, False, True)], 2),
     ]
     for shape, dtype, n, rows, required in cases:
         if args.only not in (None, shape):
             continue
         reference = None
-        for i, (kernels, graphs, speculative) in enumerate(rows):
+        for i, (kernels, graphs, speculative, lookahead) in enumerate(rows):
             start = time.perf_counter()
-            got = tokens(device, shape, dtype, kernels, graphs, speculative, n)
+            got = tokens(device, shape, dtype, kernels, graphs, speculative, lookahead, n)
             reference = reference if reference is not None else got
             verdict = first_difference(reference, got)
             must = required is None or i < required
             failed |= must and verdict != "same"
             print(f"{shape:<9} {str(dtype).removeprefix('torch.'):<8} kernels={kernels:<6} graphs={str(graphs):<5} "
-                  f"{'DFlash' if speculative else 'plain ':<6} {len(got):3d} tokens  {verdict:<16} "
+                  f"{'DFlash' if speculative else 'plain ':<6} lookahead={str(lookahead):<5} {len(got):3d} tokens  {verdict:<16} "
                   f"{'' if must else '(informational) '}{time.perf_counter() - start:5.1f} s", flush=True)
     print("gpu_check:", "FAILED" if failed else "ok")
     return 1 if failed else 0

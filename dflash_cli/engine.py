@@ -52,11 +52,23 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
+def cache_slack(block_size: int) -> int:
+    """Cache slots (and rope positions) past the context limit: the verify block of the last
+    iteration, and that of the one queued behind it (`lookahead`)."""
+    return 2 * block_size
+
+
 class Engine:
     def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None,
-                 max_context: int | None = None, prefill_chunk: int = 512):
+                 max_context: int | None = None, prefill_chunk: int = 512, lookahead: bool | None = None):
         """max_context: the most tokens (prompt + answer) a generation may hold; the caches get
-        block_size slots more, so a verify block never runs past them."""
+        `cache_slack` slots more, so no verify block runs past them.
+
+        lookahead: queue iteration i+1 on the device before reading iteration i, so the GPU keeps
+        working while the host streams text (default: on CUDA, where launches are asynchronous;
+        on a CPU it would only compute one iteration per generation for nothing). The output is
+        the same either way: an iteration queued behind the end is dropped, and the next prompt's
+        prefill resets the cache lengths to what was read."""
         if drafter is None:
             block_size = 1
         elif block_size is None:
@@ -65,9 +77,10 @@ class Engine:
             raise DflashError(f"block size must be between 1 and the drafter's {drafter.cfg.block_size}, got {block_size}")
         self.target, self.drafter, self.block_size = target, drafter, block_size
         rope_positions = target.cos_sin.shape[0]
-        self.max_context = min(max_context or rope_positions, rope_positions - block_size)
+        self.max_context = min(max_context or rope_positions, rope_positions - cache_slack(block_size))
         self.prefill_chunk = prefill_chunk
-        capacity = self.max_context + block_size
+        self.lookahead = target.device.type == "cuda" if lookahead is None else lookahead
+        capacity = self.max_context + cache_slack(block_size)
         self.target_cache = target.new_cache(capacity)
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
@@ -111,13 +124,26 @@ class Engine:
         produced = len(step.tokens)
         step.seconds, clock = time.perf_counter() - clock, time.perf_counter()
         yield step
-        while step.finish is None:
-            emitted, accepted, block, bonus = self._iterate(bonus, params)
-            self._cached_ids += block[: accepted + 1]
-            step = _cut(Step(emitted, block[1:], accepted, 0.0), stops, budget - produced)
-            produced += len(step.tokens)
-            step.seconds, clock = time.perf_counter() - clock, time.perf_counter()
-            yield step
+        if step.finish is not None:
+            return
+        runner = self.graphs.get(params, self._device_step, bonus)
+        bonus = runner.launch(bonus)
+        try:
+            while True:
+                if self.lookahead:  # the next iteration runs while this one is read and streamed
+                    bonus = runner.launch(bonus)
+                emitted, accepted, block = self._unpack(runner.result())
+                self._cached_ids += block[: accepted + 1]
+                step = _cut(Step(emitted, block[1:], accepted, 0.0), stops, budget - produced)
+                produced += len(step.tokens)
+                step.seconds, clock = time.perf_counter() - clock, time.perf_counter()
+                yield step
+                if step.finish is not None:
+                    return
+                if not self.lookahead:
+                    bonus = runner.launch(bonus)
+        finally:
+            runner.discard()  # caches may hold a queued iteration: the next prefill rolls it back
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
         """Fill both caches with the prompt (reusing the longest cached prefix); last position's logits."""
@@ -138,20 +164,10 @@ class Engine:
         self._cached_ids = list(prompt)
         return logits
 
-    def _iterate(self, bonus: torch.Tensor, params: dict) -> tuple[list[int], int, list[int], torch.Tensor]:
-        """One draft → verify → accept → commit.
-
-        Returns (emitted ids, accepted drafts, the block, the next bonus still on the device).
-        Everything the host needs comes back in one transfer: the iteration's only sync.
-        """
-        graph = self.graphs.get(params, self._device_step, bonus)
-        if graph is not None:
-            host, next_bonus = graph(bonus)
-        else:
-            packed, next_bonus = self._device_step(params)(bonus)
-            host = packed.tolist()
+    def _unpack(self, host: list[int]) -> tuple[list[int], int, list[int]]:
+        """(emitted ids, accepted drafts, the block) from the packed result of `_device_step`."""
         a, b = host[0], self.block_size
-        return host[1:2 + a], a, host[1 + b:], next_bonus
+        return host[1:2 + a], a, host[1 + b:]
 
     def _device_step(self, params: dict):
         """The device side of an iteration, free of host syncs so that a CUDA graph can capture it.

@@ -14,6 +14,7 @@ import torch
 
 from .config import DrafterConfig, TargetConfig
 from .drafter import Drafter
+from .engine import cache_slack
 from .errors import DflashError, UsageError
 from .memory import free_device_memory, plan_context
 from .target import Target
@@ -93,7 +94,7 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     if max_context is not None and max_context < 2:
         raise UsageError(f"--max-context must be at least 2, got {max_context}")
     context = plan_context(target_cfg, drafter_cfg, dt, max_context, free_device_memory(dev))
-    positions = context + (drafter_cfg.block_size if drafter_cfg else 1)
+    positions = context + cache_slack(drafter_cfg.block_size if drafter_cfg else 1)  # rope rows the caches can reach
     tokenizer = load_tokenizer(target_dir)
     target = Target.load(target_dir, target_cfg, dt, dev, positions)
     drafter = None

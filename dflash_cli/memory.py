@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .config import DrafterConfig, TargetConfig
+from .engine import cache_slack
 from .errors import DflashError
 
 GiB = 1 << 30
@@ -52,16 +53,17 @@ def plan_context(target: TargetConfig, drafter: DrafterConfig | None, dtype: tor
         raise DflashError(f"--max-context {requested} is beyond the model's {ceiling} positions")
     if free_bytes is None:
         return requested or min(ceiling, CPU_DEFAULT_CONTEXT)
+    slack = cache_slack(drafter.block_size if drafter else 1)
     block = drafter.block_size if drafter else 1
     weights = weight_bytes(target, drafter, dtype)
     per_token = kv_bytes_per_token(target, drafter, dtype)
     spare = free_bytes - weights - workspace_bytes(target, block)
-    fits = max(0, spare // per_token - block)
+    fits = max(0, spare // per_token - slack)
     if requested is not None:
         if requested > fits:
-            need = weights + workspace_bytes(target, block) + (requested + block) * per_token
+            need = weights + workspace_bytes(target, block) + (requested + slack) * per_token
             raise DflashError(f"--max-context {requested} needs {need / GiB:.1f} GiB on the GPU "
-                              f"(weights {weights / GiB:.1f} GiB, KV cache {(requested + block) * per_token / GiB:.1f} GiB), "
+                              f"(weights {weights / GiB:.1f} GiB, KV cache {(requested + slack) * per_token / GiB:.1f} GiB), "
                               f"{free_bytes / GiB:.1f} GiB is free: use --max-context {fits} or less")
         return requested
     if fits < 256:

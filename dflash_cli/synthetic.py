@@ -198,13 +198,17 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
 
         # decode and iteration are whole engine iterations (their own graph, host readback, Python);
         # the phases are replayed as graphs of their own, so their sum leaves the host's share.
-        decode = at_context(lambda: plain._iterate(bonus, params))
+        def iterate(e: Engine):  # one whole iteration, read back before the next (no lookahead)
+            runner = e.graphs.get(params, e._device_step, bonus)
+            return lambda: (runner.launch(bonus), runner.result())
+
+        decode = at_context(iterate(plain))
         verify = graphed(at_context(lambda: target.forward(block, engine.target_cache, logits_from=0,
                                                            feature_layers=drafter_cfg.target_layer_ids)), device)
         draft = graphed(at_context(lambda: (drafter.add_context(features, engine.draft_cache, count=b),
                                             drafter.draft(bonus, engine.draft_cache, b))), device)
         accept = graphed(at_context(lambda: ops.accept(logits, block, engine.target_cache.length, **params)), device)
-        iteration = at_context(lambda: engine._iterate(bonus, params))
+        iteration = at_context(iterate(engine))
         report = SyntheticReport(
             shape=shape, device=str(device), dtype=str(dtype).removeprefix("torch."), context=context, block_size=b,
             decode_s=time_it(decode, device, iters), verify_s=time_it(verify, device, iters),

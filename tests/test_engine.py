@@ -73,3 +73,43 @@ def test_cuda_graphs_need_the_kernel_path(monkeypatch):
     assert graphs_enabled(cuda)
     monkeypatch.setenv("DFLASH_CUDA_GRAPHS", "0")
     assert not graphs_enabled(cuda)
+
+
+def test_lookahead_changes_no_output_and_leaves_the_caches_right(stories_model):
+    """Iteration i+1 queued before iteration i is read (the CUDA default), forced on here: same
+    tokens at a stop token, at the token budget, at the context limit (where the queued block
+    runs furthest past the limit), after a generation closed midway, and on the next turn."""
+    m = stories_model
+    stop = frozenset({m.tokenizer.encode(" the", add_special_tokens=False)[0]})
+
+    def run(lookahead: bool) -> list:
+        prompt = m.tokenizer.encode(STORY_PROMPTS[0])
+        engine = Engine(m.target, m.drafter, lookahead=lookahead)
+        out = [_text(engine, prompt, 37)]
+        out.append([t for s in engine.generate(Request(prompt, 60, stop)) for t in s.tokens])
+        steps = engine.generate(Request(m.tokenizer.encode(STORY_PROMPTS[1]), 100))
+        out.append([t for _, s in zip(range(3), steps) for t in s.tokens])
+        steps.close()  # stopped midway, as Ctrl-C does
+        follow_up = prompt + out[0] + m.tokenizer.encode(" Then", add_special_tokens=False)
+        out.append(_text(engine, follow_up))  # reuses the cached prefix
+        return out
+
+    plain = run(False)
+    assert run(True) == plain
+    assert len(plain[0]) == 37
+
+
+def test_lookahead_at_the_context_limit_stays_inside_the_caches(stories_model):
+    """The queued iteration after the last one writes its block furthest past the limit: up to
+    2 blocks (`cache_slack`). On the CPU a write past the caches or the rope table raises."""
+    from dflash_cli.engine import cache_slack
+
+    m = stories_model
+    prompt = m.tokenizer.encode("Tom had a big")
+    furthest = 0
+    for extra in range(5, 14):
+        limited = [Engine(m.target, m.drafter, max_context=len(prompt) + extra, lookahead=on) for on in (False, True)]
+        assert _text(limited[1], prompt, 100) == _text(limited[0], prompt, 100)
+        furthest = max(furthest, int(limited[1].target_cache.length) - limited[1].max_context)
+    block = m.drafter.cfg.block_size
+    assert block < furthest <= cache_slack(block)  # the queued block did run more than one block past

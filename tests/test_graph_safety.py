@@ -27,6 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from dflash_cli import engine as engine_module
 from dflash_cli import ops
 from dflash_cli.engine import Engine, Request
+from dflash_cli.graphs import EagerStep
 from dflash_cli.sampling import SamplingParams
 
 from .conftest import STORY_PROMPTS
@@ -56,22 +57,30 @@ def device_masked_attention(monkeypatch):
     monkeypatch.setattr(ops, "attention", attention_masked_on_device)
 
 
-class TracedStep:
-    """Stands in for `graphs.StepGraph`: record the step once, then replay the record."""
+class TracedStep(EagerStep):
+    """Stands in for `graphs.StepGraph`: record the step once, then replay the record, writing
+    into static output buffers as a CUDA graph does (so a result read after the next replay
+    would be wrong)."""
 
     def __init__(self, step, bonus, caches):
+        super().__init__(step, bonus.device)
         self.bonus = bonus.clone()
         lengths = [c.length.clone() for c in caches]
         self.trace = make_fx(step)(self.bonus)  # recording runs the step once: undo its commits
         for cache, length in zip(caches, lengths):
             cache.length.copy_(length)
+        self.packed, self.next_bonus = (t.clone() for t in self.trace(self.bonus))
+        for cache, length in zip(caches, lengths):
+            cache.length.copy_(length)
         self.replays = 0
 
-    def __call__(self, bonus):
+    def run(self, bonus):
         self.bonus.copy_(bonus)
         packed, next_bonus = self.trace(self.bonus)
+        self.packed.copy_(packed)
+        self.next_bonus.copy_(next_bonus)
         self.replays += 1
-        return packed.tolist(), next_bonus
+        return self.packed, self.next_bonus
 
 
 def _tokens(engine: Engine, prompt: list[int], sampling: SamplingParams, n: int = 48) -> list[int]:
@@ -97,8 +106,11 @@ def test_the_device_step_never_reads_back_to_the_host(stories_model, sampling):
         assert reads.seen
 
 
+@pytest.mark.parametrize("lookahead", [False, True], ids=["read-then-launch", "lookahead"])
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=IDS)
-def test_replaying_one_recorded_step_gives_the_eager_tokens(stories_model, monkeypatch, sampling):
+def test_replaying_one_recorded_step_gives_the_eager_tokens(stories_model, monkeypatch, sampling, lookahead):
+    """With lookahead, iteration i+1 is replayed into the static outputs before iteration i is
+    read: the double-buffered readback must keep iteration i's result."""
     m = stories_model
     prompts = [m.tokenizer.encode(p) for p in STORY_PROMPTS[:2]]
     eager = Engine(m.target, m.drafter)
@@ -114,7 +126,7 @@ def test_replaying_one_recorded_step_gives_the_eager_tokens(stories_model, monke
         return self._graphs[key]
 
     monkeypatch.setattr(engine_module.StepGraphs, "get", record)
-    engine = Engine(m.target, m.drafter)
+    engine = Engine(m.target, m.drafter, lookahead=lookahead)
     engine.graphs.enabled = True  # as on CUDA: warm_up records the step with a throwaway generation
     assert engine.warm_up(sampling) is not None and len(traced) == 1
     got = [_tokens(engine, p, sampling) for p in prompts]  # both prompts replay the warm-up's record
