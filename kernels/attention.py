@@ -1,4 +1,7 @@
-"""Attention of a few queries (q_len <= block size) over a static KV cache, with GQA.
+"""Attention of new queries over a static KV cache, with GQA.
+
+The Triton kernel serves decode, verify and draft (a few queries, many keys); on a GPU the
+reference also serves prefill chunks, through SDPA (see `dflash_cli/ops.py`).
 
 The queries sit at the last `q_len` positions of the valid cache (`kv_len` read from a device
 tensor). `causal=True` is the target's verify/decode pattern; `causal=False` is the drafter's: the
@@ -8,8 +11,15 @@ query i when i - j < window).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+
+# torch versions whose lower-right causal bias forwards `enable_gqa` (a feature test, not a guess).
+_LOWER_RIGHT_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
 
 
 def attention_ref(
@@ -25,11 +35,19 @@ def attention_ref(
     """Reference. q: [Tq, Hq, D]; caches: [Hkv, max_len, D]; kv_len: 0-d int64. Returns [Tq, Hq, D]."""
     n, tq = int(kv_len), q.shape[0]
     k, v = k_cache[:, :n], v_cache[:, :n]
-    q_pos = torch.arange(n - tq, n, device=q.device)[:, None]
-    k_pos = torch.arange(n, device=q.device)[None, :]
-    mask = k_pos <= q_pos if causal else torch.ones(tq, n, dtype=torch.bool, device=q.device)
-    if sliding_window is not None:
-        mask = mask & (q_pos - k_pos < sliding_window)
+    if sliding_window is None and not causal:
+        mask = None
+    elif sliding_window is None and q.is_cuda and _LOWER_RIGHT_GQA:
+        # No mask tensor: SDPA can pick flash attention (GQA included, O(n) memory) for a long
+        # prefill chunk; a boolean mask would rule it out, and on older torch fall back to the
+        # math kernel, which materialises every score. The queries are the last tq positions.
+        mask = causal_lower_right(tq, n)
+    else:
+        q_pos = torch.arange(n - tq, n, device=q.device)[:, None]
+        k_pos = torch.arange(n, device=q.device)[None, :]
+        mask = k_pos <= q_pos if causal else torch.ones(tq, n, dtype=torch.bool, device=q.device)
+        if sliding_window is not None:
+            mask = mask & (q_pos - k_pos < sliding_window)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
     )

@@ -47,3 +47,19 @@ def test_the_length_is_read_on_the_device(seed, causal):
         got = attention(q, k, v, length, causal=causal, scale=0.2)
         want = attention_ref(q, k, v, length, causal=causal, scale=0.2)
         torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"seed {seed}, {kv_len}: {m}")
+
+
+@pytest.mark.parametrize("q_len, hq, hkv, kv_len", [(40, 8, 2, 40), (40, 8, 2, 300), (1, 4, 1, 9), (7, 4, 4, 7)])
+def test_the_reference_gpu_mask_is_the_explicit_causal_mask(seed, q_len, hq, hkv, kv_len):
+    """On CUDA the reference passes `causal_lower_right` instead of a boolean mask (so SDPA may use
+    flash attention for a prefill chunk). Both must mean the same: the queries are the last q_len
+    positions, GQA included. Checked here on the CPU, where torch materialises the bias."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    d = 16
+    q, k, v = _inputs(q_len, hq, hkv, d, kv_len, kv_len, torch.float32)
+    want = attention_ref(q, k, v, torch.tensor(kv_len), causal=True, scale=d**-0.5)
+    got = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k[None], v[None], attn_mask=causal_lower_right(q_len, kv_len), scale=d**-0.5,
+        enable_gqa=True)[0].transpose(0, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
