@@ -113,13 +113,14 @@ class StepGraph(EagerStep):
 
 
 class StepGraphs:
-    """One runner per sampling-parameter set: a captured graph, or eager when capture is off or failed."""
+    """One runner per sampling-parameter set, kept for the engine's life: a captured graph, or
+    eager where capture is off or failed."""
 
     def __init__(self, device: torch.device, caches: list[KVCache]):
         self.device = device
         self.enabled = graphs_enabled(device)
         self.caches = caches
-        self._graphs: dict[tuple, StepGraph] = {}
+        self._runners: dict[tuple, EagerStep] = {}
 
     @staticmethod
     def key(params: dict) -> tuple:
@@ -128,15 +129,17 @@ class StepGraphs:
         return tuple(sorted((k, v) for k, v in params.items() if k != "seed"))
 
     def get(self, params: dict, make_step: Callable[[dict], DeviceStep], bonus: torch.Tensor) -> EagerStep:
-        if not self.enabled:
-            return EagerStep(make_step(params), self.device)
         key = self.key(params)
-        if key not in self._graphs:
+        if key not in self._runners:
+            self._runners[key] = self._runner(make_step(params), bonus)
+        return self._runners[key]
+
+    def _runner(self, step: DeviceStep, bonus: torch.Tensor) -> EagerStep:
+        if self.enabled:
             try:
-                self._graphs[key] = StepGraph(make_step(params), bonus, self.caches)
+                return StepGraph(step, bonus, self.caches)
             except Exception as e:  # any capture failure: correctness first, run eagerly
                 self.enabled = False
                 print(f"dflash: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                       "running without graphs", file=sys.stderr)
-                return EagerStep(make_step(params), self.device)
-        return self._graphs[key]
+        return EagerStep(step, self.device)

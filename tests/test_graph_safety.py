@@ -118,14 +118,11 @@ def test_replaying_one_recorded_step_gives_the_eager_tokens(stories_model, monke
 
     traced: list[TracedStep] = []
 
-    def record(self, params, make_step, bonus):  # StepGraphs.get with make_fx in place of CUDA
-        key = self.key(params)
-        if key not in self._graphs:
-            self._graphs[key] = TracedStep(make_step(params), bonus, self.caches)
-            traced.append(self._graphs[key])
-        return self._graphs[key]
+    def record(self, step, bonus):  # StepGraphs._runner with make_fx in place of a CUDA capture
+        traced.append(TracedStep(step, bonus, self.caches))
+        return traced[-1]
 
-    monkeypatch.setattr(engine_module.StepGraphs, "get", record)
+    monkeypatch.setattr(engine_module.StepGraphs, "_runner", record)
     engine = Engine(m.target, m.drafter, lookahead=lookahead)
     engine.graphs.enabled = True  # as on CUDA: warm_up records the step with a throwaway generation
     assert engine.warm_up(sampling) is not None and len(traced) == 1
