@@ -60,6 +60,13 @@ def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache
 MAX_KERNEL_Q_LEN = 32
 
 
+def kv_length(cache_length: torch.Tensor, q_len: int) -> torch.Tensor | int:
+    """The `kv_len` to give `attention` for q_len new tokens. Decode, verify and draft keep it on
+    the device (graph-safe, no sync). A prefill chunk reads it back once here, rather than once per
+    layer in the reference, which slices the cache with it."""
+    return int(cache_length) + q_len if q_len > MAX_KERNEL_Q_LEN else cache_length + q_len
+
+
 def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None):
     if q.shape[0] > MAX_KERNEL_Q_LEN:
         return _impl("attention", False)(

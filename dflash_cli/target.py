@@ -94,7 +94,7 @@ class Target:
         """
         c, t = self.cfg, ids.shape[0]
         positions = cache.positions(t)
-        kv_len = cache.length + t
+        kv_len = ops.kv_length(cache.length, t)
         wanted = {layer: None for layer in feature_layers}
         x = F.embedding(ids, self.embed)
         residual = None
@@ -117,7 +117,7 @@ class Target:
         return logits, features
 
     def _attention(self, i: int, layer: TargetLayer, h: torch.Tensor, positions: torch.Tensor,
-                   kv_len: torch.Tensor, cache: KVCache) -> torch.Tensor:
+                   kv_len: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
         c, t = self.cfg, h.shape[0]
         q, k, v = F.linear(h, layer.qkv).split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)

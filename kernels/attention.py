@@ -32,7 +32,8 @@ def attention_ref(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Reference. q: [Tq, Hq, D]; caches: [Hkv, max_len, D]; kv_len: 0-d int64. Returns [Tq, Hq, D]."""
+    """Reference. q: [Tq, Hq, D]; caches: [Hkv, max_len, D]; kv_len: 0-d int64 (or an int, as a
+    prefill chunk gives it). Returns [Tq, Hq, D]."""
     n, tq = int(kv_len), q.shape[0]
     k, v = k_cache[:, :n], v_cache[:, :n]
     if sliding_window is None and not causal:

@@ -113,3 +113,17 @@ def test_lookahead_at_the_context_limit_stays_inside_the_caches(stories_model):
         furthest = max(furthest, int(limited[1].target_cache.length) - limited[1].max_context)
     block = m.drafter.cfg.block_size
     assert block < furthest <= cache_slack(block)  # the queued block did run more than one block past
+
+
+def test_a_prefill_chunk_reads_the_cache_length_back_once(stories_model):
+    """Not once per layer: each read waits for the GPU to drain what was queued before it."""
+    import torch
+
+    from .host_reads import HostReads
+
+    m = stories_model
+    cache = m.target.new_cache(128)
+    ids = torch.arange(3, 43)  # 40 tokens: a prefill chunk, past the kernels' decode/verify sizes
+    with torch.inference_mode(), HostReads() as reads:
+        m.target.forward(ids, cache, logits_from=-1)
+    assert len(m.target.layers) > 1 and len(reads.seen) == 1, reads.seen
