@@ -26,7 +26,7 @@ cp -r dflash_cli "$stage/" && rm -rf "$stage/dflash_cli/kernels" && cp -r kernel
 export PYTHONPATH="$stage:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-part 100 gpu-check python benchmarks/gpu_check.py
+part 120 gpu-check python benchmarks/gpu_check.py
 part 150 fast-path python benchmarks/gpu.py --shape qwen3-8b --tau 6.4 --json "$out/gpu.json"
 part 80 kernels python benchmarks/kernels.py
 part 120 kernel-tests python -m pytest -q -x -p no:cacheprovider tests/kernels
