@@ -38,6 +38,24 @@ def graphs_enabled(device: torch.device) -> bool:
             and ops.kernel_mode() != "torch")
 
 
+def capture(fn: Callable[[], object], after: Callable[[], None] = lambda: None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn` captured as a CUDA graph; returns the graph and what `fn` returned during the capture
+    (its static outputs). Two warm-up runs on a side stream first keep Triton compilation and
+    allocator growth out of the capture; `after` runs after each run, to undo its side effects."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+            after()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    after()
+    return graph, out
+
+
 class EagerStep:
     """The step run op by op; its result comes back through two host buffers in turn (pinned, and
     copied asynchronously, on CUDA)."""
@@ -88,21 +106,11 @@ class StepGraph(EagerStep):
         self.bonus = bonus.clone()
         lengths = [c.length.clone() for c in caches]
 
-        def restore() -> None:  # warm-up really runs: undo its commits
+        def restore() -> None:  # warm-up and capture really run: undo their commits
             for cache, length in zip(caches, lengths):
                 cache.length.copy_(length)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # Triton autotuning and allocator warm-up, outside the capture
-                step(self.bonus)
-                restore()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.packed, self.next_bonus = step(self.bonus)
-        restore()
+        self.graph, (self.packed, self.next_bonus) = capture(lambda: step(self.bonus), restore)
 
     def run(self, bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Stream order makes the static buffers safe: this copy follows the previous replay's

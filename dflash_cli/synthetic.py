@@ -17,7 +17,7 @@ from . import ops
 from .config import DrafterConfig, TargetConfig
 from .drafter import DraftLayer, Drafter
 from .engine import Engine
-from .graphs import graphs_enabled
+from .graphs import capture, graphs_enabled
 from .errors import UsageError
 from .target import Target, TargetLayer
 
@@ -101,15 +101,7 @@ def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], obje
     are off (CPU, DFLASH_CUDA_GRAPHS=0)."""
     if not graphs_enabled(device):
         return fn
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # Triton compiles and allocator warm-up stay outside the capture
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn)
     return graph.replay
 
 
