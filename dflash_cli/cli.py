@@ -67,15 +67,6 @@ def _engine(m, block_size):
     return Engine(m.target, m.drafter, block_size=block_size if m.drafter else None, max_context=m.max_context)
 
 
-def _warm_engine(m, block_size, sampling, quiet: bool):
-    """The engine with its CUDA graphs captured before any timing starts (nothing to do on CPU)."""
-    engine = _engine(m, block_size)
-    seconds = engine.warm_up(sampling)
-    if seconds is not None and not quiet:
-        print(f"dflash: CUDA graphs captured in {seconds:.1f} s", file=sys.stderr)
-    return engine
-
-
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     """-p as given; a file or stdin without its final newline (editors and `echo` add one)."""
     if prompt is not None and prompt_file is not None:
@@ -135,17 +126,22 @@ def run(
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, json_out, trace, quiet)
+    batch = text = None  # the input is read and checked before any model is loaded
     if prompt_file is not None and prompt_file.suffix == ".jsonl":
         if prompt is not None:
             raise UsageError("give either -p/--prompt or --prompt-file, not both")
-        batch = read_jsonl_prompts(prompt_file)  # checked before any model is loaded
-        m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
-        engine = _warm_engine(m, block_size, sampling, quiet)
-        run_jsonl(m, engine, batch, opts)
-        return
-    text = _read_prompt(prompt, prompt_file)
+        batch = read_jsonl_prompts(prompt_file)
+    else:
+        text = _read_prompt(prompt, prompt_file)
     m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
-    run_prompt(m, _warm_engine(m, block_size, sampling, quiet), text, opts)
+    engine = _engine(m, block_size)
+    seconds = engine.warm_up(sampling)  # CUDA graphs captured before any timing starts (CPU: None)
+    if seconds is not None and not quiet:
+        print(f"dflash: CUDA graphs captured in {seconds:.1f} s", file=sys.stderr)
+    if batch is not None:
+        run_jsonl(m, engine, batch, opts)
+    else:
+        run_prompt(m, engine, text, opts)
 
 
 @app.command()

@@ -76,11 +76,11 @@ class Engine:
         if not 1 <= block_size <= (drafter.cfg.block_size if drafter else 1):
             raise DflashError(f"block size must be between 1 and the drafter's {drafter.cfg.block_size}, got {block_size}")
         self.target, self.drafter, self.block_size = target, drafter, block_size
-        rope_positions = target.cos_sin.shape[0]
-        self.max_context = min(max_context or rope_positions, rope_positions - cache_slack(block_size))
+        rope_positions, slack = target.cos_sin.shape[0], cache_slack(block_size)
+        self.max_context = min(max_context or rope_positions, rope_positions - slack)
         self.prefill_chunk = prefill_chunk
         self.lookahead = target.device.type == "cuda" if lookahead is None else lookahead
-        capacity = self.max_context + cache_slack(block_size)
+        capacity = self.max_context + slack
         self.target_cache = target.new_cache(capacity)
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()

@@ -53,8 +53,8 @@ def plan_context(target: TargetConfig, drafter: DrafterConfig | None, dtype: tor
         raise DflashError(f"--max-context {requested} is beyond the model's {ceiling} positions")
     if free_bytes is None:
         return requested or min(ceiling, CPU_DEFAULT_CONTEXT)
-    slack = cache_slack(drafter.block_size if drafter else 1)
     block = drafter.block_size if drafter else 1
+    slack = cache_slack(block)
     weights = weight_bytes(target, drafter, dtype)
     per_token = kv_bytes_per_token(target, drafter, dtype)
     spare = free_bytes - weights - workspace_bytes(target, block)
