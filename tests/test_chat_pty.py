@@ -47,11 +47,13 @@ class Tmux:
         self.send("-l", text)
         self.send("Enter")
 
-    def wait_for(self, needle: str, timeout: float = 60.0, count: int = 1) -> str:
+    def wait_for(self, needle: str, timeout: float = 60.0, count: int = 1, after: str = "") -> str:
+        """The screen once `needle` shows `count` times (below the first `after`, if given)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             screen = self.screen()
-            if screen.count(needle) >= count:
+            below = screen.partition(after)[2] if after else screen
+            if below.count(needle) >= count:
                 return screen
             time.sleep(0.05)
         raise AssertionError(f"{needle!r} did not appear; the screen was:\n{self.screen()}")
@@ -80,7 +82,9 @@ def test_chat_in_a_terminal(slow_pair, tmp_path):
         assert "τ" in live and "tokens" in live and "(last " in live
         tmux.send("C-c")
         stopped = tmux.wait_for("[stopped]")
-        assert "tok/s" in stopped  # the summary of the stopped answer
+        # The summary of the stopped answer follows it (printed just after: wait, do not race it).
+        stopped = tmux.wait_for("tok/s", timeout=10, after="[stopped]")
+        assert "tok/s" in stopped.partition("[stopped]")[2]
         tmux.wait_for(">>>", count=2)
 
         tmux.type(f"/save {transcript}")
