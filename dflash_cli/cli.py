@@ -270,7 +270,7 @@ def models_cmd(json_out: bool = typer.Option(False, "--json", help="One JSON obj
     """List the released DFlash pairs: aliases, whether this version runs them, what is downloaded."""
     import json
 
-    from .models import model_rows, render_models
+    from .catalog import model_rows, render_models
 
     rows = model_rows()
     if json_out:

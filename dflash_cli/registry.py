@@ -16,6 +16,9 @@ class ModelPair:
     supported: bool = True  # whether this version can run the pair
     note: str = ""  # why not, in one line, when unsupported
     gated: bool = False  # the target needs an accepted licence and a token
+    kind: str = "dense"  # dense, hybrid, moe, hybrid-moe or gpt-oss: the target's architecture family
+    think: bool = False  # the thinking mode the drafter was trained with: the chat default
+    gpus: int = 1  # GPUs the pair needs; above 1 it is handed to SGLang/vLLM (`dflash serve --engine`)
 
 
 # Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
@@ -24,19 +27,29 @@ _HYBRID = "hybrid linear attention: rollback needs state snapshots"
 _GPT_OSS = "attention sinks and MXFP4 weights"
 
 PAIRS: tuple[ModelPair, ...] = (
+    # The Qwen3 b16 drafters were trained without thinking (DESIGN §3).
     ModelPair("qwen3-4b", "Qwen/Qwen3-4B", "z-lab/Qwen3-4B-DFlash-b16", 16),
     ModelPair("qwen3-8b", "Qwen/Qwen3-8B", "z-lab/Qwen3-8B-DFlash-b16", 16),
     ModelPair("llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "z-lab/LLaMA3.1-8B-Instruct-DFlash-UltraChat", 10,
               gated=True),
-    # Listed so `dflash models` shows them; their block sizes are not checked against the released configs.
     ModelPair("qwen3-coder-30b-a3b", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "z-lab/Qwen3-Coder-30B-A3B-DFlash", 16,
-              supported=False, note=_MOE),
-    ModelPair("gpt-oss-20b", "openai/gpt-oss-20b", "z-lab/gpt-oss-20b-DFlash", 16, supported=False, note=_GPT_OSS),
-    ModelPair("gpt-oss-120b", "openai/gpt-oss-120b", "z-lab/gpt-oss-120b-DFlash", 16, supported=False, note=_GPT_OSS),
+              supported=False, note=_MOE, kind="moe"),
+    # gpt-oss drafters: block 8 (20b) and 10 (120b), not 16 (research/moe-gptoss.md §4).
+    ModelPair("gpt-oss-20b", "openai/gpt-oss-20b", "z-lab/gpt-oss-20b-DFlash", 8, supported=False, note=_GPT_OSS,
+              kind="gpt-oss"),
+    ModelPair("gpt-oss-120b", "openai/gpt-oss-120b", "z-lab/gpt-oss-120b-DFlash", 10, supported=False, note=_GPT_OSS,
+              kind="gpt-oss"),
+    # The Qwen3.5 / 3.6 drafters were trained with thinking on (research/hybrid.md §5).
     *(ModelPair(f"qwen3.5-{size.lower()}", f"Qwen/Qwen3.5-{size}", f"z-lab/Qwen3.5-{size}-DFlash", 16,
-                supported=False, note=_HYBRID) for size in ("4B", "9B", "27B", "35B-A3B", "122B-A10B")),
-    *(ModelPair(f"qwen3.6-{size.lower()}", f"Qwen/Qwen3.6-{size}", f"z-lab/Qwen3.6-{size}-DFlash", 16,
-                supported=False, note=_HYBRID) for size in ("27B", "35B-A3B")),
+                supported=False, note=_HYBRID, kind="hybrid", think=True) for size in ("4B", "9B", "27B")),
+    ModelPair("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", "z-lab/Qwen3.5-35B-A3B-DFlash", 16, supported=False,
+              note=_HYBRID, kind="hybrid-moe", think=True),
+    ModelPair("qwen3.6-27b", "Qwen/Qwen3.6-27B", "z-lab/Qwen3.6-27B-DFlash", 16, supported=False, note=_HYBRID,
+              kind="hybrid", think=True),
+    ModelPair("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "z-lab/Qwen3.6-35B-A3B-DFlash", 16, supported=False,
+              note=_HYBRID, kind="hybrid-moe", think=True),
+    ModelPair("qwen3.5-122b-a10b", "Qwen/Qwen3.5-122B-A10B", "z-lab/Qwen3.5-122B-A10B-DFlash", 16, supported=False,
+              note="needs more than one GPU", kind="hybrid-moe", think=True, gpus=4),
 )
 
 _BY_ALIAS = {p.alias: p for p in PAIRS}

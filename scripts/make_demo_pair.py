@@ -1,4 +1,4 @@
-"""Build a CPU demo pair: the trained stories260K Llama (../shared/data) and a DFlash drafter
+"""Build a CPU demo pair: the trained stories260K Llama (shipped in dflash_cli/data/demo) and a DFlash drafter
 fitted to it in a few seconds. Usage: python scripts/make_demo_pair.py OUT_DIR
 then: dflash chat --target OUT_DIR/stories --drafter OUT_DIR/stories-drafter --device cpu"""
 import json

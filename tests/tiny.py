@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-QWEN3_TOKENIZER = SHARED / "qwen3-tokenizer"
-STORIES = SHARED / "stories260K" / "hf"
+# Real files, kept in this repository (tests/data/README.md says where they come from).
+QWEN3_TOKENIZER = Path(__file__).resolve().parent / "data" / "qwen3-tokenizer"
+STORIES = Path(__file__).resolve().parents[1] / "dflash_cli" / "data" / "demo" / "stories260K"
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -138,5 +138,8 @@ def copy_qwen3_tokenizer(directory: Path) -> None:
 
 
 def copy_stories(directory: Path) -> Path:
-    shutil.copytree(STORIES, directory, dirs_exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in STORIES.iterdir():
+        if f.suffix != ".md":
+            shutil.copyfile(f, directory / f.name)  # contents only: not the source's permissions
     return directory
