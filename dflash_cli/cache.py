@@ -42,3 +42,10 @@ class KVCache:
 
     def rollback(self, length: int | torch.Tensor) -> None:
         self.length.fill_(length)
+
+    def snapshot(self) -> torch.Tensor:
+        """What a forward and a commit change, besides slots past the length (which are free)."""
+        return self.length.clone()
+
+    def restore(self, snapshot: torch.Tensor) -> None:
+        self.length.copy_(snapshot)

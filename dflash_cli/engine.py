@@ -19,7 +19,7 @@ from . import ops
 from .drafter import Drafter
 from .errors import DflashError
 from .graphs import StepGraphs
-from .sampling import SamplingParams
+from .sampling import DeviceSampling, Mode, SamplingParams
 from .target import Target
 
 
@@ -85,8 +85,8 @@ class Engine:
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
         self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order
-        # The sampling seed lives on the device, so one captured graph serves every generation.
-        self.seed = torch.zeros((), dtype=torch.int64, device=target.device)
+        # Sampling values live on the device: one captured graph per sampling mode serves them all.
+        self.sampling = DeviceSampling(target.device)
         self.graphs = StepGraphs(target.device, [c for c in (self.target_cache, self.draft_cache) if c is not None])
 
     def warm_up(self, sampling: SamplingParams | None = None) -> float | None:
@@ -111,8 +111,8 @@ class Engine:
         if len(prompt) >= limit:
             raise DflashError(f"the prompt is {len(prompt)} tokens; the context limit is {limit} "
                               "(raise it with --max-context, or shorten the prompt)")
-        self.seed.fill_(request.sampling.resolve_seed() & 0xFFFFFFFF)
-        params = request.sampling.kernel_args(self.seed)
+        mode = self.sampling.load(request.sampling)
+        params = self.sampling.kernel_args(mode)
         budget = min(request.max_new_tokens, limit - len(prompt))
         stops = request.stop_token_ids
         clock = time.perf_counter()
@@ -126,7 +126,7 @@ class Engine:
         yield step
         if step.finish is not None:
             return
-        runner = self.graphs.get(params, self._device_step, bonus)
+        runner = self.graphs.get(mode, lambda: self._device_step(mode), bonus)
         bonus = runner.launch(bonus)
         try:
             while True:
@@ -169,9 +169,10 @@ class Engine:
         a, b = host[0], self.block_size
         return host[1:2 + a], a, host[1 + b:]
 
-    def _device_step(self, params: dict):
+    def _device_step(self, mode: Mode):
         """The device side of an iteration, free of host syncs so that a CUDA graph can capture it.
         Returns packed [accepted, y_0..y_(B-1), block_0..block_(B-1)] and the next bonus."""
+        params = self.sampling.kernel_args(mode)
 
         def step(bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if self.speculative:
@@ -180,7 +181,8 @@ class Engine:
                 block = bonus
             logits, features = self.target.forward(block, self.target_cache, logits_from=0,
                                                    feature_layers=self.feature_layers)
-            y, accepted = ops.accept(logits, block, self.target_cache.length, **params)  # commits a + 1
+            y, accepted = ops.accept(logits, block, self.target_cache.length, **params)
+            self.target.commit(self.target_cache, accepted + 1)
             if self.speculative:
                 self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
             return torch.cat((accepted.view(1), y, block)), y.gather(0, accepted.view(1))

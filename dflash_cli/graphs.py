@@ -11,21 +11,22 @@ the oldest launched iteration (the iteration's one host sync) and returns its pa
 pinned buffers let the engine queue iteration i+1 before it reads iteration i, so the GPU works
 while the host streams text.
 
-Sampling parameters are baked into a capture, so a graph is kept per parameter set; the seed is a
-device tensor the engine refills per generation, so it never forces a new capture. Capture
-failures fall back to eager execution with a message; `DFLASH_CUDA_GRAPHS=0` turns graphs off.
+Sampling values (temperature, top-k, top-p, min-p, seed) are device tensors the engine refills per
+generation, so only the sampling `Mode` (greedy, and which filters are on) selects a graph: at most
+eight, captured on first use into one shared memory pool. A capture that fails leaves the caches as
+they were before it (warm-up runs really run, so they are undone whatever happens) and falls back to
+eager execution with a message; `DFLASH_CUDA_GRAPHS=0` turns graphs off.
 """
 from __future__ import annotations
 
 import os
 import sys
 from collections import deque
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
 from . import ops
-from .cache import KVCache
 
 DeviceStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -38,21 +39,27 @@ def graphs_enabled(device: torch.device) -> bool:
             and ops.kernel_mode() != "torch")
 
 
-def capture(fn: Callable[[], object], after: Callable[[], None] = lambda: None) -> tuple[torch.cuda.CUDAGraph, object]:
+def capture(fn: Callable[[], object], after: Callable[[], None] = lambda: None,
+            pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
     """`fn` captured as a CUDA graph; returns the graph and what `fn` returned during the capture
     (its static outputs). Two warm-up runs on a side stream first keep Triton compilation and
-    allocator growth out of the capture; `after` runs after each run, to undo its side effects."""
+    allocator growth out of the capture; `after` runs after each run, to undo its side effects,
+    also when the run raises. `pool`: a memory pool shared with other captures."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            fn()
-            after()
+            try:
+                fn()
+            finally:
+                after()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    after()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    finally:
+        after()
     return graph, out
 
 
@@ -101,16 +108,19 @@ class EagerStep:
 class StepGraph(EagerStep):
     """The step captured once as a CUDA graph, with static input and output buffers."""
 
-    def __init__(self, step: DeviceStep, bonus: torch.Tensor, caches: list[KVCache]):
+    def __init__(self, step: DeviceStep, bonus: torch.Tensor, caches: list, pool=None):
         super().__init__(step, bonus.device)
         self.bonus = bonus.clone()
-        lengths = [c.length.clone() for c in caches]
+        saved = [c.snapshot() for c in caches]
 
         def restore() -> None:  # warm-up and capture really run: undo their commits
-            for cache, length in zip(caches, lengths):
-                cache.length.copy_(length)
+            for cache, snap in zip(caches, saved):
+                cache.restore(snap)
 
-        self.graph, (self.packed, self.next_bonus) = capture(lambda: step(self.bonus), restore)
+        try:
+            self.graph, (self.packed, self.next_bonus) = capture(lambda: step(self.bonus), restore, pool)
+        finally:
+            restore()  # a capture that failed midway may have left the caches anywhere
 
     def run(self, bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Stream order makes the static buffers safe: this copy follows the previous replay's
@@ -121,31 +131,28 @@ class StepGraph(EagerStep):
 
 
 class StepGraphs:
-    """One runner per sampling-parameter set, kept for the engine's life: a captured graph, or
-    eager where capture is off or failed."""
+    """One runner per key (the sampling `Mode`), kept for the engine's life: a captured graph, or
+    eager where capture is off or failed. Captures share one memory pool: the runners never replay
+    concurrently, so one graph's scratch may reuse another's."""
 
-    def __init__(self, device: torch.device, caches: list[KVCache]):
+    def __init__(self, device: torch.device, caches: list):
         self.device = device
         self.enabled = graphs_enabled(device)
         self.caches = caches
-        self._runners: dict[tuple, EagerStep] = {}
+        self._runners: dict[Hashable, EagerStep] = {}
+        self._pool = None
 
-    @staticmethod
-    def key(params: dict) -> tuple:
-        if params["temperature"] == 0.0:
-            return (("temperature", 0.0),)  # greedy ignores every other parameter
-        return tuple(sorted((k, v) for k, v in params.items() if k != "seed"))
-
-    def get(self, params: dict, make_step: Callable[[dict], DeviceStep], bonus: torch.Tensor) -> EagerStep:
-        key = self.key(params)
+    def get(self, key: Hashable, make_step: Callable[[], DeviceStep], bonus: torch.Tensor) -> EagerStep:
         if key not in self._runners:
-            self._runners[key] = self._runner(make_step(params), bonus)
+            self._runners[key] = self._runner(make_step(), bonus)
         return self._runners[key]
 
     def _runner(self, step: DeviceStep, bonus: torch.Tensor) -> EagerStep:
         if self.enabled:
             try:
-                return StepGraph(step, bonus, self.caches)
+                if self._pool is None and self.device.type == "cuda":
+                    self._pool = torch.cuda.graph_pool_handle()
+                return StepGraph(step, bonus, self.caches, self._pool)
             except Exception as e:  # any capture failure: correctness first, run eagerly
                 self.enabled = False
                 print(f"dflash: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); "

@@ -19,6 +19,7 @@ from .drafter import DraftLayer, Drafter
 from .engine import Engine
 from .graphs import capture, graphs_enabled
 from .errors import UsageError
+from .sampling import Mode
 from .target import Target, TargetLayer
 
 
@@ -175,7 +176,8 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
             e.target_cache.rollback(context)
             if e.draft_cache is not None:
                 e.draft_cache.rollback(context)
-        params = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
+        greedy = Mode(greedy=True)
+        params = dict(mode=greedy, temperature=0.0, seed=0)
         bonus = torch.zeros(1, dtype=torch.int64, device=device)
         block = torch.zeros(b, dtype=torch.int64, device=device)
         logits = torch.randn(b, target_cfg.vocab_size, dtype=dtype, device=device)
@@ -191,7 +193,7 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         # decode and iteration are whole engine iterations (their own graph, host readback, Python);
         # the phases are replayed as graphs of their own, so their sum leaves the host's share.
         def iterate(e: Engine):  # one whole iteration, read back before the next (no lookahead)
-            runner = e.graphs.get(params, e._device_step, bonus)
+            runner = e.graphs.get(greedy, lambda: e._device_step(greedy), bonus)
             return lambda: (runner.launch(bonus), runner.result())
 
         decode = at_context(iterate(plain))

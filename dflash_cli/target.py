@@ -116,6 +116,11 @@ class Target:
         features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
         return logits, features
 
+    def commit(self, cache: KVCache, count: int | torch.Tensor) -> None:
+        """Make the first `count` tokens of the last forward part of the sequence (the rest of its
+        K/V is overwritten by the next one)."""
+        cache.commit(count)
+
     def _attention(self, i: int, layer: TargetLayer, h: torch.Tensor, positions: torch.Tensor,
                    kv_len: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
         c, t = self.cfg, h.shape[0]

@@ -1,20 +1,26 @@
 """Accept/bonus for one speculative iteration, and the sampler it is built on.
 
 Given the target's logits at the B block positions and the block `[bonus, d1 .. d(B-1)]`, pick the
-target's token y_i at every position, accept drafts while `d(i+1) == y(i)`, and advance the cache
-length by `a + 1`. With a point-mass draft this is exactly lossless at any temperature (DESIGN §1).
-Emitted tokens are `y[: a + 1]`: the accepted drafts equal the target's own choices, and `y[a]`
-is the new bonus.
+target's token y_i at every position and count the drafts accepted while `d(i+1) == y(i)`. With a
+point-mass draft this is exactly lossless at any temperature (DESIGN §1). Emitted tokens are
+`y[: a + 1]`: the accepted drafts equal the target's own choices, and `y[a]` is the new bonus.
+Committing the a + 1 tokens is the model family's job (its `commit`), not the sampler's.
 
 Sampling is Gumbel-max with counter-based noise: the noise for the token sampled from logits at
 sequence position p is a hash of (seed, p, vocab id). It depends on the position, never on the
 iteration, so a seeded speculative run emits exactly the tokens a seeded plain run does (the
 target distributions being equal), and the kernel and this reference draw the same sample.
 Filters: temperature, then top-k, then top-p on the renormalised top-k distribution, then min-p.
+
+The values (temperature, top_k, top_p, min_p, seed) may be numbers or 0-d device tensors: the engine
+keeps them on the device, so that one captured CUDA graph serves every value; only the `Mode` (which
+filters are on) changes which code runs, and keys a graph.
 """
 from __future__ import annotations
 
 import torch
+
+from ..sampling import Mode
 
 M32 = 0xFFFFFFFF
 U_MAX = 1.0 - 2.0**-24  # the largest float32 below 1
@@ -43,67 +49,62 @@ def uniform_noise(seed: int, rows: torch.Tensor, vocab: int) -> torch.Tensor:
     return (((h >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=U_MAX)
 
 
-def filtered_scores(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
-) -> torch.Tensor:
-    """logits / T with the tokens removed by top-k, top-p and min-p set to -inf (float32)."""
+def _mode(mode: Mode | None, temperature, top_k, top_p, min_p) -> Mode:
+    if mode is not None:
+        return mode
+    assert not any(isinstance(v, torch.Tensor) for v in (temperature, top_k, top_p, min_p)), \
+        "device-tensor sampling parameters need their Mode"
+    return Mode.of(temperature, top_k, top_p, min_p)
+
+
+def filtered_scores(logits: torch.Tensor, temperature, top_k=0, top_p=1.0, min_p=0.0,
+                    mode: Mode | None = None) -> torch.Tensor:
+    """logits / T with the tokens removed by top-k, top-p and min-p set to -inf (float32).
+
+    No value is read back to the host: the k-th score is gathered at a device index (ties with it
+    are kept), so this runs inside a captured step with tensor parameters."""
+    mode = _mode(mode, temperature, top_k, top_p, min_p)
     scores = logits.float() / temperature
-    if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+    if mode.top_k:
+        ranked = scores.sort(-1, descending=True).values
+        k = torch.as_tensor(top_k, device=scores.device).clamp(1, scores.shape[-1])
+        kth = ranked.gather(-1, (k - 1).expand(*scores.shape[:-1], 1))
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
+    if mode.top_p:
         probs, order = torch.sort(scores.softmax(-1), dim=-1, descending=True)
         mass_before = probs.cumsum(-1) - probs
         drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
         scores = scores.masked_fill(drop, float("-inf"))
-    if min_p > 0.0:
+    if mode.min_p:
         probs = scores.softmax(-1)
         scores = scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return scores
 
 
-def sample_ref(
-    logits: torch.Tensor,
-    rows: torch.Tensor,
-    *,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int = 0,
-) -> torch.Tensor:
+def sample_ref(logits: torch.Tensor, rows: torch.Tensor, *, temperature, top_k=0, top_p=1.0, min_p=0.0, seed=0,
+               mode: Mode | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, V]; `rows` [N] are the sequence positions of the logits.
 
-    temperature == 0 is greedy (first maximal index, as torch.argmax and transformers do).
+    Greedy (temperature 0) takes the first maximal index, as torch.argmax and transformers do.
     """
-    if temperature == 0.0:
+    mode = _mode(mode, temperature, top_k, top_p, min_p)
+    if mode.greedy:
         return logits.argmax(-1)
-    scores = filtered_scores(logits, temperature, top_k, top_p, min_p)
+    scores = filtered_scores(logits, temperature, top_k, top_p, min_p, mode)
     gumbel = -torch.log(-torch.log(uniform_noise(seed, rows, logits.shape[-1])))
     return (scores + gumbel).argmax(-1)
 
 
-def accept_ref(
-    logits: torch.Tensor,
-    block_ids: torch.Tensor,
-    cache_len: torch.Tensor,
-    *,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_ref(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tensor, *, temperature, top_k=0,
+               top_p=1.0, min_p=0.0, seed=0, mode: Mode | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference. logits: [B, V] at positions cache_len .. cache_len+B-1; block_ids: [B].
 
-    Returns (y [B], accepted a: 0-d int64) and advances `cache_len` (0-d int64) by a + 1 in place.
+    Returns (y [B], accepted a: 0-d int64); `cache_len` is only read.
     """
     rows = cache_len + torch.arange(logits.shape[0], device=logits.device)
-    y = sample_ref(
-        logits, rows, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed
-    )
+    y = sample_ref(logits, rows, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                   mode=mode)
     accepted = (block_ids[1:] == y[:-1]).cumprod(0).sum()
-    cache_len.add_(accepted + 1)
     return y, accepted
 
 
@@ -194,7 +195,7 @@ def _gumbel(s, cols, key_a, key_b):
 
 
 @triton.jit
-def _chunk_kernel(logits_ptr, stride, rows_ptr, seed_ptr, vocab, temperature, best_ptr, index_ptr, cand_ptr,
+def _chunk_kernel(logits_ptr, stride, rows_ptr, seed_ptr, vocab, values_ptr, best_ptr, index_ptr, cand_ptr,
                   low_ptr, sum_ptr, MODE: tl.constexpr, ROW_OFFSET: tl.constexpr, NEED_SUM: tl.constexpr,
                   CHUNK: tl.constexpr, KC: tl.constexpr):
     pid = tl.program_id(0)
@@ -208,13 +209,14 @@ def _chunk_kernel(logits_ptr, stride, rows_ptr, seed_ptr, vocab, temperature, be
         tl.store(best_ptr + slot, best)
         tl.store(index_ptr + slot, tl.min(tl.where(x == best, cols, vocab), axis=0))  # first maximal index
     elif MODE == 1:  # sampling without filters
+        temperature = tl.load(values_ptr)
         key_a, key_b = _row_keys(rows_ptr, seed_ptr, pid, ROW_OFFSET)
         g = tl.where(ok, _gumbel(_scores(row_ptr, cols, vocab, temperature), cols, key_a, key_b), float("-inf"))
         best = tl.max(g, axis=0)
         tl.store(best_ptr + slot, best)
         tl.store(index_ptr + slot, tl.min(tl.where(g == best, cols, vocab), axis=0))
     else:  # filtered: the chunk's KC highest scores, as key << 32 | index
-        s = _scores(row_ptr, cols, vocab, temperature)
+        s = _scores(row_ptr, cols, vocab, tl.load(values_ptr))
         key = tl.where(ok, _order_key(s), -2147483648)  # no float maps to INT_MIN: it marks padding
         packed = (key.to(tl.int64) << 32) | cols.to(tl.int64)
         if KC < CHUNK:
@@ -277,8 +279,7 @@ def _row_smallest_above(row_ptr, vocab, temperature, m, lo, budget, MASS: tl.con
 
 
 @triton.jit
-def _select_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, temperature, top_k, top_p,
-                   min_p, best_ptr, index_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, MODE: tl.constexpr,
+def _select_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, values_ptr, top_k_ptr, best_ptr, index_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, MODE: tl.constexpr,
                    TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROW_OFFSET: tl.constexpr,
                    KC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CAND: tl.constexpr, BLOCK: tl.constexpr,
                    PROBES: tl.constexpr, STEPS: tl.constexpr, ROW_STEPS: tl.constexpr, TRACE: tl.constexpr):
@@ -292,17 +293,21 @@ def _select_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chu
         tl.store(out_ptr + pid, tl.min(tl.where(winner == tl.max(winner, axis=0), winner_index, vocab), axis=0)
                  .to(tl.int64))
     else:
-        _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, temperature, top_k, top_p,
-                         min_p, best_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, pid, slots, c_ok, TOP_K, TOP_P, MIN_P,
+        _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, values_ptr, top_k_ptr,
+                         best_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, pid, slots, c_ok, TOP_K, TOP_P, MIN_P,
                          ROW_OFFSET, KC, BLOCK_CAND, BLOCK, PROBES, STEPS, ROW_STEPS, TRACE)
 
 
 @triton.jit
-def _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, temperature, top_k, top_p,
-                     min_p, best_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, pid, slots, c_ok, TOP_K: tl.constexpr,
+def _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, values_ptr, top_k_ptr,
+                     best_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, pid, slots, c_ok, TOP_K: tl.constexpr,
                      TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROW_OFFSET: tl.constexpr, KC: tl.constexpr,
                      BLOCK_CAND: tl.constexpr, BLOCK: tl.constexpr, PROBES: tl.constexpr, STEPS: tl.constexpr,
                      ROW_STEPS: tl.constexpr, TRACE: tl.constexpr):
+    temperature = tl.load(values_ptr)  # the values are device scalars: a graph serves any of them
+    top_p = tl.load(values_ptr + 1)
+    min_p = tl.load(values_ptr + 2)
+    top_k = tl.load(top_k_ptr).to(tl.float32)  # a count: compared with sums of weights
     # Every token whose key is above `low` is a candidate (INT_MIN: every token is).
     low = tl.max(tl.load(low_ptr + slots, mask=c_ok, other=-2147483648), axis=0)
     j = tl.arange(0, BLOCK_CAND)
@@ -323,8 +328,8 @@ def _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_c
     lo_k = low + 1
     exact = low == -2147483648
     k_exact = exact
-    if TOP_K:  # (`top_k + 0.0`, not .to(): an int argument equal to 1 is compiled as a constant)
-        x = _smallest_above(key, valid.to(tl.float32), lo_k - 1, top_k + 0.0, PROBES, STEPS)
+    if TOP_K:
+        x = _smallest_above(key, valid.to(tl.float32), lo_k - 1, top_k, PROBES, STEPS)
         k_exact = exact | (x > low)
         exact = k_exact
         lo_k = tl.maximum(lo_k, x)
@@ -351,7 +356,7 @@ def _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_c
         offs = tl.arange(0, BLOCK)
         lo_k = tl.full((), -2147483648, tl.int64)
         if TOP_K:
-            lo_k = _row_smallest_above(row_ptr, vocab, temperature, m, lo_k, top_k + 0.0, False, 8,
+            lo_k = _row_smallest_above(row_ptr, vocab, temperature, m, lo_k, top_k, False, 8,
                                        ROW_STEPS, BLOCK)
         if TOP_P:
             if TOP_K:
@@ -386,38 +391,47 @@ def _seed_tensor(seed, device) -> torch.Tensor:
     return torch.full((1,), seed & M32, dtype=torch.int64, device=device)
 
 
-def _sample(logits: torch.Tensor, rows: torch.Tensor, row_offset: bool, temperature: float, top_k: int, top_p: float,
-            min_p: float, seed, trace: torch.Tensor | None = None) -> torch.Tensor:
+def _scalar(value, dtype: torch.dtype, device) -> torch.Tensor:
+    """A 1-element device tensor of `value` (a number, or a 0-d tensor the engine keeps on the device)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(1).to(dtype)
+    return torch.full((1,), value, dtype=dtype, device=device)
+
+
+def _sample(logits: torch.Tensor, rows: torch.Tensor, row_offset: bool, mode: Mode, temperature, top_k, top_p, min_p,
+            seed, trace: torch.Tensor | None = None) -> torch.Tensor:
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     n, vocab = logits.shape
     dev = logits.device
     out = torch.empty(n, dtype=torch.int64, device=dev)
-    greedy = temperature == 0.0
-    filters = dict(TOP_K=not greedy and 0 < top_k < vocab, TOP_P=not greedy and top_p < 1.0,
-                   MIN_P=not greedy and min_p > 0.0)
-    mode = 0 if greedy else 2 if any(filters.values()) else 1
+    filters = dict(TOP_K=mode.top_k, TOP_P=mode.top_p, MIN_P=mode.min_p) if not mode.greedy else \
+        dict(TOP_K=False, TOP_P=False, MIN_P=False)
+    kind = 0 if mode.greedy else 2 if any(filters.values()) else 1
     # A small vocabulary is all candidates (chunks of CANDIDATES tokens): nothing to select, no fallback.
     chunk = CANDIDATES if vocab <= 16 * CANDIDATES else min(CHUNK, triton.next_power_of_2(vocab))
     n_chunks = triton.cdiv(vocab, chunk)
     best = torch.empty(n * n_chunks, dtype=torch.float32, device=dev)
     index = torch.empty(n * n_chunks, dtype=torch.int32, device=dev)
-    if mode == 2:
+    if kind == 2:
         cand = torch.empty(n * n_chunks * CANDIDATES, dtype=torch.int64, device=dev)
         low = torch.empty(n * n_chunks, dtype=torch.int64, device=dev)
         total = torch.empty(n * n_chunks, dtype=torch.float32, device=dev)
     else:
         cand = low = total = best  # unused
-    temperature = 1.0 if greedy else float(temperature)
+    # temperature, top_p and min_p in one float32 vector; on the engine's path they are device
+    # tensors already (a stack is a device op), so no value is read back or copied from the host.
+    values = torch.cat([_scalar(v, torch.float32, dev) for v in (temperature if not mode.greedy else 1.0, top_p, min_p)])
+    top_k_t = _scalar(top_k, torch.int64, dev)
     seed_t = _seed_tensor(seed, dev)
     if n == 0:
         return out
     _chunk_kernel[(n, n_chunks)](
-        logits, logits.stride(0), rows, seed_t, vocab, temperature, best, index, cand, low, total, MODE=mode,
+        logits, logits.stride(0), rows, seed_t, vocab, values, best, index, cand, low, total, MODE=kind,
         ROW_OFFSET=row_offset, NEED_SUM=filters["TOP_P"] and not filters["TOP_K"], CHUNK=chunk, KC=CANDIDATES,
         num_warps=16)
     _select_kernel[(n,)](
-        logits, logits.stride(0), rows, seed_t, out, vocab, n_chunks, temperature, top_k, top_p, min_p, best, index,
-        cand, low, total, trace if trace is not None else out, MODE=mode, ROW_OFFSET=row_offset, KC=CANDIDATES,
+        logits, logits.stride(0), rows, seed_t, out, vocab, n_chunks, values, top_k_t, best, index,
+        cand, low, total, trace if trace is not None else out, MODE=kind, ROW_OFFSET=row_offset, KC=CANDIDATES,
         BLOCK_C=max(2, triton.next_power_of_2(n_chunks)),
         BLOCK_CAND=max(2, triton.next_power_of_2(n_chunks * CANDIDATES)),
         BLOCK=min(1024, triton.next_power_of_2(vocab)), PROBES=PROBES, STEPS=_search_steps(PROBES),
@@ -425,31 +439,31 @@ def _sample(logits: torch.Tensor, rows: torch.Tensor, row_offset: bool, temperat
     return out
 
 
-def sample(logits: torch.Tensor, rows: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-           min_p: float = 0.0, seed=0) -> torch.Tensor:
-    """Triton: same contract as `sample_ref` (the seed may also be a 0-d device tensor)."""
-    return _sample(logits, rows, False, temperature, top_k, top_p, min_p, seed)
+def sample(logits: torch.Tensor, rows: torch.Tensor, *, temperature, top_k=0, top_p=1.0, min_p=0.0, seed=0,
+           mode: Mode | None = None) -> torch.Tensor:
+    """Triton: same contract as `sample_ref`."""
+    mode = _mode(mode, temperature, top_k, top_p, min_p)
+    return _sample(logits, rows, False, mode, temperature, top_k, top_p, min_p, seed)
 
 
 @triton.jit
-def _accept_kernel(block_ptr, y_ptr, len_ptr, acc_ptr, b, BLOCK: tl.constexpr):
+def _accept_kernel(block_ptr, y_ptr, acc_ptr, b, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     ok = i < b - 1
     draft = tl.load(block_ptr + 1 + i, mask=ok, other=-1)
     target = tl.load(y_ptr + i, mask=ok, other=-2)
     miss = tl.where(ok & (draft != target), i, b - 1)
-    accepted = tl.min(miss, axis=0).to(tl.int64)  # drafts accepted: up to the first mismatch
-    tl.store(acc_ptr, accepted)
-    tl.store(len_ptr, tl.load(len_ptr) + accepted + 1)
+    tl.store(acc_ptr, tl.min(miss, axis=0).to(tl.int64))  # drafts accepted: up to the first mismatch
 
 
-def accept(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tensor, *, temperature: float,
-           top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tensor, *, temperature, top_k=0, top_p=1.0,
+           min_p=0.0, seed=0, mode: Mode | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton: same contract as `accept_ref`, with no host synchronisation: the two sampling passes
     read the positions from `cache_len` on the device, then one small kernel counts the accepted
-    drafts and advances `cache_len`."""
+    drafts."""
+    mode = _mode(mode, temperature, top_k, top_p, min_p)
     b = logits.shape[0]
-    y = _sample(logits, cache_len, True, temperature, top_k, top_p, min_p, seed)
+    y = _sample(logits, cache_len, True, mode, temperature, top_k, top_p, min_p, seed)
     accepted = torch.empty((), dtype=torch.int64, device=logits.device)
-    _accept_kernel[(1,)](block_ids, y, cache_len, accepted, b, BLOCK=max(2, triton.next_power_of_2(b)))
+    _accept_kernel[(1,)](block_ids, y, accepted, b, BLOCK=max(2, triton.next_power_of_2(b)))
     return y, accepted

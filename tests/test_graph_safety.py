@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from dflash_cli import engine as engine_module
+from dflash_cli import graphs as graphs_module
 from dflash_cli import ops
 from dflash_cli.engine import Engine, Request
 from dflash_cli.graphs import EagerStep
@@ -65,13 +66,13 @@ class TracedStep(EagerStep):
     def __init__(self, step, bonus, caches):
         super().__init__(step, bonus.device)
         self.bonus = bonus.clone()
-        lengths = [c.length.clone() for c in caches]
+        saved = [c.snapshot() for c in caches]
         self.trace = make_fx(step)(self.bonus)  # recording runs the step once: undo its commits
-        for cache, length in zip(caches, lengths):
-            cache.length.copy_(length)
+        for cache, snap in zip(caches, saved):
+            cache.restore(snap)
         self.packed, self.next_bonus = (t.clone() for t in self.trace(self.bonus))
-        for cache, length in zip(caches, lengths):
-            cache.length.copy_(length)
+        for cache, snap in zip(caches, saved):
+            cache.restore(snap)
         self.replays = 0
 
     def run(self, bonus):
@@ -94,10 +95,9 @@ def test_the_device_step_never_reads_back_to_the_host(stories_model, sampling):
     prompt = m.tokenizer.encode(STORY_PROMPTS[0])
     steps = engine.generate(Request(prompt, 64, sampling=sampling))
     next(steps)  # prefill (may sync: it runs once, eagerly)
-    params = sampling.kernel_args(engine.seed)
     bonus = torch.tensor([int(engine._cached_ids[-1])])
     with torch.inference_mode(), HostReads() as reads:
-        packed, _ = engine._device_step(params)(bonus)
+        packed, _ = engine._device_step(sampling.mode)(bonus)
     assert reads.seen == []
     assert packed.shape == (1 + 2 * engine.block_size,)
     for read_back in (lambda t: t.tolist(), lambda t: int(t[0]), lambda t: bool(t[0] > 0), lambda t: t[t > 0]):
@@ -129,3 +129,29 @@ def test_replaying_one_recorded_step_gives_the_eager_tokens(stories_model, monke
     got = [_tokens(engine, p, sampling) for p in prompts]  # both prompts replay the warm-up's record
     assert got == want
     assert len(traced) == 1 and traced[0].replays >= 2 * 48 // m.drafter.cfg.block_size
+
+
+def test_a_capture_that_fails_midway_leaves_the_caches_as_they_were(stories_model, monkeypatch):
+    """A capture whose warm-up raises after the step committed (out of memory, say) must not leave
+    the target cache ahead of the drafter's: the engine falls back to eager execution and still
+    writes exactly the target's tokens."""
+    m = stories_model
+    prompt = m.tokenizer.encode(STORY_PROMPTS[0])
+    want = _tokens(Engine(m.target, m.drafter), prompt, SAMPLINGS[0])
+    failures = []
+
+    def capture_that_fails(fn, after=None, pool=None):
+        fn()  # a warm-up run: it drafts, verifies, commits, and adds drafter context
+        failures.append(True)
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(graphs_module, "capture", capture_that_fails)
+    engine = Engine(m.target, m.drafter)
+    engine.graphs.enabled = True
+    got = []
+    for step in engine.generate(Request(prompt, 48, sampling=SAMPLINGS[0])):
+        got += step.tokens
+        if not step.prefill and step.finish is None:  # committed: the prompt and every token but the bonus
+            assert int(engine.target_cache.length) == int(engine.draft_cache.length) == len(prompt) + len(got) - 1
+    assert failures and not engine.graphs.enabled  # it failed, and the engine fell back to eager
+    assert got == want

@@ -5,6 +5,8 @@ from scipy import stats
 from dflash_cli.kernels import accept as kernels
 from dflash_cli.kernels.accept import accept, accept_ref, filtered_scores, sample, sample_ref
 
+from dflash_cli.sampling import Mode
+
 from .conftest import DEVICE
 
 PARAMS = [
@@ -69,8 +71,8 @@ def test_filtered_sampling_over_many_chunks_on_both_paths(seed, small_chunks, pa
     logits = torch.randn(len(scales), vocab, device=DEVICE) * torch.tensor(scales, device=DEVICE)[:, None]
     rows = torch.randint(0, 10_000, (len(scales),), device=DEVICE)
     trace = torch.full((len(scales),), -1, dtype=torch.int32, device=DEVICE)
-    got = kernels._sample(logits, rows, False, params["temperature"], params.get("top_k", 0),
-                          params.get("top_p", 1.0), params.get("min_p", 0.0), seed, trace=trace)
+    values = (params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0), params.get("min_p", 0.0))
+    got = kernels._sample(logits, rows, False, Mode.of(*values), *values, seed, trace=trace)
     assert trace.tolist() == exact, f"seed {seed}: path taken {trace.tolist()}, expected {exact}"
     assert torch.equal(got, sample_ref(logits, rows, seed=seed, **params)), f"seed {seed}"
 
@@ -132,7 +134,7 @@ def test_the_distribution_test_rejects_a_wrong_temperature(seed):
 
 
 @pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95)], ids=ids)
-def test_accept_counts_agreement_and_advances_the_cache_length(seed, params):
+def test_accept_counts_agreement_and_leaves_the_cache_length(seed, params):
     b, vocab = 8, 300
     logits = torch.randn(b, vocab, device=DEVICE) * 4
     length = torch.tensor(int(torch.randint(0, 1000, (1,))), device=DEVICE)
@@ -147,4 +149,19 @@ def test_accept_counts_agreement_and_advances_the_cache_length(seed, params):
         want_y, want_a = accept_ref(logits, block, want_len, seed=seed, **params)
         assert torch.equal(got_y, want_y), f"seed {seed}, agree {agree}: {got_y} != {want_y}"
         assert int(got_a) == int(want_a) == agree, f"seed {seed}: accepted {int(got_a)}, {int(want_a)}, {agree}"
-        assert int(got_len) == int(want_len) == int(length) + agree + 1, f"seed {seed}"
+        assert int(got_len) == int(want_len) == int(length), f"seed {seed}: committing is the model's job"
+
+
+@pytest.mark.parametrize("params", PARAMS[1:], ids=ids)
+def test_device_tensor_values_draw_what_the_same_numbers_draw(seed, params):
+    """The engine keeps the sampling values on the device (one captured graph per mode serves every
+    value): the kernel and the reference must read them there and draw exactly the numbers' sample."""
+    logits = torch.randn(5, 700, device=DEVICE) * 3
+    rows = torch.randint(0, 10_000, (5,), device=DEVICE)
+    full = dict(top_k=0, top_p=1.0, min_p=0.0) | params
+    mode = Mode.of(full["temperature"], full["top_k"], full["top_p"], full["min_p"])
+    tensors = {k: torch.tensor(v, device=DEVICE, dtype=torch.int64 if k == "top_k" else torch.float32)
+               for k, v in full.items()}
+    want = sample_ref(logits, rows, seed=seed, **params)
+    assert torch.equal(sample(logits, rows, seed=seed, mode=mode, **tensors), want), f"seed {seed}"
+    assert torch.equal(sample_ref(logits, rows, seed=seed, mode=mode, **tensors), want), f"seed {seed}"

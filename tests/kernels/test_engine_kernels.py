@@ -60,7 +60,7 @@ def test_the_device_step_through_kernels_never_reads_back_to_the_host(pair, monk
     engine = Engine(model.target, model.drafter)
     steps = engine.generate(Request(PROMPT, 16, sampling=sampling))
     next(steps)  # the prefill runs eagerly
-    step = engine._device_step(sampling.kernel_args(engine.seed))
+    step = engine._device_step(sampling.mode)
     with torch.inference_mode(), HostReads() as reads:
         packed, _ = step(torch.tensor([7], device=DEVICE))
     assert reads.seen == [] and packed.shape == (1 + 2 * engine.block_size,)
