@@ -30,7 +30,7 @@ def tokens(device: torch.device, shape: str, dtype: torch.dtype, kernels: str, g
     torch.manual_seed(0)  # the same random weights for every row
     target, drafter = random_pair(shape, dtype, device, 2048)
     engine = Engine(target, drafter if speculative else None, max_context=1024, lookahead=lookahead)
-    prompt = torch.randint(0, SHAPES[shape][0].vocab_size, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = torch.randint(0, SHAPES[shape][0]["vocab_size"], (48,), generator=torch.Generator().manual_seed(1)).tolist()
     out = [t for step in engine.generate(Request(prompt, n)) for t in step.tokens]
     del engine, target, drafter
     if device.type == "cuda":

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import DflashError
+from .models.weights import Weight
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -79,9 +80,9 @@ def _check_extent(path: Path, size: int, mtime_ns: int) -> None:
 
 
 def load_tensors(
-    files: dict[str, Path], names: Iterable[str], dtype: torch.dtype, device: torch.device
+    files: dict[str, Path], names: Iterable[str], dtype: torch.dtype | None, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Read `names` (all must exist) into `dtype` on `device`."""
+    """Read `names` (all must exist) into `dtype` (None: as stored) on `device`."""
     names = list(names)
     absent = [n for n in names if n not in files]
     if absent:
@@ -95,5 +96,42 @@ def load_tensors(
     for path, group in by_file.items():
         with _open(path, load_device) as f:
             for name in group:
-                out[name] = f.get_tensor(name).to(dtype=dtype, device=device)
+                t = f.get_tensor(name)  # dtype None: as stored (packed MXFP4 bytes must stay bytes)
+                out[name] = t.to(device=device) if dtype is None else t.to(dtype=dtype, device=device)
+    return out
+
+
+def header_shapes(files: dict[str, Path], names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of `names` from the safetensors headers, without reading any tensor data."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    shapes = {}
+    for path, group in by_file.items():
+        with _open(path, "cpu") as f:
+            for name in group:
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def read_weights(directory: Path, table: list[Weight], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every weight of a family's table, each in its dtype policy ("model": `dtype`, "float32", or
+    "raw": as stored), after checking every shape against the table (before any data is read)."""
+    files = weight_files(directory)
+    present = [w for w in table if w.name in files]
+    absent = [w for w in table if w.name not in files and not (w.fallback and w.fallback in files)]
+    if absent:
+        raise DflashError(f"{directory}: weight '{absent[0].name}' is missing from the checkpoint")
+    shapes = header_shapes(files, [w.name for w in present])
+    for w in present:
+        if shapes[w.name] != w.shape:
+            raise DflashError(f"{directory}: {w.name} has shape {shapes[w.name]}, config.json implies {w.shape}")
+    out: dict[str, torch.Tensor] = {}
+    for policy, target_dtype in (("model", dtype), ("float32", torch.float32), ("raw", None)):
+        names = [w.name for w in present if w.dtype == policy]
+        if names:
+            out |= load_tensors(files, names, target_dtype, device)
+    for w in table:
+        if w.name not in out:
+            out[w.name] = out[w.fallback]
     return out

@@ -1,8 +1,9 @@
-"""Model configs read from a checkpoint's config.json, checked at the boundary.
+"""Configs read from a checkpoint's config.json, checked at the boundary.
 
-Targets are Qwen3 or Llama dense models; the drafter is a DFlash checkpoint (a Qwen3 config plus
-`block_size`, `mask_token_id` and `dflash_config.target_layer_ids`; DESIGN §2). Every problem is a
-one-line `DflashError` that names the file and the field.
+The helpers every family's `Config.from_raw` uses (required and optional fields, rope parameters),
+and the drafter's config: a DFlash checkpoint is a Qwen3 config plus `block_size`, `mask_token_id`
+and `dflash_config.target_layer_ids` (DESIGN §2). Every problem is a one-line `DflashError` that
+names the file and the field.
 """
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DflashError
-
-TARGET_FAMILIES = {"qwen3": "qwen3", "llama": "llama"}
-
 
 def read_config(directory: Path) -> dict:
     path = Path(directory) / "config.json"
@@ -26,11 +24,16 @@ def read_config(directory: Path) -> dict:
         raise DflashError(f"{path} is not valid JSON: {e}") from None
 
 
-class _Fields:
+class Fields:
     """Reads required and optional fields from a config dict with errors that name the file."""
 
     def __init__(self, raw: dict, where: Path):
         self.raw, self.where = raw, where
+
+    def refuse(self, *keys: str, why: str) -> None:
+        """Fail on keys that would change the math in a way this code does not implement."""
+        if any(self.raw.get(k) for k in keys):
+            raise DflashError(f"{self.where}: {why}")
 
     def req(self, key: str, kind: type = int):
         if key not in self.raw or self.raw[key] is None:
@@ -47,64 +50,14 @@ class _Fields:
             raise DflashError(f"{self.where}/config.json: '{key}' should be {kind.__name__}, got {value!r}") from None
 
 
-def _rope(raw: dict, f: _Fields) -> tuple[float, dict | None]:
+def rope_params(raw: dict, f: Fields) -> tuple[float, dict | None]:
+    """(theta, scaling dict or None) from `rope_theta`/`rope_scaling` or transformers 5's `rope_parameters`."""
     params = raw.get("rope_parameters") or {}
     theta = raw.get("rope_theta", params.get("rope_theta"))
     if theta is None:
         raise DflashError(f"{f.where}/config.json is missing 'rope_theta'")
     scaling = raw.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     return float(theta), scaling
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    family: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-
-    @property
-    def qk_norm(self) -> bool:
-        return self.family == "qwen3"
-
-    @classmethod
-    def from_dir(cls, directory: Path) -> "TargetConfig":
-        raw = read_config(directory)
-        f = _Fields(raw, Path(directory))
-        model_type = raw.get("model_type")
-        if model_type not in TARGET_FAMILIES:
-            archs = ", ".join(raw.get("architectures") or []) or model_type or "unknown"
-            raise DflashError(
-                f"{directory}: unsupported target architecture '{archs}' (supported: Qwen3 and Llama dense)"
-            )
-        if raw.get("attention_bias") or raw.get("mlp_bias"):
-            raise DflashError(f"{directory}: attention/MLP biases are not supported")
-        theta, scaling = _rope(raw, f)
-        hidden, heads = f.req("hidden_size"), f.req("num_attention_heads")
-        return cls(
-            family=TARGET_FAMILIES[model_type],
-            vocab_size=f.req("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=f.req("intermediate_size"),
-            num_layers=f.req("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=f.opt("num_key_value_heads", heads),
-            head_dim=f.opt("head_dim", None) or hidden // heads,
-            rms_norm_eps=f.opt("rms_norm_eps", 1e-6, float),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=f.opt("max_position_embeddings", 4096),
-            tie_word_embeddings=f.opt("tie_word_embeddings", False, bool),
-        )
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -134,10 +87,13 @@ class DrafterConfig:
 
     @classmethod
     def from_dir(cls, directory: Path) -> "DrafterConfig":
-        raw = read_config(directory)
-        f = _Fields(raw, Path(directory))
+        return cls.from_raw(read_config(directory), Path(directory))
+
+    @classmethod
+    def from_raw(cls, raw: dict, directory: Path) -> "DrafterConfig":
+        f = Fields(raw, Path(directory))
         dflash = raw.get("dflash_config") or {}
-        inner = _Fields(dflash, Path(directory))
+        inner = Fields(dflash, Path(directory))
 
         def either(key: str) -> int:
             if raw.get(key) is not None:
@@ -161,7 +117,7 @@ class DrafterConfig:
         if len(layer_types) != num_layers:
             raise DflashError(f"{directory}/config.json: layer_types has {len(layer_types)} entries for {num_layers} layers")
         window = f.opt("sliding_window", None)
-        theta, scaling = _rope(raw, f)
+        theta, scaling = rope_params(raw, f)
         return cls(
             block_size=either("block_size"),
             mask_token_id=either("mask_token_id"),
@@ -179,7 +135,7 @@ class DrafterConfig:
             sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
         )
 
-    def check_against(self, target: TargetConfig, directory: Path) -> None:
+    def check_against(self, target, directory: Path) -> None:
         """Fail before any weight is read when the drafter cannot serve this target."""
         where = f"drafter {directory} does not match the target:"
         if self.hidden_size != target.hidden_size:

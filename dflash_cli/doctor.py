@@ -58,8 +58,9 @@ def _model_check(model: str, cuda: bool) -> Check:
 
     from . import registry
     from .errors import DflashError
-    from .memory import GiB, kv_bytes_per_token, weight_bytes
-    from .synthetic import SHAPES
+    from .engine import cache_slack
+    from .memory import GiB, needs_for
+    from .synthetic import SHAPES, configs
 
     try:
         pair = registry.resolve(model)
@@ -67,13 +68,13 @@ def _model_check(model: str, cuda: bool) -> Check:
         return Check(model, "fail", str(e))
     if not pair.supported:
         return Check(pair.alias, "fail", f"not supported by this version yet ({pair.note})")
-    shapes = SHAPES.get(pair.alias)
     ready = all(hub.local_path(r) is not None for r in (pair.target, pair.drafter))
     detail = "downloaded" if ready else f"not downloaded (`dflash pull {pair.alias}`)"
-    if shapes is None:
+    if pair.alias not in SHAPES:
         return Check(pair.alias, "ok" if ready else "warn", detail)
-    target, drafter, _ = shapes
-    need = weight_bytes(target, drafter, torch.bfloat16) + 4096 * kv_bytes_per_token(target, drafter, torch.bfloat16)
+    family, target, drafter, _ = configs(pair.alias)
+    block = drafter.block_size
+    need = needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block)).total(4096)
     if not cuda:
         return Check(pair.alias, "warn", f"{detail}; needs ~{need / GiB:.0f} GiB of GPU memory (4K context), no GPU here")
     free, _ = torch.cuda.mem_get_info(0)

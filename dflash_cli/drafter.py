@@ -17,10 +17,34 @@ import torch.nn.functional as F
 
 from . import ops
 from .cache import KVCache
-from .checkpoint import load_tensors, weight_files
+from .checkpoint import header_shapes, read_weights, weight_files
 from .config import DrafterConfig
 from .errors import DflashError
+from .models.weights import Weight
 from .rope import rope_table
+
+
+def weight_table(c: DrafterConfig) -> list[Weight]:
+    """The released drafter's tensors (DESIGN §2): unprefixed, no embedding and no lm_head."""
+    h, d, q, kv = c.hidden_size, c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    table = [Weight("fc.weight", (h, len(c.target_layer_ids) * h)), Weight("hidden_norm.weight", (h,), "norm"),
+             Weight("norm.weight", (h,), "norm")]
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        table += [Weight(p + "input_layernorm.weight", (h,), "norm"),
+                  Weight(p + "post_attention_layernorm.weight", (h,), "norm"),
+                  Weight(p + "self_attn.q_proj.weight", (q, h)), Weight(p + "self_attn.k_proj.weight", (kv, h)),
+                  Weight(p + "self_attn.v_proj.weight", (kv, h)), Weight(p + "self_attn.o_proj.weight", (h, q)),
+                  Weight(p + "self_attn.q_norm.weight", (d,), "norm"), Weight(p + "self_attn.k_norm.weight", (d,), "norm"),
+                  Weight(p + "mlp.gate_proj.weight", (c.intermediate_size, h)),
+                  Weight(p + "mlp.up_proj.weight", (c.intermediate_size, h)),
+                  Weight(p + "mlp.down_proj.weight", (h, c.intermediate_size))]
+    return table
+
+
+def cache_bytes(c: DrafterConfig, dtype: torch.dtype) -> int:
+    """Context K/V bytes per token."""
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
 @dataclass
@@ -56,33 +80,34 @@ class Drafter:
         if f"layers.{cfg.num_layers}.mlp.down_proj.weight" in files or f"layers.{cfg.num_layers - 1}.mlp.down_proj.weight" not in files:
             count = len({n.split(".")[1] for n in files if n.startswith("layers.")})
             raise DflashError(f"drafter {directory}: weights have {count} layers, config.json says {cfg.num_layers}")
-        top = load_tensors(files, ["fc.weight", "hidden_norm.weight", "norm.weight"], dtype, device)
+        fc = header_shapes(files, ["fc.weight"])["fc.weight"]
         want = (cfg.hidden_size, len(cfg.target_layer_ids) * cfg.hidden_size)
-        if tuple(top["fc.weight"].shape) != want:
-            raise DflashError(f"drafter {directory}: fc.weight is {tuple(top['fc.weight'].shape)}, but "
-                              f"{len(cfg.target_layer_ids)} target layers × hidden {cfg.hidden_size} need {want}")
+        if fc != want:
+            raise DflashError(f"drafter {directory}: fc.weight is {fc}, but {len(cfg.target_layer_ids)} target "
+                              f"layers × hidden {cfg.hidden_size} need {want}")
+        return cls.from_weights(cfg, read_weights(directory, weight_table(cfg), dtype, device), embed, lm_head,
+                                max_positions)
+
+    @classmethod
+    def from_weights(cls, cfg: DrafterConfig, w: dict[str, torch.Tensor], embed: torch.Tensor, lm_head: torch.Tensor,
+                     max_positions: int) -> "Drafter":
+        """The drafter from its checkpoint tensors by name (`weight_table`); `w` is consumed."""
         kv, layers = [], []
         for i in range(cfg.num_layers):
-            p = f"layers.{i}."
-            names = [p + n for n in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                     "self_attn.v_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-                                     "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-                                     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
-            w = [load_tensors(files, names, dtype, device)[n] for n in names]
-            q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            for name, t, rows in ((names[1], w[1], q_rows), (names[2], w[2], kv_rows), (names[3], w[3], kv_rows)):
-                if tuple(t.shape) != (rows, cfg.hidden_size):
-                    raise DflashError(f"drafter {directory}: {name} is {tuple(t.shape)}, config.json implies "
-                                      f"{(rows, cfg.hidden_size)}")
-            kv.append(torch.cat((w[2], w[3])))
-            layers.append(DraftLayer(input_norm=w[0], q_proj=w[1], kv_proj=kv[-1], q_norm=w[4], k_norm=w[5],
-                                     o_proj=w[6], post_norm=w[7], gate_up=torch.cat(w[8:10]), down=w[10],
-                                     window=cfg.sliding_windows[i]))
+            p = f"layers.{i}.self_attn."
+            kv.append(torch.cat((w.pop(p + "k_proj.weight"), w.pop(p + "v_proj.weight"))))
+            q = f"layers.{i}."
+            layers.append(DraftLayer(
+                input_norm=w.pop(q + "input_layernorm.weight"), q_proj=w.pop(p + "q_proj.weight"), kv_proj=kv[-1],
+                q_norm=w.pop(p + "q_norm.weight"), k_norm=w.pop(p + "k_norm.weight"), o_proj=w.pop(p + "o_proj.weight"),
+                post_norm=w.pop(q + "post_attention_layernorm.weight"),
+                gate_up=torch.cat((w.pop(q + "mlp.gate_proj.weight"), w.pop(q + "mlp.up_proj.weight"))),
+                down=w.pop(q + "mlp.down_proj.weight"), window=cfg.sliding_windows[i]))
         w_kv = torch.cat(kv)
         rows = w_kv.shape[0] // cfg.num_layers
         for i, layer in enumerate(layers):  # share the stacked tensor rather than keep two copies
             layer.kv_proj = w_kv[i * rows:(i + 1) * rows]
-        return cls(cfg, top["fc.weight"], top["hidden_norm.weight"], top["norm.weight"], layers, w_kv,
+        return cls(cfg, w["fc.weight"], w["hidden_norm.weight"], w["norm.weight"], layers, w_kv,
                    embed, lm_head, max_positions)
 
     def new_cache(self, capacity: int) -> KVCache:

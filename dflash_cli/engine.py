@@ -20,7 +20,6 @@ from .drafter import Drafter
 from .errors import DflashError
 from .graphs import StepGraphs
 from .sampling import DeviceSampling, Mode, SamplingParams
-from .target import Target
 
 
 @dataclass
@@ -59,7 +58,7 @@ def cache_slack(block_size: int) -> int:
 
 
 class Engine:
-    def __init__(self, target: Target, drafter: Drafter | None = None, block_size: int | None = None,
+    def __init__(self, target, drafter: Drafter | None = None, block_size: int | None = None,
                  max_context: int | None = None, prefill_chunk: int = 512, lookahead: bool | None = None):
         """max_context: the most tokens (prompt + answer) a generation may hold; the caches get
         `cache_slack` slots more, so no verify block runs past them.
@@ -76,12 +75,12 @@ class Engine:
         if not 1 <= block_size <= (drafter.cfg.block_size if drafter else 1):
             raise DflashError(f"block size must be between 1 and the drafter's {drafter.cfg.block_size}, got {block_size}")
         self.target, self.drafter, self.block_size = target, drafter, block_size
-        rope_positions, slack = target.cos_sin.shape[0], cache_slack(block_size)
+        rope_positions, slack = target.max_positions, cache_slack(block_size)
         self.max_context = min(max_context or rope_positions, rope_positions - slack)
         self.prefill_chunk = prefill_chunk
         self.lookahead = target.device.type == "cuda" if lookahead is None else lookahead
         capacity = self.max_context + slack
-        self.target_cache = target.new_cache(capacity)
+        self.target_cache = target.new_cache(capacity, block_size)
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
         self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order
@@ -157,8 +156,7 @@ class Engine:
             chunk = torch.tensor(prompt[start:start + self.prefill_chunk], device=device)
             last = start + self.prefill_chunk >= len(prompt)
             logits, features = self.target.forward(chunk, self.target_cache, logits_from=-1 if last else None,
-                                                   feature_layers=self.feature_layers)
-            self.target_cache.commit(chunk.shape[0])
+                                                   feature_layers=self.feature_layers, commit=True)
             if self.draft_cache is not None:
                 self.drafter.add_context(features, self.draft_cache)
         self._cached_ids = list(prompt)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .config import DrafterConfig, TargetConfig
+from .config import DrafterConfig
 from .drafter import Drafter
 from .engine import cache_slack
 from .errors import DflashError, UsageError
-from .memory import free_device_memory, plan_context
-from .target import Target
+from .memory import free_device_memory, needs_for, plan_context
+from .models import load_target, target_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class Model:
     tokenizer: object  # a transformers PreTrainedTokenizerFast
-    target: Target
+    target: object  # a model family's Model (dflash_cli/models)
     drafter: Drafter | None
     stop_token_ids: frozenset[int]
     max_context: int
@@ -85,7 +85,9 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     target_dir = Path(target_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    target_cfg = TargetConfig.from_dir(target_dir)
+    if dev.type == "cuda":  # Triton launches, graph captures and events follow the current device
+        torch.cuda.set_device(dev)
+    family, target_cfg = target_config(target_dir)
     drafter_cfg = None
     if drafter_dir is not None:
         drafter_dir = Path(drafter_dir)
@@ -93,10 +95,13 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
         drafter_cfg.check_against(target_cfg, drafter_dir)
     if max_context is not None and max_context < 2:
         raise UsageError(f"--max-context must be at least 2, got {max_context}")
-    context = plan_context(target_cfg, drafter_cfg, dt, max_context, free_device_memory(dev))
-    positions = context + cache_slack(drafter_cfg.block_size if drafter_cfg else 1)  # rope rows the caches can reach
+    block = drafter_cfg.block_size if drafter_cfg else 1
+    slack = cache_slack(block)
+    needs = needs_for(family, target_cfg, drafter_cfg, dt, block, slack)
+    context = plan_context(needs, target_cfg.max_position_embeddings, max_context, free_device_memory(dev))
+    positions = context + slack  # rope rows the caches can reach
     tokenizer = load_tokenizer(target_dir)
-    target = Target.load(target_dir, target_cfg, dt, dev, positions)
+    target = load_target(target_dir, dt, dev, positions, family, target_cfg)
     drafter = None
     if drafter_cfg is not None:
         drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)

@@ -1,73 +1,80 @@
-"""Memory planning: how many tokens of KV cache fit next to the weights, decided before loading.
+"""Memory planning: how many tokens of context fit next to the weights, decided before loading.
 
-On CUDA the caches are sized from free device memory (and --max-context); a request that cannot
-fit is a one-line error that says what is needed and what is free, instead of an out-of-memory
-traceback halfway through loading.
+What is counted comes from the model itself, not from a dense-model formula: the weights are the
+family's weight table (every tensor the loader will allocate, in its load dtype: experts, packed
+MXFP4 bytes and fp32 state parameters included), and the caches are what the family and the
+drafter say they hold per token of context and in fixed state (a hybrid's recurrent state, its
+verify scratch and its prefix snapshot). On CUDA the context is sized from free device memory (or
+--max-context); a request that cannot fit is a one-line error that says what is needed and what is
+free, instead of an out-of-memory traceback halfway through loading.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .config import DrafterConfig, TargetConfig
-from .engine import cache_slack
 from .errors import DflashError
 
 GiB = 1 << 30
 CPU_DEFAULT_CONTEXT = 8192
 
 
-def kv_bytes_per_token(target: TargetConfig, drafter: DrafterConfig | None, dtype: torch.dtype) -> int:
-    size = torch.tensor([], dtype=dtype).element_size()
-    per = target.num_layers * target.num_kv_heads * target.head_dim
-    if drafter is not None:
-        per += drafter.num_layers * drafter.num_kv_heads * drafter.head_dim
-    return 2 * per * size  # K and V
+@dataclass(frozen=True)
+class MemoryNeeds:
+    weights: int  # target + drafter weights, as loaded
+    per_token: int  # cache bytes per token of context (target + drafter)
+    fixed: int  # cache bytes that do not grow with the context (recurrent states, scratch)
+    workspace: int  # activations of the largest forward, verify logits, the CUDA-graph pool, headroom
+    slack: int  # cache slots past the context limit (the verify blocks in flight)
+
+    def total(self, context: int) -> int:
+        return self.weights + self.fixed + self.workspace + (context + self.slack) * self.per_token
 
 
-def weight_bytes(target: TargetConfig, drafter: DrafterConfig | None, dtype: torch.dtype) -> int:
-    size = torch.tensor([], dtype=dtype).element_size()
-    h = target.hidden_size
-    attn = h * (target.num_heads + 2 * target.num_kv_heads) * target.head_dim + target.num_heads * target.head_dim * h
-    mlp = 3 * h * target.intermediate_size
-    params = target.num_layers * (attn + mlp) + target.vocab_size * h * (1 if target.tie_word_embeddings else 2)
-    if drafter is not None:
-        d = drafter
-        d_attn = h * (d.num_heads + 2 * d.num_kv_heads) * d.head_dim + d.num_heads * d.head_dim * h
-        params += d.num_layers * (d_attn + 3 * h * d.intermediate_size) + len(d.target_layer_ids) * h * h
-    return params * size
+def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int) -> MemoryNeeds:
+    """What a target of `family` and its drafter (or None) need, from their weight tables and caches."""
+    from . import drafter
+    from .models.weights import table_bytes
+
+    weights = table_bytes(family.weight_table(target_cfg), dtype)
+    per_token, fixed = family.cache_bytes(target_cfg, dtype, block_size)
+    if drafter_cfg is not None:
+        weights += table_bytes(drafter.weight_table(drafter_cfg), dtype)
+        per_token += drafter.cache_bytes(drafter_cfg, dtype)
+    return MemoryNeeds(weights, per_token, fixed, workspace_bytes(target_cfg, block_size), slack)
 
 
-def workspace_bytes(target: TargetConfig, block_size: int, prefill_chunk: int = 512) -> int:
-    """Activations of the largest forward (a prefill chunk) and the verify logits, with headroom."""
-    chunk = prefill_chunk * (4 * target.hidden_size + 2 * target.intermediate_size) * 4
-    return chunk + block_size * target.vocab_size * 4 + GiB // 2
+def workspace_bytes(cfg, block_size: int, prefill_chunk: int = 512) -> int:
+    """Activations of the largest forward (a prefill chunk), the verify and draft logits in float32,
+    what one captured step allocates from the graph pool, and half a GiB for the allocator."""
+    chunk = prefill_chunk * (4 * cfg.hidden_size + cfg.activation_width) * 4
+    logits = 2 * block_size * cfg.vocab_size * 4
+    graph_pool = 2 * logits + 64 * block_size * cfg.activation_width * 4  # sampler buffers, step activations
+    return chunk + logits + graph_pool + GiB // 2
 
 
-def plan_context(target: TargetConfig, drafter: DrafterConfig | None, dtype: torch.dtype,
-                 requested: int | None, free_bytes: int | None) -> int:
+def plan_context(needs: MemoryNeeds, ceiling: int, requested: int | None, free_bytes: int | None) -> int:
     """The context length (prompt + answer tokens) to allocate caches for.
 
-    `free_bytes` is None on CPU, where the cache is sized by the request (default 8192 tokens)."""
-    ceiling = target.max_position_embeddings
+    `ceiling`: the model's positions. `free_bytes` is None on CPU, where the cache is sized by the
+    request (default 8192 tokens)."""
     if requested is not None and requested > ceiling:
         raise DflashError(f"--max-context {requested} is beyond the model's {ceiling} positions")
     if free_bytes is None:
         return requested or min(ceiling, CPU_DEFAULT_CONTEXT)
-    block = drafter.block_size if drafter else 1
-    slack = cache_slack(block)
-    weights = weight_bytes(target, drafter, dtype)
-    per_token = kv_bytes_per_token(target, drafter, dtype)
-    spare = free_bytes - weights - workspace_bytes(target, block)
-    fits = max(0, spare // per_token - slack)
+    spare = free_bytes - needs.weights - needs.fixed - needs.workspace
+    fits = max(0, spare // needs.per_token - needs.slack)
     if requested is not None:
         if requested > fits:
-            need = weights + workspace_bytes(target, block) + (requested + slack) * per_token
+            need = needs.total(requested)
+            cache = (requested + needs.slack) * needs.per_token + needs.fixed
             raise DflashError(f"--max-context {requested} needs {need / GiB:.1f} GiB on the GPU "
-                              f"(weights {weights / GiB:.1f} GiB, KV cache {(requested + slack) * per_token / GiB:.1f} GiB), "
+                              f"(weights {needs.weights / GiB:.1f} GiB, caches {cache / GiB:.1f} GiB), "
                               f"{free_bytes / GiB:.1f} GiB is free: use --max-context {fits} or less")
         return requested
     if fits < 256:
-        raise DflashError(f"not enough GPU memory: the weights need {weights / GiB:.1f} GiB and "
+        raise DflashError(f"not enough GPU memory: the weights need {needs.weights / GiB:.1f} GiB and "
                           f"{free_bytes / GiB:.1f} GiB is free (close other GPU programs, or use a smaller model)")
     return min(ceiling, fits)
 

@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dflash_cli.config import DrafterConfig, TargetConfig
+from dflash_cli.config import DrafterConfig
 from dflash_cli.drafter import Drafter
 from dflash_cli.engine import Engine, Request
+from dflash_cli.models import load_target
 from dflash_cli.sampling import SamplingParams
-from dflash_cli.target import Target
 
 from .tiny import save_weights, write_drafter
 
 
-def target_corpus(target: Target, prompts: list[list[int]], length: int, layer_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def target_corpus(target, prompts: list[list[int]], length: int, layer_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(token ids, target features) of the target's own continuations of `prompts`."""
     engine = Engine(target, max_context=max(len(p) for p in prompts) + length + 1)
     corpus = []
@@ -31,7 +31,7 @@ def target_corpus(target: Target, prompts: list[list[int]], length: int, layer_i
         ids = torch.tensor(prompt + out)
         cache = target.new_cache(len(ids) + 1)
         with torch.no_grad():
-            _, feats = target.forward(ids, cache, feature_layers=layer_ids)
+            _, feats = target.forward(ids, cache, feature_layers=layer_ids, commit=True)
         corpus.append((ids, feats))
     return corpus
 
@@ -40,9 +40,9 @@ def fit_drafter(target_dir: Path, out_dir: Path, drafter_cfg: dict, prompts: lis
                 steps: int = 300, blocks_per_step: int = 4, length: int = 96, lr: float = 3e-3, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     write_drafter(out_dir, drafter_cfg, seed=seed)
-    tcfg, dcfg = TargetConfig.from_dir(target_dir), DrafterConfig.from_dir(out_dir)
+    dcfg = DrafterConfig.from_dir(out_dir)
     positions = 2048
-    target = Target.load(target_dir, tcfg, torch.float32, torch.device("cpu"), positions)
+    target = load_target(target_dir, torch.float32, torch.device("cpu"), positions)
     drafter = Drafter.load(out_dir, dcfg, target.embed, target.lm_head, positions)
     corpus = target_corpus(target, prompts, length, dcfg.target_layer_ids)
     params = [drafter.fc, drafter.w_kv] + [t for layer in drafter.layers

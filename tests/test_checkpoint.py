@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dflash_cli import loader
-from dflash_cli.config import DrafterConfig, TargetConfig, default_target_layer_ids
+from dflash_cli.config import DrafterConfig, default_target_layer_ids
+from dflash_cli.models import target_config as _target_config
 from dflash_cli.errors import DflashError
 
 from .tiny import drafter_config, target_config, write_drafter, write_target
@@ -20,7 +21,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
     three = loader.load(write_target(tmp_path / "three", cfg, seed=9, shards=3), None, device="cpu")
     assert not (tmp_path / "three" / "model.safetensors").exists()
     for a, b in zip(one.target.layers, three.target.layers):
-        assert torch.equal(a.qkv, b.qkv) and torch.equal(a.down, b.down)
+        assert torch.equal(a.attn.qkv, b.attn.qkv) and torch.equal(a.down, b.down)
 
 
 def test_tied_embeddings_share_one_tensor(tmp_path):
@@ -30,7 +31,7 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
 
 def test_weights_load_in_the_requested_dtype(tmp_path):
     m = loader.load(write_target(tmp_path / "t", target_config("qwen3")), None, device="cpu", dtype="bfloat16")
-    assert m.target.embed.dtype == torch.bfloat16 and m.target.layers[0].qkv.dtype == torch.bfloat16
+    assert m.target.embed.dtype == torch.bfloat16 and m.target.layers[0].attn.qkv.dtype == torch.bfloat16
 
 
 def test_float16_is_refused():
@@ -66,15 +67,15 @@ def test_missing_config_field_is_named(tmp_path):
     del cfg["num_hidden_layers"]
     (t / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DflashError, match="missing 'num_hidden_layers'"):
-        TargetConfig.from_dir(t)
+        TargetConfig(t)
 
 
 def test_unsupported_architecture_is_named(tmp_path):
     t = write_target(tmp_path / "t", target_config("qwen3"))
-    cfg = json.loads((t / "config.json").read_text()) | {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}
+    cfg = json.loads((t / "config.json").read_text()) | {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}
     (t / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(DflashError, match="unsupported target architecture 'Qwen3MoeForCausalLM'"):
-        TargetConfig.from_dir(t)
+    with pytest.raises(DflashError, match="unsupported target architecture 'MistralForCausalLM'.*supported: .*llama"):
+        TargetConfig(t)
 
 
 def test_missing_weight_is_named(tmp_path):
@@ -147,6 +148,10 @@ def test_missing_target_layer_ids_falls_back_with_a_warning(pair):
     assert default_target_layer_ids(36, 1) == [18]
 
 
+def TargetConfig(directory):
+    return _target_config(directory)[1]
+
+
 QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
             "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
             "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12288,
@@ -174,9 +179,9 @@ def test_released_configs_parse_and_pair(tmp_path):
     for name, cfg in (("t", QWEN3_8B), ("d", QWEN3_8B_DRAFTER), ("l", LLAMA_31_8B)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
-    target, drafter = TargetConfig.from_dir(tmp_path / "t"), DrafterConfig.from_dir(tmp_path / "d")
+    target, drafter = TargetConfig(tmp_path / "t"), DrafterConfig.from_dir(tmp_path / "d")
     drafter.check_against(target, tmp_path / "d")
     assert (target.family, target.head_dim, target.rope_scaling, target.qk_norm) == ("qwen3", 128, None, True)
     assert (drafter.block_size, drafter.mask_token_id, drafter.target_layer_ids) == (16, 151669, (1, 9, 17, 25, 33))
-    llama = TargetConfig.from_dir(tmp_path / "l")
+    llama = TargetConfig(tmp_path / "l")
     assert llama.family == "llama" and not llama.qk_norm and llama.rope_scaling["rope_type"] == "llama3"

@@ -12,6 +12,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dflash_cli.drafter import weight_table as drafter_table
+from dflash_cli.config import DrafterConfig
+from dflash_cli.models import family_of
+from dflash_cli.models.weights import random_weights
+
 # Real files, kept in this repository (tests/data/README.md says where they come from).
 QWEN3_TOKENIZER = Path(__file__).resolve().parent / "data" / "qwen3-tokenizer"
 STORIES = Path(__file__).resolve().parents[1] / "dflash_cli" / "data" / "demo" / "stories260K"
@@ -19,14 +24,6 @@ STORIES = Path(__file__).resolve().parents[1] / "dflash_cli" / "data" / "demo" /
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2))
-
-
-def _linear(g: torch.Generator, out: int, inp: int, gain: float = 1.0) -> torch.Tensor:
-    return torch.randn(out, inp, generator=g) * gain / inp**0.5
-
-
-def _norm(g: torch.Generator, n: int) -> torch.Tensor:
-    return 1.0 + 0.1 * torch.randn(n, generator=g)
 
 
 def target_config(family: str = "qwen3", *, vocab: int = 512, hidden: int = 64, layers: int = 4, heads: int = 4,
@@ -45,30 +42,19 @@ def target_config(family: str = "qwen3", *, vocab: int = 512, hidden: int = 64, 
     return cfg
 
 
-def write_target(directory: Path, cfg: dict, seed: int = 0, shards: int = 1) -> Path:
+def write_target(directory: Path, cfg: dict, seed: int = 0, shards: int = 1,
+                 extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """A checkpoint in `cfg`'s family layout: random weights drawn from the family's own weight table
+    (the tensors the loader reads, by their released names), plus `extra` tensors the loader must skip."""
     directory.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    h, d, hq, hkv = cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    inter = cfg["intermediate_size"]
-    w = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], h, generator=g),
-         "model.norm.weight": _norm(g, h)}
-    if not cfg["tie_word_embeddings"]:
-        w["lm_head.weight"] = _linear(g, cfg["vocab_size"], h, gain=4.0)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w |= {
-            p + "input_layernorm.weight": _norm(g, h), p + "post_attention_layernorm.weight": _norm(g, h),
-            p + "self_attn.q_proj.weight": _linear(g, hq * d, h, 2.0), p + "self_attn.k_proj.weight": _linear(g, hkv * d, h, 2.0),
-            p + "self_attn.v_proj.weight": _linear(g, hkv * d, h), p + "self_attn.o_proj.weight": _linear(g, h, hq * d),
-            p + "mlp.gate_proj.weight": _linear(g, inter, h), p + "mlp.up_proj.weight": _linear(g, inter, h),
-            p + "mlp.down_proj.weight": _linear(g, h, inter),
-        }
-        if cfg["model_type"] == "qwen3":
-            w |= {p + "self_attn.q_norm.weight": _norm(g, d), p + "self_attn.k_norm.weight": _norm(g, d)}
-    save_weights(directory, w, shards)
+    family = family_of(cfg, directory)
+    weights = random_weights(family.weight_table(family.Config.from_raw(cfg, directory)), seed=seed)
+    save_weights(directory, weights | (extra or {}), shards)
     _write_json(directory / "config.json", cfg)
-    _write_json(directory / "generation_config.json", {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]})
-    if cfg["vocab_size"] == 512:  # the stories260K tokenizer fits: 512 ids, BOS 1, EOS 2
+    text = cfg.get("text_config", cfg)
+    _write_json(directory / "generation_config.json", {"bos_token_id": text.get("bos_token_id", cfg.get("bos_token_id")),
+                                                       "eos_token_id": text.get("eos_token_id", cfg.get("eos_token_id"))})
+    if text["vocab_size"] == 512:  # the stories260K tokenizer fits: 512 ids, BOS 1, EOS 2
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(STORIES / name, directory / name)
     return directory
@@ -113,20 +99,7 @@ def drafter_config(target_cfg: dict, *, block_size: int = 8, layers: int = 2, ta
 def write_drafter(directory: Path, cfg: dict, seed: int = 1, weights: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if weights is None:
-        g = torch.Generator().manual_seed(seed)
-        h, d, hq, hkv = cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-        inter, n_ctx = cfg["intermediate_size"], len(cfg["dflash_config"]["target_layer_ids"])
-        weights = {"fc.weight": _linear(g, h, n_ctx * h), "hidden_norm.weight": _norm(g, h), "norm.weight": _norm(g, h)}
-        for i in range(cfg["num_hidden_layers"]):
-            p = f"layers.{i}."
-            weights |= {
-                p + "input_layernorm.weight": _norm(g, h), p + "post_attention_layernorm.weight": _norm(g, h),
-                p + "self_attn.q_proj.weight": _linear(g, hq * d, h), p + "self_attn.k_proj.weight": _linear(g, hkv * d, h),
-                p + "self_attn.v_proj.weight": _linear(g, hkv * d, h), p + "self_attn.o_proj.weight": _linear(g, h, hq * d),
-                p + "self_attn.q_norm.weight": _norm(g, d), p + "self_attn.k_norm.weight": _norm(g, d),
-                p + "mlp.gate_proj.weight": _linear(g, inter, h), p + "mlp.up_proj.weight": _linear(g, inter, h),
-                p + "mlp.down_proj.weight": _linear(g, h, inter),
-            }
+        weights = random_weights(drafter_table(DrafterConfig.from_raw(cfg, directory)), seed=seed)
     save_weights(directory, weights)
     _write_json(directory / "config.json", cfg)
     return directory
