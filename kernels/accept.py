@@ -279,7 +279,8 @@ def _row_smallest_above(row_ptr, vocab, temperature, m, lo, budget, MASS: tl.con
 
 
 @triton.jit
-def _select_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, values_ptr, top_k_ptr, best_ptr, index_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, MODE: tl.constexpr,
+def _select_kernel(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_chunks, values_ptr, top_k_ptr, best_ptr,
+                   index_ptr, cand_ptr, low_ptr, sum_ptr, exact_ptr, MODE: tl.constexpr,
                    TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, ROW_OFFSET: tl.constexpr,
                    KC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CAND: tl.constexpr, BLOCK: tl.constexpr,
                    PROBES: tl.constexpr, STEPS: tl.constexpr, ROW_STEPS: tl.constexpr, TRACE: tl.constexpr):

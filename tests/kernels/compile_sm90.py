@@ -41,7 +41,7 @@ def cases(dt: str):
         acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", o_ptr=p, len_ptr="*i64", q_len="i32", group="i32",
         n_splits="i32", n_rows="i32", window="i32"), dict(WINDOW=True, D=128, BLOCK_D=128, BLOCK_N=attention._BLOCK_N,
                                                           MIN_CHUNK=attention._MIN_CHUNK, BLOCK_S=32)
-    common = dict(logits_ptr=p, stride="i32", rows_ptr="*i64", seed_ptr="*i64", vocab="i32", temperature="fp32",
+    common = dict(logits_ptr=p, stride="i32", rows_ptr="*i64", seed_ptr="*i64", vocab="i32", values_ptr="*fp32",
                   best_ptr="*fp32", index_ptr="*i32", cand_ptr="*i64", low_ptr="*i64", sum_ptr="*fp32")
     for mode, need_sum in ((0, False), (1, False), (2, True)):
         yield f"sample chunks(mode={mode})", accept._chunk_kernel, common, dict(
@@ -49,13 +49,11 @@ def cases(dt: str):
     for mode, top_k, top_p, min_p in ((0, False, False, False), (1, False, False, False), (2, True, True, True),
                                       (2, False, True, False)):
         yield f"sample select(mode={mode}, top_k={top_k}, top_p={top_p}, min_p={min_p})", accept._select_kernel, \
-            common | dict(out_ptr="*i64", n_chunks="i32", top_k="i32", top_p="fp32", min_p="fp32",
-                          exact_ptr="*i32"), dict(
+            common | dict(out_ptr="*i64", n_chunks="i32", top_k_ptr="*i64", exact_ptr="*i32"), dict(
             MODE=mode, TOP_K=top_k, TOP_P=top_p, MIN_P=min_p, ROW_OFFSET=False, KC=accept.CANDIDATES, BLOCK_C=32,
             BLOCK_CAND=2048, BLOCK=1024, PROBES=accept.PROBES, STEPS=accept._search_steps(accept.PROBES),
             ROW_STEPS=accept._search_steps(8), TRACE=False)
-    yield "accept", accept._accept_kernel, dict(block_ptr="*i64", y_ptr="*i64", len_ptr="*i64", acc_ptr="*i64",
-                                                b="i32"), dict(BLOCK=16)
+    yield "accept", accept._accept_kernel, dict(block_ptr="*i64", y_ptr="*i64", acc_ptr="*i64", b="i32"), dict(BLOCK=16)
 
 
 def ones(sig: dict, consts: dict) -> tuple[dict, dict]:
