@@ -179,6 +179,10 @@ class EngineWorker:
         finally:
             chunks.close()  # ends the engine's generator: the next prefill rolls the caches back
         finish = "cancelled" if job.cancelled and stats.finish is None else (stats.finish or "stop")
+        if finish == "cancelled":
+            late = stats.generated - (job.generated_at_cancel or 0)
+            self._log(f"dflash: generation cancelled ({job.cancel_reason}) after {stats.generated} tokens, "
+                      f"{late} of them after the cancel")
         job.post(Finished(stats, finish, engine.block_size))
 
 
