@@ -59,15 +59,15 @@ class Pair:
 class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
-    secret: str | None = None  # shown as *** when the command is printed
+    secret: str | None = None  # printed as "$DFLASH_API_KEY", never as itself
 
     def shell(self) -> str:
-        """The command as one line a user can paste (the API key masked)."""
+        """The command as one line a user can paste (the API key left to the environment)."""
         argv = list(self.argv)
         if argv and argv[0] == sys.executable and _python_on_path_is(sys.executable):
             argv[0] = "python"  # the active environment's python: say it the way people type it
         words = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
-        words += ["***" if self.secret and a == self.secret else shlex.quote(a) for a in argv]
+        words += ['"$DFLASH_API_KEY"' if self.secret and a == self.secret else shlex.quote(a) for a in argv]
         return " ".join(words)
 
 

@@ -419,7 +419,7 @@ def run_server(worker: EngineWorker, model_id: str, options: ServeOptions, descr
     sock = bind(options.host, options.port)
     app = Server(worker, model_id, options, log).app()
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=3)
+                            timeout_graceful_shutdown=2)
     worker.start()
     log(f"dflash: serving {model_id} at {url_of(sock)}/v1 ({describe}) · Ctrl-C stops")
     try:
