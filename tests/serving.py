@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .tiny import (copy_qwen3_tokenizer, drafter_config, save_weights, target_config, write_drafter,
-                   write_target)
+from .tiny import copy_qwen3_tokenizer, drafter_config, save_weights, target_config, write_drafter, write_target
 
 ROOT = Path(__file__).resolve().parents[1]
 URL = re.compile(r"serving (\S+) at (http://\S+)/v1")

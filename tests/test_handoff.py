@@ -99,7 +99,7 @@ def test_block_size_comes_from_the_drafters_config_when_it_is_on_disk(capsys, tm
     out = dry_run(capsys, "--engine", "vllm", "--target", target, "--drafter", drafter)
     assert f'"model": "{drafter}", "num_speculative_tokens": 9' in out and "--served-model-name My-Target" in out
     out = dry_run(capsys, "--engine", "sglang", "qwen3-8b", "--drafter", drafter)
-    assert f"--speculative-num-draft-tokens 10" in out and "--served-model-name qwen3-8b" in out
+    assert "--speculative-num-draft-tokens 10" in out and "--served-model-name qwen3-8b" in out
     assert main(["serve", "--engine", "sglang", "--target", "Org/Model", "--drafter", "org/unknown", "--dry-run"]) == 2
     assert "--block-size" in capsys.readouterr().err
 

@@ -19,7 +19,8 @@ ORIGIN = "http://app.example"
 # prompt in "\n" (198); " loop" (6337) repeats itself.
 TOOL_CHAIN = [271, 151657, 4913, 606, 3252, 455, 69364, 2198, 16370, 22317, 13778, 788, 18, 3417, 151658, 151645]
 TOOL_TEXT = '<tool_call>{"name":"get_weather","arguments":{"days":3}}</tool_call>'
-THINK_CHAIN = [198, 151667, 50, 27297, 3351, 13, 151668, 9707, 1052, 0, 151645]  # <think>Sunny today.</think>Hello there!
+# <think>Sunny today.</think>Hello there!
+THINK_CHAIN = [198, 151667, 50, 27297, 3351, 13, 151668, 9707, 1052, 0, 151645]
 LOOP = [6337, 6337]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Forecast for some days",
                                            "parameters": {"type": "object",
@@ -131,7 +132,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_nothing_hangs(server, cli
 
     def long_one() -> None:
         stream = client.completions.create(model=server.model, prompt=" loop", max_tokens=120, stream=True)
-        for i, chunk in enumerate(stream):
+        for i, _ in enumerate(stream):
             if i == 1:
                 started.set()  # the engine is busy with this one now
         results[0] = "long"

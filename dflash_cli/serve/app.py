@@ -13,7 +13,6 @@ import socket
 import sys
 import time
 import traceback
-from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, AsyncIterator, Callable
@@ -27,12 +26,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import DflashError
+from .answer import ChatAnswer, CompletionAnswer
 from .auth import bearer_ok
 from .prompting import chat_prompt, completion_prompt
-from .protocol import (ApiError, ChatRequest, CompletionRequest, chat_chunk, chat_completion, new_id, now,
-                       parse_chat, parse_completion, text_completion, usage)
-from .reply import ReplyStream
-from .worker import EngineWorker, Failed, Finished, Job, QueueFull, Started, Text
+from .protocol import ApiError, now, parse_chat, parse_completion
+from .worker import EngineWorker, Failed, Finished, Job, QueueFull
 
 Log = Callable[[str], None]
 
@@ -78,25 +76,6 @@ def sse(payload: Any) -> str:
 
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-def extension(fin: Finished, seed: int | None, cached: int) -> dict:
-    """The `dflash` object of an answer: what speculation did for it."""
-    s = fin.stats
-    return {
-        "mean_acceptance_length": round(s.mean_acceptance, 4), "tokens_per_second": round(s.tokens_per_second, 2),
-        "end_to_end_tokens_per_second": round(s.end_to_end_tokens_per_second, 2), "block_size": fin.block_size,
-        "iterations": len(s.acceptance_lengths),
-        "acceptance_histogram": {str(k): v for k, v in sorted(Counter(s.acceptance_lengths).items())},
-        "prefill_seconds": round(s.prefill_seconds, 4), "decode_seconds": round(s.decode_seconds, 4),
-        "cached_prompt_tokens": cached, "seed": seed,
-    }
-
-
-def finish_reason(fin: Finished, reply: ReplyStream | None) -> str:
-    if reply is not None and reply.has_tool_calls and (fin.finish == "stop" or reply.done):
-        return "tool_calls"
-    return "length" if fin.finish == "length" else "stop"
 
 
 class BearerAuth:
@@ -213,19 +192,22 @@ class Server:
             first = await _next_event(job, deadline, watch)
             if isinstance(first, Failed):
                 raise first.error
-            assert isinstance(first, Started)
+            answer = ChatAnswer(req, first, self.model_id) if chat else CompletionAnswer(req, first, self.model_id)
             if req.stream:
-                stream = self._chat_stream if chat else self._completion_stream
-                return EventStream(stream(job, req, first, deadline, start, where), media_type="text/event-stream",
+                return EventStream(self._stream(job, answer, deadline, start, where), media_type="text/event-stream",
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await self._whole(job, req, first, deadline, watch, start, where, chat)
+            return await self._whole(job, answer, deadline, watch, start, where)
         except ApiError as e:
             if job is not None:
                 job.cancel("error")
             self.log(f"dflash: {where} {e.status} · {e.message}")
             return error_response(e)
-        except (Disconnected, TimedOut) as e:
-            return self._abandoned(job, e, start, where)
+        except TimedOut:
+            return error_response(self._timed_out(job, where))
+        except Disconnected:
+            job.cancel("client disconnected")
+            self.log(f"dflash: {where} · client disconnected after {time.perf_counter() - start:.2f} s")
+            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
         except Exception as e:  # a bug: say so in the log, answer 500, keep serving
             if job is not None:
                 job.cancel("internal error")
@@ -235,133 +217,65 @@ class Server:
             if watch is not None:
                 watch.cancel()
 
-    def _abandoned(self, job: Job | None, reason: Exception, start: float, where: str) -> Response:
-        if isinstance(reason, TimedOut):
-            if job is not None:
-                job.cancel("timeout")
-            message = f"the request took longer than --timeout {self.opts.timeout:g} s"
-            self.log(f"dflash: {where} 504 · {message}")
-            return error_response(ApiError(504, message, code="timeout"))
+    def _timed_out(self, job: Job | None, where: str) -> ApiError:
         if job is not None:
-            job.cancel("client disconnected")
-        self.log(f"dflash: {where} · client disconnected after {time.perf_counter() - start:.2f} s; generation cancelled")
-        return Response(status_code=499)
+            job.cancel("timeout")
+        e = ApiError(504, f"the request took longer than --timeout {self.opts.timeout:g} s", code="timeout")
+        self.log(f"dflash: {where} 504 · {e.message}" + (f" ({job.generated} tokens)" if job else ""))
+        return e
 
-    async def _whole(self, job: Job, req: ChatRequest | CompletionRequest, first: Started, deadline: float,
-                     watch: asyncio.Task, start: float, where: str, chat: bool) -> Response:
-        reply = ReplyStream(_think_mode(req, first), bool(req.tools), req.parallel_tool_calls) if chat else None
-        text: list[str] = []
+    async def _whole(self, job: Job, answer: ChatAnswer | CompletionAnswer, deadline: float, watch: asyncio.Task,
+                     start: float, where: str) -> Response:
         while True:
             event = await _next_event(job, deadline, watch)
             if isinstance(event, Failed):
                 raise event.error
             if isinstance(event, Finished):
                 break
-            if reply is None:
-                text.append(event.text)
-            else:
-                reply.feed(event.text)
-                if reply.done:
-                    job.cancel("parallel_tool_calls is false and a tool call is complete")
-        if reply is not None:
-            reply.finish()
-        rid, finish = new_id("chatcmpl" if chat else "cmpl"), finish_reason(event, reply)
-        use = usage(first.prompt_tokens, event.stats.generated, first.cached_tokens)
-        ext = extension(event, req.sampling.seed, first.cached_tokens)
-        self._log_done(where, first, event, finish, start)
-        if reply is not None:
-            return JSONResponse(chat_completion(rid, now(), self.model_id, reply.message(), finish, use, ext))
-        return JSONResponse(text_completion(rid, now(), self.model_id, "".join(text), finish, usage=use, dflash=ext))
+            answer.feed(event.text)
+            if answer.done:
+                job.cancel("parallel_tool_calls is false and a tool call is complete")
+        response = answer.whole(event)
+        self._log_done(where, answer, event, start)
+        return JSONResponse(response)
 
-    async def _chat_stream(self, job: Job, req: ChatRequest, first: Started, deadline: float, start: float,
-                           where: str) -> AsyncIterator[str]:
-        rid, created = new_id("chatcmpl"), now()
-        reply = ReplyStream(_think_mode(req, first), bool(req.tools), req.parallel_tool_calls)
-        chunk = partial(chat_chunk, rid, created, self.model_id)
-        finished = False
+    async def _stream(self, job: Job, answer: ChatAnswer | CompletionAnswer, deadline: float, start: float,
+                      where: str) -> AsyncIterator[str]:
+        over = False  # False while the client may still be reading: if the generator is closed then, it left
         try:
-            yield sse(chunk({"role": "assistant", "content": ""}))
+            for chunk in answer.opening():
+                yield sse(chunk)
             while True:
                 event = await _next_event(job, deadline)
                 if isinstance(event, Failed):
-                    yield sse(event.error.body())
+                    over = True
                     self.log(f"dflash: {where} {event.error.status} · {event.error.message}")
-                    finished = True
+                    yield sse(event.error.body())
                     return
                 if isinstance(event, Finished):
                     break
-                for delta in reply.feed(event.text):
-                    yield sse(chunk(delta))
-                if reply.done:
+                for chunk in answer.feed(event.text):
+                    yield sse(chunk)
+                if answer.done:
                     job.cancel("parallel_tool_calls is false and a tool call is complete")
-            for delta in reply.finish():
-                yield sse(chunk(delta))
-            finished = True
-            finish = finish_reason(event, reply)
-            use = usage(first.prompt_tokens, event.stats.generated, first.cached_tokens)
-            ext = extension(event, req.sampling.seed, first.cached_tokens)
-            yield sse(chunk({}, finish, dflash=ext))
-            if req.include_usage:
-                yield sse(chunk(None, usage=use))
+            over = True
+            for chunk in answer.closing(event):
+                yield sse(chunk)
             yield "data: [DONE]\n\n"
-            self._log_done(where, first, event, finish, start)
+            self._log_done(where, answer, event, start)
         except TimedOut:
-            finished = True
-            e = ApiError(504, f"the request took longer than --timeout {self.opts.timeout:g} s", code="timeout")
-            job.cancel("timeout")
-            self.log(f"dflash: {where} 504 · {e.message} (streamed {job.generated} tokens)")
-            yield sse(e.body())
+            over = True
+            yield sse(self._timed_out(job, where).body())  # the status line went out already: an error event
         finally:
-            if not finished:  # the client went away mid-stream (the generator is being closed)
+            if not over:
                 job.cancel("client disconnected")
-                self.log(f"dflash: {where} · client disconnected after {job.generated} tokens; generation cancelled")
+                self.log(f"dflash: {where} · client disconnected after {job.generated} tokens")
 
-    async def _completion_stream(self, job: Job, req: CompletionRequest, first: Started, deadline: float,
-                                 start: float, where: str) -> AsyncIterator[str]:
-        rid, created = new_id("cmpl"), now()
-        chunk = partial(text_completion, rid, created, self.model_id)
-        finished = False
-        try:
-            while True:
-                event = await _next_event(job, deadline)
-                if isinstance(event, Failed):
-                    yield sse(event.error.body())
-                    self.log(f"dflash: {where} {event.error.status} · {event.error.message}")
-                    finished = True
-                    return
-                if isinstance(event, Finished):
-                    break
-                yield sse(chunk(event.text, None))
-            finished = True
-            finish = finish_reason(event, None)
-            use = usage(first.prompt_tokens, event.stats.generated, first.cached_tokens)
-            yield sse(chunk("", finish, dflash=extension(event, req.sampling.seed, first.cached_tokens)))
-            if req.include_usage:
-                yield sse(chunk(None, None, usage=use))
-            yield "data: [DONE]\n\n"
-            self._log_done(where, first, event, finish, start)
-        except TimedOut:
-            finished = True
-            e = ApiError(504, f"the request took longer than --timeout {self.opts.timeout:g} s", code="timeout")
-            job.cancel("timeout")
-            self.log(f"dflash: {where} 504 · {e.message} (streamed {job.generated} tokens)")
-            yield sse(e.body())
-        finally:
-            if not finished:
-                job.cancel("client disconnected")
-                self.log(f"dflash: {where} · client disconnected after {job.generated} tokens; generation cancelled")
-
-    def _log_done(self, where: str, first: Started, fin: Finished, finish: str, start: float) -> None:
-        s = fin.stats
+    def _log_done(self, where: str, answer: ChatAnswer | CompletionAnswer, fin: Finished, start: float) -> None:
+        s, first = fin.stats, answer.first
         self.log(f"dflash: {where} 200 · {first.prompt_tokens} prompt tokens ({first.cached_tokens} cached) + "
                  f"{s.generated} generated · {s.tokens_per_second:.1f} tok/s · τ {s.mean_acceptance:.2f} · "
-                 f"{time.perf_counter() - start:.2f} s · {finish}")
-
-
-def _think_mode(req: ChatRequest, first: Started) -> str:
-    if first.opens_think:
-        return "open"
-    return "auto" if req.enable_thinking else "off"
+                 f"{time.perf_counter() - start:.2f} s · {answer.finish_reason(fin)}")
 
 
 async def _disconnect(request: Request) -> None:
@@ -413,14 +327,13 @@ def url_of(sock: socket.socket) -> str:
 
 def run_server(worker: EngineWorker, model_id: str, options: ServeOptions, describe: str,
                log: Log = stderr_log) -> None:
-    """Serve until Ctrl-C (or SIGTERM)."""
+    """Serve until Ctrl-C (or SIGTERM), with a worker already started."""
     import uvicorn
 
     sock = bind(options.host, options.port)
     app = Server(worker, model_id, options, log).app()
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=2)
-    worker.start()
     log(f"dflash: serving {model_id} at {url_of(sock)}/v1 ({describe}) · Ctrl-C stops")
     try:
         uvicorn.Server(config).run(sockets=[sock])

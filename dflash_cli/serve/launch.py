@@ -90,7 +90,8 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     device = loader.resolve_device(flags.device)
     m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
     engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context)
-    seconds = engine.warm_up()
+    worker = EngineWorker(m, engine, flags.max_queue)
+    seconds = worker.start()
     if seconds is not None:
         stderr_log(f"dflash: CUDA graphs captured in {seconds:.1f} s")
     if warning:
@@ -102,4 +103,4 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     describe = (f"{mode} · {device} · context {engine.max_context} · thinking "
                 f"{'on' if think else 'off'} by default · queue {flags.max_queue}"
                 + (" · API key required" if flags.api_key else ""))
-    run_server(EngineWorker(m, engine, flags.max_queue), name, options, describe)
+    run_server(worker, name, options, describe)

@@ -18,6 +18,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..engine import Engine, Request
 from ..errors import DflashError
 from ..generate import Stats, stream_text
@@ -101,15 +103,24 @@ class EngineWorker:
         self.current: Job | None = None
         self._seconds = 1.0  # recent seconds per request (for Retry-After)
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self._thread = threading.Thread(target=self._run_forever, name="dflash-engine", daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> float | None:
+        """Start the thread and warm the engine up on it; returns the seconds CUDA graph capture took
+        (None where there are none). Graphs are captured on the thread that replays them, with the
+        engine's device current there (the current CUDA device is per thread)."""
+        ready: queue.Queue[float | None | BaseException] = queue.Queue()
+        self._thread = threading.Thread(target=self._run_forever, args=(ready,), name="dflash-engine", daemon=True)
         self._thread.start()
+        result = ready.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def stop(self) -> None:
         """Cancel what runs and what waits; the thread ends after the current iteration."""
-        if self.current is not None:
-            self.current.cancel("server stopped")
+        for job in [self.current, *list(self._jobs.queue)]:
+            if job is not None:
+                job.cancel("server stopped")
         self._jobs.put(None)
 
     @property
@@ -129,7 +140,15 @@ class EngineWorker:
         self._jobs.put(job)
 
     # ---- the worker thread -----------------------------------------------------------------
-    def _run_forever(self) -> None:
+    def _run_forever(self, ready: queue.Queue) -> None:
+        try:
+            device = self.engine.target.device
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            ready.put(self.engine.warm_up())
+        except BaseException as e:  # handed to start(), which raises it on the main thread
+            ready.put(e)
+            return
         while True:
             job = self._jobs.get()
             if job is None:
