@@ -21,7 +21,7 @@ from dflash_cli.generate import Stats, stream_text
 from dflash_cli.prompt import encode_chat
 from dflash_cli.sampling import SamplingParams
 from dflash_cli.serve.prompting import Prompt
-from dflash_cli.serve.worker import EngineWorker, Finished, Job, Text
+from dflash_cli.serve.worker import EngineWorker, Finished, Job, QueueFull, Started, Text
 
 from .serving import ServerProcess
 
@@ -35,6 +35,7 @@ def server(qwen3_chat_pair):
     s.client().chat.completions.create(model=s.model, messages=[{"role": "user", "content": "warm up"}], max_tokens=2)
     yield s
     assert s.stop() in (0, 130)
+    assert s.proc.stdout.read() == ""  # stdout is for answers; a server writes its log to stderr
 
 
 def ask(server, text: str, **kw) -> openai.types.chat.ChatCompletion:
@@ -195,10 +196,15 @@ def test_client_killed_mid_stream_frees_the_engine_within_one_iteration(server):
     assert ask(server, "Still there?", max_tokens=3).choices[0].finish_reason == "length"
 
 
-def test_cancel_stops_the_generation_at_the_next_iteration(qwen3_chat_pair):
+@pytest.fixture(scope="module")
+def chat_model(qwen3_chat_pair):
+    return loader.load(*qwen3_chat_pair, device="cpu")
+
+
+def test_cancel_stops_the_generation_at_the_next_iteration(chat_model):
     """The same contract without HTTP: a job cancelled while it streams runs at most one more
     iteration, and the engine serves the next job from a consistent cache."""
-    m = loader.load(*qwen3_chat_pair, device="cpu")
+    m = chat_model
     engine = Engine(m.target, m.drafter, block_size=BLOCK, max_context=m.max_context)
     worker = EngineWorker(m, engine, max_queue=4, log=lambda line: None)
     assert worker.start() is None  # no CUDA graphs to capture on a CPU
@@ -226,6 +232,35 @@ def test_cancel_stops_the_generation_at_the_next_iteration(qwen3_chat_pair):
                                                        Stats()))
         assert "".join(e.text for e in again if isinstance(e, Text)) == expected != ""
         assert again[-1].finish == "length"
+    finally:
+        worker.stop()
+
+
+def test_max_queue_counts_the_requests_waiting_behind_the_running_one(chat_model):
+    m = chat_model
+    worker = EngineWorker(m, Engine(m.target, m.drafter, block_size=BLOCK, max_context=m.max_context), max_queue=0,
+                          log=lambda line: None)
+    worker.start()
+    ids = encode_chat(m.tokenizer, [{"role": "user", "content": "Go on."}])
+
+    async def run():
+        first = Job(lambda tokenizer: Prompt(ids), 300, SamplingParams())
+        worker.submit(first)  # an idle server takes one request even with --max-queue 0
+        assert isinstance(await asyncio.wait_for(first.events.get(), 60), Started)
+        with pytest.raises(QueueFull) as full:
+            worker.submit(Job(lambda tokenizer: Prompt(ids), 5, SamplingParams()))
+        assert full.value.retry_after >= 1 and worker.waiting == 0 and worker.busy
+        first.cancel("test")
+        while not isinstance(await asyncio.wait_for(first.events.get(), 60), Finished):
+            pass
+        second = Job(lambda tokenizer: Prompt(ids), 5, SamplingParams())
+        worker.submit(second)  # the place is free as soon as the answer is
+        while not isinstance(event := await asyncio.wait_for(second.events.get(), 60), Finished):
+            pass
+        return event
+
+    try:
+        assert asyncio.run(run()).finish == "length"
     finally:
         worker.stop()
 

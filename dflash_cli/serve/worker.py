@@ -99,7 +99,7 @@ class EngineWorker:
         self.model, self.engine, self.max_queue = model, engine, max_queue
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._pending = 0  # submitted and not finished: the running job and those waiting behind it
         self.current: Job | None = None
         self._seconds = 1.0  # recent seconds per request (for Retry-After)
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -125,18 +125,19 @@ class EngineWorker:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        """Requests waiting behind the one that runs."""
+        return max(0, self._pending - (self.current is not None))
 
     @property
     def busy(self) -> bool:
         return self.current is not None
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull when --max-queue requests already wait."""
+        """Queue a job, or raise QueueFull when one runs and --max-queue more already wait."""
         with self._lock:
-            if self._waiting >= self.max_queue:
-                raise QueueFull(max(1, round(self._seconds * (self._waiting + 1))))
-            self._waiting += 1
+            if self._pending > self.max_queue:
+                raise QueueFull(max(1, round(self._seconds * self._pending)))
+            self._pending += 1
         self._jobs.put(job)
 
     # ---- the worker thread -----------------------------------------------------------------
@@ -153,27 +154,33 @@ class EngineWorker:
             job = self._jobs.get()
             if job is None:
                 return
-            with self._lock:
-                self._waiting -= 1
             if job.cancelled:  # its client left, or its time ran out, while it waited
-                job.done.set()
+                self._end(job, None)
                 continue
             self.current, start = job, time.perf_counter()
             try:
-                self._run(job)
+                event: Finished | Failed = self._run(job)
             except ApiError as e:
-                job.post(Failed(e))
+                event = Failed(e)
             except DflashError as e:
-                job.post(Failed(bad(str(e))))
+                event = Failed(bad(str(e)))
             except Exception as e:  # a bug: the request gets a 500, the server keeps serving
                 self._log("dflash: internal error:\n" + "".join(traceback.format_exception(e)).rstrip())
-                job.post(Failed(ApiError(500, f"internal error: {type(e).__name__}: {e}")))
-            finally:
-                self.current = None
-                self._seconds = 0.7 * self._seconds + 0.3 * (time.perf_counter() - start)
-                job.done.set()
+                event = Failed(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+            self._seconds = 0.7 * self._seconds + 0.3 * (time.perf_counter() - start)
+            self._end(job, event)
 
-    def _run(self, job: Job) -> None:
+    def _end(self, job: Job, event: Finished | Failed | None) -> None:
+        """Free the engine's place first, then tell the request: a client that sends its next request
+        as soon as it has this answer finds the place free."""
+        with self._lock:
+            self._pending -= 1
+        self.current = None
+        if event is not None:
+            job.post(event)
+        job.done.set()
+
+    def _run(self, job: Job) -> Finished:
         engine, model = self.engine, self.model
         prompt = job.prepare(model.tokenizer)
         limit, n = engine.max_context, len(prompt.ids)
@@ -202,7 +209,7 @@ class EngineWorker:
             late = stats.generated - (job.generated_at_cancel or 0)
             self._log(f"dflash: generation cancelled ({job.cancel_reason}) after {stats.generated} tokens, "
                       f"{late} of them after the cancel")
-        job.post(Finished(stats, finish, engine.block_size))
+        return Finished(stats, finish, engine.block_size)
 
 
 def reused_prefix(engine: Engine, prompt_ids: list[int]) -> int:
