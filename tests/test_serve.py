@@ -327,3 +327,10 @@ def test_start_up_line_names_the_url_and_the_model(server):
     line = server.wait_for(lambda l: "serving" in l, 1)
     assert f"serving qwen3-chat at http://127.0.0.1:{server.port}/v1" in line
     assert f"block size {BLOCK}" in line and "cpu" in line
+
+
+def test_a_port_in_use_is_one_line_before_any_loading(server, capsys, qwen3_chat_pair):
+    t, d = qwen3_chat_pair
+    assert main(["serve", "--target", str(t), "--drafter", str(d), "--port", server.port]) == 1
+    err = capsys.readouterr().err
+    assert err == f"Error: cannot listen on 127.0.0.1:{server.port}: Address already in use\n"

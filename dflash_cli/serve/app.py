@@ -302,8 +302,8 @@ async def _next_event(job: Job, deadline: float, watch: asyncio.Task | None = No
 # ---- start-up ------------------------------------------------------------------------------------
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, so that the URL printed at start-up already accepts connections (and port
-    0 picks a free port that the URL names)."""
+    """A socket bound to host:port before the model loads, so that a port in use is an error at once
+    (and port 0 picks a free port that the URL names); it listens from run_server on."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                                             flags=socket.AI_PASSIVE)[0]
@@ -313,7 +313,6 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise DflashError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
@@ -325,12 +324,12 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run_server(worker: EngineWorker, model_id: str, options: ServeOptions, describe: str,
+def run_server(sock: socket.socket, worker: EngineWorker, model_id: str, options: ServeOptions, describe: str,
                log: Log = stderr_log) -> None:
-    """Serve until Ctrl-C (or SIGTERM), with a worker already started."""
+    """Serve on a bound socket until Ctrl-C (or SIGTERM), with the worker already started."""
     import uvicorn
 
-    sock = bind(options.host, options.port)
+    sock.listen(2048)  # from here on the URL printed below accepts connections
     app = Server(worker, model_id, options, log).app()
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=2)

@@ -77,7 +77,7 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     from .. import loader, registry
     from ..engine import Engine
     from ..resolve import resolve_model
-    from .app import ServeOptions, run_server, stderr_log
+    from .app import ServeOptions, bind, run_server, stderr_log
     from .worker import EngineWorker
 
     think = flags.think
@@ -86,6 +86,7 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     target_dir, drafter_dir = resolve_model(flags.model, flags.target, flags.drafter, yes=flags.yes,
                                             no_spec=flags.no_spec)
     name = model_id(flags.model, flags.target)
+    sock = bind(flags.host, flags.port)  # a port in use is an error now, not after loading the model
     stderr_log(f"dflash: loading {name} …")
     device = loader.resolve_device(flags.device)
     m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
@@ -103,4 +104,4 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     describe = (f"{mode} · {device} · context {engine.max_context} · thinking "
                 f"{'on' if think else 'off'} by default · queue {flags.max_queue}"
                 + (" · API key required" if flags.api_key else ""))
-    run_server(worker, name, options, describe)
+    run_server(sock, worker, name, options, describe)
