@@ -164,24 +164,33 @@ CANCELLED = re.compile(r"generation cancelled \(client disconnected\) after (\d+
 KILLED_CLIENT = r"""
 import http.client, json, sys, time
 c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]))
-c.request("POST", "/v1/chat/completions", body=json.dumps({"model": sys.argv[3], "stream": True, "max_tokens": 900,
+stream = sys.argv[4] == "stream"
+c.request("POST", "/v1/chat/completions", body=json.dumps({"model": sys.argv[3], "stream": stream, "max_tokens": 900,
           "messages": [{"role": "user", "content": "Write a very long story."}]}),
           headers={"Content-Type": "application/json"})
-r = c.getresponse()
-for line in r:
-    if b'"content": "' in line and b'"content": ""' not in line:
-        print("streaming", flush=True)
-        break
+if stream:
+    for line in c.getresponse():
+        if b'"content": "' in line and b'"content": ""' not in line:
+            break
+print("waiting", flush=True)
 time.sleep(600)
 """
 
 
-def test_client_killed_mid_stream_frees_the_engine_within_one_iteration(server):
+def generating(server) -> bool:
+    return server.request("GET", "/health")[2]["generating"]
+
+
+@pytest.mark.parametrize("mode", ["stream", "whole"])
+def test_client_killed_mid_answer_frees_the_engine_within_one_iteration(server, mode):
     mark = len(server.lines)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.host, server.port, server.model],
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.host, server.port, server.model, mode],
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "streaming"
+        assert proc.stdout.readline().strip() == "waiting"
+        deadline = time.monotonic() + 30
+        while not generating(server) and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         proc.kill()
         proc.wait()
@@ -190,7 +199,7 @@ def test_client_killed_mid_stream_frees_the_engine_within_one_iteration(server):
     generated, late = map(int, CANCELLED.search(line).groups())
     assert generated < 900 and late <= BLOCK  # the engine stopped at the next iteration
     deadline = time.monotonic() + 5  # the log line is written just before the worker lets go of the job
-    while server.request("GET", "/health")[2]["generating"] and time.monotonic() < deadline:
+    while generating(server) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.request("GET", "/health")[2] == {"status": "ok", "generating": False, "queued": 0}
     assert ask(server, "Still there?", max_tokens=3).choices[0].finish_reason == "length"
