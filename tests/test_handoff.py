@@ -79,6 +79,15 @@ def test_dry_run_prints_the_exact_command_for_every_kind_of_pair(capsys, alias, 
     assert dry_run(capsys, "--engine", "sglang", alias) == expected_sglang
 
 
+def test_every_registry_pair_has_a_command_for_both_engines(capsys):
+    for pair in registry.all_pairs():
+        out = dry_run(capsys, "--engine", "sglang", pair.alias)
+        assert (HYBRID in out) == pair.kind.startswith("hybrid"), pair.alias
+        assert f"--tp-size {pair.gpus} " in out and f"--served-model-name {pair.alias} " in out
+        out = dry_run(capsys, "--engine", "vllm", pair.alias)
+        assert f'"num_speculative_tokens": {pair.block_size - 1}' in out and f"--tensor-parallel-size {pair.gpus} " in out
+
+
 def test_flags_pass_through_and_the_key_is_not_printed(capsys):
     out = dry_run(capsys, "--engine", "vllm", "qwen3.5-122b-a10b", "--tp", 2, "--host", "0.0.0.0", "--port", 9000,
                   "--api-key", "hunter2", "--max-context", 32768, "-b", 8)
