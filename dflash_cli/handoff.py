@@ -90,18 +90,20 @@ def drafter_block_size(drafter: str, fallback: int) -> int:
     return int(size) if isinstance(size, int) and size > 1 else fallback
 
 
-def resolve_pair(model: str | None, target: str | None, drafter: str | None) -> Pair:
+def resolve_pair(model: str | None, target: str | None, drafter: str | None, block_size: int | None = None) -> Pair:
+    """The pair to hand over; `block_size` (--block-size) spares reading the drafter's config."""
     if target is None:
         if model is None:
             raise UsageError("name a model (see `dflash models`), or give --target and --drafter")
         p = registry.resolve(model)
         drafter = drafter or p.drafter
-        return Pair(p.alias, p.target, drafter, drafter_block_size(drafter, p.block_size), p.kind, p.gpus)
+        block = block_size or drafter_block_size(drafter, p.block_size)
+        return Pair(p.alias, p.target, drafter, block, p.kind, p.gpus)
     if model is not None:
         raise UsageError(f"give either a model name ('{model}') or --target, not both")
     if drafter is None:
         raise UsageError("--engine needs a drafter: give --drafter with --target")
-    block = drafter_block_size(drafter, 0)
+    block = block_size or drafter_block_size(drafter, 0)
     if not block:
         raise UsageError(f"cannot read the block size of {drafter} (not downloaded, or no block_size in its "
                          "config.json): give --block-size")

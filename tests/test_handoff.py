@@ -111,6 +111,8 @@ def test_block_size_comes_from_the_drafters_config_when_it_is_on_disk(capsys, tm
     assert "--speculative-num-draft-tokens 10" in out and "--served-model-name qwen3-8b" in out
     assert main(["serve", "--engine", "sglang", "--target", "Org/Model", "--drafter", "org/unknown", "--dry-run"]) == 2
     assert "--block-size" in capsys.readouterr().err
+    out = dry_run(capsys, "--engine", "sglang", "--target", "Org/Model", "--drafter", "org/unknown", "-b", 12)
+    assert "--speculative-num-draft-tokens 12" in out and "--served-model-name Org/Model" in out
 
 
 def test_python_is_named_by_its_path_when_another_one_is_first_on_path(capsys, monkeypatch, tmp_path):

@@ -54,7 +54,7 @@ def _hand_off(flags: ServeFlags, warning: str | None) -> None:
                                   ("--cors-origin", bool(flags.cors_origins))) if on]
     if ours:
         raise UsageError(f"{ours[0]} applies to dflash's own engine, not to --engine {flags.engine}")
-    pair = handoff.resolve_pair(flags.model, flags.target, flags.drafter)
+    pair = handoff.resolve_pair(flags.model, flags.target, flags.drafter, flags.block_size)
     launch = handoff.launch_command(flags.engine, pair, tp=flags.tp, host=flags.host, port=flags.port,
                                     block_size=flags.block_size, max_context=flags.max_context,
                                     api_key=flags.api_key)
