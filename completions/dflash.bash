@@ -2,22 +2,23 @@
 _dflash() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" opts="" args=""
     if [[ $COMP_CWORD -eq 1 ]]; then
-        COMPREPLY=($(compgen -W "run chat bench pull models rm doctor completions --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "run chat serve bench pull models rm doctor completions --help --version" -- "$cur"))
         return
     fi
     case "$prev" in
         --history|--prompt-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --drafter|--target) COMPREPLY=($(compgen -d -- "$cur")); return ;;
-        --block-size|--context|--device|--dtype|--max-context|--max-tokens|--min-p|--prompt|--prompts|--seed|--stop|--system|--tau|--temperature|--top-k|--top-p|-b|-n|-p|-s|-t) return ;;
+        --api-key|--block-size|--context|--cors-origin|--device|--dtype|--engine|--host|--max-body-mb|--max-context|--max-queue|--max-tokens|--min-p|--port|--prompt|--prompts|--seed|--stop|--system|--tau|--temperature|--timeout|--top-k|--top-p|--tp|-b|-n|-p|-s|-t) return ;;
     esac
     case "${COMP_WORDS[1]}" in
-        run) opts="-p --prompt --prompt-file --target --drafter --yes -y --max-tokens -n --temperature -t --top-p --top-k --min-p --seed --stop --block-size -b --no-spec --device --dtype --max-context --system -s --raw --think --json --trace --quiet -q -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
-        chat) opts="--target --drafter --yes -y --max-tokens -n --temperature -t --top-p --top-k --min-p --seed --block-size -b --no-spec --device --dtype --max-context --system -s --think --plain --show-drafts --history -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
-        bench) opts="--target --drafter --yes -y --synthetic --tau --context --prompts --max-tokens -n --temperature -t --block-size -b --device --dtype --max-context --json -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
-        pull) opts="-h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
+        run) opts="-p --prompt --prompt-file --target --drafter --yes -y --max-tokens -n --temperature -t --top-p --top-k --min-p --seed --stop --block-size -b --no-spec --device --dtype --max-context --system -s --raw --think --json --trace --quiet -q -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b qwen3.5-397b-a17b qwen3-coder-next kimi-k2.5 glm-5.1" ;;
+        chat) opts="--target --drafter --yes -y --max-tokens -n --temperature -t --top-p --top-k --min-p --seed --block-size -b --no-spec --device --dtype --max-context --system -s --think --plain --show-drafts --history -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b qwen3.5-397b-a17b qwen3-coder-next kimi-k2.5 glm-5.1" ;;
+        serve) opts="--target --drafter --yes -y --host --port --api-key --no-auth --cors-origin --max-queue --timeout --max-body-mb --think --no-think --block-size -b --no-spec --device --dtype --max-context --engine --tp --dry-run -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b qwen3.5-397b-a17b qwen3-coder-next kimi-k2.5 glm-5.1" ;;
+        bench) opts="--target --drafter --yes -y --synthetic --tau --context --prompts --max-tokens -n --temperature -t --block-size -b --device --dtype --max-context --json -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b qwen3.5-397b-a17b qwen3-coder-next kimi-k2.5 glm-5.1" ;;
+        pull) opts="-h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b qwen3.5-397b-a17b qwen3-coder-next kimi-k2.5 glm-5.1" ;;
         models) opts="--json -h --help"; args="" ;;
-        rm) opts="--yes -y --drafter-only -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
-        doctor) opts="-h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
+        rm) opts="--yes -y --drafter-only -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b qwen3.5-397b-a17b qwen3-coder-next kimi-k2.5 glm-5.1" ;;
+        doctor) opts="-h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b qwen3.5-397b-a17b qwen3-coder-next kimi-k2.5 glm-5.1" ;;
         completions) opts="-h --help"; args="bash zsh fish" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -31,6 +31,8 @@ app = typer.Typer(
 SAMPLING = "Sampling"
 MODEL = "Model"
 OUTPUT = "Output"
+SERVER = "Server"
+ENGINE = "Hand-off to SGLang / vLLM"
 
 # Options shared by run, chat and bench (typer reads the same declaration for each command).
 MODEL_ARG = typer.Argument(None, help="Model alias (see `dflash models`); or use --target/--drafter.",
@@ -180,6 +182,46 @@ def chat(
     m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
     session = ChatSession(m, _engine(m, block_size), sampling=sampling, max_tokens=max_tokens, system=system, think=think)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = MODEL_ARG,
+    target: Optional[str] = TARGET,
+    drafter: Optional[str] = DRAFTER,
+    yes: bool = YES,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key or --no-auth.", rich_help_panel=SERVER),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0 picks a free one; the URL printed says which).", rich_help_panel=SERVER),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DFLASH_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY.", rich_help_panel=SERVER),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback --host without a key (prints a warning).", rich_help_panel=SERVER),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow browser pages from this origin (repeatable; none by default).", rich_help_panel=SERVER),
+    max_queue: int = typer.Option(16, "--max-queue", min=0, help="Requests that may wait behind the running one; more get 503.", rich_help_panel=SERVER),
+    timeout: float = typer.Option(600.0, "--timeout", min=1, help="Seconds a request may take, queueing included.", rich_help_panel=SERVER),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body, in MiB.", rich_help_panel=SERVER),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Thinking when a request does not say (default: what the drafter was trained with)."),
+    block_size: Optional[int] = BLOCK,
+    no_spec: bool = NO_SPEC,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    max_context: Optional[int] = MAX_CONTEXT,
+    engine: Optional[str] = typer.Option(None, "--engine", help="Hand the pair to sglang or vllm (several GPUs) instead of serving it here.", rich_help_panel=ENGINE),
+    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="With --engine: GPUs for tensor parallelism (default: the pair's suggestion).", rich_help_panel=ENGINE),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --engine: print the command instead of running it.", rich_help_panel=ENGINE),
+) -> None:
+    """Serve a model over an OpenAI-compatible API (chat, completions, streaming, tools, reasoning).
+
+    \b
+    Examples:
+      dflash serve qwen3-8b                            # http://127.0.0.1:8000/v1
+      dflash serve qwen3-8b --host 0.0.0.0 --api-key "$KEY"
+      dflash serve --engine vllm qwen3.5-122b-a10b --tp 4 --dry-run
+    """
+    from .serve.launch import ServeFlags
+    from .serve.launch import serve as serve_flags
+
+    serve_flags(ServeFlags(model, target, drafter, yes, host, port, api_key, no_auth, tuple(cors_origin), max_queue,
+                           timeout, max_body_mb, think, block_size, no_spec, device, dtype, max_context, engine, tp,
+                           dry_run))
 
 
 @app.command()

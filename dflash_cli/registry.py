@@ -20,11 +20,20 @@ class ModelPair:
     think: bool = False  # the thinking mode the drafter was trained with: the chat default
     gpus: int = 1  # GPUs the pair needs; above 1 it is handed to SGLang/vLLM (`dflash serve --engine`)
 
+    @property
+    def engine_only(self) -> bool:
+        """Too big for one GPU: served by SGLang or vLLM with tensor parallelism, never by this engine."""
+        return self.gpus > 1
+
 
 # Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
 _MOE = "MoE target"
 _HYBRID = "hybrid linear attention: rollback needs state snapshots"
 _GPT_OSS = "attention sinks and MXFP4 weights"
+
+
+def _engine(gpus: int) -> str:
+    return f"needs {gpus} GPUs: `dflash serve --engine sglang|vllm` hands it to an engine with tensor parallelism"
 
 PAIRS: tuple[ModelPair, ...] = (
     # The Qwen3 b16 drafters were trained without thinking (DESIGN §3).
@@ -48,8 +57,20 @@ PAIRS: tuple[ModelPair, ...] = (
               kind="hybrid", think=True),
     ModelPair("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "z-lab/Qwen3.6-35B-A3B-DFlash", 16, supported=False,
               note=_HYBRID, kind="hybrid-moe", think=True),
+    # Pairs beyond one GPU (suggested counts are for 80 GB cards at bf16, FP8 or the native INT4 of Kimi).
     ModelPair("qwen3.5-122b-a10b", "Qwen/Qwen3.5-122B-A10B", "z-lab/Qwen3.5-122B-A10B-DFlash", 16, supported=False,
-              note="needs more than one GPU", kind="hybrid-moe", think=True, gpus=4),
+              note=_engine(4), kind="hybrid-moe", think=True, gpus=4),
+    ModelPair("qwen3.5-397b-a17b", "Qwen/Qwen3.5-397B-A17B", "z-lab/Qwen3.5-397B-A17B-DFlash", 16, supported=False,
+              note=_engine(8), kind="hybrid-moe", think=True, gpus=8),
+    # Qwen3-Next architecture (hybrid linear attention, MoE); a non-thinking coder (research/hybrid.md §5).
+    ModelPair("qwen3-coder-next", "Qwen/Qwen3-Coder-Next", "z-lab/Qwen3-Coder-Next-DFlash", 16, supported=False,
+              note=_engine(4), kind="hybrid-moe", gpus=4),
+    # Block 8 as its config.json was reported; a downloaded drafter's own config.json wins (handoff.py).
+    ModelPair("kimi-k2.5", "moonshotai/Kimi-K2.5", "z-lab/Kimi-K2.5-DFlash", 8, supported=False, note=_engine(8),
+              kind="moe", gpus=8),
+    # Block size not yet seen in a config: 16 as z-lab's other v1 drafters, until the checkpoint says otherwise.
+    ModelPair("glm-5.1", "zai-org/GLM-5.1", "z-lab/GLM-5.1-DFlash", 16, supported=False, note=_engine(8), kind="moe",
+              gpus=8),
 )
 
 _BY_ALIAS = {p.alias: p for p in PAIRS}

@@ -51,6 +51,9 @@ def resolve_model(model: str | None, target: str | None, drafter: str | None, *,
         if model is None:
             raise UsageError("name a model (see `dflash models`), or give --target and --drafter")
         pair = registry.resolve(model)
+        if pair.engine_only:
+            raise DflashError(f"{pair.alias} needs {pair.gpus} GPUs, more than this engine runs on: serve it with "
+                              f"`dflash serve --engine sglang {pair.alias}` (or --engine vllm)")
         if not pair.supported:
             raise DflashError(f"{pair.alias} is not supported by this version yet ({pair.note})")
         target, drafter = pair.target, (drafter or pair.drafter)

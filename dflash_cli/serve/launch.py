@@ -1,0 +1,107 @@
+"""`dflash serve` from flags to a running server: this engine, or the hand-off to SGLang / vLLM."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from .auth import check_exposure
+
+
+@dataclass
+class ServeFlags:
+    model: str | None = None
+    target: str | None = None
+    drafter: str | None = None
+    yes: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    no_auth: bool = False
+    cors_origins: tuple[str, ...] = ()
+    max_queue: int = 16
+    timeout: float = 600.0
+    max_body_mb: float = 8.0
+    think: bool | None = None  # None: the pair's own default
+    block_size: int | None = None
+    no_spec: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    max_context: int | None = None
+    engine: str | None = None
+    tp: int | None = None
+    dry_run: bool = False
+
+
+def serve(flags: ServeFlags) -> None:
+    warning = check_exposure(flags.host, flags.api_key, flags.no_auth)
+    if flags.engine is not None:
+        _hand_off(flags, warning)
+        return
+    if flags.tp is not None or flags.dry_run:
+        raise UsageError("--tp and --dry-run go with --engine sglang|vllm")
+    if flags.max_body_mb <= 0:
+        raise UsageError(f"--max-body-mb must be positive, got {flags.max_body_mb:g}")
+    _serve_here(flags, warning)
+
+
+def _hand_off(flags: ServeFlags, warning: str | None) -> None:
+    from .. import handoff
+
+    ours = [name for name, on in (("--no-spec", flags.no_spec), ("--think/--no-think", flags.think is not None),
+                                  ("--device", flags.device != "auto"), ("--dtype", flags.dtype != "auto"),
+                                  ("--cors-origin", bool(flags.cors_origins))) if on]
+    if ours:
+        raise UsageError(f"{ours[0]} applies to dflash's own engine, not to --engine {flags.engine}")
+    pair = handoff.resolve_pair(flags.model, flags.target, flags.drafter, flags.block_size)
+    launch = handoff.launch_command(flags.engine, pair, tp=flags.tp, host=flags.host, port=flags.port,
+                                    block_size=flags.block_size, max_context=flags.max_context,
+                                    api_key=flags.api_key)
+    if warning and not flags.dry_run:
+        print(f"dflash: {warning}", file=sys.stderr)
+    handoff.hand_off(flags.engine, launch, dry_run=flags.dry_run)
+
+
+def model_id(model: str | None, target: str | None) -> str:
+    """The name clients use: the alias, or the target as given (a directory by its name)."""
+    if model is not None:
+        from .. import registry
+
+        return registry.resolve(model).alias
+    path = Path(str(target)).expanduser()
+    return path.name if path.is_dir() else str(target)
+
+
+def _serve_here(flags: ServeFlags, warning: str | None) -> None:
+    from .. import loader, registry
+    from ..engine import Engine
+    from ..resolve import resolve_model
+    from .app import ServeOptions, bind, run_server, stderr_log
+    from .worker import EngineWorker
+
+    think = flags.think
+    if think is None:
+        think = registry.resolve(flags.model).think if flags.model is not None and flags.target is None else False
+    target_dir, drafter_dir = resolve_model(flags.model, flags.target, flags.drafter, yes=flags.yes,
+                                            no_spec=flags.no_spec)
+    name = model_id(flags.model, flags.target)
+    sock = bind(flags.host, flags.port)  # a port in use is an error now, not after loading the model
+    stderr_log(f"dflash: loading {name} …")
+    device = loader.resolve_device(flags.device)
+    m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
+    engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context)
+    worker = EngineWorker(m, engine, flags.max_queue)
+    seconds = worker.start()
+    if seconds is not None:
+        stderr_log(f"dflash: CUDA graphs captured in {seconds:.1f} s")
+    if warning:
+        stderr_log(f"dflash: {warning}")
+    options = ServeOptions(host=flags.host, port=flags.port, api_key=flags.api_key, cors_origins=flags.cors_origins,
+                           max_queue=flags.max_queue, timeout=flags.timeout,
+                           max_body=int(flags.max_body_mb * 2**20), default_think=think)
+    mode = f"DFlash, block size {engine.block_size}" if engine.speculative else "plain decoding"
+    describe = (f"{mode} · {device} · context {engine.max_context} · thinking "
+                f"{'on' if think else 'off'} by default · queue {flags.max_queue}"
+                + (" · API key required" if flags.api_key else ""))
+    run_server(sock, worker, name, options, describe)
