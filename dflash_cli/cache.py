@@ -40,8 +40,16 @@ class KVCache:
     def commit(self, count: int | torch.Tensor) -> None:
         self.length.add_(count)
 
+    def reusable(self, length: int) -> int:
+        """The longest prefix of at most `length` tokens this cache can restart from: all of it (rolling
+        back is moving the length; later slots are overwritten)."""
+        return length
+
     def rollback(self, length: int | torch.Tensor) -> None:
         self.length.fill_(length)
+
+    def keep_prefix(self) -> None:
+        """Nothing to keep: any prefix can be restarted from."""
 
     def snapshot(self) -> torch.Tensor:
         """What a forward and a commit change, besides slots past the length (which are free)."""

@@ -60,6 +60,11 @@ def rope_params(raw: dict, f: Fields) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+# Drafter config keys that change the math; refused until implemented (research/dflash2.md §1, hybrid.md §4).
+UNSUPPORTED_DRAFTER_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping",
+                            "attention_sink_bias", "attention_bias", "use_swa", "swa_window_size")
+
+
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
     """The reference's fallback: evenly spaced from layer 1 to L-3 (one draft layer: L//2)."""
     if num_draft_layers == 1:
@@ -84,6 +89,7 @@ class DrafterConfig:
     rope_theta: float
     rope_scaling: dict | None
     sliding_windows: tuple[int | None, ...]  # per draft layer
+    causal: tuple[bool, ...]  # per draft layer: causal inside the block (the context is always visible)
 
     @classmethod
     def from_dir(cls, directory: Path) -> "DrafterConfig":
@@ -94,6 +100,16 @@ class DrafterConfig:
         f = Fields(raw, Path(directory))
         dflash = raw.get("dflash_config") or {}
         inner = Fields(dflash, Path(directory))
+        archs = raw.get("architectures") or ["DFlashDraftModel"]
+        if archs != ["DFlashDraftModel"]:
+            hint = " (a target, not a drafter?)" if "num_target_layers" not in raw and "dflash_config" not in raw else ""
+            raise DflashError(f"{directory}: drafter architecture {', '.join(map(str, archs))} is not supported "
+                              f"(this version runs DFlashDraftModel){hint}")
+        for key in UNSUPPORTED_DRAFTER_KEYS:  # each would change the drafter's math: refuse, never ignore
+            value = dflash.get(key, raw.get(key))
+            if value not in (None, False, 1, 1.0, 0, 0.0):
+                raise DflashError(f"{directory}/config.json: '{key}' = {value!r} changes the drafter's math "
+                                  "and is not supported by this version")
 
         def either(key: str) -> int:
             if raw.get(key) is not None:
@@ -117,7 +133,13 @@ class DrafterConfig:
         if len(layer_types) != num_layers:
             raise DflashError(f"{directory}/config.json: layer_types has {len(layer_types)} entries for {num_layers} layers")
         window = f.opt("sliding_window", None)
+        if "sliding_attention" in layer_types and not window:
+            raise DflashError(f"{directory}/config.json: sliding_attention layers need a sliding_window")
         theta, scaling = rope_params(raw, f)
+        # Causality inside the block, as the newest reference and vLLM resolve it: `is_causal` (top
+        # level), else dflash_config.causal, else sliding layers causal and full layers not.
+        forced = raw.get("is_causal", dflash.get("causal"))
+        causal = tuple(bool(forced) if forced is not None else t == "sliding_attention" for t in layer_types)
         return cls(
             block_size=either("block_size"),
             mask_token_id=either("mask_token_id"),
@@ -133,6 +155,7 @@ class DrafterConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+            causal=causal,
         )
 
     def check_against(self, target, directory: Path) -> None:

@@ -1,8 +1,10 @@
 """The DFlash drafter, as released (DESIGN §2): a few Qwen3-style layers that denoise a whole block.
 
 Input: `[bonus, MASK × (B-1)]` at positions n .. n+B-1, embedded with the target's table. Each layer
-attends, without a causal mask, over the context K/V of every committed token plus the block's own
-K/V. Context K/V comes from target features: `ctx_h = hidden_norm(fc(concat(features)))`, projected
+attends over the context K/V of every committed token (within its sliding window, if it has one) plus
+the block's own K/V: bidirectionally inside the block, except that a sliding_attention layer is causal
+there unless the config says otherwise (`is_causal`, `dflash_config.causal`: the newest reference's and
+vLLM's rule). Context K/V comes from target features: `ctx_h = hidden_norm(fc(concat(features)))`, projected
 by each layer's k_proj/v_proj (k-normed and rotated) and cached once per token (`add_context`). The
 block's K/V is written past the committed length and never committed, so the next draft overwrites
 it. Outputs at block positions 1..B-1 go through the target's lm_head; the argmax is the draft.
@@ -59,6 +61,7 @@ class DraftLayer:
     gate_up: torch.Tensor
     down: torch.Tensor
     window: int | None
+    causal: bool  # inside the block (sliding layers of the newer drafters)
 
 
 class Drafter:
@@ -102,7 +105,7 @@ class Drafter:
                 q_norm=w.pop(p + "q_norm.weight"), k_norm=w.pop(p + "k_norm.weight"), o_proj=w.pop(p + "o_proj.weight"),
                 post_norm=w.pop(q + "post_attention_layernorm.weight"),
                 gate_up=torch.cat((w.pop(q + "mlp.gate_proj.weight"), w.pop(q + "mlp.up_proj.weight"))),
-                down=w.pop(q + "mlp.down_proj.weight"), window=cfg.sliding_windows[i]))
+                down=w.pop(q + "mlp.down_proj.weight"), window=cfg.sliding_windows[i], causal=cfg.causal[i]))
         w_kv = torch.cat(kv)
         rows = w_kv.shape[0] // cfg.num_layers
         for i, layer in enumerate(layers):  # share the stacked tensor rather than keep two copies
@@ -140,7 +143,7 @@ class Drafter:
             q = ops.qk_norm_rope_cache(F.linear(h, layer.q_proj).view(block_size, c.num_heads, c.head_dim),
                                        k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
                                        positions, cache.k[i], cache.v[i])
-            out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=False, scale=self.scale,
+            out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
                                 sliding_window=layer.window)
             x = x + F.linear(out.reshape(block_size, -1), layer.o_proj)
             h, _ = ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)

@@ -49,6 +49,10 @@ class Request:
     max_new_tokens: int = 512
     stop_token_ids: frozenset[int] = frozenset()
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # How many prompt tokens the next request will likely share (the conversation before this turn's
+    # generation prompt). A cache that cannot roll back to an arbitrary point (a recurrent state)
+    # keeps a snapshot there during the prefill; the others ignore it.
+    keep_prefix: int | None = None
 
 
 def cache_slack(block_size: int) -> int:
@@ -116,7 +120,7 @@ class Engine:
         stops = request.stop_token_ids
         clock = time.perf_counter()
 
-        logits = self._prefill(prompt)
+        logits = self._prefill(prompt, request.keep_prefix)
         rows = torch.tensor([len(prompt) - 1], device=logits.device)
         bonus = ops.sample(logits, rows, **params)
         step = _cut(Step([int(bonus)], [], 0, 0.0, prefill=True), stops, budget)
@@ -144,21 +148,29 @@ class Engine:
         finally:
             runner.discard()  # caches may hold a queued iteration: the next prefill rolls it back
 
-    def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Fill both caches with the prompt (reusing the longest cached prefix); last position's logits."""
+    def _prefill(self, prompt: list[int], keep_prefix: int | None = None) -> torch.Tensor:
+        """Fill both caches with the prompt (reusing the longest cached prefix they can restart from);
+        returns the last position's logits."""
+        caches = [c for c in (self.target_cache, self.draft_cache) if c is not None]
         reuse = _common_prefix(self._cached_ids, prompt, len(prompt) - 1)
+        for cache in caches:  # a recurrent state restarts only from a snapshot, or from nothing
+            reuse = cache.reusable(reuse)
         self._cached_ids = self._cached_ids[:reuse]  # true even if this prefill is interrupted
-        self.target_cache.rollback(reuse)
-        if self.draft_cache is not None:
-            self.draft_cache.rollback(reuse)
-        device = self.target.device
-        for start in range(reuse, len(prompt), self.prefill_chunk):
-            chunk = torch.tensor(prompt[start:start + self.prefill_chunk], device=device)
-            last = start + self.prefill_chunk >= len(prompt)
-            logits, features = self.target.forward(chunk, self.target_cache, logits_from=-1 if last else None,
-                                                   feature_layers=self.feature_layers, commit=True)
+        for cache in caches:
+            cache.rollback(reuse)
+        keep = keep_prefix if keep_prefix is not None and reuse < keep_prefix < len(prompt) else None
+        ends = sorted({*range(reuse + self.prefill_chunk, len(prompt), self.prefill_chunk), len(prompt)}
+                      | ({keep} if keep else set()))
+        device, start = self.target.device, reuse
+        for end in ends:
+            chunk = torch.tensor(prompt[start:end], device=device)
+            logits, features = self.target.forward(chunk, self.target_cache, logits_from=-1 if end == len(prompt)
+                                                   else None, feature_layers=self.feature_layers, commit=True)
             if self.draft_cache is not None:
                 self.drafter.add_context(features, self.draft_cache)
+            if end == keep:
+                self.target_cache.keep_prefix()
+            start = end
         self._cached_ids = list(prompt)
         return logits
 

@@ -22,6 +22,11 @@ _MODULES = {
     "draft_ctx_kv": "draft_kv",
     "sample": "accept",
     "accept": "accept",
+    "causal_conv": "gated_delta",
+    "gated_delta_rule": "gated_delta",
+    "replay": "gated_delta",
+    "conv_commit": "gated_delta",
+    "gated_rms_norm": "gated_delta",
 }
 
 
@@ -43,16 +48,17 @@ def _pick(name: str, device: torch.device) -> Callable:
     return _impl(name, mode == "triton" or (mode == "auto" and device.type == "cuda"))
 
 
-def rms_norm(x, weight, eps, residual=None):
-    return _pick("rms_norm", x.device)(x, weight, eps, residual)
+def rms_norm(x, weight, eps, residual=None, offset=False):
+    return _pick("rms_norm", x.device)(x, weight, eps, residual, offset)
 
 
 def swiglu(gate_up):
     return _pick("swiglu", gate_up.device)(gate_up)
 
 
-def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache):
-    return _pick("qk_norm_rope_cache", q.device)(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache)
+def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache, offset=False):
+    return _pick("qk_norm_rope_cache", q.device)(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache,
+                                                 offset)
 
 
 # The split-K kernel is shaped for decode, verify and draft (a few query rows, many keys). Prefill
@@ -86,3 +92,30 @@ def sample(logits, rows, **params):
 
 def accept(logits, block_ids, cache_len, **params):
     return _pick("accept", logits.device)(logits, block_ids, cache_len, **params)
+
+
+# ---- Gated DeltaNet (the hybrid family's linear layers) -------------------------------------------------
+def l2norm(x):
+    from .kernels.gated_delta import l2norm as norm
+
+    return norm(x)
+
+
+def causal_conv(window, weight):
+    return _pick("causal_conv", window.device)(window, weight)
+
+
+def gated_delta_rule(q, k, v, g, beta, state, scale):
+    return _pick("gated_delta_rule", q.device)(q, k, v, g, beta, state, scale)
+
+
+def gdn_replay(state, k, v, g, beta, count):
+    return _pick("replay", state.device)(state, k, v, g, beta, count)
+
+
+def conv_commit(conv, x, count):
+    return _pick("conv_commit", conv.device)(conv, x, count)
+
+
+def gated_rms_norm(x, z, weight, eps):
+    return _pick("gated_rms_norm", x.device)(x, z, weight, eps)

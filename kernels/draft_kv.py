@@ -36,30 +36,28 @@ def draft_ctx_kv_ref(
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .rope_cache import norm_rope_halves  # noqa: E402
+from .rope_cache import load_head, norm_rope, store_head  # noqa: E402
 
 
 @triton.jit
-def _ctx_kv_kernel(kv_ptr, kn_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, n_layers, n_heads, capacity, half, eps,
-                   BLOCK_H: tl.constexpr):
+def _ctx_kv_kernel(kv_ptr, kn_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, n_layers, n_heads, capacity, half,
+                   eps, BLOCK_H: tl.constexpr):
     t = tl.program_id(0)
     lh = tl.program_id(1)  # layer * n_heads + head
     layer = lh // n_heads
     head = lh % n_heads
-    offs = tl.arange(0, BLOCK_H)
-    mask = offs < half
     d = 2 * half
     pos = tl.load(pos_ptr + t)
     base = kv_ptr + ((t * n_layers + layer) * 2 * n_heads) * d  # kv: [T, layers, 2, heads, D]
-    k_src = base + head * d
-    v_src = base + (n_heads + head) * d
     dtype = kc_ptr.dtype.element_ty
-    x1 = tl.load(k_src + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(k_src + half + offs, mask=mask, other=0.0).to(tl.float32)
-    o1, o2 = norm_rope_halves(x1, x2, kn_ptr + layer * d, cs_ptr + pos * d, half, eps, True, BLOCK_H, dtype)
+    x1, x2, x3 = load_head(base + head * d, half, d, d, BLOCK_H, 1)
+    o1, o2, o3 = norm_rope(x1, x2, x3, kn_ptr + layer * d, cs_ptr + pos * d, half, d, d, eps, True, False,
+                           BLOCK_H, 1, dtype)
     row = ((layer.to(tl.int64) * n_heads + head) * capacity + pos) * d
-    tl.store(kc_ptr + row + offs, o1.to(dtype), mask=mask)
-    tl.store(kc_ptr + row + half + offs, o2.to(dtype), mask=mask)
+    store_head(kc_ptr + row, o1, o2, o3, half, d, d, BLOCK_H, 1)
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < half
+    v_src = base + (n_heads + head) * d
     tl.store(vc_ptr + row + offs, tl.load(v_src + offs, mask=mask), mask=mask)
     tl.store(vc_ptr + row + half + offs, tl.load(v_src + half + offs, mask=mask), mask=mask)
 

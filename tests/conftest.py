@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,37 @@ import torch
 
 from dflash_cli import loader
 
+
+# Triton decides at import whether its functions are interpreted (CPU) or compiled: without a GPU the
+# interpreter must be on before anything (transformers included) imports triton. On a CPU nothing runs
+# a Triton kernel unless a test asks for it (tests/kernels, DFLASH_KERNELS=triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _import_transformers_references_without_fla() -> None:
+    """transformers binds fla-core's Triton kernels for the Gated DeltaNet models at import when fla is
+    importable (it is: dflash depends on it for CUDA), and those cannot run on a CPU. The tests use
+    transformers as the independent reference, so import its hybrid models once with fla hidden: they
+    keep their torch paths. dflash itself imports fla only on CUDA or under TRITON_INTERPRET."""
+    import importlib
+    import sys
+
+    hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "fla" or k.startswith("fla.")}
+    sys.modules["fla"] = None  # `import fla` raises ImportError
+    try:
+        for name in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
+            importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    finally:
+        del sys.modules["fla"]
+        sys.modules.update(hidden)
+
+
+_import_transformers_references_without_fla()
+
 from .fit import fit_drafter
-from .tiny import (copy_qwen3_tokenizer, copy_stories, drafter_config, target_config, write_drafter,
-                   write_target)
+from .tiny import (copy_qwen3_tokenizer, copy_stories, drafter_config, qwen35_config, target_config, write_drafter,
+                   write_qwen35, write_target)
 
 # Prompts the fitted stories drafter is trained on: its acceptance is real on these.
 STORY_PROMPTS = ["Once upon a time", "Lily and Ben", "The cat", "One day, a little boy",
@@ -69,6 +98,30 @@ def stories_pair(models) -> tuple[Path, Path]:
     dcfg = drafter_config(cfg, block_size=8, layers=1, target_layer_ids=(1, 3), heads=8, kv_heads=4,
                           head_dim=8, intermediate=172, mask_token_id=0)
     d = fit_drafter(t, models / "stories-drafter", dcfg, prompts, steps=1500)
+    return t, d
+
+
+def random_prompts(count: int, vocab: int, seed: int, longest: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab - 1, (int(torch.randint(1, longest, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+# Prompts a hybrid pair's drafter is fitted to (random ids: the random target's own continuations are learnt).
+HYBRID_PROMPTS = random_prompts(6, 500, seed=35)
+
+
+@pytest.fixture(scope="session")
+def qwen35_pair(models) -> tuple[Path, Path]:
+    """A tiny Qwen3.5 in the released VL-wrapper layout (slow-decaying recurrent states) and a block-8
+    drafter in the Qwen3.6 style (a causal sliding layer and a full one, taps on a linear and a full
+    layer), fitted to the target's own continuations so that drafts are really accepted."""
+    cfg = qwen35_config()
+    t = write_qwen35(models / "qwen35", cfg, seed=11, slow_decay=True)
+    dcfg = drafter_config(cfg["text_config"], block_size=8, layers=2, target_layer_ids=(1, 3), heads=4, kv_heads=2,
+                          head_dim=16, intermediate=128, mask_token_id=500,
+                          layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    d = fit_drafter(t, models / "qwen35-drafter", dcfg, HYBRID_PROMPTS, steps=600)
     return t, d
 
 

@@ -55,14 +55,17 @@ def fit_drafter(target_dir: Path, out_dir: Path, drafter_cfg: dict, prompts: lis
     for _ in range(steps):
         opt.zero_grad()
         loss = 0.0
-        for _ in range(blocks_per_step):
-            ids, feats = corpus[int(torch.randint(len(corpus), (1,), generator=gen))]
-            n = int(torch.randint(1, len(ids) - b, (1,), generator=gen))
-            cache = drafter.new_cache(len(ids) + b)
-            drafter.add_context(feats, cache, count=n)
-            logits = drafter.draft_logits(ids[n:n + 1], cache, b)
-            loss = loss + F.cross_entropy(logits, ids[n + 1:n + b])
-        (loss / blocks_per_step).backward()
+        # The inference code writes each layer's K/V into one cache tensor, in place: let autograd keep
+        # what it saved from the earlier layers.
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            for _ in range(blocks_per_step):
+                ids, feats = corpus[int(torch.randint(len(corpus), (1,), generator=gen))]
+                n = int(torch.randint(1, len(ids) - b, (1,), generator=gen))
+                cache = drafter.new_cache(len(ids) + b)
+                drafter.add_context(feats, cache, count=n)
+                logits = drafter.draft_logits(ids[n:n + 1], cache, b)
+                loss = loss + F.cross_entropy(logits, ids[n + 1:n + b])
+            (loss / blocks_per_step).backward()
         opt.step()
     rows = drafter.w_kv.shape[0] // dcfg.num_layers
     kv_rows = rows // 2

@@ -116,3 +116,57 @@ def copy_stories(directory: Path) -> Path:
         if f.suffix != ".md":
             shutil.copyfile(f, directory / f.name)  # contents only: not the source's permissions
     return directory
+
+
+# ---- Qwen3.5 / 3.6 hybrids (research/hybrid.md §6) ---------------------------------------------------------
+def qwen35_config(*, vocab: int = 512, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                  head_dim: int = 32, intermediate: int = 96, tie: bool = False, wrapper: bool = True,
+                  layer_types=None, max_pos: int = 1024) -> dict:
+    """A tiny Qwen3.5 config in the released layout: the VL wrapper (text config under text_config) or a
+    text-only export. Rotary dims = head_dim / 4, as released (mrope_section sums to half of them)."""
+    text = {
+        "model_type": "qwen3_5_text", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "rms_norm_eps": 1e-6, "max_position_embeddings": max_pos, "hidden_act": "silu",
+        "layer_types": layer_types or ["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                                       for i in range(layers)],
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "attention_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                            "mrope_section": [2, 1, 1] if head_dim == 32 else [head_dim // 16, head_dim // 32,
+                                                                             head_dim // 32],
+                            "mrope_interleaved": True},
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "float32",
+    }
+    if not wrapper:
+        return text | {"architectures": ["Qwen3_5ForCausalLM"], "tie_word_embeddings": tie}
+    vision = {"model_type": "qwen3_5_vision", "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+              "out_hidden_size": hidden, "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2,
+              "num_position_embeddings": 16, "in_channels": 3}
+    return {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text,
+            "vision_config": vision, "tie_word_embeddings": tie, "torch_dtype": "float32",
+            "image_token_id": vocab - 4, "video_token_id": vocab - 3, "vision_start_token_id": vocab - 6,
+            "vision_end_token_id": vocab - 5}
+
+
+def write_qwen35(directory: Path, cfg: dict, seed: int = 0, slow_decay: bool = False) -> Path:
+    """A tiny Qwen3.5 checkpoint: the text weights from the family's table, and what a release also holds
+    and dflash must skip: the vision tower (transformers' own tensors, so its reference loads them) and
+    `mtp.*`. `slow_decay`: A_log ~ log U(0.01, 0.1), so the recurrent state remembers long."""
+    extra = {"mtp.fc.weight": torch.zeros(4, 4), "mtp.layers.0.input_layernorm.weight": torch.zeros(4)}
+    if "vision_config" in cfg:
+        from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+        torch.manual_seed(seed)
+        hf = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**{k: v for k, v in cfg.items() if k != "architectures"}))
+        extra |= {"model." + k.removeprefix("model."): v for k, v in hf.state_dict().items() if ".visual." in f".{k}"}
+    write_target(directory, cfg, seed=seed, extra=extra)
+    if slow_decay:
+        from safetensors.torch import load_file
+
+        w = load_file(str(directory / "model.safetensors"))
+        g = torch.Generator().manual_seed(seed + 1)
+        for name in [n for n in w if n.endswith("linear_attn.A_log")]:
+            w[name] = torch.empty(w[name].shape).uniform_(0.01, 0.1, generator=g).log()
+        save_weights(directory, w)
+    return directory

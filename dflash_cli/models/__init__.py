@@ -25,6 +25,8 @@ from ..errors import DflashError
 FAMILIES = {
     "qwen3": "dense",
     "llama": "dense",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
 }
 
 

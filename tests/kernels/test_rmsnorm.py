@@ -10,13 +10,16 @@ from .conftest import DEVICE, TOL
 @pytest.mark.parametrize("shape", [(1, 64), (5, 96), (16, 200), (3, 1000), (2, 3, 96), (2, 9000)],
                          ids=lambda s: "x".join(map(str, s)))  # 9000: wider than one block, walked in chunks
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_reference(seed, dtype, shape, with_residual):
+@pytest.mark.parametrize("offset", [False, True], ids=["w", "1+w"])
+def test_rms_norm_matches_reference(seed, dtype, shape, with_residual, offset):
+    """Both conventions: w times the rounded normalised row (Qwen3, Llama), and the zero-centred (1 + w)
+    applied in float32 with one rounding (Qwen3.5, whose norm weights load as float32)."""
     x = torch.randn(shape, dtype=dtype, device=DEVICE)
-    w = torch.randn(shape[-1], dtype=dtype, device=DEVICE)
+    w = torch.randn(shape[-1], dtype=torch.float32 if offset else dtype, device=DEVICE)
     res = torch.randn(shape, dtype=dtype, device=DEVICE) * 4 if with_residual else None
     x_before = x.clone()
-    got, got_res = rms_norm(x, w, 1e-6, res.clone() if with_residual else None)
-    want, want_res = rms_norm_ref(x, w, 1e-6, res.clone() if with_residual else None)
+    got, got_res = rms_norm(x, w, 1e-6, res.clone() if with_residual else None, offset)
+    want, want_res = rms_norm_ref(x, w, 1e-6, res.clone() if with_residual else None, offset)
     msg = lambda m: f"seed {seed}: {m}"  # noqa: E731
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, **TOL[dtype], msg=msg)

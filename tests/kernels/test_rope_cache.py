@@ -12,20 +12,25 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t, hq, hkv, d", [(1, 4, 2, 16), (3, 8, 2, 64), (16, 4, 4, 128), (5, 6, 3, 24)])
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_norm_rope_and_cache_write(seed, dtype, t, hq, hkv, d, qk_norm):
+@pytest.mark.parametrize("t, hq, hkv, d, rot", [(1, 4, 2, 16, 16), (3, 8, 2, 64, 64), (16, 4, 4, 128, 128),
+                                                 (5, 6, 3, 24, 24), (4, 4, 2, 256, 64), (2, 6, 2, 32, 8)])
+@pytest.mark.parametrize("qk_norm", [True, False, "1+w"])
+def test_norm_rope_and_cache_write(seed, dtype, t, hq, hkv, d, rot, qk_norm):
+    """Full and partial rotation (Qwen3.5: 64 of 256 dims), with the Qwen3 q/k norm, the zero-centred
+    one (float32 weights), or none (Llama)."""
     capacity = 50
-    cos_sin = rope_table(d, 10000.0, None if qk_norm else LLAMA3, 64, DEVICE)
+    offset = qk_norm == "1+w"
+    cos_sin = rope_table(rot, 10000.0, None if qk_norm else LLAMA3, 64, DEVICE)
     qkv = torch.randn(t, (hq + 2 * hkv) * d, dtype=dtype, device=DEVICE)
     q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], -1))  # strided views, as in the model
-    q_norm = torch.randn(d, dtype=dtype, device=DEVICE) if qk_norm else None
-    k_norm = torch.randn(d, dtype=dtype, device=DEVICE) if qk_norm else None
+    norm_dtype = torch.float32 if offset else dtype
+    q_norm = torch.randn(d, dtype=norm_dtype, device=DEVICE) if qk_norm else None
+    k_norm = torch.randn(d, dtype=norm_dtype, device=DEVICE) if qk_norm else None
     positions = torch.randperm(capacity, device=DEVICE)[:t]  # any positions, not only a contiguous run
     caches = [nan_like((hkv, capacity, d), dtype) for _ in range(4)]
     qkv_before = qkv.clone()
-    got = qk_norm_rope_cache(q, k, v, q_norm, k_norm, 1e-6, cos_sin, positions, caches[0], caches[1])
-    want = qk_norm_rope_cache_ref(q, k, v, q_norm, k_norm, 1e-6, cos_sin, positions, caches[2], caches[3])
+    got = qk_norm_rope_cache(q, k, v, q_norm, k_norm, 1e-6, cos_sin, positions, caches[0], caches[1], offset)
+    want = qk_norm_rope_cache_ref(q, k, v, q_norm, k_norm, 1e-6, cos_sin, positions, caches[2], caches[3], offset)
     msg = lambda m: f"seed {seed}: {m}"  # noqa: E731
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, **TOL[dtype], msg=msg)

@@ -1,0 +1,64 @@
+"""The hybrid family's linear-attention kernels against their torch references: fla-core's fused
+recurrent gated delta rule (blocks, and the masked replay over all layers at once), our causal conv
+and the conv-window commit at a device index. Prefill-length chunks use fla's chunked kernel, which
+autotunes and so runs on a GPU only."""
+import pytest
+import torch
+
+from dflash_cli.kernels import gated_delta as gd
+
+from .conftest import DEVICE
+
+
+def _inputs(n, t, hk, hv, dk, dv, g):
+    q = gd.l2norm(torch.randn(n, t, hk, dk, generator=g)).to(DEVICE)
+    k = gd.l2norm(torch.randn(n, t, hk, dk, generator=g)).to(DEVICE)
+    v = torch.randn(n, t, hv, dv, generator=g).to(DEVICE)
+    decay = (-torch.rand(n, t, hv, generator=g) * 2).to(DEVICE)
+    beta = torch.rand(n, t, hv, generator=g).to(DEVICE)
+    state = torch.randn(n, hv, dk, dv, generator=g).to(DEVICE)
+    return q, k, v, decay, beta, state
+
+
+@pytest.mark.parametrize("n, t, hk, hv, dk, dv", [(1, 1, 2, 4, 16, 16), (1, 8, 2, 4, 16, 32), (3, 16, 1, 3, 32, 16)])
+def test_fla_rule_matches_the_reference(seed, n, t, hk, hv, dk, dv):
+    q, k, v, decay, beta, state = _inputs(n, t, hk, hv, dk, dv, torch.Generator().manual_seed(seed))
+    before = state.clone()
+    got, got_final = gd.gated_delta_rule(q, k, v, decay, beta, state, dk**-0.5)
+    want, want_final = gd.gated_delta_rule_ref(q, k, v, decay, beta, state, dk**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(got_final, want_final, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    assert torch.equal(state, before), "a verify must not write the committed state"
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 8])
+def test_fla_replay_matches_the_reference(seed, count):
+    _, k, v, decay, beta, state = _inputs(4, 8, 2, 4, 16, 16, torch.Generator().manual_seed(seed))
+    got, want = state.clone(), state.clone()
+    gd.replay(got, k, v, decay, beta, torch.tensor(count, device=DEVICE))
+    gd.replay_ref(want, k, v, decay, beta, torch.tensor(count, device=DEVICE))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    if count == 0:
+        assert torch.equal(got, state)  # nothing accepted: the state is untouched, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, c, k", [(1, 96, 4), (16, 200, 4), (5, 1030, 3)])
+def test_causal_conv_matches_the_reference(seed, dtype, t, c, k):
+    window = torch.randn(k - 1 + t, c, device=DEVICE).to(dtype)
+    weight = (torch.randn(c, k, device=DEVICE) / k**0.5).to(dtype)
+    got, want = gd.causal_conv(window, weight), gd.causal_conv_ref(window, weight)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 7, 8])
+def test_conv_commit_gathers_at_a_device_index(seed, count):
+    n, keep, t, c = 3, 3, 8, 130
+    conv = torch.randn(n, keep, c, device=DEVICE)
+    x = torch.randn(n, t, c, device=DEVICE)
+    got, want = conv.clone(), conv.clone()
+    gd.conv_commit(got, x, torch.tensor(count, device=DEVICE))
+    gd.conv_commit_ref(want, x, torch.tensor(count, device=DEVICE))
+    assert torch.equal(got, want), f"seed {seed}, count {count}"
+    assert torch.equal(got, torch.cat((conv, x), dim=1)[:, count:count + keep])
