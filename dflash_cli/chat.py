@@ -37,9 +37,11 @@ Commands:
   /save FILE, /load FILE     the conversation as JSONL, one message per line
   /stats                     speed and acceptance for this session
   /exit                      leave (or Ctrl-D)
-Enter sends; Alt-Enter (Esc, Enter) starts a new line. Ctrl-C stops an answer."""
+Enter sends; Alt-Enter (Esc, Enter) starts a new line. Ctrl-C stops an answer.
+A message that starts with "/" is sent by doubling it: "//etc/hosts is…" sends "/etc/hosts is…"."""
 
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "seed": int}
+KINDS = {float: "a number", int: "a whole number"}
 
 
 @dataclass
@@ -120,13 +122,17 @@ class ChatSession:
         try:
             parsed = SETTABLE[key](value.strip())
         except ValueError:
-            raise UsageError(f"/set {key}: '{value.strip()}' is not a {SETTABLE[key].__name__}") from None
+            raise UsageError(f"/set {key}: '{value.strip()}' is not {KINDS[SETTABLE[key]]}") from None
         if key == "max_tokens":
             if parsed < 1:
                 raise UsageError("/set max_tokens: must be at least 1")
             self.max_tokens = parsed
         else:
-            self.sampling = replace(self.sampling, **{key: parsed})  # validated by SamplingParams
+            try:
+                self.sampling = replace(self.sampling, **{key: parsed})  # validated by SamplingParams
+            except UsageError as e:  # its messages name the command-line flag: name the setting instead
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(str(e).replace(f"{flag} ", f"/set {key}: ", 1)) from None
         return Reply(f"{key} = {parsed}")
 
     def _think(self, arg: str) -> Reply:
@@ -169,7 +175,8 @@ class ChatSession:
         taus = [t for s in self.answers for t in s.acceptance_lengths]
         tps = sum(max(s.generated - 1, 0) for s in self.answers) / decode if decode else 0.0
         mean = sum(taus) / len(taus) if taus else 0.0
-        return (f"{len(self.answers)} answers · {tokens} tokens · {tps:.1f} tok/s · mean τ {mean:.2f} · "
+        count = f"{len(self.answers)} answer{'' if len(self.answers) == 1 else 's'}"
+        return (f"{count} · {tokens} tokens · {tps:.1f} tok/s · mean τ {mean:.2f} · "
                 f"block size {self.engine.block_size}\nτ 1…{self.engine.block_size}: "
                 f"{tau_bars(self.histogram(), self.engine.block_size)}")
 
@@ -256,17 +263,22 @@ def run_chat(session: ChatSession, *, plain: bool = False, show_drafts: bool = F
     view = ChatView(session, plain=plain, show_drafts=show_drafts)
     view.banner()
     read = _line_reader(history, view.note)
+    terminal = sys.stdin.isatty()
     while True:
         try:
             line = read()
         except KeyboardInterrupt:
+            if not terminal:  # questions from a pipe: Ctrl-C ends the chat (exit 130), as it ends `cat`
+                raise
             continue  # Ctrl-C at the prompt clears the line, as in a shell
         except EOFError:
             view.note("bye")
             return
         if not line.strip():
             continue
-        if line.startswith("/"):
+        if line.startswith("//"):  # the escape for a message that starts with "/"
+            line = line[1:]
+        elif line.startswith("/"):
             try:
                 reply = session.command(line)
             except DflashError as e:

@@ -72,9 +72,10 @@ def _check_extent(path: Path, size: int, mtime_ns: int) -> None:
             raise DflashError(f"{path} is truncated or corrupt (header says {header_len} bytes): download it again")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError):
+            # not JSON, or JSON that is not {name: {"data_offsets": [begin, end], ...}}
             raise DflashError(f"{path} has a corrupt header: download it again") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise DflashError(f"{path} is truncated ({size} of {8 + header_len + end} bytes): download it again")
 

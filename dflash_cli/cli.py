@@ -1,7 +1,9 @@
 """The `dflash` command: parses flags, calls the library, prints. Errors the user can fix are one
-line on stderr and a non-zero exit (1 runtime, 2 usage); tracebacks are for bugs."""
+line on stderr and a non-zero exit (1 runtime, 2 usage, 130 Ctrl-C); tracebacks are for bugs."""
 from __future__ import annotations
 
+import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,12 +13,13 @@ import click
 import typer
 
 from . import __version__
-from .errors import DflashError, UsageError
+from .errors import DflashError, Interrupted, UsageError
 
 # Recent typer vendors its own click; older typer uses click itself. Catch both families.
 _EXIT = (typer.Exit, click.exceptions.Exit)
 _ABORT = (typer.Abort, click.exceptions.Abort)
 _PARSER_ERRORS = (typer.TyperException, click.ClickException)
+HELP_NAMES = ["-h", "--help"]
 
 app = typer.Typer(
     name="dflash",
@@ -25,7 +28,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": HELP_NAMES},
 )
 
 SAMPLING = "Sampling"
@@ -37,30 +40,49 @@ ENGINE = "Hand-off to SGLang / vLLM"
 # Options shared by run, chat and bench (typer reads the same declaration for each command).
 MODEL_ARG = typer.Argument(None, help="Model alias (see `dflash models`); or use --target/--drafter.",
                            metavar="MODEL")
-TARGET = typer.Option(None, "--target", help="Target: a Hugging Face repo id or a local directory.", rich_help_panel=MODEL)
-DRAFTER = typer.Option(None, "--drafter", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
+TARGET = typer.Option(None, "--target", metavar="ID|DIR", help="Target: a Hugging Face repo id or a local directory.", rich_help_panel=MODEL)
+DRAFTER = typer.Option(None, "--drafter", metavar="ID|DIR", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
 YES = typer.Option(False, "--yes", "-y", help="Download missing models without asking.", rich_help_panel=MODEL)
-BLOCK = typer.Option(None, "--block-size", "-b", min=1, help="Draft block size B (default: the drafter's).", rich_help_panel=MODEL)
+BLOCK = typer.Option(None, "--block-size", "-b", min=1, metavar="B", help="Draft block size B (default: the drafter's).", rich_help_panel=MODEL)
 NO_SPEC = typer.Option(False, "--no-spec", help="Plain autoregressive decoding (the baseline).", rich_help_panel=MODEL)
-DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)
-DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32.", rich_help_panel=MODEL)
-MAX_CONTEXT = typer.Option(None, "--max-context", min=2, help="Most tokens (prompt + answer) in the KV cache (default: what fits).", rich_help_panel=MODEL)
-MAX_TOKENS = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens to generate per answer.")
-TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0 is greedy.", rich_help_panel=SAMPLING)
-TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 disables).", rich_help_panel=SAMPLING)
-TOP_K = typer.Option(0, "--top-k", help="Keep the k likeliest tokens (0 disables).", rich_help_panel=SAMPLING)
-MIN_P = typer.Option(0.0, "--min-p", help="Drop tokens below min_p × the top probability.", rich_help_panel=SAMPLING)
-SEED = typer.Option(None, "--seed", help="Sampling seed: the same seed gives the same answer, with or without speculation.", rich_help_panel=SAMPLING)
-SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
+DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)
+DTYPE = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32.", rich_help_panel=MODEL)
+MAX_CONTEXT = typer.Option(None, "--max-context", min=2, metavar="TOKENS", help="Most tokens (prompt + answer) in the KV cache (default: what fits).", rich_help_panel=MODEL)
+MAX_TOKENS = typer.Option(512, "--max-tokens", "-n", min=1, metavar="N", help="Most tokens to generate per answer.")
+TEMPERATURE = typer.Option(0.0, "--temperature", "-t", metavar="T", help="0 is greedy.", rich_help_panel=SAMPLING)
+TOP_P = typer.Option(1.0, "--top-p", metavar="P", help="Nucleus sampling mass (1 disables).", rich_help_panel=SAMPLING)
+TOP_K = typer.Option(0, "--top-k", metavar="K", help="Keep the k likeliest tokens (0 disables).", rich_help_panel=SAMPLING)
+MIN_P = typer.Option(0.0, "--min-p", metavar="P", help="Drop tokens below min_p × the top probability.", rich_help_panel=SAMPLING)
+SEED = typer.Option(None, "--seed", metavar="INT", help="Sampling seed: the same seed gives the same answer, with or without speculation.", rich_help_panel=SAMPLING)
+SYSTEM = typer.Option(None, "--system", "-s", metavar="TEXT", help="System prompt.")
 THINK = typer.Option(False, "--think", help="Qwen3 thinking mode (off by default: the drafters were trained without it).")
 
 
-def _load(model, target, drafter, yes, no_spec, device, dtype, max_context):
-    from . import loader
+def _resolve(model, target, drafter, yes, no_spec) -> tuple[Path, Optional[Path]]:
     from .resolve import resolve_model
 
-    target_dir, drafter_dir = resolve_model(model, target, drafter, yes=yes, no_spec=no_spec)
+    return resolve_model(model, target, drafter, yes=yes, no_spec=no_spec)
+
+
+def _load(target_dir: Path, drafter_dir: Optional[Path], device: str, dtype: str, max_context: Optional[int]):
+    from . import loader
+
     return loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
+
+
+def _check_block_size(drafter_dir: Optional[Path], block_size: Optional[int], least: int = 1) -> None:
+    """-b against the drafter's config.json, before any weight is read."""
+    if block_size is None or drafter_dir is None:
+        return
+    import warnings
+
+    from .config import DrafterConfig
+
+    with warnings.catch_warnings():  # the loader reads the config again and says what it has to say
+        warnings.simplefilter("ignore")
+        limit = DrafterConfig.from_dir(drafter_dir).block_size
+    if block_size > limit:
+        raise UsageError(f"--block-size must be between {least} and the drafter's {limit}, got {block_size}")
 
 
 def _engine(m, block_size):
@@ -69,29 +91,54 @@ def _engine(m, block_size):
     return Engine(m.target, m.drafter, block_size=block_size if m.drafter else None, max_context=m.max_context)
 
 
+def _note(text: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"dflash: {text}", file=sys.stderr)
+
+
+def _decode_input(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark from a Windows editor is not prompt text
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _read_stdin() -> str:
+    """All of stdin, decoded strictly: undecodable bytes are a clear error, not a tokenizer crash."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # already text (an embedding program's stream)
+        return sys.stdin.read()
+    return _decode_input(buffer.read(), "stdin")
+
+
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     """-p as given; a file or stdin without its final newline (editors and `echo` add one)."""
     if prompt is not None and prompt_file is not None:
         raise UsageError("give either -p/--prompt or --prompt-file, not both")
     if prompt is not None:
-        return prompt
-    if prompt_file is not None:
-        if str(prompt_file) == "-":
-            return sys.stdin.read().removesuffix("\n")
+        text, where = prompt, "-p"
+    elif prompt_file is not None and str(prompt_file) == "-":
+        text, where = _read_stdin().removesuffix("\n"), "stdin"
+    elif prompt_file is not None:
         try:
-            return prompt_file.read_text().removesuffix("\n")
-        except (OSError, UnicodeDecodeError) as e:
+            data = prompt_file.read_bytes()
+        except OSError as e:
             raise UsageError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
-    if sys.stdin is None or sys.stdin.isatty():
+        text, where = _decode_input(data, f"--prompt-file {prompt_file}").removesuffix("\n"), f"--prompt-file {prompt_file}"
+    elif sys.stdin is None or sys.stdin.isatty():
         raise UsageError("no prompt: give -p TEXT, --prompt-file FILE, or pipe text on stdin")
-    return sys.stdin.read().removesuffix("\n")
+    else:
+        text, where = _read_stdin().removesuffix("\n"), "stdin"
+    if not text.strip():
+        raise UsageError(f"the prompt is empty ({where} gave no text)")
+    return text
 
 
 @app.command()
 def run(
     model: Optional[str] = MODEL_ARG,
-    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The prompt text."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from FILE ('-' for stdin); a .jsonl file runs one prompt per line."),
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", metavar="TEXT", help="The prompt text."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", metavar="FILE", help="Read the prompt from FILE ('-' for stdin); a .jsonl file runs one prompt per line."),
     target: Optional[str] = TARGET,
     drafter: Optional[str] = DRAFTER,
     yes: bool = YES,
@@ -101,7 +148,7 @@ def run(
     top_k: int = TOP_K,
     min_p: float = MIN_P,
     seed: Optional[int] = SEED,
-    stop: List[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable).", rich_help_panel=SAMPLING),
+    stop: List[str] = typer.Option([], "--stop", metavar="TEXT", help="Stop when this text appears (repeatable).", rich_help_panel=SAMPLING),
     block_size: Optional[int] = BLOCK,
     no_spec: bool = NO_SPEC,
     device: str = DEVICE,
@@ -123,27 +170,41 @@ def run(
       dflash run qwen3-8b --prompt-file prompts.jsonl --json > results.jsonl
       dflash run --target ./Qwen3-8B --drafter ./Qwen3-8B-DFlash-b16 -p "2+2?" --json --trace
     """
-    from .run import RunOptions, read_jsonl_prompts, run_jsonl, run_prompt
+    from .run import (RunOptions, check_length, encode_batch, is_jsonl, prompt_ids, read_jsonl_prompts, run_jsonl,
+                      run_prompt, template_notes)
     from .sampling import SamplingParams
 
+    if trace and not json_out:
+        raise UsageError("--trace goes with --json (it adds every iteration to the JSON result)")
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, json_out, trace, quiet)
     batch = text = None  # the input is read and checked before any model is loaded
-    if prompt_file is not None and prompt_file.suffix == ".jsonl":
+    if prompt_file is not None and is_jsonl(prompt_file):
         if prompt is not None:
             raise UsageError("give either -p/--prompt or --prompt-file, not both")
         batch = read_jsonl_prompts(prompt_file)
     else:
         text = _read_prompt(prompt, prompt_file)
-    m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
+    target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
+    _check_block_size(drafter_dir, block_size)
+    if target is not None and drafter is None and not no_spec:
+        _note("no --drafter: plain decoding, without speculation", quiet)
+    m = _load(target_dir, drafter_dir, device, dtype, max_context)
     engine = _engine(m, block_size)
-    seconds = engine.warm_up(sampling)  # CUDA graphs captured before any timing starts (CPU: None)
-    if seconds is not None and not quiet:
-        print(f"dflash: CUDA graphs captured in {seconds:.1f} s", file=sys.stderr)
+    for note in template_notes(m, opts):
+        _note(note, quiet)
     if batch is not None:
-        run_jsonl(m, engine, batch, opts)
+        encoded = encode_batch(m, engine, prompt_file, batch, opts)  # every line checked before the first answer
     else:
-        run_prompt(m, engine, text, opts)
+        ids = prompt_ids(m, text, opts)
+        check_length(ids, engine)
+    seconds = engine.warm_up(sampling)  # CUDA graphs captured before any timing starts (CPU: None)
+    if seconds is not None:
+        _note(f"CUDA graphs captured in {seconds:.1f} s", quiet)
+    if batch is not None:
+        run_jsonl(m, engine, encoded, opts)
+    else:
+        run_prompt(m, engine, ids, opts)
 
 
 @app.command()
@@ -152,7 +213,7 @@ def chat(
     target: Optional[str] = TARGET,
     drafter: Optional[str] = DRAFTER,
     yes: bool = YES,
-    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", min=1, metavar="N", help="Most tokens per answer."),
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     top_k: int = TOP_K,
@@ -167,7 +228,7 @@ def chat(
     think: bool = THINK,
     plain: bool = typer.Option(False, "--plain", help="Plain text: no Markdown rendering, no live status line.", rich_help_panel=OUTPUT),
     show_drafts: bool = typer.Option(False, "--show-drafts", help="Colour tokens by origin: accepted draft or the target's own.", rich_help_panel=OUTPUT),
-    history: Optional[Path] = typer.Option(None, "--history", help="Input history file (default: ~/.local/share/dflash/history).", rich_help_panel=OUTPUT),
+    history: Optional[Path] = typer.Option(None, "--history", metavar="FILE", help="Input history file (default: ~/.local/share/dflash/history).", rich_help_panel=OUTPUT),
 ) -> None:
     """Chat in the terminal, with live speed and acceptance.
 
@@ -179,7 +240,9 @@ def chat(
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    m = _load(model, target, drafter, yes, no_spec, device, dtype, max_context)
+    target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
+    _check_block_size(drafter_dir, block_size)
+    m = _load(target_dir, drafter_dir, device, dtype, max_context)
     session = ChatSession(m, _engine(m, block_size), sampling=sampling, max_tokens=max_tokens, system=system, think=think)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
 
@@ -231,12 +294,12 @@ def bench(
     drafter: Optional[str] = DRAFTER,
     yes: bool = YES,
     synthetic: bool = typer.Option(False, "--synthetic", help="Random weights at MODEL's real shapes (qwen3-8b, qwen3-4b, llama3.1-8b, tiny): times each step, no download."),
-    tau: Optional[float] = typer.Option(None, "--tau", help="With --synthetic: the acceptance length to project tok/s for (default: the published one)."),
-    context: int = typer.Option(1024, "--context", min=1, help="With --synthetic: tokens already in the KV cache."),
-    categories: str = typer.Option("math,code,chat", "--prompts", help="Built-in prompt sets to run (comma-separated)."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Tokens per answer."),
+    tau: Optional[float] = typer.Option(None, "--tau", metavar="TAU", help="With --synthetic: the acceptance length to project tok/s for (default: the published one)."),
+    context: int = typer.Option(1024, "--context", min=1, metavar="TOKENS", help="With --synthetic: tokens already in the KV cache."),
+    categories: str = typer.Option("math,code,chat", "--prompts", metavar="SETS", help="Built-in prompt sets to run (comma-separated)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, metavar="N", help="Tokens per answer."),
     temperature: float = TEMPERATURE,
-    block_size: Optional[int] = typer.Option(None, "--block-size", "-b", min=2, help="Draft block size B.", rich_help_panel=MODEL),
+    block_size: Optional[int] = typer.Option(None, "--block-size", "-b", min=2, metavar="B", help="Draft block size B.", rich_help_panel=MODEL),
     device: str = DEVICE,
     dtype: str = DTYPE,
     max_context: Optional[int] = MAX_CONTEXT,
@@ -257,6 +320,8 @@ def bench(
     from . import loader
     from .sampling import SamplingParams
 
+    if tau is not None and not (math.isfinite(tau) and tau >= 1):  # one iteration commits at least one token
+        raise UsageError(f"--tau must be a number of at least 1 (tokens per iteration), got {tau}")
     console = Console()
     if synthetic:
         from .synthetic import run_synthetic
@@ -273,14 +338,17 @@ def bench(
     unknown = [c for c in wanted if c not in bench_mod.CATEGORIES]
     if unknown or not wanted:
         raise UsageError(f"unknown prompt set '{(unknown or [categories])[0]}' (choose from {', '.join(bench_mod.CATEGORIES)})")
-    m = _load(model, target, drafter, yes, False, device, dtype, max_context)
-    if m.drafter is None:
+    target_dir, drafter_dir = _resolve(model, target, drafter, yes, False)
+    if drafter_dir is None:
         raise UsageError("bench compares against DFlash: give a drafter (--drafter or a model alias)")
-    progress = Console(stderr=True)
+    _check_block_size(drafter_dir, block_size, least=2)
+    m = _load(target_dir, drafter_dir, device, dtype, max_context)
+    progress = Console(stderr=True, highlight=False, soft_wrap=True)
     report = bench_mod.run_bench(
         m, bench_mod.builtin_prompts(wanted), max_tokens=max_tokens, block_size=block_size,
         sampling=SamplingParams(temperature=temperature, seed=0),
-        on_row=lambda r: progress.print(f"[dim]{r.category}: {r.dflash_tps:.1f} vs {r.plain_tps:.1f} tok/s, τ {r.tau:.2f}[/dim]"),
+        on_row=lambda r: progress.print(f"[dim]{r.category}: DFlash {r.dflash_tps:.1f} tok/s vs plain {r.plain_tps:.1f} "
+                                        f"tok/s ({r.speedup:.2f}×), τ {r.tau:.2f}[/dim]"),
     )
     if json_out:
         typer.echo(json.dumps(report.to_json()))
@@ -298,10 +366,13 @@ def pull(model: str = typer.Argument(..., help="Model alias, or a Hugging Face r
     from . import hub, registry
 
     if "/" in model:
+        hub.check_repo_id(model)
         print(f"pulling {model}", file=sys.stderr)
         print(f"{model}: {hub.pull(model)}", file=sys.stderr)
         return
     pair = registry.resolve(model)
+    if not pair.supported:
+        _note(f"this version cannot run {pair.alias} yet ({pair.note}); downloading it anyway")
     print(f"pulling {pair.target} and {pair.drafter}", file=sys.stderr)
     for repo, path in zip((pair.target, pair.drafter), hub.pull_pair(pair)):  # one disk check for both
         print(f"{repo}: {path}", file=sys.stderr)
@@ -332,6 +403,7 @@ def rm(
     from .resolve import ask, interactive
 
     if "/" in model:
+        hub.check_repo_id(model)
         repos = [model]
     else:
         pair = registry.resolve(model)
@@ -341,7 +413,7 @@ def rm(
     if not present:
         print(f"{model} is not in the cache ({hub.cache_dir()})", file=sys.stderr)
         return
-    listing = ", ".join(f"{r} ({s / 1e9:.1f} GB)" for r, s in present)
+    listing = ", ".join(f"{r} ({hub.format_size(s)})" for r, s in present)
     if not yes:
         if not interactive():
             raise UsageError(f"this would delete {listing}: pass --yes to confirm")
@@ -349,7 +421,7 @@ def rm(
             raise typer.Exit(1)
     for repo, _ in present:
         freed = hub.remove(repo)
-        print(f"removed {repo} ({freed / 1e9:.1f} GB)", file=sys.stderr)
+        print(f"removed {repo} ({hub.format_size(freed)})", file=sys.stderr)
 
 
 @app.command()
@@ -368,9 +440,12 @@ def completions(shell: str = typer.Argument(..., help="bash, zsh or fish.", meta
     """Print a shell completion script.
 
     \b
-    bash:  dflash completions bash > ~/.local/share/bash-completion/completions/dflash
-    zsh:   dflash completions zsh > "${fpath[1]}/_dflash"
-    fish:  dflash completions fish > ~/.config/fish/completions/dflash.fish
+    bash:  mkdir -p ~/.local/share/bash-completion/completions
+           dflash completions bash > ~/.local/share/bash-completion/completions/dflash
+    zsh:   mkdir -p ~/.zfunc && dflash completions zsh > ~/.zfunc/_dflash
+           then, in ~/.zshrc before `compinit`:  fpath=(~/.zfunc $fpath)
+    fish:  mkdir -p ~/.config/fish/completions
+           dflash completions fish > ~/.config/fish/completions/dflash.fish
     """
     from .completion import SHELLS, render
 
@@ -386,14 +461,34 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
+def command() -> typer.core.TyperGroup:
+    """The click command behind `app`, with help that shows no type placeholders (`<bool>`,
+    `<str>`): flags and arguments show none, value options their metavar."""
+    group = typer.main.get_command(app)
+    for cmd in (group, *getattr(group, "commands", {}).values()):
+        ctx = cmd.context_class(cmd, info_name=cmd.name, help_option_names=HELP_NAMES)
+        for param in (*cmd.params, cmd.get_help_option(ctx)):
+            if param is not None and (param.param_type_name == "argument" or getattr(param, "is_flag", False)):
+                param.display_type_rich = lambda ctx: None
+    return group
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: never a traceback for a user's mistake."""
+    """Entry point: the documented exit code (0 ok, 1 runtime error, 2 usage, 130 Ctrl-C; 0 when
+    the reader of stdout leaves early), and never a traceback for a user's mistake.
+
+    The command runs outside typer's own `main`, which would turn Ctrl-C into a *returned* 130,
+    a closed pipe into exit 1, and hide both from this function."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, standalone_mode=False, prog_name="dflash")
+        cmd = command()
+        with cmd.make_context("dflash", args) as ctx:
+            cmd.invoke(ctx)
         return 0
     except _EXIT as e:
         return e.exit_code
     except _ABORT:
+        print("", file=sys.stderr)
         return 130
     except _PARSER_ERRORS as e:  # usage errors from the parser: exit 2
         e.show()
@@ -401,13 +496,31 @@ def main(argv: list[str] | None = None) -> int:
     except DflashError as e:
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code
+    except Interrupted:  # the partial answer and its statistics are out already
+        return 130
     except KeyboardInterrupt:
-        print("", file=sys.stderr)
+        print("", file=sys.stderr)  # the shell's prompt must not land on the "^C" line
         return 130
     except BrokenPipeError:
         # `dflash run ... | head`: the reader left; say nothing, and keep Python's final flush quiet.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # `dflash run ... > /dev/full`: stdout is the only file a command writes without its own check.
+        _silence_stdout()
+        print(f"Error: cannot write the output: {e.strerror}", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is still buffered
+    does not fail a second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture)
+        pass
 
 
 def entry() -> None:

@@ -41,7 +41,17 @@ class Cmd:
 
 def _first_sentence(text: str | None) -> str:
     text = (text or "").strip().split("\n")[0]
-    return re.sub(r"[\[\]:'\"`$\\]", "", text.split(". ")[0].rstrip("."))
+    return text.split(". ")[0].rstrip(".")
+
+
+def _zsh_text(text: str) -> str:
+    """zsh specs give ':' and brackets a meaning, and sit in single quotes."""
+    return re.sub(r"[\[\]:'\"`$\\]", "", text)
+
+
+def _fish_text(text: str) -> str:
+    """Inside fish's single quotes only a quote and a backslash need escaping: colons stay."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def spec() -> list[Cmd]:
@@ -94,7 +104,7 @@ def _bash(cmds: list[Cmd]) -> str:
 
 def _zsh(cmds: list[Cmd]) -> str:
     lines = ["#compdef dflash", f"# {HEADER.format(shell='zsh')}", "_dflash() {", "    local -a commands",
-             "    commands=(" + " ".join(f"'{c.name}:{c.help}'" for c in cmds) + ")",
+             "    commands=(" + " ".join(f"'{c.name}:{_zsh_text(c.help)}'" for c in cmds) + ")",
              "    if (( CURRENT == 2 )); then", "        _describe 'command' commands", "        return", "    fi",
              "    local cmd=$words[2]", "    shift words", "    (( CURRENT-- ))", "    case $cmd in"]
     for c in cmds:
@@ -104,7 +114,7 @@ def _zsh(cmds: list[Cmd]) -> str:
             names = o.names
             excl = f"'({' '.join(names)})'" if len(names) > 1 else ""
             brace = "{" + ",".join(names) + "}" if len(names) > 1 else names[0]
-            specs.append(f"{excl}{brace}'[{o.help}]{action}'")
+            specs.append(f"{excl}{brace}'[{_zsh_text(o.help)}]{action}'")
         if c.arg_values:
             specs.append(f"'1:arg:({' '.join(c.arg_values)})'")
         lines.append(f"        {c.name}) _arguments -s \\")
@@ -117,13 +127,13 @@ def _fish(cmds: list[Cmd]) -> str:
     lines = [f"# {HEADER.format(shell='fish')}", "complete -c dflash -f"]
     names = " ".join(c.name for c in cmds)
     for c in cmds:
-        lines.append(f"complete -c dflash -n 'not __fish_seen_subcommand_from {names}' -a {c.name} -d '{c.help}'")
+        lines.append(f"complete -c dflash -n 'not __fish_seen_subcommand_from {names}' -a {c.name} -d '{_fish_text(c.help)}'")
     for c in cmds:
         cond = f"-n '__fish_seen_subcommand_from {c.name}'"
         for o in c.options:
             flags = " ".join(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}" for n in o.names)
             value = {"file": " -r -F", "dir": " -r -a '(__fish_complete_directories)'"}.get(o.kind or "", " -r" if o.takes_value else "")
-            lines.append(f"complete -c dflash {cond} {flags}{value} -d '{o.help}'")
+            lines.append(f"complete -c dflash {cond} {flags}{value} -d '{_fish_text(o.help)}'")
         if c.arg_values:
             lines.append(f"complete -c dflash {cond} -a '{' '.join(c.arg_values)}'")
     return "\n".join(lines) + "\n"

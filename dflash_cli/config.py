@@ -19,9 +19,12 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise DflashError(f"no config.json in {directory}")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DflashError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise DflashError(f"{path} is not a JSON object (it holds a {type(raw).__name__})")
+    return raw
 
 
 class Fields:

@@ -3,18 +3,26 @@
 Text is released only once it is final: a multi-byte character split across tokens waits for its
 last byte (no U+FFFD flicker), and text that could be the start of a stop string waits until it is
 known not to be one.
+
+Tokens are decoded after the prompt's last token (`context`): SentencePiece tokenizers drop the
+leading space of the first piece they decode ("▁and" alone is "and"), so the first generated word
+would otherwise lose its space.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class StreamDecoder:
-    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = (), context: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
-        self.ids: list[int] = []
+        self.context = list(context)
+        self.ids: list[int] = list(self.context)  # the context, then every generated token
         self._prefix = 0  # ids[_prefix:_read] are decoded context for the next piece
-        self._read = 0
+        self._read = len(self.ids)
         self._held = ""  # released by the decoder, withheld from the user for the stop check
+        self.released = 0  # characters handed to the caller so far
         self.stopped = False
 
     def push(self, ids: list[int]) -> str:
@@ -22,8 +30,8 @@ class StreamDecoder:
         if self.stopped:
             return ""
         self.ids.extend(ids)
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        now = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
         if now.endswith("\ufffd") or len(now) <= len(before):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
@@ -33,14 +41,31 @@ class StreamDecoder:
         """End of generation: everything still held back is final."""
         if self.stopped:
             return ""
-        tail = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        tail = self._decode(self.ids[self._prefix:])
+        before = self._decode(self.ids[self._prefix:self._read])
         self._prefix = self._read = len(self.ids)
-        out = self._release(tail[len(before):], final=True)
-        return out
+        return self._release(tail[len(before):], final=True)
+
+    def tokens_in_text(self) -> int:
+        """How many generated tokens decode to text that lies wholly within what was released: after
+        a stop string, the tokens that wrote the text before it (a token that wrote part of the stop
+        string is not counted)."""
+        start = len(self.context)
+        base = len(self._decode(self.context))
+        for count in range(len(self.ids) - start, 0, -1):  # the stop is found near the end: few decodes
+            if len(self._decode(self.ids[:start + count])) - base <= self.released:
+                return count
+        return 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _release(self, text: str, final: bool = False) -> str:
-        text = self._held + text
+        out = self._cut(self._held + text, final)
+        self.released += len(out)
+        return out
+
+    def _cut(self, text: str, final: bool) -> str:
         if not self.stop_strings:
             self._held = ""
             return text

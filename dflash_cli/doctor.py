@@ -1,11 +1,37 @@
 """`dflash doctor`: what this machine has, what a model needs, and how to fix each problem."""
 from __future__ import annotations
 
+import itertools
 import platform
 import sys
 from dataclasses import dataclass
 
 from . import hub
+
+# The oldest versions the code runs on; pyproject.toml's dependency floors say the same (a test
+# compares them). torch 2.8: SDPA with enable_gqa and the CUDA-graph APIs used here; Triton 3.4:
+# `tl.topk` in the sampler, without which every generation on CUDA fails at its first token.
+FLOORS = {"torch": (2, 8), "triton": (3, 4)}
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """"2.13.0+cpu" → (2, 13, 0); "3.4.0rc1" → (3, 4, 0): the leading numbers of each part."""
+    parts = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _floor_check(name: str, version: str, *, required: bool) -> "Check":
+    floor = FLOORS[name]
+    wanted = ".".join(map(str, floor))
+    if version_tuple(version) >= floor:
+        return Check(name, "ok", version)
+    return Check(name, "fail" if required else "warn", f"{version} is older than {wanted}, the oldest dflash runs on",
+                 f"pip install -U '{name}>={wanted}'")
 
 
 @dataclass
@@ -21,7 +47,7 @@ def run_checks(model: str | None = None) -> list[Check]:
                     "" if sys.version_info >= (3, 10) else "install Python 3.10 or newer")]
     import torch
 
-    checks.append(Check("torch", "ok", torch.__version__))
+    checks.append(_floor_check("torch", torch.__version__, required=True))
     cuda = torch.cuda.is_available()
     if cuda:
         name = torch.cuda.get_device_name(0)
@@ -35,10 +61,11 @@ def run_checks(model: str | None = None) -> list[Check]:
     try:
         import triton
 
-        checks.append(Check("triton", "ok", triton.__version__))
+        checks.append(_floor_check("triton", triton.__version__, required=cuda))  # only CUDA runs the kernels
     except ImportError:
+        wanted = ".".join(map(str, FLOORS["triton"]))
         checks.append(Check("triton", "warn" if not cuda else "fail", "not installed",
-                            "pip install triton (the fused kernels need it on CUDA)"))
+                            f"pip install 'triton>={wanted}' (the fused kernels need it on CUDA)"))
     cache = hub.cache_dir()
     free_disk = hub.disk_free(cache)
     checks.append(Check("cache", "ok" if free_disk > 20e9 else "warn", f"{cache} ({free_disk / 1e9:.0f} GB free)",
@@ -58,9 +85,7 @@ def _model_check(model: str, cuda: bool) -> Check:
 
     from . import registry
     from .errors import DflashError
-    from .engine import cache_slack
-    from .memory import GiB, needs_for
-    from .synthetic import SHAPES, configs
+    from .memory import GiB
 
     try:
         pair = registry.resolve(model)
@@ -70,11 +95,9 @@ def _model_check(model: str, cuda: bool) -> Check:
         return Check(pair.alias, "fail", f"not supported by this version yet ({pair.note})")
     ready = all(hub.local_path(r) is not None for r in (pair.target, pair.drafter))
     detail = "downloaded" if ready else f"not downloaded (`dflash pull {pair.alias}`)"
-    if pair.alias not in SHAPES:
+    need = gpu_memory_needed(pair)
+    if need is None:
         return Check(pair.alias, "ok" if ready else "warn", detail)
-    family, target, drafter, _ = configs(pair.alias)
-    block = drafter.block_size
-    need = needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block)).total(4096)
     if not cuda:
         return Check(pair.alias, "warn", f"{detail}; needs ~{need / GiB:.0f} GiB of GPU memory (4K context), no GPU here")
     free, _ = torch.cuda.mem_get_info(0)
@@ -84,12 +107,27 @@ def _model_check(model: str, cuda: bool) -> Check:
     return Check(pair.alias, "ok" if ready else "warn", f"{detail}; {need / GiB:.1f} GiB needed, {free / GiB:.1f} GiB free")
 
 
+def gpu_memory_needed(pair, context: int = 4096) -> int | None:
+    """Bytes of GPU memory the pair needs in bfloat16 at `context` tokens (None: shape unknown)."""
+    import torch
+
+    from .engine import cache_slack
+    from .memory import needs_for
+    from .synthetic import SHAPES, configs
+
+    if pair.alias not in SHAPES:
+        return None
+    family, target, drafter, _ = configs(pair.alias)
+    block = drafter.block_size
+    return needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block)).total(context)
+
+
 def render_checks(checks: list[Check]) -> None:
     from rich.console import Console
 
     marks = {"ok": "[green]✓[/green]", "warn": "[yellow]![/yellow]", "fail": "[red]✗[/red]"}
     console = Console()
     for c in checks:
-        console.print(f"{marks[c.status]} [bold]{c.name}[/bold]: {c.detail}", highlight=False)
-        if c.fix:
-            console.print(f"    fix: {c.fix}", highlight=False)
+        console.print(f"{marks[c.status]} [bold]{c.name}[/bold]: {c.detail}", highlight=False, soft_wrap=True)
+        if c.fix:  # soft_wrap: a fix is a command or a URL to copy, never cut into two lines
+            console.print(f"    fix: {c.fix}", highlight=False, soft_wrap=True)

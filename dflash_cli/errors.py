@@ -11,3 +11,8 @@ class UsageError(DflashError):
     """Bad flags or arguments (exit code 2, like click/typer usage errors)."""
 
     exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after the command already showed what it had (the partial answer, its newline and
+    statistics): the CLI exits 130 without printing anything more."""

@@ -52,7 +52,7 @@ class Stats:
     def summary(self) -> str:
         line = (f"{self.generated} tokens · {self.tokens_per_second:.1f} tok/s · τ {self.mean_acceptance:.2f} · "
                 f"prompt {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s")
-        return line + (f" · stopped: {self.finish}" if self.finish == "length" else "")
+        return line + (f" · stopped: {self.finish}" if self.finish in ("length", "interrupted") else "")
 
 
 @dataclass
@@ -67,8 +67,9 @@ def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
     """Generate, yielding final text per step; `stats` is updated before each yield.
 
     With `split_drafts`, the step's accepted-draft tokens are decoded before the target's own
-    token, so a UI can show which text the drafter wrote."""
-    decoder = StreamDecoder(tokenizer, stop_strings)
+    token, so a UI can show which text the drafter wrote. At a stop string the text ends where it
+    begins, and so do `stats.token_ids` and the step's tokens: no token that wrote part of it is kept."""
+    decoder = StreamDecoder(tokenizer, stop_strings, context=request.prompt_ids[-1:])
     stats.prompt_tokens = len(request.prompt_ids)
     steps = engine.generate(request)
     try:
@@ -78,9 +79,14 @@ def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
             text = draft_text + decoder.push(step.tokens[drafted:])
             if decoder.stopped:
                 step.finish = "stop"
-            elif step.finish is not None:
-                text += decoder.flush()
-            stats.add(step)
+                keep = decoder.tokens_in_text()
+                step.tokens = step.tokens[:max(0, keep - stats.generated)]
+                stats.add(step)
+                del stats.token_ids[keep:]  # tokens of earlier steps that were held back as a possible stop
+            else:
+                if step.finish is not None:
+                    text += decoder.flush()
+                stats.add(step)
             yield Chunk(text, step, len(draft_text))
             if step.finish is not None:
                 return

@@ -20,9 +20,9 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidation
                                     OfflineModeIsEnabled, RepositoryNotFoundError)
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars, enable_progress_bars,
-                                   filter_repo_objects)
+                                   filter_repo_objects, validate_repo_id)
 
-from .errors import DflashError
+from .errors import DflashError, UsageError
 from .registry import ModelPair
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"]
@@ -38,6 +38,24 @@ class HubUnreachable(DflashError):
 class RemoteFile(NamedTuple):
     filename: str
     size: int
+
+
+def format_size(n: int) -> str:
+    """Bytes for people: "16.4 GB", "216 kB" (never "0.0 GB" for a small repo)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 100 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n} bytes"
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A usage error for a name the Hub could never hold ("a/b/c", "bad name/x")."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UsageError(f"'{repo_id}' is not a Hub repo id (owner/name: letters, digits, '-', '_', '.')") from None
+    if repo_id.count("/") != 1:
+        raise UsageError(f"'{repo_id}' is not a Hub repo id (owner/name)")
 
 
 # -- environment, read at call time
@@ -186,6 +204,7 @@ def pull(repo_id: str, *, token: str | None = None, progress: bool = True) -> Pa
     `token` defaults to huggingface_hub's own (HF_TOKEN, then `hf auth login`). With HF_HUB_OFFLINE set,
     the cached snapshot or a clear error, and no request at all.
     """
+    check_repo_id(repo_id)
     if offline():
         return _cached_or_fail(repo_id)
     try:
@@ -202,6 +221,8 @@ def pull_pair(pair_or_ids: ModelPair | tuple[str, str], *, token: str | None = N
               progress: bool = True) -> tuple[Path, Path]:
     """Pull a target and its drafter, checking the disk once for both; returns (target dir, drafter dir)."""
     target, drafter = (pair_or_ids.target, pair_or_ids.drafter) if isinstance(pair_or_ids, ModelPair) else pair_or_ids
+    check_repo_id(target)
+    check_repo_id(drafter)
     if offline():
         return _cached_or_fail(target), _cached_or_fail(drafter)
     try:
@@ -261,6 +282,8 @@ def _hub_errors(repo_id: str) -> Iterator[None]:
         if status in (401, 403):
             raise DflashError(f"access to {repo_id} was refused ({status}): {login}") from None
         raise DflashError(f"the Hub answered {status} for {repo_id}: {str(e).strip().splitlines()[0]}") from None
+    except HFValidationError as e:
+        raise UsageError(f"'{repo_id}' is not a Hub repo id ({str(e).strip().splitlines()[0]})") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         if offline():
             raise DflashError(f"HF_HUB_OFFLINE is set and {repo_id} is not in the cache ({cache_dir()})") from None

@@ -40,6 +40,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu…: the engine runs on neither
+        raise UsageError(f"--device {name} is not supported: dflash runs on cpu or cuda (cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DflashError("--device cuda was asked for, but torch sees no CUDA GPU (see `dflash doctor`)")
     return device

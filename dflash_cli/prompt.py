@@ -15,8 +15,9 @@ def encode_chat(tokenizer, messages: list[dict], *, enable_thinking: bool = Fals
     except Exception as e:  # a Jinja error in a third-party template
         raise DflashError(f"the model's chat template failed: {str(e).splitlines()[0]}") from None
     # The template already spells out BOS and the role markers.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False, verbose=False)
 
 
 def encode_raw(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=True)
+    # verbose=False: a prompt over the model's length is our one-line error, not transformers' warning
+    return tokenizer.encode(text, add_special_tokens=True, verbose=False)

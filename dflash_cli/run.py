@@ -1,6 +1,13 @@
-"""`dflash run`: one prompt in, the answer on stdout, statistics on stderr (or one JSON object)."""
+"""`dflash run`: one prompt in, the answer on stdout, statistics on stderr (or one JSON object).
+
+A batch (a JSONL prompt file) is checked whole before anything is generated: every line's JSON,
+then, once the tokenizer is loaded, every prompt's chat template and length; an error names the
+line. Ctrl-C ends the answer being written as a complete one: its text and a newline, or its JSON
+object marked "interrupted", then the statistics; the command then exits 130.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field, replace
@@ -8,12 +15,14 @@ from pathlib import Path
 from typing import TextIO
 
 from .engine import Engine, Request
-from .errors import UsageError
+from .errors import DflashError, Interrupted, UsageError
 from .generate import Stats, stream_text
 from .jsonl import read_jsonl, validate_messages
 from .loader import Model
 from .prompt import encode_chat, encode_raw
 from .sampling import SamplingParams
+
+Prompt = str | list[dict]  # a user message, or a whole conversation
 
 
 @dataclass
@@ -29,21 +38,30 @@ class RunOptions:
     quiet: bool = False
 
 
-def read_jsonl_prompts(path: Path) -> list[str | list[dict]]:
-    """Each line: a JSON string (one user message) or a list of {role, content} messages."""
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
+
+
+def read_jsonl_prompts(path: Path) -> list[tuple[int, Prompt]]:
+    """(line number, prompt) for each line: a JSON string (one user message) or a list of
+    {role, content} messages."""
     prompts = []
     for n, item in read_jsonl(path, UsageError, "--prompt-file "):
         if isinstance(item, list):
+            if not item:
+                raise UsageError(f"{path}:{n}: the message list is empty")
             item = validate_messages(item, f"{path}:{n}", UsageError)
         elif not isinstance(item, str):
             raise UsageError(f"{path}:{n}: expected a string or a list of messages, got {type(item).__name__}")
-        prompts.append(item)
+        elif not item.strip():
+            raise UsageError(f"{path}:{n}: the prompt is empty")
+        prompts.append((n, item))
     if not prompts:
         raise UsageError(f"{path} holds no prompts")
     return prompts
 
 
-def prompt_ids(model: Model, prompt: str | list[dict], opts: RunOptions) -> list[int]:
+def prompt_ids(model: Model, prompt: Prompt, opts: RunOptions) -> list[int]:
     if opts.raw:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
         return encode_raw(model.tokenizer, text)
@@ -53,30 +71,75 @@ def prompt_ids(model: Model, prompt: str | list[dict], opts: RunOptions) -> list
     return encode_chat(model.tokenizer, messages, enable_thinking=opts.think)
 
 
-def run_jsonl(model: Model, engine: Engine, prompts: list[str | list[dict]], opts: RunOptions,
-              out: TextIO | None = None) -> None:
-    """One JSON result per prompt (see read_jsonl_prompts), in order, on stdout."""
-    out = out or sys.stdout
-    for prompt in prompts:
-        run_prompt(model, engine, prompt, replace(opts, json=True), out=out)
+def check_length(ids: list[int], engine: Engine) -> None:
+    """The engine's own check, made before a batch starts rather than halfway through it."""
+    if len(ids) >= engine.max_context:
+        raise DflashError(f"the prompt is {len(ids)} tokens; the context limit is {engine.max_context} "
+                          "(raise it with --max-context, or shorten the prompt)")
 
 
-def run_prompt(model: Model, engine: Engine, text: str | list[dict], opts: RunOptions,
+def encode_batch(model: Model, engine: Engine, path: Path, prompts: list[tuple[int, Prompt]],
+                 opts: RunOptions) -> list[list[int]]:
+    """Every prompt's token ids, or the first problem, named by its line."""
+    batch = []
+    for n, prompt in prompts:
+        try:
+            ids = prompt_ids(model, prompt, opts)
+            check_length(ids, engine)
+        except DflashError as e:
+            raise type(e)(f"{path}:{n}: {e}") from None
+        batch.append(ids)
+    return batch
+
+
+def template_notes(model: Model, opts: RunOptions) -> list[str]:
+    """What --system and --think will not do with this model and these flags, said once."""
+    template = getattr(model.tokenizer, "chat_template", None) or ""
+    notes = []
+    if opts.raw:
+        notes += [f"{flag} has no effect with --raw" for flag, on in (("--system", opts.system), ("--think", opts.think)) if on]
+    elif not template:
+        if opts.system:
+            notes.append("this model has no chat template: --system is put before the prompt as plain text")
+        if opts.think:
+            notes.append("--think has no effect: this model has no chat template")
+    elif opts.think and "enable_thinking" not in template:
+        notes.append("--think has no effect: this model's chat template has no thinking mode")
+    return notes
+
+
+def run_jsonl(model: Model, engine: Engine, batch: list[list[int]], opts: RunOptions,
+              out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """One JSON result per prompt, in order, on stdout."""
+    for ids in batch:
+        run_prompt(model, engine, ids, replace(opts, json=True), out=out, err=err)
+
+
+def run_prompt(model: Model, engine: Engine, ids: list[int], opts: RunOptions,
                out: TextIO | None = None, err: TextIO | None = None) -> dict:
+    """Generate the answer to `ids`, streaming its text to `out` (or writing one JSON object at the
+    end); raises `Interrupted` after writing what was generated when Ctrl-C stops it."""
     out, err = out or sys.stdout, err or sys.stderr
-    request = Request(prompt_ids(model, text, opts), opts.max_tokens, model.stop_token_ids, opts.sampling)
+    request = Request(ids, opts.max_tokens, model.stop_token_ids, opts.sampling)
     stats, pieces, trace = Stats(), [], []
-    for chunk in stream_text(engine, model.tokenizer, request, stats, opts.stop):
-        pieces.append(chunk.text)
-        if opts.trace and not chunk.step.prefill:
-            trace.append({"drafted": chunk.step.drafts, "accepted": chunk.step.accepted, "emitted": chunk.step.tokens})
-        if not opts.json and chunk.text:
-            out.write(chunk.text)
-            out.flush()
+    interrupted = False
+    try:
+        with contextlib.closing(stream_text(engine, model.tokenizer, request, stats, opts.stop)) as chunks:
+            for chunk in chunks:
+                pieces.append(chunk.text)
+                if opts.trace and not chunk.step.prefill:
+                    trace.append({"drafted": chunk.step.drafts, "accepted": chunk.step.accepted,
+                                  "emitted": chunk.step.tokens})
+                if not opts.json and chunk.text:
+                    out.write(chunk.text)
+                    out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        stats.finish = "interrupted"
     result = {
         "text": "".join(pieces),
         "token_ids": stats.token_ids,
-        "prompt_tokens": stats.prompt_tokens,
+        "prompt_tokens": len(ids),
         "generated_tokens": stats.generated,
         "finish_reason": stats.finish,
         "acceptance_lengths": stats.acceptance_lengths,
@@ -88,11 +151,11 @@ def run_prompt(model: Model, engine: Engine, text: str | list[dict], opts: RunOp
     }
     if opts.trace:
         result["trace"] = trace
-    if opts.json:
-        out.write(json.dumps(result, ensure_ascii=False) + "\n")
-    else:
-        out.write("\n")
+    out.write(json.dumps(result, ensure_ascii=False) + "\n" if opts.json else "\n")
     out.flush()
     if not opts.quiet:
+        stats.prompt_tokens = len(ids)
         err.write(stats.summary() + "\n")
+    if interrupted:
+        raise Interrupted
     return result

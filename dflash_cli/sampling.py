@@ -5,6 +5,7 @@ accept kernel's, in kernels/accept.py: one definition for plain and speculative 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -40,8 +41,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # nan passes `< 0`
+            raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise UsageError(f"--top-k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -12,7 +12,7 @@ import threading
 from collections import Counter
 from typing import Iterator
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
@@ -49,16 +49,62 @@ def status_line(stats: Stats, block_size: int, drafted: int | None = None, draft
     return line
 
 
-def screen_tail(text: Text, console: Console, height: int) -> Text:
-    """The last `height` screen lines of `text`. Only the end is wrapped: the live view redraws
-    many times a second, and an answer can run to pages."""
+def screen_tail(text: Text, console: Console, height: int) -> list[Text]:
+    """The last `height` screen lines of `text`, each at most the console's width. Only the end is
+    wrapped: the live view redraws many times a second, and an answer can run to pages."""
     width = console.size.width
     start = max(0, len(text) - 2 * height * width)
     if start:
         newline = text.plain.find("\n", start, start + height * width)
         text = text[newline + 1 if newline >= 0 else start:]
-    lines = text.wrap(console, width)
-    return Text("\n").join(lines[-height:]) if len(lines) > height else text
+    return list(text.wrap(console, width))[-height:]
+
+
+def rows_at(line_cells: list[int], width: int) -> int:
+    """Screen rows that lines of these widths fill once a terminal reflows them to `width`."""
+    return sum(max(1, -(-cells // width)) for cells in line_cells)
+
+
+class AnswerMarkdown(Markdown):
+    """Markdown that keeps the model's single newlines. CommonMark joins them into one line, which
+    would change the text on screen: poems, addresses and lists without markers lose their breaks."""
+
+    def __init__(self, markup: str, **kwargs) -> None:
+        super().__init__(markup, **kwargs)
+        for block in self.parsed:
+            for token in block.children or ():
+                if token.type == "softbreak":
+                    token.type = "hardbreak"
+
+
+class LiveFrame:
+    """The live view's frame (the answer's last lines, then the status line) laid out for the
+    terminal's current size, never taller than the screen.
+
+    Every line is wrapped here, so the number of screen rows the frame fills is known. When the
+    terminal is resized it reflows what is on screen (a narrower window turns one long line into
+    several rows): `rows_on_screen` says how many rows the last frame fills now, which is what the
+    next redraw must erase, or stale lines are left behind."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.cells: list[int] = []  # the width of each line drawn last
+        self.width: int | None = None
+
+    def rows_on_screen(self) -> int | None:
+        """Rows the last frame fills after a resize (None: the size has not changed)."""
+        width, height = self.console.size
+        if self.width is None or width == self.width:
+            return None
+        return min(rows_at(self.cells, width), height)
+
+    def layout(self, text: Text, status: Text) -> Text:
+        width, height = self.console.size
+        status_lines = list(status.wrap(self.console, width))  # it may wrap in a narrow window
+        tail = screen_tail(text, self.console, max(1, height - 1 - len(status_lines)))
+        lines = ([] if not text.plain else tail) + status_lines
+        self.cells, self.width = [line.cell_len for line in lines], width
+        return Text("\n").join(lines)
 
 
 class ChatView:
@@ -79,10 +125,11 @@ class ChatView:
         self.note(f"{m.target_dir.name} · {mode} · {m.target.device} · /help for commands, Ctrl-D to leave")
 
     def note(self, text: str) -> None:
-        self.console.print(Text(text, style="dim"))
+        self.console.print(Text(text, style="dim"), soft_wrap=True)
 
     def error(self, text: str) -> None:
-        self.err.print(Text(f"Error: {text}", style="red"))
+        # soft_wrap: one line even in a pipe (rich would break it at 80 columns); a terminal wraps it
+        self.err.print(Text(f"Error: {text}", style="red"), soft_wrap=True)
 
     def answer(self, chunks: Iterator[Chunk]) -> None:
         """Stream one answer; Ctrl-C stops it (the session keeps what was written) and is not re-raised."""
@@ -101,7 +148,7 @@ class ChatView:
             self.console.print(Text("[stopped]", style="yellow"))
         else:
             if not self.plain:
-                self.console.print(text if self.show_drafts else Markdown(text.plain))
+                self.console.print(text if self.show_drafts else AnswerMarkdown(text.plain))
         answers = self.session.answers
         stats = answers[-1] if answers and answers[-1] is self.session.live else None  # None: stopped in prefill
         if stats is not None:
@@ -120,15 +167,22 @@ class ChatView:
         lock = threading.Lock()  # Live redraws from its own thread; rich's Text is not thread-safe
         started: list[Stats] = []
 
+        frame = LiveFrame(self.console)
+        live: Live | None = None
+
         def render():
             with lock:
-                tail = screen_tail(text, self.console, max(3, self.console.size.height - 2))
+                reflowed = frame.rows_on_screen()
+                if reflowed is not None and live is not None:
+                    # Live erases as many rows as it drew; after a resize the terminal has reflowed
+                    # them into `reflowed` rows, and those are what the redraw must erase.
+                    live._live_render._shape = (self.console.size.width, reflowed)
                 if not started:
-                    return Group(tail, Text("prefill…", style="dim cyan"))
-                return Group(tail, status_line(started[0], block, drafted[0] if self.show_drafts else None,
-                                               self.draft_style))
+                    return frame.layout(text, Text("prefill…", style="dim cyan"))
+                return frame.layout(text, status_line(started[0], block, drafted[0] if self.show_drafts else None,
+                                                      self.draft_style))
 
-        with Live(console=self.console, transient=True, refresh_per_second=12, get_renderable=render):
+        with Live(console=self.console, transient=True, refresh_per_second=12, get_renderable=render) as live:
             for chunk in chunks:
                 with lock:
                     if not started:

@@ -126,6 +126,19 @@ def qwen35_pair(models) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def slow_stories_pair(models) -> tuple[Path, Path]:
+    """The trained stories260K target with a random drafter made wide (a ~77 MB MLP read per
+    iteration), so that its real story text comes at tens of tokens/s on a CPU: slow enough that a
+    signal or a terminal resize lands mid-answer. The drafter is never right, which changes only speed."""
+    t = copy_stories(models / "slow-stories")
+    cfg = json.loads((t / "config.json").read_text()) | {"head_dim": 8}
+    d = write_drafter(models / "slow-stories-drafter",
+                      drafter_config(cfg, block_size=8, layers=1, target_layer_ids=(1, 3), heads=8, kv_heads=4,
+                                     head_dim=8, intermediate=100_000, mask_token_id=0))
+    return t, d
+
+
+@pytest.fixture(scope="session")
 def stories_model(stories_pair) -> loader.Model:
     return loader.load(*stories_pair, device="cpu")
 

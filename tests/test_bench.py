@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from dflash_cli.bench import histogram_line
 from dflash_cli.cli import main
@@ -17,7 +18,7 @@ def test_bench_compares_plain_and_dflash_with_identical_answers(capsys, stories_
     assert {r["category"] for r in report["rows"]} == {"math", "chat"}
     assert all(r["identical"] and r["plain_tps"] > 0 and r["dflash_tps"] > 0 for r in report["rows"])
     assert sum(report["acceptance_histogram"].values()) > 0 and report["totals"]["all_identical"]
-    assert "math:" in err  # progress on stderr, never in the JSON
+    assert re.search(r"^math: DFlash [\d.]+ tok/s vs plain [\d.]+ tok/s \([\d.]+×\), τ [\d.]+$", err, re.M)  # on stderr
 
 
 def test_bench_table(capsys, stories_pair):
@@ -40,6 +41,9 @@ def test_synthetic_mode_times_each_step_and_labels_the_projection(capsys):
 def test_bad_bench_input(capsys, stories_pair):
     assert main(["bench", "nope", "--synthetic", "--device", "cpu"]) == 2
     assert "unknown synthetic shape 'nope'" in capsys.readouterr().err
+    for tau in ("-2", "0.5", "nan", "inf"):
+        assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--tau", tau]) == 2
+        assert capsys.readouterr().err.startswith("Error: --tau must be a number of at least 1")
     t, d = stories_pair
     assert main(["bench", "--target", str(t), "--drafter", str(d), "--prompts", "poetry"]) == 2
     assert "unknown prompt set 'poetry'" in capsys.readouterr().err

@@ -8,12 +8,13 @@ import re
 import pytest
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from rich.console import Console
+from rich.text import Text
 
 from dflash_cli import loader
 from dflash_cli.chat import ChatSession, load_transcript, open_history, save_transcript
 from dflash_cli.engine import Engine
 from dflash_cli.errors import DflashError, UsageError
-from dflash_cli.ui import ChatView
+from dflash_cli.ui import AnswerMarkdown, ChatView, LiveFrame, status_line
 
 
 @pytest.fixture
@@ -55,15 +56,21 @@ def test_slash_commands(session):
     assert (session.sampling.temperature, session.sampling.top_k, session.max_tokens) == (0.7, 20, 3)
     session.command("/think on")
     assert session.think
-    with pytest.raises(UsageError, match="/set top_p: 'lots' is not a float"):
+    with pytest.raises(UsageError, match="/set top_p: 'lots' is not a number"):
         session.command("/set top_p lots")
-    with pytest.raises(UsageError, match="--top-p must be in"):
+    with pytest.raises(UsageError, match="/set top_k: '2.5' is not a whole number"):
+        session.command("/set top_k 2.5")
+    with pytest.raises(UsageError, match=r"^/set top_p: must be in \(0, 1\], got 2.0$"):
         session.command("/set top_p 2")
+    for value in ("nan", "inf", "-1"):
+        with pytest.raises(UsageError, match=f"^/set temperature: must be a finite number >= 0, got {value}"):
+            session.command(f"/set temperature {value}")
+    assert session.sampling.temperature == 0.7
     with pytest.raises(UsageError, match="unknown command /nope"):
         session.command("/nope")
     assert session.command("/stats").text == "no answers yet"
     list(session.ask("Hi"))
-    assert "1 answers" in session.command("/stats").text
+    assert session.command("/stats").text.startswith("1 answer · ")
     assert session.command("/clear").text == "conversation cleared" and session.messages == []
     assert session.command("/exit").exit
 
@@ -202,3 +209,37 @@ def test_ctrl_c_in_the_view_stops_the_answer_and_keeps_it(stories_session):
     assert "[stopped]" in out and "tok/s" in out.splitlines()[-1]
     assert stories_session.answers[-1].finish == "interrupted"
     assert stories_session.messages[-1]["content"] and len(stories_session.messages) == 2
+
+
+def test_final_markdown_keeps_single_newlines():
+    text = "too high.\nLily's mom said\n\n**bold** and\n- a list\n\n```\ncode\n  indented\n```"
+    console = Console(file=io.StringIO(), width=60, color_system=None)
+    console.print(AnswerMarkdown(text))
+    lines = [line.rstrip() for line in console.file.getvalue().splitlines()]
+    assert lines[:2] == ["too high.", "Lily's mom said"] and "bold and" in lines
+    assert any(line.strip() == "indented" for line in lines) and "too high. Lily's" not in console.file.getvalue()
+
+
+def test_live_frame_fits_the_screen_with_a_wrapping_status_line(stories_session):
+    console = terminal()
+    console.size = (40, 15)
+    frame = LiveFrame(console)
+    list(stories_session.ask("Once upon a time"))
+    status = status_line(stories_session.answers[-1], 8, drafted=12)
+    assert status.cell_len > 40  # wraps in a 40-column window
+    drawn = frame.layout(Text("word " * 400), status)
+    rows = drawn.plain.split("\n")
+    assert len(rows) == 14 and all(len(r) <= 40 for r in rows)  # a row for the cursor below the frame
+    assert rows[-2:] == [line.plain for line in status.wrap(console, 40)]
+    assert frame.rows_on_screen() is None  # no resize yet
+
+
+def test_live_frame_knows_the_rows_a_resize_reflowed(stories_session):
+    console = terminal()
+    console.size = (120, 40)
+    frame = LiveFrame(console)
+    frame.layout(Text("x" * 115 + "\n" + "y" * 30), Text("status " * 10))  # lines of 115, 30 and 69 cells
+    console.size = (60, 20)
+    assert frame.rows_on_screen() == 2 + 1 + 2
+    console.size = (30, 4)
+    assert frame.rows_on_screen() == 4  # no more rows than the screen has

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,14 +32,25 @@ def slow_pair(tmp_path_factory):
 
 
 class Tmux:
-    def __init__(self, name: str, command: str):
+    def __init__(self, name: str, command: str, width: int = 110, height: int = 30):
         self.name = name
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "110", "-y", "30", command], check=True)
+        # os.environ, not the process's C environment: readline (imported under pytest) sets COLUMNS=80 and
+        # LINES=24 there, and rich would then keep those sizes whatever the window's.
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", str(width), "-y", str(height), command],
+                       check=True, env=dict(os.environ))
         subprocess.run(["tmux", "set-option", "-t", name, "remain-on-exit", "on"], check=True)
 
     def screen(self) -> str:
         return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
+
+    def everything(self) -> str:
+        """The scrollback and the screen: where stale lines of a live view would stay."""
+        return subprocess.run(["tmux", "capture-pane", "-p", "-S", "-", "-t", self.name], capture_output=True,
+                              text=True).stdout
+
+    def resize(self, width: int, height: int) -> None:
+        subprocess.run(["tmux", "resize-window", "-t", self.name, "-x", str(width), "-y", str(height)], check=True)
 
     def send(self, *keys: str) -> None:
         subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
@@ -113,5 +125,52 @@ def test_chat_in_a_terminal(slow_pair, tmp_path):
             time.sleep(0.1)
         assert tmux.dead()
         assert (tmp_path / "history").read_text().count("+Write a long story") == 1
+    finally:
+        tmux.close()
+
+
+def chat_command(pair, tmp_path, *flags: str) -> str:
+    t, d = pair
+    root = Path(__file__).resolve().parents[1]
+    return (f"cd {root} && OMP_NUM_THREADS=1 TERM=xterm-256color {sys.executable} -m dflash_cli.cli chat --target {t} "
+            f"--drafter {d} --device cpu --history {tmp_path / 'history'} {' '.join(flags)}")
+
+
+def answer_rows(screen: str) -> list[str]:
+    """The answer's lines: from below the question to above the summary."""
+    rows = screen.partition(">>> Once upon a time\n")[2].partition("stopped: length")[0].splitlines()
+    return [r.rstrip() for r in rows[:-1] if r.strip()]
+
+
+def test_a_resize_mid_answer_leaves_no_stale_lines(slow_stories_pair, tmp_path):
+    """A narrower window reflows the live view's lines into more rows; the redraw must erase them all."""
+    tmux = Tmux(f"dflash-test-{time.time_ns()}", chat_command(slow_stories_pair, tmp_path, "-n", "120"), 120, 40)
+    try:
+        tmux.wait_for(">>>", timeout=120)
+        tmux.type("Once upon a time")
+        tmux.wait_for("in the park")  # the live view holds a line longer than the narrower window
+        tmux.resize(60, 20)
+        time.sleep(1.0)  # a dozen redraws at the new size
+        tmux.resize(120, 40)
+        tmux.wait_for("stopped: length", timeout=120)
+        everything = tmux.everything()
+        assert everything.count("there was a little girl named Lily") == 1, everything
+        rows = answer_rows(everything)
+        assert rows[0].startswith(", there was a little girl named Lily. She loved") and len(rows) == len(set(rows))
+    finally:
+        tmux.close()
+
+
+def test_a_wrapping_status_line_leaves_no_stale_lines(slow_stories_pair, tmp_path):
+    """In a narrow window the status line takes two rows: the answer above it gets one row less."""
+    cmd = chat_command(slow_stories_pair, tmp_path, "-n", "200", "--show-drafts")
+    tmux = Tmux(f"dflash-test-{time.time_ns()}", cmd, 40, 15)
+    try:
+        tmux.wait_for(">>>", timeout=120)
+        tmux.type("Once upon a time")
+        tmux.wait_for("stopped: length", timeout=120)
+        rows = answer_rows(tmux.everything())
+        assert rows[0] == ", there was a little girl named Lily."
+        assert len(rows) == len(set(rows)) > 12, rows  # more rows than the screen, none of them twice
     finally:
         tmux.close()

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,8 @@ from dflash_cli.cli import main
 
 from .hub_server import HubServer
 from .test_hub import server  # noqa: F401  (the local Hub fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -36,7 +40,7 @@ def test_pull_then_run_by_alias(capsys, hub_pair):
 def test_missing_model_in_a_script_says_how_to_pull(capsys, hub_pair):
     assert main(["run", "qwen3-4b", "-p", "x", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
-    assert "Test/Stories is not downloaded: run `dflash pull Test/Stories`, or pass --yes" in err
+    assert err == "Error: qwen3-4b is not downloaded: run `dflash pull qwen3-4b`, or pass --yes to download it now\n"
 
 
 def test_yes_pulls_missing_models(capsys, hub_pair):
@@ -72,6 +76,11 @@ def test_unsupported_and_unknown_models(capsys, server):  # noqa: F811
     assert "did you mean 'qwen3-8b'" in capsys.readouterr().err
 
 
+def test_doctor_exits_1_when_a_check_fails(capsys):
+    assert main(["doctor", "nosuch"]) == 1
+    assert "✗ nosuch: unknown model 'nosuch'" in capsys.readouterr().out
+
+
 def test_doctor_reports_each_check(capsys):
     code = main(["doctor", "qwen3-8b"])
     out = capsys.readouterr().out
@@ -95,23 +104,49 @@ def test_jsonl_prompt_file_gives_one_result_per_line(capsys, stories_pair, tmp_p
 
 
 def test_version_and_help():
-    p = subprocess.run([sys.executable, "-m", "dflash_cli.cli", "--help"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "dflash_cli.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
                        env={"NO_COLOR": "1", "COLUMNS": "100", "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0 and "chat" in p.stdout and "\x1b[" not in p.stdout
     assert main(["--version"]) == 0
 
 
-def test_interactive_confirmation_pulls_or_refuses(hub_pair):
+def pair_bytes(pair) -> int:
+    return sum(f.stat().st_size for d in pair for f in d.iterdir() if f.is_file())
+
+
+def test_a_pair_is_asked_about_once_with_its_size(hub_pair, stories_pair, monkeypatch, capsys):
+    import torch
+
     from dflash_cli.errors import DflashError
+    from dflash_cli.hub import format_size
     from dflash_cli.resolve import resolve_model
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     asked = []
-    with pytest.raises(DflashError, match="Test/Stories is not downloaded"):
+    with pytest.raises(DflashError, match=r"qwen3-4b is not downloaded \(run `dflash pull qwen3-4b`\)"):
         resolve_model("qwen3-4b", None, None, confirm=lambda q: asked.append(q) or False)
-    assert asked == ["Test/Stories is not downloaded. Download it now?"]
-    t, d = resolve_model("qwen3-4b", None, None, confirm=lambda q: True)
-    assert (t / "config.json").is_file() and (d / "config.json").is_file()
+    assert asked == [f"qwen3-4b is not downloaded (Test/Stories and Test/Stories-DFlash: "
+                     f"{format_size(pair_bytes(stories_pair))}). Download it now?"]
+    warning = capsys.readouterr().err
+    assert warning.startswith("Warning: there is no CUDA GPU here: qwen3-4b would run on the CPU, very slowly")
+    t, d = resolve_model("qwen3-4b", None, None, confirm=lambda q: asked.append(q) or True)
+    assert len(asked) == 2 and (t / "config.json").is_file() and (d / "config.json").is_file()
+    assert resolve_model("qwen3-4b", None, None, confirm=lambda q: asked.append(q) or True) == (t, d)
+    assert len(asked) == 2  # nothing is asked about what is already here
     assert resolve_model("qwen3-4b", None, None, no_spec=True)[1] is None
+
+
+def test_no_gpu_warning_only_without_a_gpu(monkeypatch):
+    import torch
+
+    from dflash_cli import registry
+    from dflash_cli.resolve import no_gpu_warning
+
+    pair = registry.resolve("qwen3-8b")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "qwen3-8b would run on the CPU, very slowly (it needs ~18 GiB of GPU memory)" in no_gpu_warning(pair)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert no_gpu_warning(pair) is None
 
 
 def test_a_terminal_user_is_asked_before_a_download(hub_pair, monkeypatch):
@@ -121,4 +156,57 @@ def test_a_terminal_user_is_asked_before_a_download(hub_pair, monkeypatch):
     monkeypatch.setattr(resolve, "interactive", lambda: True)
     monkeypatch.setattr(resolve, "ask", lambda q: questions.append(q) or True)
     t, _ = resolve.resolve_model("qwen3-4b", None, None)
-    assert questions[0] == "Test/Stories is not downloaded. Download it now?" and (t / "config.json").is_file()
+    assert len(questions) == 1 and questions[0].startswith("qwen3-4b is not downloaded (Test/Stories and ")
+    assert (t / "config.json").is_file()
+
+
+def test_a_declined_rm_exits_1_and_keeps_the_files(hub_pair, monkeypatch, capsys):
+    from dflash_cli import resolve
+
+    main(["pull", "qwen3-4b"])
+    monkeypatch.setattr(resolve, "interactive", lambda: True)
+    monkeypatch.setattr(resolve, "ask", lambda q: False)
+    assert main(["rm", "qwen3-4b"]) == 1
+    main(["models", "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["downloaded"]
+
+
+def test_ctrl_d_at_a_question_ends_its_line(monkeypatch, capsys):
+    import io
+
+    from dflash_cli.resolve import ask
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert not ask("Download it now?")
+    assert capsys.readouterr().err == "Download it now? [y/N] \n"
+
+
+@pytest.mark.parametrize("args", [["pull", "a/b/c"], ["pull", "bad name/x"], ["rm", "x/y/z"],
+                                  ["run", "--target", "bad name/x", "-p", "hi", "--yes"]])
+def test_invalid_hub_ids_are_usage_errors(capsys, server, args):  # noqa: F811
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a Hub repo id" in err and not server.requests
+
+
+def test_a_typo_in_a_local_path_is_not_a_hub_id(capsys, server, stories_pair, tmp_path, monkeypatch):  # noqa: F811
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--target", "demo/storiez", "-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: --target demo/storiez: no such directory in demo/") and err.count("\n") == 1
+
+
+def test_help_shows_no_type_placeholders():
+    from dflash_cli.cli import command
+
+    shown = {}
+    for name in ("", *command().commands):
+        p = subprocess.run([sys.executable, "-m", "dflash_cli.cli", *([name] if name else []), "--help"], cwd=ROOT,
+                           capture_output=True, text=True, env={"NO_COLOR": "1", "COLUMNS": "120", "PATH": "/usr/bin:/bin"})
+        assert p.returncode == 0
+        shown[name] = p.stdout
+    for name, text in shown.items():
+        assert not re.search(r"<\w[\w ]*>", text), (name, text)  # typer's <bool>, <str>, <list[str]>, <int range>
+    assert re.search(r"--max-tokens +-n +N ", shown["run"]) and re.search(r"--stop +TEXT ", shown["run"])
+    assert re.search(r"│ --raw +Send", shown["run"])  # a flag shows no value

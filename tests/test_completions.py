@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,37 @@ def test_fish_completes_flags_and_aliases():
                           "complete -C 'dflash chat --temp'; complete -C 'dflash run qwen3-8'"],
                          capture_output=True, text=True, check=True).stdout
     assert "--temperature" in out and "qwen3-8b" in out
+
+
+def readme_install_lines() -> list[str]:
+    section = (ROOT / "README.md").read_text().partition("## Shell completions")[2]
+    block = section.partition("```bash\n")[2].partition("```")[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_install_lines_work_on_a_fresh_account(tmp_path):
+    """The README's lines, run as written in an empty home directory, with `dflash` being this checkout."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    shim = bin_dir / "dflash"
+    shim.write_text(f'#!/bin/sh\ncd {ROOT} && exec {sys.executable} -m dflash_cli.cli "$@"\n')
+    shim.chmod(0o755)
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    lines = readme_install_lines()
+    subprocess.run(["bash", "-ec", "\n".join(lines)], env=env, check=True)
+    installed = {"bash": home / ".local/share/bash-completion/completions/dflash", "zsh": home / ".zfunc/_dflash",
+                 "fish": home / ".config/fish/completions/dflash.fish"}
+    for shell, path in installed.items():
+        assert path.read_text() == render(shell)
+    if shutil.which("zsh"):  # the fpath line the README asks for makes zsh find it
+        (home / ".zshrc").write_text("fpath=(~/.zfunc $fpath)\nautoload -Uz compinit && compinit -u\n")
+        out = subprocess.run(["zsh", "-ic", "print -r -- $_comps[dflash]"], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == "_dflash", out.stderr
+    if shutil.which("fish"):  # fish loads ~/.config/fish/completions by itself
+        out = subprocess.run(["fish", "-c", "complete -C 'dflash ch'"], env=env, capture_output=True, text=True)
+        assert out.stdout.startswith("chat")
+    help_text = subprocess.run([sys.executable, "-m", "dflash_cli.cli", "completions", "--help"], cwd=ROOT,
+                               env={**env, "COLUMNS": "200", "NO_COLOR": "1"}, capture_output=True, text=True).stdout
+    for line in lines:
+        assert line in help_text  # `dflash completions --help` gives the same lines

@@ -10,7 +10,7 @@ from dflash_cli.detok import StreamDecoder
 from dflash_cli.loader import load_tokenizer
 from dflash_cli.rope import inv_frequencies
 
-from .tiny import QWEN3_TOKENIZER
+from .tiny import QWEN3_TOKENIZER, STORIES
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,29 @@ def test_held_back_prefix_is_released_when_it_is_not_a_stop(qwen3_tokenizer):
     ids = qwen3_tokenizer.encode("a STO b")
     out = "".join(dec.push([i]) for i in ids) + dec.flush()
     assert out == "a STO b" and not dec.stopped
+
+
+def test_stop_keeps_only_the_tokens_of_the_text_before_it(qwen3_tokenizer):
+    ids = qwen3_tokenizer.encode("The answer is 42.\nUser: next question")
+    dec = StreamDecoder(qwen3_tokenizer, ("\nUser:",))
+    text = "".join(dec.push([i]) for i in ids)
+    kept = dec.tokens_in_text()
+    # ".\n" wrote the text's last character and the stop string's first: it is not kept
+    assert text == "The answer is 42." and qwen3_tokenizer.decode(ids[:kept]) == "The answer is 42"
+    assert not text.startswith(qwen3_tokenizer.decode(ids[:kept + 1]))
+
+
+def test_first_piece_keeps_its_space_after_the_prompt():
+    """SentencePiece (Metaspace) decoding drops the leading space of the first piece it is given."""
+    tokenizer = load_tokenizer(STORIES)
+    prompt, whole = tokenizer.encode("The cat"), tokenizer.encode("The cat and a boy")
+    answer = whole[len(prompt):]  # "▁and", "▁a", "▁b", "o", "y": what the model generates after the prompt
+    assert whole[:len(prompt)] == prompt
+    alone = StreamDecoder(tokenizer)
+    assert alone.push(answer) + alone.flush() == "and a boy"  # the bug the context fixes
+    dec = StreamDecoder(tokenizer, context=prompt[-1:])
+    out = "".join(dec.push([i]) for i in answer) + dec.flush()
+    assert out == " and a boy" and "The cat" + out == tokenizer.decode(prompt + answer, skip_special_tokens=True)
 
 
 def test_special_tokens_are_not_printed(qwen3_tokenizer):

@@ -2,7 +2,8 @@
 
 Without a GPU they run under Triton's CPU interpreter: TRITON_INTERPRET=1 is set here, before any
 kernel module is imported (triton.jit picks the interpreter when a kernel is defined). Inputs are
-fresh random values each run; the seed is in every failure message. Outputs the launchers allocate
+random values from a fixed seed (DFLASH_TEST_SEED overrides it; `random` draws a fresh one per
+test); the seed is in every failure message. Outputs the launchers allocate
 are poisoned (NaN, or -1 for integers), so an element a kernel forgets to write fails the
 comparison. DFLASH_KERNELS is cleared for every test here (a test that wants it sets it with
 monkeypatch), so neither the caller's environment nor these tests change which path others take.
@@ -24,9 +25,24 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=8e-2)}
 
 
+DEFAULT_SEED = 20250601
+
+
+def chosen_seed() -> int:
+    """DFLASH_TEST_SEED: an integer to replay a failure (the seed is in every failure message), or
+    `random` for fresh inputs each test; unset, every run draws the same inputs."""
+    value = os.environ.get("DFLASH_TEST_SEED", "").strip()
+    if value.lower() == "random":
+        return int.from_bytes(os.urandom(4), "little")
+    try:
+        return int(value) if value else DEFAULT_SEED
+    except ValueError:
+        raise pytest.UsageError(f"DFLASH_TEST_SEED must be an integer or 'random', got {value!r}") from None
+
+
 @pytest.fixture
 def seed() -> int:
-    s = int.from_bytes(os.urandom(4), "little")
+    s = chosen_seed()
     torch.manual_seed(s)
     return s
 
