@@ -20,7 +20,7 @@ from .engine import Engine, Request
 from .errors import DflashError, UsageError
 from .generate import Chunk, Stats, stream_text
 from .loader import Model
-from .prompt import encode_chat
+from .prompt import render_chat
 from .jsonl import read_jsonl, validate_messages
 from .sampling import SamplingParams
 
@@ -72,15 +72,18 @@ class ChatSession:
         """Stream the answer to `text`. Whatever was generated joins the conversation, also when
         the caller stops early (Ctrl-C)."""
         self.messages.append({"role": "user", "content": text})
-        ids = encode_chat(self.model.tokenizer, self.conversation(), enable_thinking=self.think)
+        prompt = render_chat(self.model.tokenizer, self.conversation(), enable_thinking=self.think)
+        ids = prompt.ids
         if len(ids) >= self.engine.max_context:
             self.messages.pop()
             raise DflashError(f"the conversation is {len(ids)} tokens; the context limit is {self.engine.max_context} "
                               "(/clear starts a new one; --max-context raises the limit)")
         stats, pieces = Stats(), []
         self.live = stats
-        request = Request(ids, self.max_tokens, self.model.stop_token_ids, self.sampling)
-        steps = stream_text(self.engine, self.model.tokenizer, request, stats, split_drafts=split_drafts)
+        request = Request(ids, self.max_tokens, self.model.stop_token_ids, self.sampling,
+                          keep_prefix=prompt.keep_prefix)
+        steps = stream_text(self.engine, self.model.tokenizer, request, stats, split_drafts=split_drafts,
+                            think=prompt.think)
         try:
             first = next(steps)
         except BaseException:

@@ -55,7 +55,7 @@ TOP_K = typer.Option(0, "--top-k", metavar="K", help="Keep the k likeliest token
 MIN_P = typer.Option(0.0, "--min-p", metavar="P", help="Drop tokens below min_p × the top probability.", rich_help_panel=SAMPLING)
 SEED = typer.Option(None, "--seed", metavar="INT", help="Sampling seed: the same seed gives the same answer, with or without speculation.", rich_help_panel=SAMPLING)
 SYSTEM = typer.Option(None, "--system", "-s", metavar="TEXT", help="System prompt.")
-THINK = typer.Option(False, "--think", help="Qwen3 thinking mode (off by default: the drafters were trained without it).")
+THINK = typer.Option(None, "--think/--no-think", help="Thinking mode (default: as the drafter was trained: off for the Qwen3 b16 pairs, on for Qwen3.5/3.6).")
 
 
 def _resolve(model, target, drafter, yes, no_spec) -> tuple[Path, Optional[Path]]:
@@ -156,8 +156,8 @@ def run(
     max_context: Optional[int] = MAX_CONTEXT,
     system: Optional[str] = SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
-    think: bool = THINK,
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt (text, token ids, acceptance lengths).", rich_help_panel=OUTPUT),
+    think: Optional[bool] = THINK,
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt (text, reasoning, token ids, acceptance lengths).", rich_help_panel=OUTPUT),
     trace: bool = typer.Option(False, "--trace", help="With --json: every iteration's drafted tokens and how many were accepted.", rich_help_panel=OUTPUT),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=OUTPUT),
 ) -> None:
@@ -170,6 +170,8 @@ def run(
       dflash run qwen3-8b --prompt-file prompts.jsonl --json > results.jsonl
       dflash run --target ./Qwen3-8B --drafter ./Qwen3-8B-DFlash-b16 -p "2+2?" --json --trace
     """
+    from dataclasses import replace
+
     from .run import (RunOptions, check_length, encode_batch, is_jsonl, prompt_ids, read_jsonl_prompts, run_jsonl,
                       run_prompt, template_notes)
     from .sampling import SamplingParams
@@ -193,11 +195,12 @@ def run(
     engine = _engine(m, block_size)
     for note in template_notes(m, opts):
         _note(note, quiet)
+    opts = replace(opts, think=m.thinks if think is None else think)  # the model's default when not asked
     if batch is not None:
         encoded = encode_batch(m, engine, prompt_file, batch, opts)  # every line checked before the first answer
     else:
         ids = prompt_ids(m, text, opts)
-        check_length(ids, engine)
+        check_length(ids.ids, engine)
     seconds = engine.warm_up(sampling)  # CUDA graphs captured before any timing starts (CPU: None)
     if seconds is not None:
         _note(f"CUDA graphs captured in {seconds:.1f} s", quiet)
@@ -225,7 +228,7 @@ def chat(
     dtype: str = DTYPE,
     max_context: Optional[int] = MAX_CONTEXT,
     system: Optional[str] = SYSTEM,
-    think: bool = THINK,
+    think: Optional[bool] = THINK,
     plain: bool = typer.Option(False, "--plain", help="Plain text: no Markdown rendering, no live status line.", rich_help_panel=OUTPUT),
     show_drafts: bool = typer.Option(False, "--show-drafts", help="Colour tokens by origin: accepted draft or the target's own.", rich_help_panel=OUTPUT),
     history: Optional[Path] = typer.Option(None, "--history", metavar="FILE", help="Input history file (default: ~/.local/share/dflash/history).", rich_help_panel=OUTPUT),
@@ -243,7 +246,8 @@ def chat(
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
     _check_block_size(drafter_dir, block_size)
     m = _load(target_dir, drafter_dir, device, dtype, max_context)
-    session = ChatSession(m, _engine(m, block_size), sampling=sampling, max_tokens=max_tokens, system=system, think=think)
+    session = ChatSession(m, _engine(m, block_size), sampling=sampling, max_tokens=max_tokens, system=system,
+                          think=m.thinks if think is None else think)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
 
 

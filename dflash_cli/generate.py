@@ -10,6 +10,7 @@ from typing import Iterator
 
 from .detok import StreamDecoder
 from .engine import Engine, Request, Step
+from .reasoning import ThinkSplitter
 
 
 @dataclass
@@ -57,19 +58,22 @@ class Stats:
 
 @dataclass
 class Chunk:
-    text: str  # newly final text (may be empty)
+    text: str  # newly final text of the answer (may be empty)
     step: Step
     draft_chars: int = 0  # with split_drafts: how much of `text` came from accepted drafts (it comes first)
+    reasoning: str = ""  # newly final reasoning (`<think>` text, without the tags), which comes before `text`
 
 
 def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
-                stop_strings: tuple[str, ...] = (), split_drafts: bool = False) -> Iterator[Chunk]:
+                stop_strings: tuple[str, ...] = (), split_drafts: bool = False, think: str = "off") -> Iterator[Chunk]:
     """Generate, yielding final text per step; `stats` is updated before each yield.
 
     With `split_drafts`, the step's accepted-draft tokens are decoded before the target's own
     token, so a UI can show which text the drafter wrote. At a stop string the text ends where it
-    begins, and so do `stats.token_ids` and the step's tokens: no token that wrote part of it is kept."""
+    begins, and so do `stats.token_ids` and the step's tokens: no token that wrote part of it is kept.
+    `think` (prompt.ChatPrompt.think): "auto" or "open" split `<think>` reasoning off the answer."""
     decoder = StreamDecoder(tokenizer, stop_strings, context=request.prompt_ids[-1:])
+    splitter = ThinkSplitter(think) if think != "off" else None
     stats.prompt_tokens = len(request.prompt_ids)
     steps = engine.generate(request)
     try:
@@ -87,7 +91,15 @@ def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
                 if step.finish is not None:
                     text += decoder.flush()
                 stats.add(step)
-            yield Chunk(text, step, len(draft_text))
+            reasoning, draft_chars = "", len(draft_text)
+            if splitter is not None:
+                reasoning, reply = splitter.feed(text)
+                if step.finish is not None:
+                    more_reasoning, more_reply = splitter.finish()
+                    reasoning, reply = reasoning + more_reasoning, reply + more_reply
+                draft_chars = draft_chars if reply == text else 0  # drafts are coloured in plain answers only
+                text = reply
+            yield Chunk(text, step, draft_chars, reasoning)
             if step.finish is not None:
                 return
     finally:

@@ -31,6 +31,7 @@ class Model:
     max_context: int
     target_dir: Path
     drafter_dir: Path | None
+    thinks: bool = False  # the thinking mode the family's drafters were trained with: the default
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -107,4 +108,5 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     drafter = None
     if drafter_cfg is not None:
         drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)
-    return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir)
+    return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir,
+                 getattr(family, "THINKS", False))

@@ -19,7 +19,7 @@ from .errors import DflashError, Interrupted, UsageError
 from .generate import Stats, stream_text
 from .jsonl import read_jsonl, validate_messages
 from .loader import Model
-from .prompt import encode_chat, encode_raw
+from .prompt import ChatPrompt, encode_raw, render_chat
 from .sampling import SamplingParams
 
 Prompt = str | list[dict]  # a user message, or a whole conversation
@@ -32,7 +32,7 @@ class RunOptions:
     stop: tuple[str, ...] = ()
     system: str | None = None
     raw: bool = False
-    think: bool = False
+    think: bool | None = False  # None: the model's default (resolved once it is loaded)
     json: bool = False
     trace: bool = False
     quiet: bool = False
@@ -61,14 +61,14 @@ def read_jsonl_prompts(path: Path) -> list[tuple[int, Prompt]]:
     return prompts
 
 
-def prompt_ids(model: Model, prompt: Prompt, opts: RunOptions) -> list[int]:
+def prompt_ids(model: Model, prompt: Prompt, opts: RunOptions) -> ChatPrompt:
     if opts.raw:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        return encode_raw(model.tokenizer, text)
+        return ChatPrompt(encode_raw(model.tokenizer, text))
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if opts.system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": opts.system})
-    return encode_chat(model.tokenizer, messages, enable_thinking=opts.think)
+    return render_chat(model.tokenizer, messages, enable_thinking=bool(opts.think))
 
 
 def check_length(ids: list[int], engine: Engine) -> None:
@@ -79,13 +79,13 @@ def check_length(ids: list[int], engine: Engine) -> None:
 
 
 def encode_batch(model: Model, engine: Engine, path: Path, prompts: list[tuple[int, Prompt]],
-                 opts: RunOptions) -> list[list[int]]:
+                 opts: RunOptions) -> list[ChatPrompt]:
     """Every prompt's token ids, or the first problem, named by its line."""
     batch = []
     for n, prompt in prompts:
         try:
             ids = prompt_ids(model, prompt, opts)
-            check_length(ids, engine)
+            check_length(ids.ids, engine)
         except DflashError as e:
             raise type(e)(f"{path}:{n}: {e}") from None
         batch.append(ids)
@@ -108,25 +108,32 @@ def template_notes(model: Model, opts: RunOptions) -> list[str]:
     return notes
 
 
-def run_jsonl(model: Model, engine: Engine, batch: list[list[int]], opts: RunOptions,
+def run_jsonl(model: Model, engine: Engine, batch: list[ChatPrompt], opts: RunOptions,
               out: TextIO | None = None, err: TextIO | None = None) -> None:
     """One JSON result per prompt, in order, on stdout."""
     for ids in batch:
         run_prompt(model, engine, ids, replace(opts, json=True), out=out, err=err)
 
 
-def run_prompt(model: Model, engine: Engine, ids: list[int], opts: RunOptions,
+def run_prompt(model: Model, engine: Engine, prompt: ChatPrompt, opts: RunOptions,
                out: TextIO | None = None, err: TextIO | None = None) -> dict:
-    """Generate the answer to `ids`, streaming its text to `out` (or writing one JSON object at the
-    end); raises `Interrupted` after writing what was generated when Ctrl-C stops it."""
+    """Generate the answer to `prompt`, streaming its text to `out` (or writing one JSON object at the
+    end); reasoning (`<think>`) streams to `err` unless quiet, and is the JSON's "reasoning". Raises
+    `Interrupted` after writing what was generated when Ctrl-C stops it."""
     out, err = out or sys.stdout, err or sys.stderr
-    request = Request(ids, opts.max_tokens, model.stop_token_ids, opts.sampling)
-    stats, pieces, trace = Stats(), [], []
+    ids = prompt.ids
+    request = Request(ids, opts.max_tokens, model.stop_token_ids, opts.sampling, keep_prefix=prompt.keep_prefix)
+    stats, pieces, reasoning, trace = Stats(), [], [], []
     interrupted = False
     try:
-        with contextlib.closing(stream_text(engine, model.tokenizer, request, stats, opts.stop)) as chunks:
+        with contextlib.closing(stream_text(engine, model.tokenizer, request, stats, opts.stop,
+                                            think=prompt.think)) as chunks:
             for chunk in chunks:
                 pieces.append(chunk.text)
+                reasoning.append(chunk.reasoning)
+                if chunk.reasoning and not opts.json and not opts.quiet:
+                    err.write(chunk.reasoning)
+                    err.flush()
                 if opts.trace and not chunk.step.prefill:
                     trace.append({"drafted": chunk.step.drafts, "accepted": chunk.step.accepted,
                                   "emitted": chunk.step.tokens})
@@ -136,8 +143,11 @@ def run_prompt(model: Model, engine: Engine, ids: list[int], opts: RunOptions,
     except KeyboardInterrupt:
         interrupted = True
         stats.finish = "interrupted"
+    if "".join(reasoning) and not opts.json and not opts.quiet:
+        err.write("\n")  # the reasoning ends on its own line, before the statistics
     result = {
         "text": "".join(pieces),
+        "reasoning": "".join(reasoning),
         "token_ids": stats.token_ids,
         "prompt_tokens": len(ids),
         "generated_tokens": stats.generated,

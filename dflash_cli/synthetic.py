@@ -41,6 +41,16 @@ TARGETS = {
                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                         head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3,
                         max_position_embeddings=131072, vocab_size=128256, tie_word_embeddings=False),
+    # Qwen3.5 / 3.6 text decoders (research/hybrid.md §1): three linear layers for every full one.
+    **{name: dict(architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", hidden_size=hidden,
+                  intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=4,
+                  head_dim=256, linear_num_key_heads=16, linear_num_value_heads=v_heads, linear_key_head_dim=128,
+                  linear_value_head_dim=128, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
+                  rope_parameters=dict(rope_type="default", rope_theta=10000000, partial_rotary_factor=0.25),
+                  max_position_embeddings=262144, vocab_size=248320, tie_word_embeddings=tie)
+       for name, hidden, inter, layers, heads, v_heads, tie in (
+           ("qwen3.5-4b", 2560, 9216, 32, 16, 32, True), ("qwen3.5-9b", 4096, 12288, 32, 16, 32, False),
+           ("qwen3.5-27b", 5120, 17408, 64, 24, 48, False))},
     "tiny": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, intermediate_size=128,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
                  rope_theta=1e6, max_position_embeddings=40960, vocab_size=512, tie_word_embeddings=False),
@@ -64,6 +74,22 @@ SHAPES: dict[str, tuple[dict, dict, float | None]] = {
     "llama3.1-8b": (TARGETS["llama3.1-8b"], _drafter(TARGETS["llama3.1-8b"], 10, (1, 8, 15, 22, 29), 128002), None),
     "tiny": (TARGETS["tiny"], _drafter(TARGETS["tiny"], 8, (1, 2), 511, layers=2), None),
 }
+# The Qwen3.5 drafters: 5 Qwen3 layers of 32/8 heads × 128 (not the target's 256), θ 1e7; the 27B one
+# (as Qwen3.6-27B-DFlash) with four causal sliding layers of 2048 and a full one (research/hybrid.md §4).
+for _name, _ids in (("qwen3.5-4b", (1, 8, 15, 22, 29)), ("qwen3.5-9b", (1, 8, 15, 22, 29)),
+                    ("qwen3.5-27b", (1, 16, 31, 46, 61))):
+    _t = TARGETS[_name]
+    _extra = dict(layer_types=["sliding_attention"] * 4 + ["full_attention"], sliding_window=2048) \
+        if _name.endswith("27b") else {}
+    SHAPES[_name] = (_t, _drafter(_t | dict(num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                            rope_theta=10000000), 16, _ids, 248070, **_extra), None)
+SHAPES["qwen3.6-27b"] = SHAPES["qwen3.5-27b"]
+TARGETS["tiny-hybrid"] = TARGETS["qwen3.5-4b"] | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                                     linear_num_key_heads=2, linear_num_value_heads=4,
+                                                     linear_key_head_dim=16, linear_value_head_dim=16, vocab_size=512)
+SHAPES["tiny-hybrid"] = (TARGETS["tiny-hybrid"], _drafter(TARGETS["tiny-hybrid"] | dict(head_dim=16, rope_theta=1e7), 8,
+                                                          (1, 3), 511, layers=2), None)
 
 
 def configs(name: str):
@@ -79,7 +105,8 @@ def configs(name: str):
 def random_pair(name: str, dtype: torch.dtype, device: torch.device, positions: int):
     """A target and drafter of shape `name` with random weights (the families' tables, on `device`)."""
     family, t, d, _ = configs(name)
-    target = family.Model(t, random_weights(family.weight_table(t), dtype=dtype, device=device), positions)
+    # Experts drawn in the fused layout the model keeps (per-expert tensors would be stacked: twice the memory).
+    target = family.Model(t, random_weights(family.weight_table(t, "fused"), dtype=dtype, device=device), positions)
     w = random_weights(drafter_module.weight_table(d), seed=1, dtype=dtype, device=device)
     return target, Drafter.from_weights(d, w, target.embed, target.lm_head, positions)
 
@@ -167,7 +194,7 @@ def weight_bytes(name: str, dtype: torch.dtype) -> int:
     from .models.weights import table_bytes
 
     family, t, _, _ = configs(name)
-    table = family.weight_table(t)
+    table = family.weight_table(t, "fused")
     tied = not any(w.name == "lm_head.weight" for w in table)
     return table_bytes([w for w in table if w.init != "embed" or tied], dtype)
 
@@ -229,10 +256,8 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
     engine = Engine(target, drafter, block_size=b, max_context=context + b)
     plain = Engine(target, max_context=context + b)
     with torch.inference_mode():
-        for e in (engine, plain):  # a context of `context` tokens in both caches
-            e.target_cache.rollback(context)
-            if e.draft_cache is not None:
-                e.draft_cache.rollback(context)
+        for cache in (engine.target_cache, engine.draft_cache, plain.target_cache):
+            cache.length.fill_(context)  # `context` tokens held (timing does not depend on their values)
         caches = (engine.target_cache, engine.draft_cache, plain.target_cache)
         saved = [c.snapshot() for c in caches]
         greedy = Mode(greedy=True)

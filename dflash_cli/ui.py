@@ -21,6 +21,7 @@ from .generate import Chunk, Stats
 
 BARS = " ▁▂▃▄▅▆▇█"
 DRAFT_STYLE = "green"
+REASONING_STYLE = "dim italic"
 
 
 def tau_bars(histogram: Counter, block_size: int) -> str:
@@ -132,8 +133,10 @@ class ChatView:
         self.err.print(Text(f"Error: {text}", style="red"), soft_wrap=True)
 
     def answer(self, chunks: Iterator[Chunk]) -> None:
-        """Stream one answer; Ctrl-C stops it (the session keeps what was written) and is not re-raised."""
+        """Stream one answer; Ctrl-C stops it (the session keeps what was written) and is not re-raised.
+        Reasoning (`<think>`) is shown dimmed before the answer (on stderr in plain mode)."""
         text, drafted = Text(), [0]
+        self._reasoning = Text(style=REASONING_STYLE)
         try:
             if self.plain:
                 self._stream_plain(chunks, text)
@@ -144,10 +147,14 @@ class ChatView:
             if self.plain:
                 self.console.file.write("\n" if text.plain and not text.plain.endswith("\n") else "")
             else:
+                if self._reasoning.plain:
+                    self.console.print(self._reasoning)
                 self.console.print(text)
             self.console.print(Text("[stopped]", style="yellow"))
         else:
             if not self.plain:
+                if self._reasoning.plain:
+                    self.console.print(self._reasoning)
                 self.console.print(text if self.show_drafts else AnswerMarkdown(text.plain))
         answers = self.session.answers
         stats = answers[-1] if answers and answers[-1] is self.session.live else None  # None: stopped in prefill
@@ -157,6 +164,9 @@ class ChatView:
     def _stream_plain(self, chunks: Iterator[Chunk], text: Text) -> None:
         out = self.console.file
         for chunk in chunks:
+            if chunk.reasoning:
+                self.err.file.write(chunk.reasoning)
+                self.err.file.flush()
             text.append(chunk.text)
             out.write(chunk.text)
             out.flush()
@@ -177,9 +187,10 @@ class ChatView:
                     # Live erases as many rows as it drew; after a resize the terminal has reflowed
                     # them into `reflowed` rows, and those are what the redraw must erase.
                     live._live_render._shape = (self.console.size.width, reflowed)
+                shown = Text.assemble(self._reasoning, "\n\n" if self._reasoning.plain and text.plain else "", text)
                 if not started:
-                    return frame.layout(text, Text("prefill…", style="dim cyan"))
-                return frame.layout(text, status_line(started[0], block, drafted[0] if self.show_drafts else None,
+                    return frame.layout(shown, Text("prefill…", style="dim cyan"))
+                return frame.layout(shown, status_line(started[0], block, drafted[0] if self.show_drafts else None,
                                                       self.draft_style))
 
         with Live(console=self.console, transient=True, refresh_per_second=12, get_renderable=render) as live:
@@ -187,6 +198,7 @@ class ChatView:
                 with lock:
                     if not started:
                         started.append(self.session.live)
+                    self._reasoning.append(chunk.reasoning)
                     if self.show_drafts and chunk.draft_chars:
                         text.append(chunk.text[: chunk.draft_chars], style=self.draft_style)
                         text.append(chunk.text[chunk.draft_chars:])

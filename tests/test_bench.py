@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from dflash_cli.bench import histogram_line
 from dflash_cli.cli import main
 
@@ -28,10 +30,11 @@ def test_bench_table(capsys, stories_pair):
     assert "dflash bench" in out and "speedup" in out and "acceptance τ=1…8" in out
 
 
-def test_synthetic_mode_times_each_step_and_labels_the_projection(capsys):
-    assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--context", "64", "--tau", "4", "--json"]) == 0
+@pytest.mark.parametrize("shape", ["tiny", "tiny-hybrid"])
+def test_synthetic_mode_times_each_step_and_labels_the_projection(capsys, shape):
+    assert main(["bench", shape, "--synthetic", "--device", "cpu", "--context", "64", "--tau", "4", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    for key in ("decode_s", "verify_s", "draft_s", "accept_s", "iteration_s", "copy_bytes_per_s"):
+    for key in ("decode_s", "verify_s", "draft_s", "accept_s", "iteration_s", "step_device_s", "copy_bytes_per_s"):
         assert r[key] > 0
     assert r["projected_tps"] == 4 / r["iteration_s"] and "projection" in r
     assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--context", "64"]) == 0

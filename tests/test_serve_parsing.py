@@ -12,7 +12,7 @@ from dflash_cli.prompt import encode_chat
 from dflash_cli.serve.auth import bearer_ok, check_exposure
 from dflash_cli.serve.prompting import chat_prompt, completion_prompt
 from dflash_cli.serve.protocol import ApiError, parse_chat, parse_completion
-from dflash_cli.serve.reasoning import ThinkSplitter
+from dflash_cli.reasoning import ThinkSplitter
 from dflash_cli.serve.reply import ReplyStream
 from dflash_cli.serve.tools import ToolCallParser
 

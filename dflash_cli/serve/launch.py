@@ -80,9 +80,6 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     from .app import ServeOptions, bind, run_server, stderr_log
     from .worker import EngineWorker
 
-    think = flags.think
-    if think is None:
-        think = registry.resolve(flags.model).think if flags.model is not None and flags.target is None else False
     target_dir, drafter_dir = resolve_model(flags.model, flags.target, flags.drafter, yes=flags.yes,
                                             no_spec=flags.no_spec)
     name = model_id(flags.model, flags.target)
@@ -90,6 +87,7 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     stderr_log(f"dflash: loading {name} …")
     device = loader.resolve_device(flags.device)
     m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
+    think = m.thinks if flags.think is None else flags.think  # as the family's drafters were trained
     engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context)
     worker = EngineWorker(m, engine, flags.max_queue)
     seconds = worker.start()

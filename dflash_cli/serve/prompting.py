@@ -8,31 +8,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..prompt import encode_raw
+from ..errors import DflashError
+from ..prompt import encode_raw, render_chat
 from .protocol import ApiError, bad
-from .reasoning import CLOSE, OPEN
 
 
 @dataclass
 class Prompt:
     ids: list[int]
     opens_think: bool = False  # the prompt ends inside <think> (Qwen3.5's template): the answer starts as reasoning
+    keep_prefix: int | None = None  # what the next turn will share (see prompt.ChatPrompt)
 
 
 def chat_prompt(tokenizer, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
                 template_kwargs: dict | None = None) -> Prompt:
-    if not getattr(tokenizer, "chat_template", None):
-        if tools:
-            raise bad("this model has no chat template, so it cannot be given tools", "tools")
-        return Prompt(encode_raw(tokenizer, "\n".join(m["content"] for m in messages)))
+    if tools and not getattr(tokenizer, "chat_template", None):
+        raise bad("this model has no chat template, so it cannot be given tools", "tools")
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                             **(template_kwargs or {}), enable_thinking=enable_thinking)
-    except Exception as e:  # a Jinja error, or the template's own raise_exception on a message it refuses
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise bad(f"the model's chat template refused these messages: {first}", "messages") from None
-    # The template already spells out BOS and the role markers.
-    return Prompt(tokenizer.encode(text, add_special_tokens=False), text.rfind(OPEN) > text.rfind(CLOSE))
+        p = render_chat(tokenizer, messages, tools=tools, enable_thinking=enable_thinking,
+                        template_kwargs=template_kwargs)
+    except DflashError as e:  # a Jinja error, or the template's own raise_exception on a message it refuses
+        raise bad(str(e).replace("the model's chat template failed", "the model's chat template refused these "
+                                 "messages"), "messages") from None
+    return Prompt(p.ids, p.think == "open", p.keep_prefix)
 
 
 def completion_prompt(tokenizer, prompt: str | list[int]) -> Prompt:

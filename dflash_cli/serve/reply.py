@@ -3,7 +3,7 @@ streamed deltas and as the whole message (the non-streamed answer is the deltas 
 never disagree)."""
 from __future__ import annotations
 
-from .reasoning import ThinkSplitter
+from ..reasoning import ThinkSplitter
 from .tools import ToolCallDelta, ToolCallParser
 
 

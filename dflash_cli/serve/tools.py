@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from .reasoning import partial_tag
+from ..reasoning import partial_tag
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')

@@ -193,7 +193,7 @@ class EngineWorker:
                                 f"limit of {limit} tokens", param="max_tokens", code="context_length_exceeded")
         job.post(Started(n, reused_prefix(engine, prompt.ids), prompt.opens_think))
         stats = Stats()
-        request = Request(prompt.ids, budget, model.stop_token_ids, job.sampling)
+        request = Request(prompt.ids, budget, model.stop_token_ids, job.sampling, keep_prefix=prompt.keep_prefix)
         chunks = stream_text(engine, model.tokenizer, request, stats, job.stop)
         try:
             for chunk in chunks:

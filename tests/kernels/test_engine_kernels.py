@@ -64,3 +64,32 @@ def test_the_device_step_through_kernels_never_reads_back_to_the_host(pair, monk
     with torch.inference_mode(), HostReads() as reads:
         packed, _ = step(torch.tensor([7], device=DEVICE))
     assert reads.seen == [] and packed.shape == (1 + 2 * engine.block_size,)
+
+
+@pytest.fixture(scope="module")
+def hybrid_pair(tmp_path_factory):
+    from ..tiny import qwen35_config, write_qwen35
+
+    d = tmp_path_factory.mktemp("kernel-e2e-hybrid")
+    cfg = qwen35_config()
+    return (write_qwen35(d / "t", cfg, seed=21, slow_decay=True),
+            write_drafter(d / "d", drafter_config(cfg["text_config"], block_size=4, target_layer_ids=(1, 3),
+                                                  mask_token_id=500)))
+
+
+def test_the_hybrid_through_kernels_gives_the_reference_tokens_and_never_reads_back(hybrid_pair, monkeypatch):
+    """Qwen3.5's linear layers through fla-core's recurrent kernel and our conv/commit kernels, its full
+    layers through the zero-centred, partial-rotary q/k norm kernel: the tokens of the torch path, and a
+    device step without host reads (what a CUDA graph captures)."""
+    model = loader.load(*hybrid_pair, device=DEVICE)
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    reference = _generate(model, 4, SamplingParams(), 12)
+    assert reference == _generate(model, 1, SamplingParams(), 12)
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    assert _generate(model, 4, SamplingParams(), 12) == reference
+    engine = Engine(model.target, model.drafter)
+    steps = engine.generate(Request(PROMPT, 16))
+    next(steps)
+    with torch.inference_mode(), HostReads() as reads:
+        engine._device_step(SamplingParams().mode)(torch.tensor([7], device=DEVICE))
+    assert reads.seen == []
