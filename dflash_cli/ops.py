@@ -27,6 +27,8 @@ _MODULES = {
     "replay": "gated_delta",
     "conv_commit": "gated_delta",
     "gated_rms_norm": "gated_delta",
+    "route": "moe",
+    "experts": "moe",
 }
 
 
@@ -119,3 +121,12 @@ def conv_commit(conv, x, count):
 
 def gated_rms_norm(x, z, weight, eps):
     return _pick("gated_rms_norm", x.device)(x, z, weight, eps)
+
+
+# ---- Mixture of experts -----------------------------------------------------------------------------------
+def moe_route(x, router, top_k, renormalize):
+    return _pick("route", x.device)(x, router, top_k, renormalize)
+
+
+def moe_experts(x, gate_up, down, idx, weights):
+    return _pick("experts", x.device)(x, gate_up, down, idx, weights)

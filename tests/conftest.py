@@ -39,8 +39,8 @@ def _import_transformers_references_without_fla() -> None:
 _import_transformers_references_without_fla()
 
 from .fit import fit_drafter
-from .tiny import (copy_qwen3_tokenizer, copy_stories, drafter_config, qwen35_config, target_config, write_drafter,
-                   write_qwen35, write_target)
+from .tiny import (copy_qwen3_tokenizer, copy_stories, drafter_config, qwen3_moe_config, qwen35_config,
+                   qwen35_moe_config, target_config, write_drafter, write_qwen35, write_target)
 
 # Prompts the fitted stories drafter is trained on: its acceptance is real on these.
 STORY_PROMPTS = ["Once upon a time", "Lily and Ben", "The cat", "One day, a little boy",
@@ -136,6 +136,26 @@ def slow_stories_pair(models) -> tuple[Path, Path]:
                       drafter_config(cfg, block_size=8, layers=1, target_layer_ids=(1, 3), heads=8, kv_heads=4,
                                      head_dim=8, intermediate=100_000, mask_token_id=0))
     return t, d
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_pair(models) -> tuple[Path, Path]:
+    """A tiny Qwen3-MoE (the Qwen3-Coder layout: per-expert tensors, 16 experts, top-4) and a block-8
+    drafter fitted to it."""
+    cfg = qwen3_moe_config()
+    t = write_target(models / "qwen3-moe", cfg, seed=13)
+    dcfg = drafter_config(cfg, block_size=8, layers=1, target_layer_ids=(0, 2), mask_token_id=500)
+    return t, fit_drafter(t, models / "qwen3-moe-drafter", dcfg, HYBRID_PROMPTS, steps=500)
+
+
+@pytest.fixture(scope="session")
+def qwen35_moe_pair(models) -> tuple[Path, Path]:
+    """A tiny Qwen3.5-MoE in the 35B-A3B release layout (VL wrapper, fused experts, a shared expert)
+    and a block-8 drafter fitted to it."""
+    cfg = qwen35_moe_config()
+    t = write_qwen35(models / "qwen35-moe", cfg, seed=17, slow_decay=True, layout="fused")
+    dcfg = drafter_config(cfg["text_config"], block_size=8, layers=1, target_layer_ids=(1, 3), mask_token_id=500)
+    return t, fit_drafter(t, models / "qwen35-moe-drafter", dcfg, HYBRID_PROMPTS, steps=500)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
     three = loader.load(write_target(tmp_path / "three", cfg, seed=9, shards=3), None, device="cpu")
     assert not (tmp_path / "three" / "model.safetensors").exists()
     for a, b in zip(one.target.layers, three.target.layers):
-        assert torch.equal(a.attn.qkv, b.attn.qkv) and torch.equal(a.down, b.down)
+        assert torch.equal(a.attn.qkv, b.attn.qkv) and torch.equal(a.mlp.down, b.mlp.down)
 
 
 def test_tied_embeddings_share_one_tensor(tmp_path):

@@ -43,12 +43,12 @@ def target_config(family: str = "qwen3", *, vocab: int = 512, hidden: int = 64, 
 
 
 def write_target(directory: Path, cfg: dict, seed: int = 0, shards: int = 1,
-                 extra: dict[str, torch.Tensor] | None = None) -> Path:
+                 extra: dict[str, torch.Tensor] | None = None, layout: str | None = None) -> Path:
     """A checkpoint in `cfg`'s family layout: random weights drawn from the family's own weight table
     (the tensors the loader reads, by their released names), plus `extra` tensors the loader must skip."""
     directory.mkdir(parents=True, exist_ok=True)
     family = family_of(cfg, directory)
-    weights = random_weights(family.weight_table(family.Config.from_raw(cfg, directory)), seed=seed)
+    weights = random_weights(family.weight_table(family.Config.from_raw(cfg, directory), layout), seed=seed)
     save_weights(directory, weights | (extra or {}), shards)
     _write_json(directory / "config.json", cfg)
     text = cfg.get("text_config", cfg)
@@ -149,18 +149,24 @@ def qwen35_config(*, vocab: int = 512, hidden: int = 64, layers: int = 4, heads:
             "vision_end_token_id": vocab - 5}
 
 
-def write_qwen35(directory: Path, cfg: dict, seed: int = 0, slow_decay: bool = False) -> Path:
+def write_qwen35(directory: Path, cfg: dict, seed: int = 0, slow_decay: bool = False, layout: str | None = None) -> Path:
     """A tiny Qwen3.5 checkpoint: the text weights from the family's table, and what a release also holds
     and dflash must skip: the vision tower (transformers' own tensors, so its reference loads them) and
     `mtp.*`. `slow_decay`: A_log ~ log U(0.01, 0.1), so the recurrent state remembers long."""
     extra = {"mtp.fc.weight": torch.zeros(4, 4), "mtp.layers.0.input_layernorm.weight": torch.zeros(4)}
     if "vision_config" in cfg:
-        from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+        import transformers
 
+        moe = cfg["model_type"] == "qwen3_5_moe"
+        config_cls = transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config
+        model_cls = transformers.Qwen3_5MoeForConditionalGeneration if moe else transformers.Qwen3_5ForConditionalGeneration
         torch.manual_seed(seed)
-        hf = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**{k: v for k, v in cfg.items() if k != "architectures"}))
-        extra |= {"model." + k.removeprefix("model."): v for k, v in hf.state_dict().items() if ".visual." in f".{k}"}
-    write_target(directory, cfg, seed=seed, extra=extra)
+        with torch.device("meta"):  # only the vision tower's names and shapes are wanted from it
+            hf = model_cls(config_cls(**{k: v for k, v in cfg.items() if k != "architectures"}))
+        g = torch.Generator().manual_seed(seed)
+        extra |= {"model." + k.removeprefix("model."): torch.randn(v.shape, generator=g) * 0.02
+                  for k, v in hf.state_dict().items() if ".visual." in f".{k}"}
+    write_target(directory, cfg, seed=seed, extra=extra, layout=layout)
     if slow_decay:
         from safetensors.torch import load_file
 
@@ -170,3 +176,29 @@ def write_qwen35(directory: Path, cfg: dict, seed: int = 0, slow_decay: bool = F
             w[name] = torch.empty(w[name].shape).uniform_(0.01, 0.1, generator=g).log()
         save_weights(directory, w)
     return directory
+
+
+def qwen35_moe_config(*, experts: int = 8, top_k: int = 2, moe_intermediate: int = 32, shared: int = 48,
+                      **kw) -> dict:
+    """A tiny Qwen3.5-MoE (35B-A3B layout): every layer's MLP is experts plus a gated shared expert."""
+    cfg = qwen35_config(**kw)
+    text = cfg.get("text_config", cfg)
+    text |= {"model_type": "qwen3_5_moe_text", "num_experts": experts, "num_experts_per_tok": top_k,
+             "moe_intermediate_size": moe_intermediate, "shared_expert_intermediate_size": shared}
+    del text["intermediate_size"]
+    if "text_config" in cfg:
+        cfg |= {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe"}
+        cfg["vision_config"]["model_type"] = "qwen3_5_moe_vision"
+    else:
+        cfg["architectures"] = ["Qwen3_5MoeForCausalLM"]
+    return cfg
+
+
+def qwen3_moe_config(*, vocab: int = 512, hidden: int = 64, layers: int = 3, experts: int = 16, top_k: int = 4,
+                     moe_intermediate: int = 32, norm_topk_prob: bool = True, tie: bool = False) -> dict:
+    """A tiny Qwen3-MoE (the Qwen3-Coder-30B-A3B layout, per-expert tensors by default)."""
+    cfg = target_config("qwen3", vocab=vocab, hidden=hidden, layers=layers, tie=tie)
+    return cfg | {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": experts,
+                  "num_experts_per_tok": top_k, "moe_intermediate_size": moe_intermediate,
+                  "norm_topk_prob": norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "intermediate_size": 96}

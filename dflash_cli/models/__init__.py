@@ -3,7 +3,8 @@
 A family module owns everything about its architecture and nothing else:
 - `MODEL_TYPES`: the config.json `model_type` values it reads;
 - `Config.from_raw(raw, directory)`: its config, checked at the boundary (one-line errors);
-- `weight_table(cfg)`: every tensor it loads, by checkpoint name (see weights.py);
+- `weight_table(cfg, layout)`: every tensor it loads, by checkpoint name (see weights.py); a family whose
+  releases differ in layout (MoE experts fused or per expert) also has `layout_of(names)`;
 - `Model(cfg, tensors, max_positions)`: the target, with `new_cache(capacity, block_size)`,
   `forward(ids, cache, *, logits_from, feature_layers, commit)` and `commit(cache, count)`;
 - `cache_bytes(cfg, dtype, block_size)`: (bytes per token of context, fixed bytes), for the memory plan.
@@ -25,8 +26,11 @@ from ..errors import DflashError
 FAMILIES = {
     "qwen3": "dense",
     "llama": "dense",
+    "qwen3_moe": "qwen3_moe",
     "qwen3_5": "qwen3_5",
     "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5",
+    "qwen3_5_moe_text": "qwen3_5",
 }
 
 
@@ -50,9 +54,10 @@ def target_config(directory: Path):
 def load_target(directory: Path, dtype: torch.dtype, device: torch.device, max_positions: int,
                 family: ModuleType | None = None, cfg=None):
     """The target model in `directory`: its family's weights read (shapes checked) and assembled."""
-    from ..checkpoint import read_weights
+    from ..checkpoint import read_weights, weight_files
 
     if family is None:
         family, cfg = target_config(directory)
-    tensors = read_weights(Path(directory), family.weight_table(cfg), dtype, device)
+    layout = family.layout_of(weight_files(directory)) if hasattr(family, "layout_of") else None
+    tensors = read_weights(Path(directory), family.weight_table(cfg, layout), dtype, device)
     return family.Model(cfg, tensors, max_positions)

@@ -86,16 +86,17 @@ def attention_weights(c: Config, p: str) -> list[Weight]:
     return table
 
 
-def weight_table(c: Config) -> list[Weight]:
+def layer_weights(c, i: int) -> list[Weight]:
+    """Layer i's norms and attention (its MLP is the family's)."""
+    p = f"model.layers.{i}."
+    return [Weight(p + "input_layernorm.weight", (c.hidden_size,), "norm"),
+            Weight(p + "post_attention_layernorm.weight", (c.hidden_size,), "norm")] + attention_weights(c, p)
+
+
+def weight_table(c: Config, layout: str | None = None) -> list[Weight]:
     table = head_weights(c)
     for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        table += [Weight(p + "input_layernorm.weight", (c.hidden_size,), "norm"),
-                  Weight(p + "post_attention_layernorm.weight", (c.hidden_size,), "norm")]
-        table += attention_weights(c, p)
-        table += [Weight(p + "mlp.gate_proj.weight", (c.intermediate_size, c.hidden_size)),
-                  Weight(p + "mlp.up_proj.weight", (c.intermediate_size, c.hidden_size)),
-                  Weight(p + "mlp.down_proj.weight", (c.hidden_size, c.intermediate_size))]
+        table += layer_weights(c, i) + mlp_weights(c, f"model.layers.{i}.mlp.", c.intermediate_size)
     return table
 
 
@@ -133,15 +134,29 @@ def attend(c, attn: Attention, h: torch.Tensor, cache_k: torch.Tensor, cache_v: 
 
 
 @dataclass
+class MLP:
+    gate_up: torch.Tensor  # gate and up projections stacked: one GEMM
+    down: torch.Tensor
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str) -> "MLP":
+        return cls(torch.cat((w.pop(p + "gate_proj.weight"), w.pop(p + "up_proj.weight"))), w.pop(p + "down_proj.weight"))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(ops.swiglu(F.linear(h, self.gate_up)), self.down)
+
+
+def mlp_weights(c, p: str, inter: int) -> list[Weight]:
+    return [Weight(p + "gate_proj.weight", (inter, c.hidden_size)), Weight(p + "up_proj.weight", (inter, c.hidden_size)),
+            Weight(p + "down_proj.weight", (c.hidden_size, inter))]
+
+
+@dataclass
 class Layer:
     input_norm: torch.Tensor
     attn: Attention
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # gate and up projections stacked: one GEMM
-    down: torch.Tensor
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(ops.swiglu(F.linear(h, self.gate_up)), self.down)
+    mlp: object  # MLP, or a family's own (models/moe.py): h [T, H] -> [T, H]
 
 
 class Model:
@@ -157,12 +172,13 @@ class Model:
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             self.layers.append(Layer(w.pop(p + "input_layernorm.weight"), Attention.take(w, p),
-                                     w.pop(p + "post_attention_layernorm.weight"),
-                                     torch.cat((w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight"))),
-                                     w.pop(p + "mlp.down_proj.weight")))
+                                     w.pop(p + "post_attention_layernorm.weight"), self._mlp(w, p + "mlp.", i)))
         self.max_positions = max_positions
         self.cos_sin = rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions, self.embed.device)
         self.scale = cfg.head_dim**-0.5
+
+    def _mlp(self, w: dict[str, torch.Tensor], p: str, i: int):
+        return MLP.take(w, p)
 
     @property
     def device(self) -> torch.device:

@@ -28,9 +28,11 @@ from ..cache import KVCache
 from ..config import Fields, rope_params
 from ..errors import DflashError
 from ..rope import rope_table
+from . import dense
+from .moe import MoE, layout_of, moe_weights  # noqa: F401  (layout_of: how the loader picks the table)
 from .weights import Weight
 
-MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 THINKS = True  # the Qwen3.5 / 3.6 drafters were trained with thinking on
 
 
@@ -56,6 +58,10 @@ class Config:
     num_key_heads: int
     num_value_heads: int
     prefix: str  # "model.language_model." (the VL wrapper) or "model." (a text-only export)
+    num_experts: int = 0  # the MoE variant (35B-A3B): experts in every layer, renormalised, plus a shared expert
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
 
     @property
     def linear_layers(self) -> list[int]:
@@ -80,7 +86,8 @@ class Config:
     @property
     def activation_width(self) -> int:
         return max(2 * self.intermediate_size, self.conv_dim + self.value_dim + 2 * self.num_value_heads,
-                   (2 * self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
+                   (2 * self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                   2 * self.top_k * self.moe_intermediate_size, 2 * self.shared_expert_intermediate_size)
 
     @classmethod
     def from_raw(cls, raw: dict, where: Path) -> "Config":
@@ -103,8 +110,13 @@ class Config:
             raise DflashError(f"{where}/config.json: layer_types must give linear_attention or full_attention "
                               f"for each of the {layers} layers")
         head_dim = f.opt("head_dim", 256)
+        moe = raw.get("model_type", "").startswith("qwen3_5_moe") or text.get("num_experts")
+        experts = dict(num_experts=f.req("num_experts"), top_k=f.req("num_experts_per_tok"),
+                       moe_intermediate_size=f.req("moe_intermediate_size"),
+                       shared_expert_intermediate_size=f.opt("shared_expert_intermediate_size", 0)) if moe else {}
         cfg = cls(
-            vocab_size=f.req("vocab_size"), hidden_size=hidden, intermediate_size=f.req("intermediate_size"),
+            vocab_size=f.req("vocab_size"), hidden_size=hidden,
+            intermediate_size=f.opt("intermediate_size", 0) if moe else f.req("intermediate_size"),
             num_layers=layers, num_heads=heads, num_kv_heads=f.opt("num_key_value_heads", heads), head_dim=head_dim,
             rotary_dim=int(head_dim * partial), rms_norm_eps=f.opt("rms_norm_eps", 1e-6, float), rope_theta=theta,
             rope_scaling=scaling, max_position_embeddings=f.opt("max_position_embeddings", 32768),
@@ -112,7 +124,7 @@ class Config:
             layer_types=tuple(layer_types), conv_kernel=f.opt("linear_conv_kernel_dim", 4),
             key_head_dim=f.opt("linear_key_head_dim", 128), value_head_dim=f.opt("linear_value_head_dim", 128),
             num_key_heads=f.opt("linear_num_key_heads", 16), num_value_heads=f.opt("linear_num_value_heads", 32),
-            prefix="model.language_model." if "text_config" in raw else "model.",
+            prefix="model.language_model." if "text_config" in raw else "model.", **experts,
         )
         if cfg.num_value_heads % cfg.num_key_heads or cfg.rotary_dim % 2:
             raise DflashError(f"{where}/config.json: linear value heads must be a multiple of key heads, "
@@ -143,11 +155,12 @@ def layer_weights(c: Config, i: int) -> list[Weight]:
         Weight(a + "k_norm.weight", (hd,), "zero_norm", dtype="float32")]
 
 
-def mlp_weights(c: Config, i: int) -> list[Weight]:
+def mlp_weights(c: Config, i: int, layout: str | None = None) -> list[Weight]:
     p = f"{c.prefix}layers.{i}.mlp."
-    return [Weight(p + "gate_proj.weight", (c.intermediate_size, c.hidden_size)),
-            Weight(p + "up_proj.weight", (c.intermediate_size, c.hidden_size)),
-            Weight(p + "down_proj.weight", (c.hidden_size, c.intermediate_size))]
+    if c.num_experts:
+        return moe_weights(p, c.hidden_size, c.num_experts, c.moe_intermediate_size, layout,
+                           c.shared_expert_intermediate_size)
+    return dense.mlp_weights(c, p, c.intermediate_size)
 
 
 def head_weights(c: Config) -> list[Weight]:
@@ -159,10 +172,10 @@ def head_weights(c: Config) -> list[Weight]:
     return table
 
 
-def weight_table(c: Config) -> list[Weight]:
+def weight_table(c: Config, layout: str | None = None) -> list[Weight]:
     table = head_weights(c)
     for i in range(c.num_layers):
-        table += layer_weights(c, i) + mlp_weights(c, i)
+        table += layer_weights(c, i) + mlp_weights(c, i, layout)
     return table
 
 
@@ -271,11 +284,7 @@ class Layer:
     mixer: LinearAttention | GatedAttention
     slot: int  # index among the layers of its kind (cache row)
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(ops.swiglu(F.linear(h, self.gate_up)), self.down)
+    mlp: dense.MLP | MoE
 
 
 class Model:
@@ -297,9 +306,9 @@ class Model:
         self.scale = cfg.head_dim**-0.5
 
     def _layer(self, w: dict[str, torch.Tensor], q: str, mixer, slot: int, i: int) -> Layer:
-        m = q + "mlp."
-        return Layer(w.pop(q + "input_layernorm.weight"), mixer, slot, w.pop(q + "post_attention_layernorm.weight"),
-                     torch.cat((w.pop(m + "gate_proj.weight"), w.pop(m + "up_proj.weight"))), w.pop(m + "down_proj.weight"))
+        c, m = self.cfg, q + "mlp."
+        mlp = MoE.take(w, m, c.num_experts, c.top_k, renormalize=True) if c.num_experts else dense.MLP.take(w, m)
+        return Layer(w.pop(q + "input_layernorm.weight"), mixer, slot, w.pop(q + "post_attention_layernorm.weight"), mlp)
 
     @property
     def device(self) -> torch.device:
