@@ -2,9 +2,10 @@
 
 Random weights (no download). For each case, greedy tokens of one prompt, compared with the first
 row of the case (the reference) and printed as `same` or the first index that differs:
-  tiny, float32: torch references (eager) · Triton kernels (eager) · kernels + CUDA graphs, with
-      and without lookahead (iteration i+1 queued before i is read), speculative and plain. In
-      float32 every row must agree: this is the lossless claim on a GPU.
+  tiny, tiny-hybrid (Qwen3.5 layout), tiny-moe (Qwen3-MoE layout), float32: torch references (eager)
+      · Triton kernels (eager) · kernels + CUDA graphs, with and without lookahead (iteration i+1 queued
+      before i is read), speculative and plain. In float32 every row must agree: this is the lossless
+      claim on a GPU.
   qwen3-8b shapes, bf16: kernels eager · kernels + CUDA graphs + lookahead (must be identical: a
       replay runs the same kernels on the same data), and plain decoding beside them (bf16 verify
       and decode round differently, so near-ties may part; reported, not required).
@@ -45,18 +46,20 @@ def first_difference(a: list[int], b: list[int]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--only", default=None, help="one shape: tiny or qwen3-8b")
+    parser.add_argument("--only", default=None, help="one shape: tiny, tiny-hybrid, tiny-moe or qwen3-8b")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu_check.py needs a CUDA GPU; nothing checked", file=sys.stderr)
         return 0
     failed = False
+    every_path = [("torch", False, True, False), ("torch", False, False, False), ("triton", False, True, False),
+                  ("triton", False, False, False), ("triton", True, True, False), ("triton", True, True, True),
+                  ("triton", True, False, True)]
     cases = [
-        ("tiny", torch.float32, 64, [("torch", False, True, False), ("torch", False, False, False),
-                                     ("triton", False, True, False), ("triton", False, False, False),
-                                     ("triton", True, True, False), ("triton", True, True, True),
-                                     ("triton", True, False, True)], None),
+        ("tiny", torch.float32, 64, every_path, None),
+        ("tiny-hybrid", torch.float32, 48, every_path, None),  # Gated DeltaNet: masked-replay commit, fla kernels
+        ("tiny-moe", torch.float32, 48, every_path, None),  # the fused expert kernel
         ("qwen3-8b", torch.bfloat16, 48, [("triton", False, True, False), ("triton", True, True, True),
                                           ("triton", True, False, True)], 2),
     ]

@@ -1,7 +1,10 @@
-"""Each Triton kernel against torch eager (its reference) at Qwen3-8B shapes, bf16, on CUDA.
+"""Each Triton kernel against torch eager (its reference) at real shapes, bf16, on CUDA.
 
-Shapes: hidden 4096, 32 q / 8 kv heads of 128, intermediate 12288, vocab 151936, block B = 16,
-context 2048, 5 draft layers. Prints time per call (triton.testing.do_bench, median µs), the
+Dense ops at Qwen3-8B shapes: hidden 4096, 32 q / 8 kv heads of 128, intermediate 12288, vocab
+151936, block B = 16, context 2048, 5 draft layers. The hybrid's ops at Qwen3.5-27B shapes (heads of
+256 with 64 rotated dims, Gated DeltaNet with 16 key / 48 value heads of 128, 48 linear layers), and
+the experts at Qwen3-Coder-30B-A3B's (128 experts of 768, top-8, hidden 2048) for T = 1, 8 and 16
+tokens: an expert kernel's bytes are the distinct experts the tokens touch, read once. Prints time per call (triton.testing.do_bench, median µs), the
 bytes each op must move at the least (its inputs read once, its outputs written once) over the
 kernel's time, and that rate as a share of a measured device-to-device copy (read + write).
 Attention is timed in a cache sized for the context and in one sized for 40k tokens: the kernel's
@@ -22,8 +25,10 @@ def nbytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def cases(dev: str, dt: torch.dtype):
-    """(name, triton fn, torch fn, call(fn), bytes moved) at Qwen3-8B shapes."""
+def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
+    """(name, triton fn, torch fn, call(fn), bytes moved) at Qwen3-8B shapes. `sample_rows`: rows of
+    logits the sampler cases take (the launch shape does not depend on it; Triton's CPU interpreter,
+    which records these launches, is slow over 152k-wide rows)."""
     from dflash_cli.kernels import accept, attention, draft_kv, rmsnorm, rope_cache, swiglu
     from dflash_cli.rope import rope_table
 
@@ -46,8 +51,8 @@ def cases(dev: str, dt: torch.dtype):
     dkn = torch.randn(LAYERS, D, dtype=dt, device=dev)
     dkc = torch.randn(LAYERS, HKV, cap, D, dtype=dt, device=dev)
     dvc = torch.randn_like(dkc)
-    logits = torch.randn(B, V, dtype=dt, device=dev) * 3
-    block = torch.randint(0, V, (B,), device=dev)
+    logits = torch.randn(sample_rows, V, dtype=dt, device=dev) * 3
+    block = torch.randint(0, V, (sample_rows,), device=dev)
     seed = torch.tensor(1234, device=dev)
     kv_read = 2 * HKV * CTX * D * kc.element_size()
     qwen_default = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's thinking-mode defaults
@@ -82,6 +87,96 @@ def cases(dev: str, dt: torch.dtype):
            lambda f: f(logits, block, length.clone(), temperature=1.0, min_p=0.05, seed=seed), nbytes(logits))
 
 
+def hybrid_cases(dev: str, dt: torch.dtype):
+    """The hybrid family's own ops at Qwen3.5-27B shapes."""
+    from dflash_cli.kernels import attention, gated_delta, rmsnorm, rope_cache
+    from dflash_cli.rope import rope_table
+
+    h, hq, hkv, d, rot, hk, hv, dk, n_lin = 5120, 24, 4, 256, 64, 16, 48, 128, 48
+    conv_dim = 2 * hk * dk + hv * dk
+    x, w32 = torch.randn(B, h, dtype=dt, device=dev), torch.randn(h, device=dev) * 0.1
+    yield ("rms_norm (1 + w) (B × 5120)", lambda *a: rmsnorm.rms_norm(*a, offset=True),
+           lambda *a: rmsnorm.rms_norm_ref(*a, offset=True), lambda f: f(x, w32, 1e-6), nbytes(x, w32, x))
+    cap = CTX + B
+    qkv = torch.randn(B, (hq + 2 * hkv) * d, dtype=dt, device=dev)
+    q, k, v = (t.view(B, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], -1))
+    qn, kn = torch.randn(d, device=dev) * 0.1, torch.randn(d, device=dev) * 0.1
+    cs, pos = rope_table(rot, 1e7, None, cap, dev), torch.arange(CTX - B, CTX, device=dev)
+    kc, vc = torch.randn(hkv, cap, d, dtype=dt, device=dev), torch.randn(hkv, cap, d, dtype=dt, device=dev)
+    yield ("q/k norm (1 + w) + rope 64/256 + cache", lambda *a: rope_cache.qk_norm_rope_cache(*a, offset=True),
+           lambda *a: rope_cache.qk_norm_rope_cache_ref(*a, offset=True),
+           lambda f: f(q, k, v, qn, kn, 1e-6, cs, pos, kc, vc), 2 * nbytes(qkv))
+    q_rot, length = torch.randn(B, hq, d, dtype=dt, device=dev), torch.tensor(CTX, device=dev)
+    for name, n_q in (("verify", B), ("decode", 1)):
+        yield (f"attention head 256 {name} q={n_q}", attention.attention, attention.attention_ref,
+               lambda f, n_q=n_q: f(q_rot[:n_q], kc, vc, length, causal=True, scale=d**-0.5),
+               2 * hkv * CTX * d * kc.element_size())
+    window = torch.randn(3 + B, conv_dim, dtype=dt, device=dev)
+    conv_w = torch.randn(conv_dim, 4, dtype=dt, device=dev) * 0.5
+    yield ("causal conv + silu (B × 10240)", gated_delta.causal_conv, gated_delta.causal_conv_ref,
+           lambda f: f(window, conv_w), nbytes(window, conv_w) + B * conv_dim * window.element_size())
+    conv = torch.randn(n_lin, 3, conv_dim, dtype=dt, device=dev)
+    xs, count = torch.randn(n_lin, B, conv_dim, dtype=dt, device=dev), torch.tensor(5, device=dev)
+    yield ("conv-window commit (48 layers)", gated_delta.conv_commit, gated_delta.conv_commit_ref,
+           lambda f: f(conv.clone(), xs, count), 2 * nbytes(conv) + nbytes(xs) * 3 // B)
+    g = torch.Generator(device=dev).manual_seed(0)
+    qk = gated_delta.l2norm(torch.randn(1, B, hk, dk, device=dev, generator=g))
+    vv = torch.randn(1, B, hv, dk, device=dev, generator=g)
+    gg, bb = -torch.rand(1, B, hv, device=dev, generator=g), torch.rand(1, B, hv, device=dev, generator=g)
+    state = torch.randn(1, hv, dk, dk, device=dev, generator=g)
+    yield ("gated delta rule, verify (1 layer, B)", gated_delta.gated_delta_rule, gated_delta.gated_delta_rule_ref,
+           lambda f: f(qk, qk, vv, gg, bb, state, dk**-0.5), 2 * nbytes(state) + nbytes(qk, qk, vv))
+    states = state.expand(n_lin, -1, -1, -1).contiguous()
+    kr, vr = qk.expand(n_lin, -1, -1, -1).contiguous(), vv.expand(n_lin, -1, -1, -1).contiguous()
+    gr, br = gg.expand(n_lin, -1, -1).contiguous(), bb.expand(n_lin, -1, -1).contiguous()
+    yield ("masked replay commit (48 layers)", gated_delta.replay, gated_delta.replay_ref,
+           lambda f: f(states.clone(), kr, vr, gr, br, count), 2 * nbytes(states) + nbytes(kr, vr))
+
+
+def grouped_mm_experts(x, gate_up, down, idx, weights):
+    """The experts through torch's grouped GEMM (F.grouped_mm, SM80+, bf16): the alternative the fused
+    kernel is measured against. Pairs sorted by expert; offs are each expert's end row."""
+    import torch.nn.functional as F
+
+    t, k = idx.shape
+    pairs = idx.reshape(-1)
+    order = torch.sort(pairs, stable=True).indices
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add(0, pairs, torch.ones_like(pairs))
+    offs = counts.cumsum(0).to(torch.int32)
+    gu = F.grouped_mm(x.repeat_interleave(k, 0)[order], gate_up, offs=offs)
+    gate, up = gu.chunk(2, dim=-1)
+    out = F.grouped_mm((F.silu(gate) * up).to(x.dtype), down, offs=offs) * weights.reshape(-1)[order, None]
+    back = torch.empty_like(out)
+    back[order] = out
+    back = back.view(t, k, -1)
+    y = back[:, 0]
+    for j in range(1, k):
+        y = y + back[:, j]
+    return y
+
+
+def moe_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16)):
+    """The router and experts at Qwen3-Coder-30B-A3B shapes."""
+    from dflash_cli.kernels import moe
+
+    h, e, i, top_k = 2048, 128, 768, 8
+    gate_up = torch.randn(e, 2 * i, h, dtype=dt, device=dev) / h**0.5
+    down = torch.randn(e, h, i, dtype=dt, device=dev) / i**0.5
+    router = torch.randn(e, h, dtype=dt, device=dev) / h**0.5
+    x = torch.randn(max(tokens), h, dtype=dt, device=dev)
+    yield (f"router (T={max(tokens)}, 128 experts)", moe.route, moe.route_ref, lambda f: f(x, router, top_k, True),
+           nbytes(router, x))
+    for t in tokens:
+        idx, weights = moe.route_ref(x[:t], router, top_k, True)
+        touched = int(idx.unique().numel())
+        moved = touched * 3 * i * h * gate_up.element_size() + 2 * nbytes(x[:t])
+        yield (f"experts T={t} ({touched} of 128 touched)", moe.experts, moe.experts_ref,
+               lambda f, t=t, idx=idx, weights=weights: f(x[:t], gate_up, down, idx, weights), moved)
+        if dev == "cuda" and dt == torch.bfloat16:
+            yield (f"experts T={t} via F.grouped_mm", grouped_mm_experts, moe.experts_ref,
+                   lambda f, t=t, idx=idx, weights=weights: f(x[:t], gate_up, down, idx, weights), moved)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU; nothing measured")
@@ -98,7 +193,8 @@ def main() -> int:
           f"B={B}, context {CTX}")
     print(f"| {'op':<40} | {'triton µs':>9} | {'torch µs':>9} | {'speedup':>7} | {'GB/s':>6} | {'% copy':>6} |")
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 8}|{'-' * 8}|")
-    for name, kern, ref, call, moved in cases("cuda", torch.bfloat16):
+    all_cases = [*cases("cuda", torch.bfloat16), *hybrid_cases("cuda", torch.bfloat16), *moe_cases("cuda", torch.bfloat16)]
+    for name, kern, ref, call, moved in all_cases:
         t_k = do_bench(lambda: call(kern), return_mode="median") * 1e3
         t_r = do_bench(lambda: call(ref), return_mode="median") * 1e3
         rate = moved / (t_k * 1e-6)

@@ -3,7 +3,10 @@
 Both runs use the same engine code and kernels; the plain run is the same loop at block size 1.
 Speeds are decode speeds (after the first token, as the DFlash paper reports); end-to-end speeds,
 prefill included, are reported beside them. At temperature 0 each answer pair is also compared
-token for token: the `identical` column is the losslessness check, on the user's own hardware.
+token for token. In float32 that is the losslessness check on the user's own hardware. In bfloat16 a
+verify pass (B rows) and a decode pass (1 row) take different GEMM kernels and round differently, so
+the two answers may part at a near-tie: the `same` column then names the first token that differs and
+the target's top-2 logit margin there (a small margin is a tie broken by rounding, not a lost token).
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+
+import torch
 
 from .engine import Engine, Request
 from .generate import Stats, stream_text
@@ -37,6 +42,7 @@ class BenchRow:
     dflash_e2e_tps: float
     tau: float
     identical: bool  # same tokens as plain decoding (sampling too: the seed fixes both answers)
+    divergence: dict | None = None  # where they part: {"token": i, "margin": top-1 minus top-2 logit there}
 
     @property
     def speedup(self) -> float:
@@ -82,6 +88,16 @@ def _generate(engine: Engine, model: Model, ids: list[int], max_tokens: int, sam
     return stats
 
 
+def first_divergence(engine: Engine, prompt: list[int], plain: list[int], spec: list[int]) -> dict:
+    """The first token where two answers part, and the target's top-2 logit margin at that position
+    (computed with plain decoding's context): how close to a tie the choice was."""
+    i = next((n for n, (x, y) in enumerate(zip(plain, spec)) if x != y), min(len(plain), len(spec)))
+    with torch.inference_mode():
+        logits = engine._prefill(prompt + plain[:i]).float()[-1]
+    top = torch.topk(logits, 2).values
+    return {"token": i, "margin": round(float(top[0] - top[1]), 5)}
+
+
 def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block_size: int | None = None,
               sampling: SamplingParams | None = None, on_row=None) -> BenchReport:
     sampling = sampling or SamplingParams(seed=0)
@@ -104,6 +120,7 @@ def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block
             plain_tps=a.tokens_per_second, dflash_tps=b.tokens_per_second,
             plain_e2e_tps=a.end_to_end_tokens_per_second, dflash_e2e_tps=b.end_to_end_tokens_per_second,
             tau=b.mean_acceptance, identical=a.token_ids == b.token_ids,
+            divergence=None if a.token_ids == b.token_ids else first_divergence(plain, ids, a.token_ids, b.token_ids),
         )
         report.rows.append(row)
         if on_row:
@@ -123,11 +140,12 @@ def render(report: BenchReport, console) -> None:
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for r in report.rows:
         table.add_row(r.category, r.prompt, str(r.tokens), f"{r.plain_tps:.1f}", f"{r.dflash_tps:.1f}",
-                      f"{r.speedup:.2f}×", f"{r.tau:.2f}", "yes" if r.identical else "NO")
+                      f"{r.speedup:.2f}×", f"{r.tau:.2f}", "yes" if r.identical else
+                      f"from {r.divergence['token']} (Δ {r.divergence['margin']:.3g})")
     t = report.totals()
     table.add_section()
     table.add_row("all", "", str(t["tokens"]), f"{t['plain_tps']:.1f}", f"{t['dflash_tps']:.1f}",
-                  f"{t['speedup']:.2f}×", f"{t['tau']:.2f}", "yes" if t["all_identical"] else "NO")
+                  f"{t['speedup']:.2f}×", f"{t['tau']:.2f}", "yes" if t["all_identical"] else "no")
     console.print(table)
     console.print(histogram_line(report.histogram, report.block_size))
     console.print("Speeds are decode speeds (after the first token); see --json for end-to-end figures.")

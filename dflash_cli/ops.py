@@ -64,7 +64,11 @@ def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache
 
 
 # The split-K kernel is shaped for decode, verify and draft (a few query rows, many keys). Prefill
-# chunks are long and run once, eagerly: torch's SDPA (flash attention on CUDA) serves them.
+# chunks are long and run once, eagerly: torch's SDPA (flash attention on CUDA) serves them, when it
+# can take its flash path: bf16/fp16, causal without a window, GQA through a lower-right causal bias.
+# Otherwise SDPA would fall back to its math kernel, whose memory grows with chunk × context (an OOM
+# near 4k context on a 24 GB card in fp32), so such chunks go through the split-K kernel, whose
+# scratch is a few MB at any length.
 MAX_KERNEL_Q_LEN = 32
 
 
@@ -75,8 +79,18 @@ def kv_length(cache_length: torch.Tensor, q_len: int) -> torch.Tensor | int:
     return int(cache_length) + q_len if q_len > MAX_KERNEL_Q_LEN else cache_length + q_len
 
 
+def flash_prefill(q: torch.Tensor, causal: bool, sliding_window: int | None) -> bool:
+    """Whether SDPA takes its flash path (O(n) memory) for this prefill chunk."""
+    from .kernels.attention import _LOWER_RIGHT_GQA
+
+    return q.dtype in (torch.bfloat16, torch.float16) and sliding_window is None and causal and _LOWER_RIGHT_GQA
+
+
 def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None):
     if q.shape[0] > MAX_KERNEL_Q_LEN:
+        if q.is_cuda and kernel_mode() != "torch" and not flash_prefill(q, causal, sliding_window):
+            return _impl("attention", True)(q, k_cache, v_cache, torch.tensor(kv_len, device=q.device), causal=causal,
+                                            scale=scale, sliding_window=sliding_window)
         return _impl("attention", False)(
             q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window)
     return _pick("attention", q.device)(

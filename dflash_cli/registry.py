@@ -27,8 +27,6 @@ class ModelPair:
 
 
 # Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
-_MOE = "MoE target"
-_HYBRID_MOE = "hybrid linear attention with MoE experts"
 _GPT_OSS = "attention sinks and MXFP4 weights"
 
 
@@ -42,7 +40,7 @@ PAIRS: tuple[ModelPair, ...] = (
     ModelPair("llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "z-lab/LLaMA3.1-8B-Instruct-DFlash-UltraChat", 10,
               gated=True),
     ModelPair("qwen3-coder-30b-a3b", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "z-lab/Qwen3-Coder-30B-A3B-DFlash", 16,
-              supported=False, note=_MOE, kind="moe"),
+              kind="moe"),  # a non-thinking coder
     # gpt-oss drafters: block 8 (20b) and 10 (120b), not 16 (research/moe-gptoss.md §4).
     ModelPair("gpt-oss-20b", "openai/gpt-oss-20b", "z-lab/gpt-oss-20b-DFlash", 8, supported=False, note=_GPT_OSS,
               kind="gpt-oss"),
@@ -51,11 +49,11 @@ PAIRS: tuple[ModelPair, ...] = (
     # The Qwen3.5 / 3.6 drafters were trained with thinking on (research/hybrid.md §5).
     *(ModelPair(f"qwen3.5-{size.lower()}", f"Qwen/Qwen3.5-{size}", f"z-lab/Qwen3.5-{size}-DFlash", 16,
                 kind="hybrid", think=True) for size in ("4B", "9B", "27B")),
-    ModelPair("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", "z-lab/Qwen3.5-35B-A3B-DFlash", 16, supported=False,
-              note=_HYBRID_MOE, kind="hybrid-moe", think=True),
+    ModelPair("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", "z-lab/Qwen3.5-35B-A3B-DFlash", 16, kind="hybrid-moe",
+              think=True),
     ModelPair("qwen3.6-27b", "Qwen/Qwen3.6-27B", "z-lab/Qwen3.6-27B-DFlash", 16, kind="hybrid", think=True),
-    ModelPair("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "z-lab/Qwen3.6-35B-A3B-DFlash", 16, supported=False,
-              note=_HYBRID_MOE, kind="hybrid-moe", think=True),
+    ModelPair("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "z-lab/Qwen3.6-35B-A3B-DFlash", 16, kind="hybrid-moe",
+              think=True),
     # Pairs beyond one GPU (suggested counts are for 80 GB cards at bf16, FP8 or the native INT4 of Kimi).
     ModelPair("qwen3.5-122b-a10b", "Qwen/Qwen3.5-122B-A10B", "z-lab/Qwen3.5-122B-A10B-DFlash", 16, supported=False,
               note=_engine(4), kind="hybrid-moe", think=True, gpus=4),

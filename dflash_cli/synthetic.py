@@ -84,6 +84,26 @@ for _name, _ids in (("qwen3.5-4b", (1, 8, 15, 22, 29)), ("qwen3.5-9b", (1, 8, 15
     SHAPES[_name] = (_t, _drafter(_t | dict(num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                             rope_theta=10000000), 16, _ids, 248070, **_extra), None)
 SHAPES["qwen3.6-27b"] = SHAPES["qwen3.5-27b"]
+# MoE targets (research/moe-gptoss.md §3-4, hybrid.md §1, §4).
+TARGETS["qwen3-coder-30b-a3b"] = _QWEN3 | dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, intermediate_size=5472,
+    num_hidden_layers=48, num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+    norm_topk_prob=True, rope_theta=10000000, max_position_embeddings=262144, tie_word_embeddings=False)
+SHAPES["qwen3-coder-30b-a3b"] = (TARGETS["qwen3-coder-30b-a3b"], _drafter(
+    TARGETS["qwen3-coder-30b-a3b"] | dict(intermediate_size=6144), 16, (1, 12, 23, 34, 45), 151669, layers=8), None)
+TARGETS["qwen3.5-35b-a3b"] = TARGETS["qwen3.5-4b"] | dict(
+    architectures=["Qwen3_5MoeForCausalLM"], model_type="qwen3_5_moe_text", hidden_size=2048, num_hidden_layers=40,
+    num_attention_heads=16, num_key_value_heads=2, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, linear_num_value_heads=32, tie_word_embeddings=False)
+del TARGETS["qwen3.5-35b-a3b"]["intermediate_size"]
+SHAPES["qwen3.5-35b-a3b"] = (TARGETS["qwen3.5-35b-a3b"], _drafter(
+    TARGETS["qwen3.5-35b-a3b"] | dict(intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                                      head_dim=128, rope_theta=10000000), 16, (1, 10, 19, 28, 37), 248070, layers=8), None)
+SHAPES["qwen3.6-35b-a3b"] = SHAPES["qwen3.5-35b-a3b"]
+TARGETS["tiny-moe"] = TARGETS["qwen3-coder-30b-a3b"] | dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, vocab_size=512)
+SHAPES["tiny-moe"] = (TARGETS["tiny-moe"], _drafter(TARGETS["tiny-moe"], 8, (0, 2), 511, layers=1), None)
 TARGETS["tiny-hybrid"] = TARGETS["qwen3.5-4b"] | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                                      linear_num_key_heads=2, linear_num_value_heads=4,
@@ -189,14 +209,17 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 def weight_bytes(name: str, dtype: torch.dtype) -> int:
-    """Bytes one target forward reads: every weight but the embedding table (a forward reads only its
-    rows), and the lm_head, which is the embedding when tied."""
+    """Bytes one decode step reads: every weight but the embedding table (a forward reads only its rows;
+    the lm_head is the embedding when tied), and of the experts only the top-k a token routes to."""
     from .models.weights import table_bytes
 
     family, t, _, _ = configs(name)
     table = family.weight_table(t, "fused")
     tied = not any(w.name == "lm_head.weight" for w in table)
-    return table_bytes([w for w in table if w.init != "embed" or tied], dtype)
+    read = [w for w in table if (w.init != "embed" or tied) and ".experts." not in w.name]
+    experts = table_bytes([w for w in table if ".experts." in w.name], dtype)
+    touched = getattr(t, "top_k", 0) / max(1, getattr(t, "num_experts", 0))  # a decode reads top-k of E experts
+    return table_bytes(read, dtype) + int(experts * touched)
 
 
 @dataclass

@@ -70,7 +70,7 @@ import triton.language as tl  # noqa: E402
 # Triton's CPU interpreter mis-computes tl.dot on bfloat16 operands (seen with triton 3.9): under
 # TRITON_INTERPRET the operands are upcast to float32 first. On a GPU the dots stay in bf16.
 _UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
-_BLOCK_N = 32  # keys per step
+_BLOCK_N = 32  # keys per step (16 for 256-wide heads: see _launch_shape)
 _MIN_CHUNK = 128  # fewest keys per split: smaller slices cost more in partials than they save
 _TARGET_PROGRAMS = 256  # splits × kv heads × row blocks to aim for (an H200 has 132 SMs)
 
@@ -87,7 +87,7 @@ def _key_range(len_ptr, q_len, window, n_splits, WINDOW: tl.constexpr, BLOCK_N: 
     return kv_len, lo, tl.maximum(size, MIN_CHUNK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len"])  # q_len varies (prefill tails): no recompile per value
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
                        q_len, group, capacity, n_splits, n_rows, window, scale,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -145,7 +145,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
         tl.store(l_ptr + out, l, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len"])
 def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, q_len, group, n_splits, n_rows, window,
                        WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        MIN_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -168,6 +168,17 @@ def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, q_len, group, n_sp
     tl.store(o_ptr + (t * n_heads + head) * D + dims, out.to(o_ptr.dtype.element_ty), mask=dims < D)
 
 
+def _launch_shape(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(keys per step, pipeline stages) whose K/V tiles fit the 99 KB of shared memory a block gets on
+    sm_86/sm_89 (RTX 30xx/40xx) as well as the larger A100/H100 budgets: three stages of 32 keys of 128
+    bf16 dims use 75 KB, but 256-wide heads (Qwen3.5) or float32 tiles would need 105-140 KB
+    (tests/kernels/compile_kernels.py compiles every launch for each target and checks). Decode-shaped
+    attention is bound by reading the cache: a shallower pipeline costs little."""
+    row_bytes = block_d * (4 if dtype == torch.float32 else 2)
+    stages = 3 if row_bytes <= 256 else 2 if row_bytes <= 512 else 1
+    return (16 if block_d >= 256 else _BLOCK_N), stages
+
+
 def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, sliding_window: int | None = None):
     """Triton: same contract as `attention_ref` (caches contiguous, as the engine allocates them)."""
     q = q.contiguous()
@@ -179,7 +190,8 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
     block_m = min(64, max(16, triton.next_power_of_2(tq * group)))
     row_blocks = triton.cdiv(tq * group, block_m)
     n_rows = row_blocks * block_m
-    block_n, block_d = _BLOCK_N, max(16, triton.next_power_of_2(d))
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n, stages = _launch_shape(block_d, q.dtype)
     n_splits = max(1, min(triton.cdiv(capacity, _MIN_CHUNK), _TARGET_PROGRAMS // (hkv * row_blocks)))
     acc = torch.empty((hkv * n_splits * n_rows, block_d), dtype=torch.float32, device=q.device)
     m = torch.empty((hkv * n_splits * n_rows,), dtype=torch.float32, device=q.device)
@@ -190,7 +202,7 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
         CAUSAL=causal, WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         MIN_CHUNK=_MIN_CHUNK, UPCAST=_UPCAST_DOTS,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 uses tensor cores
-        num_warps=4 if block_m * block_d <= 64 * 128 else 8)
+        num_warps=4 if block_m * block_d <= 64 * 128 else 8, num_stages=stages)
     out = torch.empty_like(q)
     _attn_merge_kernel[(hkv, tq * group)](
         acc, m, l, out, kv_len, tq, group, n_splits, n_rows, window, WINDOW=sliding_window is not None, D=d,

@@ -111,7 +111,7 @@ def replay(state, k, v, g, beta, count) -> None:
     state.copy_(final)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t_rows"])  # prefill chunks of any length: one compile
 def _causal_conv_kernel(w_ptr, x_ptr, out_ptr, t_rows, channels, K: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     """out[t, c] = silu(sum_j w[c, j] · window[t + j, c]) for a block of rows and channels."""

@@ -56,3 +56,21 @@ def test_histogram_line():
     from collections import Counter
 
     assert histogram_line(Counter({1: 4, 3: 2, 4: 1}), 4) == "acceptance τ=1…4: █ ▄▂  (7 iterations)"
+
+
+def test_a_divergence_is_reported_with_its_logit_margin(stories_model):
+    """In bf16 plain and speculative answers may part at a near-tie: bench names the first token that
+    differs and the target's top-2 logit margin there, computed from plain decoding's context."""
+    import torch
+
+    from dflash_cli.bench import first_divergence
+    from dflash_cli.engine import Engine, Request
+
+    m = stories_model
+    prompt = m.tokenizer.encode("Once upon a time")
+    plain = [t for s in Engine(m.target).generate(Request(prompt, 8)) for t in s.tokens]
+    other = plain[:3] + [(plain[3] + 1) % 512] + plain[4:]
+    got = first_divergence(Engine(m.target), prompt, plain, other)
+    logits, _ = m.target.forward(torch.tensor(prompt + plain[:3]), m.target.new_cache(64), logits_from=-1, commit=True)
+    top = torch.topk(logits[-1].float(), 2).values
+    assert got == {"token": 3, "margin": round(float(top[0] - top[1]), 5)} and got["margin"] > 0

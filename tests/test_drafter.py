@@ -43,9 +43,13 @@ def naive_draft(w: dict, cfg: dict, embed, lm_head, features, block_ids, window=
         q, k = _rope(q, pos[n:]), _rope(k, pos)
         k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / d**0.5
-        if window is not None and cfg["layer_types"][i] == "sliding_attention":
+        sliding = cfg.get("layer_types", ["full_attention"] * 99)[i] == "sliding_attention"
+        if window is not None and sliding:
             far = pos[n:, None] - pos[None, :] >= window
             scores = scores.masked_fill(far, float("-inf"))
+        forced = cfg.get("is_causal", cfg["dflash_config"].get("causal"))
+        if (forced if forced is not None else sliding):  # causal inside the block (the newest reference's rule)
+            scores = scores.masked_fill(pos[None, :] > pos[n:, None], float("-inf"))
         out = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(b, hq * d)
         x = x + out @ w[p + "self_attn.o_proj.weight"].T
         h = _rms(x, w[p + "post_attention_layernorm.weight"])

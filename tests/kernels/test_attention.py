@@ -63,3 +63,26 @@ def test_the_reference_gpu_mask_is_the_explicit_causal_mask(seed, q_len, hq, hkv
         q.transpose(0, 1)[None], k[None], v[None], attn_mask=causal_lower_right(q_len, kv_len), scale=d**-0.5,
         enable_gqa=True)[0].transpose(0, 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (True, 24)])
+def test_a_prefill_chunk_through_the_kernel(seed, causal, window):
+    """The path for chunks SDPA cannot flash (fp32, windows): 100 tokens × GQA 2, several row blocks."""
+    q, k, v = _inputs(100, 4, 2, 32, 300, 250, torch.float32)
+    length = torch.tensor(250, device=DEVICE)
+    got = attention(q, k, v, length, causal=causal, scale=0.2, sliding_window=window)
+    want = attention_ref(q, k, v, length, causal=causal, scale=0.2, sliding_window=window)
+    torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_prefill_chunks_take_flash_attention_only_where_sdpa_can():
+    """A prefill chunk goes to SDPA only when SDPA can take its flash path (bf16/fp16, causal, no window,
+    GQA through the lower-right bias); otherwise (fp32 on CUDA, a window) to the split-K kernel, whose
+    memory does not grow with chunk × context as SDPA's math fallback does."""
+    from dflash_cli.kernels.attention import _LOWER_RIGHT_GQA
+    from dflash_cli.ops import flash_prefill
+
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert flash_prefill(bf16, True, None) == _LOWER_RIGHT_GQA
+    assert not flash_prefill(fp32, True, None) and not flash_prefill(bf16, True, 128)
+    assert not flash_prefill(bf16, False, None)

@@ -32,7 +32,7 @@ def _generate(model, block_size: int, sampling: SamplingParams, new_tokens: int)
 
 
 def test_greedy_speculative_tokens_through_kernels_equal_the_reference_path(pair, monkeypatch):
-    model = loader.load(*pair, device=DEVICE)
+    model = loader.load(*pair, device=DEVICE, dtype="float32")  # fp32: paths that round alike (DESIGN §1)
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
     reference = _generate(model, 4, SamplingParams(), 16)
     assert reference == _generate(model, 1, SamplingParams(), 16)
@@ -43,7 +43,7 @@ def test_greedy_speculative_tokens_through_kernels_equal_the_reference_path(pair
 
 def test_seeded_sampled_tokens_through_kernels_equal_the_reference_path(pair, monkeypatch):
     """Same seed, same tokens: the kernel sampler draws the reference's draws, keyed by position."""
-    model = loader.load(*pair, device=DEVICE)
+    model = loader.load(*pair, device=DEVICE, dtype="float32")  # fp32: paths that round alike (DESIGN §1)
     sampling = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=3)
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
     reference = _generate(model, 1, sampling, 8)
@@ -56,7 +56,7 @@ def test_seeded_sampled_tokens_through_kernels_equal_the_reference_path(pair, mo
 def test_the_device_step_through_kernels_never_reads_back_to_the_host(pair, monkeypatch, sampling):
     """What a CUDA graph captures (tests/test_graph_safety.py checks the engine's glue on the torch path)."""
     monkeypatch.setenv("DFLASH_KERNELS", "triton")
-    model = loader.load(*pair, device=DEVICE)
+    model = loader.load(*pair, device=DEVICE, dtype="float32")  # fp32: paths that round alike (DESIGN §1)
     engine = Engine(model.target, model.drafter)
     steps = engine.generate(Request(PROMPT, 16, sampling=sampling))
     next(steps)  # the prefill runs eagerly
@@ -81,7 +81,7 @@ def test_the_hybrid_through_kernels_gives_the_reference_tokens_and_never_reads_b
     """Qwen3.5's linear layers through fla-core's recurrent kernel and our conv/commit kernels, its full
     layers through the zero-centred, partial-rotary q/k norm kernel: the tokens of the torch path, and a
     device step without host reads (what a CUDA graph captures)."""
-    model = loader.load(*hybrid_pair, device=DEVICE)
+    model = loader.load(*hybrid_pair, device=DEVICE, dtype="float32")
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
     reference = _generate(model, 4, SamplingParams(), 12)
     assert reference == _generate(model, 1, SamplingParams(), 12)

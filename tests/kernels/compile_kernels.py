@@ -1,0 +1,131 @@
+"""Compile every Triton kernel exactly as the engine launches it, for the GPUs people run: sm_80 (A100),
+sm_86 (RTX 30xx/A6000), sm_89 (RTX 40xx/L40) and sm_90 (H100/H200), on this CPU-only machine (Triton's
+CUDA backend lowers to PTX and runs ptxas on the host).
+
+"As launched" is recorded, not written down: `record` runs each launcher once at a released model's real
+shapes (benchmarks/kernels.py's cases: Qwen3-8B, Qwen3.5-27B, Qwen3-Coder-30B-A3B) with Triton's CPU
+interpreter's launch path and captures every launch (without running it): the kernel, each argument's type and specialisation as Triton's own
+launcher computes it (16-byte-aligned pointers and ints that are multiples of 16 get the divisibility hint;
+an int equal to 1 becomes a constant; `do_not_specialize` is honoured), the constexprs and num_warps /
+num_stages. fla-core's kernels (the Gated DeltaNet rule) are recorded too. `compile` then builds each
+distinct launch for each target. Usage:
+    TRITON_INTERPRET=1 python tests/kernels/compile_kernels.py record FILE
+    python tests/kernels/compile_kernels.py compile FILE [sm_90 ...]
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90")
+# The most shared memory one block may use (the opt-in maximum, bytes): beyond it the launch fails with
+# "out of resources" at run time, so it is checked here. A100, RTX 30xx/A6000, RTX 40xx/L40, H100/H200.
+SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def record(path: Path) -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "record runs the launchers in Triton's interpreter"
+    import inspect
+
+    import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime import interpreter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import kernels as bench
+
+    launches: dict[str, dict] = {}
+
+    def run(self, *args, **kwargs):
+        fn = self.fn
+        options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+        bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                     if k not in LAUNCH_OPTIONS and k not in ("grid", "warmup")})
+        bound.apply_defaults()
+        params = {}
+        for name, value in bound.arguments.items():
+            annotation = str(inspect.signature(fn).parameters[name].annotation)
+            if "constexpr" in annotation:
+                params[name] = ["constexpr", value if not isinstance(value, torch.dtype) else str(value)]
+            else:
+                kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+                params[name] = [kind, attr if kind == "constexpr" else (attr or "")]
+        entry = {"module": fn.__module__, "name": fn.__name__, "params": params,
+                 "options": {"num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3)}}
+        launches[json.dumps(entry, sort_keys=True, default=str)] = entry
+        # Not run: a launch's parameters never depend on what an earlier kernel computed (nothing on the
+        # engine's path reads device values back), and interpreting every kernel at real shapes takes
+        # minutes. The interpreter's correctness runs are the other kernel tests.
+
+    interpreter.InterpretedFunction.run = run
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for case in (*bench.cases("cpu", dtype, sample_rows=2), *bench.hybrid_cases("cpu", dtype),
+                     *bench.moe_cases("cpu", dtype)):
+            name, kernel, _, call, _ = case
+            call(kernel)
+            print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
+    path.write_text(json.dumps(list(launches.values()), indent=1, default=str))
+    print(f"{len(launches)} distinct launches")
+    return 0
+
+
+def _source(entry: dict):
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    module = importlib.import_module(entry["module"])
+    fn = getattr(module, entry["name"])
+    while not isinstance(fn, JITFunction):  # heuristics / autotune wrappers around the JITFunction
+        fn = fn.fn
+    dont = {fn.arg_names[i] if isinstance(i, int) else i for i in (fn.do_not_specialize or [])}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        kind, value = entry["params"][name]
+        if name in dont and kind == "constexpr" and value == 1:
+            kind, value = "i32", ""  # not specialised: an ordinary int argument
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        else:
+            signature[name] = kind
+            if value == "D" and name not in dont:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return fn, ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_all(path: Path, targets: tuple[str, ...]) -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    failed = 0
+    for entry in json.loads(path.read_text()):
+        for target in targets:
+            dtypes = sorted({k for k, _ in entry["params"].values() if k.startswith("*") and k[1:] in ("bf16", "fp32")})
+            label = (f"{target} {entry['module'].rsplit('.', 1)[-1]}.{entry['name']} "
+                     f"warps={entry['options']['num_warps']} {'/'.join(dtypes)}")
+            try:
+                fn, src = _source(entry)
+                kernel = triton.compile(src, target=GPUTarget("cuda", int(target[3:]), 32), options=entry["options"])
+                if kernel.metadata.shared > SHARED_LIMIT[target]:
+                    raise RuntimeError(f"{kernel.metadata.shared} B of shared memory: {target} allows "
+                                       f"{SHARED_LIMIT[target]} per block ({json.dumps(entry['params'])[:400]})")
+                print(f"ok   {label} ({kernel.metadata.shared} B shared)")
+            except Exception:
+                failed += 1
+                print(f"FAIL {label} {json.dumps(entry['params'])[:300]}\n{traceback.format_exc()}")
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    mode, file = sys.argv[1], Path(sys.argv[2])
+    if mode == "record":
+        sys.exit(record(file))
+    sys.exit(compile_all(file, tuple(sys.argv[3:]) or TARGETS))
