@@ -8,6 +8,7 @@ names the file and the field.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ class DrafterConfig:
         dflash = raw.get("dflash_config") or {}
         inner = Fields(dflash, Path(directory))
         archs = raw.get("architectures") or ["DFlashDraftModel"]
-        if len(archs) != 1 or archs[0] not in DRAFTER_ARCHITECTURES:
+        if archs not in ([a] for a in DRAFTER_ARCHITECTURES):
             hint = " (a target, not a drafter?)" if "num_target_layers" not in raw and "dflash_config" not in raw else ""
             raise DflashError(f"{directory}: drafter architecture {', '.join(map(str, archs))} is not supported "
                               f"(this version runs {' and '.join(DRAFTER_ARCHITECTURES)}){hint}")
@@ -234,11 +235,14 @@ class DrafterConfig:
 def _dflash2_fields(raw: dict, dflash: dict, directory: Path, hidden: int, vocab: int) -> dict:
     """The DrafterConfig fields only a DFlash2DraftModel sets: its module sizes and the head's scales."""
     multiplier = _knob(raw, dflash, "output_multiplier", 1.0, float, directory)
-    if not multiplier > 0:  # a non-positive multiplier would reverse the head's ranking
-        raise DflashError(f"{directory}/config.json: 'output_multiplier' must be positive, got {multiplier}")
     softcap = _knob(raw, dflash, "final_logit_softcapping", None, float, directory)
-    if softcap is not None and softcap < 0:
-        raise DflashError(f"{directory}/config.json: 'final_logit_softcapping' must be >= 0, got {softcap}")
-    return dict(dflash2=DFlash2Config.from_raw(raw, dflash, directory, hidden, vocab),
-                input_embedding_scale=_knob(raw, dflash, "input_embedding_scale", 1.0, float, directory),
+    scale = _knob(raw, dflash, "input_embedding_scale", 1.0, float, directory)
+    # A non-positive multiplier would reverse the head's ranking (the selector takes its top-k before scaling).
+    for key, value, ok, want in (
+            ("output_multiplier", multiplier, 0 < multiplier < math.inf, "a positive number"),
+            ("final_logit_softcapping", softcap, softcap is None or 0 <= softcap < math.inf, "a number >= 0"),
+            ("input_embedding_scale", scale, math.isfinite(scale), "a finite number")):
+        if not ok:
+            raise DflashError(f"{directory}/config.json: '{key}' should be {want}, got {value}")
+    return dict(dflash2=DFlash2Config.from_raw(raw, dflash, directory, hidden, vocab), input_embedding_scale=scale,
                 output_multiplier=multiplier, final_logit_softcapping=softcap or None)

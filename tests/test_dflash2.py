@@ -381,7 +381,7 @@ def _edit(cfg: dict, change: str) -> dict:
     ("group", "hidden_size 64 is not a multiple of conv_group_size 24"),
     ("no vocab", "config.json is missing 'vocab_size'"),
     ("vocab", "does not match the target: vocab size 600 vs target 512"),
-    ("multiplier", "'output_multiplier' must be positive, got -1.0"),
+    ("multiplier", "'output_multiplier' should be a positive number, got -1.0"),
     ("top-k", "selector_top_k 513 exceeds the vocabulary (512)"),
 ])
 def test_config_problems_are_one_line(capsys, tmp_path, hybrid_target, change, message):
