@@ -8,6 +8,7 @@ names the file and the field.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,10 @@ def rope_params(raw: dict, f: Fields) -> tuple[float, dict | None]:
 # Drafter config keys that change the math; refused until implemented (research/dflash2.md §1, hybrid.md §4).
 UNSUPPORTED_DRAFTER_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping",
                             "attention_sink_bias", "attention_bias", "use_swa", "swa_window_size")
+# The head and embedding knobs a DFlash2 drafter may set (applied in drafter.py; refused on v1 drafters,
+# where no released checkpoint sets them).
+DFLASH2_SCALE_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping")
+DRAFTER_ARCHITECTURES = ("DFlashDraftModel", "DFlash2DraftModel")
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -74,6 +79,42 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> l
         return [num_target_layers // 2]
     span = num_target_layers - 4
     return [int(round(1 + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers)]
+
+
+@dataclass(frozen=True)
+class DFlash2Config:
+    """The DFlash2 modules' sizes (research/dflash2.md §1.1): per-sublayer dynamic convs and the selector."""
+
+    conv_kernel_size: int  # taps K
+    conv_group_size: int  # channels sharing one dynamic kernel value
+    selector_rank: int  # r of the codebooks and the hidden projection
+    selector_top_k: int  # candidates rescored per draft row
+
+    @classmethod
+    def from_raw(cls, raw: dict, dflash: dict, directory: Path, hidden: int, vocab: int) -> "DFlash2Config":
+        def req(key: str) -> int:
+            value = _knob(raw, dflash, key, None, int, directory)
+            if value is None:
+                raise DflashError(f"{directory}/config.json is missing '{key}' (dflash_config or top level), "
+                                  "which a DFlash2DraftModel needs")
+            if value < 1:
+                raise DflashError(f"{directory}/config.json: '{key}' must be at least 1, got {value}")
+            return value
+
+        c = cls(req("conv_kernel_size"), req("conv_group_size"), req("selector_rank"), req("selector_top_k"))
+        if hidden % c.conv_group_size:
+            raise DflashError(f"{directory}/config.json: hidden_size {hidden} is not a multiple of "
+                              f"conv_group_size {c.conv_group_size}")
+        if c.selector_top_k > vocab:
+            raise DflashError(f"{directory}/config.json: selector_top_k {c.selector_top_k} exceeds the vocabulary "
+                              f"({vocab})")
+        return c
+
+
+def _knob(raw: dict, dflash: dict, key: str, default, kind: type, directory: Path):
+    """dflash_config[key], else the top-level key, else `default` (the newest reference's rule)."""
+    source = dflash if dflash.get(key) is not None else raw
+    return Fields(source, Path(directory)).opt(key, default, kind)
 
 
 @dataclass(frozen=True)
@@ -93,6 +134,10 @@ class DrafterConfig:
     rope_scaling: dict | None
     sliding_windows: tuple[int | None, ...]  # per draft layer
     causal: tuple[bool, ...]  # per draft layer: causal inside the block (the context is always visible)
+    dflash2: DFlash2Config | None = None  # a DFlash2DraftModel's convs and selector; None for v1
+    input_embedding_scale: float = 1.0  # the block's target embeddings times this
+    output_multiplier: float = 1.0  # the head's logits times this, then softcapped when the cap is set
+    final_logit_softcapping: float | None = None
 
     @classmethod
     def from_dir(cls, directory: Path) -> "DrafterConfig":
@@ -104,11 +149,14 @@ class DrafterConfig:
         dflash = raw.get("dflash_config") or {}
         inner = Fields(dflash, Path(directory))
         archs = raw.get("architectures") or ["DFlashDraftModel"]
-        if archs != ["DFlashDraftModel"]:
+        if archs not in ([a] for a in DRAFTER_ARCHITECTURES):
             hint = " (a target, not a drafter?)" if "num_target_layers" not in raw and "dflash_config" not in raw else ""
             raise DflashError(f"{directory}: drafter architecture {', '.join(map(str, archs))} is not supported "
-                              f"(this version runs DFlashDraftModel){hint}")
+                              f"(this version runs {' and '.join(DRAFTER_ARCHITECTURES)}){hint}")
+        v2 = archs == ["DFlash2DraftModel"]
         for key in UNSUPPORTED_DRAFTER_KEYS:  # each would change the drafter's math: refuse, never ignore
+            if v2 and key in DFLASH2_SCALE_KEYS:
+                continue
             value = dflash.get(key, raw.get(key))
             if value not in (None, False, 1, 1.0, 0, 0.0):
                 raise DflashError(f"{directory}/config.json: '{key}' = {value!r} changes the drafter's math "
@@ -124,6 +172,11 @@ class DrafterConfig:
         hidden, heads = f.req("hidden_size"), f.req("num_attention_heads")
         num_layers = f.req("num_hidden_layers")
         layer_ids = dflash.get("target_layer_ids")
+        if v2:
+            layer_ids = _knob(raw, dflash, "target_layer_ids", None, list, directory)
+            if layer_ids is None:  # a guess loads cleanly and reads the wrong layers (z-lab #157)
+                raise DflashError(f"{directory}/config.json is missing 'dflash_config.target_layer_ids', which a "
+                                  "DFlash2DraftModel needs (no guess: the wrong layers load without error)")
         if layer_ids is None:
             num_target = f.req("num_target_layers")
             layer_ids = default_target_layer_ids(num_target, num_layers)
@@ -143,11 +196,12 @@ class DrafterConfig:
         # level), else dflash_config.causal, else sliding layers causal and full layers not.
         forced = raw.get("is_causal", dflash.get("causal"))
         causal = tuple(bool(forced) if forced is not None else t == "sliding_attention" for t in layer_types)
+        vocab = f.req("vocab_size") if v2 else f.opt("vocab_size", None)  # v2: the codebooks' rows
         return cls(
             block_size=either("block_size"),
             mask_token_id=either("mask_token_id"),
             target_layer_ids=tuple(int(i) for i in layer_ids),
-            vocab_size=f.opt("vocab_size", None),
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=f.req("intermediate_size"),
             num_layers=num_layers,
@@ -159,6 +213,7 @@ class DrafterConfig:
             rope_scaling=scaling,
             sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
             causal=causal,
+            **(_dflash2_fields(raw, dflash, Path(directory), hidden, vocab) if v2 else {}),
         )
 
     def check_against(self, target, directory: Path) -> None:
@@ -175,3 +230,19 @@ class DrafterConfig:
             raise DflashError(f"{where} mask_token_id {self.mask_token_id} outside the vocab ({target.vocab_size})")
         if self.block_size < 2:
             raise DflashError(f"drafter {directory}: block_size must be at least 2, got {self.block_size}")
+
+
+def _dflash2_fields(raw: dict, dflash: dict, directory: Path, hidden: int, vocab: int) -> dict:
+    """The DrafterConfig fields only a DFlash2DraftModel sets: its module sizes and the head's scales."""
+    multiplier = _knob(raw, dflash, "output_multiplier", 1.0, float, directory)
+    softcap = _knob(raw, dflash, "final_logit_softcapping", None, float, directory)
+    scale = _knob(raw, dflash, "input_embedding_scale", 1.0, float, directory)
+    # A non-positive multiplier would reverse the head's ranking (the selector takes its top-k before scaling).
+    for key, value, ok, want in (
+            ("output_multiplier", multiplier, 0 < multiplier < math.inf, "a positive number"),
+            ("final_logit_softcapping", softcap, softcap is None or 0 <= softcap < math.inf, "a number >= 0"),
+            ("input_embedding_scale", scale, math.isfinite(scale), "a finite number")):
+        if not ok:
+            raise DflashError(f"{directory}/config.json: '{key}' should be {want}, got {value}")
+    return dict(dflash2=DFlash2Config.from_raw(raw, dflash, directory, hidden, vocab), input_embedding_scale=scale,
+                output_multiplier=multiplier, final_logit_softcapping=softcap or None)

@@ -8,6 +8,11 @@ vLLM's rule). Context K/V comes from target features: `ctx_h = hidden_norm(fc(co
 by each layer's k_proj/v_proj (k-normed and rotated) and cached once per token (`add_context`). The
 block's K/V is written past the committed length and never committed, so the next draft overwrites
 it. Outputs at block positions 1..B-1 go through the target's lm_head; the argmax is the draft.
+
+A DFlash2 drafter (`DFlash2DraftModel`, research/dflash2.md §1) is this plus two modules, in
+dflash2.py: a dynamic causal conv before and after every sublayer, over the block rows, and a
+candidate selector that rescores the head's top-k with a bigram term and walks a chain from the bonus.
+Its walk is an argmax too: the draft stays a point mass at every temperature.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from . import ops
 from .cache import KVCache
 from .checkpoint import header_shapes, read_weights, weight_files
 from .config import DrafterConfig
+from .dflash2 import CandidateSelector, DynamicConv, head_logits, post_conv, pre_conv
 from .errors import DflashError
 from .models.weights import Weight
 from .rope import rope_table
@@ -41,7 +47,24 @@ def weight_table(c: DrafterConfig) -> list[Weight]:
                   Weight(p + "mlp.gate_proj.weight", (c.intermediate_size, h)),
                   Weight(p + "mlp.up_proj.weight", (c.intermediate_size, h)),
                   Weight(p + "mlp.down_proj.weight", (h, c.intermediate_size))]
-    return table
+    return (table + dflash2_table(c)) if c.dflash2 else table
+
+
+def dflash2_table(c: DrafterConfig) -> list[Weight]:
+    """DFlash2's tensors (research/dflash2.md §1.2). The codebooks are stored without a `.weight`
+    suffix; their rows are the target's vocabulary (checked against it in `check_against`)."""
+    h, k, r = c.hidden_size, c.dflash2.conv_kernel_size, c.dflash2.selector_rank
+    kernels = 2 * k * (h // c.dflash2.conv_group_size)
+    table = []
+    for i in range(c.num_layers):
+        for conv in ("attention_conv", "mlp_conv"):
+            p = f"layers.{i}.{conv}."
+            table += [Weight(p + "base_kernel", (2, k, h), "taps"),
+                      Weight(p + "kernel_projection.weight", (kernels, h), gain=0.1)]
+    s = "candidate_selector."
+    return table + [Weight(s + "hidden_projection.weight", (r, h)),
+                    Weight(s + "predecessor_codebook", (c.vocab_size, r), "normal", gain=r**-0.25),
+                    Weight(s + "successor_codebook", (c.vocab_size, r), "normal", gain=r**-0.25)]
 
 
 def cache_bytes(c: DrafterConfig, dtype: torch.dtype) -> int:
@@ -62,13 +85,16 @@ class DraftLayer:
     down: torch.Tensor
     window: int | None
     causal: bool  # inside the block (sliding layers of the newer drafters)
+    attention_conv: DynamicConv | None = None  # DFlash2 only
+    mlp_conv: DynamicConv | None = None
 
 
 class Drafter:
     def __init__(self, cfg: DrafterConfig, fc: torch.Tensor, hidden_norm: torch.Tensor, norm: torch.Tensor,
                  layers: list[DraftLayer], w_kv: torch.Tensor, embed: torch.Tensor, lm_head: torch.Tensor,
-                 max_positions: int):
+                 max_positions: int, selector: CandidateSelector | None = None):
         self.cfg, self.fc, self.hidden_norm, self.norm, self.layers = cfg, fc, hidden_norm, norm, layers
+        self.selector = selector  # DFlash2: the draft is the selector's walk, not the head's argmax
         self.w_kv, self.embed, self.lm_head = w_kv, embed, lm_head
         self.k_norms = torch.stack([layer.k_norm for layer in layers])
         self.cos_sin = rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions, embed.device)
@@ -88,6 +114,9 @@ class Drafter:
         if fc != want:
             raise DflashError(f"drafter {directory}: fc.weight is {fc}, but {len(cfg.target_layer_ids)} target "
                               f"layers × hidden {cfg.hidden_size} need {want}")
+        if cfg.dflash2 and cfg.vocab_size != lm_head.shape[0]:
+            raise DflashError(f"drafter {directory}: its selector's codebooks have vocab_size {cfg.vocab_size} rows, "
+                              f"but the target's vocabulary is {lm_head.shape[0]}")
         return cls.from_weights(cfg, read_weights(directory, weight_table(cfg), dtype, device), embed, lm_head,
                                 max_positions)
 
@@ -110,8 +139,9 @@ class Drafter:
         rows = w_kv.shape[0] // cfg.num_layers
         for i, layer in enumerate(layers):  # share the stacked tensor rather than keep two copies
             layer.kv_proj = w_kv[i * rows:(i + 1) * rows]
+        selector = _dflash2_modules(cfg, w, layers) if cfg.dflash2 else None
         return cls(cfg, w["fc.weight"], w["hidden_norm.weight"], w["norm.weight"], layers, w_kv,
-                   embed, lm_head, max_positions)
+                   embed, lm_head, max_positions, selector)
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.cfg
@@ -128,25 +158,54 @@ class Drafter:
     def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
         """bonus: [1] id at position cache.length. Returns the block_size - 1 drafted ids.
 
-        The draft is the argmax: a point mass, which is what makes the accept rule lossless."""
-        return self.draft_logits(bonus, cache, block_size).argmax(-1)
+        The draft is the argmax (DFlash2: the selector's argmax walk): a point mass, which is what
+        makes the accept rule lossless."""
+        if self.selector is None:
+            return self.draft_logits(bonus, cache, block_size).argmax(-1)
+        hidden = self.block_hidden(bonus, cache, block_size)
+        return self.selector.walk(hidden, F.linear(hidden, self.lm_head), bonus)
 
     def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
-        """Logits [block_size - 1, V] for the tokens after `bonus`."""
+        """Logits [block_size - 1, V] for the tokens after `bonus` (with the head's multiplier and
+        softcap, where the config sets them)."""
+        logits = F.linear(self.block_hidden(bonus, cache, block_size), self.lm_head)
+        return head_logits(logits, self.cfg.output_multiplier, self.cfg.final_logit_softcapping)
+
+    def block_hidden(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
+        """The final normed hidden states [block_size - 1, H] of the block rows after `bonus`."""
         c = self.cfg
         ids = torch.cat((bonus, self.mask_ids[: block_size - 1]))
         positions, kv_len = cache.positions(block_size), cache.length + block_size
         x = F.embedding(ids, self.embed)
+        if c.input_embedding_scale != 1.0:
+            x = x * c.input_embedding_scale
         for i, layer in enumerate(self.layers):
             h, _ = ops.rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            h, conv_kernels = pre_conv(layer.attention_conv, h)
             k, v = F.linear(h, layer.kv_proj).view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
             q = ops.qk_norm_rope_cache(F.linear(h, layer.q_proj).view(block_size, c.num_heads, c.head_dim),
                                        k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
                                        positions, cache.k[i], cache.v[i])
             out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
                                 sliding_window=layer.window)
-            x = x + F.linear(out.reshape(block_size, -1), layer.o_proj)
+            out = F.linear(out.reshape(block_size, -1), layer.o_proj)
+            x = x + post_conv(layer.attention_conv, out, conv_kernels)
             h, _ = ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            x = x + F.linear(ops.swiglu(F.linear(h, layer.gate_up)), layer.down)
+            h, conv_kernels = pre_conv(layer.mlp_conv, h)
+            out = F.linear(ops.swiglu(F.linear(h, layer.gate_up)), layer.down)
+            x = x + post_conv(layer.mlp_conv, out, conv_kernels)
         h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps)
-        return F.linear(h, self.lm_head)
+        return h
+
+
+def _dflash2_modules(cfg: DrafterConfig, w: dict[str, torch.Tensor], layers: list[DraftLayer]) -> CandidateSelector:
+    """Attach each layer's two convs and return the selector, popping their tensors from `w`."""
+    for i, layer in enumerate(layers):
+        p = f"layers.{i}."
+        layer.attention_conv, layer.mlp_conv = (
+            DynamicConv(w.pop(p + conv + ".base_kernel"), w.pop(p + conv + ".kernel_projection.weight"))
+            for conv in ("attention_conv", "mlp_conv"))
+    s = "candidate_selector."
+    return CandidateSelector(w.pop(s + "hidden_projection.weight"), w.pop(s + "predecessor_codebook"),
+                             w.pop(s + "successor_codebook"), cfg.dflash2.selector_top_k,
+                             cfg.output_multiplier, cfg.final_logit_softcapping)

@@ -28,6 +28,8 @@ class ModelPair:
 
 # Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
 _GPT_OSS = "attention sinks and MXFP4 weights"
+_MUSE = "Muse-Glimmer target architecture (gated attention output, normalised embeddings, scaled logits)"
+_GLM53 = "GLM-5.3-Flash target architecture (KDA linear attention and MLA hybrid)"
 
 
 def _engine(gpus: int) -> str:
@@ -54,6 +56,14 @@ PAIRS: tuple[ModelPair, ...] = (
     ModelPair("qwen3.6-27b", "Qwen/Qwen3.6-27B", "z-lab/Qwen3.6-27B-DFlash", 16, kind="hybrid", think=True),
     ModelPair("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "z-lab/Qwen3.6-35B-A3B-DFlash", 16, kind="hybrid-moe",
               think=True),
+    # DFlash2 drafters (research/dflash2.md §1, §4): the v1 drafter plus dynamic convs and a candidate selector.
+    # Qwen3.8-27B is the Qwen3.5 hybrid architecture; thinking on, its template's reasoning effort at its default.
+    ModelPair("qwen3.8-27b", "Qwen/Qwen3.8-27B", "z-lab/Qwen3.8-27B-DFlash2", 8, kind="hybrid", think=True),
+    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16,
+              supported=False, note=_MUSE, think=True),
+    # Published by incoai, not in z-lab's list; the target's repo id is not confirmed (research/dflash2.md §4).
+    ModelPair("glm-5.3-flash", "zai-org/GLM-5.3-Flash", "incoai/GLM-5.3-Flash-DFlash2", 8, supported=False,
+              note=_GLM53, kind="hybrid"),
     # Pairs beyond one GPU (suggested counts are for 80 GB cards at bf16, FP8 or the native INT4 of Kimi).
     ModelPair("qwen3.5-122b-a10b", "Qwen/Qwen3.5-122B-A10B", "z-lab/Qwen3.5-122B-A10B-DFlash", 16, supported=False,
               note=_engine(4), kind="hybrid-moe", think=True, gpus=4),

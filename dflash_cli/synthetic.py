@@ -51,6 +51,14 @@ TARGETS = {
        for name, hidden, inter, layers, heads, v_heads, tie in (
            ("qwen3.5-4b", 2560, 9216, 32, 16, 32, True), ("qwen3.5-9b", 4096, 12288, 32, 16, 32, False),
            ("qwen3.5-27b", 5120, 17408, 64, 24, 48, False))},
+    # Qwen3.8-27B: the Qwen3.5-27B text config (research/hybrid.md §1), 64 layers of which every 4th is full attention.
+    "qwen3.8-27b": dict(architectures=["Qwen3_5ForCausalLM"], model_type="qwen3_5_text", hidden_size=5120,
+                        intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24, num_key_value_heads=4,
+                        head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                        linear_num_key_heads=16, linear_num_value_heads=48, rms_norm_eps=1e-6,
+                        rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                                             mrope_section=[11, 11, 10], mrope_interleaved=True),
+                        max_position_embeddings=262144, vocab_size=248320, tie_word_embeddings=False),
     "tiny": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, intermediate_size=128,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
                  rope_theta=1e6, max_position_embeddings=40960, vocab_size=512, tie_word_embeddings=False),
@@ -67,12 +75,27 @@ def _drafter(target: dict, block: int, layer_ids, mask: int, layers: int = 5, **
         dflash_config=dict(block_size=block, mask_token_id=mask, target_layer_ids=list(layer_ids))) | extra
 
 
+def _dflash2(target: dict, block: int, layer_ids, mask: int, layers: int = 5, **dims) -> dict:
+    """A released DFlash2 drafter's config.json (research/dflash2.md §1.1): sliding, non-causal layers
+    with the convs and the selector; `dims` are its own attention and MLP sizes where they differ."""
+    cfg = _drafter(target, block, layer_ids, mask, layers, **dims)
+    cfg["dflash_config"] |= dict(conv_kernel_size=2, conv_group_size=16, selector_rank=256, selector_top_k=16)
+    theta = target.get("rope_theta") or target["rope_parameters"]["rope_theta"]
+    return cfg | dict(architectures=["DFlash2DraftModel"], is_causal=False, layer_types=["sliding_attention"] * layers,
+                      sliding_window=2048, rope_theta=theta)
+
+
 # shape name → (target config.json, drafter config.json, published τ or None). τ: DFlash's GSM8K figure at T=0 (DESIGN §4).
 SHAPES: dict[str, tuple[dict, dict, float | None]] = {
     "qwen3-8b": (TARGETS["qwen3-8b"], _drafter(TARGETS["qwen3-8b"], 16, (1, 9, 17, 25, 33), 151669), 6.55),
     "qwen3-4b": (TARGETS["qwen3-4b"], _drafter(TARGETS["qwen3-4b"], 16, (1, 9, 17, 25, 33), 151669), None),
     "llama3.1-8b": (TARGETS["llama3.1-8b"], _drafter(TARGETS["llama3.1-8b"], 10, (1, 8, 15, 22, 29), 128002), None),
+    # Its drafter's config as published (research/dflash2.md §1.1); no τ measured on the same footing.
+    "qwen3.8-27b": (TARGETS["qwen3.8-27b"], _dflash2(TARGETS["qwen3.8-27b"], 8, (5, 19, 33, 47, 61), 248070,
+                                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+                    None),
     "tiny": (TARGETS["tiny"], _drafter(TARGETS["tiny"], 8, (1, 2), 511, layers=2), None),
+    "tiny-dflash2": (TARGETS["tiny"], _dflash2(TARGETS["tiny"], 8, (1, 2), 511, layers=2), None),
 }
 # The Qwen3.5 drafters: 5 Qwen3 layers of 32/8 heads × 128 (not the target's 256), θ 1e7; the 27B one
 # (as Qwen3.6-27B-DFlash) with four causal sliding layers of 2048 and a full one (research/hybrid.md §4).

@@ -245,8 +245,8 @@ def test_drafter_keys_that_change_the_math_are_refused(tmp_path, key, value):
     (d / "config.json").write_text(json.dumps(dcfg | {"dflash_config": dcfg["dflash_config"] | {key: value}}))
     with pytest.raises(DflashError, match=f"'{key}' = {value} changes the drafter's math"):
         loader.load(t, d, device="cpu")
-    (d / "config.json").write_text(json.dumps(dcfg | {"architectures": ["DFlash2DraftModel"]}))
-    with pytest.raises(DflashError, match="drafter architecture DFlash2DraftModel is not supported"):
+    (d / "config.json").write_text(json.dumps(dcfg | {"architectures": ["MuseGlimmerAssistantModel"]}))
+    with pytest.raises(DflashError, match="drafter architecture MuseGlimmerAssistantModel is not supported"):
         loader.load(t, d, device="cpu")
 
 

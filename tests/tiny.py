@@ -96,6 +96,21 @@ def drafter_config(target_cfg: dict, *, block_size: int = 8, layers: int = 2, ta
     return cfg
 
 
+def dflash2_config(target_cfg: dict, *, layers: int = 2, sliding_window: int = 16, group_size: int = 16,
+                   rank: int = 16, top_k: int = 16, **kwargs) -> dict:
+    """A tiny DFlash2 drafter's config.json in the released layout (research/dflash2.md §1.1): every
+    layer sliding and non-causal (top-level `is_causal`: false), rope in `rope_parameters`, the conv
+    and selector sizes in dflash_config, no auto_map. `kwargs` go to `drafter_config`."""
+    cfg = drafter_config(target_cfg, layers=layers, layer_types=["sliding_attention"] * layers,
+                         sliding_window=sliding_window, **kwargs)
+    del cfg["auto_map"]
+    cfg |= {"architectures": ["DFlash2DraftModel"], "is_causal": False, "use_sliding_window": True,
+            "rope_parameters": {"rope_theta": cfg.pop("rope_theta"), "rope_type": "default"}}
+    cfg["dflash_config"] |= {"conv_kernel_size": 2, "conv_group_size": group_size, "selector_rank": rank,
+                             "selector_top_k": top_k}
+    return cfg
+
+
 def write_drafter(directory: Path, cfg: dict, seed: int = 1, weights: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if weights is None:

@@ -35,6 +35,8 @@ def random_tensor(w: Weight, g: torch.Generator) -> torch.Tensor:
         return 1.0 + 0.1 * torch.randn(shape, generator=g, device=dev)
     if w.init == "zero_norm":  # zero-centred RMSNorm weight applied as (1 + w)
         return 0.1 * torch.randn(shape, generator=g, device=dev)
+    if w.init == "taps":  # DFlash2's conv base kernels [2, K, H]: near identity (tap 0 ≈ 1, later taps ≈ 0)
+        return torch.randn(shape, generator=g, device=dev) * 0.1 + (torch.arange(shape[1], device=dev) == 0)[:, None]
     if w.init == "conv":  # a depthwise causal conv [channels, 1, K]
         return torch.randn(shape, generator=g, device=dev) / math.sqrt(shape[-1])
     if w.init == "a_log":  # Gated DeltaNet decay rates: log U(1, 16)

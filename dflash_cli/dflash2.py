@@ -1,0 +1,119 @@
+"""DFlash2's two additions to the v1 drafter (research/dflash2.md §1.3-1.4), as plain device ops.
+
+1. A grouped, dynamic, causal depthwise convolution before and after every attention and MLP sublayer.
+   Its time axis is the draft block only (zeros before the anchor row, no context, no state between
+   drafts). One projection of the sublayer's input gives the dynamic kernels of both sides:
+
+       d = kernel_projection(x).view(L, 2, K, G)              # G = H / group_size
+       conv(z, side)[t, c] = Σ_o (base[side, o, c] + d[t, side, o, c // group_size]) · z[t - o, c]
+
+2. A candidate selector. At each draft row t it rescores the head's top-k tokens with a low-rank
+   bigram term and walks a chain from the anchor, left to right (a greedy walk, not Viterbi):
+
+       S_t(a, b) = u_t(b) + ⟨A[a] ⊙ P h_t, B[b]⟩              # A, B: predecessor / successor codebooks
+       d_t = argmax_b S_t(d_{t-1}, b),  d_0 = the anchor (the bonus token)
+
+   The walk is an argmax at every temperature, so the draft stays a point mass and the engine's accept
+   rule is exactly lossless unchanged. Every shape is fixed (no host reads): it runs inside the
+   captured step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DynamicConv:
+    base: torch.Tensor  # [2, K, H]: (pre | post side, tap, channel)
+    projection: torch.Tensor  # [2·K·G, H]
+
+    def kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """The dynamic parts of both sides' kernels, [L, 2, K, G], from the sublayer input x [L, H]."""
+        k = self.base.shape[1]
+        return F.linear(x, self.projection).view(x.shape[0], 2, k, -1)
+
+    def apply(self, z: torch.Tensor, side: int, dynamic: torch.Tensor) -> torch.Tensor:
+        """conv(z) over the rows of z [L, H] with side 0 (pre) or 1 (post) of `dynamic` [L, 2, K, G]."""
+        return dynamic_conv(z, self.base[side], dynamic[:, side])
+
+
+def dynamic_conv(z: torch.Tensor, base: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
+    """Σ_o (base[o] + dynamic[:, o] per group) · z shifted down by o rows (zeros above row 0).
+
+    z: [L, H]; base: [K, H]; dynamic: [L, K, G] with H = G · group_size. Accumulated tap by tap,
+    base term then dynamic term, in z's dtype: with base = identity and dynamic = 0 the output is z
+    bit for bit (z · 1 + z · 0 + shifted · 0), which is what makes an identity-initialised DFlash2
+    drafter equal the v1 drafter."""
+    length, hidden = z.shape
+    taps, groups = dynamic.shape[1], dynamic.shape[2]
+    blocks = z.view(length, groups, hidden // groups)
+    out = torch.zeros_like(blocks)
+    for o in range(taps):
+        shifted = blocks if o == 0 else F.pad(blocks[: length - o], (0, 0, 0, 0, o, 0))
+        out = out + base[o].view(groups, -1).to(z.dtype) * shifted
+        out = out + dynamic[:, o, :, None].to(z.dtype) * shifted
+    return out.view(length, hidden)
+
+
+def pre_conv(conv: DynamicConv | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the sublayer's input after the pre-conv, the dynamic kernels); x itself without a conv (v1)."""
+    if conv is None:
+        return x, None
+    dynamic = conv.kernels(x)
+    return conv.apply(x, 0, dynamic), dynamic
+
+
+def post_conv(conv: DynamicConv | None, out: torch.Tensor, dynamic: torch.Tensor | None) -> torch.Tensor:
+    """The sublayer's output after the post-conv, whose kernel came from the sublayer's input."""
+    return out if conv is None else conv.apply(out, 1, dynamic)
+
+
+def head_logits(logits: torch.Tensor, multiplier: float, softcap: float | None) -> torch.Tensor:
+    """The drafter's view of the target head: logits × output_multiplier, then c·tanh(z / c) when
+    final_logit_softcapping c > 0 (both absent on most checkpoints: the logits untouched)."""
+    if multiplier != 1.0:
+        logits = logits * multiplier
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+@dataclass
+class CandidateSelector:
+    hidden_projection: torch.Tensor  # P [r, H]
+    predecessor: torch.Tensor  # A [V, r]
+    successor: torch.Tensor  # B [V, r]
+    top_k: int
+    multiplier: float = 1.0  # the head's output_multiplier and final_logit_softcapping (`head_logits`)
+    softcap: float | None = None
+
+    def lattice(self, hidden: torch.Tensor, logits: torch.Tensor,
+                anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidates [L, k], scores [L, k, k]): S_t(a, b) for the k candidates a of row t - 1 (row 0:
+        the anchor, repeated) and the k candidates b of row t. hidden: the normed final rows [L, H];
+        logits: the target head's raw logits [L, V]; anchor: [1] id.
+
+        One top-k over the L rows and one batched GEMM. The multiplier and softcap are monotone, so the
+        top-k of the raw logits holds the same tokens; they are applied to the k values only, and the
+        scores are summed in float32 whatever the model's dtype."""
+        values, candidates = logits.topk(self.top_k, dim=-1)  # sorted: the same order every run
+        unary = head_logits(values.float(), self.multiplier, self.softcap)
+        p = F.linear(hidden, self.hidden_projection).float()  # [L, r]
+        previous = torch.cat((anchor.view(1, 1).expand(1, self.top_k), candidates[:-1]))  # [L, k]
+        left = F.embedding(previous, self.predecessor).float() * p[:, None, :]  # A[a] ⊙ P h_t
+        right = F.embedding(candidates, self.successor).float()  # B[b]
+        return candidates, unary[:, None, :] + left @ right.transpose(1, 2)
+
+    def walk(self, hidden: torch.Tensor, logits: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """The L drafted ids: from the anchor, at each row the best candidate given the one chosen
+        before (argmax: the lowest index on ties). Device ops only; the loop is over the fixed L."""
+        candidates, scores = self.lattice(hidden, logits, anchor)
+        chosen = torch.zeros(1, dtype=torch.int64, device=scores.device)  # row 0: every predecessor is the anchor
+        path = []
+        for t in range(scores.shape[0]):
+            chosen = scores[t].index_select(0, chosen).argmax(-1)
+            path.append(chosen)
+        return candidates.gather(1, torch.stack(path)).view(-1)
