@@ -2,22 +2,23 @@
 _dflash() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" opts="" args=""
     if [[ $COMP_CWORD -eq 1 ]]; then
-        COMPREPLY=($(compgen -W "run chat bench pull models rm doctor completions --help --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "run chat bench train pull models rm doctor completions --help --version" -- "$cur"))
         return
     fi
     case "$prev" in
         --history|--prompt-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --drafter|--target) COMPREPLY=($(compgen -d -- "$cur")); return ;;
-        --block-size|--context|--device|--dtype|--max-context|--max-tokens|--min-p|--prompt|--prompts|--seed|--stop|--system|--tau|--temperature|--top-k|--top-p|-b|-n|-p|-s|-t) return ;;
+        --anchors|--batch|--block-size|--checkpoint-every|--context|--device|--draft-layers|--dtype|--eval-prompts|--eval-tokens|--lr|--mask-token-id|--max-answer-tokens|--max-context|--max-tokens|--min-p|--out|--prompt|--prompts|--seed|--steps|--stop|--system|--target-layer-ids|--tau|--temperature|--time|--top-k|--top-p|-b|-n|-o|-p|-s|-t) return ;;
     esac
     case "${COMP_WORDS[1]}" in
-        run) opts="-p --prompt --prompt-file --target --drafter --yes -y --max-tokens -n --temperature -t --top-p --top-k --min-p --seed --stop --block-size -b --no-spec --device --dtype --max-context --system -s --raw --think --json --trace --quiet -q -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
-        chat) opts="--target --drafter --yes -y --max-tokens -n --temperature -t --top-p --top-k --min-p --seed --block-size -b --no-spec --device --dtype --max-context --system -s --think --plain --show-drafts --history -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
-        bench) opts="--target --drafter --yes -y --synthetic --tau --context --prompts --max-tokens -n --temperature -t --block-size -b --device --dtype --max-context --json -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
-        pull) opts="-h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
+        run) opts="-p --prompt --prompt-file --target --drafter --yes -y --max-tokens -n --temperature -t --top-p --top-k --min-p --seed --stop --block-size -b --no-spec --device --dtype --max-context --system -s --raw --think --json --trace --quiet -q -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b demo" ;;
+        chat) opts="--target --drafter --yes -y --max-tokens -n --temperature -t --top-p --top-k --min-p --seed --block-size -b --no-spec --device --dtype --max-context --system -s --think --plain --show-drafts --history -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b demo" ;;
+        bench) opts="--target --drafter --yes -y --synthetic --tau --context --prompts --max-tokens -n --temperature -t --block-size -b --device --dtype --max-context --json -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b demo" ;;
+        train) opts="--target --out -o --prompts --eval-prompts --block-size -b --draft-layers --target-layer-ids --mask-token-id --steps --time --resume --lr --anchors --batch --max-answer-tokens --temperature -t --think --no-think --seed --checkpoint-every --eval-tokens --grad-checkpoint --device --yes -y --json -h --help"; args="" ;;
+        pull) opts="-h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b demo" ;;
         models) opts="--json -h --help"; args="" ;;
-        rm) opts="--yes -y --drafter-only -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
-        doctor) opts="-h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.5-122b-a10b qwen3.6-27b qwen3.6-35b-a3b" ;;
+        rm) opts="--yes -y --drafter-only -h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b demo" ;;
+        doctor) opts="-h --help"; args="qwen3-4b qwen3-8b llama3.1-8b qwen3-coder-30b-a3b gpt-oss-20b gpt-oss-120b qwen3.5-4b qwen3.5-9b qwen3.5-27b qwen3.5-35b-a3b qwen3.6-27b qwen3.6-35b-a3b qwen3.5-122b-a10b demo" ;;
         completions) opts="-h --help"; args="bash zsh fish" ;;
     esac
     if [[ "$cur" == -* ]]; then
