@@ -182,7 +182,7 @@ def _check_out(req: TrainRequest) -> None:
         raise UsageError(f"--out {out} is not empty: choose a new directory for the drafter")
 
 
-def _check_against_target(s: Settings, target: TargetConfig, tokenizer, target_dir: Path) -> None:
+def _check_against_target(s: Settings, target: TargetConfig, tokenizer, target_dir: Path, err=None) -> None:
     """Fill in the target-dependent defaults and refuse what the target cannot provide."""
     if s.target_layer_ids is None:
         # The reference's spread over the depth (layers 1 .. L-3), one feature layer per draft
@@ -193,6 +193,11 @@ def _check_against_target(s: Settings, target: TargetConfig, tokenizer, target_d
         raise UsageError(f"--target-layer-ids {bad[0]} is outside the target's layers (0..{target.num_layers - 1})")
     if len(set(s.target_layer_ids)) != len(s.target_layer_ids) or not s.target_layer_ids:
         raise UsageError(f"--target-layer-ids must be distinct layers, got {s.target_layer_ids}")
+    if target.num_layers - 1 in s.target_layer_ids and err is not None:
+        # dflash hands the drafter every layer's output before the final norm; Hugging Face's
+        # hidden_states[L] (what other engines may pass for the last layer) is after it.
+        err.print(f"[yellow]note: layer {target.num_layers - 1} is the target's last; a drafter reading it may not "
+                  "carry over to SGLang/vLLM (the released drafters stop at L-3)[/yellow]")
     if s.mask_token_id is None:
         try:
             s.mask_token_id = default_mask_token_id(tokenizer, target.vocab_size)
@@ -273,12 +278,14 @@ def run_train(req: TrainRequest, err) -> dict:
     raw_prompts = None if req.resume else _read_prompt_files(req, err)  # before any weight is loaded
     if not req.resume:
         s.target = str(_resolve_target(req.target, req.yes))
+    elif req.target is not None and str(_resolve_target(req.target, req.yes)) != s.target:
+        raise UsageError(f"--target {req.target} is not the target of the run being resumed ({s.target}): drop it")
     target_dir = Path(s.target)
     if not target_dir.is_dir():
         raise DflashError(f"the target {target_dir} of this run is gone")
     tcfg = TargetConfig.from_dir(target_dir)
     model = loader.load(target_dir, None, device=req.device)
-    _check_against_target(s, tcfg, model.tokenizer, target_dir)
+    _check_against_target(s, tcfg, model.tokenizer, target_dir, None if req.resume else err)
     if not req.resume:
         prompts = _encode_prompts(model, *raw_prompts, s, err)
         config = drafter_config(tcfg, block_size=s.block_size, num_layers=s.draft_layers,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -78,7 +78,6 @@ class Progress:
     tau: float = math.nan  # estimated from the training batch: leading correct drafts + 1
     tokens_per_second: float = 0.0  # sequence tokens through the trainer per second
     lr: float = 0.0
-    history: list[dict] = field(default_factory=list)
 
 
 class Trainer:
@@ -211,19 +210,20 @@ MiB = 1024**2
 
 
 def memory_plan(net: DraftNet, vocab: int, longest: int, opts: TrainOptions, dtype_bytes: int) -> dict[str, int]:
-    """Bytes the trainer will need beyond the target: weights, AdamW state and the activations of
-    one step (an estimate: the attention scores and layer activations autograd keeps, and one
-    chunk of lm_head logits)."""
+    """Bytes the trainer will need beyond the target: weights, AdamW state and, an estimate, what
+    one step keeps for its backward pass (each layer's activations over all blocks and the keys and
+    values of [context | blocks]; the fused attention keeps no score matrix), the block-sparse mask,
+    one chunk of lm_head logits, and the features."""
     c = net.cfg
     params = sum(p.numel() for p in net.parameters())
     q, n, b, s = opts.batch, min(opts.anchors, longest), c.block_size, longest
-    rows = q * n * b
-    per_layer = (rows * c.num_heads * (s + b) * (2 * dtype_bytes + 1)  # scores, probabilities, mask
-                 + rows * (8 * c.hidden_size + 4 * c.num_heads * c.head_dim + 4 * c.intermediate_size) * dtype_bytes
-                 + q * s * 4 * c.num_kv_heads * c.head_dim * dtype_bytes)
-    layers = per_layer if opts.grad_checkpoint else per_layer * c.num_layers
+    rows, keys = q * n * b, q * (s + n * b)
+    per_layer = (rows * (8 * c.hidden_size + 4 * c.num_heads * c.head_dim + 4 * c.intermediate_size)
+                 + keys * 4 * c.num_kv_heads * c.head_dim) * dtype_bytes + rows * c.num_heads * 4
+    layers = per_layer * (1 if opts.grad_checkpoint else c.num_layers)
     if opts.grad_checkpoint:
-        layers += c.num_layers * rows * c.hidden_size * dtype_bytes
+        layers += c.num_layers * rows * c.hidden_size * dtype_bytes  # each layer's input, kept
+    mask = rows * (s + n * b)
     head = min(rows, 2048) * vocab * 4 * 3
     features = q * s * len(c.target_layer_ids) * c.hidden_size * dtype_bytes * 3
-    return {"weights": params * 4, "optimizer": params * 12, "activations": layers + head + features}
+    return {"weights": params * 4, "optimizer": params * 12, "activations": layers + mask + head + features}
