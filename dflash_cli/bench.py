@@ -23,10 +23,11 @@ from .loader import Model
 from .prompt import encode_chat
 from .sampling import SamplingParams
 
-CATEGORIES = ("math", "code", "chat")
+CATEGORIES = ("math", "code", "chat", "story")  # story: openings for the demo's stories model
+DEFAULT_CATEGORIES = ("math", "code", "chat")
 
 
-def builtin_prompts(categories: tuple[str, ...] = CATEGORIES) -> list[dict]:
+def builtin_prompts(categories: tuple[str, ...] = DEFAULT_CATEGORIES) -> list[dict]:
     data = json.loads(resources.files("dflash_cli").joinpath("data/bench_prompts.json").read_text())
     return [p for p in data if p["category"] in categories]
 

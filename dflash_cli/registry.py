@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -82,13 +84,23 @@ PAIRS: tuple[ModelPair, ...] = (
 
 _BY_ALIAS = {p.alias: p for p in PAIRS}
 
+# The CPU demo pair ships inside the package: the trained stories260K Llama and a drafter trained
+# for it by `dflash train` (scripts/make_demo_pair.py). Nothing to download.
+DEMO = "demo"
+
+
+def demo_dirs() -> tuple[Path, Path]:
+    """(target, drafter) directories of the demo pair."""
+    root = Path(str(resources.files("dflash_cli").joinpath("data/demo")))
+    return root / "stories260K", root / "stories260K-dflash"
+
 
 def all_pairs() -> tuple[ModelPair, ...]:
     return PAIRS
 
 
 def aliases() -> list[str]:
-    return [p.alias for p in PAIRS]
+    return [p.alias for p in PAIRS] + [DEMO]
 
 
 def resolve(name: str) -> ModelPair:
@@ -97,6 +109,8 @@ def resolve(name: str) -> ModelPair:
     pair = _BY_ALIAS.get(key)
     if pair is not None:
         return pair
+    if key == DEMO:
+        raise UsageError("the demo pair ships with dflash: there is nothing to download or remove")
     close = difflib.get_close_matches(key, _BY_ALIAS, n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else " (see `dflash models`)"
     raise UsageError(f"unknown model '{name}'{hint}")

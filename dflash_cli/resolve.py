@@ -99,6 +99,11 @@ def resolve_model(model: str | None, target: str | None, drafter: str | None, *,
     if target is None:
         if model is None:
             raise UsageError("name a model (see `dflash models`), or give --target and --drafter")
+        if model.strip().lower() == registry.DEMO:  # shipped in the package: no download
+            target_dir, demo_drafter = registry.demo_dirs()
+            if no_spec:
+                return target_dir, None
+            return target_dir, locate(drafter, yes=yes, confirm=confirm, flag="--drafter") if drafter else demo_drafter
         pair = registry.resolve(model)
         if pair.engine_only:
             raise DflashError(f"{pair.alias} needs {pair.gpus} GPUs, more than this engine runs on: serve it with "
