@@ -13,21 +13,22 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dflash_cli.kernels import accept, attention, draft_kv, rmsnorm, rope_cache, swiglu  # noqa: E402
+from dflash_cli.kernels import accept, attention, draft_kv, moe, rmsnorm, rope_cache, swiglu  # noqa: E402
 
 
 def cases(dt: str):
     p = f"*{dt}"
-    for one_block in (True, False):
-        yield f"rms_norm(one block={one_block})", rmsnorm._rms_norm_kernel, dict(
-            x_ptr=p, res_ptr=p, w_ptr=p, out_ptr=p, n_cols="i32", eps="fp32"), dict(
-            HAS_RESIDUAL=True, BLOCK=4096 if one_block else 8192, ONE_BLOCK=one_block)
+    for one_block, fp32_weight in ((True, False), (False, False), (True, True)):
+        yield f"rms_norm(one block={one_block}, fp32 weight={fp32_weight})", rmsnorm._rms_norm_kernel, dict(
+            x_ptr=p, res_ptr=p, w_ptr="*fp32" if fp32_weight else p, out_ptr=p, n_cols="i32", eps="fp32"), dict(
+            HAS_RESIDUAL=True, BLOCK=4096 if one_block else 8192, ONE_BLOCK=one_block, OFFSET=False,
+            FP32_WEIGHT=fp32_weight)
     yield "swiglu", swiglu._swiglu_kernel, dict(gu_ptr=p, out_ptr=p, inter="i32"), dict(BLOCK=1024)
     for norm in (True, False):
         yield f"qk_norm_rope_cache(norm={norm})", rope_cache._qk_norm_rope_cache_kernel, dict(
             q_ptr=p, k_ptr=p, v_ptr=p, qn_ptr=p, kn_ptr=p, cs_ptr="*fp32", pos_ptr="*i64", kc_ptr=p, vc_ptr=p,
             qo_ptr=p, sq_t="i32", sq_h="i32", sk_t="i32", sk_h="i32", sv_t="i32", sv_h="i32", n_q_heads="i32",
-            capacity="i32", half="i32", eps="fp32"), dict(HAS_NORM=norm, BLOCK_H=64)
+            capacity="i32", half="i32", eps="fp32"), dict(HAS_NORM=norm, OFFSET=False, BLOCK_H=64)
     yield "draft_ctx_kv", draft_kv._ctx_kv_kernel, dict(
         kv_ptr=p, kn_ptr=p, cs_ptr="*fp32", pos_ptr="*i64", kc_ptr=p, vc_ptr=p, n_layers="i32", n_heads="i32",
         capacity="i32", half="i32", eps="fp32"), dict(BLOCK_H=64)
@@ -37,10 +38,26 @@ def cases(dt: str):
             group="i32", capacity="i32", n_splits="i32", n_rows="i32", window="i32", scale="fp32"), dict(
             CAUSAL=causal, WINDOW=window, D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=attention._BLOCK_N,
             MIN_CHUNK=attention._MIN_CHUNK, UPCAST=False, PRECISION="ieee" if dt == "fp32" else "tf32")
-    yield "attention merge", attention._attn_merge_kernel, dict(
-        acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", o_ptr=p, len_ptr="*i64", q_len="i32", group="i32",
-        n_splits="i32", n_rows="i32", window="i32"), dict(WINDOW=True, D=128, BLOCK_D=128, BLOCK_N=attention._BLOCK_N,
-                                                          MIN_CHUNK=attention._MIN_CHUNK, BLOCK_S=32)
+    for sinks in (False, True):
+        yield f"attention merge(sinks={sinks})", attention._attn_merge_kernel, dict(
+            acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", o_ptr=p, len_ptr="*i64", sinks_ptr="*fp32", q_len="i32",
+            group="i32", n_splits="i32", n_rows="i32", window="i32"), dict(
+            WINDOW=True, D=128, BLOCK_D=128, BLOCK_N=attention._BLOCK_N, MIN_CHUNK=attention._MIN_CHUNK, BLOCK_S=32,
+            SINKS=sinks)
+    yield "moe router(bias)", moe._router_kernel, dict(x_ptr=p, w_ptr=p, b_ptr=p, out_ptr="*fp32", n_experts="i32",
+                                                      hidden="i32"), dict(BLOCK_E=64, BLOCK_H=128, HAS_BIAS=True)
+    slots = dict(order_ptr="*i64", slot_expert_ptr="*i64", slot_start_ptr="*i64", slot_count_ptr="*i64")
+    precision = "ieee" if dt == "fp32" else "tf32"
+    for mxfp4, gpt_oss in ((False, False), (False, True), (True, True)):
+        w = "*u8" if mxfp4 else p
+        flags = dict(BLOCK_M=moe._BLOCK_M, BLOCK_N=64, BLOCK_K=64, UPCAST=False, PRECISION=precision, MXFP4=mxfp4,
+                     HAS_BIAS=gpt_oss)
+        yield f"moe gate_up(mxfp4={mxfp4}, gpt-oss={gpt_oss})", moe._gate_up_kernel, dict(
+            x_ptr=p, w_ptr=w, act_ptr=p, **slots, top_k="i32", hidden="i32", inter="i32", s_ptr="*u8" if mxfp4 else p,
+            b_ptr=p, limit="fp32", alpha="fp32"), flags | dict(CLAMPED=gpt_oss)
+        yield f"moe down(mxfp4={mxfp4}, gpt-oss={gpt_oss})", moe._down_kernel, dict(
+            act_ptr=p, w_ptr=w, weight_ptr=p, out_ptr="*fp32", **slots, hidden="i32", inter="i32",
+            s_ptr="*u8" if mxfp4 else p, b_ptr=p), flags
     common = dict(logits_ptr=p, stride="i32", rows_ptr="*i64", seed_ptr="*i64", vocab="i32", values_ptr="*fp32",
                   best_ptr="*fp32", index_ptr="*i32", cand_ptr="*i64", low_ptr="*i64", sum_ptr="*fp32")
     for mode, need_sum in ((0, False), (1, False), (2, True)):
