@@ -8,6 +8,7 @@ names the file and the field.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,24 @@ def rope_params(raw: dict, f: Fields) -> tuple[float, dict | None]:
 
 # Drafter config keys that change the math; refused until implemented (research/dflash2.md §1, hybrid.md §4).
 UNSUPPORTED_DRAFTER_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping",
-                            "attention_sink_bias", "attention_bias", "use_swa", "swa_window_size")
+                            "attention_sink_bias", "use_swa", "swa_window_size")
+
+# How a gpt_oss drafter config.json is read (README, "gpt-oss"): "transformers" (the default) as
+# AutoConfig reads it, GptOssConfig's defaults filling in the rope and window keys it leaves out (what
+# SGLang sees); "raw" as written (plain RoPE, every layer full), for an acceptance A/B on a GPU.
+DRAFTER_CONFIG_READING = "DFLASH_DRAFTER_CONFIG"
+
+
+def _as_transformers_reads(raw: dict, directory: Path) -> dict:
+    """A gpt_oss drafter config with GptOssConfig's defaults filled in, unless DFLASH_DRAFTER_CONFIG=raw."""
+    reading = os.environ.get(DRAFTER_CONFIG_READING, "transformers")
+    if reading not in ("transformers", "raw"):
+        raise DflashError(f"{DRAFTER_CONFIG_READING} must be transformers or raw, not {reading!r}")
+    if raw.get("model_type") != "gpt_oss" or reading == "raw":
+        return raw
+    from .models.gpt_oss import with_transformers_defaults
+
+    return with_transformers_defaults(raw)
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -93,6 +111,7 @@ class DrafterConfig:
     rope_scaling: dict | None
     sliding_windows: tuple[int | None, ...]  # per draft layer
     causal: tuple[bool, ...]  # per draft layer: causal inside the block (the context is always visible)
+    attention_bias: bool = False  # q/k/v/o biases (the gpt-oss drafters)
 
     @classmethod
     def from_dir(cls, directory: Path) -> "DrafterConfig":
@@ -100,6 +119,7 @@ class DrafterConfig:
 
     @classmethod
     def from_raw(cls, raw: dict, directory: Path) -> "DrafterConfig":
+        raw = _as_transformers_reads(raw, directory)
         f = Fields(raw, Path(directory))
         dflash = raw.get("dflash_config") or {}
         inner = Fields(dflash, Path(directory))
@@ -159,6 +179,7 @@ class DrafterConfig:
             rope_scaling=scaling,
             sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
             causal=causal,
+            attention_bias=bool(raw.get("attention_bias", False)),
         )
 
     def check_against(self, target, directory: Path) -> None:

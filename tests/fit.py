@@ -47,6 +47,8 @@ def fit_drafter(target_dir: Path, out_dir: Path, drafter_cfg: dict, prompts: lis
     corpus = target_corpus(target, prompts, length, dcfg.target_layer_ids)
     params = [drafter.fc, drafter.w_kv] + [t for layer in drafter.layers
                                            for t in (layer.q_proj, layer.o_proj, layer.gate_up, layer.down)]
+    if drafter.b_kv is not None:  # attention biases (gpt-oss drafters)
+        params += [drafter.b_kv] + [t for layer in drafter.layers for t in (layer.q_bias, layer.o_bias)]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
@@ -81,5 +83,9 @@ def fit_drafter(target_dir: Path, out_dir: Path, drafter_cfg: dict, prompts: lis
             p + "mlp.gate_proj.weight": layer.gate_up[:inter], p + "mlp.up_proj.weight": layer.gate_up[inter:],
             p + "mlp.down_proj.weight": layer.down,
         }
+        if drafter.b_kv is not None:
+            kv_bias = drafter.b_kv[i * rows:(i + 1) * rows]
+            weights |= {p + "self_attn.q_proj.bias": layer.q_bias, p + "self_attn.k_proj.bias": kv_bias[:kv_rows],
+                        p + "self_attn.v_proj.bias": kv_bias[kv_rows:], p + "self_attn.o_proj.bias": layer.o_bias}
     save_weights(out_dir, {k: v.detach().clone() for k, v in weights.items()})
     return out_dir
