@@ -55,7 +55,17 @@ TOP_K = typer.Option(0, "--top-k", metavar="K", help="Keep the k likeliest token
 MIN_P = typer.Option(0.0, "--min-p", metavar="P", help="Drop tokens below min_p × the top probability.", rich_help_panel=SAMPLING)
 SEED = typer.Option(None, "--seed", metavar="INT", help="Sampling seed: the same seed gives the same answer, with or without speculation.", rich_help_panel=SAMPLING)
 SYSTEM = typer.Option(None, "--system", "-s", metavar="TEXT", help="System prompt.")
-THINK = typer.Option(None, "--think/--no-think", help="Thinking mode (default: as the drafter was trained: off for the Qwen3 b16 pairs, on for Qwen3.5/3.6).")
+THINK = typer.Option(None, "--think/--no-think", help="Thinking mode (default: as the drafter was trained: off for the Qwen3 b16 pairs, on for Qwen3.5/3.6; gpt-oss: --think is high reasoning effort, --no-think low).")
+EFFORT = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="gpt-oss: low, medium (its default) or high.")
+
+
+def _effort(effort: Optional[str], think: Optional[bool]) -> Optional[str]:
+    """--reasoning-effort, checked; else what --think/--no-think mean for a harmony model."""
+    from .harmony import EFFORTS, reasoning_effort
+
+    if effort is not None and effort not in EFFORTS:
+        raise UsageError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, got '{effort}'")
+    return reasoning_effort(effort, think)
 
 
 def _resolve(model, target, drafter, yes, no_spec) -> tuple[Path, Optional[Path]]:
@@ -157,6 +167,7 @@ def run(
     system: Optional[str] = SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     think: Optional[bool] = THINK,
+    reasoning_effort: Optional[str] = EFFORT,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt (text, reasoning, token ids, acceptance lengths).", rich_help_panel=OUTPUT),
     trace: bool = typer.Option(False, "--trace", help="With --json: every iteration's drafted tokens and how many were accepted.", rich_help_panel=OUTPUT),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=OUTPUT),
@@ -179,7 +190,8 @@ def run(
     if trace and not json_out:
         raise UsageError("--trace goes with --json (it adds every iteration to the JSON result)")
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, json_out, trace, quiet)
+    opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, _effort(reasoning_effort, think), json_out,
+                      trace, quiet)
     batch = text = None  # the input is read and checked before any model is loaded
     if prompt_file is not None and is_jsonl(prompt_file):
         if prompt is not None:
@@ -229,6 +241,7 @@ def chat(
     max_context: Optional[int] = MAX_CONTEXT,
     system: Optional[str] = SYSTEM,
     think: Optional[bool] = THINK,
+    reasoning_effort: Optional[str] = EFFORT,
     plain: bool = typer.Option(False, "--plain", help="Plain text: no Markdown rendering, no live status line.", rich_help_panel=OUTPUT),
     show_drafts: bool = typer.Option(False, "--show-drafts", help="Colour tokens by origin: accepted draft or the target's own.", rich_help_panel=OUTPUT),
     history: Optional[Path] = typer.Option(None, "--history", metavar="FILE", help="Input history file (default: ~/.local/share/dflash/history).", rich_help_panel=OUTPUT),
@@ -243,11 +256,12 @@ def chat(
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
+    effort = _effort(reasoning_effort, think)
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
     _check_block_size(drafter_dir, block_size)
     m = _load(target_dir, drafter_dir, device, dtype, max_context)
     session = ChatSession(m, _engine(m, block_size), sampling=sampling, max_tokens=max_tokens, system=system,
-                          think=m.thinks if think is None else think)
+                          think=m.thinks if think is None else think, reasoning_effort=effort)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
 
 

@@ -31,6 +31,7 @@ from . import dense
 from .weights import Weight
 
 MODEL_TYPES = ("gpt_oss",)
+THINKS = True  # gpt-oss always reasons (harmony's analysis channel): --think/--no-think set its effort
 MXFP4, DENSE = "mxfp4", "dense"
 cache_bytes = dense.cache_bytes
 
