@@ -280,6 +280,7 @@ def serve(
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="Seconds a request may take, queueing included.", rich_help_panel=SERVER),
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body, in MiB.", rich_help_panel=SERVER),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Thinking when a request does not say (default: what the drafter was trained with)."),
+    reasoning_effort: Optional[str] = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="gpt-oss: low, medium or high when a request does not say."),
     block_size: Optional[int] = BLOCK,
     no_spec: bool = NO_SPEC,
     device: str = DEVICE,
@@ -302,7 +303,7 @@ def serve(
 
     serve_flags(ServeFlags(model, target, drafter, yes, host, port, api_key, no_auth, tuple(cors_origin), max_queue,
                            timeout, max_body_mb, think, block_size, no_spec, device, dtype, max_context, engine, tp,
-                           dry_run))
+                           dry_run, _effort(reasoning_effort, None)))
 
 
 @app.command()

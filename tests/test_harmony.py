@@ -291,3 +291,53 @@ def test_the_reasoning_effort_flag(capsys, tmp_path):
     code = main(["run", "--target", str(copy_stories(tmp_path / "stories")), "--device", "cpu", "-p", "Once", "-n",
                  "2", "--reasoning-effort", "low"])
     assert code == 0 and "--reasoning-effort has no effect" in capsys.readouterr().err
+
+
+# ---- serve ----------------------------------------------------------------------------------------------
+def test_serve_streams_harmony_as_reasoning_content_and_a_tool_call(tok, ids_of):
+    """The worker splits a harmony answer by token id; the chat answer sends reasoning_content, content,
+    and the call as OpenAI tool_calls with finish_reason tool_calls, streamed or whole alike."""
+    import asyncio
+
+    from dflash_cli.sampling import SamplingParams
+    from dflash_cli.serve.answer import ChatAnswer
+    from dflash_cli.serve.prompting import chat_prompt
+    from dflash_cli.serve.protocol import parse_chat
+    from dflash_cli.serve.worker import EngineWorker, Job, Started, Text
+
+    out = ids_of("<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant<|channel|>commentary<|message|>"
+                 "Checking.<|end|><|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>"
+                 '{"tz": "UTC"}<|call|>')
+    worker = EngineWorker(_model(tok), _Engine(out), max_queue=1, log=lambda line: None)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Time?"}], "reasoning_effort": "minimal",
+            "tools": [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]}
+    req = parse_chat(body, "m")
+    assert req.template_kwargs["reasoning_effort"] == "low"  # harmony's nearest level
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(lambda t: chat_prompt(t, req.messages, tools=req.tools, template_kwargs=req.template_kwargs),
+                  400, SamplingParams(), loop=loop)
+        fin = worker._run(job)
+        loop.run_until_complete(asyncio.sleep(0))
+        events = []
+        while not job.events.empty():
+            events.append(job.events.get_nowait())
+    finally:
+        loop.close()
+    assert isinstance(events[0], Started) and events[0].harmony and fin.finish == "tool_call"
+    texts = [e for e in events if isinstance(e, Text)]
+    assert "".join(e.reasoning for e in texts) == "Look it up." and "".join(e.text for e in texts) == "Checking."
+    for streamed in (True, False):
+        answer = ChatAnswer(req, events[0], "m")
+        deltas = [d for e in texts for d in answer.feed(e.text, e.reasoning, e.tool_call)]
+        if streamed:
+            deltas += answer.closing(fin)
+            assert deltas[-1]["choices"][0]["finish_reason"] == "tool_calls"
+            calls = [c for d in deltas for c in d["choices"][0]["delta"].get("tool_calls", [])]
+            assert [c["function"] for c in calls] == [{"name": "get_time", "arguments": '{"tz": "UTC"}'}]
+        else:
+            whole = answer.whole(fin)["choices"][0]
+            message = whole["message"]
+            assert whole["finish_reason"] == "tool_calls"
+            assert (message["reasoning_content"], message["content"]) == ("Look it up.", "Checking.")
+            assert message["tool_calls"][0]["function"] == {"name": "get_time", "arguments": '{"tz": "UTC"}'}
