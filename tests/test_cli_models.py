@@ -50,7 +50,7 @@ def test_yes_pulls_missing_models(capsys, hub_pair):
 def test_models_lists_downloaded_pairs(capsys, hub_pair):
     main(["models", "--json"])
     rows = {r["alias"]: r for r in json.loads(capsys.readouterr().out)}
-    assert not rows["qwen3-4b"]["downloaded"] and not rows["gpt-oss-20b"]["supported"]
+    assert not rows["qwen3-4b"]["downloaded"] and not rows["qwen3.5-35b-a3b"]["supported"]
     main(["pull", "qwen3-4b"])
     capsys.readouterr()
     main(["models", "--json"])
@@ -70,8 +70,8 @@ def test_rm_needs_confirmation_in_scripts_and_removes_with_yes(capsys, hub_pair)
 
 
 def test_unsupported_and_unknown_models(capsys, server):  # noqa: F811
-    assert main(["run", "gpt-oss-20b", "-p", "x"]) == 1
-    assert "not supported by this version yet (attention sinks and MXFP4 weights)" in capsys.readouterr().err
+    assert main(["run", "qwen3.5-35b-a3b", "-p", "x"]) == 1
+    assert "not supported by this version yet (hybrid linear attention with MoE experts)" in capsys.readouterr().err
     assert main(["chat", "qwen-8b"]) == 2
     assert "did you mean 'qwen3-8b'" in capsys.readouterr().err
 

@@ -296,3 +296,19 @@ def test_drafter_biases_are_added_before_the_k_norm(tmp_path):
     torch.testing.assert_close(cache.k[0, :, :6], k.transpose(0, 1), rtol=1e-5, atol=1e-5)
     v = F.linear(ctx_h, w["layers.0.self_attn.v_proj.weight"], w["layers.0.self_attn.v_proj.bias"]).view(6, 2, 16)
     torch.testing.assert_close(cache.v[0, :, :6], v.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_synthetic_bench_runs_gpt_oss_with_packed_random_experts(capsys):
+    """`dflash bench --synthetic` draws MXFP4 bytes at the shape's real sizes; a decode step reads the
+    routed experts only (top 4 of 32: 3.45 GiB for gpt-oss-20b, research/moe-gptoss.md §5)."""
+    from dflash_cli import synthetic
+    from dflash_cli.cli import main
+    from dflash_cli.memory import GiB
+
+    assert abs(synthetic.weight_bytes("gpt-oss-20b", torch.bfloat16) / GiB - 3.45) < 0.02
+    _, t, d, _ = synthetic.configs("gpt-oss-120b")
+    assert (t.num_experts, d.block_size, d.target_layer_ids, d.attention_bias) == (128, 10, (1, 9, 17, 25, 33), True)
+    assert main(["bench", "tiny-gpt-oss", "--synthetic", "--device", "cpu", "--context", "64", "--tau", "3",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["block_size"] == 8 and r["decode_s"] > 0 and r["verify_s"] > 0 and r["draft_s"] > 0

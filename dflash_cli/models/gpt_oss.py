@@ -169,7 +169,9 @@ def layer_weights(c: Config, i: int, layout: str) -> list[Weight]:
 
 
 def weight_table(c: Config, layout: str | None = None) -> list[Weight]:
-    layout = layout or c.quant
+    """layout: MXFP4 or DENSE, as `layout_of` reads the checkpoint; anything else (None, or the synthetic
+    bench's "fused") means what config.json says."""
+    layout = layout if layout in (MXFP4, DENSE) else c.quant
     table = [Weight("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), "embed"),
              Weight("model.norm.weight", (c.hidden_size,), "norm", dtype="float32")]
     if not c.tie_word_embeddings:
