@@ -51,10 +51,13 @@ class HarmonyTokens:
     @classmethod
     def of(cls, tokenizer) -> "HarmonyTokens | None":
         """The ids of harmony's special tokens in `tokenizer`, or None when it is not a harmony tokenizer."""
-        vocab = tokenizer.get_vocab()
-        if not all(token in vocab for token in cls.NAMES.values()):
+        names = [*cls.NAMES.values(), "<|constrain|>"]
+        ids = tokenizer.convert_tokens_to_ids(names)  # a token it lacks: None, or the unknown token's id
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        found = {n: i for n, i in zip(names, ids) if i is not None and i != unknown}
+        if not all(token in found for token in cls.NAMES.values()):
             return None
-        return cls(**{name: vocab[token] for name, token in cls.NAMES.items()}, constrain=vocab.get("<|constrain|>"))
+        return cls(**{name: found[token] for name, token in cls.NAMES.items()}, constrain=found.get("<|constrain|>"))
 
     @property
     def stops(self) -> frozenset[int]:
@@ -64,7 +67,7 @@ class HarmonyTokens:
 
 @dataclass
 class ToolCall:
-    name: str  # "functions.get_weather" as the model addressed it, without the "functions." namespace
+    name: str  # the function's name: "get_weather" for a message "to=functions.get_weather"
     arguments: str  # the message's text, as written (JSON for a `json` constraint)
 
 

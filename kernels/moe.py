@@ -108,6 +108,37 @@ def experts_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx:
     return y.to(x.dtype)
 
 
+def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
+                      weights: torch.Tensor, *, gate_up_bias: torch.Tensor | None = None,
+                      down_bias: torch.Tensor | None = None, gate_up_scales: torch.Tensor | None = None,
+                      down_scales: torch.Tensor | None = None, swiglu_limit: float | None = None,
+                      swiglu_alpha: float = 1.702) -> torch.Tensor:
+    """A long prefill chunk of gpt-oss: each touched expert once, all its rows in one GEMM, its weights
+    dequantised once. The reference's per-pair copies of the weights would take T·k experts' worth
+    of memory (tens of GB at 512 tokens). Eager: it reads the touched experts back to the host, and
+    rows are not batch-invariant here (prefill rows are computed once; decode and verify never come here)."""
+    t, k = idx.shape
+    out = torch.zeros((t, k, down.shape[1]), dtype=torch.float32, device=x.device)
+    for e in idx.unique().tolist():
+        rows, ranks = (idx == e).nonzero(as_tuple=True)
+        w_gu, w_dn = gate_up[e], down[e]
+        if gate_up_scales is not None:
+            w_gu = dequantize_mxfp4(w_gu, gate_up_scales[e], x.dtype)
+            w_dn = dequantize_mxfp4(w_dn, down_scales[e], x.dtype)
+        gu = F.linear(x[rows], w_gu, None if gate_up_bias is None else gate_up_bias[e])
+        if swiglu_limit is None:
+            gate, up = gu.chunk(2, dim=-1)
+            act = (F.silu(gate) * up).to(x.dtype)
+        else:
+            act = clamped_swiglu(gu[:, 0::2], gu[:, 1::2], swiglu_limit, swiglu_alpha).to(x.dtype)
+        y = F.linear(act, w_dn, None if down_bias is None else down_bias[e])
+        out[rows, ranks] = (y * weights[rows, ranks, None]).float()
+    y = out[:, 0]
+    for j in range(1, k):
+        y = y + out[:, j]
+    return y.to(x.dtype)
+
+
 # ---- Triton ------------------------------------------------------------------------------------------
 # Three launches, none of which reduces across rows:
 #  1. `_router_kernel`, grid (T, expert blocks): each row's logits, its H reduced in BLOCK_H chunks in order.
@@ -119,7 +150,8 @@ def experts_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx:
 #     routing weight. BLOCK_M is fixed, so a row's tile products are the same instructions whether its
 #     expert has 1 row or 32.
 #  3. The k outputs of each token are summed in rank order (torch ops on [T, k, H], per row).
-# More than BLOCK_M rows for one expert (a long prefill chunk) fall back to the reference.
+# More than BLOCK_M rows for one expert (a long prefill chunk) fall back to the reference (gpt-oss: to
+# `experts_by_expert`, which never copies an expert's weights per pair).
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -335,7 +367,7 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: tor
     kw = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, gate_up_scales=gate_up_scales, down_scales=down_scales,
               swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
     if t > _BLOCK_M:
-        return experts_ref(x, gate_up, down, idx, weights, **kw)
+        return (experts_ref if swiglu_limit is None else experts_by_expert)(x, gate_up, down, idx, weights, **kw)
     mxfp4 = gate_up_scales is not None
     n_experts, two_i = gate_up.shape[:2]
     hidden = gate_up.shape[2] * 32 if mxfp4 else gate_up.shape[2]
