@@ -28,7 +28,8 @@ def cases(dt: str):
         yield f"qk_norm_rope_cache(norm={norm})", rope_cache._qk_norm_rope_cache_kernel, dict(
             q_ptr=p, k_ptr=p, v_ptr=p, qn_ptr=p, kn_ptr=p, cs_ptr="*fp32", pos_ptr="*i64", kc_ptr=p, vc_ptr=p,
             qo_ptr=p, sq_t="i32", sq_h="i32", sk_t="i32", sk_h="i32", sv_t="i32", sv_h="i32", n_q_heads="i32",
-            capacity="i32", half="i32", eps="fp32"), dict(HAS_NORM=norm, OFFSET=False, BLOCK_H=64)
+            capacity="i32", half="i32", rot="i32", d="i32", eps="fp32"), dict(HAS_NORM=norm, OFFSET=False, BLOCK_H=64,
+                                                                               BLOCK_P=1, BLOCK_D=128)
     yield "draft_ctx_kv", draft_kv._ctx_kv_kernel, dict(
         kv_ptr=p, kn_ptr=p, cs_ptr="*fp32", pos_ptr="*i64", kc_ptr=p, vc_ptr=p, n_layers="i32", n_heads="i32",
         capacity="i32", half="i32", eps="fp32"), dict(BLOCK_H=64)
