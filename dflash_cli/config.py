@@ -74,7 +74,7 @@ UNSUPPORTED_DRAFTER_KEYS = ("input_embedding_scale", "output_multiplier", "final
 DRAFTER_CONFIG_READING = "DFLASH_DRAFTER_CONFIG"
 
 
-def _as_transformers_reads(raw: dict, directory: Path) -> dict:
+def _as_transformers_reads(raw: dict) -> dict:
     """A gpt_oss drafter config with GptOssConfig's defaults filled in, unless DFLASH_DRAFTER_CONFIG=raw."""
     reading = os.environ.get(DRAFTER_CONFIG_READING, "transformers")
     if reading not in ("transformers", "raw"):
@@ -119,7 +119,7 @@ class DrafterConfig:
 
     @classmethod
     def from_raw(cls, raw: dict, directory: Path) -> "DrafterConfig":
-        raw = _as_transformers_reads(raw, directory)
+        raw = _as_transformers_reads(raw)
         f = Fields(raw, Path(directory))
         dflash = raw.get("dflash_config") or {}
         inner = Fields(dflash, Path(directory))
