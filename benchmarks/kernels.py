@@ -177,6 +177,53 @@ def moe_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16)):
                    lambda f, t=t, idx=idx, weights=weights: f(x[:t], gate_up, down, idx, weights), moved)
 
 
+def gpt_oss_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16)):
+    """gpt-oss's own ops at gpt-oss-20b shapes: the fp32-weight norm, attention with sinks over a
+    128-token window, the biased router (softmax over the top 4) and the MXFP4 experts with biases and
+    the clamped SwiGLU, and the biased draft context K/V."""
+    from dflash_cli.kernels import attention, draft_kv, moe, rmsnorm
+    from dflash_cli.rope import rope_table
+
+    h, hq, hkv, d, e, i, top_k = 2880, 64, 8, 64, 32, 2880, 4
+    x, w32 = torch.randn(B, h, dtype=dt, device=dev), torch.randn(h, device=dev)
+    yield ("rms_norm fp32 weight (B × 2880)", lambda *a: rmsnorm.rms_norm(*a, fp32_weight=True),
+           lambda *a: rmsnorm.rms_norm_ref(*a, fp32_weight=True), lambda f: f(x, w32, 1e-5), nbytes(x, w32, x))
+    cap = CTX + B
+    kc, vc = torch.randn(hkv, cap, d, dtype=dt, device=dev), torch.randn(hkv, cap, d, dtype=dt, device=dev)
+    q, length = torch.randn(B, hq, d, dtype=dt, device=dev), torch.tensor(CTX, device=dev)
+    sinks = torch.randn(hq, device=dev)
+    for name, window in (("full", None), ("window 128", 128)):
+        read = 2 * hkv * (window or CTX) * d * kc.element_size()
+        yield (f"attention + sinks {name} verify q={B}", attention.attention, attention.attention_ref,
+               lambda f, window=window: f(q, kc, vc, length, causal=True, scale=d**-0.5, sliding_window=window,
+                                          sinks=sinks), read)
+    packed = lambda rows, cols: (torch.randint(0, 256, (e, rows, cols // 32, 16), dtype=torch.uint8, device=dev),
+                                 torch.randint(118, 126, (e, rows, cols // 32), dtype=torch.uint8, device=dev))
+    gate_up, gu_scales = packed(2 * i, h)
+    down, dn_scales = packed(h, i)
+    kw = dict(gate_up_bias=torch.randn(e, 2 * i, dtype=dt, device=dev), down_bias=torch.randn(e, h, dtype=dt, device=dev),
+              gate_up_scales=gu_scales, down_scales=dn_scales, swiglu_limit=7.0, swiglu_alpha=1.702)
+    router, router_bias = torch.randn(e, h, dtype=dt, device=dev) / h**0.5, torch.randn(e, dtype=dt, device=dev)
+    xs = torch.randn(max(tokens), h, dtype=dt, device=dev)
+    yield (f"router + bias, top-4 softmax (T={max(tokens)})", moe.route, moe.route_ref,
+           lambda f: f(xs, router, top_k, False, router_bias, softmax_after_topk=True), nbytes(router, xs))
+    for t in tokens:
+        idx, weights = moe.route_ref(xs[:t], router, top_k, False, router_bias, softmax_after_topk=True)
+        touched = int(idx.unique().numel())
+        moved = touched * (nbytes(gate_up[0], gu_scales[0], down[0], dn_scales[0])) + 2 * nbytes(xs[:t])
+        yield (f"experts MXFP4 T={t} ({touched} of 32 touched)", moe.experts, moe.experts_ref,
+               lambda f, t=t, idx=idx, weights=weights: f(xs[:t], gate_up, down, idx, weights, **kw), moved)
+    layers = 2
+    ctx = torch.randn(B, h, dtype=dt, device=dev)
+    wkv = torch.randn(layers * 2 * hkv * d, h, dtype=dt, device=dev) / 64
+    bkv = torch.randn(layers * 2 * hkv * d, dtype=dt, device=dev)
+    dkn = torch.randn(layers, d, dtype=dt, device=dev)
+    dkc = torch.randn(layers, hkv, cap, d, dtype=dt, device=dev)
+    cs, pos = rope_table(d, 150000.0, None, cap, dev), torch.arange(CTX - B, CTX, device=dev)
+    yield ("draft context K/V + bias (B, 2 layers)", draft_kv.draft_ctx_kv, draft_kv.draft_ctx_kv_ref,
+           lambda f: f(ctx, wkv, dkn, 1e-5, cs, pos, dkc, torch.randn_like(dkc), b_kv=bkv), nbytes(ctx, wkv, bkv))
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU; nothing measured")
@@ -193,7 +240,8 @@ def main() -> int:
           f"B={B}, context {CTX}")
     print(f"| {'op':<40} | {'triton µs':>9} | {'torch µs':>9} | {'speedup':>7} | {'GB/s':>6} | {'% copy':>6} |")
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 8}|{'-' * 8}|")
-    all_cases = [*cases("cuda", torch.bfloat16), *hybrid_cases("cuda", torch.bfloat16), *moe_cases("cuda", torch.bfloat16)]
+    all_cases = [*cases("cuda", torch.bfloat16), *hybrid_cases("cuda", torch.bfloat16), *moe_cases("cuda", torch.bfloat16),
+                 *gpt_oss_cases("cuda", torch.bfloat16)]
     for name, kern, ref, call, moved in all_cases:
         t_k = do_bench(lambda: call(kern), return_mode="median") * 1e3
         t_r = do_bench(lambda: call(ref), return_mode="median") * 1e3

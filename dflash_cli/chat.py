@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .engine import Engine, Request
 from .errors import DflashError, UsageError
 from .generate import Chunk, Stats, stream_text
+from .harmony import ToolCall, reasoning_effort
 from .loader import Model
 from .prompt import render_chat
 from .jsonl import read_jsonl, validate_messages
@@ -32,7 +33,7 @@ Commands:
   /help                      this text
   /system TEXT               set the system prompt (/system alone clears it)
   /set NAME VALUE            temperature, top_p, top_k, min_p, max_tokens or seed
-  /think on|off              Qwen3 thinking mode (off by default)
+  /think on|off              thinking mode (Qwen3: off by default; gpt-oss: high or low reasoning effort)
   /clear                     start a new conversation
   /save FILE, /load FILE     the conversation as JSONL, one message per line
   /stats                     speed and acceptance for this session
@@ -60,9 +61,11 @@ class ChatSession:
     max_tokens: int = 2048
     system: str | None = None
     think: bool = False
+    reasoning_effort: str | None = None  # harmony (gpt-oss); None: the template's default (medium)
     messages: list[dict] = field(default_factory=list)  # user and assistant turns (system kept apart)
     answers: list[Stats] = field(default_factory=list)
     live: Stats | None = None  # the answer being generated (updated in place while it streams)
+    tool_call: ToolCall | None = None  # the call the last answer ended with (harmony), if any
 
     # ---- conversation ---------------------------------------------------------------------
     def conversation(self) -> list[dict]:
@@ -72,14 +75,16 @@ class ChatSession:
         """Stream the answer to `text`. Whatever was generated joins the conversation, also when
         the caller stops early (Ctrl-C)."""
         self.messages.append({"role": "user", "content": text})
-        prompt = render_chat(self.model.tokenizer, self.conversation(), enable_thinking=self.think)
+        effort = {} if self.reasoning_effort is None else {"reasoning_effort": self.reasoning_effort}
+        prompt = render_chat(self.model.tokenizer, self.conversation(), enable_thinking=self.think,
+                             template_kwargs=effort)
         ids = prompt.ids
         if len(ids) >= self.engine.max_context:
             self.messages.pop()
             raise DflashError(f"the conversation is {len(ids)} tokens; the context limit is {self.engine.max_context} "
                               "(/clear starts a new one; --max-context raises the limit)")
         stats, pieces = Stats(), []
-        self.live = stats
+        self.live, self.tool_call = stats, None
         request = Request(ids, self.max_tokens, self.model.stop_token_ids, self.sampling,
                           keep_prefix=prompt.keep_prefix)
         steps = stream_text(self.engine, self.model.tokenizer, request, stats, split_drafts=split_drafts,
@@ -92,6 +97,7 @@ class ChatSession:
         try:
             for chunk in itertools.chain([first], steps):
                 pieces.append(chunk.text)
+                self.tool_call = chunk.tool_call or self.tool_call
                 yield chunk
         finally:
             steps.close()
@@ -142,6 +148,9 @@ class ChatSession:
         if arg not in ("on", "off"):
             raise UsageError("usage: /think on|off")
         self.think = arg == "on"
+        if self.model.harmony is not None:  # gpt-oss always reasons: on and off are its high and low effort
+            self.reasoning_effort = reasoning_effort(None, self.think)
+            return Reply(f"reasoning effort {self.reasoning_effort}")
         template = getattr(self.model.tokenizer, "chat_template", None) or ""
         caveat = "" if "enable_thinking" in template else " (this model's chat template has no thinking mode)"
         return Reply(f"thinking {arg}{caveat}")

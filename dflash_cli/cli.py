@@ -55,7 +55,17 @@ TOP_K = typer.Option(0, "--top-k", metavar="K", help="Keep the k likeliest token
 MIN_P = typer.Option(0.0, "--min-p", metavar="P", help="Drop tokens below min_p × the top probability.", rich_help_panel=SAMPLING)
 SEED = typer.Option(None, "--seed", metavar="INT", help="Sampling seed: the same seed gives the same answer, with or without speculation.", rich_help_panel=SAMPLING)
 SYSTEM = typer.Option(None, "--system", "-s", metavar="TEXT", help="System prompt.")
-THINK = typer.Option(None, "--think/--no-think", help="Thinking mode (default: as the drafter was trained: off for the Qwen3 b16 pairs, on for Qwen3.5/3.6).")
+THINK = typer.Option(None, "--think/--no-think", help="Thinking mode (default: as the drafter was trained: off for the Qwen3 b16 pairs, on for Qwen3.5/3.6; gpt-oss: --think is high reasoning effort, --no-think low).")
+EFFORT = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="gpt-oss: low, medium (its default) or high.")
+
+
+def _effort(effort: Optional[str], think: Optional[bool]) -> Optional[str]:
+    """--reasoning-effort, checked; else what --think/--no-think mean for a harmony model."""
+    from .harmony import EFFORTS, reasoning_effort
+
+    if effort is not None and effort not in EFFORTS:
+        raise UsageError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, got '{effort}'")
+    return reasoning_effort(effort, think)
 
 
 def _resolve(model, target, drafter, yes, no_spec) -> tuple[Path, Optional[Path]]:
@@ -157,6 +167,7 @@ def run(
     system: Optional[str] = SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     think: Optional[bool] = THINK,
+    reasoning_effort: Optional[str] = EFFORT,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt (text, reasoning, token ids, acceptance lengths).", rich_help_panel=OUTPUT),
     trace: bool = typer.Option(False, "--trace", help="With --json: every iteration's drafted tokens and how many were accepted.", rich_help_panel=OUTPUT),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=OUTPUT),
@@ -179,7 +190,8 @@ def run(
     if trace and not json_out:
         raise UsageError("--trace goes with --json (it adds every iteration to the JSON result)")
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, json_out, trace, quiet)
+    opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, _effort(reasoning_effort, think), json_out,
+                      trace, quiet)
     batch = text = None  # the input is read and checked before any model is loaded
     if prompt_file is not None and is_jsonl(prompt_file):
         if prompt is not None:
@@ -229,6 +241,7 @@ def chat(
     max_context: Optional[int] = MAX_CONTEXT,
     system: Optional[str] = SYSTEM,
     think: Optional[bool] = THINK,
+    reasoning_effort: Optional[str] = EFFORT,
     plain: bool = typer.Option(False, "--plain", help="Plain text: no Markdown rendering, no live status line.", rich_help_panel=OUTPUT),
     show_drafts: bool = typer.Option(False, "--show-drafts", help="Colour tokens by origin: accepted draft or the target's own.", rich_help_panel=OUTPUT),
     history: Optional[Path] = typer.Option(None, "--history", metavar="FILE", help="Input history file (default: ~/.local/share/dflash/history).", rich_help_panel=OUTPUT),
@@ -243,11 +256,12 @@ def chat(
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
+    effort = _effort(reasoning_effort, think)
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
     _check_block_size(drafter_dir, block_size)
     m = _load(target_dir, drafter_dir, device, dtype, max_context)
     session = ChatSession(m, _engine(m, block_size), sampling=sampling, max_tokens=max_tokens, system=system,
-                          think=m.thinks if think is None else think)
+                          think=m.thinks if think is None else think, reasoning_effort=effort)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
 
 
@@ -257,22 +271,23 @@ def serve(
     target: Optional[str] = TARGET,
     drafter: Optional[str] = DRAFTER,
     yes: bool = YES,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key or --no-auth.", rich_help_panel=SERVER),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0 picks a free one; the URL printed says which).", rich_help_panel=SERVER),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DFLASH_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY.", rich_help_panel=SERVER),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="HOST", help="Address to listen on; anything but loopback needs --api-key or --no-auth.", rich_help_panel=SERVER),
+    port: int = typer.Option(8000, "--port", metavar="PORT", min=0, max=65535, help="Port (0 picks a free one; the URL printed says which).", rich_help_panel=SERVER),
+    api_key: Optional[str] = typer.Option(None, "--api-key", metavar="KEY", envvar="DFLASH_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY.", rich_help_panel=SERVER),
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback --host without a key (prints a warning).", rich_help_panel=SERVER),
-    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow browser pages from this origin (repeatable; none by default).", rich_help_panel=SERVER),
-    max_queue: int = typer.Option(16, "--max-queue", min=0, help="Requests that may wait behind the running one; more get 503.", rich_help_panel=SERVER),
-    timeout: float = typer.Option(600.0, "--timeout", min=1, help="Seconds a request may take, queueing included.", rich_help_panel=SERVER),
-    max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body, in MiB.", rich_help_panel=SERVER),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", metavar="ORIGIN", help="Allow browser pages from this origin (repeatable; none by default).", rich_help_panel=SERVER),
+    max_queue: int = typer.Option(16, "--max-queue", metavar="N", min=0, help="Requests that may wait behind the running one; more get 503.", rich_help_panel=SERVER),
+    timeout: float = typer.Option(600.0, "--timeout", metavar="SECONDS", min=1, help="Seconds a request may take, queueing included.", rich_help_panel=SERVER),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb", metavar="MIB", help="Largest request body, in MiB.", rich_help_panel=SERVER),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Thinking when a request does not say (default: what the drafter was trained with)."),
+    reasoning_effort: Optional[str] = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="gpt-oss: low, medium or high when a request does not say."),
     block_size: Optional[int] = BLOCK,
     no_spec: bool = NO_SPEC,
     device: str = DEVICE,
     dtype: str = DTYPE,
     max_context: Optional[int] = MAX_CONTEXT,
-    engine: Optional[str] = typer.Option(None, "--engine", help="Hand the pair to sglang or vllm (several GPUs) instead of serving it here.", rich_help_panel=ENGINE),
-    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="With --engine: GPUs for tensor parallelism (default: the pair's suggestion).", rich_help_panel=ENGINE),
+    engine: Optional[str] = typer.Option(None, "--engine", metavar="ENGINE", help="Hand the pair to sglang or vllm (several GPUs) instead of serving it here.", rich_help_panel=ENGINE),
+    tp: Optional[int] = typer.Option(None, "--tp", metavar="GPUS", min=1, help="With --engine: GPUs for tensor parallelism (default: the pair's suggestion).", rich_help_panel=ENGINE),
     dry_run: bool = typer.Option(False, "--dry-run", help="With --engine: print the command instead of running it.", rich_help_panel=ENGINE),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (chat, completions, streaming, tools, reasoning).
@@ -288,7 +303,7 @@ def serve(
 
     serve_flags(ServeFlags(model, target, drafter, yes, host, port, api_key, no_auth, tuple(cors_origin), max_queue,
                            timeout, max_body_mb, think, block_size, no_spec, device, dtype, max_context, engine, tp,
-                           dry_run))
+                           dry_run, _effort(reasoning_effort, None)))
 
 
 @app.command()
@@ -367,26 +382,26 @@ TRAINING = "Training"
 
 @app.command()
 def train(
-    target: Optional[str] = typer.Option(None, "--target", help="The target to draft for: a repo id, a directory, or `demo`.", rich_help_panel=MODEL),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for the drafter (and its training state, for --resume)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts: .jsonl (strings or message lists) or text, one per line (default: a small built-in set)."),
-    eval_prompts: Optional[Path] = typer.Option(None, "--eval-prompts", help="Held-out prompts for τ (default: the last tenth of --prompts, never trained on)."),
-    block_size: Optional[int] = typer.Option(None, "--block-size", "-b", help="Draft block size B (default 16).", rich_help_panel=MODEL),
-    draft_layers: Optional[int] = typer.Option(None, "--draft-layers", help="Drafter layers (default 5).", rich_help_panel=MODEL),
-    target_layer_ids: Optional[str] = typer.Option(None, "--target-layer-ids", help="Comma-separated target layers the drafter reads (default: spread over the depth, as released).", rich_help_panel=MODEL),
-    mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="Token id of the mask (default: the tokenizer's mask, a padded or reserved row, or <unk>).", rich_help_panel=MODEL),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Train for N optimizer steps…", rich_help_panel=TRAINING),
-    time_budget: Optional[str] = typer.Option(None, "--time", help="…or for this long: 90s, 15m, 1h30m (training only, not answer generation).", rich_help_panel=TRAINING),
+    target: Optional[str] = typer.Option(None, "--target", metavar="ID|DIR", help="The target to draft for: a repo id, a directory, or `demo`.", rich_help_panel=MODEL),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory for the drafter (and its training state, for --resume)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", metavar="FILE", help="Prompts: .jsonl (strings or message lists) or text, one per line (default: a small built-in set)."),
+    eval_prompts: Optional[Path] = typer.Option(None, "--eval-prompts", metavar="FILE", help="Held-out prompts for τ (default: the last tenth of --prompts, never trained on)."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", "-b", metavar="B", help="Draft block size B (default 16).", rich_help_panel=MODEL),
+    draft_layers: Optional[int] = typer.Option(None, "--draft-layers", metavar="N", help="Drafter layers (default 5).", rich_help_panel=MODEL),
+    target_layer_ids: Optional[str] = typer.Option(None, "--target-layer-ids", metavar="IDS", help="Comma-separated target layers the drafter reads (default: spread over the depth, as released).", rich_help_panel=MODEL),
+    mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", metavar="ID", help="Token id of the mask (default: the tokenizer's mask, a padded or reserved row, or the unknown token).", rich_help_panel=MODEL),
+    steps: Optional[int] = typer.Option(None, "--steps", metavar="N", help="Train for N optimizer steps…", rich_help_panel=TRAINING),
+    time_budget: Optional[str] = typer.Option(None, "--time", metavar="DURATION", help="…or for this long: 90s, 15m, 1h30m (training only, not answer generation).", rich_help_panel=TRAINING),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint.", rich_help_panel=TRAINING),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 6e-4; warm-up 4%, cosine decay).", rich_help_panel=TRAINING),
-    anchors: Optional[int] = typer.Option(None, "--anchors", help="Draft blocks per sequence per step (default 512).", rich_help_panel=TRAINING),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per step (default 4).", rich_help_panel=TRAINING),
-    max_answer_tokens: Optional[int] = typer.Option(None, "--max-answer-tokens", help="Longest answer the target writes per prompt (default 1024).", rich_help_panel=TRAINING),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Temperature of the target's answers (default 0: greedy).", rich_help_panel=TRAINING),
+    lr: Optional[float] = typer.Option(None, "--lr", metavar="LR", help="Peak learning rate (default 6e-4; warm-up 4%, cosine decay).", rich_help_panel=TRAINING),
+    anchors: Optional[int] = typer.Option(None, "--anchors", metavar="N", help="Draft blocks per sequence per step (default 512).", rich_help_panel=TRAINING),
+    batch: Optional[int] = typer.Option(None, "--batch", metavar="N", help="Sequences per step (default 4).", rich_help_panel=TRAINING),
+    max_answer_tokens: Optional[int] = typer.Option(None, "--max-answer-tokens", metavar="N", help="Longest answer the target writes per prompt (default 1024).", rich_help_panel=TRAINING),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", metavar="T", help="Temperature of the target's answers (default 0: greedy).", rich_help_panel=TRAINING),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 thinking mode in the answers (default off): train in the mode you will chat in.", rich_help_panel=TRAINING),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initialisation, batches and anchors (default 0).", rich_help_panel=TRAINING),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default: a tenth of the run).", rich_help_panel=TRAINING),
-    eval_tokens: int = typer.Option(128, "--eval-tokens", min=1, help="Tokens per held-out prompt when measuring τ.", rich_help_panel=TRAINING),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="INT", help="Seed of the initialisation, batches and anchors (default 0).", rich_help_panel=TRAINING),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="N", help="Steps between checkpoints (default: a tenth of the run).", rich_help_panel=TRAINING),
+    eval_tokens: int = typer.Option(128, "--eval-tokens", min=1, metavar="N", help="Tokens per held-out prompt when measuring τ.", rich_help_panel=TRAINING),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute layer activations in the backward pass (less memory).", rich_help_panel=TRAINING),
     device: str = DEVICE,
     yes: bool = YES,

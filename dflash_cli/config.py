@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +67,28 @@ def rope_params(raw: dict, f: Fields) -> tuple[float, dict | None]:
 
 # Drafter config keys that change the math; refused until implemented (research/dflash2.md §1, hybrid.md §4).
 UNSUPPORTED_DRAFTER_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping",
-                            "attention_sink_bias", "attention_bias", "use_swa", "swa_window_size")
+                            "attention_sink_bias", "use_swa", "swa_window_size")
 # The head and embedding knobs a DFlash2 drafter may set (applied in drafter.py; refused on v1 drafters,
 # where no released checkpoint sets them).
 DFLASH2_SCALE_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping")
 DRAFTER_ARCHITECTURES = ("DFlashDraftModel", "DFlash2DraftModel")
+
+# How a gpt_oss drafter config.json is read (README, "gpt-oss"): "transformers" (the default) as
+# AutoConfig reads it, GptOssConfig's defaults filling in the rope and window keys it leaves out (what
+# SGLang sees); "raw" as written (plain RoPE, every layer full), for an acceptance A/B on a GPU.
+DRAFTER_CONFIG_READING = "DFLASH_DRAFTER_CONFIG"
+
+
+def _as_transformers_reads(raw: dict) -> dict:
+    """A gpt_oss drafter config with GptOssConfig's defaults filled in, unless DFLASH_DRAFTER_CONFIG=raw."""
+    reading = os.environ.get(DRAFTER_CONFIG_READING, "transformers")
+    if reading not in ("transformers", "raw"):
+        raise DflashError(f"{DRAFTER_CONFIG_READING} must be transformers or raw, not {reading!r}")
+    if raw.get("model_type") != "gpt_oss" or reading == "raw":
+        return raw
+    from .models.gpt_oss import with_transformers_defaults
+
+    return with_transformers_defaults(raw)
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -138,6 +156,7 @@ class DrafterConfig:
     input_embedding_scale: float = 1.0  # the block's target embeddings times this
     output_multiplier: float = 1.0  # the head's logits times this, then softcapped when the cap is set
     final_logit_softcapping: float | None = None
+    attention_bias: bool = False  # q/k/v/o biases (the gpt-oss drafters)
 
     @classmethod
     def from_dir(cls, directory: Path) -> "DrafterConfig":
@@ -145,6 +164,7 @@ class DrafterConfig:
 
     @classmethod
     def from_raw(cls, raw: dict, directory: Path) -> "DrafterConfig":
+        raw = _as_transformers_reads(raw)
         f = Fields(raw, Path(directory))
         dflash = raw.get("dflash_config") or {}
         inner = Fields(dflash, Path(directory))
@@ -214,6 +234,7 @@ class DrafterConfig:
             sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
             causal=causal,
             **(_dflash2_fields(raw, dflash, Path(directory), hidden, vocab) if v2 else {}),
+            attention_bias=bool(raw.get("attention_bias", False)),
         )
 
     def check_against(self, target, directory: Path) -> None:

@@ -8,6 +8,7 @@ vLLM's rule). Context K/V comes from target features: `ctx_h = hidden_norm(fc(co
 by each layer's k_proj/v_proj (k-normed and rotated) and cached once per token (`add_context`). The
 block's K/V is written past the committed length and never committed, so the next draft overwrites
 it. Outputs at block positions 1..B-1 go through the target's lm_head; the argmax is the draft.
+The gpt-oss drafters (`attention_bias`) add biases to q/k/v/o, k's before its norm.
 
 A DFlash2 drafter (`DFlash2DraftModel`, research/dflash2.md §1) is this plus two modules, in
 dflash2.py: a dynamic causal conv before and after every sublayer, over the block rows, and a
@@ -47,6 +48,9 @@ def weight_table(c: DrafterConfig) -> list[Weight]:
                   Weight(p + "mlp.gate_proj.weight", (c.intermediate_size, h)),
                   Weight(p + "mlp.up_proj.weight", (c.intermediate_size, h)),
                   Weight(p + "mlp.down_proj.weight", (h, c.intermediate_size))]
+        if c.attention_bias:
+            table += [Weight(p + f"self_attn.{name}_proj.bias", (rows,), "normal", 0.1)
+                      for name, rows in (("q", q), ("k", kv), ("v", kv), ("o", h))]
     return (table + dflash2_table(c)) if c.dflash2 else table
 
 
@@ -87,15 +91,18 @@ class DraftLayer:
     causal: bool  # inside the block (sliding layers of the newer drafters)
     attention_conv: DynamicConv | None = None  # DFlash2 only
     mlp_conv: DynamicConv | None = None
+    q_bias: torch.Tensor | None = None  # attention biases (gpt-oss drafters)
+    kv_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
 
 
 class Drafter:
     def __init__(self, cfg: DrafterConfig, fc: torch.Tensor, hidden_norm: torch.Tensor, norm: torch.Tensor,
                  layers: list[DraftLayer], w_kv: torch.Tensor, embed: torch.Tensor, lm_head: torch.Tensor,
-                 max_positions: int, selector: CandidateSelector | None = None):
+                 max_positions: int, b_kv: torch.Tensor | None = None, selector: CandidateSelector | None = None):
         self.cfg, self.fc, self.hidden_norm, self.norm, self.layers = cfg, fc, hidden_norm, norm, layers
         self.selector = selector  # DFlash2: the draft is the selector's walk, not the head's argmax
-        self.w_kv, self.embed, self.lm_head = w_kv, embed, lm_head
+        self.w_kv, self.b_kv, self.embed, self.lm_head = w_kv, b_kv, embed, lm_head
         self.k_norms = torch.stack([layer.k_norm for layer in layers])
         self.cos_sin = rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions, embed.device)
         self.scale = cfg.head_dim**-0.5
@@ -124,24 +131,29 @@ class Drafter:
     def from_weights(cls, cfg: DrafterConfig, w: dict[str, torch.Tensor], embed: torch.Tensor, lm_head: torch.Tensor,
                      max_positions: int) -> "Drafter":
         """The drafter from its checkpoint tensors by name (`weight_table`); `w` is consumed."""
-        kv, layers = [], []
+        kv, kv_bias, layers = [], [], []
         for i in range(cfg.num_layers):
             p = f"layers.{i}.self_attn."
             kv.append(torch.cat((w.pop(p + "k_proj.weight"), w.pop(p + "v_proj.weight"))))
+            if cfg.attention_bias:
+                kv_bias.append(torch.cat((w.pop(p + "k_proj.bias"), w.pop(p + "v_proj.bias"))))
             q = f"layers.{i}."
             layers.append(DraftLayer(
                 input_norm=w.pop(q + "input_layernorm.weight"), q_proj=w.pop(p + "q_proj.weight"), kv_proj=kv[-1],
                 q_norm=w.pop(p + "q_norm.weight"), k_norm=w.pop(p + "k_norm.weight"), o_proj=w.pop(p + "o_proj.weight"),
                 post_norm=w.pop(q + "post_attention_layernorm.weight"),
                 gate_up=torch.cat((w.pop(q + "mlp.gate_proj.weight"), w.pop(q + "mlp.up_proj.weight"))),
-                down=w.pop(q + "mlp.down_proj.weight"), window=cfg.sliding_windows[i], causal=cfg.causal[i]))
+                down=w.pop(q + "mlp.down_proj.weight"), window=cfg.sliding_windows[i], causal=cfg.causal[i],
+                q_bias=w.pop(p + "q_proj.bias", None), o_bias=w.pop(p + "o_proj.bias", None)))
         w_kv = torch.cat(kv)
+        b_kv = torch.cat(kv_bias) if kv_bias else None
         rows = w_kv.shape[0] // cfg.num_layers
         for i, layer in enumerate(layers):  # share the stacked tensor rather than keep two copies
             layer.kv_proj = w_kv[i * rows:(i + 1) * rows]
+            layer.kv_bias = None if b_kv is None else b_kv[i * rows:(i + 1) * rows]
         selector = _dflash2_modules(cfg, w, layers) if cfg.dflash2 else None
         return cls(cfg, w["fc.weight"], w["hidden_norm.weight"], w["norm.weight"], layers, w_kv,
-                   embed, lm_head, max_positions, selector)
+                   embed, lm_head, max_positions, b_kv, selector)
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.cfg
@@ -152,7 +164,7 @@ class Drafter:
         of them (all by default). Entries past `count` are padding the next draft overwrites."""
         ctx_h, _ = ops.rms_norm(F.linear(features, self.fc), self.hidden_norm, self.cfg.rms_norm_eps)
         ops.draft_ctx_kv(ctx_h, self.w_kv, self.k_norms, self.cfg.rms_norm_eps, self.cos_sin,
-                         cache.positions(features.shape[0]), cache.k, cache.v)
+                         cache.positions(features.shape[0]), cache.k, cache.v, b_kv=self.b_kv)
         cache.commit(features.shape[0] if count is None else count)
 
     def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
@@ -182,13 +194,13 @@ class Drafter:
         for i, layer in enumerate(self.layers):
             h, _ = ops.rms_norm(x, layer.input_norm, c.rms_norm_eps)
             h, conv_kernels = pre_conv(layer.attention_conv, h)
-            k, v = F.linear(h, layer.kv_proj).view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
-            q = ops.qk_norm_rope_cache(F.linear(h, layer.q_proj).view(block_size, c.num_heads, c.head_dim),
+            k, v = F.linear(h, layer.kv_proj, layer.kv_bias).view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
+            q = ops.qk_norm_rope_cache(F.linear(h, layer.q_proj, layer.q_bias).view(block_size, c.num_heads, c.head_dim),
                                        k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
                                        positions, cache.k[i], cache.v[i])
             out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
                                 sliding_window=layer.window)
-            out = F.linear(out.reshape(block_size, -1), layer.o_proj)
+            out = F.linear(out.reshape(block_size, -1), layer.o_proj, layer.o_bias)
             x = x + post_conv(layer.attention_conv, out, conv_kernels)
             h, _ = ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)
             h, conv_kernels = pre_conv(layer.mlp_conv, h)

@@ -10,6 +10,7 @@ from typing import Iterator
 
 from .detok import StreamDecoder
 from .engine import Engine, Request, Step
+from .harmony import HarmonyText, HarmonyTokens, ToolCall
 from .reasoning import ThinkSplitter
 
 
@@ -53,7 +54,7 @@ class Stats:
     def summary(self) -> str:
         line = (f"{self.generated} tokens · {self.tokens_per_second:.1f} tok/s · τ {self.mean_acceptance:.2f} · "
                 f"prompt {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s")
-        return line + (f" · stopped: {self.finish}" if self.finish in ("length", "interrupted") else "")
+        return line + (f" · stopped: {self.finish}" if self.finish in ("length", "interrupted", "tool_call") else "")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Chunk:
     step: Step
     draft_chars: int = 0  # with split_drafts: how much of `text` came from accepted drafts (it comes first)
     reasoning: str = ""  # newly final reasoning (`<think>` text, without the tags), which comes before `text`
+    tool_call: ToolCall | None = None  # harmony: the tool call the answer ended with (finish "tool_call")
 
 
 def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
@@ -71,7 +73,11 @@ def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
     With `split_drafts`, the step's accepted-draft tokens are decoded before the target's own
     token, so a UI can show which text the drafter wrote. At a stop string the text ends where it
     begins, and so do `stats.token_ids` and the step's tokens: no token that wrote part of it is kept.
-    `think` (prompt.ChatPrompt.think): "auto" or "open" split `<think>` reasoning off the answer."""
+    `think` (prompt.ChatPrompt.think): "auto" or "open" split `<think>` reasoning off the answer;
+    "harmony" splits gpt-oss's channels by token id (harmony.py)."""
+    if think == "harmony":
+        yield from _stream_harmony(engine, tokenizer, request, stats, stop_strings)
+        return
     decoder = StreamDecoder(tokenizer, stop_strings, context=request.prompt_ids[-1:])
     splitter = ThinkSplitter(think) if think != "off" else None
     stats.prompt_tokens = len(request.prompt_ids)
@@ -100,6 +106,37 @@ def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
                 draft_chars = draft_chars if reply == text else 0  # drafts are coloured in plain answers only
                 text = reply
             yield Chunk(text, step, draft_chars, reasoning)
+            if step.finish is not None:
+                return
+    finally:
+        steps.close()
+
+
+def _stream_harmony(engine: Engine, tokenizer, request: Request, stats: Stats,
+                    stop_strings: tuple[str, ...]) -> Iterator[Chunk]:
+    """stream_text for a harmony answer: analysis → reasoning, final → text; an answer that ends in a
+    tool call finishes with "tool_call". A stop string cuts the answer text, and the tokens, as above."""
+    text = HarmonyText(tokenizer, HarmonyTokens.of(tokenizer), stop_strings)
+    stats.prompt_tokens = len(request.prompt_ids)
+    steps = engine.generate(request)
+    try:
+        for step in steps:
+            reasoning, answer = text.push(step.tokens)
+            call = None
+            if text.stopped:
+                step.finish = "stop"
+                keep = text.tokens_kept()
+                step.tokens = step.tokens[:max(0, keep - stats.generated)]
+                stats.add(step)
+                del stats.token_ids[keep:]
+            else:
+                if step.finish is not None:
+                    more_reasoning, more_answer = text.flush()
+                    reasoning, answer = reasoning + more_reasoning, answer + more_answer
+                    call = text.tool_call(finished_by_stop=step.finish == "stop")
+                    step.finish = "tool_call" if call is not None else step.finish
+                stats.add(step)
+            yield Chunk(answer, step, 0, reasoning, call)
             if step.finish is not None:
                 return
     finally:

@@ -17,6 +17,7 @@ from .config import DrafterConfig
 from .drafter import Drafter
 from .engine import cache_slack
 from .errors import DflashError, UsageError
+from .harmony import HarmonyTokens
 from .memory import free_device_memory, needs_for, plan_context
 from .models import load_target, target_config
 
@@ -33,6 +34,7 @@ class Model:
     target_dir: Path
     drafter_dir: Path | None
     thinks: bool = False  # the thinking mode the family's drafters were trained with: the default
+    harmony: HarmonyTokens | None = None  # gpt-oss's chat format: its special tokens, looked up at load
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -71,6 +73,8 @@ def load_tokenizer(directory: Path):
 
 
 def stop_token_ids(directory: Path, tokenizer) -> frozenset[int]:
+    """generation_config.json's eos ids and the tokenizer's; for a harmony tokenizer (gpt-oss) also
+    <|return|>, <|call|> and <|endoftext|>, and never <|end|>, which ends one message of an answer."""
     ids: set[int] = set()
     path = Path(directory) / "generation_config.json"
     if path.is_file():
@@ -81,6 +85,9 @@ def stop_token_ids(directory: Path, tokenizer) -> frozenset[int]:
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    harmony = HarmonyTokens.of(tokenizer)
+    if harmony is not None:
+        ids = (ids | harmony.stops) - {harmony.end}
     return frozenset(int(i) for i in ids)
 
 
@@ -123,4 +130,4 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     if drafter_cfg is not None:
         drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)
     return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir,
-                 getattr(family, "THINKS", False))
+                 getattr(family, "THINKS", False), HarmonyTokens.of(tokenizer))

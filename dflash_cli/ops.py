@@ -50,7 +50,9 @@ def _pick(name: str, device: torch.device) -> Callable:
     return _impl(name, mode == "triton" or (mode == "auto" and device.type == "cuda"))
 
 
-def rms_norm(x, weight, eps, residual=None, offset=False):
+def rms_norm(x, weight, eps, residual=None, offset=False, fp32_weight=False):
+    if fp32_weight:  # gpt-oss's convention; the others call with the arguments they always did
+        return _pick("rms_norm", x.device)(x, weight, eps, residual, offset, fp32_weight)
     return _pick("rms_norm", x.device)(x, weight, eps, residual, offset)
 
 
@@ -86,20 +88,25 @@ def flash_prefill(q: torch.Tensor, causal: bool, sliding_window: int | None) -> 
     return q.dtype in (torch.bfloat16, torch.float16) and sliding_window is None and causal and _LOWER_RIGHT_GQA
 
 
-def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None):
+def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None, sinks=None):
+    extra = {} if sinks is None else {"sinks": sinks}  # keyword only when used: families without sinks see none
     if q.shape[0] > MAX_KERNEL_Q_LEN:
-        if q.is_cuda and kernel_mode() != "torch" and not flash_prefill(q, causal, sliding_window):
-            return _impl("attention", True)(q, k_cache, v_cache, torch.tensor(kv_len, device=q.device), causal=causal,
-                                            scale=scale, sliding_window=sliding_window)
+        # SDPA has no sinks: with the kernels on, a long chunk with sinks runs through the split kernel too
+        kernels = _pick("attention", q.device) is not _impl("attention", False)
+        if kernels and (sinks is not None or (q.is_cuda and not flash_prefill(q, causal, sliding_window))):
+            return _impl("attention", True)(q, k_cache, v_cache, torch.as_tensor(kv_len, device=q.device),
+                                            causal=causal, scale=scale, sliding_window=sliding_window, **extra)
         return _impl("attention", False)(
-            q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window)
+            q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window, **extra)
     return _pick("attention", q.device)(
-        q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window
+        q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window, **extra
     )
 
 
-def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache):
-    return _pick("draft_ctx_kv", ctx_h.device)(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache)
+def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache, b_kv=None):
+    extra = {} if b_kv is None else {"b_kv": b_kv}  # the gpt-oss drafters' k/v biases
+    return _pick("draft_ctx_kv", ctx_h.device)(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache,
+                                               **extra)
 
 
 def sample(logits, rows, **params):
@@ -138,9 +145,11 @@ def gated_rms_norm(x, z, weight, eps):
 
 
 # ---- Mixture of experts -----------------------------------------------------------------------------------
-def moe_route(x, router, top_k, renormalize):
-    return _pick("route", x.device)(x, router, top_k, renormalize)
+def moe_route(x, router, top_k, renormalize, **gpt_oss):
+    """gpt_oss: `bias`, `softmax_after_topk` (kernels/moe.py)."""
+    return _pick("route", x.device)(x, router, top_k, renormalize, **gpt_oss)
 
 
-def moe_experts(x, gate_up, down, idx, weights):
-    return _pick("experts", x.device)(x, gate_up, down, idx, weights)
+def moe_experts(x, gate_up, down, idx, weights, **gpt_oss):
+    """gpt_oss: expert biases, MXFP4 scales, the clamped SwiGLU (kernels/moe.py)."""
+    return _pick("experts", x.device)(x, gate_up, down, idx, weights, **gpt_oss)

@@ -4,14 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import DflashError
+from .harmony import HarmonyTokens
 from .reasoning import CLOSE, OPEN
 
 
 @dataclass
 class ChatPrompt:
     ids: list[int]
-    # How the answer starts: "off" (no reasoning), "auto" (reasoning if it opens with <think>), or "open"
-    # (the prompt opened <think> itself, as Qwen3.5's template does: the answer starts as reasoning).
+    # How the answer starts: "off" (no reasoning), "auto" (reasoning if it opens with <think>), "open"
+    # (the prompt opened <think> itself, as Qwen3.5's template does: the answer starts as reasoning), or
+    # "harmony" (gpt-oss: the answer is harmony messages, split by token id: harmony.py).
     think: str = "off"
     # Tokens of `ids` the next turn's prompt will share: the conversation before this turn's generation
     # prompt. A target whose state cannot roll back (a hybrid) keeps a snapshot there.
@@ -35,6 +37,8 @@ def render_chat(tokenizer, messages: list[dict], *, enable_thinking: bool = Fals
     if text.startswith(head):
         head_ids = tokenizer.encode(head, add_special_tokens=False, verbose=False)
         keep = len(head_ids) if ids[:len(head_ids)] == head_ids else None
+    if text.endswith("<|start|>assistant") and HarmonyTokens.of(tokenizer) is not None:
+        return ChatPrompt(ids, "harmony", keep)
     opens = text.rfind(OPEN) > text.rfind(CLOSE)
     return ChatPrompt(ids, "open" if opens else "auto" if enable_thinking else "off", keep)
 

@@ -29,7 +29,6 @@ class ModelPair:
 
 
 # Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
-_GPT_OSS = "attention sinks and MXFP4 weights"
 _MUSE = "Muse-Glimmer target architecture (gated attention output, normalised embeddings, scaled logits)"
 _GLM53 = "GLM-5.3-Flash target architecture (KDA linear attention and MLA hybrid)"
 
@@ -45,11 +44,10 @@ PAIRS: tuple[ModelPair, ...] = (
               gated=True),
     ModelPair("qwen3-coder-30b-a3b", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "z-lab/Qwen3-Coder-30B-A3B-DFlash", 16,
               kind="moe"),  # a non-thinking coder
-    # gpt-oss drafters: block 8 (20b) and 10 (120b), not 16 (research/moe-gptoss.md §4).
-    ModelPair("gpt-oss-20b", "openai/gpt-oss-20b", "z-lab/gpt-oss-20b-DFlash", 8, supported=False, note=_GPT_OSS,
-              kind="gpt-oss"),
-    ModelPair("gpt-oss-120b", "openai/gpt-oss-120b", "z-lab/gpt-oss-120b-DFlash", 10, supported=False, note=_GPT_OSS,
-              kind="gpt-oss"),
+    # gpt-oss drafters: block 8 (20b) and 10 (120b), not 16 (research/moe-gptoss.md §4). Experts stay
+    # MXFP4 (12.8 / 60.8 GiB); gpt-oss always reasons (harmony), at medium effort unless asked.
+    ModelPair("gpt-oss-20b", "openai/gpt-oss-20b", "z-lab/gpt-oss-20b-DFlash", 8, kind="gpt-oss", think=True),
+    ModelPair("gpt-oss-120b", "openai/gpt-oss-120b", "z-lab/gpt-oss-120b-DFlash", 10, kind="gpt-oss", think=True),
     # The Qwen3.5 / 3.6 drafters were trained with thinking on (research/hybrid.md §5).
     *(ModelPair(f"qwen3.5-{size.lower()}", f"Qwen/Qwen3.5-{size}", f"z-lab/Qwen3.5-{size}-DFlash", 16,
                 kind="hybrid", think=True) for size in ("4B", "9B", "27B")),

@@ -33,6 +33,7 @@ class RunOptions:
     system: str | None = None
     raw: bool = False
     think: bool | None = False  # None: the model's default (resolved once it is loaded)
+    reasoning_effort: str | None = None  # harmony (gpt-oss): low, medium or high; None: the template's default
     json: bool = False
     trace: bool = False
     quiet: bool = False
@@ -68,7 +69,13 @@ def prompt_ids(model: Model, prompt: Prompt, opts: RunOptions) -> ChatPrompt:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if opts.system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": opts.system})
-    return render_chat(model.tokenizer, messages, enable_thinking=bool(opts.think))
+    return render_chat(model.tokenizer, messages, enable_thinking=bool(opts.think),
+                       template_kwargs=effort_kwargs(opts.reasoning_effort))
+
+
+def effort_kwargs(effort: str | None) -> dict:
+    """The chat-template argument that sets a harmony model's reasoning effort (others ignore it)."""
+    return {} if effort is None else {"reasoning_effort": effort}
 
 
 def check_length(ids: list[int], engine: Engine) -> None:
@@ -96,6 +103,9 @@ def template_notes(model: Model, opts: RunOptions) -> list[str]:
     """What --system and --think will not do with this model and these flags, said once."""
     template = getattr(model.tokenizer, "chat_template", None) or ""
     notes = []
+    if opts.reasoning_effort and (opts.raw or model.harmony is None):
+        notes.append("--reasoning-effort has no effect: " + ("--raw sends no chat template" if opts.raw
+                                                              else "it sets gpt-oss's reasoning (harmony) only"))
     if opts.raw:
         notes += [f"{flag} has no effect with --raw" for flag, on in (("--system", opts.system), ("--think", opts.think)) if on]
     elif not template:
@@ -103,7 +113,7 @@ def template_notes(model: Model, opts: RunOptions) -> list[str]:
             notes.append("this model has no chat template: --system is put before the prompt as plain text")
         if opts.think:
             notes.append("--think has no effect: this model has no chat template")
-    elif opts.think and "enable_thinking" not in template:
+    elif opts.think and "enable_thinking" not in template and model.harmony is None:
         notes.append("--think has no effect: this model's chat template has no thinking mode")
     return notes
 
@@ -124,7 +134,7 @@ def run_prompt(model: Model, engine: Engine, prompt: ChatPrompt, opts: RunOption
     ids = prompt.ids
     request = Request(ids, opts.max_tokens, model.stop_token_ids, opts.sampling, keep_prefix=prompt.keep_prefix)
     stats, pieces, reasoning, trace = Stats(), [], [], []
-    interrupted = False
+    interrupted, tool_call = False, None
     try:
         with contextlib.closing(stream_text(engine, model.tokenizer, request, stats, opts.stop,
                                             think=prompt.think)) as chunks:
@@ -140,11 +150,15 @@ def run_prompt(model: Model, engine: Engine, prompt: ChatPrompt, opts: RunOption
                 if not opts.json and chunk.text:
                     out.write(chunk.text)
                     out.flush()
+                tool_call = chunk.tool_call or tool_call
     except KeyboardInterrupt:
         interrupted = True
         stats.finish = "interrupted"
     if "".join(reasoning) and not opts.json and not opts.quiet:
         err.write("\n")  # the reasoning ends on its own line, before the statistics
+    if tool_call is not None and not opts.json and not opts.quiet:
+        err.write(f"dflash: the answer ends in a call to tool '{tool_call.name}' with {tool_call.arguments} "
+                  "(dflash run has no tools)\n")
     result = {
         "text": "".join(pieces),
         "reasoning": "".join(reasoning),
@@ -159,6 +173,8 @@ def run_prompt(model: Model, engine: Engine, prompt: ChatPrompt, opts: RunOption
         "decode_seconds": round(stats.decode_seconds, 4),
         "block_size": engine.block_size,
     }
+    if tool_call is not None:
+        result["tool_call"] = {"name": tool_call.name, "arguments": tool_call.arguments}
     if opts.trace:
         result["trace"] = trace
     out.write(json.dumps(result, ensure_ascii=False) + "\n" if opts.json else "\n")

@@ -134,6 +134,43 @@ TARGETS["tiny-hybrid"] = TARGETS["qwen3.5-4b"] | dict(hidden_size=64, intermedia
 SHAPES["tiny-hybrid"] = (TARGETS["tiny-hybrid"], _drafter(TARGETS["tiny-hybrid"] | dict(head_dim=16, rope_theta=1e7), 8,
                                                           (1, 3), 511, layers=2), None)
 
+# gpt-oss (research/moe-gptoss.md §2.1, §4): the released config.json, MXFP4 experts; its drafters' config.json
+# as z-lab ships it (model_type gpt_oss, attention biases, no rope or window keys: read as transformers reads it).
+TARGETS["gpt-oss-20b"] = dict(
+    architectures=["GptOssForCausalLM"], model_type="gpt_oss", hidden_size=2880, intermediate_size=2880,
+    num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+    num_experts_per_tok=4, experts_per_token=4, sliding_window=128,
+    layer_types=["sliding_attention", "full_attention"] * 12, swiglu_limit=7.0, rope_theta=150000,
+    rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                      original_max_position_embeddings=4096, truncate=False),
+    rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=131072,
+    vocab_size=201088, pad_token_id=199999, eos_token_id=200002,
+    quantization_config=dict(quant_method="mxfp4", modules_to_not_convert=[
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]))
+TARGETS["gpt-oss-120b"] = TARGETS["gpt-oss-20b"] | dict(num_hidden_layers=36, num_local_experts=128,
+                                                        layer_types=["sliding_attention", "full_attention"] * 18)
+TARGETS["tiny-gpt-oss"] = TARGETS["gpt-oss-20b"] | dict(
+    hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, num_local_experts=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+    vocab_size=512)
+
+
+def _gpt_oss_drafter(target: dict, block: int, layer_ids, **dims) -> dict:
+    return dict(architectures=["DFlashDraftModel"], model_type="gpt_oss", attention_bias=True, block_size=block,
+                dflash_config=dict(mask_token_id=min(200000, target["vocab_size"] - 1),
+                                   target_layer_ids=list(layer_ids)),
+                hidden_size=target["hidden_size"], intermediate_size=7680, num_hidden_layers=8,
+                num_attention_heads=64, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=150000,
+                max_position_embeddings=131072, vocab_size=target["vocab_size"]) | dims
+
+
+SHAPES["gpt-oss-20b"] = (TARGETS["gpt-oss-20b"], _gpt_oss_drafter(TARGETS["gpt-oss-20b"], 8, (1, 6, 11, 16, 21)), None)
+SHAPES["gpt-oss-120b"] = (TARGETS["gpt-oss-120b"], _gpt_oss_drafter(TARGETS["gpt-oss-120b"], 10, (1, 9, 17, 25, 33)),
+                          None)
+SHAPES["tiny-gpt-oss"] = (TARGETS["tiny-gpt-oss"], _gpt_oss_drafter(
+    TARGETS["tiny-gpt-oss"], 8, (1, 3), intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16), None)
+
 
 def configs(name: str):
     """(family module, target Config, DrafterConfig, published τ) of a synthetic shape."""
@@ -239,10 +276,10 @@ def weight_bytes(name: str, dtype: torch.dtype) -> int:
     family, t, _, _ = configs(name)
     table = family.weight_table(t, "fused")
     tied = not any(w.name == "lm_head.weight" for w in table)
-    read = [w for w in table if (w.init != "embed" or tied) and ".experts." not in w.name]
-    experts = table_bytes([w for w in table if ".experts." in w.name], dtype)
-    touched = getattr(t, "top_k", 0) / max(1, getattr(t, "num_experts", 0))  # a decode reads top-k of E experts
-    return table_bytes(read, dtype) + int(experts * touched)
+    read = [w for w in table if w.init != "embed" or tied]
+    experts = [w for w in read if ".mlp.experts." in w.name and w.shape[0] == getattr(t, "num_experts", 0)]
+    dense = table_bytes([w for w in read if w not in experts], dtype)
+    return dense + table_bytes(experts, dtype) * t.top_k // t.num_experts if experts else dense
 
 
 @dataclass

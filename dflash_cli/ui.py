@@ -160,6 +160,9 @@ class ChatView:
         stats = answers[-1] if answers and answers[-1] is self.session.live else None  # None: stopped in prefill
         if stats is not None:
             self.note(stats.summary() + (f" · {drafted[0]} drafted" if self.show_drafts else ""))
+        call = getattr(self.session, "tool_call", None)
+        if call is not None:  # harmony: the model called a tool; chat has none to run
+            self.note(f"[tool call {call.name}: {call.arguments}] (dflash chat has no tools)")
 
     def _stream_plain(self, chunks: Iterator[Chunk], text: Text) -> None:
         out = self.console.file

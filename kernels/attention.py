@@ -7,7 +7,9 @@ The queries sit at the last `q_len` positions of the valid cache (`kv_len` read 
 tensor). `causal=True` is the target's verify/decode pattern; `causal=False` is the drafter's: the
 block sees all cached context and itself, bidirectionally. An optional sliding window limits keys
 to those within `window` positions of the query (Hugging Face convention: key j is visible from
-query i when i - j < window).
+query i when i - j < window). Optional per-head attention sinks (gpt-oss) are one more logit per
+query head in the softmax's denominator, whose probability mass is then dropped:
+out = softmax([s, sink])[:-1] · v = softmax(s) · v · sigmoid(lse(s) - sink).
 """
 from __future__ import annotations
 
@@ -31,11 +33,14 @@ def attention_ref(
     causal: bool,
     scale: float,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference. q: [Tq, Hq, D]; caches: [Hkv, max_len, D]; kv_len: 0-d int64 (or an int, as a
-    prefill chunk gives it). Returns [Tq, Hq, D]."""
+    prefill chunk gives it); sinks: [Hq] float32 logits or None. Returns [Tq, Hq, D]."""
     n, tq = int(kv_len), q.shape[0]
     k, v = k_cache[:, :n], v_cache[:, :n]
+    if sinks is not None:
+        return _attention_with_sinks(q, k, v, _mask(tq, n, causal, sliding_window, q.device), scale, sinks)
     if sliding_window is None and not causal:
         mask = None
     elif sliding_window is None and q.is_cuda and _LOWER_RIGHT_GQA:
@@ -44,15 +49,34 @@ def attention_ref(
         # math kernel, which materialises every score. The queries are the last tq positions.
         mask = causal_lower_right(tq, n)
     else:
-        q_pos = torch.arange(n - tq, n, device=q.device)[:, None]
-        k_pos = torch.arange(n, device=q.device)[None, :]
-        mask = k_pos <= q_pos if causal else torch.ones(tq, n, dtype=torch.bool, device=q.device)
-        if sliding_window is not None:
-            mask = mask & (q_pos - k_pos < sliding_window)
+        mask = _mask(tq, n, causal, sliding_window, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
     )
     return out[0].transpose(0, 1)
+
+
+def _mask(tq: int, n: int, causal: bool, sliding_window: int | None, device) -> torch.Tensor:
+    """[tq, n] bool: which of the n keys each of the last tq positions sees."""
+    q_pos = torch.arange(n - tq, n, device=device)[:, None]
+    k_pos = torch.arange(n, device=device)[None, :]
+    mask = k_pos <= q_pos if causal else torch.ones(tq, n, dtype=torch.bool, device=device)
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    return mask
+
+
+def _attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax over [scores, sink] with the sink's share dropped, as transformers' eager gpt-oss
+    (SDPA has no sinks): the explicit product, in the activations' dtype."""
+    group = q.shape[1] // k.shape[0]
+    kf, vf = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # [Hq, n, D]
+    s = torch.matmul(q.transpose(0, 1), kf.transpose(1, 2)) * scale  # [Hq, Tq, n]
+    s = s.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(s.dtype).view(-1, 1, 1).expand(-1, s.shape[1], 1)
+    logits = torch.cat((s, sink), dim=-1)
+    probs = torch.softmax(logits - logits.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), vf).transpose(0, 1)
 
 
 # ---- Triton: split-K "flash-decoding" -------------------------------------------------------
@@ -146,9 +170,9 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
 
 
 @triton.jit(do_not_specialize=["q_len"])
-def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, q_len, group, n_splits, n_rows, window,
+def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, q_len, group, n_splits, n_rows, window,
                        WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MIN_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
+                       MIN_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, SINKS: tl.constexpr):
     kvh = tl.program_id(0)
     r = tl.program_id(1)  # one query row (token, head)
     kv_len, lo, size = _key_range(len_ptr, q_len, window, n_splits, WINDOW, BLOCK_N, MIN_CHUNK)
@@ -158,12 +182,18 @@ def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, q_len, group, n_sp
     m = tl.load(m_ptr + idx, mask=s_ok, other=float("-inf"))
     l = tl.load(l_ptr + idx, mask=s_ok, other=0.0)
     m_max = tl.max(m, axis=0)
+    head = kvh * group + r % group
+    if SINKS:  # the sink is one more logit in the denominator: m* = max(m_s, sink), l += e^(sink - m*)
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+        m_max = tl.maximum(m_max, sink)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
     dims = tl.arange(0, BLOCK_D)
     acc = tl.load(acc_ptr + idx[:, None] * BLOCK_D + dims[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    denominator = tl.sum(l * w, axis=0)
+    if SINKS:
+        denominator += tl.exp(sink - m_max)
+    out = tl.sum(acc * w[:, None], axis=0) / denominator
     t = r // group
-    head = kvh * group + r % group
     n_heads = tl.num_programs(0) * group
     tl.store(o_ptr + (t * n_heads + head) * D + dims, out.to(o_ptr.dtype.element_ty), mask=dims < D)
 
@@ -179,8 +209,10 @@ def _launch_shape(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
     return (16 if block_d >= 256 else _BLOCK_N), stages
 
 
-def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, sliding_window: int | None = None):
-    """Triton: same contract as `attention_ref` (caches contiguous, as the engine allocates them)."""
+def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, sliding_window: int | None = None,
+              sinks: torch.Tensor | None = None, n_splits: int | None = None):
+    """Triton: same contract as `attention_ref` (caches contiguous, as the engine allocates them;
+    kv_len a device tensor). `n_splits` overrides the split count (tests sweep it)."""
     q = q.contiguous()
     tq, hq, d = q.shape
     hkv, capacity, _ = k_cache.shape
@@ -192,7 +224,8 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
     n_rows = row_blocks * block_m
     block_d = max(16, triton.next_power_of_2(d))
     block_n, stages = _launch_shape(block_d, q.dtype)
-    n_splits = max(1, min(triton.cdiv(capacity, _MIN_CHUNK), _TARGET_PROGRAMS // (hkv * row_blocks)))
+    if n_splits is None:
+        n_splits = max(1, min(triton.cdiv(capacity, _MIN_CHUNK), _TARGET_PROGRAMS // (hkv * row_blocks)))
     acc = torch.empty((hkv * n_splits * n_rows, block_d), dtype=torch.float32, device=q.device)
     m = torch.empty((hkv * n_splits * n_rows,), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
@@ -205,6 +238,7 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
         num_warps=4 if block_m * block_d <= 64 * 128 else 8, num_stages=stages)
     out = torch.empty_like(q)
     _attn_merge_kernel[(hkv, tq * group)](
-        acc, m, l, out, kv_len, tq, group, n_splits, n_rows, window, WINDOW=sliding_window is not None, D=d,
-        BLOCK_D=block_d, BLOCK_N=block_n, MIN_CHUNK=_MIN_CHUNK, BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
+        acc, m, l, out, kv_len, sinks if sinks is not None else m, tq, group, n_splits, n_rows, window,
+        WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_N=block_n, MIN_CHUNK=_MIN_CHUNK,
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), SINKS=sinks is not None)
     return out

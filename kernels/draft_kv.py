@@ -21,15 +21,21 @@ def draft_ctx_kv_ref(
     positions: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    b_kv: torch.Tensor | None = None,
 ) -> None:
-    """Reference. ctx_h: [T, H]; k_norm: [layers, D]; positions: [T]; caches: [layers, Hkv, L, D]."""
+    """Reference. ctx_h: [T, H]; k_norm: [layers, D]; positions: [T]; caches: [layers, Hkv, L, D];
+    b_kv: the projection's bias (gpt-oss drafters), added before the k-norm."""
     layers, hkv, _, d = k_cache.shape
-    kv = (ctx_h @ w_kv.T).view(ctx_h.shape[0], layers, 2, hkv, d)
+    kv = _project(ctx_h, w_kv, b_kv).view(ctx_h.shape[0], layers, 2, hkv, d)
     cs = cos_sin[positions]
     for i in range(layers):
         k = rotate(head_rms_norm(kv[:, i, 0], k_norm[i], eps), cs)
         k_cache[i][:, positions] = k.transpose(0, 1).to(k_cache.dtype)
         v_cache[i][:, positions] = kv[:, i, 1].transpose(0, 1).to(v_cache.dtype)
+
+
+def _project(ctx_h: torch.Tensor, w_kv: torch.Tensor, b_kv: torch.Tensor | None) -> torch.Tensor:
+    return ctx_h @ w_kv.T if b_kv is None else torch.nn.functional.linear(ctx_h, w_kv, b_kv)
 
 
 # ---- Triton ---------------------------------------------------------------------------------
@@ -62,13 +68,13 @@ def _ctx_kv_kernel(kv_ptr, kn_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, n_layers, n_
     tl.store(vc_ptr + row + half + offs, tl.load(v_src + half + offs, mask=mask), mask=mask)
 
 
-def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache) -> None:
+def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache, b_kv=None) -> None:
     """Triton: one GEMM for all draft layers' K and V, then one kernel for k-norm, rope and the
     cache writes of every (token, layer, head)."""
     layers, hkv, capacity, d = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
     assert k_norm.is_contiguous() and cos_sin.is_contiguous() and w_kv.shape[0] == layers * 2 * hkv * d
-    kv = (ctx_h @ w_kv.T).contiguous()
+    kv = _project(ctx_h, w_kv, b_kv).contiguous()
     t = ctx_h.shape[0]
     if t:
         _ctx_kv_kernel[(t, layers * hkv)](kv, k_norm, cos_sin, positions, k_cache, v_cache, layers, hkv, capacity,

@@ -11,6 +11,15 @@ in rank order, one rounding each.
 Routing (Qwen3-MoE, Qwen3.5-MoE): p = softmax(x Wr^T) in float32, the top-k of p, renormalised to
 sum to 1 when the config says so, cast to the activations' dtype. Experts: y = sum_j w_j ·
 down_e(silu(gate_e x) ⊙ up_e x), with gate_up [E, 2I, H] (gate rows first) and down [E, H, I].
+
+gpt-oss (research/moe-gptoss.md §2.4) differs in four ways, each a switch: the router has a bias and
+takes the softmax over the top-k logits only (`softmax_after_topk`); gate and up rows are interleaved
+(row 2j = gate_j, 2j+1 = up_j) and the activation is the clamped SwiGLU (up + 1) · g · sigmoid(α g)
+with g = min(gate, limit), up clamped to ±limit (`swiglu_limit`); both projections have per-expert
+biases, inside the routing weight: w_j · (down_e(a) + b_e); and the weights may stay MXFP4-packed
+(`*_scales` given): `*_blocks` [E, rows, K/32, 16] u8 hold two e2m1 values per byte (low nibble
+first), each group of 32 scaled by 2^(scale - 127) (an e8m0 byte). The kernels dequantise as they
+stream; the reference dequantises the experts it gathers.
 """
 from __future__ import annotations
 
@@ -20,15 +29,19 @@ import torch.nn.functional as F
 _ROWS = 16  # rows per piece of the reference router (bounds its [rows, E, H] product)
 
 
-def router_logits_ref(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
-    """[T, E] float32: each row's dot products with the router rows, reduced over H alone."""
+def router_logits_ref(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, E] float32: each row's dot products with the router rows, reduced over H alone (+ the bias)."""
     out = [(x[i:i + _ROWS, None, :].float() * router[None].float()).sum(-1) for i in range(0, x.shape[0], _ROWS)]
-    return torch.cat(out) if out else x.new_zeros((0, router.shape[0]), dtype=torch.float32)
+    logits = torch.cat(out) if out else x.new_zeros((0, router.shape[0]), dtype=torch.float32)
+    return logits if bias is None else logits + bias.float()
 
 
-def route_from_logits(logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def route_from_logits(logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype,
+                      softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert ids [T, k] int64, weights [T, k] in `dtype`) from router logits, per row."""
+    if softmax_after_topk:  # gpt-oss: the top-k of the logits as transformers rounds them, softmax over those k
+        values, idx = torch.topk(logits.to(dtype), top_k, dim=-1)
+        return idx, values.float().softmax(-1).to(dtype)
     probs = logits.to(dtype).float().softmax(-1)  # logits rounded as transformers computes them, then fp32
     weights, idx = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -36,24 +49,92 @@ def route_from_logits(logits: torch.Tensor, top_k: int, renormalize: bool, dtype
     return idx, weights.to(dtype)
 
 
-def route_ref(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return route_from_logits(router_logits_ref(x, router), top_k, renormalize, x.dtype)
+def route_ref(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool, bias: torch.Tensor | None = None,
+              softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return route_from_logits(router_logits_ref(x, router, bias), top_k, renormalize, x.dtype, softmax_after_topk)
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # by nibble
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 → dense: blocks [..., G, 16] u8 and scales [..., G] u8 → [..., G·32] in `dtype` (exact:
+    every value is a 2-bit mantissa times a power of two)."""
+    lut = torch.tensor(E2M1, dtype=torch.float32, device=blocks.device)
+    b = blocks.long()
+    values = torch.stack((lut[b & 15], lut[b >> 4]), dim=-1).flatten(-2)  # low nibble first: [..., G, 32]
+    values = torch.ldexp(values, scales.long()[..., None] - 127)
+    return values.flatten(-2).to(dtype)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's activation, op by op in the activations' dtype as transformers computes it."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def experts_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
-    """Reference: y [T, H] = sum over each token's k experts, in rank order, of w · down(silu(g) ⊙ u).
-    Every (token, expert) pair is its own matrix-vector product (a batched GEMM of one row each)."""
+                weights: torch.Tensor, *, gate_up_bias: torch.Tensor | None = None,
+                down_bias: torch.Tensor | None = None, gate_up_scales: torch.Tensor | None = None,
+                down_scales: torch.Tensor | None = None, swiglu_limit: float | None = None,
+                swiglu_alpha: float = 1.702) -> torch.Tensor:
+    """Reference: y [T, H] = sum over each token's k experts, in rank order, of w · down(silu(g) ⊙ u)
+    (gpt-oss: w · (down(clamped SwiGLU) + b)). Every (token, expert) pair is its own matrix-vector
+    product (a batched GEMM of one row each)."""
     t, k = idx.shape
     pairs = idx.reshape(-1)
     rows = x.repeat_interleave(k, dim=0)  # pair p = (token p // k, rank p % k)
-    gu = torch.bmm(gate_up[pairs], rows[:, :, None])[..., 0]
-    gate, up = gu.chunk(2, dim=-1)
-    act = (F.silu(gate) * up).to(x.dtype)
-    out = torch.bmm(down[pairs], act[:, :, None])[..., 0] * weights.reshape(-1, 1)
+    w_gu, w_dn = gate_up[pairs], down[pairs]
+    if gate_up_scales is not None:  # packed: dequantise only the experts the pairs touch
+        w_gu = dequantize_mxfp4(w_gu, gate_up_scales[pairs], x.dtype)
+        w_dn = dequantize_mxfp4(w_dn, down_scales[pairs], x.dtype)
+    gu = torch.bmm(w_gu, rows[:, :, None])[..., 0]
+    if gate_up_bias is not None:
+        gu = gu + gate_up_bias[pairs]
+    if swiglu_limit is None:
+        gate, up = gu.chunk(2, dim=-1)
+        act = (F.silu(gate) * up).to(x.dtype)
+    else:  # interleaved rows: gate_j at 2j, up_j at 2j + 1
+        act = clamped_swiglu(gu[:, 0::2], gu[:, 1::2], swiglu_limit, swiglu_alpha).to(x.dtype)
+    out = torch.bmm(w_dn, act[:, :, None])[..., 0]
+    if down_bias is not None:
+        out = out + down_bias[pairs]
+    out = out * weights.reshape(-1, 1)
     out = out.view(t, k, -1)
     y = out[:, 0]
     for j in range(1, k):  # rank order, one rounding per term: no reduction across the k terms
+        y = y + out[:, j]
+    return y.to(x.dtype)
+
+
+def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
+                      weights: torch.Tensor, *, gate_up_bias: torch.Tensor | None = None,
+                      down_bias: torch.Tensor | None = None, gate_up_scales: torch.Tensor | None = None,
+                      down_scales: torch.Tensor | None = None, swiglu_limit: float | None = None,
+                      swiglu_alpha: float = 1.702) -> torch.Tensor:
+    """A long prefill chunk (more than 32 tokens): each touched expert once, all its rows in one GEMM,
+    its weights (gpt-oss: dequantised) once. The reference's per-pair copies of the weights would take T·k experts' worth
+    of memory (tens of GB at 512 tokens). Eager: it reads the touched experts back to the host, and
+    rows are not batch-invariant here (prefill rows are computed once; decode and verify never come here)."""
+    t, k = idx.shape
+    out = torch.zeros((t, k, down.shape[1]), dtype=torch.float32, device=x.device)
+    for e in idx.unique().tolist():
+        rows, ranks = (idx == e).nonzero(as_tuple=True)
+        w_gu, w_dn = gate_up[e], down[e]
+        if gate_up_scales is not None:
+            w_gu = dequantize_mxfp4(w_gu, gate_up_scales[e], x.dtype)
+            w_dn = dequantize_mxfp4(w_dn, down_scales[e], x.dtype)
+        gu = F.linear(x[rows], w_gu, None if gate_up_bias is None else gate_up_bias[e])
+        if swiglu_limit is None:
+            gate, up = gu.chunk(2, dim=-1)
+            act = (F.silu(gate) * up).to(x.dtype)
+        else:
+            act = clamped_swiglu(gu[:, 0::2], gu[:, 1::2], swiglu_limit, swiglu_alpha).to(x.dtype)
+        y = F.linear(act, w_dn, None if down_bias is None else down_bias[e])
+        out[rows, ranks] = (y * weights[rows, ranks, None]).float()
+    y = out[:, 0]
+    for j in range(1, k):
         y = y + out[:, j]
     return y.to(x.dtype)
 
@@ -69,7 +150,8 @@ def experts_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx:
 #     routing weight. BLOCK_M is fixed, so a row's tile products are the same instructions whether its
 #     expert has 1 row or 32.
 #  3. The k outputs of each token are summed in rank order (torch ops on [T, k, H], per row).
-# More than BLOCK_M rows for one expert (a long prefill chunk) fall back to the reference.
+# More than BLOCK_M tokens (a long prefill chunk) go to `experts_by_expert`, which never copies an
+# expert's weights per pair as the reference does.
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -78,7 +160,8 @@ _UPCAST = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # the interpr
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, out_ptr, n_experts, hidden, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+def _router_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_experts, hidden, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     acc = tl.zeros([BLOCK_E], tl.float32)
@@ -88,19 +171,23 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, n_experts, hidden, BLOCK_E: tl.constex
         w = tl.load(w_ptr + experts[:, None].to(tl.int64) * hidden + cols[None, :],
                     mask=(experts[:, None] < n_experts) & (cols[None, :] < hidden), other=0.0).to(tl.float32)
         acc += tl.sum(w * x[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + experts, mask=experts < n_experts, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n_experts + experts, acc, mask=experts < n_experts)
 
 
-def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool, bias: torch.Tensor | None = None,
+          softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton: same contract as `route_ref`."""
     t, h = x.shape
     e = router.shape[0]
     logits = torch.empty((t, e), dtype=torch.float32, device=x.device)
     if t:
         block_e = min(64, triton.next_power_of_2(e))
-        _router_kernel[(t, triton.cdiv(e, block_e))](x.contiguous(), router, logits, e, h, BLOCK_E=block_e,
-                                                     BLOCK_H=min(128, triton.next_power_of_2(h)))
-    return route_from_logits(logits, top_k, renormalize, x.dtype)
+        _router_kernel[(t, triton.cdiv(e, block_e))](x.contiguous(), router, router if bias is None else bias, logits,
+                                                     e, h, BLOCK_E=block_e, BLOCK_H=min(128, triton.next_power_of_2(h)),
+                                                     HAS_BIAS=bias is not None)
+    return route_from_logits(logits, top_k, renormalize, x.dtype, softmax_after_topk)
 
 
 def _slots(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,9 +217,31 @@ def _slot_rows(order_ptr, slot_start_ptr, slot_count_ptr, s, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _e2m1(nib):
+    """fp32 values of e2m1 nibbles (uint32 0..15): sign bit 3, exponent bits 2..1, mantissa bit 0."""
+    e = (nib >> 1) & 3
+    m = nib & 1
+    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22))  # 0, 0.5 | (1 + m/2)·2^(e-1)
+    return (bits | ((nib & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_tile(b_base, s_base, rows, n_ok, kb, kb_ok, row_bytes, DTYPE: tl.constexpr):
+    """Weight rows `rows` of one expert at bytes `kb` of each row, dequantised: ([len(kb), len(rows)] of
+    the low nibbles (the even inputs 2·kb), same of the high nibbles (the odd ones)), in DTYPE, exact."""
+    mask = n_ok[None, :] & kb_ok[:, None]
+    byte = tl.load(b_base + rows[None, :].to(tl.int64) * row_bytes + kb[:, None], mask=mask, other=0).to(tl.uint32)
+    s = tl.load(s_base + rows[None, :].to(tl.int64) * (row_bytes // 16) + (kb // 16)[:, None], mask=mask,
+                other=127).to(tl.uint32)
+    scale = tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)  # e8m0: 2^(s - 127)
+    return (_e2m1(byte & 15) * scale).to(DTYPE), (_e2m1(byte >> 4) * scale).to(DTYPE)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, order_ptr, slot_expert_ptr, slot_start_ptr, slot_count_ptr, top_k,
-                    hidden, inter, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    hidden, inter, s_ptr, b_ptr, limit, alpha, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MXFP4: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
     s = tl.program_id(0)
     expert = tl.load(slot_expert_ptr + s)
     if expert >= 0:
@@ -140,65 +249,128 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, order_ptr, slot_expert_ptr, slot_star
         token = pair // top_k
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < inter
-        w_rows = w_ptr + expert * 2 * inter * hidden
+        if CLAMPED:  # gpt-oss: gate_j and up_j are rows 2j and 2j + 1
+            g_rows, u_rows = 2 * n, 2 * n + 1
+        else:
+            g_rows, u_rows = n, inter + n
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < hidden
-            x = tl.load(x_ptr + token[:, None].to(tl.int64) * hidden + k[None, :], mask=ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            wg = tl.load(w_rows + n[None, :].to(tl.int64) * hidden + k[:, None], mask=n_ok[None, :] & k_ok[:, None],
-                         other=0.0)
-            wu = tl.load(w_rows + (inter + n[None, :]).to(tl.int64) * hidden + k[:, None],
-                         mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:
-                x, wg, wu = x.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-            acc_g = tl.dot(x, wg, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(x, wu, acc_u, input_precision=PRECISION)
+        if MXFP4:
+            dt_x = x_ptr.dtype.element_ty
+            b_rows = w_ptr + expert * 2 * inter * (hidden // 2)
+            s_rows = s_ptr + expert * 2 * inter * (hidden // 32)
+            for k0 in range(0, hidden, BLOCK_K):
+                # Each byte holds inputs 2i (low nibble) and 2i + 1: the even and odd columns of x meet the
+                # low and high nibbles in two dots, so the weights are never interleaved in registers.
+                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                kb_ok = kb < hidden // 2
+                x_at = x_ptr + token[:, None].to(tl.int64) * hidden + 2 * kb[None, :]
+                x_even = tl.load(x_at, mask=ok[:, None] & kb_ok[None, :], other=0.0)
+                x_odd = tl.load(x_at + 1, mask=ok[:, None] & kb_ok[None, :], other=0.0)
+                g_lo, g_hi = _mxfp4_tile(b_rows, s_rows, g_rows, n_ok, kb, kb_ok, hidden // 2, dt_x)
+                u_lo, u_hi = _mxfp4_tile(b_rows, s_rows, u_rows, n_ok, kb, kb_ok, hidden // 2, dt_x)
+                if UPCAST:
+                    x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
+                    g_lo, g_hi, u_lo, u_hi = g_lo.to(tl.float32), g_hi.to(tl.float32), u_lo.to(tl.float32), \
+                        u_hi.to(tl.float32)
+                acc_g = tl.dot(x_even, g_lo, acc_g, input_precision=PRECISION)
+                acc_g = tl.dot(x_odd, g_hi, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(x_even, u_lo, acc_u, input_precision=PRECISION)
+                acc_u = tl.dot(x_odd, u_hi, acc_u, input_precision=PRECISION)
+        else:
+            w_rows = w_ptr + expert * 2 * inter * hidden
+            for k0 in range(0, hidden, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = k < hidden
+                x = tl.load(x_ptr + token[:, None].to(tl.int64) * hidden + k[None, :],
+                            mask=ok[:, None] & k_ok[None, :], other=0.0)
+                wg = tl.load(w_rows + g_rows[None, :].to(tl.int64) * hidden + k[:, None],
+                             mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                wu = tl.load(w_rows + u_rows[None, :].to(tl.int64) * hidden + k[:, None],
+                             mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                if UPCAST:
+                    x, wg, wu = x.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+                acc_g = tl.dot(x, wg, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(x, wu, acc_u, input_precision=PRECISION)
         dt = act_ptr.dtype.element_ty
         gate = acc_g.to(dt).to(tl.float32)  # rounded where the reference's GEMM output is
         up = acc_u.to(dt).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up
+        if HAS_BIAS:
+            bias = b_ptr + expert * 2 * inter
+            gate = (gate + tl.load(bias + g_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)
+            up = (up + tl.load(bias + u_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)
+        if CLAMPED:  # (up + 1) · g · sigmoid(α g), g = min(gate, limit), up in ±limit; rounded op by op as torch
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+            sig = (1.0 / (1.0 + tl.exp(-(gate * alpha).to(dt).to(tl.float32)))).to(dt).to(tl.float32)
+            act = (up + 1.0).to(dt).to(tl.float32) * (gate * sig).to(dt).to(tl.float32)
+        else:
+            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up
         tl.store(act_ptr + pair[:, None].to(tl.int64) * inter + n[None, :], act.to(dt), mask=ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, order_ptr, slot_expert_ptr, slot_start_ptr, slot_count_ptr,
-                 hidden, inter, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                 hidden, inter, s_ptr, b_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr):
     s = tl.program_id(0)
     expert = tl.load(slot_expert_ptr + s)
     if expert >= 0:
         pair, ok = _slot_rows(order_ptr, slot_start_ptr, slot_count_ptr, s, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < hidden
-        w_rows = w_ptr + expert * hidden * inter
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < inter
-            a = tl.load(act_ptr + pair[:, None].to(tl.int64) * inter + k[None, :], mask=ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w = tl.load(w_rows + n[None, :].to(tl.int64) * inter + k[:, None], mask=n_ok[None, :] & k_ok[:, None],
-                        other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
         dt = act_ptr.dtype.element_ty
+        if MXFP4:
+            b_rows = w_ptr + expert * hidden * (inter // 2)
+            s_rows = s_ptr + expert * hidden * (inter // 32)
+            for k0 in range(0, inter, BLOCK_K):
+                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                kb_ok = kb < inter // 2
+                a_at = act_ptr + pair[:, None].to(tl.int64) * inter + 2 * kb[None, :]
+                a_even = tl.load(a_at, mask=ok[:, None] & kb_ok[None, :], other=0.0)
+                a_odd = tl.load(a_at + 1, mask=ok[:, None] & kb_ok[None, :], other=0.0)
+                w_lo, w_hi = _mxfp4_tile(b_rows, s_rows, n, n_ok, kb, kb_ok, inter // 2, dt)
+                if UPCAST:
+                    a_even, a_odd, w_lo, w_hi = a_even.to(tl.float32), a_odd.to(tl.float32), w_lo.to(tl.float32), \
+                        w_hi.to(tl.float32)
+                acc = tl.dot(a_even, w_lo, acc, input_precision=PRECISION)
+                acc = tl.dot(a_odd, w_hi, acc, input_precision=PRECISION)
+        else:
+            w_rows = w_ptr + expert * hidden * inter
+            for k0 in range(0, inter, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = k < inter
+                a = tl.load(act_ptr + pair[:, None].to(tl.int64) * inter + k[None, :],
+                            mask=ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_rows + n[None, :].to(tl.int64) * inter + k[:, None], mask=n_ok[None, :] & k_ok[:, None],
+                            other=0.0)
+                if UPCAST:
+                    a, w = a.to(tl.float32), w.to(tl.float32)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
         scale = tl.load(weight_ptr + pair, mask=ok, other=0.0).to(tl.float32)
-        out = acc.to(dt).to(tl.float32) * scale[:, None]
+        out = acc.to(dt).to(tl.float32)
+        if HAS_BIAS:  # inside the routing weight, as transformers' gpt-oss
+            bias = tl.load(b_ptr + expert * hidden + n, mask=n_ok, other=0.0).to(tl.float32)
+            out = (out + bias[None, :]).to(dt).to(tl.float32)
+        out = out * scale[:, None]
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], out, mask=ok[:, None] & n_ok[None, :])
 
 
 def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
-            weights: torch.Tensor) -> torch.Tensor:
-    """Triton: same contract as `experts_ref`, for up to 32 tokens (a prefill chunk of more takes the
-    reference, which may sync: it runs once, eagerly)."""
+            weights: torch.Tensor, *, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+            gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None,
+            swiglu_limit: float | None = None, swiglu_alpha: float = 1.702) -> torch.Tensor:
+    """Triton: same contract as `experts_ref`, for up to 32 tokens (a prefill chunk of more goes expert
+    by expert, which syncs: it runs once, eagerly)."""
     t, k = idx.shape
+    kw = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, gate_up_scales=gate_up_scales, down_scales=down_scales,
+              swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
     if t > _BLOCK_M:
-        return experts_ref(x, gate_up, down, idx, weights)
-    n_experts, two_i, hidden = gate_up.shape
+        return experts_by_expert(x, gate_up, down, idx, weights, **kw)
+    mxfp4 = gate_up_scales is not None
+    n_experts, two_i = gate_up.shape[:2]
+    hidden = gate_up.shape[2] * 32 if mxfp4 else gate_up.shape[2]
     inter = two_i // 2
     x = x.contiguous()
     order, slot_expert, slot_start, slot_count = _slots(idx, n_experts)
@@ -206,16 +378,22 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: tor
     act = torch.empty((t * k, inter), dtype=x.dtype, device=x.device)
     out = torch.empty((t * k, hidden), dtype=torch.float32, device=x.device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    block_k = min(64, max(16, triton.next_power_of_2(hidden)))
+    flags = dict(UPCAST=_UPCAST, PRECISION=precision, MXFP4=mxfp4)
+    # MXFP4 groups are 32 inputs: a K-step covers whole groups, and each of its two dots gets >= 16 of K.
+    least_k = 32 if mxfp4 else 16
+    block_k = min(64, max(least_k, triton.next_power_of_2(hidden)))
     block_n = min(64, max(16, triton.next_power_of_2(inter)))
     _gate_up_kernel[(n_slots, triton.cdiv(inter, block_n))](
-        x, gate_up, act, order, slot_expert, slot_start, slot_count, k, hidden, inter, BLOCK_M=_BLOCK_M,
-        BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=_UPCAST, PRECISION=precision)
+        x, gate_up, act, order, slot_expert, slot_start, slot_count, k, hidden, inter,
+        gate_up_scales if mxfp4 else gate_up, gate_up if gate_up_bias is None else gate_up_bias,
+        float(swiglu_limit or 0.0), float(swiglu_alpha), BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=gate_up_bias is not None, CLAMPED=swiglu_limit is not None, **flags)
     block_n = min(64, max(16, triton.next_power_of_2(hidden)))
-    block_k = min(64, max(16, triton.next_power_of_2(inter)))
+    block_k = min(64, max(least_k, triton.next_power_of_2(inter)))
     _down_kernel[(n_slots, triton.cdiv(hidden, block_n))](
         act, down, weights.reshape(-1).contiguous(), out, order, slot_expert, slot_start, slot_count, hidden, inter,
-        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=_UPCAST, PRECISION=precision)
+        down_scales if mxfp4 else down, down if down_bias is None else down_bias, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k, HAS_BIAS=down_bias is not None, **flags)
     out = out.view(t, k, hidden)
     y = out[:, 0]
     for j in range(1, k):  # rank order, as the reference

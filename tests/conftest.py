@@ -161,6 +161,18 @@ def qwen35_moe_pair(models) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def gpt_oss_pair(models) -> tuple[Path, Path]:
+    """A tiny gpt-oss (MXFP4 experts, sinks, a window of 8, YaRN, a harmony tokenizer) and a block-8
+    drafter with attention biases in the released config (no rope or window keys), fitted to it."""
+    from .tiny_gpt_oss import gpt_oss_config, gpt_oss_drafter_config, write_gpt_oss
+
+    cfg = gpt_oss_config()
+    t = write_gpt_oss(models / "gpt-oss", cfg, seed=19)
+    dcfg = gpt_oss_drafter_config(cfg, block_size=8, layers=2, target_layer_ids=(1, 3))
+    return t, fit_drafter(t, models / "gpt-oss-drafter", dcfg, HYBRID_PROMPTS, steps=500)
+
+
+@pytest.fixture(scope="session")
 def stories_model(stories_pair) -> loader.Model:
     return loader.load(*stories_pair, device="cpu")
 

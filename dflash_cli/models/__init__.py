@@ -31,6 +31,7 @@ FAMILIES = {
     "qwen3_5_text": "qwen3_5",
     "qwen3_5_moe": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5",
+    "gpt_oss": "gpt_oss",
 }
 
 

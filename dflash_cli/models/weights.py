@@ -29,6 +29,13 @@ def random_tensor(w: Weight, g: torch.Generator) -> torch.Tensor:
     shape, dev = w.shape, g.device
     if w.init == "linear":  # projections: unit-variance outputs for unit-variance inputs
         return torch.randn(shape, generator=g, device=dev) * (w.gain / math.sqrt(shape[-1]))
+    if w.init == "linear_in":  # the same, stored [..., in, out] (transformers' gpt-oss experts)
+        return torch.randn(shape, generator=g, device=dev) * (w.gain / math.sqrt(shape[-2]))
+    if w.init == "mxfp4_blocks":  # u8, two random e2m1 values per byte (mean |value| about 2.6)
+        return torch.randint(0, 256, shape, generator=g, device=dev, dtype=torch.uint8)
+    if w.init == "mxfp4_scales":  # u8 e8m0 exponents: weights of about 1/sqrt(fan_in), fan_in = groups · 32
+        exponent = 127 - round(math.log2(2.6 * math.sqrt(32 * shape[-1])))
+        return torch.full(shape, exponent, device=dev, dtype=torch.uint8)
     if w.init == "embed":
         return torch.randn(shape, generator=g, device=dev)
     if w.init == "norm":  # RMSNorm weight applied as w
@@ -51,9 +58,11 @@ def random_tensor(w: Weight, g: torch.Generator) -> torch.Tensor:
 def random_weights(table: list[Weight], *, seed: int = 0, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Random tensors for every weight of `table`, drawn in table order from one seeded generator on
-    `device` (a synthetic 8B model never passes through host memory)."""
+    `device` (a synthetic 8B model never passes through host memory). "raw" weights keep the dtype
+    they are drawn in (packed bytes)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    return {w.name: random_tensor(w, g).to(torch.float32 if w.dtype == "float32" else dtype) for w in table}
+    policy = {"model": dtype, "float32": torch.float32, "raw": None}
+    return {w.name: random_tensor(w, g).to(policy[w.dtype]) for w in table}
 
 
 def table_bytes(table: list[Weight], dtype: torch.dtype) -> int:

@@ -58,14 +58,20 @@ class ChatAnswer(Answer):
         return self.reply.done
 
     def finish_reason(self, fin: Finished) -> str:
-        if self.reply.has_tool_calls and (fin.finish == "stop" or self.reply.done):
+        if self.reply.has_tool_calls and (fin.finish in ("stop", "tool_call") or self.reply.done):
             return "tool_calls"
         return super().finish_reason(fin)
 
     def opening(self) -> list[dict]:
         return [self._chunk({"role": "assistant", "content": ""})]
 
-    def feed(self, text: str) -> list[dict]:
+    def feed(self, text: str, reasoning: str = "", tool_call=None) -> list[dict]:
+        """Text as generated; or, from a harmony answer, reasoning and text already split and its tool call."""
+        if reasoning or tool_call is not None or self.first.harmony:
+            deltas = self.reply.feed_split(reasoning, text)
+            if tool_call is not None:
+                deltas += self.reply.add_call(tool_call.name, tool_call.arguments)
+            return [self._chunk(delta) for delta in deltas]
         return [self._chunk(delta) for delta in self.reply.feed(text)]
 
     def closing(self, fin: Finished) -> list[dict]:
@@ -90,7 +96,7 @@ class CompletionAnswer(Answer):
     def opening(self) -> list[dict]:
         return []
 
-    def feed(self, text: str) -> list[dict]:
+    def feed(self, text: str, reasoning: str = "", tool_call=None) -> list[dict]:
         self.text.append(text)
         return [self._chunk(text, None)]
 

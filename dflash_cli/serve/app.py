@@ -49,6 +49,7 @@ class ServeOptions:
     timeout: float = 600.0  # seconds a request may take, queueing included
     max_body: int = 8 * 2**20  # bytes
     default_think: bool = False  # thinking when a request does not say
+    default_effort: str | None = None  # harmony's reasoning_effort when a request does not say
 
 
 class Disconnected(Exception):
@@ -173,7 +174,8 @@ class Server:
         try:
             body = await self._read_json(request)
             if chat:
-                req = parse_chat(body, self.model_id, default_think=self.opts.default_think)
+                req = parse_chat(body, self.model_id, default_think=self.opts.default_think,
+                                 default_effort=self.opts.default_effort)
                 prepare = partial(chat_prompt, messages=req.messages, tools=req.tools,
                                   enable_thinking=req.enable_thinking, template_kwargs=req.template_kwargs)
             else:
@@ -232,7 +234,7 @@ class Server:
                 raise event.error
             if isinstance(event, Finished):
                 break
-            answer.feed(event.text)
+            answer.feed(event.text, event.reasoning, event.tool_call)
             if answer.done:
                 job.cancel("parallel_tool_calls is false and a tool call is complete")
         response = answer.whole(event)
@@ -254,7 +256,7 @@ class Server:
                     return
                 if isinstance(event, Finished):
                     break
-                for chunk in answer.feed(event.text):
+                for chunk in answer.feed(event.text, event.reasoning, event.tool_call):
                     yield sse(chunk)
                 if answer.done:
                     job.cancel("parallel_tool_calls is false and a tool call is complete")

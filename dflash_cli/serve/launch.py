@@ -32,6 +32,7 @@ class ServeFlags:
     engine: str | None = None
     tp: int | None = None
     dry_run: bool = False
+    reasoning_effort: str | None = None  # gpt-oss (harmony) when a request does not say; None: --think decides
 
 
 def serve(flags: ServeFlags) -> None:
@@ -76,6 +77,7 @@ def model_id(model: str | None, target: str | None) -> str:
 def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     from .. import loader, registry
     from ..engine import Engine
+    from ..harmony import reasoning_effort
     from ..resolve import resolve_model
     from .app import ServeOptions, bind, run_server, stderr_log
     from .worker import EngineWorker
@@ -88,6 +90,7 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     device = loader.resolve_device(flags.device)
     m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
     think = m.thinks if flags.think is None else flags.think  # as the family's drafters were trained
+    effort = reasoning_effort(flags.reasoning_effort, flags.think) if m.harmony is not None else None
     engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context)
     worker = EngineWorker(m, engine, flags.max_queue)
     seconds = worker.start()
@@ -97,9 +100,10 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
         stderr_log(f"dflash: {warning}")
     options = ServeOptions(host=flags.host, port=flags.port, api_key=flags.api_key, cors_origins=flags.cors_origins,
                            max_queue=flags.max_queue, timeout=flags.timeout,
-                           max_body=int(flags.max_body_mb * 2**20), default_think=think)
+                           max_body=int(flags.max_body_mb * 2**20), default_think=think, default_effort=effort)
     mode = f"DFlash, block size {engine.block_size}" if engine.speculative else "plain decoding"
-    describe = (f"{mode} · {device} · context {engine.max_context} · thinking "
-                f"{'on' if think else 'off'} by default · queue {flags.max_queue}"
+    thinking = f"reasoning effort {effort or 'medium'}" if m.harmony is not None else \
+        f"thinking {'on' if think else 'off'}"
+    describe = (f"{mode} · {device} · context {engine.max_context} · {thinking} by default · queue {flags.max_queue}"
                 + (" · API key required" if flags.api_key else ""))
     run_server(sock, worker, name, options, describe)

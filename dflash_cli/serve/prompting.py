@@ -18,6 +18,7 @@ class Prompt:
     ids: list[int]
     opens_think: bool = False  # the prompt ends inside <think> (Qwen3.5's template): the answer starts as reasoning
     keep_prefix: int | None = None  # what the next turn will share (see prompt.ChatPrompt)
+    harmony: bool = False  # gpt-oss: the answer is harmony messages, split by token id
 
 
 def chat_prompt(tokenizer, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
@@ -30,7 +31,7 @@ def chat_prompt(tokenizer, messages: list[dict], *, tools: list[dict] | None = N
     except DflashError as e:  # a Jinja error, or the template's own raise_exception on a message it refuses
         raise bad(str(e).replace("the model's chat template failed", "the model's chat template refused these "
                                  "messages"), "messages") from None
-    return Prompt(p.ids, p.think == "open", p.keep_prefix)
+    return Prompt(p.ids, p.think == "open", p.keep_prefix, p.think == "harmony")
 
 
 def completion_prompt(tokenizer, prompt: str | list[int]) -> Prompt:

@@ -275,7 +275,11 @@ def _tools(body: dict) -> list[dict] | None:
     return None if choice == "none" or not tools else tools
 
 
-def _thinking(body: dict, default: bool) -> tuple[bool, dict]:
+# reasoning_effort → harmony's three levels (gpt-oss's template reads it; the others ignore it).
+HARMONY_EFFORT = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
+
+
+def _thinking(body: dict, default: bool, default_effort: str | None = None) -> tuple[bool, dict]:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad("chat_template_kwargs must be an object", "chat_template_kwargs")
@@ -296,10 +300,14 @@ def _thinking(body: dict, default: bool) -> tuple[bool, dict]:
             raise bad(f"reasoning_effort {effort!r} contradicts chat_template_kwargs.enable_thinking={think}",
                       "reasoning_effort")
         think = by_effort
+        kwargs.setdefault("reasoning_effort", HARMONY_EFFORT[effort])
+    elif default_effort is not None:
+        kwargs.setdefault("reasoning_effort", default_effort)
     return (default if think is None else think), kwargs
 
 
-def parse_chat(body: Any, model_id: str, *, default_think: bool = False) -> ChatRequest:
+def parse_chat(body: Any, model_id: str, *, default_think: bool = False, default_effort: str | None = None
+               ) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     _check_fields(body, _CHAT)
@@ -310,7 +318,7 @@ def parse_chat(body: Any, model_id: str, *, default_think: bool = False) -> Chat
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
-    think, kwargs = _thinking(body, default_think)
+    think, kwargs = _thinking(body, default_think, default_effort)
     common = _generation(body, model_id, None, "max_completion_tokens", "max_tokens")
     return ChatRequest(**common, messages=_messages(body.get("messages")), tools=_tools(body),
                        parallel_tool_calls=parallel is not False, enable_thinking=think, template_kwargs=kwargs)

@@ -4,7 +4,7 @@ never disagree)."""
 from __future__ import annotations
 
 from ..reasoning import ThinkSplitter
-from .tools import ToolCallDelta, ToolCallParser
+from .tools import ToolCallDelta, ToolCallParser, new_call_id
 
 
 class ReplyStream:
@@ -22,6 +22,16 @@ class ReplyStream:
 
     def finish(self) -> list[dict]:
         return self._deltas(*self._think.finish(), final=True)
+
+    def feed_split(self, reasoning: str, reply: str) -> list[dict]:
+        """Reasoning and reply already told apart (a harmony answer, by token id)."""
+        return self._deltas(reasoning, reply, final=False)
+
+    def add_call(self, name: str, arguments: str) -> list[dict]:
+        """A whole tool call, as a harmony answer ends with one."""
+        delta = ToolCallDelta(len(self.calls), new_call_id(), name, arguments)
+        self._merge(delta)
+        return [{"tool_calls": [delta.to_openai()]}]
 
     @property
     def has_tool_calls(self) -> bool:

@@ -23,6 +23,7 @@ import torch
 from ..engine import Engine, Request
 from ..errors import DflashError
 from ..generate import Stats, stream_text
+from ..harmony import ToolCall
 from ..loader import Model
 from ..sampling import SamplingParams
 from .prompting import Prompt
@@ -34,11 +35,14 @@ class Started:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose K/V the caches already held (the previous request's prefix)
     opens_think: bool
+    harmony: bool = False  # the answer's text events come split into reasoning and text (gpt-oss)
 
 
 @dataclass
 class Text:
     text: str
+    reasoning: str = ""  # harmony: split off by token id (a <think> answer is split from the text by the reply)
+    tool_call: ToolCall | None = None  # harmony: the call the answer ended with
 
 
 @dataclass
@@ -191,17 +195,18 @@ class EngineWorker:
         if n + budget > limit:
             raise ApiError(400, f"the prompt ({n} tokens) plus max_tokens ({budget}) exceeds this server's context "
                                 f"limit of {limit} tokens", param="max_tokens", code="context_length_exceeded")
-        job.post(Started(n, reused_prefix(engine, prompt.ids), prompt.opens_think))
+        job.post(Started(n, reused_prefix(engine, prompt.ids), prompt.opens_think, prompt.harmony))
         stats = Stats()
         request = Request(prompt.ids, budget, model.stop_token_ids, job.sampling, keep_prefix=prompt.keep_prefix)
-        chunks = stream_text(engine, model.tokenizer, request, stats, job.stop)
+        chunks = stream_text(engine, model.tokenizer, request, stats, job.stop,
+                             think="harmony" if prompt.harmony else "off")
         try:
             for chunk in chunks:
                 job.generated = stats.generated
                 if job.cancelled:  # checked after every iteration: at most one runs after cancel()
                     break
-                if chunk.text:
-                    job.post(Text(chunk.text))
+                if chunk.text or chunk.reasoning or chunk.tool_call:
+                    job.post(Text(chunk.text, chunk.reasoning, chunk.tool_call))
         finally:
             chunks.close()  # ends the engine's generator: the next prefill rolls the caches back
         finish = "cancelled" if job.cancelled and stats.finish is None else (stats.finish or "stop")

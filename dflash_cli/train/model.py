@@ -39,10 +39,10 @@ class Attention(nn.Module):
     def __init__(self, c: DrafterConfig):
         super().__init__()
         h, d = c.hidden_size, c.head_dim
-        self.q_proj = nn.Linear(h, c.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, c.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, c.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(c.num_heads * d, h, bias=False)
+        self.q_proj = nn.Linear(h, c.num_heads * d, bias=c.attention_bias)
+        self.k_proj = nn.Linear(h, c.num_kv_heads * d, bias=c.attention_bias)
+        self.v_proj = nn.Linear(h, c.num_kv_heads * d, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * d, h, bias=c.attention_bias)
         self.q_norm = RMSNorm(d, c.rms_norm_eps)
         self.k_norm = RMSNorm(d, c.rms_norm_eps)
 

@@ -86,3 +86,66 @@ def test_prefill_chunks_take_flash_attention_only_where_sdpa_can():
     assert flash_prefill(bf16, True, None) == _LOWER_RIGHT_GQA
     assert not flash_prefill(fp32, True, None) and not flash_prefill(bf16, True, 128)
     assert not flash_prefill(bf16, False, None)
+
+
+def _eager_with_sinks(q, k, v, kv_len, causal, window, scale, sinks):
+    """transformers' eager gpt-oss attention, written out: the sink is one more logit per head,
+    its share of the softmax dropped."""
+    n, tq, group = kv_len, q.shape[0], q.shape[1] // k.shape[0]
+    kf = k[:, :n].repeat_interleave(group, 0).float()
+    vf = v[:, :n].repeat_interleave(group, 0).float()
+    s = torch.einsum("thd,hnd->htn", q.float(), kf) * scale
+    q_pos, k_pos = torch.arange(n - tq, n)[:, None], torch.arange(n)[None, :]
+    visible = (k_pos <= q_pos) if causal else torch.ones(tq, n, dtype=torch.bool)
+    if window is not None:
+        visible &= q_pos - k_pos < window
+    s = s.masked_fill(~visible.to(s.device), float("-inf"))
+    full = torch.cat((s, sinks.float()[:, None, None].expand(-1, tq, 1)), dim=-1).softmax(-1)[..., :-1]
+    return torch.einsum("htn,hnd->thd", full, vf)
+
+
+@pytest.mark.parametrize("dtype, causal, window", [
+    (torch.float32, True, None), (torch.float32, True, 128), (torch.float32, True, 7), (torch.float32, False, 13),
+    (torch.bfloat16, True, 128)])
+def test_attention_with_sinks_matches_reference_for_every_split_count(seed, dtype, causal, window):
+    """gpt-oss: sinks fold into the merge of the splits (m* = max(m_s, sink), l = Σ l_s e^(m_s - m*) +
+    e^(sink - m*)). Every split count from 1 to 6 over 520 keys: up to five splits hold keys, the sixth
+    none; with a window, the splits cut only the keys it leaves."""
+    q_len, hq, hkv, d, capacity, kv_len = 3, 4, 2, 16, 600, 520
+    q, k, v = _inputs(q_len, hq, hkv, d, capacity, kv_len, dtype)
+    sinks = torch.randn(hq, device=DEVICE) * 2  # some heads' sinks outweigh their keys, some not
+    length = torch.tensor(kv_len, device=DEVICE)
+    want = attention_ref(q, k, v, length, causal=causal, scale=d**-0.5, sliding_window=window, sinks=sinks)
+    eager = _eager_with_sinks(q, k, v, kv_len, causal, window, d**-0.5, sinks)
+    torch.testing.assert_close(want.float(), eager, **TOL[dtype], msg=lambda m: f"seed {seed}, reference: {m}")
+    for n_splits in range(1, 7):
+        got = attention(q, k, v, length, causal=causal, scale=d**-0.5, sliding_window=window, sinks=sinks,
+                        n_splits=n_splits)
+        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}, {n_splits} splits: {m}")
+
+
+def test_sinks_change_the_output(seed):
+    """A sink only ever takes probability mass: the output is the sink-free one scaled per head by
+    sigmoid(lse - sink), never equal to it."""
+    q, k, v = _inputs(3, 4, 2, 16, 64, 40, torch.float32)
+    length = torch.tensor(40, device=DEVICE)
+    sinks = torch.tensor([-1.0, 0.0, 1.0, 3.0], device=DEVICE)
+    plain = attention(q, k, v, length, causal=True, scale=0.25)
+    with_sinks = attention(q, k, v, length, causal=True, scale=0.25, sinks=sinks)
+    ratio = with_sinks / plain
+    assert (ratio < 1).all() and (ratio > 0).all(), f"seed {seed}"
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4, atol=1e-5)  # one factor per head
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(40, 40), (64, 150), (33, 200)])
+def test_a_long_prefill_chunk_with_sinks_runs_through_the_kernel(seed, monkeypatch, q_len, kv_len):
+    """SDPA has no sinks: a prefill chunk longer than the split kernel's decode shapes goes through the
+    kernel (the reference on a CPU), over a window shorter than the chunk."""
+    from dflash_cli import ops
+
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    q, k, v = _inputs(q_len, 4, 2, 16, kv_len + 8, kv_len, torch.float32)
+    sinks = torch.randn(4, device=DEVICE)
+    got = ops.attention(q, k, v, kv_len, causal=True, scale=0.25, sliding_window=16, sinks=sinks)
+    want = attention_ref(q, k, v, torch.tensor(kv_len), causal=True, scale=0.25, sliding_window=16, sinks=sinks)
+    torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")

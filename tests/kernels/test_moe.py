@@ -17,7 +17,7 @@ def _weights(e, h, i, dtype, g):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t", [1, 8, 16, 32, 37])  # 37: more rows than one expert slot holds (the fallback)
+@pytest.mark.parametrize("t", [1, 8, 16, 32, 37])  # 37: more rows than one expert slot holds (expert by expert)
 def test_experts_kernel_matches_the_reference(seed, dtype, t):
     g = torch.Generator().manual_seed(seed)
     router, gate_up, down = _weights(12, 64, 48, dtype, g)
@@ -74,3 +74,111 @@ def test_slots_are_fixed_shape_and_cover_every_pair():
             members = order[start[s]:start[s] + count[s]]
             assert (pairs[members] == expert[s]).all()
     assert int(count.sum()) == 6
+
+
+# ---- gpt-oss: router bias and softmax over the top k, expert biases, the clamped SwiGLU, MXFP4 -------------
+def _packed(e, rows, k, g, scale):
+    """Random MXFP4 weights [e, rows, k]: any byte, group scales around 2^(scale - 127)."""
+    blocks = torch.randint(0, 256, (e, rows, k // 32, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(scale - 1, scale + 2, (e, rows, k // 32), generator=g).to(torch.uint8)
+    return blocks.to(DEVICE), scales.to(DEVICE)
+
+
+def _gpt_oss(e, h, i, dtype, g, mxfp4):
+    """Weights whose gate/up pre-activations reach well past the clamp (limit 7)."""
+    if mxfp4:
+        gate_up, gu_scales = _packed(e, 2 * i, h, g, 124)  # |w| up to 6/8: |pre-activation| ~ 20
+        down, dn_scales = _packed(e, h, i, g, 119)
+        packed = dict(gate_up_scales=gu_scales, down_scales=dn_scales)
+    else:
+        gate_up = (torch.randn(e, 2 * i, h, generator=g) * 3 / h**0.5).to(DEVICE, dtype)
+        down = (torch.randn(e, h, i, generator=g) / i**0.5).to(DEVICE, dtype)
+        packed = {}
+    biases = dict(gate_up_bias=torch.randn(e, 2 * i, generator=g).to(DEVICE, dtype),
+                  down_bias=torch.randn(e, h, generator=g).to(DEVICE, dtype))
+    router = (torch.randn(e, h, generator=g) * 4 / h**0.5).to(DEVICE, dtype)
+    router_bias = torch.randn(e, generator=g).to(DEVICE, dtype)
+    return router, router_bias, gate_up, down, packed | biases | dict(swiglu_limit=7.0, swiglu_alpha=1.702)
+
+
+def test_mxfp4_dequantisation_decodes_every_nibble_and_scale():
+    """Byte i of a group: element 2i in its low nibble, 2i + 1 in its high one; e2m1 values × 2^(s - 127)."""
+    nibbles = torch.arange(16)
+    blocks = (nibbles[None, :] | (nibbles[:, None] << 4)).to(torch.uint8)  # row r, byte j: low nibble j, high r
+    scales = torch.tensor([127, 128, 120, 1] * 4, dtype=torch.uint8)[:, None]  # [rows, G=1]
+    got = moe.dequantize_mxfp4(blocks[:, None, :], scales, torch.float32)  # [16 rows, 32]
+    table = torch.tensor(moe.E2M1)
+    assert table[8].signbit() and not table[0].signbit()  # nibble 8 is -0
+    for r in range(16):
+        want = torch.stack((table, table[r].expand(16)), dim=-1).flatten() * 2.0 ** (int(scales[r]) - 127)
+        assert torch.equal(got[r], want) and torch.equal(got[r].signbit(), want.signbit()), r
+
+
+@pytest.mark.parametrize("mxfp4", [False, True], ids=["dense", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 8, 10, 16, 32, 37])
+def test_gpt_oss_experts_kernel_matches_the_reference(seed, dtype, t, mxfp4):
+    g = torch.Generator().manual_seed(seed)
+    router, router_bias, gate_up, down, kw = _gpt_oss(12, 64, 32, dtype, g, mxfp4)
+    x = torch.randn(t, 64, generator=g).to(DEVICE, dtype)
+    _, weights = moe.route_ref(x, router, 4, False, router_bias, softmax_after_topk=True)
+    idx = torch.stack([torch.cat((torch.zeros(1, dtype=torch.int64), torch.randperm(11, generator=g)[:3] + 1))
+                       for _ in range(t)]).to(DEVICE)
+    want = moe.experts_ref(x, gate_up, down, idx, weights, **kw)
+    got = moe.experts(x, gate_up, down, idx, weights, **kw)
+    # bf16: outputs reach tens, and the epilogue rounds op by op (the interpreter rounds towards zero):
+    # the tolerance is relative to the outputs' scale.
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"seed {seed}: {m}")
+    # the clamp really bites: some gate pre-activations of the pairs are beyond the limit
+    if dtype == torch.float32:
+        w = moe.dequantize_mxfp4(gate_up, kw["gate_up_scales"], dtype) if mxfp4 else gate_up
+        pre = torch.einsum("th,tkoh->tko", x, w[idx]) + kw["gate_up_bias"][idx]
+        assert (pre[..., 0::2] > 7).any() and (pre[..., 1::2].abs() > 7).any()
+
+
+def test_the_mxfp4_kernel_equals_the_dense_kernel_on_the_dequantised_weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    router, router_bias, gate_up, down, kw = _gpt_oss(8, 96, 64, torch.float32, g, mxfp4=True)
+    x = torch.randn(5, 96, generator=g).to(DEVICE)
+    idx, weights = moe.route(x, router, 4, False, router_bias, softmax_after_topk=True)
+    packed = moe.experts(x, gate_up, down, idx, weights, **kw)
+    dense_kw = {k: v for k, v in kw.items() if not k.endswith("scales")}
+    dense = moe.experts(x, moe.dequantize_mxfp4(gate_up, kw["gate_up_scales"], x.dtype),
+                        moe.dequantize_mxfp4(down, kw["down_scales"], x.dtype), idx, weights, **dense_kw)
+    torch.testing.assert_close(packed, dense, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_router_kernel_matches_the_reference(seed, dtype):
+    """Bias added to the logits; the softmax runs over the k selected logits only, which sum to 1."""
+    g = torch.Generator().manual_seed(seed)
+    router, router_bias, *_ = _gpt_oss(40, 200, 8, dtype, g, mxfp4=False)
+    x = torch.randn(9, 200, generator=g).to(DEVICE, dtype)
+    idx, w = moe.route(x, router, 4, False, router_bias, softmax_after_topk=True)
+    want_idx, want_w = moe.route_ref(x, router, 4, False, router_bias, softmax_after_topk=True)
+    assert torch.equal(idx, want_idx), f"seed {seed}"
+    torch.testing.assert_close(w, want_w, **TOL[dtype])
+    logits = x.float() @ router.float().T + router_bias.float()
+    assert torch.equal(idx, logits.to(dtype).topk(4).indices), "top-k of the biased logits"
+    torch.testing.assert_close(w.float().sum(-1), torch.ones(9, device=DEVICE), **TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_a_gpt_oss_row_routes_and_computes_the_same_alone_or_in_any_block(seed, impl):
+    """The batch-invariance test on the gpt-oss paths: router bias, softmax after top-k, MXFP4 experts."""
+    route, experts = (moe.route_ref, moe.experts_ref) if impl == "reference" else (moe.route, moe.experts)
+    g = torch.Generator().manual_seed(seed)
+    router, router_bias, gate_up, down, kw = _gpt_oss(16, 64, 32, torch.float32, g, mxfp4=True)
+    rows = torch.randn(32, 64, generator=g).to(DEVICE)
+    alone = []
+    for r in range(32):
+        idx, w = route(rows[r:r + 1], router, 4, False, router_bias, softmax_after_topk=True)
+        alone.append((idx, w, experts(rows[r:r + 1], gate_up, down, idx, w, **kw)))
+    for size in (2, 7, 32):
+        idx, w = route(rows[:size], router, 4, False, router_bias, softmax_after_topk=True)
+        out = experts(rows[:size], gate_up, down, idx, w, **kw)
+        for r in range(size):
+            assert torch.equal(idx[r:r + 1], alone[r][0]), f"seed {seed}: routing of row {r} in a block of {size}"
+            assert torch.equal(w[r:r + 1], alone[r][1]), f"seed {seed}: weights of row {r} in a block of {size}"
+            assert torch.equal(out[r:r + 1], alone[r][2]), f"seed {seed}: output of row {r} in a block of {size}"

@@ -37,3 +37,19 @@ def test_the_residual_is_updated_in_place_and_returned(seed):
     want = res + x
     _, out_res = rms_norm(x, torch.ones(96, device=DEVICE), 1e-6, res)
     assert out_res is res and torch.equal(res, want), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 96), (2, 9000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gpt_oss_norm_applies_its_fp32_weight_before_the_one_rounding(seed, dtype, shape, with_residual):
+    """gpt-oss keeps its norm weights in float32 and rounds (w · normed) once: not the Qwen3 order."""
+    x = torch.randn(shape, dtype=dtype, device=DEVICE)
+    w = torch.randn(shape[-1], dtype=torch.float32, device=DEVICE)
+    res = torch.randn(shape, dtype=dtype, device=DEVICE) * 4 if with_residual else None
+    got, _ = rms_norm(x, w, 1e-5, res.clone() if with_residual else None, fp32_weight=True)
+    want, _ = rms_norm_ref(x, w, 1e-5, res.clone() if with_residual else None, fp32_weight=True)
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+    total = (x.float() + res.float()).to(dtype).float() if with_residual else x.float()
+    exact = (w * (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5))).to(dtype)
+    torch.testing.assert_close(want, exact, rtol=0, atol=0)  # the reference is transformers' GptOssRMSNorm
