@@ -5,6 +5,8 @@ from . import hub, registry
 
 
 def model_rows() -> list[dict]:
+    from .doctor import gpu_memory_needed
+
     rows, on_disk = [], hub.cached_sizes()
     for p in registry.all_pairs():
         sizes = [on_disk.get(p.target), on_disk.get(p.drafter)]
@@ -13,6 +15,8 @@ def model_rows() -> list[dict]:
             "alias": p.alias, "target": p.target, "drafter": p.drafter, "block_size": p.block_size,
             "supported": p.supported, "note": p.note, "gated": p.gated, "downloaded": complete,
             "size_on_disk": sum(s for s in sizes if s is not None),
+            # bf16 weights, a 4K-token cache and the workspace (None: a pair this version cannot run)
+            "gpu_memory": gpu_memory_needed(p) if p.supported else None,
         })
     return rows
 
@@ -25,6 +29,7 @@ def render_models(rows: list[dict]) -> None:
     for col, kw in (("model", {"no_wrap": True, "min_width": 19}),
                     ("B", {"justify": "right", "min_width": 2}),
                     ("status", {"no_wrap": True, "overflow": "ellipsis", "max_width": 26}),
+                    ("GPU", {"justify": "right", "no_wrap": True, "min_width": 6}),
                     ("on disk", {"justify": "right", "no_wrap": True, "min_width": 7})):
         table.add_column(col, **kw)
     for r in rows:
@@ -35,7 +40,8 @@ def render_models(rows: list[dict]) -> None:
         else:
             status = "dflash pull" + (" (gated)" if r["gated"] else "")
         size = f"{r['size_on_disk'] / 1e9:.1f} GB" if r["size_on_disk"] else "-"
-        table.add_row(r["alias"], str(r["block_size"]) if r["supported"] else "", status, size)
+        gpu = f"{r['gpu_memory'] / 2**30:.0f} GiB" if r["gpu_memory"] else ""
+        table.add_row(r["alias"], str(r["block_size"]) if r["supported"] else "", status, gpu, size)
     Console().print(table)
-    Console().print("Targets and drafters: `dflash models --json`. Any pair: --target ID|DIR --drafter ID|DIR.",
-                    highlight=False)
+    Console().print("GPU: memory to run the pair in bfloat16 with a 4K-token context. Targets and drafters: "
+                    "`dflash models --json`. Any pair: --target ID|DIR --drafter ID|DIR.", highlight=False)

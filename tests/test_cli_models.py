@@ -51,6 +51,9 @@ def test_models_lists_downloaded_pairs(capsys, hub_pair):
     main(["models", "--json"])
     rows = {r["alias"]: r for r in json.loads(capsys.readouterr().out)}
     assert not rows["qwen3-4b"]["downloaded"] and not rows["muse-glimmer-30b"]["supported"]
+    # what each pair needs on a GPU: bf16 weights (Qwen3-8B 16.4 GB + its drafter) and a 4K cache
+    assert 18 * 2**30 < rows["qwen3-8b"]["gpu_memory"] < 19 * 2**30 and rows["muse-glimmer-30b"]["gpu_memory"] is None
+    assert rows["gpt-oss-20b"]["gpu_memory"] < rows["qwen3-8b"]["gpu_memory"]  # MXFP4 experts: 12.8 GiB of weights
     main(["pull", "qwen3-4b"])
     capsys.readouterr()
     main(["models", "--json"])
