@@ -44,6 +44,12 @@ def weight_table(c: DrafterConfig) -> list[Weight]:
     return table
 
 
+def _narrowest(*windows: int | None) -> int | None:
+    """The smallest of the sliding windows given (None: attend to the whole context)."""
+    given = [w for w in windows if w is not None]
+    return min(given) if given else None
+
+
 def cache_bytes(c: DrafterConfig, dtype: torch.dtype) -> int:
     """Context K/V bytes per token."""
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
@@ -125,14 +131,16 @@ class Drafter:
                          cache.positions(features.shape[0]), cache.k, cache.v)
         cache.commit(features.shape[0] if count is None else count)
 
-    def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
+    def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None) -> torch.Tensor:
         """bonus: [1] id at position cache.length. Returns the block_size - 1 drafted ids.
 
         The draft is the argmax: a point mass, which is what makes the accept rule lossless."""
-        return self.draft_logits(bonus, cache, block_size).argmax(-1)
+        return self.draft_logits(bonus, cache, block_size, window).argmax(-1)
 
-    def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
-        """Logits [block_size - 1, V] for the tokens after `bonus`."""
+    def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
+                     ) -> torch.Tensor:
+        """Logits [block_size - 1, V] for the tokens after `bonus`. `window`: every layer sees at most
+        this many positions back (`--draft-window`), on top of its own sliding window."""
         c = self.cfg
         ids = torch.cat((bonus, self.mask_ids[: block_size - 1]))
         positions, kv_len = cache.positions(block_size), cache.length + block_size
@@ -144,7 +152,7 @@ class Drafter:
                                        k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
                                        positions, cache.k[i], cache.v[i])
             out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
-                                sliding_window=layer.window)
+                                sliding_window=_narrowest(layer.window, window))
             x = x + F.linear(out.reshape(block_size, -1), layer.o_proj)
             h, _ = ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)
             x = x + F.linear(ops.swiglu(F.linear(h, layer.gate_up)), layer.down)
