@@ -22,6 +22,7 @@ resume at any iteration without catching up.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol
@@ -31,7 +32,7 @@ import torch
 PRIOR = 0.7  # acceptance assumed for a position with no evidence: optimistic enough to try drafting
 PRIOR_WEIGHT = 0.5  # the prior counts as half an observation: little bias once a position is observed
 OBSERVED = 0.95  # weight kept by older observations at each new one (~20 recent iterations)
-UNSEEN = 0.98  # weight kept per iteration that does not draft the position (~50 iterations)
+UNSEEN = 0.99  # weight kept per iteration that does not draft the position (~100 iterations)
 START = 2.0  # a request starts with this many observations at the prior: a drafter is not dropped for
 # missing its first one or two blocks (they fade like any observation as real ones arrive)
 
@@ -108,7 +109,8 @@ class Decision:
 
 def choose(costs: dict[int, float], acceptance: Acceptance) -> Decision:
     """The block size with the most expected tokens per second; ties go to the smaller b."""
-    rate = {b: acceptance.expected_tokens(b) / seconds for b, seconds in sorted(costs.items())}
+    expected = _expected_by_size(acceptance.rates(), sorted(costs))
+    rate = {b: expected[b] / costs[b] for b in expected}
     best = max(rate, key=lambda b: (rate[b], -b))
     one = costs.get(1)
 
@@ -117,8 +119,20 @@ def choose(costs: dict[int, float], acceptance: Acceptance) -> Decision:
 
     if best == 1 and len(costs) > 1:
         rival = max((b for b in rate if b > 1), key=lambda b: (rate[b], -b))
-        return Decision(1, 1.0, 1.0, rival, acceptance.expected_tokens(rival), break_even(rival))
-    return Decision(best, acceptance.expected_tokens(best), break_even(best))
+        return Decision(1, 1.0, 1.0, rival, expected[rival], break_even(rival))
+    return Decision(best, expected[best], break_even(best))
+
+
+def _expected_by_size(rates: list[float], sizes: list[int]) -> dict[int, float]:
+    """`Acceptance.expected_tokens` for each size in one pass (the policy runs every iteration)."""
+    expected, total, chain, position = {}, 1.0, 1.0, 1
+    for b in sizes:
+        while position < b:
+            chain *= rates[position - 1]
+            total += chain
+            position += 1
+        expected[b] = total
+    return expected
 
 
 class Policy(Protocol):
@@ -178,7 +192,7 @@ class Pinned:
 
 # ---- measured costs ---------------------------------------------------------------------------------
 FIRST_BUCKET = 512  # contexts up to this share one measurement; then one per doubling
-ROUNDS = {"cuda": 3, "cpu": 10}  # timed iterations per block size (the fastest kept): a CPU is noisier
+ROUNDS = {"cuda": 3, "cpu": 9}  # timed iterations per block size (the median kept): a CPU is noisier
 
 
 def bucket(context: int, first: int = FIRST_BUCKET) -> int:
@@ -189,7 +203,9 @@ def bucket(context: int, first: int = FIRST_BUCKET) -> int:
 @dataclass
 class CostTable:
     """Seconds per iteration for each block size, measured per (sampling mode, context bucket): verify
-    and draft cost grow with the context, and the sampling filters cost per verified row."""
+    and draft cost grow with the context, and the sampling filters cost per verified row. Where an
+    iteration's own time can be read (a CPU runs it synchronously), each one also moves its b's entry
+    a little (`LIVE`), so one unlucky measurement on a busy machine does not stay wrong."""
 
     first_bucket: int = FIRST_BUCKET
     table: dict[tuple[Hashable, int], dict[int, float]] = field(default_factory=dict)
@@ -200,18 +216,34 @@ class CostTable:
     def put(self, mode: Hashable, context: int, costs: dict[int, float]) -> None:
         self.table[(mode, bucket(context, self.first_bucket))] = costs
 
+    def observe(self, mode: Hashable, context: int, block_size: int, seconds: float) -> None:
+        costs = self.get(mode, context)
+        if costs is not None and block_size in costs:
+            # clipped: one stall (a garbage collection, a kernel built for a new shape) must not move it far
+            seconds = min(seconds, 2 * costs[block_size])
+            costs[block_size] += LIVE * (seconds - costs[block_size])
+
+
+LIVE = 0.05  # weight of one live iteration in its block size's cost (~20 recent iterations)
+
+
+def cpu_clock() -> Callable[[], float]:
+    """The clock a CPU iteration is timed with: wall time, but with torch on one thread that thread's
+    CPU time. On a shared machine wall time also counts the neighbours' time slices, which slow every
+    b alike and say nothing of the ratios the policy compares."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
 
 def time_iterations(runs: dict[int, Callable[[], object]], device: torch.device, rounds: int | None = None
                     ) -> dict[int, float]:
-    """Seconds of one call of each `runs[b]`: the fastest of `rounds`, the block sizes interleaved, after
-    one untimed call each. On CUDA, device time between events (with lookahead the host queues ahead).
-    On a CPU, wall time; but with torch on one thread, that thread's CPU time: on a shared machine wall
-    time also counts the neighbours' time slices, which slow every b alike and say nothing of the
-    ratios the policy compares."""
+    """Seconds of one call of each `runs[b]`: the median of `rounds`, the block sizes interleaved (a busy
+    moment hits them alike), after one untimed call each. The median, not the fastest, because live
+    iterations refine the same figures (`CostTable.observe`) and they are typical ones. On CUDA, device
+    time between events (with lookahead the host queues ahead); on a CPU, `cpu_clock`."""
     for run in runs.values():
         run()
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    best = {b: float("inf") for b in runs}
+    clock = cpu_clock()
+    times: dict[int, list[float]] = {b: [] for b in runs}
     for _ in range(rounds or ROUNDS.get(device.type, ROUNDS["cpu"])):
         for b, run in runs.items():
             if device.type == "cuda":
@@ -220,13 +252,12 @@ def time_iterations(runs: dict[int, Callable[[], object]], device: torch.device,
                 run()
                 end.record()
                 end.synchronize()
-                seconds = start.elapsed_time(end) / 1e3
+                times[b].append(start.elapsed_time(end) / 1e3)
             else:
                 begin = clock()
                 run()
-                seconds = clock() - begin
-            best[b] = min(best[b], seconds)
-    return best
+                times[b].append(clock() - begin)
+    return {b: statistics.median(t) for b, t in times.items()}
 
 
 def position_rates(block_sizes: list[int], acceptance_lengths: list[int], positions: int) -> list[float | None]:

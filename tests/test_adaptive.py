@@ -294,3 +294,32 @@ def test_the_draft_window_bounds_the_drafters_attention_and_changes_no_token(sto
     assert "draft window 4" in narrow.describe()
     with pytest.raises(Exception, match="draft window must be at least 1"):
         Engine(m.target, m.drafter, draft_window=0)
+
+
+def test_run_json_shows_auto_drafting_where_it_pays_and_plain_decoding_where_it_does_not(capsys, stories_pair,
+                                                                                          tmp_path):
+    """`dflash run --json` (auto is the default, its costs measured on this machine): `block_sizes` stay
+    above 1 on the prompts the fitted drafter gets right and fall to 1 on text it never saw."""
+    import json
+
+    from dflash_cli.cli import main
+
+    t, d = stories_pair
+    fitted, unseen = ["The cat", "Tom had a big"], ["What is 12 times 7? Compute carefully.",
+                                                    "Dear committee, I am writing to apply for the position"]
+    batch = tmp_path / "prompts.jsonl"
+    batch.write_text("".join(json.dumps(p) + "\n" for p in fitted + unseen))
+    base = ["run", "--target", str(t), "--drafter", str(d), "--device", "cpu", "--raw", "--prompt-file", str(batch),
+            "--json", "-n", "64", "-q"]
+    assert main(base) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(base + ["--no-spec"]) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["token_ids"] for r in results] == [r["token_ids"] for r in plain]
+    for r in results:
+        assert r["adaptive"] and r["block_size"] == 8 and len(r["block_sizes"]) == len(r["acceptance_lengths"])
+        assert len(r["position_acceptance"]) == max(r["block_sizes"]) - 1
+    drafting = [sum(b > 1 for b in r["block_sizes"]) / len(r["block_sizes"]) for r in results[:2]]
+    plain_share = [sum(b == 1 for b in r["block_sizes"]) / len(r["block_sizes"]) for r in results[2:]]
+    assert min(drafting) >= 0.9 and min(plain_share) >= 0.6, (drafting, plain_share)
+    assert all(r["mean_acceptance_length"] > 3 for r in results[:2])
