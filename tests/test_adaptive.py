@@ -276,6 +276,30 @@ def test_costs_are_measured_once_per_context_bucket_and_change_no_token(stories_
         assert set(engine.costs.table[(SamplingParams(temperature=0.9).mode, 64)]) == {1, 2, 4, 8}
 
 
+def test_measuring_restores_a_recurrent_state(qwen35_pair):
+    """The hybrid's measured iterations really advance its recurrent state: the snapshot taken before
+    them is put back, so measuring mid-generation (each context bucket) changes no token."""
+    m = loader.load(*qwen35_pair, device="cpu")
+    prompt = HYBRID_PROMPTS[0]
+    want = _tokens(_steps(Engine(m.target), prompt, 40, SamplingParams()))
+    for lookahead in (False, True):
+        engine = Engine(m.target, m.drafter, adaptive=True, lookahead=lookahead)
+        engine.costs.first_bucket = 8
+        assert _tokens(_steps(engine, prompt, 40, SamplingParams())) == want
+        assert len(engine.costs.table) >= 3  # measured at the prompt, then at each doubling
+
+
+def test_measuring_at_the_context_limit_stays_inside_the_caches(stories_model):
+    """Each measured iteration's commit is undone before the next (on a CPU a write past the caches
+    raises): ten rounds at every block size would otherwise run far past a context near its limit."""
+    m = stories_model
+    prompt = m.tokenizer.encode(" ".join(STORY_PROMPTS))
+    engine = Engine(m.target, m.drafter, adaptive=True, max_context=len(prompt) + 6)
+    steps = _steps(engine, prompt, 100, SamplingParams())
+    assert _tokens(steps) == _tokens(_steps(Engine(m.target), prompt, 6, SamplingParams()))
+    assert steps[-1].finish == "length" and engine.costs.table
+
+
 def test_the_draft_window_bounds_the_drafters_attention_and_changes_no_token(stories_model, monkeypatch):
     from dflash_cli import ops
 
