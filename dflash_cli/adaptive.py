@@ -203,9 +203,7 @@ def bucket(context: int, first: int = FIRST_BUCKET) -> int:
 @dataclass
 class CostTable:
     """Seconds per iteration for each block size, measured per (sampling mode, context bucket): verify
-    and draft cost grow with the context, and the sampling filters cost per verified row. Where an
-    iteration's own time can be read (a CPU runs it synchronously), each one also moves its b's entry
-    a little (`LIVE`), so one unlucky measurement on a busy machine does not stay wrong."""
+    and draft cost grow with the context, and the sampling filters cost per verified row."""
 
     first_bucket: int = FIRST_BUCKET
     table: dict[tuple[Hashable, int], dict[int, float]] = field(default_factory=dict)
@@ -215,16 +213,6 @@ class CostTable:
 
     def put(self, mode: Hashable, context: int, costs: dict[int, float]) -> None:
         self.table[(mode, bucket(context, self.first_bucket))] = costs
-
-    def observe(self, mode: Hashable, context: int, block_size: int, seconds: float) -> None:
-        costs = self.get(mode, context)
-        if costs is not None and block_size in costs:
-            # clipped: one stall (a garbage collection, a kernel built for a new shape) must not move it far
-            seconds = min(seconds, 2 * costs[block_size])
-            costs[block_size] += LIVE * (seconds - costs[block_size])
-
-
-LIVE = 0.05  # weight of one live iteration in its block size's cost (~20 recent iterations)
 
 
 def cpu_clock() -> Callable[[], float]:
@@ -237,9 +225,8 @@ def cpu_clock() -> Callable[[], float]:
 def time_iterations(runs: dict[int, Callable[[], object]], device: torch.device, rounds: int | None = None
                     ) -> dict[int, float]:
     """Seconds of one call of each `runs[b]`: the median of `rounds`, the block sizes interleaved (a busy
-    moment hits them alike), after one untimed call each. The median, not the fastest, because live
-    iterations refine the same figures (`CostTable.observe`) and they are typical ones. On CUDA, device
-    time between events (with lookahead the host queues ahead); on a CPU, `cpu_clock`."""
+    moment hits them alike), after one untimed call each. On CUDA, device time between events (with
+    lookahead the host queues ahead); on a CPU, `cpu_clock`."""
     for run in runs.values():
         run()
     clock = cpu_clock()

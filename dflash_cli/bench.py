@@ -158,17 +158,18 @@ def progress_line(r: BenchRow, block_size: int) -> str:
 def render(report: BenchReport, console) -> None:
     """A rich table: one row per prompt, totals; then the machine's break-even τ, the acceptance per
     position and the τ histogram at B, what auto chose, and the end-to-end speeds."""
+    from rich import box
     from rich.table import Table
 
     from .ui import block_size_mix, rates_line
 
     b = report.block_size
-    table = Table(title=f"dflash bench · decode tok/s · block size {b} and auto · up to {report.max_tokens} tokens",
-                  title_justify="left")
-    table.add_column("set", no_wrap=True, min_width=4)
-    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=18)
+    table = Table(title=f"dflash bench · decode tok/s · up to {report.max_tokens} tokens",
+                  title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    table.add_column("set", no_wrap=True, min_width=4)  # three arms: a light frame keeps the table in 80 columns
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=14)
     for col in ("tokens", "plain", f"B={b}", "auto", "speedup", "auto ×", "τ", "same"):
-        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+        table.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 4))
     for r in report.rows:
         table.add_row(r.category, r.prompt, str(r.tokens), f"{r.plain_tps:.1f}", f"{r.dflash_tps:.1f}",
                       f"{r.auto_tps:.1f}", f"{r.speedup:.2f}×", f"{r.auto_speedup:.2f}×", f"{r.tau:.2f}",

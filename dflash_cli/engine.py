@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from . import ops
-from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, cpu_clock, time_iterations
+from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, time_iterations
 from .drafter import Drafter
 from .errors import DflashError
 from .graphs import EagerStep, StepGraphs
@@ -173,19 +173,11 @@ class Engine:
         launched: deque[tuple[EagerStep, Decision]] = deque()  # iterations queued, oldest first
         self.policy.reset()
 
-        timed = self.policy.adaptive and self.target.device.type == "cpu" and not self.lookahead
-        step_clock = cpu_clock()
-
         def launch(bonus: torch.Tensor) -> torch.Tensor:
             decision = self._decide(mode, bonus)
             runner = self._runner(mode, decision.block_size, bonus)
             launched.append((runner, decision))
-            if not timed:
-                return runner.launch(bonus)
-            begin = step_clock()  # a CPU runs the step right here: its time refines the cost table
-            bonus = runner.launch(bonus)
-            self.costs.observe(mode, len(self._cached_ids), decision.block_size, step_clock() - begin)
-            return bonus
+            return runner.launch(bonus)
 
         bonus = launch(bonus)
         try:
