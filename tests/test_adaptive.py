@@ -347,3 +347,15 @@ def test_run_json_shows_auto_drafting_where_it_pays_and_plain_decoding_where_it_
     plain_share = [sum(b == 1 for b in r["block_sizes"]) / len(r["block_sizes"]) for r in results[2:]]
     assert min(drafting) >= 0.9 and min(plain_share) >= 0.6, (drafting, plain_share)
     assert all(r["mean_acceptance_length"] > 3 for r in results[:2])
+
+
+def test_the_memory_plan_counts_a_captured_step_per_candidate_block_size():
+    """An adaptive engine captures one step per candidate b: at Qwen3-8B shapes with B = 16 the plan
+    holds the scratch of the steps at b = 2, 4, 8 and 16 on top of what plain decoding (b = 1) needs."""
+    from dflash_cli import memory
+    from dflash_cli.synthetic import configs
+
+    _, cfg, _, _ = configs("qwen3-8b")
+    extra = memory.workspace_bytes(cfg, 16) - memory.workspace_bytes(cfg, 1)
+    assert extra >= sum(memory._step_scratch(cfg, b) for b in (2, 4, 8, 16))
+    assert memory.workspace_bytes(cfg, 16) < memory.GiB  # still small next to the weights
