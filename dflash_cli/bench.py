@@ -1,12 +1,16 @@
-"""`dflash bench`: plain decoding and DFlash side by side on a built-in prompt set.
+"""`dflash bench`: plain decoding, DFlash at a fixed block size B, and DFlash with the block size
+chosen per iteration (auto), side by side on a built-in prompt set.
 
-Both runs use the same engine code and kernels; the plain run is the same loop at block size 1.
+All three arms use the same engine code and kernels; the plain run is the same loop at block size 1.
 Speeds are decode speeds (after the first token, as the DFlash paper reports); end-to-end speeds,
-prefill included, are reported beside them. At temperature 0 each answer pair is also compared
-token for token. In float32 that is the losslessness check on the user's own hardware. In bfloat16 a
-verify pass (B rows) and a decode pass (1 row) take different GEMM kernels and round differently, so
-the two answers may part at a near-tie: the `same` column then names the first token that differs and
-the target's top-2 logit margin there (a small margin is a tie broken by rounding, not a lost token).
+prefill included, are reported beside them. At temperature 0 the answers are also compared token for
+token. In float32 that is the losslessness check on the user's own hardware. In bfloat16 a verify
+pass (B rows) and a decode pass (1 row) take different GEMM kernels and round differently, so the
+answers may part at a near-tie: the `same` column then names the first token that differs and the
+target's top-2 logit margin there (a small margin is a tie broken by rounding, not a lost token).
+The report also gives this machine's break-even τ for each block size (the acceptance length at
+which drafting at b commits tokens as fast as b = 1, from the auto engine's measured costs) and the
+drafter's acceptance at each block position.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from importlib import resources
 
 import torch
 
+from .adaptive import FIRST_BUCKET, position_rates
 from .engine import Engine, Request
 from .generate import Stats, stream_text
 from .loader import Model
@@ -38,16 +43,24 @@ class BenchRow:
     prompt: str
     tokens: int
     plain_tps: float
-    dflash_tps: float
+    dflash_tps: float  # fixed block size B
+    auto_tps: float
     plain_e2e_tps: float
     dflash_e2e_tps: float
-    tau: float
-    identical: bool  # same tokens as plain decoding (sampling too: the seed fixes both answers)
-    divergence: dict | None = None  # where they part: {"token": i, "margin": top-1 minus top-2 logit there}
+    auto_e2e_tps: float
+    tau: float  # at B
+    auto_tau: float
+    auto_block_sizes: dict[int, int]  # b → iterations of the auto arm
+    identical: bool  # all three arms wrote the same tokens (sampling too: the seed fixes the answer)
+    divergence: dict | None = None  # where an arm parts from plain: {"token": i, "margin": top-1 minus top-2 logit}
 
     @property
     def speedup(self) -> float:
         return self.dflash_tps / self.plain_tps if self.plain_tps else 0.0
+
+    @property
+    def auto_speedup(self) -> float:
+        return self.auto_tps / self.plain_tps if self.plain_tps else 0.0
 
 
 @dataclass
@@ -55,19 +68,31 @@ class BenchReport:
     block_size: int
     max_tokens: int
     rows: list[BenchRow] = field(default_factory=list)
-    histogram: Counter = field(default_factory=Counter)  # τ → iterations
+    histogram: Counter = field(default_factory=Counter)  # τ → iterations, at B
+    costs: dict[int, float] = field(default_factory=dict)  # seconds per iteration at each b (auto's measurement)
+    position_acceptance: list[float | None] = field(default_factory=list)  # at B, over every prompt
+
+    @property
+    def break_even(self) -> dict[int, float]:
+        """τ at which each b commits tokens as fast as b = 1 does: its cost over b = 1's."""
+        one = self.costs.get(1)
+        return {b: seconds / one for b, seconds in sorted(self.costs.items())} if one else {}
 
     def totals(self) -> dict:
         """Aggregate speeds as total tokens over total time (not a mean of ratios)."""
         tokens = sum(r.tokens for r in self.rows)
-        plain = sum(r.tokens / r.plain_tps for r in self.rows if r.plain_tps)
-        spec = sum(r.tokens / r.dflash_tps for r in self.rows if r.dflash_tps)
+
+        def rate(tps: str) -> float:
+            seconds = sum(r.tokens / getattr(r, tps) for r in self.rows if getattr(r, tps))
+            return tokens / seconds if seconds else 0.0
+
         iterations = sum(self.histogram.values())
+        plain, spec, auto = rate("plain_tps"), rate("dflash_tps"), rate("auto_tps")
         return {
-            "tokens": tokens,
-            "plain_tps": tokens / plain if plain else 0.0,
-            "dflash_tps": tokens / spec if spec else 0.0,
-            "speedup": plain / spec if spec else 0.0,
+            "tokens": tokens, "plain_tps": plain, "dflash_tps": spec, "auto_tps": auto,
+            "speedup": spec / plain if plain else 0.0, "auto_speedup": auto / plain if plain else 0.0,
+            "plain_e2e_tps": rate("plain_e2e_tps"), "dflash_e2e_tps": rate("dflash_e2e_tps"),
+            "auto_e2e_tps": rate("auto_e2e_tps"),
             "tau": sum(t * n for t, n in self.histogram.items()) / iterations if iterations else 0.0,
             "all_identical": all(r.identical for r in self.rows),
         }
@@ -76,8 +101,11 @@ class BenchReport:
         return {
             "block_size": self.block_size,
             "max_tokens": self.max_tokens,
-            "rows": [asdict(r) | {"speedup": r.speedup} for r in self.rows],
+            "rows": [asdict(r) | {"speedup": r.speedup, "auto_speedup": r.auto_speedup} for r in self.rows],
             "acceptance_histogram": {str(k): v for k, v in sorted(self.histogram.items())},
+            "iteration_seconds": {str(b): s for b, s in self.costs.items()},
+            "break_even_tau": {str(b): t for b, t in self.break_even.items()},
+            "position_acceptance": self.position_acceptance,
             "totals": self.totals(),
         }
 
@@ -101,55 +129,88 @@ def first_divergence(engine: Engine, prompt: list[int], plain: list[int], spec: 
 
 def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block_size: int | None = None,
               sampling: SamplingParams | None = None, on_row=None) -> BenchReport:
+    """block_size: the fixed arm's B, and the largest the auto arm may choose (default: the drafter's)."""
     sampling = sampling or SamplingParams(seed=0)
     encoded = [encode_chat(model.tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
-    # Two engines share the GPU with one set of weights: size their caches for these prompts only.
+    # Three engines share the device with one set of weights: size their caches for these prompts only.
     context = min(model.max_context, max(len(ids) for ids in encoded) + max_tokens + 64)
     plain = Engine(model.target, max_context=context)
-    spec = Engine(model.target, model.drafter, block_size=block_size, max_context=context)
-    report = BenchReport(spec.block_size, max_tokens)
+    fixed = Engine(model.target, model.drafter, block_size=block_size, max_context=context)
+    auto = Engine(model.target, model.drafter, block_size=block_size, max_context=context, adaptive=True)
+    report = BenchReport(fixed.block_size, max_tokens)
     warm = encode_chat(model.tokenizer, [{"role": "user", "content": "Hello"}])
-    for engine in (plain, spec):  # first calls pay for kernel compilation, graph capture, allocator growth
+    for engine in (plain, fixed, auto):  # first calls pay for kernel compilation, graph capture, cost measurement
         engine.warm_up(sampling)
         _generate(engine, model, warm, 8, sampling)
+    sizes, taus = [], []
     for p, ids in zip(prompts, encoded):
         a = _generate(plain, model, ids, max_tokens, sampling)
-        b = _generate(spec, model, ids, max_tokens, sampling)
+        b = _generate(fixed, model, ids, max_tokens, sampling)
+        c = _generate(auto, model, ids, max_tokens, sampling)
         report.histogram.update(b.acceptance_lengths)
+        sizes += b.block_sizes
+        taus += b.acceptance_lengths
         row = BenchRow(
             category=p["category"], prompt=p["prompt"], tokens=b.generated,
-            plain_tps=a.tokens_per_second, dflash_tps=b.tokens_per_second,
+            plain_tps=a.tokens_per_second, dflash_tps=b.tokens_per_second, auto_tps=c.tokens_per_second,
             plain_e2e_tps=a.end_to_end_tokens_per_second, dflash_e2e_tps=b.end_to_end_tokens_per_second,
-            tau=b.mean_acceptance, identical=a.token_ids == b.token_ids,
-            divergence=None if a.token_ids == b.token_ids else first_divergence(plain, ids, a.token_ids, b.token_ids),
+            auto_e2e_tps=c.end_to_end_tokens_per_second, tau=b.mean_acceptance, auto_tau=c.mean_acceptance,
+            auto_block_sizes=dict(sorted(Counter(c.block_sizes).items())),
+            identical=a.token_ids == b.token_ids == c.token_ids,
+            divergence=None if a.token_ids == b.token_ids == c.token_ids else first_divergence(
+                plain, ids, a.token_ids, b.token_ids if b.token_ids != a.token_ids else c.token_ids),
         )
         report.rows.append(row)
         if on_row:
             on_row(row)
+    report.costs = auto.costs.get(sampling.mode, 0) or {}
+    report.position_acceptance = position_rates(sizes, taus, report.block_size - 1)
     return report
 
 
+def progress_line(r: BenchRow, block_size: int) -> str:
+    """One prompt's result, for stderr while the bench runs."""
+    return (f"{r.category}: plain {r.plain_tps:.1f} · B={block_size} {r.dflash_tps:.1f} ({r.speedup:.2f}×, τ {r.tau:.2f}) "
+            f"· auto {r.auto_tps:.1f} ({r.auto_speedup:.2f}×) tok/s")
+
+
 def render(report: BenchReport, console) -> None:
-    """A rich table: one row per prompt, totals, and the acceptance histogram."""
+    """A rich table: one row per prompt, totals; then the machine's break-even τ, the acceptance per
+    position and the τ histogram at B, what auto chose, and the end-to-end speeds."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"dflash bench · decode tok/s · block size {report.block_size} · "
-                        f"up to {report.max_tokens} tokens", title_justify="left")
-    table.add_column("set", no_wrap=True, min_width=4)
-    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=18)
-    for col in ("tokens", "plain", "dflash", "speedup", "τ", "same"):
-        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    from .ui import block_size_mix, rates_line
+
+    b = report.block_size
+    table = Table(title=f"dflash bench · decode tok/s · up to {report.max_tokens} tokens",
+                  title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    table.add_column("set", no_wrap=True, min_width=4)  # three arms: a light frame keeps the table in 80 columns
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=14)
+    for col in ("tokens", "plain", f"B={b}", "auto", "speedup", "auto ×", "τ", "same"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 4))
     for r in report.rows:
         table.add_row(r.category, r.prompt, str(r.tokens), f"{r.plain_tps:.1f}", f"{r.dflash_tps:.1f}",
-                      f"{r.speedup:.2f}×", f"{r.tau:.2f}", "yes" if r.identical else
-                      f"from {r.divergence['token']} (Δ {r.divergence['margin']:.3g})")
+                      f"{r.auto_tps:.1f}", f"{r.speedup:.2f}×", f"{r.auto_speedup:.2f}×", f"{r.tau:.2f}",
+                      "yes" if r.identical else f"from {r.divergence['token']} (Δ {r.divergence['margin']:.3g})")
     t = report.totals()
     table.add_section()
-    table.add_row("all", "", str(t["tokens"]), f"{t['plain_tps']:.1f}", f"{t['dflash_tps']:.1f}",
-                  f"{t['speedup']:.2f}×", f"{t['tau']:.2f}", "yes" if t["all_identical"] else "no")
+    table.add_row("all", "", str(t["tokens"]), f"{t['plain_tps']:.1f}", f"{t['dflash_tps']:.1f}", f"{t['auto_tps']:.1f}",
+                  f"{t['speedup']:.2f}×", f"{t['auto_speedup']:.2f}×", f"{t['tau']:.2f}",
+                  "yes" if t["all_identical"] else "no")
     console.print(table)
-    console.print(histogram_line(report.histogram, report.block_size))
-    console.print("Speeds are decode speeds (after the first token); see --json for end-to-end figures.")
+    if report.break_even:
+        console.print(f"break-even τ on this machine (context ≤ {FIRST_BUCKET}): "
+                      + " · ".join(f"b {k}: {v:.2f}" for k, v in report.break_even.items() if k > 1))
+    console.print(f"acceptance by position at B={b}: {rates_line(report.position_acceptance)}")
+    console.print(histogram_line(report.histogram, b))
+    mix = Counter()
+    for r in report.rows:
+        mix.update(r.auto_block_sizes)
+    console.print(f"auto chose: {block_size_mix(list(mix.elements()))}")
+    console.print(f"with prefill: plain {t['plain_e2e_tps']:.1f} · B={b} {t['dflash_e2e_tps']:.1f} · "
+                  f"auto {t['auto_e2e_tps']:.1f} tok/s (end to end)")
+    console.print("Decode speeds are after the first token; --json has every figure.")
 
 
 def histogram_line(histogram: Counter, block_size: int) -> str:
@@ -170,11 +231,16 @@ def render_synthetic(report, console) -> None:
     table.add_column("vs decode", justify="right")
     for name, seconds in (("decode (1 token)", r.decode_s), (f"verify ({r.block_size} tokens)", r.verify_s),
                           ("draft (+ context K/V)", r.draft_s), ("accept", r.accept_s),
+                          ("commit (hybrid: state replay)", r.commit_s),
                           ("host overhead", r.host_overhead_s), ("whole iteration", r.iteration_s)):
         table.add_row(name, f"{seconds * 1e3:.3f} ms", f"{seconds / r.decode_s:.2f}×")
     console.print(table)
     console.print(f"decode reads {r.weight_bytes / 1e9:.2f} GB of weights: {r.decode_bandwidth / 1e9:.1f} GB/s, "
                   f"{100 * r.roofline_fraction:.0f}% of the measured copy rate ({r.copy_bytes_per_s / 1e9:.0f} GB/s)")
     console.print(f"plain decoding: {1 / r.decode_s:.1f} tok/s (measured step)")
+    if r.iteration_by_block:
+        console.print("iteration by block size (the auto engine's measurement): "
+                      + " · ".join(f"b {b}: {s * 1e3:.3f} ms" for b, s in r.iteration_by_block.items()))
+        console.print("break-even τ: " + " · ".join(f"b {b}: {t:.2f}" for b, t in r.break_even.items() if b > 1))
     if r.projected_tps is not None:
         console.print(f"PROJECTION at τ = {r.tau:.2f}: {r.projected_tps:.1f} tok/s (τ / iteration time; not a generation run)")

@@ -178,19 +178,25 @@ class ChatSession:
         return Counter(t for s in self.answers for t in s.acceptance_lengths)
 
     def stats_text(self) -> str:
-        from .ui import tau_bars
+        from .adaptive import position_rates
+        from .ui import block_size_mix, rates_line, tau_bars
 
         if not self.answers:
             return "no answers yet"
         tokens = sum(s.generated for s in self.answers)
         decode = sum(s.decode_seconds for s in self.answers)
         taus = [t for s in self.answers for t in s.acceptance_lengths]
+        sizes = [b for s in self.answers for b in s.block_sizes]
         tps = sum(max(s.generated - 1, 0) for s in self.answers) / decode if decode else 0.0
         mean = sum(taus) / len(taus) if taus else 0.0
         count = f"{len(self.answers)} answer{'' if len(self.answers) == 1 else 's'}"
-        return (f"{count} · {tokens} tokens · {tps:.1f} tok/s · mean τ {mean:.2f} · "
-                f"block size {self.engine.block_size}\nτ 1…{self.engine.block_size}: "
-                f"{tau_bars(self.histogram(), self.engine.block_size)}")
+        largest = self.engine.block_size
+        lines = [f"{count} · {tokens} tokens · {tps:.1f} tok/s · mean τ {mean:.2f} · {self.engine.describe()}",
+                 f"τ 1…{largest}: {tau_bars(self.histogram(), largest)}",
+                 f"block sizes: {block_size_mix(sizes)}"]
+        if largest > 1:
+            lines.append(f"acceptance by position: {rates_line(position_rates(sizes, taus, largest - 1))}")
+        return "\n".join(lines)
 
 
 def save_transcript(path: Path, messages: list[dict]) -> None:

@@ -43,7 +43,8 @@ MODEL_ARG = typer.Argument(None, help="Model alias (see `dflash models`); or use
 TARGET = typer.Option(None, "--target", metavar="ID|DIR", help="Target: a Hugging Face repo id or a local directory.", rich_help_panel=MODEL)
 DRAFTER = typer.Option(None, "--drafter", metavar="ID|DIR", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
 YES = typer.Option(False, "--yes", "-y", help="Download missing models without asking.", rich_help_panel=MODEL)
-BLOCK = typer.Option(None, "--block-size", "-b", min=1, metavar="B", help="Draft block size B (default: the drafter's).", rich_help_panel=MODEL)
+BLOCK = typer.Option("auto", "--block-size", "-b", metavar="auto|B", help="Draft block size: auto picks it per iteration from measured costs and live acceptance (1 when drafting does not pay); B pins it.", rich_help_panel=MODEL)
+DRAFT_WINDOW = typer.Option(None, "--draft-window", min=1, metavar="TOKENS", help="The drafter attends to at most this many recent tokens (bounds its cost at long context; the answer is the same).", rich_help_panel=MODEL)
 NO_SPEC = typer.Option(False, "--no-spec", help="Plain autoregressive decoding (the baseline).", rich_help_panel=MODEL)
 DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)
 DTYPE = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32.", rich_help_panel=MODEL)
@@ -80,8 +81,21 @@ def _load(target_dir: Path, drafter_dir: Optional[Path], device: str, dtype: str
     return loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
 
 
+def parse_block_size(text: str) -> Optional[int]:
+    """`--block-size auto` (None: chosen per iteration) or a pinned B >= 1."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--block-size must be auto or a whole number, got '{text}'") from None
+    if value < 1:
+        raise UsageError(f"--block-size must be auto or at least 1, got {value}")
+    return value
+
+
 def _check_block_size(drafter_dir: Optional[Path], block_size: Optional[int], least: int = 1) -> None:
-    """-b against the drafter's config.json, before any weight is read."""
+    """-b against the drafter's config.json, before any weight is read (None: auto, always fits)."""
     if block_size is None or drafter_dir is None:
         return
     import warnings
@@ -95,10 +109,12 @@ def _check_block_size(drafter_dir: Optional[Path], block_size: Optional[int], le
         raise UsageError(f"--block-size must be between {least} and the drafter's {limit}, got {block_size}")
 
 
-def _engine(m, block_size):
+def _engine(m, block_size: Optional[int], draft_window: Optional[int] = None):
+    """block_size None: adaptive up to the drafter's B; a number pins it."""
     from .engine import Engine
 
-    return Engine(m.target, m.drafter, block_size=block_size if m.drafter else None, max_context=m.max_context)
+    return Engine(m.target, m.drafter, block_size=block_size if m.drafter else None, max_context=m.max_context,
+                  adaptive=block_size is None, draft_window=draft_window)
 
 
 def _note(text: str, quiet: bool = False) -> None:
@@ -159,7 +175,8 @@ def run(
     min_p: float = MIN_P,
     seed: Optional[int] = SEED,
     stop: List[str] = typer.Option([], "--stop", metavar="TEXT", help="Stop when this text appears (repeatable).", rich_help_panel=SAMPLING),
-    block_size: Optional[int] = BLOCK,
+    block_size: str = BLOCK,
+    draft_window: Optional[int] = DRAFT_WINDOW,
     no_spec: bool = NO_SPEC,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -189,6 +206,7 @@ def run(
 
     if trace and not json_out:
         raise UsageError("--trace goes with --json (it adds every iteration to the JSON result)")
+    block = parse_block_size(block_size)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, _effort(reasoning_effort, think), json_out,
                       trace, quiet)
@@ -200,11 +218,11 @@ def run(
     else:
         text = _read_prompt(prompt, prompt_file)
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
-    _check_block_size(drafter_dir, block_size)
+    _check_block_size(drafter_dir, block)
     if target is not None and drafter is None and not no_spec:
         _note("no --drafter: plain decoding, without speculation", quiet)
     m = _load(target_dir, drafter_dir, device, dtype, max_context)
-    engine = _engine(m, block_size)
+    engine = _engine(m, block, draft_window)
     for note in template_notes(m, opts):
         _note(note, quiet)
     opts = replace(opts, think=m.thinks if think is None else think)  # the model's default when not asked
@@ -213,8 +231,8 @@ def run(
     else:
         ids = prompt_ids(m, text, opts)
         check_length(ids.ids, engine)
-    seconds = engine.warm_up(sampling)  # CUDA graphs captured before any timing starts (CPU: None)
-    if seconds is not None:
+    seconds = engine.warm_up(sampling)  # graphs captured, block-size costs measured, before any timing starts
+    if seconds is not None and engine.graphs.enabled:
         _note(f"CUDA graphs captured in {seconds:.1f} s", quiet)
     if batch is not None:
         run_jsonl(m, engine, encoded, opts)
@@ -234,7 +252,8 @@ def chat(
     top_k: int = TOP_K,
     min_p: float = MIN_P,
     seed: Optional[int] = SEED,
-    block_size: Optional[int] = BLOCK,
+    block_size: str = BLOCK,
+    draft_window: Optional[int] = DRAFT_WINDOW,
     no_spec: bool = NO_SPEC,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -255,12 +274,13 @@ def chat(
     from .chat import ChatSession, run_chat
     from .sampling import SamplingParams
 
+    block = parse_block_size(block_size)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
     effort = _effort(reasoning_effort, think)
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
-    _check_block_size(drafter_dir, block_size)
+    _check_block_size(drafter_dir, block)
     m = _load(target_dir, drafter_dir, device, dtype, max_context)
-    session = ChatSession(m, _engine(m, block_size), sampling=sampling, max_tokens=max_tokens, system=system,
+    session = ChatSession(m, _engine(m, block, draft_window), sampling=sampling, max_tokens=max_tokens, system=system,
                           think=m.thinks if think is None else think, reasoning_effort=effort)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
 
@@ -281,7 +301,8 @@ def serve(
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", metavar="MIB", help="Largest request body, in MiB.", rich_help_panel=SERVER),
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Thinking when a request does not say (default: what the drafter was trained with)."),
     reasoning_effort: Optional[str] = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="gpt-oss: low, medium or high when a request does not say."),
-    block_size: Optional[int] = BLOCK,
+    block_size: str = BLOCK,
+    draft_window: Optional[int] = DRAFT_WINDOW,
     no_spec: bool = NO_SPEC,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -302,8 +323,8 @@ def serve(
     from .serve.launch import serve as serve_flags
 
     serve_flags(ServeFlags(model, target, drafter, yes, host, port, api_key, no_auth, tuple(cors_origin), max_queue,
-                           timeout, max_body_mb, think, block_size, no_spec, device, dtype, max_context, engine, tp,
-                           dry_run, _effort(reasoning_effort, None)))
+                           timeout, max_body_mb, think, parse_block_size(block_size), no_spec, device, dtype,
+                           max_context, engine, tp, dry_run, draft_window, _effort(reasoning_effort, None)))
 
 
 @app.command()
@@ -318,13 +339,14 @@ def bench(
     categories: Optional[str] = typer.Option(None, "--prompts", metavar="SETS", help="Built-in prompt sets to run, comma-separated: math, code, chat, story (default math,code,chat; story for `demo`)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, metavar="N", help="Tokens per answer."),
     temperature: float = TEMPERATURE,
-    block_size: Optional[int] = typer.Option(None, "--block-size", "-b", min=2, metavar="B", help="Draft block size B.", rich_help_panel=MODEL),
+    block_size: Optional[int] = typer.Option(None, "--block-size", "-b", min=2, metavar="B", help="The fixed arm's block size, and the largest the auto arm may choose (default: the drafter's).", rich_help_panel=MODEL),
     device: str = DEVICE,
     dtype: str = DTYPE,
     max_context: Optional[int] = MAX_CONTEXT,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel=OUTPUT),
 ) -> None:
-    """Measure: plain decoding and DFlash side by side on built-in math, code and chat prompts.
+    """Measure: plain decoding, DFlash at block size B and DFlash with auto block size, side by side on
+    built-in math, code and chat prompts; with this machine's break-even τ per block size.
 
     \b
     Examples:
@@ -368,8 +390,7 @@ def bench(
     report = bench_mod.run_bench(
         m, bench_mod.builtin_prompts(wanted), max_tokens=max_tokens, block_size=block_size,
         sampling=SamplingParams(temperature=temperature, seed=0),
-        on_row=lambda r: progress.print(f"[dim]{r.category}: DFlash {r.dflash_tps:.1f} tok/s vs plain {r.plain_tps:.1f} "
-                                        f"tok/s ({r.speedup:.2f}×), τ {r.tau:.2f}[/dim]"),
+        on_row=lambda r: progress.print(bench_mod.progress_line(r, block_size or m.drafter.cfg.block_size), style="dim"),
     )
     if json_out:
         typer.echo(json.dumps(report.to_json()))

@@ -71,6 +71,12 @@ def dflash2_table(c: DrafterConfig) -> list[Weight]:
                     Weight(s + "successor_codebook", (c.vocab_size, r), "normal", gain=r**-0.25)]
 
 
+def _narrowest(*windows: int | None) -> int | None:
+    """The smallest of the sliding windows given (None: attend to the whole context)."""
+    given = [w for w in windows if w is not None]
+    return min(given) if given else None
+
+
 def cache_bytes(c: DrafterConfig, dtype: torch.dtype) -> int:
     """Context K/V bytes per token."""
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
@@ -167,24 +173,28 @@ class Drafter:
                          cache.positions(features.shape[0]), cache.k, cache.v, b_kv=self.b_kv)
         cache.commit(features.shape[0] if count is None else count)
 
-    def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
+    def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None) -> torch.Tensor:
         """bonus: [1] id at position cache.length. Returns the block_size - 1 drafted ids.
 
         The draft is the argmax (DFlash2: the selector's argmax walk): a point mass, which is what
         makes the accept rule lossless."""
         if self.selector is None:
-            return self.draft_logits(bonus, cache, block_size).argmax(-1)
-        hidden = self.block_hidden(bonus, cache, block_size)
+            return self.draft_logits(bonus, cache, block_size, window).argmax(-1)
+        hidden = self.block_hidden(bonus, cache, block_size, window)
         return self.selector.walk(hidden, F.linear(hidden, self.lm_head), bonus)
 
-    def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
+    def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
+                     ) -> torch.Tensor:
         """Logits [block_size - 1, V] for the tokens after `bonus` (with the head's multiplier and
         softcap, where the config sets them)."""
-        logits = F.linear(self.block_hidden(bonus, cache, block_size), self.lm_head)
+        logits = F.linear(self.block_hidden(bonus, cache, block_size, window), self.lm_head)
         return head_logits(logits, self.cfg.output_multiplier, self.cfg.final_logit_softcapping)
 
-    def block_hidden(self, bonus: torch.Tensor, cache: KVCache, block_size: int) -> torch.Tensor:
-        """The final normed hidden states [block_size - 1, H] of the block rows after `bonus`."""
+    def block_hidden(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
+                     ) -> torch.Tensor:
+        """The final normed hidden states [block_size - 1, H] of the block rows after `bonus`.
+        `window`: every layer sees at most this many positions back (`--draft-window`), on top of
+        its own sliding window."""
         c = self.cfg
         ids = torch.cat((bonus, self.mask_ids[: block_size - 1]))
         positions, kv_len = cache.positions(block_size), cache.length + block_size
@@ -199,7 +209,7 @@ class Drafter:
                                        k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
                                        positions, cache.k[i], cache.v[i])
             out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
-                                sliding_window=layer.window)
+                                sliding_window=_narrowest(layer.window, window))
             out = F.linear(out.reshape(block_size, -1), layer.o_proj, layer.o_bias)
             x = x + post_conv(layer.attention_conv, out, conv_kernels)
             h, _ = ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)

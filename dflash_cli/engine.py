@@ -1,8 +1,15 @@
 """The speculative loop: prefill, then draft → verify → accept → commit, yielding as tokens commit.
 
-One loop serves both modes: with a drafter and block size B > 1 it is DFlash; with B = 1 it is
-plain autoregressive decoding through the same verify path (the `--no-spec` baseline, and the
+One loop serves both modes: with a drafter and block size b > 1 an iteration is DFlash; with b = 1
+it is plain autoregressive decoding through the same verify path (the `--no-spec` baseline, and the
 "same loop with B = 1" the DFlash paper measures speedups against).
+
+The block size may change at every iteration (`adaptive`: chosen by adaptive.py from measured costs
+and live acceptance). That changes no token: the sampling noise is keyed by position, and every b
+runs the same forward and commit calls on the same caches. Each b is its own captured step (one CUDA
+graph per sampling mode and b), so switching costs nothing on the device; the caches are sized for
+the largest b, and at b = 1 the drafter's context cache still takes the committed token, so that
+drafting can resume at any iteration.
 
 The target cache and the drafter's context cache always hold the same committed tokens. A chat's
 next turn reuses both caches for the longest common prefix of the new prompt.
@@ -10,15 +17,17 @@ next turn reuses both caches for the longest common prefix of the new prompt.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from . import ops
+from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, time_iterations
 from .drafter import Drafter
 from .errors import DflashError
-from .graphs import StepGraphs
+from .graphs import EagerStep, StepGraphs
 from .sampling import DeviceSampling, Mode, SamplingParams
 
 
@@ -27,15 +36,21 @@ class Step:
     """What one iteration committed. `tokens` are already cut at a stop token or the token limit."""
 
     tokens: list[int]
-    drafts: list[int]  # the drafter's proposal this iteration (B - 1 ids; empty for prefill and plain decoding)
+    drafts: list[int]  # the drafter's proposal this iteration (b - 1 ids; empty for prefill and plain decoding)
     accepted: int  # of which the target accepted
     seconds: float  # wall time since the previous step (prefill included in the first)
     prefill: bool = False
     finish: str | None = None  # "stop", "length" or None while generating
+    decision: Decision | None = None  # why this iteration's block size (None for the prefill)
 
     @property
     def drafted(self) -> int:
         return len(self.drafts)
+
+    @property
+    def block_size(self) -> int:
+        """b of this iteration: the drafts and the target's own token."""
+        return self.drafted + 1
 
     @property
     def acceptance_length(self) -> int:
@@ -63,22 +78,34 @@ def cache_slack(block_size: int) -> int:
 
 class Engine:
     def __init__(self, target, drafter: Drafter | None = None, block_size: int | None = None,
-                 max_context: int | None = None, prefill_chunk: int = 512, lookahead: bool | None = None):
-        """max_context: the most tokens (prompt + answer) a generation may hold; the caches get
+                 max_context: int | None = None, prefill_chunk: int = 512, lookahead: bool | None = None,
+                 adaptive: bool = False, draft_window: int | None = None):
+        """block_size: the block size B (default: the drafter's); with `adaptive`, the largest one the
+        engine may choose per iteration (`adaptive.candidates(B)`), otherwise the only one.
+
+        max_context: the most tokens (prompt + answer) a generation may hold; the caches get
         `cache_slack` slots more, so no verify block runs past them.
 
         lookahead: queue iteration i+1 on the device before reading iteration i, so the GPU keeps
         working while the host streams text (default: on CUDA, where launches are asynchronous;
         on a CPU it would only compute one iteration per generation for nothing). The output is
         the same either way: an iteration queued behind the end is dropped, and the next prompt's
-        prefill resets the cache lengths to what was read."""
+        prefill resets the cache lengths to what was read.
+
+        draft_window: the drafter attends to at most this many context tokens (it bounds the draft's
+        cost at long context; lossless: only which drafts are proposed, so τ, can change)."""
         if drafter is None:
             block_size = 1
         elif block_size is None:
             block_size = drafter.cfg.block_size
         if not 1 <= block_size <= (drafter.cfg.block_size if drafter else 1):
             raise DflashError(f"block size must be between 1 and the drafter's {drafter.cfg.block_size}, got {block_size}")
+        if draft_window is not None and draft_window < 1:
+            raise DflashError(f"the draft window must be at least 1 token, got {draft_window}")
         self.target, self.drafter, self.block_size = target, drafter, block_size
+        self.draft_window = draft_window
+        self.policy: Policy = Adaptive(block_size) if adaptive and self.speculative else Pinned(block_size)
+        self.costs = CostTable()  # seconds per iteration at each b, measured when first needed
         rope_positions, slack = target.max_positions, cache_slack(block_size)
         self.max_context = min(max_context or rope_positions, rope_positions - slack)
         self.prefill_chunk = prefill_chunk
@@ -90,12 +117,14 @@ class Engine:
         self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order
         # Sampling values live on the device: one captured graph per sampling mode serves them all.
         self.sampling = DeviceSampling(target.device)
-        self.graphs = StepGraphs(target.device, [c for c in (self.target_cache, self.draft_cache) if c is not None])
+        self.caches = [c for c in (self.target_cache, self.draft_cache) if c is not None]
+        self.graphs = StepGraphs(target.device, self.caches)
 
     def warm_up(self, sampling: SamplingParams | None = None) -> float | None:
-        """Capture the CUDA graphs now, with a short throwaway generation, rather than during the
-        user's first answer; returns the seconds it took. Nothing to do where graphs are off (CPU)."""
-        if not self.graphs.enabled:
+        """Capture the CUDA graphs (one per block size an adaptive engine may use) and measure the
+        adaptive costs now, with a short throwaway generation, rather than during the user's first
+        answer; returns the seconds it took. Nothing to do (None) without graphs or adaptive costs."""
+        if not self.graphs.enabled and not self.adaptive:
             return None
         start = time.perf_counter()
         for _ in self.generate(Request([0, 1, 2], 2 * self.block_size + 2, sampling=sampling or SamplingParams())):
@@ -105,6 +134,18 @@ class Engine:
     @property
     def speculative(self) -> bool:
         return self.drafter is not None and self.block_size > 1
+
+    @property
+    def adaptive(self) -> bool:
+        return self.policy.adaptive
+
+    def describe(self) -> str:
+        """How this engine decodes, for banners: 'DFlash, block size auto (1…16)', '… 8', 'plain decoding'."""
+        if not self.speculative:
+            return "plain decoding"
+        sizes = f"auto (1…{self.block_size})" if self.adaptive else str(self.block_size)
+        window = f", draft window {self.draft_window}" if self.draft_window else ""
+        return f"DFlash, block size {sizes}{window}"
 
     @torch.inference_mode()
     def generate(self, request: Request) -> Iterator[Step]:
@@ -129,24 +170,75 @@ class Engine:
         yield step
         if step.finish is not None:
             return
-        runner = self.graphs.get(mode, lambda: self._device_step(mode), bonus)
-        bonus = runner.launch(bonus)
+        launched: deque[tuple[EagerStep, Decision]] = deque()  # iterations queued, oldest first
+        self.policy.reset()
+
+        def launch(bonus: torch.Tensor) -> torch.Tensor:
+            decision = self._decide(mode, bonus)
+            runner = self._runner(mode, decision.block_size, bonus)
+            launched.append((runner, decision))
+            return runner.launch(bonus)
+
+        bonus = launch(bonus)
         try:
             while True:
                 if self.lookahead:  # the next iteration runs while this one is read and streamed
-                    bonus = runner.launch(bonus)
-                emitted, accepted, block = self._unpack(runner.result())
+                    bonus = launch(bonus)
+                runner, decision = launched.popleft()
+                emitted, accepted, block = self._unpack(runner.result(), decision.block_size)
+                self.policy.observe(decision.block_size, accepted)
                 self._cached_ids += block[: accepted + 1]
-                step = _cut(Step(emitted, block[1:], accepted, 0.0), stops, budget - produced)
+                step = _cut(Step(emitted, block[1:], accepted, 0.0, decision=decision), stops, budget - produced)
                 produced += len(step.tokens)
                 step.seconds, clock = time.perf_counter() - clock, time.perf_counter()
                 yield step
                 if step.finish is not None:
                     return
                 if not self.lookahead:
-                    bonus = runner.launch(bonus)
+                    bonus = launch(bonus)
         finally:
-            runner.discard()  # caches may hold a queued iteration: the next prefill rolls it back
+            self.graphs.discard()  # caches may hold a queued iteration: the next prefill rolls it back
+
+    def _runner(self, mode: Mode, block_size: int, bonus: torch.Tensor) -> EagerStep:
+        """The step of this sampling mode and block size: one captured graph each, made on first use."""
+        return self.graphs.get((mode, block_size), lambda: self._device_step(mode, block_size), bonus)
+
+    def _decide(self, mode: Mode, bonus: torch.Tensor) -> Decision:
+        """The next iteration's block size. An adaptive engine first measures its costs at this context
+        length, once per sampling mode and context bucket (adaptive.CostTable)."""
+        costs = None
+        if self.policy.adaptive:
+            context = len(self._cached_ids)  # what the host has read; a queued iteration adds at most B
+            costs = self.costs.get(mode, context)
+            if costs is None:
+                costs = self.measure(mode, bonus)
+                self.costs.put(mode, context, costs)
+        return self.policy.decide(costs)
+
+    def measure(self, mode: Mode, bonus: torch.Tensor) -> dict[int, float]:
+        """Seconds of one iteration at each of the policy's block sizes, from the caches as they are
+        (after any queued iteration: the device runs in stream order). Every timed iteration really
+        runs, so the caches, and `bonus` (a captured step's output buffer), are put back afterwards:
+        lengths after each run (slots past them are free), whole snapshots (a recurrent state) at the end."""
+        saved = [c.snapshot() for c in self.caches]
+        lengths = [c.length.clone() for c in self.caches]
+        start = bonus.clone()
+
+        def timed(block_size: int):
+            runner = self._runner(mode, block_size, start)
+
+            def run() -> None:
+                runner.run(start)
+                for cache, length in zip(self.caches, lengths):
+                    cache.length.copy_(length)
+            return run
+
+        try:
+            return time_iterations({b: timed(b) for b in self.policy.sizes}, self.target.device)
+        finally:
+            for cache, snap in zip(self.caches, saved):
+                cache.restore(snap)
+            bonus.copy_(start)
 
     def _prefill(self, prompt: list[int], keep_prefix: int | None = None) -> torch.Tensor:
         """Fill both caches with the prompt (reusing the longest cached prefix they can restart from);
@@ -174,19 +266,23 @@ class Engine:
         self._cached_ids = list(prompt)
         return logits
 
-    def _unpack(self, host: list[int]) -> tuple[list[int], int, list[int]]:
+    @staticmethod
+    def _unpack(host: list[int], block_size: int) -> tuple[list[int], int, list[int]]:
         """(emitted ids, accepted drafts, the block) from the packed result of `_device_step`."""
-        a, b = host[0], self.block_size
-        return host[1:2 + a], a, host[1 + b:]
+        a = host[0]
+        return host[1:2 + a], a, host[1 + block_size:]
 
-    def _device_step(self, mode: Mode):
-        """The device side of an iteration, free of host syncs so that a CUDA graph can capture it.
-        Returns packed [accepted, y_0..y_(B-1), block_0..block_(B-1)] and the next bonus."""
+    def _device_step(self, mode: Mode, block_size: int | None = None):
+        """The device side of an iteration at block size b (default: B), free of host syncs so that a
+        CUDA graph can capture it. Returns packed [accepted, y_0..y_(b-1), block_0..block_(b-1)] and
+        the next bonus. At b = 1 there is no draft, but a speculative engine's drafter still takes
+        the committed token's features."""
         params = self.sampling.kernel_args(mode)
+        b = block_size or self.block_size
 
         def step(bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if self.speculative:
-                block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, self.block_size)))
+            if b > 1:
+                block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, b, self.draft_window)))
             else:
                 block = bonus
             logits, features = self.target.forward(block, self.target_cache, logits_from=0,

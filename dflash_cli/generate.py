@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .adaptive import Decision, position_rates
 from .detok import StreamDecoder
 from .engine import Engine, Request, Step
 from .harmony import HarmonyText, HarmonyTokens, ToolCall
@@ -21,6 +22,8 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     acceptance_lengths: list[int] = field(default_factory=list)  # τ per speculative/decode iteration
+    block_sizes: list[int] = field(default_factory=list)  # b per iteration (1: plain decoding)
+    decision: Decision | None = None  # why the last iteration had its block size
     finish: str | None = None
 
     def add(self, step: Step) -> None:
@@ -30,7 +33,14 @@ class Stats:
         else:
             self.decode_seconds += step.seconds
             self.acceptance_lengths.append(step.acceptance_length)
+            self.block_sizes.append(step.block_size)
+            self.decision = step.decision or self.decision
         self.finish = step.finish or self.finish
+
+    def position_acceptance(self) -> list[float | None]:
+        """Acceptance of draft i given drafts 1..i-1 were accepted, i = 1 .. largest b - 1 (None: never
+        reached)."""
+        return position_rates(self.block_sizes, self.acceptance_lengths, max(self.block_sizes, default=1) - 1)
 
     @property
     def generated(self) -> int:

@@ -12,8 +12,9 @@ pinned buffers let the engine queue iteration i+1 before it reads iteration i, s
 while the host streams text.
 
 Sampling values (temperature, top-k, top-p, min-p, seed) are device tensors the engine refills per
-generation, so only the sampling `Mode` (greedy, and which filters are on) selects a graph: at most
-eight, captured on first use into one shared memory pool. A capture that fails leaves the caches as
+generation, so only the sampling `Mode` (greedy, and which filters are on) and the block size select
+a graph: one per mode and block size the engine uses (an adaptive engine's few candidates, a pinned
+one's single b), captured on first use into one shared memory pool. A capture that fails leaves the caches as
 they were before it (warm-up runs really run, so they are undone whatever happens) and falls back to
 eager execution with a message; `DFLASH_CUDA_GRAPHS=0` turns graphs off.
 """
@@ -131,9 +132,9 @@ class StepGraph(EagerStep):
 
 
 class StepGraphs:
-    """One runner per key (the sampling `Mode`), kept for the engine's life: a captured graph, or
-    eager where capture is off or failed. Captures share one memory pool: the runners never replay
-    concurrently, so one graph's scratch may reuse another's."""
+    """One runner per key (the sampling `Mode` and the block size), kept for the engine's life: a
+    captured graph, or eager where capture is off or failed. Captures share one memory pool: the
+    runners never replay concurrently, so one graph's scratch may reuse another's."""
 
     def __init__(self, device: torch.device, caches: list):
         self.device = device
@@ -146,6 +147,11 @@ class StepGraphs:
         if key not in self._runners:
             self._runners[key] = self._runner(make_step(), bonus)
         return self._runners[key]
+
+    def discard(self) -> None:
+        """Forget every launched iteration nobody will read (a generation that ended or was stopped)."""
+        for runner in self._runners.values():
+            runner.discard()
 
     def _runner(self, step: DeviceStep, bonus: torch.Tensor) -> EagerStep:
         if self.enabled:

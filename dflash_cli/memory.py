@@ -47,11 +47,20 @@ def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: i
 
 def workspace_bytes(cfg, block_size: int, prefill_chunk: int = 512) -> int:
     """Activations of the largest forward (a prefill chunk), the verify and draft logits in float32,
-    what one captured step allocates from the graph pool, and half a GiB for the allocator."""
+    what the captured steps allocate from the graph pool (one per block size an adaptive engine may
+    use, `adaptive.candidates`: counted as if none reused another's scratch, which the shared pool
+    allows), and half a GiB for the allocator."""
+    from .adaptive import candidates
+
     chunk = prefill_chunk * (4 * cfg.hidden_size + cfg.activation_width) * 4
     logits = 2 * block_size * cfg.vocab_size * 4
-    graph_pool = 2 * logits + 64 * block_size * cfg.activation_width * 4  # sampler buffers, step activations
+    graph_pool = sum(_step_scratch(cfg, b) for b in candidates(block_size))
     return chunk + logits + graph_pool + GiB // 2
+
+
+def _step_scratch(cfg, block_size: int) -> int:
+    """What one captured step at this block size allocates: sampler buffers, step activations."""
+    return 2 * (2 * block_size * cfg.vocab_size * 4) + 64 * block_size * cfg.activation_width * 4
 
 
 def plan_context(needs: MemoryNeeds, ceiling: int, requested: int | None, free_bytes: int | None) -> int:

@@ -145,8 +145,8 @@ def run_prompt(model: Model, engine: Engine, prompt: ChatPrompt, opts: RunOption
                     err.write(chunk.reasoning)
                     err.flush()
                 if opts.trace and not chunk.step.prefill:
-                    trace.append({"drafted": chunk.step.drafts, "accepted": chunk.step.accepted,
-                                  "emitted": chunk.step.tokens})
+                    trace.append({"block_size": chunk.step.block_size, "drafted": chunk.step.drafts,
+                                  "accepted": chunk.step.accepted, "emitted": chunk.step.tokens})
                 if not opts.json and chunk.text:
                     out.write(chunk.text)
                     out.flush()
@@ -168,10 +168,14 @@ def run_prompt(model: Model, engine: Engine, prompt: ChatPrompt, opts: RunOption
         "finish_reason": stats.finish,
         "acceptance_lengths": stats.acceptance_lengths,
         "mean_acceptance_length": round(stats.mean_acceptance, 4),
+        "block_sizes": stats.block_sizes,
+        "position_acceptance": [None if r is None else round(r, 4) for r in stats.position_acceptance()],
         "tokens_per_second": round(stats.tokens_per_second, 3),
+        "end_to_end_tokens_per_second": round(stats.end_to_end_tokens_per_second, 3),
         "prefill_seconds": round(stats.prefill_seconds, 4),
         "decode_seconds": round(stats.decode_seconds, 4),
         "block_size": engine.block_size,
+        "adaptive": engine.adaptive,
     }
     if tool_call is not None:
         result["tool_call"] = {"name": tool_call.name, "arguments": tool_call.arguments}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -299,6 +299,15 @@ class SyntheticReport:
     copy_bytes_per_s: float
     tau: float | None
     decode_device_s: float = 0.0  # device time of the plain-decoding step
+    commit_s: float = 0.0  # device time of the target's commit after a verify (a hybrid's masked replay)
+    # The auto engine's cost curve: one iteration at each candidate block size, as the engine measures it.
+    iteration_by_block: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def break_even(self) -> dict[int, float]:
+        """τ at which each block size commits tokens as fast as b = 1 (the same engine at b = 1)."""
+        one = self.iteration_by_block.get(1)
+        return {b: s / one for b, s in self.iteration_by_block.items()} if one else {}
 
     @property
     def host_overhead_s(self) -> float:
@@ -320,7 +329,8 @@ class SyntheticReport:
 
     def to_json(self) -> dict:
         out = dict(vars(self))
-        out |= {"host_overhead_s": self.host_overhead_s, "decode_bandwidth": self.decode_bandwidth,
+        out["iteration_by_block"] = {str(b): t for b, t in self.iteration_by_block.items()}
+        out |= {"break_even_tau": {str(b): t for b, t in self.break_even.items()}, "host_overhead_s": self.host_overhead_s, "decode_bandwidth": self.decode_bandwidth,
                 "roofline_fraction": self.roofline_fraction, "projected_tps": self.projected_tps,
                 "plain_tps": 1 / self.decode_s, "projection": "tau / iteration_s, from measured step times"}
         return out
@@ -336,7 +346,7 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         torch.cuda.set_device(device)
     check_memory(shape, dtype, device, context + b, drafter_cfg.block_size)
     target, drafter = random_pair(shape, dtype, device, context + b + 2 * drafter_cfg.block_size + 1)
-    engine = Engine(target, drafter, block_size=b, max_context=context + b)
+    engine = Engine(target, drafter, block_size=b, max_context=context + b, adaptive=True)  # its cost curve too
     plain = Engine(target, max_context=context + b)
     with torch.inference_mode():
         for cache in (engine.target_cache, engine.draft_cache, plain.target_cache):
@@ -375,6 +385,9 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         draft = graphed(at_context(lambda: (drafter.add_context(features, engine.draft_cache, count=b),
                                             drafter.draft(bonus, engine.draft_cache, b))), device)
         accept = graphed(at_context(lambda: ops.accept(logits, block, engine.target_cache.length, **params)), device)
+        at_context(lambda: target.forward(block, engine.target_cache, logits_from=0))()  # what a commit replays
+        half = torch.tensor(max(1, b // 2), device=device)  # half the block accepted
+        commit = graphed(at_context(lambda: target.commit(engine.target_cache, half)), device)
         report = SyntheticReport(
             shape=shape, device=str(device), dtype=str(dtype).removeprefix("torch."), context=context, block_size=b,
             decode_s=time_it(iterate(plain), device, iters), verify_s=device_time(verify, device, iters),
@@ -382,8 +395,10 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
             iteration_s=time_it(iterate(engine), device, iters),
             step_device_s=device_time(step_only(engine), device, iters),
             decode_device_s=device_time(step_only(plain), device, iters),
+            commit_s=device_time(commit, device, iters),
             weight_bytes=weight_bytes(shape, dtype),
             copy_bytes_per_s=copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 27),
             tau=tau if tau is not None else published,
+            iteration_by_block=engine.measure(greedy, bonus),
         )
     return report

@@ -36,13 +36,25 @@ def drafted_tokens(chunk: Chunk) -> int:
     return 0 if step.prefill else min(step.accepted, len(step.tokens))
 
 
+def block_size_mix(sizes: list[int]) -> str:
+    """How often each block size ran: 'b 1 ×120 · b 8 ×30' (no iterations: '-')."""
+    counts = Counter(sizes)
+    return " · ".join(f"b {b} ×{counts[b]}" for b in sorted(counts)) or "-"
+
+
+def rates_line(rates: list[float | None]) -> str:
+    """Per-position acceptance as percentages, '-' where no iteration reached the position."""
+    return " ".join("-" if r is None else f"{100 * r:.0f}%" for r in rates)
+
+
 def status_line(stats: Stats, block_size: int, drafted: int | None = None, draft_style: str = DRAFT_STYLE) -> Text:
-    """tok/s (decode, as in the summary), mean and last τ, the τ histogram, tokens so far; with
-    `drafted`, how many of those tokens the drafter wrote, in the draft colour."""
+    """tok/s (decode, as in the summary), the block size and why ('b 16 · τ 6.1', 'b 1 · drafting
+    paused: τ 1.2 < break-even 1.5'), the τ histogram, tokens so far; with `drafted`, how many of
+    those tokens the drafter wrote, in the draft colour."""
     taus = stats.acceptance_lengths
-    last = taus[-1] if taus else 0
-    line = Text(f"{stats.tokens_per_second:6.1f} tok/s · τ {stats.mean_acceptance:.2f} (last {last}) · "
-                f"{tau_bars(Counter(taus), block_size)} · {stats.generated} tokens", style="dim cyan")
+    why = stats.decision.describe() if stats.decision else f"τ {stats.mean_acceptance:.2f}"
+    line = Text(f"{stats.tokens_per_second:6.1f} tok/s · {why} · {tau_bars(Counter(taus), block_size)} · "
+                f"{stats.generated} tokens", style="dim cyan")
     if drafted is not None:
         line.append(" · ")
         line.append(f"{drafted} drafted", style=draft_style)
@@ -119,9 +131,9 @@ class ChatView:
 
     def banner(self) -> None:
         m, e = self.session.model, self.session.engine
-        mode = f"DFlash, block size {e.block_size}" if e.speculative else "plain decoding"
-        if e.graphs.enabled:
-            with self.console.status("capturing CUDA graphs…"):
+        mode = e.describe()
+        if e.graphs.enabled or e.adaptive:
+            with self.console.status("capturing CUDA graphs…" if e.graphs.enabled else "measuring block sizes…"):
                 e.warm_up(self.session.sampling)
         self.note(f"{m.target_dir.name} · {mode} · {m.target.device} · /help for commands, Ctrl-D to leave")
 

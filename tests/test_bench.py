@@ -10,7 +10,7 @@ from dflash_cli.bench import histogram_line
 from dflash_cli.cli import main
 
 
-def test_bench_compares_plain_and_dflash_with_identical_answers(capsys, stories_pair):
+def test_bench_compares_plain_fixed_and_auto_with_identical_answers(capsys, stories_pair):
     t, d = stories_pair
     code = main(["bench", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-n", "24",
                  "--prompts", "math,chat", "--json"])
@@ -18,24 +18,36 @@ def test_bench_compares_plain_and_dflash_with_identical_answers(capsys, stories_
     report = json.loads(out)
     assert code == 0 and len(report["rows"]) == 6
     assert {r["category"] for r in report["rows"]} == {"math", "chat"}
-    assert all(r["identical"] and r["plain_tps"] > 0 and r["dflash_tps"] > 0 for r in report["rows"])
+    for r in report["rows"]:
+        assert r["identical"] and r["plain_tps"] > 0 and r["dflash_tps"] > 0 and r["auto_tps"] > 0
+        assert r["plain_e2e_tps"] > 0 and r["auto_e2e_tps"] > 0
+        assert sum(r["auto_block_sizes"].values()) > 0 and set(map(int, r["auto_block_sizes"])) <= {1, 2, 4, 8}
     assert sum(report["acceptance_histogram"].values()) > 0 and report["totals"]["all_identical"]
-    assert re.search(r"^math: DFlash [\d.]+ tok/s vs plain [\d.]+ tok/s \([\d.]+×\), τ [\d.]+$", err, re.M)  # on stderr
+    # the machine's cost curve: every candidate b measured, break-even τ = cost(b) / cost(1)
+    seconds, even = report["iteration_seconds"], report["break_even_tau"]
+    assert set(seconds) == set(even) == {"1", "2", "4", "8"} and even["1"] == 1.0
+    assert all(even[b] == seconds[b] / seconds["1"] for b in even)
+    assert len(report["position_acceptance"]) == 7  # drafts 1..7 of a block of 8
+    assert re.search(r"^math: plain [\d.]+ · B=8 [\d.]+ \([\d.]+×, τ [\d.]+\) · auto [\d.]+ \([\d.]+×\) tok/s$",
+                     err, re.M)  # on stderr
 
 
 def test_bench_table(capsys, stories_pair):
     t, d = stories_pair
     assert main(["bench", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-n", "8", "--prompts", "code"]) == 0
     out = capsys.readouterr().out
-    assert "dflash bench" in out and "speedup" in out and "acceptance τ=1…8" in out
+    assert "dflash bench" in out and "speedup" in out and "auto" in out and "acceptance τ=1…8" in out
+    assert "break-even τ on this machine" in out and "b 8: " in out
+    assert "acceptance by position at B=8: " in out and "auto chose: b " in out and "with prefill: plain " in out
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-hybrid"])
 def test_synthetic_mode_times_each_step_and_labels_the_projection(capsys, shape):
     assert main(["bench", shape, "--synthetic", "--device", "cpu", "--context", "64", "--tau", "4", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    for key in ("decode_s", "verify_s", "draft_s", "accept_s", "iteration_s", "step_device_s", "copy_bytes_per_s"):
+    for key in ("decode_s", "verify_s", "draft_s", "accept_s", "commit_s", "iteration_s", "step_device_s", "copy_bytes_per_s"):
         assert r[key] > 0
+    assert set(r["iteration_by_block"]) == {"1", "2", "4", "8"} and r["break_even_tau"]["1"] == 1.0
     assert r["projected_tps"] == 4 / r["iteration_s"] and "projection" in r
     assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--context", "64"]) == 0
     assert "PROJECTION" not in capsys.readouterr().out  # no published τ for the tiny shape, none given

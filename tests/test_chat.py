@@ -243,3 +243,23 @@ def test_live_frame_knows_the_rows_a_resize_reflowed(stories_session):
     assert frame.rows_on_screen() == 2 + 1 + 2
     console.size = (30, 4)
     assert frame.rows_on_screen() == 4  # no more rows than the screen has
+
+
+def test_status_line_and_stats_say_which_block_size_and_why(stories_model):
+    """The live line shows the block size and why ('b 8 · τ 6.1', or drafting paused with the figures);
+    /stats adds how often each block size ran and the acceptance at each draft position."""
+    from dflash_cli.adaptive import Decision
+    from dflash_cli.engine import Engine
+    from dflash_cli.generate import Stats
+
+    stats = Stats(token_ids=[1] * 9, decode_seconds=1.0, acceptance_lengths=[7, 1], block_sizes=[8, 1])
+    stats.decision = Decision(8, 6.14, 1.5)
+    assert "b 8 · τ 6.1 · " in status_line(stats, 8).plain
+    stats.decision = Decision(1, 1.0, 1.0, 8, 1.23, 1.54)
+    assert "b 1 · drafting paused: τ 1.2 < break-even 1.5 · " in status_line(stats, 8).plain
+    session = ChatSession(stories_model, Engine(stories_model.target, stories_model.drafter, adaptive=True))
+    list(session.ask("Once upon a time"))
+    text = session.command("/stats").text
+    assert "DFlash, block size auto (1…8)" in text
+    assert "block sizes: b " in text and "acceptance by position: " in text
+    assert session.live.decision is not None and session.live.block_sizes

@@ -73,7 +73,7 @@ def start(*args, stdin=None) -> tuple[subprocess.Popen, Reader, Reader]:
 def test_ctrl_c_mid_answer_exits_130_after_the_partial_answer_and_a_newline(slow_stories_pair):
     t, d = slow_stories_pair
     p, out, err = start("run", "--target", t, "--drafter", d, "--device", "cpu", "-p", "Once upon a time", "--raw",
-                        "-n", "400")
+                        "-n", "400", "-b", "8")  # pinned: auto would stop drafting and finish too soon
     out.wait_for("Lily")  # the answer is streaming
     p.send_signal(signal.SIGINT)
     assert p.wait(60) == 130
@@ -92,7 +92,7 @@ def test_ctrl_c_in_a_json_batch_prints_what_was_generated_marked_interrupted(slo
     batch = tmp_path / "batch.jsonl"
     batch.write_text(json.dumps(long) + "\n" + json.dumps("The cat") + "\n")
     p, out, err = start("run", "--target", t, "--drafter", d, "--device", "cpu", "--raw", "--prompt-file", batch,
-                        "--max-context", limit, "--json", "-n", "400")
+                        "--max-context", limit, "--json", "-n", "400", "-b", "8")
     out.wait_for("\n")  # the first result is out; the second answer is being generated
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
@@ -108,7 +108,7 @@ def test_ctrl_c_in_a_json_batch_prints_what_was_generated_marked_interrupted(slo
 
 def test_ctrl_c_stops_a_piped_chat_answer_but_not_the_chat_and_ends_it_at_the_prompt(slow_stories_pair):
     t, d = slow_stories_pair
-    p, out, err = start("chat", "--target", t, "--drafter", d, "--device", "cpu", "-n", "400",
+    p, out, err = start("chat", "--target", t, "--drafter", d, "--device", "cpu", "-n", "400", "-b", "8",
                         stdin=subprocess.PIPE)
     out.wait_for("Ctrl-D to leave")
     p.stdin.write(b"Once upon a time\n")

@@ -47,8 +47,9 @@ def test_json_has_text_ids_and_acceptance(capsys, pair_args):
     assert code == 0 and out.count("\n") == 1
     assert result["generated_tokens"] == len(result["token_ids"]) == 40
     assert len(result["trace"]) == len(result["acceptance_lengths"])
+    assert [it["block_size"] for it in result["trace"]] == result["block_sizes"]
     for it, tau in zip(result["trace"], result["acceptance_lengths"]):
-        assert len(it["drafted"]) == 7 and it["accepted"] == tau - 1
+        assert len(it["drafted"]) == it["block_size"] - 1 and it["accepted"] == tau - 1
         shown = min(it["accepted"], len(it["emitted"]))  # the last step is cut at the token budget
         assert it["drafted"][:shown] == it["emitted"][:shown]
     assert max(result["acceptance_lengths"]) > 1

@@ -166,10 +166,10 @@ def test_the_cached_drafter_matches_the_reference_written_from_the_math(tmp_path
     ids, calls = list(prompt), 0
     original = m.drafter.draft
 
-    def checked(bonus, cache, block_size):
+    def checked(bonus, cache, block_size, window=None):
         nonlocal calls
-        got = original(bonus, cache, block_size)
-        logits = m.drafter.draft_logits(bonus, cache, block_size)
+        got = original(bonus, cache, block_size, window)
+        logits = m.drafter.draft_logits(bonus, cache, block_size, window)
         n = int(cache.length)
         feats = m.target.forward(torch.tensor(ids[:n]), m.target.new_cache(n + 1, 8),
                                  feature_layers=m.drafter.cfg.target_layer_ids, commit=True)[1]
@@ -234,9 +234,9 @@ def test_an_identity_initialised_dflash2_drafter_is_the_v1_drafter_bit_for_bit(t
     for m, key in ((v1, 1), (v2, 2)):
         original = m.drafter.draft
 
-        def record(bonus, cache, block_size, m=m, key=key, original=original):
-            logits[key].append(m.drafter.draft_logits(bonus, cache, block_size))
-            return original(bonus, cache, block_size)
+        def record(bonus, cache, block_size, window=None, m=m, key=key, original=original):
+            logits[key].append(m.drafter.draft_logits(bonus, cache, block_size, window))
+            return original(bonus, cache, block_size, window)
 
         m.drafter.draft = record
     accepted = 0
@@ -284,9 +284,9 @@ def test_greedy_output_with_a_dflash2_drafter_equals_transformers_generate(dflas
     drafter = model.drafter
     head, original, taus = [0, 0], drafter.draft, []
 
-    def counting(bonus, cache, block_size):  # rows where the walk leaves the head's argmax
-        drafts = original(bonus, cache, block_size)
-        head[0] += int((drafts != drafter.draft_logits(bonus, cache, block_size).argmax(-1)).sum())
+    def counting(bonus, cache, block_size, window=None):  # rows where the walk leaves the head's argmax
+        drafts = original(bonus, cache, block_size, window)
+        head[0] += int((drafts != drafter.draft_logits(bonus, cache, block_size, window).argmax(-1)).sum())
         head[1] += block_size - 1
         return drafts
 

@@ -69,9 +69,9 @@ def _check(tmp_path, dcfg_kwargs, window=None):
     ids, calls = list(prompt), 0
     original = m.drafter.draft_logits
 
-    def checked(bonus, cache, block_size):
+    def checked(bonus, cache, block_size, draft_window=None):
         nonlocal calls
-        got = original(bonus, cache, block_size)
+        got = original(bonus, cache, block_size, draft_window)
         n = int(cache.length)
         with torch.inference_mode():
             feats = m.target.forward(torch.tensor(ids[:n]), m.target.new_cache(n + 1),

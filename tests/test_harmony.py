@@ -216,7 +216,7 @@ def _model(tok):
 
 
 class _Engine(ScriptedEngine):
-    block_size, max_context = 4, 1000
+    block_size, max_context, adaptive = 4, 1000, False
 
 
 def test_run_writes_the_final_answer_to_stdout_and_the_reasoning_elsewhere(tok, ids_of, pinned_date):

@@ -24,7 +24,7 @@ class ServeFlags:
     timeout: float = 600.0
     max_body_mb: float = 8.0
     think: bool | None = None  # None: the pair's own default
-    block_size: int | None = None
+    block_size: int | None = None  # None: auto (chosen per iteration), else pinned
     no_spec: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -32,6 +32,7 @@ class ServeFlags:
     engine: str | None = None
     tp: int | None = None
     dry_run: bool = False
+    draft_window: int | None = None
     reasoning_effort: str | None = None  # gpt-oss (harmony) when a request does not say; None: --think decides
 
 
@@ -52,7 +53,8 @@ def _hand_off(flags: ServeFlags, warning: str | None) -> None:
 
     ours = [name for name, on in (("--no-spec", flags.no_spec), ("--think/--no-think", flags.think is not None),
                                   ("--device", flags.device != "auto"), ("--dtype", flags.dtype != "auto"),
-                                  ("--cors-origin", bool(flags.cors_origins))) if on]
+                                  ("--cors-origin", bool(flags.cors_origins)),
+                                  ("--draft-window", flags.draft_window is not None)) if on]
     if ours:
         raise UsageError(f"{ours[0]} applies to dflash's own engine, not to --engine {flags.engine}")
     pair = handoff.resolve_pair(flags.model, flags.target, flags.drafter, flags.block_size)
@@ -69,7 +71,7 @@ def model_id(model: str | None, target: str | None) -> str:
     if model is not None:
         from .. import registry
 
-        return registry.resolve(model).alias
+        return registry.DEMO if model.strip().lower() == registry.DEMO else registry.resolve(model).alias
     path = Path(str(target)).expanduser()
     return path.name if path.is_dir() else str(target)
 
@@ -91,19 +93,19 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
     think = m.thinks if flags.think is None else flags.think  # as the family's drafters were trained
     effort = reasoning_effort(flags.reasoning_effort, flags.think) if m.harmony is not None else None
-    engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context)
+    engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context,
+                    adaptive=flags.block_size is None, draft_window=flags.draft_window)
     worker = EngineWorker(m, engine, flags.max_queue)
     seconds = worker.start()
-    if seconds is not None:
+    if seconds is not None and engine.graphs.enabled:
         stderr_log(f"dflash: CUDA graphs captured in {seconds:.1f} s")
     if warning:
         stderr_log(f"dflash: {warning}")
     options = ServeOptions(host=flags.host, port=flags.port, api_key=flags.api_key, cors_origins=flags.cors_origins,
                            max_queue=flags.max_queue, timeout=flags.timeout,
                            max_body=int(flags.max_body_mb * 2**20), default_think=think, default_effort=effort)
-    mode = f"DFlash, block size {engine.block_size}" if engine.speculative else "plain decoding"
     thinking = f"reasoning effort {effort or 'medium'}" if m.harmony is not None else \
         f"thinking {'on' if think else 'off'}"
-    describe = (f"{mode} · {device} · context {engine.max_context} · {thinking} by default · queue {flags.max_queue}"
+    describe = (f"{engine.describe()} · {device} · context {engine.max_context} · {thinking} by default · queue {flags.max_queue}"
                 + (" · API key required" if flags.api_key else ""))
     run_server(sock, worker, name, options, describe)

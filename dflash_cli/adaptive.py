@@ -1,0 +1,266 @@
+"""The block size of each iteration: measured cost per block size, live acceptance, and the choice.
+
+Any block size at any iteration writes the same tokens (the sampling noise is keyed by position, and
+the caches only ever hold committed tokens), so the engine may pick b afresh every iteration. It
+picks the b that maximises expected tokens per second:
+
+    expected tokens at b = 1 + Σ_{i<b} Π_{j≤i} p_j        seconds at b = measured (CostTable)
+
+where p_i is the chance that draft i is accepted given that drafts 1..i-1 were. b = 1 is plain
+decoding (no draft forward), so the engine is never meaningfully slower than plain decoding: when
+drafting does not pay, it stops drafting, and says why (`Decision`).
+
+The estimates p_i are exponentially weighted counts with a prior: each position that an iteration
+reaches is one observation (older ones weigh `OBSERVED` less each time), and every position that an
+iteration does not draft at all forgets a little of what it saw (`UNSEEN` per iteration), drifting
+back to the prior (a position not reached because an earlier draft was rejected learns nothing).
+So after drafting pauses, the estimates slowly return to the prior until drafting is tried again (a
+probe, usually at the cheapest b); each failed probe adds evidence, so probes come further apart the
+longer the drafter keeps failing, and a probe that succeeds resumes drafting. b = 1 still costs a
+little more than plain decoding: the drafter's context cache is kept current, so that drafting can
+resume at any iteration without catching up.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Protocol
+
+import torch
+
+PRIOR = 0.7  # acceptance assumed for a position with no evidence: optimistic enough to try drafting
+PRIOR_WEIGHT = 0.5  # the prior counts as half an observation: little bias once a position is observed
+OBSERVED = 0.95  # weight kept by older observations at each new one (~20 recent iterations)
+UNSEEN = 0.99  # weight kept per iteration that does not draft the position (~100 iterations)
+START = 2.0  # a request starts with this many observations at the prior: a drafter is not dropped for
+# missing its first one or two blocks (they fade like any observation as real ones arrive)
+
+
+def candidates(largest: int) -> list[int]:
+    """The block sizes an adaptive engine may use: 1, the powers of two below `largest`, and `largest`.
+    Each is one captured graph, so the list stays short."""
+    sizes, b = {1, largest}, 2
+    while b < largest:
+        sizes.add(b)
+        b *= 2
+    return sorted(sizes)
+
+
+class Acceptance:
+    """Per-position acceptance estimates p_1 .. p_(B-1) (conditional on the earlier drafts)."""
+
+    def __init__(self, positions: int, prior: float = PRIOR):
+        self.prior = prior
+        self.hits = [START * prior] * positions  # weighted accepted observations per position
+        self.seen = [START] * positions  # weighted observations per position
+
+    @property
+    def positions(self) -> int:
+        return len(self.seen)
+
+    def rates(self) -> list[float]:
+        return [(h + PRIOR_WEIGHT * self.prior) / (n + PRIOR_WEIGHT) for h, n in zip(self.hits, self.seen)]
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """One iteration: `drafted` drafts (b - 1), of which the first `accepted` were accepted.
+        Draft i was judged if drafts 1..i-1 were accepted: positions 1..min(accepted + 1, drafted)."""
+        reached = min(accepted + 1, drafted)
+        for i in range(reached):
+            self.hits[i] = OBSERVED * self.hits[i] + (i < accepted)
+            self.seen[i] = OBSERVED * self.seen[i] + 1.0
+        for i in range(drafted, self.positions):  # not drafted at all (a rejection earlier says nothing)
+            self.hits[i] *= UNSEEN
+            self.seen[i] *= UNSEEN
+
+    def expected_tokens(self, block_size: int) -> float:
+        """Tokens one iteration at `block_size` commits on average: 1 + Σ_{i<b} Π_{j≤i} p_j."""
+        total, chain = 1.0, 1.0
+        for p in self.rates()[: block_size - 1]:
+            chain *= p
+            total += chain
+        return total
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The block size of one iteration, and the figures that chose it (for the status line)."""
+
+    block_size: int
+    expected_tau: float  # expected tokens per iteration at block_size
+    break_even: float  # τ at which block_size commits tokens as fast as b = 1 (1.0 for b = 1)
+    # With b = 1 while drafting is possible: the best drafting block size, its τ and break-even.
+    rival: int | None = None
+    rival_tau: float = 0.0
+    rival_break_even: float = 0.0
+
+    @property
+    def paused(self) -> bool:
+        return self.block_size == 1 and self.rival is not None
+
+    def describe(self) -> str:
+        """'b 16 · τ 6.1', or 'b 1 · drafting paused: τ 1.2 < break-even 1.5'."""
+        if self.paused:
+            return (f"b 1 · drafting paused: τ {self.rival_tau:.1f} < break-even {self.rival_break_even:.1f}")
+        if self.block_size == 1:
+            return "b 1"
+        return f"b {self.block_size} · τ {self.expected_tau:.1f}"
+
+
+def choose(costs: dict[int, float], acceptance: Acceptance) -> Decision:
+    """The block size with the most expected tokens per second; ties go to the smaller b."""
+    expected = _expected_by_size(acceptance.rates(), sorted(costs))
+    rate = {b: expected[b] / costs[b] for b in expected}
+    best = max(rate, key=lambda b: (rate[b], -b))
+    one = costs.get(1)
+
+    def break_even(b: int) -> float:
+        return costs[b] / one if one else 0.0
+
+    if best == 1 and len(costs) > 1:
+        rival = max((b for b in rate if b > 1), key=lambda b: (rate[b], -b))
+        return Decision(1, 1.0, 1.0, rival, expected[rival], break_even(rival))
+    return Decision(best, expected[best], break_even(best))
+
+
+def _expected_by_size(rates: list[float], sizes: list[int]) -> dict[int, float]:
+    """`Acceptance.expected_tokens` for each size in one pass (the policy runs every iteration)."""
+    expected, total, chain, position = {}, 1.0, 1.0, 1
+    for b in sizes:
+        while position < b:
+            chain *= rates[position - 1]
+            total += chain
+            position += 1
+        expected[b] = total
+    return expected
+
+
+class Policy(Protocol):
+    """What the engine asks each iteration (`decide`) and tells after it (`observe`)."""
+
+    adaptive: bool
+    acceptance: Acceptance
+
+    def reset(self) -> None: ...
+
+    def decide(self, costs: dict[int, float] | None) -> Decision: ...
+
+    def observe(self, block_size: int, accepted: int) -> None: ...
+
+
+class Adaptive:
+    """Chooses among `candidates(largest)` from the measured costs and the live acceptance."""
+
+    adaptive = True
+
+    def __init__(self, largest: int):
+        self.sizes = candidates(largest)
+        self.acceptance = Acceptance(largest - 1)
+
+    def reset(self) -> None:
+        """A new request starts from the prior: how well the drafter does depends on the text (prose
+        or code, one client or another), so one answer's evidence is not carried into the next."""
+        self.acceptance = Acceptance(self.acceptance.positions)
+
+    def decide(self, costs: dict[int, float] | None) -> Decision:
+        assert costs is not None, "an adaptive engine measures its costs before deciding"
+        return choose(costs, self.acceptance)
+
+    def observe(self, block_size: int, accepted: int) -> None:
+        self.acceptance.observe(block_size - 1, accepted)
+
+
+class Pinned:
+    """Always `block_size` (`--block-size N`, or plain decoding); still estimates τ for the status line."""
+
+    adaptive = False
+
+    def __init__(self, block_size: int):
+        self.sizes = [block_size]
+        self.acceptance = Acceptance(max(block_size - 1, 0))
+
+    def reset(self) -> None:
+        self.acceptance = Acceptance(self.acceptance.positions)
+
+    def decide(self, costs: dict[int, float] | None) -> Decision:
+        b = self.sizes[0]
+        return Decision(b, self.acceptance.expected_tokens(b), costs[b] / costs[1] if costs and 1 in costs else 0.0)
+
+    def observe(self, block_size: int, accepted: int) -> None:
+        self.acceptance.observe(block_size - 1, accepted)
+
+
+# ---- measured costs ---------------------------------------------------------------------------------
+FIRST_BUCKET = 512  # contexts up to this share one measurement; then one per doubling
+ROUNDS = {"cuda": 3, "cpu": 9}  # timed iterations per block size (the median kept): a CPU is noisier
+CPU_BUDGET_S = 2.0  # a big model on a CPU takes fewer rounds (at least one) so measuring stays this short
+
+
+def bucket(context: int, first: int = FIRST_BUCKET) -> int:
+    """The context bucket whose measurement serves `context` tokens: `first`, then powers of two."""
+    return max(first, 1 << max(context - 1, 0).bit_length())
+
+
+@dataclass
+class CostTable:
+    """Seconds per iteration for each block size, measured per (sampling mode, context bucket): verify
+    and draft cost grow with the context, and the sampling filters cost per verified row."""
+
+    first_bucket: int = FIRST_BUCKET
+    table: dict[tuple[Hashable, int], dict[int, float]] = field(default_factory=dict)
+
+    def get(self, mode: Hashable, context: int) -> dict[int, float] | None:
+        return self.table.get((mode, bucket(context, self.first_bucket)))
+
+    def put(self, mode: Hashable, context: int, costs: dict[int, float]) -> None:
+        self.table[(mode, bucket(context, self.first_bucket))] = costs
+
+
+def cpu_clock() -> Callable[[], float]:
+    """The clock a CPU iteration is timed with: wall time, but with torch on one thread that thread's
+    CPU time. On a shared machine wall time also counts the neighbours' time slices, which slow every
+    b alike and say nothing of the ratios the policy compares."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def time_iterations(runs: dict[int, Callable[[], object]], device: torch.device, rounds: int | None = None
+                    ) -> dict[int, float]:
+    """Seconds of one call of each `runs[b]`: the median of `rounds`, the block sizes interleaved (a busy
+    moment hits them alike), after one untimed call each. On CUDA, device time between events (with
+    lookahead the host queues ahead); on a CPU, `cpu_clock`, with as many rounds as fit in
+    `CPU_BUDGET_S` (an 8B model's iteration takes seconds there)."""
+    start = time.perf_counter()
+    for run in runs.values():
+        run()
+    if rounds is None:
+        rounds = ROUNDS.get(device.type, ROUNDS["cpu"])
+        if device.type != "cuda":  # the untimed calls are a fair guess of a round's cost on a CPU
+            rounds = max(1, min(rounds, int(CPU_BUDGET_S / max(time.perf_counter() - start, 1e-9))))
+    clock = cpu_clock()
+    times: dict[int, list[float]] = {b: [] for b in runs}
+    for _ in range(rounds):
+        for b, run in runs.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times[b].append(start.elapsed_time(end) / 1e3)
+            else:
+                begin = clock()
+                run()
+                times[b].append(clock() - begin)
+    return {b: statistics.median(t) for b, t in times.items()}
+
+
+def position_rates(block_sizes: list[int], acceptance_lengths: list[int], positions: int) -> list[float | None]:
+    """Measured acceptance of draft i given drafts 1..i-1 were accepted, for i = 1..positions
+    (None where no iteration reached it): what `--json` and `dflash bench` report."""
+    hits, seen = [0] * positions, [0] * positions
+    for b, tau in zip(block_sizes, acceptance_lengths):
+        accepted = tau - 1
+        for i in range(min(accepted + 1, b - 1, positions)):
+            seen[i] += 1
+            hits[i] += i < accepted
+    return [h / n if n else None for h, n in zip(hits, seen)]
