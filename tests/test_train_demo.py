@@ -56,3 +56,21 @@ def test_demo_has_nothing_to_pull(capsys):
     assert main(["pull", "demo"]) == 2
     err = capsys.readouterr().err
     assert "the demo pair ships with dflash" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_demo_answers_completions_under_its_name():
+    from .serving import ServerProcess
+
+    server = ServerProcess("demo", "--device", "cpu", env={"HF_HUB_OFFLINE": "1"})
+    try:
+        assert server.model == "demo"
+        r = server.client().completions.create(model="demo", prompt="Once upon a time", max_tokens=12, temperature=0)
+        assert r.choices[0].text.startswith(", there was a little girl") and r.usage.completion_tokens == 12
+    finally:
+        assert server.stop() in (0, 130)
+
+
+def test_doctor_demo_passes_without_a_gpu(capsys):
+    assert main(["doctor", "demo"]) in (0, 1)  # 1 only if another check (torch, cache) fails on this machine
+    out = capsys.readouterr().out
+    assert "✓ demo: ships with dflash" in out
