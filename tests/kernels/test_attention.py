@@ -24,6 +24,7 @@ def _inputs(q_len, hq, hkv, d, capacity, kv_len, dtype):
     (16, 4, 4, 32, 64, 16),      # the block is the whole context
     (3, 4, 2, 128, 2100, 2001),  # Qwen3/Llama head size, every split busy
     (17, 4, 1, 32, 300, 200),    # 17 tokens × GQA 4 = 68 query rows: two row blocks of 64
+    (16, 4, 1, 256, 400, 301),   # Qwen3.5/3.6 head size (its 16-key steps on sm_86/89), a verify block
 ])
 @pytest.mark.parametrize("causal, window", [(True, None), (False, None), (False, 13), (True, 7), (True, 1)])
 def test_attention_matches_reference(seed, dtype, q_len, hq, hkv, d, capacity, kv_len, causal, window):
