@@ -21,6 +21,27 @@ def test_qwen3_8b_sizes_are_what_the_design_notes_say():
     assert (NEEDS.per_token, NEEDS.fixed) == (2 * (36 + 5) * 8 * 128 * 2, 0)
 
 
+@pytest.mark.parametrize("alias, params", [
+    ("qwen3-coder-30b-a3b", 30.5e9), ("qwen3.5-35b-a3b", 34.7e9), ("qwen3.5-27b", 26.9e9), ("qwen3.5-9b", 8.95e9),
+    ("qwen3.5-4b", 4.2e9),
+])
+def test_weights_are_the_published_parameter_counts_in_bfloat16(alias, params):
+    """The weight tables count every expert and skip the vision tower and MTP head (text-only loading):
+    two bytes per published text-model parameter, within 1%."""
+    family, target, _, _ = configs(alias)
+    assert abs(table_bytes(family.weight_table(target), torch.bfloat16) / 2 - params) < 0.01 * params
+
+
+def test_a_hybrid_caches_keys_and_values_for_its_full_attention_layers_only():
+    """Qwen3.5-27B: 16 of its 64 layers are full attention (4 KV heads of 256), plus the drafter's 5
+    layers (8 KV heads of 128); the 48 Gated DeltaNet layers hold a fixed state instead, at least their
+    float32 recurrent states (48 value heads of 128 × 128)."""
+    family, target, drafter, _ = configs("qwen3.5-27b")
+    needs = needs_for(family, target, drafter, torch.bfloat16, 16, cache_slack(16))
+    assert needs.per_token == 2 * 2 * (16 * 4 * 256 + 5 * 8 * 128)
+    assert 48 * 48 * 128 * 128 * 4 < needs.fixed < 3 * 48 * 48 * 128 * 128 * 4
+
+
 def test_context_fills_free_memory_up_to_the_model_limit():
     assert plan_context(NEEDS, Q8.max_position_embeddings, None, 139 * GiB) == Q8.max_position_embeddings
     on_24gb = plan_context(NEEDS, Q8.max_position_embeddings, None, 23 * GiB)
