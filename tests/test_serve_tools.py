@@ -204,3 +204,19 @@ def test_exposed_host_needs_a_key_and_engine_only_pairs_point_to_the_hand_off(ca
     assert "`dflash serve --engine sglang kimi-k2.5`" in capsys.readouterr().err
     assert main(["serve", "--target", str(t), "--drafter", str(d), "--tp", "2"]) == 2
     assert "--engine" in capsys.readouterr().err
+
+
+def test_dflash_run_splits_the_think_block_off_the_answer(scripted, capsys):
+    """The same scripted think block through `dflash run`: the answer alone on stdout, the reasoning on
+    stderr (dimmed in a terminal), and both apart in --json."""
+    t, d = scripted
+    args = ["run", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-p", USER[0]["content"], "--think"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "Hello there!" and "Sunny today." in err and "<think>" not in out + err
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["reasoning"], result["text"]) == ("Sunny today.", "Hello there!")
+    assert main(args + ["-q"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "Hello there!" and err == ""
