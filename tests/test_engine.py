@@ -130,3 +130,21 @@ def test_a_prefill_chunk_reads_the_cache_length_back_once(stories_model):
     with torch.inference_mode(), HostReads() as reads:
         m.target.forward(ids, cache, logits_from=-1)
     assert len(m.target.layers) > 1 and len(reads.seen) == 1, reads.seen
+
+
+def test_a_small_model_on_the_cpu_runs_on_one_thread_unless_omp_says_otherwise(stories_pair, monkeypatch):
+    """Threads only slow a model of a few hundred tiny ops down (loader.cpu_threads); a big model, or
+    OMP_NUM_THREADS set by the user, keeps torch's choice."""
+    import torch
+
+    from dflash_cli import loader
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    loader.load(*stories_pair, device="cpu")
+    assert calls == [1]
+    loader.cpu_threads(loader.SMALL_MODEL_BYTES + 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    loader.load(*stories_pair, device="cpu")
+    assert calls == [1]
