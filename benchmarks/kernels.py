@@ -9,7 +9,8 @@ bytes each op must move at the least (its inputs read once, its outputs written 
 kernel's time, and that rate as a share of a measured device-to-device copy (read + write).
 Attention is timed in a cache sized for the context and in one sized for 40k tokens: the kernel's
 splits follow the valid length on the device, so the two should cost the same.
-Without CUDA it says so and exits 0. Usage: python benchmarks/kernels.py
+Then F.linear at M = 1 and M = B for each Qwen3-8B weight (cuBLAS, not ours: what verify costs
+over a decode step comes down to it). Without CUDA it says so and exits 0. Usage: python benchmarks/kernels.py
 """
 from __future__ import annotations
 
@@ -224,6 +225,25 @@ def gpt_oss_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16)):
            lambda f: f(ctx, wkv, dkn, 1e-5, cs, pos, dkc, torch.randn_like(dkc), b_kv=bkv), nbytes(ctx, wkv, bkv))
 
 
+def gemm_rows(dev: str, dt: torch.dtype, do_bench, copy_rate: float) -> None:
+    """F.linear (cuBLAS) at M = 1 (a decode step) and M = B (a verify block) for each of Qwen3-8B's
+    weight matrices: verify(B) can only cost about a decode step if the M = B GEMM reads its weight
+    at the same rate (gpu-review.md finding 8). Prints each and the M = B over M = 1 time."""
+    import torch.nn.functional as F
+
+    print(f"| {'F.linear, Qwen3-8B weight':<32} | {'M=1 µs':>7} | {f'M={B} µs':>8} | {'ratio':>5} | {'% copy (M=1)':>12} |")
+    print(f"|{'-' * 34}|{'-' * 9}|{'-' * 10}|{'-' * 7}|{'-' * 14}|")
+    for name, n_out, n_in in (("q/k/v (6144 × 4096)", (HQ + 2 * HKV) * D, H), ("o (4096 × 4096)", H, HQ * D),
+                              ("gate/up (24576 × 4096)", 2 * I, H), ("down (4096 × 12288)", H, I),
+                              ("lm_head (151936 × 4096)", V, H)):
+        w = torch.randn(n_out, n_in, dtype=dt, device=dev) / 64
+        times = {m: do_bench(lambda m=m, x=torch.randn(m, n_in, dtype=dt, device=dev): F.linear(x, w),
+                             return_mode="median") * 1e3 for m in (1, B)}
+        rate = nbytes(w) / (times[1] * 1e-6)
+        print(f"| {name:<32} | {times[1]:7.1f} | {times[B]:8.1f} | {times[B] / times[1]:5.2f} | "
+              f"{100 * rate / copy_rate:11.1f}% |", flush=True)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU; nothing measured")
@@ -248,6 +268,7 @@ def main() -> int:
         rate = moved / (t_k * 1e-6)
         print(f"| {name:<40} | {t_k:9.1f} | {t_r:9.1f} | {t_r / t_k:6.1f}× | {rate / 1e9:6.0f} | "
               f"{100 * rate / copy_rate:5.1f}% |", flush=True)
+    gemm_rows("cuda", torch.bfloat16, do_bench, copy_rate)
     return 0
 
 
