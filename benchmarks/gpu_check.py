@@ -2,7 +2,7 @@
 
 Random weights (no download). For each case, greedy tokens of one prompt, compared with the first
 row of the case (the reference) and printed as `same` or the first index that differs:
-  tiny, tiny-hybrid (Qwen3.5 layout), tiny-moe (Qwen3-MoE layout), float32: torch references (eager)
+  tiny, tiny-hybrid (Qwen3.5 layout), tiny-moe (Qwen3-MoE layout), tiny-gpt-oss, float32: torch references (eager)
       · Triton kernels (eager) · kernels + CUDA graphs, with and without lookahead (iteration i+1 queued
       before i is read), speculative and plain. In float32 every row must agree: this is the lossless
       claim on a GPU.
@@ -43,10 +43,13 @@ def first_difference(a: list[int], b: list[int]) -> str:
     return "same" if a == b else f"differs at {next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))}"
 
 
+ONLY_WHEN_ASKED = {"tiny-dflash2"}  # benchmarks/gpu_more.sh runs it; gpu.sh's time is spent
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--only", default=None, help="one shape: tiny, tiny-hybrid, tiny-moe or qwen3-8b")
+    parser.add_argument("--only", default=None, help="one shape: tiny, tiny-hybrid, tiny-moe, tiny-gpt-oss, tiny-dflash2 or qwen3-8b")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -60,11 +63,13 @@ def main() -> int:
         ("tiny", torch.float32, 64, every_path, None),
         ("tiny-hybrid", torch.float32, 48, every_path, None),  # Gated DeltaNet: masked-replay commit, fla kernels
         ("tiny-moe", torch.float32, 48, every_path, None),  # the fused expert kernel
+        ("tiny-gpt-oss", torch.float32, 48, every_path, None),  # sinks, windows, MXFP4 experts in the kernel
+        ("tiny-dflash2", torch.float32, 48, every_path, None),  # the selector's walk inside the captured step
         ("qwen3-8b", torch.bfloat16, 48, [("triton", False, True, False), ("triton", True, True, True),
                                           ("triton", True, False, True)], 2),
     ]
     for shape, dtype, n, rows, required in cases:
-        if args.only not in (None, shape):
+        if args.only != shape and (args.only is not None or shape in ONLY_WHEN_ASKED):
             continue
         reference = None
         for i, (kernels, graphs, speculative, lookahead) in enumerate(rows):
