@@ -109,6 +109,15 @@ def random_prompts(count: int, vocab: int, seed: int, longest: int = 40) -> list
             for _ in range(count)]
 
 
+def ctrl_c_reaches_it() -> None:
+    """preexec_fn for a child the test will Ctrl-C: a shell without job control starts background jobs
+    with SIGINT ignored, and Python keeps an ignored SIGINT ignored, so a test suite run in the
+    background would see the child ignore its Ctrl-C. The child gets the default disposition instead."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # Prompts a hybrid pair's drafter is fitted to (random ids: the random target's own continuations are learnt).
 HYBRID_PROMPTS = random_prompts(6, 500, seed=35)
 

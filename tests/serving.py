@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .conftest import ctrl_c_reaches_it
 from .tiny import copy_qwen3_tokenizer, drafter_config, save_weights, target_config, write_drafter, write_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "dflash_cli.cli", "serve", "--port", "0", *map(str, args)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     preexec_fn=ctrl_c_reaches_it,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._eof = False

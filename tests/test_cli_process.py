@@ -19,6 +19,8 @@ import pytest
 
 from dflash_cli.loader import load_tokenizer
 
+from .conftest import ctrl_c_reaches_it
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
 CLI = [sys.executable, "-m", "dflash_cli.cli"]
@@ -64,7 +66,8 @@ class Reader:
 
 
 def start(*args, stdin=None) -> tuple[subprocess.Popen, Reader, Reader]:
-    p = subprocess.Popen(cli(*args), cwd=ROOT, env=ENV, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cli(*args), cwd=ROOT, env=ENV, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=ctrl_c_reaches_it)
     return p, Reader(p.stdout), Reader(p.stderr)
 
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from dflash_cli import loader
 from dflash_cli.cli import main
 
+from .conftest import ctrl_c_reaches_it
 from .tiny import target_config, write_target
 
 PROMPTS = ["Once upon a time", "The little dog ran", "Tom and Sue went to the park", "The sun was hot",
@@ -100,7 +101,8 @@ def test_ctrl_c_leaves_a_loadable_checkpoint_and_resume_finishes_the_same_run(ti
     out = tmp_path / "interrupted"
     args = _args(t, prompts, out, "--steps", "30", "--checkpoint-every", "4")
     proc = subprocess.Popen([sys.executable, "-m", "dflash_cli.cli", *args], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=ctrl_c_reaches_it)
     _wait_for(proc, "step 4: checkpoint saved")
     proc.send_signal(signal.SIGINT)  # a real Ctrl-C
     err = proc.stderr.read()
