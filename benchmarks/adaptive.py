@@ -11,8 +11,8 @@ hits them alike; the figures are medians. Decode speed is tokens after the first
 the prefill (as `dflash bench` reports it); "cpu" is the same over this thread's CPU time, which a
 shared machine's neighbours do not inflate (torch runs on one thread with OMP_NUM_THREADS=1). The last
 columns are auto's speed over the better of plain and fixed B, and the block sizes auto chose. A fourth
-arm, "b1", is the speculative engine held at b = 1: plain decoding plus the drafter's context upkeep,
-the floor under auto where drafting does not pay (cpu time only).
+arm, "b1", is the speculative engine held at b = 1: plain decoding plus the features it defers and a
+catch-up every 32 tokens, the floor under auto where drafting does not pay (cpu time only).
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def main() -> None:
 def report(m: loader.Model, repeats: int) -> None:
     arms = {"plain": Engine(m.target), "fixed": Engine(m.target, m.drafter),
             "auto": Engine(m.target, m.drafter, adaptive=True), "b1": Engine(m.target, m.drafter)}
-    arms["b1"].policy = Pinned(1)  # every iteration at b = 1, the drafter's context kept current
+    arms["b1"].policy = Pinned(1)  # every iteration at b = 1, its drafter context deferred and caught up
     for engine in arms.values():  # first calls pay for allocation; auto measures its costs here
         engine.warm_up()
         generate(engine, encode_raw(m.tokenizer, "Hello"), 16)
@@ -131,7 +131,7 @@ def report(m: loader.Model, repeats: int) -> None:
     print(f"auto / better of plain and B={b}, decode tok/s: worst {min(ratios):.2f}, geometric mean "
           f"{statistics.geometric_mean(ratios):.2f} (cpu time: worst {min(cpu_ratios):.2f}, "
           f"geometric mean {statistics.geometric_mean(cpu_ratios):.2f}); same tokens in every arm")
-    print(f"b1 / plain, cpu time (what keeping the drafter's context current costs at b = 1): "
+    print(f"b1 / plain, cpu time (b = 1 with the drafter's context deferred): "
           f"geometric mean {statistics.geometric_mean(floors):.2f}")
 
 

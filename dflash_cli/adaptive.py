@@ -16,9 +16,9 @@ iteration does not draft at all forgets a little of what it saw (`UNSEEN` per it
 back to the prior (a position not reached because an earlier draft was rejected learns nothing).
 So after drafting pauses, the estimates slowly return to the prior until drafting is tried again (a
 probe, usually at the cheapest b); each failed probe adds evidence, so probes come further apart the
-longer the drafter keeps failing, and a probe that succeeds resumes drafting. b = 1 still costs a
-little more than plain decoding: the drafter's context cache is kept current, so that drafting can
-resume at any iteration without catching up.
+longer the drafter keeps failing, and a probe that succeeds resumes drafting. b = 1 costs about what
+plain decoding costs: the drafter's context for those tokens is deferred, and written in one batch
+before the next draft (drafter.DraftCache), so drafting can resume at any iteration.
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ block's K/V is written past the committed length and never committed, so the nex
 it. Outputs at block positions 1..B-1 go through the target's lm_head; the argmax is the draft.
 The gpt-oss drafters (`attention_bias`) add biases to q/k/v/o, k's before its norm.
 
+An engine that decodes plainly for a while (b = 1) defers the context K/V of the tokens it commits:
+their target features wait in the cache (`DraftCache.defer`, at most DEFERRED of them) and go in as
+one batch (`catch_up`) before the next draft, so that a plain iteration costs what plain decoding costs.
+
 A DFlash2 drafter (`DFlash2DraftModel`, research/dflash2.md §1) is this plus two modules, in
 dflash2.py: a dynamic causal conv before and after every sublayer, over the block rows, and a
 candidate selector that rescores the head's top-k with a bigram term and walks a chain from the bonus.
@@ -69,6 +73,34 @@ def dflash2_table(c: DrafterConfig) -> list[Weight]:
     return table + [Weight(s + "hidden_projection.weight", (r, h)),
                     Weight(s + "predecessor_codebook", (c.vocab_size, r), "normal", gain=r**-0.25),
                     Weight(s + "successor_codebook", (c.vocab_size, r), "normal", gain=r**-0.25)]
+
+
+DEFERRED = 32  # committed tokens whose context K/V may wait for one batched catch-up
+
+
+@dataclass
+class DraftCache(KVCache):
+    """The drafter's context K/V, and the target features of up to DEFERRED committed tokens whose K/V
+    is not written yet (`pending[:pending_count]`, the next positions after `length`)."""
+
+    pending: torch.Tensor | None = None  # [DEFERRED, features]
+    pending_count: torch.Tensor | None = None  # 0-d int64, on the device
+
+    def defer(self, features: torch.Tensor) -> None:
+        """Keep the first row's features for the next catch-up (no host read: the slot is on the device)."""
+        self.pending.index_copy_(0, self.pending_count.view(1), features[:1])
+        self.pending_count.add_(1)
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.length.clone(), self.pending_count.clone()
+
+    def restore(self, snapshot) -> None:
+        self.length.copy_(snapshot[0])
+        self.pending_count.copy_(snapshot[1])
+
+    def rollback(self, length: int | torch.Tensor) -> None:
+        super().rollback(length)
+        self.pending_count.zero_()
 
 
 def _narrowest(*windows: int | None) -> int | None:
@@ -161,9 +193,19 @@ class Drafter:
         return cls(cfg, w["fc.weight"], w["hidden_norm.weight"], w["norm.weight"], layers, w_kv,
                    embed, lm_head, max_positions, b_kv, selector)
 
-    def new_cache(self, capacity: int) -> KVCache:
-        c = self.cfg
-        return KVCache.allocate(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.embed.dtype, self.embed.device)
+    def new_cache(self, capacity: int) -> DraftCache:
+        """Context K/V for `capacity` positions; a catch-up writes DEFERRED rows past the length, so the
+        engine's slack (`cache_slack`) counts them."""
+        c, device = self.cfg, self.embed.device
+        kv = KVCache.allocate(c.num_layers, c.num_kv_heads, c.head_dim, capacity, self.embed.dtype, device)
+        return DraftCache(kv.k, kv.v, kv.length, torch.zeros(DEFERRED, self.fc.shape[1], dtype=self.fc.dtype, device=device),
+                          torch.zeros((), dtype=torch.int64, device=device))
+
+    def catch_up(self, cache: DraftCache) -> None:
+        """Write the context K/V of the deferred tokens, as one batch (fixed shape: DEFERRED rows, of
+        which `pending_count` are committed; the rest is padding the next write overwrites)."""
+        self.add_context(cache.pending, cache, count=cache.pending_count)
+        cache.pending_count.zero_()
 
     def add_context(self, features: torch.Tensor, cache: KVCache, count: int | torch.Tensor | None = None) -> None:
         """Cache the context K/V of the tokens whose target features are given, then commit `count`

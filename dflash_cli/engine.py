@@ -8,10 +8,12 @@ The block size may change at every iteration (`adaptive`: chosen by adaptive.py 
 and live acceptance). That changes no token: the sampling noise is keyed by position, and every b
 runs the same forward and commit calls on the same caches. Each b is its own captured step (one CUDA
 graph per sampling mode and b), so switching costs nothing on the device; the caches are sized for
-the largest b, and at b = 1 the drafter's context cache still takes the committed token, so that
-drafting can resume at any iteration.
+the largest b. At b = 1 the drafter's context for the committed token is deferred (kept as target
+features), and written in one batch before the next draft, or when DEFERRED tokens wait, or when the
+generation ends.
 
-The target cache and the drafter's context cache always hold the same committed tokens. A chat's
+The target cache and the drafter's context cache (with its deferred tokens) always hold the same
+committed tokens. A chat's
 next turn reuses both caches for the longest common prefix of the new prompt.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from . import ops
 from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, time_iterations
-from .drafter import Drafter
+from .drafter import DEFERRED, Drafter
 from .errors import DflashError
 from .graphs import EagerStep, StepGraphs
 from .sampling import DeviceSampling, Mode, SamplingParams
@@ -72,8 +74,9 @@ class Request:
 
 def cache_slack(block_size: int) -> int:
     """Cache slots (and rope positions) past the context limit: the verify block of the last
-    iteration, and that of the one queued behind it (`lookahead`)."""
-    return 2 * block_size
+    iteration, and that of the one queued behind it (`lookahead`); with a drafter, the padding rows
+    of a deferred-context catch-up too."""
+    return 2 * block_size + (DEFERRED if block_size > 1 else 0)
 
 
 class Engine:
@@ -172,11 +175,17 @@ class Engine:
             return
         launched: deque[tuple[EagerStep, Decision]] = deque()  # iterations queued, oldest first
         self.policy.reset()
+        deferred = 0  # b = 1 iterations launched whose drafter context waits for a catch-up
 
         def launch(bonus: torch.Tensor) -> torch.Tensor:
+            nonlocal deferred
             decision = self._decide(mode, bonus)
+            if deferred and (decision.block_size > 1 or deferred == DEFERRED):
+                self._catch_up(bonus)
+                deferred = 0
             runner = self._runner(mode, decision.block_size, bonus)
             launched.append((runner, decision))
+            deferred += self.speculative and decision.block_size == 1
             return runner.launch(bonus)
 
         bonus = launch(bonus)
@@ -197,7 +206,17 @@ class Engine:
                 if not self.lookahead:
                     bonus = launch(bonus)
         finally:
+            if deferred:  # the drafter's context holds every committed token again (the next turn reuses it)
+                self._catch_up(bonus)
             self.graphs.discard()  # caches may hold a queued iteration: the next prefill rolls it back
+
+    def _catch_up(self, bonus: torch.Tensor) -> None:
+        """Queue the drafter's catch-up on the deferred tokens (one captured step of its own)."""
+        def step(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.drafter.catch_up(self.draft_cache)
+            return b, b
+
+        self.graphs.get("catch-up", lambda: step, bonus).run(bonus)
 
     def _runner(self, mode: Mode, block_size: int, bonus: torch.Tensor) -> EagerStep:
         """The step of this sampling mode and block size: one captured graph each, made on first use."""
@@ -222,6 +241,7 @@ class Engine:
         lengths after each run (slots past them are free), whole snapshots (a recurrent state) at the end."""
         saved = [c.snapshot() for c in self.caches]
         lengths = [c.length.clone() for c in self.caches]
+        deferred = self.draft_cache.pending_count.clone() if self.draft_cache is not None else None
         start = bonus.clone()
 
         def timed(block_size: int):
@@ -231,6 +251,8 @@ class Engine:
                 runner.run(start)
                 for cache, length in zip(self.caches, lengths):
                     cache.length.copy_(length)
+                if deferred is not None:  # a b = 1 run deferred one more token
+                    self.draft_cache.pending_count.copy_(deferred)
             return run
 
         try:
@@ -275,8 +297,8 @@ class Engine:
     def _device_step(self, mode: Mode, block_size: int | None = None):
         """The device side of an iteration at block size b (default: B), free of host syncs so that a
         CUDA graph can capture it. Returns packed [accepted, y_0..y_(b-1), block_0..block_(b-1)] and
-        the next bonus. At b = 1 there is no draft, but a speculative engine's drafter still takes
-        the committed token's features."""
+        the next bonus. At b = 1 there is no draft, and a speculative engine defers the committed
+        token's drafter context (`DraftCache.defer`) to a batched catch-up before the next draft."""
         params = self.sampling.kernel_args(mode)
         b = block_size or self.block_size
 
@@ -289,8 +311,10 @@ class Engine:
                                                    feature_layers=self.feature_layers)
             y, accepted = ops.accept(logits, block, self.target_cache.length, **params)
             self.target.commit(self.target_cache, accepted + 1)
-            if self.speculative:
+            if self.speculative and b > 1:
                 self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
+            elif self.speculative:  # b = 1 commits exactly this token: its drafter context waits
+                self.draft_cache.defer(features)
             return torch.cat((accepted.view(1), y, block)), y.gather(0, accepted.view(1))
 
         return step
