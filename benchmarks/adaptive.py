@@ -10,7 +10,8 @@ prompt runs `--repeats` times per arm, the arms interleaved so that a busy momen
 hits them alike; the figures are medians. Decode speed is tokens after the first over the time after
 the prefill (as `dflash bench` reports it); "cpu" is the same over this thread's CPU time, which a
 shared machine's neighbours do not inflate (torch runs on one thread with OMP_NUM_THREADS=1). The last
-columns are auto's speed over the better of plain and fixed B, and the block sizes auto chose. A fourth
+columns are auto's speed over the better of plain and fixed B, and the block sizes auto chose, averaged
+over the runs (each answer starts from the prior). A fourth
 arm, "b1", is the speculative engine held at b = 1: plain decoding plus the features it defers and a
 catch-up every 32 tokens, the floor under auto where drafting does not pay (cpu time only).
 """
@@ -102,7 +103,7 @@ def report(m: loader.Model, repeats: int) -> None:
     print(f"auto's measured iteration cost (ms): " + " · ".join(f"b {k}: {v * 1e3:.2f}" for k, v in costs.items()))
     print(f"break-even τ: " + " · ".join(f"b {k}: {v / costs[1]:.2f}" for k, v in costs.items() if k > 1))
     head = (f"{'prompt':<36} {'tok':>4} {'τ B':>5} | {'plain':>6} {'B=' + str(b):>6} {'auto':>6} | "
-            f"{'cpu: plain':>10} {'B':>6} {'auto':>6} {'b1':>6} | {'auto/best':>9} {'(cpu)':>6} | auto chose")
+            f"{'cpu: plain':>10} {'B':>6} {'auto':>6} {'b1':>6} | {'auto/best':>9} {'(cpu)':>6} | auto chose (per run)")
     print(head)
     print("-" * len(head))
     ratios, cpu_ratios, floors = [], [], []
@@ -120,14 +121,14 @@ def report(m: loader.Model, repeats: int) -> None:
         ratios.append(med["auto"]["decode"] / best)
         cpu_ratios.append(med["auto"]["cpu"] / best_cpu)
         floors.append(med["b1"]["cpu"] / med["plain"]["cpu"])
-        mix = Counter(runs["auto"][0]["sizes"])
+        mix = Counter(b for r in runs["auto"] for b in r["sizes"])  # every run (each starts from the last)
         name = f"{text[:18]}… ({label})" if len(text) > 18 else f"{text} ({label})"
         print(f"{name:<36} {len(runs['plain'][0]['tokens']):>4} {runs['fixed'][0]['tau']:>5.2f} | "
               f"{med['plain']['decode']:>6.0f} {med['fixed']['decode']:>6.0f} {med['auto']['decode']:>6.0f} | "
               f"{med['plain']['cpu']:>10.0f} {med['fixed']['cpu']:>6.0f} {med['auto']['cpu']:>6.0f} "
               f"{med['b1']['cpu']:>6.0f} | "
               f"{ratios[-1]:>9.2f} {cpu_ratios[-1]:>6.2f} | "
-              + " ".join(f"b{k}×{v}" for k, v in sorted(mix.items())))
+              + " ".join(f"b{k}×{v / repeats:.0f}" for k, v in sorted(mix.items())))
     print(f"auto / better of plain and B={b}, decode tok/s: worst {min(ratios):.2f}, geometric mean "
           f"{statistics.geometric_mean(ratios):.2f} (cpu time: worst {min(cpu_ratios):.2f}, "
           f"geometric mean {statistics.geometric_mean(cpu_ratios):.2f}); same tokens in every arm")

@@ -186,7 +186,7 @@ def render(report: BenchReport, console) -> None:
     table = Table(title=f"dflash bench · decode tok/s · up to {report.max_tokens} tokens",
                   title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     table.add_column("set", no_wrap=True, min_width=4)  # three arms: a light frame keeps the table in 80 columns
-    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=14)
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=11)
     for col in ("tokens", "plain", f"B={b}", "auto", "speedup", "auto ×", "τ", "same"):
         table.add_column(col, justify="right", no_wrap=True, min_width=max(len(col), 4))
     for r in report.rows:
