@@ -2,7 +2,8 @@
 # The second device call, for what benchmarks/gpu.sh has no time left for (under 9 minutes in all,
 # timeout_s 560): DFlash2 exactness through the kernels and graphs, the Qwen3.8-27B and Qwen3.5-35B-A3B
 # steps at real shapes, auto block size against plain decoding on the device, `dflash serve` on the
-# device against `dflash run`, and `dflash train` on the device (bf16 autocast).
+# device against `dflash run`, and `dflash train` on the device (bf16 autocast), with its step timed at
+# Qwen3-4B shapes.
 #   bash benchmarks/gpu_more.sh    (each part's log lands in $OUT when it is set; DEVICE=cpu rehearses)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,9 @@ print("auto", a["block_sizes"][:40], "τ", a["mean_acceptance_length"], "same as
 export -f auto_vs_plain
 export dev
 part 60 auto-vs-plain bash -c auto_vs_plain
-part 90 demo-bench python -m dflash_cli.cli bench demo --device "$dev"
+part 70 demo-bench python -m dflash_cli.cli bench demo --device "$dev"
 part 90 serve-check python benchmarks/serve_check.py --device "$dev"
-part 100 train python -m dflash_cli.cli train --target demo --out "$(mktemp -d)/drafter" --steps 300 -b 8 \
+part 60 train python -m dflash_cli.cli train --target demo --out "$(mktemp -d)/drafter" --steps 300 -b 8 \
     --draft-layers 2 --max-answer-tokens 64 --device "$dev" --yes
+# dflash train's step at Qwen3-4B shapes: tokens/s and the projected hours of a full run.
+part 60 train-speed python benchmarks/train_speed.py --shape qwen3-4b --steps 5 --device "$dev"
