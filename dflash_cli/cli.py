@@ -57,7 +57,7 @@ MIN_P = typer.Option(0.0, "--min-p", metavar="P", help="Drop tokens below min_p 
 SEED = typer.Option(None, "--seed", metavar="INT", help="Sampling seed: the same seed gives the same answer, with or without speculation.", rich_help_panel=SAMPLING)
 SYSTEM = typer.Option(None, "--system", "-s", metavar="TEXT", help="System prompt.")
 THINK = typer.Option(None, "--think/--no-think", help="Thinking mode (default: as the drafter was trained: off for the Qwen3 b16 pairs, on for Qwen3.5/3.6; gpt-oss: --think is high reasoning effort, --no-think low).")
-EFFORT = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="gpt-oss: low, medium (its default) or high.")
+EFFORT = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="low, medium or high: gpt-oss's reasoning (medium by default), or any chat template that reads reasoning_effort.")
 
 
 def _effort(effort: Optional[str], think: Optional[bool]) -> Optional[str]:
@@ -208,7 +208,7 @@ def run(
         raise UsageError("--trace goes with --json (it adds every iteration to the JSON result)")
     block = parse_block_size(block_size)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, _effort(reasoning_effort, think), json_out,
+    opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, _effort(reasoning_effort, None), json_out,
                       trace, quiet)
     batch = text = None  # the input is read and checked before any model is loaded
     if prompt_file is not None and is_jsonl(prompt_file):
@@ -276,10 +276,11 @@ def chat(
 
     block = parse_block_size(block_size)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    effort = _effort(reasoning_effort, think)
+    _effort(reasoning_effort, None)  # checked before anything loads
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
     _check_block_size(drafter_dir, block)
     m = _load(target_dir, drafter_dir, device, dtype, max_context)
+    effort = _effort(reasoning_effort, think if m.harmony is not None else None)  # --think means an effort for gpt-oss only
     session = ChatSession(m, _engine(m, block, draft_window), sampling=sampling, max_tokens=max_tokens, system=system,
                           think=m.thinks if think is None else think, reasoning_effort=effort)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)

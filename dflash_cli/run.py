@@ -17,6 +17,7 @@ from typing import TextIO
 from .engine import Engine, Request
 from .errors import DflashError, Interrupted, UsageError
 from .generate import Stats, stream_text
+from .harmony import reasoning_effort
 from .jsonl import read_jsonl, validate_messages
 from .loader import Model
 from .prompt import ChatPrompt, encode_raw, render_chat
@@ -69,12 +70,16 @@ def prompt_ids(model: Model, prompt: Prompt, opts: RunOptions) -> ChatPrompt:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if opts.system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": opts.system})
+    effort = opts.reasoning_effort  # as given; for gpt-oss, --think/--no-think mean high and low
+    if model.harmony is not None:
+        effort = reasoning_effort(effort, opts.think)
     return render_chat(model.tokenizer, messages, enable_thinking=bool(opts.think),
-                       template_kwargs=effort_kwargs(opts.reasoning_effort))
+                       template_kwargs=effort_kwargs(effort))
 
 
 def effort_kwargs(effort: str | None) -> dict:
-    """The chat-template argument that sets a harmony model's reasoning effort (others ignore it)."""
+    """The chat-template argument that sets the reasoning effort (gpt-oss's, and any template that
+    reads `reasoning_effort`; the others ignore it)."""
     return {} if effort is None else {"reasoning_effort": effort}
 
 
@@ -103,9 +108,9 @@ def template_notes(model: Model, opts: RunOptions) -> list[str]:
     """What --system and --think will not do with this model and these flags, said once."""
     template = getattr(model.tokenizer, "chat_template", None) or ""
     notes = []
-    if opts.reasoning_effort and (opts.raw or model.harmony is None):
+    if opts.reasoning_effort and (opts.raw or "reasoning_effort" not in template):
         notes.append("--reasoning-effort has no effect: " + ("--raw sends no chat template" if opts.raw
-                                                              else "it sets gpt-oss's reasoning (harmony) only"))
+                                                              else "this model's chat template does not read it"))
     if opts.raw:
         notes += [f"{flag} has no effect with --raw" for flag, on in (("--system", opts.system), ("--think", opts.think)) if on]
     elif not template:

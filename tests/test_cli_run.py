@@ -92,8 +92,9 @@ def test_chat_template_and_thinking_off(capsys, qwen3_chat_pair):
     expected = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     ids = load_tokenizer(t).encode(expected, add_special_tokens=False)
     assert code == 0 and ids[0] == 151644 and json.loads(out)["prompt_tokens"] == len(ids)
-    _, out, _ = run(capsys, "--target", t, "--drafter", d, "-p", "Hi", "-n", "5", "--json", "--think")
+    _, out, err = run(capsys, "--target", t, "--drafter", d, "-p", "Hi", "-n", "5", "--json", "--think")
     assert json.loads(out)["prompt_tokens"] == len(ids) - 4  # no empty think block
+    assert "reasoning-effort" not in err  # --think is not an effort here (it was taken for one: a bogus note)
 
 
 @pytest.mark.parametrize("args, code, message", [
