@@ -87,7 +87,7 @@ def _model_check(model: str, cuda: bool) -> Check:
     from .errors import DflashError
     from .memory import GiB
 
-    if model.strip().lower() == registry.DEMO:
+    if registry.is_demo(model):
         return Check(registry.DEMO, "ok", "ships with dflash (stories260K and its drafter, under 1 MB): runs on the CPU, nothing to download")
     try:
         pair = registry.resolve(model)

@@ -97,6 +97,11 @@ def all_pairs() -> tuple[ModelPair, ...]:
     return PAIRS
 
 
+def is_demo(name: str) -> bool:
+    """`name` names the shipped demo pair (case and spaces as `resolve` ignores them)."""
+    return name.strip().lower() == DEMO
+
+
 def aliases() -> list[str]:
     return [p.alias for p in PAIRS] + [DEMO]
 
@@ -107,7 +112,7 @@ def resolve(name: str) -> ModelPair:
     pair = _BY_ALIAS.get(key)
     if pair is not None:
         return pair
-    if key == DEMO:
+    if is_demo(name):
         raise UsageError("the demo pair ships with dflash: there is nothing to download or remove")
     close = difflib.get_close_matches(key, _BY_ALIAS, n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else " (see `dflash models`)"

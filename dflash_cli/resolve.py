@@ -99,7 +99,7 @@ def resolve_model(model: str | None, target: str | None, drafter: str | None, *,
     if target is None:
         if model is None:
             raise UsageError("name a model (see `dflash models`), or give --target and --drafter")
-        if model.strip().lower() == registry.DEMO:  # shipped in the package: no download
+        if registry.is_demo(model):  # shipped in the package: no download
             target_dir, demo_drafter = registry.demo_dirs()
             if no_spec:
                 return target_dir, None

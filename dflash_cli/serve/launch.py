@@ -71,7 +71,7 @@ def model_id(model: str | None, target: str | None) -> str:
     if model is not None:
         from .. import registry
 
-        return registry.DEMO if model.strip().lower() == registry.DEMO else registry.resolve(model).alias
+        return registry.DEMO if registry.is_demo(model) else registry.resolve(model).alias
     path = Path(str(target)).expanduser()
     return path.name if path.is_dir() else str(target)
 
