@@ -60,13 +60,13 @@ THINK = typer.Option(None, "--think/--no-think", help="Thinking mode (default: a
 EFFORT = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="low, medium or high: gpt-oss's reasoning (medium by default), or any chat template that reads reasoning_effort.")
 
 
-def _effort(effort: Optional[str], think: Optional[bool]) -> Optional[str]:
-    """--reasoning-effort, checked; else what --think/--no-think mean for a harmony model."""
-    from .harmony import EFFORTS, reasoning_effort
+def _effort(effort: Optional[str]) -> Optional[str]:
+    """--reasoning-effort, checked (what --think means for gpt-oss is harmony.template_effort's)."""
+    from .harmony import EFFORTS
 
     if effort is not None and effort not in EFFORTS:
         raise UsageError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, got '{effort}'")
-    return reasoning_effort(effort, think)
+    return effort
 
 
 def _resolve(model, target, drafter, yes, no_spec) -> tuple[Path, Optional[Path]]:
@@ -208,7 +208,7 @@ def run(
         raise UsageError("--trace goes with --json (it adds every iteration to the JSON result)")
     block = parse_block_size(block_size)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, _effort(reasoning_effort, None), json_out,
+    opts = RunOptions(max_tokens, sampling, tuple(stop), system, raw, think, _effort(reasoning_effort), json_out,
                       trace, quiet)
     batch = text = None  # the input is read and checked before any model is loaded
     if prompt_file is not None and is_jsonl(prompt_file):
@@ -272,15 +272,16 @@ def chat(
     Ctrl-D leaves. Type /help for commands (/system, /set, /think, /clear, /save, /load, /stats).
     """
     from .chat import ChatSession, run_chat
+    from .harmony import template_effort
     from .sampling import SamplingParams
 
     block = parse_block_size(block_size)
     sampling = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    _effort(reasoning_effort, None)  # checked before anything loads
+    effort = _effort(reasoning_effort)  # checked before anything loads
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
     _check_block_size(drafter_dir, block)
     m = _load(target_dir, drafter_dir, device, dtype, max_context)
-    effort = _effort(reasoning_effort, think if m.harmony is not None else None)  # --think means an effort for gpt-oss only
+    effort = template_effort(effort, think, m.harmony is not None)
     session = ChatSession(m, _engine(m, block, draft_window), sampling=sampling, max_tokens=max_tokens, system=system,
                           think=m.thinks if think is None else think, reasoning_effort=effort)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
@@ -325,7 +326,7 @@ def serve(
 
     serve_flags(ServeFlags(model, target, drafter, yes, host, port, api_key, no_auth, tuple(cors_origin), max_queue,
                            timeout, max_body_mb, think, parse_block_size(block_size), no_spec, device, dtype,
-                           max_context, engine, tp, dry_run, draft_window, _effort(reasoning_effort, None)))
+                           max_context, engine, tp, dry_run, draft_window, _effort(reasoning_effort)))
 
 
 @app.command()

@@ -34,6 +34,12 @@ def reasoning_effort(effort: str | None, think: bool | None) -> str | None:
     return None if think is None else ("high" if think else "low")
 
 
+def template_effort(effort: str | None, think: bool | None, harmony: bool) -> str | None:
+    """What run and chat pass as the template's reasoning_effort: `--reasoning-effort` as given (any
+    template that reads it gets it); for a harmony model, `--think/--no-think` too (`reasoning_effort`)."""
+    return reasoning_effort(effort, think) if harmony else effort
+
+
 @dataclass(frozen=True)
 class HarmonyTokens:
     start: int

@@ -17,7 +17,7 @@ from typing import TextIO
 from .engine import Engine, Request
 from .errors import DflashError, Interrupted, UsageError
 from .generate import Stats, stream_text
-from .harmony import reasoning_effort
+from .harmony import template_effort
 from .jsonl import read_jsonl, validate_messages
 from .loader import Model
 from .prompt import ChatPrompt, encode_raw, render_chat
@@ -70,9 +70,7 @@ def prompt_ids(model: Model, prompt: Prompt, opts: RunOptions) -> ChatPrompt:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if opts.system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": opts.system})
-    effort = opts.reasoning_effort  # as given; for gpt-oss, --think/--no-think mean high and low
-    if model.harmony is not None:
-        effort = reasoning_effort(effort, opts.think)
+    effort = template_effort(opts.reasoning_effort, opts.think, model.harmony is not None)
     return render_chat(model.tokenizer, messages, enable_thinking=bool(opts.think),
                        template_kwargs=effort_kwargs(effort))
 
