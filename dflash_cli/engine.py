@@ -212,11 +212,11 @@ class Engine:
 
     def _catch_up(self, bonus: torch.Tensor) -> None:
         """Queue the drafter's catch-up on the deferred tokens (one captured step of its own)."""
-        def step(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            self.drafter.catch_up(self.draft_cache)
-            return b, b
+        self.graphs.get("catch-up", lambda: self._catch_up_step, bonus).run(bonus)
 
-        self.graphs.get("catch-up", lambda: step, bonus).run(bonus)
+    def _catch_up_step(self, bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.drafter.catch_up(self.draft_cache)
+        return bonus, bonus
 
     def _runner(self, mode: Mode, block_size: int, bonus: torch.Tensor) -> EagerStep:
         """The step of this sampling mode and block size: one captured graph each, made on first use."""
