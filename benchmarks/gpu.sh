@@ -22,7 +22,7 @@ part 110 fast-path python benchmarks/gpu.py --shape qwen3-8b --tau 6.4 --json "$
 part 35 hybrid-step python -m dflash_cli.cli bench --synthetic qwen3.5-27b --tau 6.0
 part 35 moe-step python -m dflash_cli.cli bench --synthetic qwen3-coder-30b-a3b --tau 6.0
 part 35 gpt-oss-step python -m dflash_cli.cli bench --synthetic gpt-oss-20b --tau 5.0
-part 80 kernels python benchmarks/kernels.py
+part 80 kernels python benchmarks/kernel_speed.py
 # The cheap kernel files first; the compile test skips itself (it records launches in the interpreter).
 part 130 kernel-tests python -m pytest -q -p no:cacheprovider tests/kernels/test_rmsnorm.py \
     tests/kernels/test_swiglu.py tests/kernels/test_rope_cache.py tests/kernels/test_attention.py \

@@ -10,7 +10,7 @@ kernel's time, and that rate as a share of a measured device-to-device copy (rea
 Attention is timed in a cache sized for the context and in one sized for 40k tokens: the kernel's
 splits follow the valid length on the device, so the two should cost the same.
 Then F.linear at M = 1 and M = B for each Qwen3-8B weight (cuBLAS, not ours: what verify costs
-over a decode step comes down to it). Without CUDA it says so and exits 0. Usage: python benchmarks/kernels.py
+over a decode step comes down to it). Without CUDA it says so and exits 0. Usage: python benchmarks/kernel_speed.py
 """
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def gemm_rows(dev: str, dt: torch.dtype, do_bench, copy_rate: float) -> None:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU; nothing measured")
+        print("benchmarks/kernel_speed.py needs a CUDA GPU; nothing measured")
         return 0
     from triton.testing import do_bench
 

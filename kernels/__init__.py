@@ -1,1 +1,0 @@
-"""Triton kernels for the hot path; each file holds a kernel, its launcher and its torch reference."""
