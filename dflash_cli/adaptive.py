@@ -11,14 +11,24 @@ decoding (no draft forward), so the engine is never meaningfully slower than pla
 drafting does not pay, it stops drafting, and says why (`Decision`).
 
 The estimates p_i are exponentially weighted counts with a prior: each position that an iteration
-reaches is one observation (older ones weigh `OBSERVED` less each time), and every position that an
-iteration does not draft at all forgets a little of what it saw (`UNSEEN` per iteration), drifting
-back to the prior (a position not reached because an earlier draft was rejected learns nothing).
-So after drafting pauses, the estimates slowly return to the prior until drafting is tried again (a
-probe, usually at the cheapest b); each failed probe adds evidence, so probes come further apart the
-longer the drafter keeps failing, and a probe that succeeds resumes drafting. b = 1 costs about what
-plain decoding costs: the drafter's context for those tokens is deferred, and written in one batch
-before the next draft (drafter.DraftCache), so drafting can resume at any iteration.
+reaches is one observation (older ones weigh `OBSERVED` less each time); a position not reached (an
+earlier draft was rejected, or the block was shorter) learns nothing and keeps what it saw.
+
+When drafting pauses, nothing new is learnt, so the engine probes: it drafts one block at the best
+drafting b now and then, and resumes if the probe does well. Probes are paced by what they are
+expected to cost, not by a clock. A probe loses, against b = 1, its cost at b minus the tokens it is
+expected to commit times the cost at b = 1; the paused iterations earn probes a budget of
+`PROBE_SHARE` of their own time, and a probe runs once the budget covers its expected loss. So
+probes cost at most that share of the paused time whatever the machine: near the break-even τ a
+probe costs almost nothing and comes soon (a pause on a bad stretch ends quickly), while a drafter
+that keeps failing is probed ever more rarely, as each failure lowers its estimate and raises the
+loss. b = 1 costs about what plain decoding costs: the drafter's context for those tokens is
+deferred, and written in one batch before the next draft (drafter.DraftCache), so drafting can
+resume at any iteration.
+
+`benchmarks/adaptive_replay.py` replays this policy on recorded acceptance at this machine's costs
+(how the constants below were chosen), and `benchmarks/adaptive.py` times it against plain decoding
+and fixed B.
 """
 from __future__ import annotations
 
@@ -29,12 +39,11 @@ from typing import Callable, Hashable, Protocol
 
 import torch
 
-PRIOR = 0.7  # acceptance assumed for a position with no evidence: optimistic enough to try drafting
+PRIOR = 0.8  # acceptance assumed for a position with no evidence: optimistic enough to try drafting
 PRIOR_WEIGHT = 0.5  # the prior counts as half an observation: little bias once a position is observed
 OBSERVED = 0.95  # weight kept by older observations at each new one (~20 recent iterations)
-UNSEEN = 0.99  # weight kept per iteration that does not draft the position (~100 iterations)
-START = 2.0  # a request starts with this many observations at the prior: a drafter is not dropped for
-# missing its first one or two blocks (they fade like any observation as real ones arrive)
+START = 1.0  # a request starts with this many observations at the prior, which fade like any other
+PROBE_SHARE = 0.02  # while drafting is paused, probes may cost this share of the time (expected loss)
 
 
 def candidates(largest: int) -> list[int]:
@@ -65,13 +74,9 @@ class Acceptance:
     def observe(self, drafted: int, accepted: int) -> None:
         """One iteration: `drafted` drafts (b - 1), of which the first `accepted` were accepted.
         Draft i was judged if drafts 1..i-1 were accepted: positions 1..min(accepted + 1, drafted)."""
-        reached = min(accepted + 1, drafted)
-        for i in range(reached):
+        for i in range(min(accepted + 1, drafted)):
             self.hits[i] = OBSERVED * self.hits[i] + (i < accepted)
             self.seen[i] = OBSERVED * self.seen[i] + 1.0
-        for i in range(drafted, self.positions):  # not drafted at all (a rejection earlier says nothing)
-            self.hits[i] *= UNSEEN
-            self.seen[i] *= UNSEEN
 
     def expected_tokens(self, block_size: int) -> float:
         """Tokens one iteration at `block_size` commits on average: 1 + Σ_{i<b} Π_{j≤i} p_j."""
@@ -93,15 +98,18 @@ class Decision:
     rival: int | None = None
     rival_tau: float = 0.0
     rival_break_even: float = 0.0
+    probe: bool = False  # a block drafted while paused, to learn whether drafting pays again
 
     @property
     def paused(self) -> bool:
         return self.block_size == 1 and self.rival is not None
 
     def describe(self) -> str:
-        """'b 16 · τ 6.1', or 'b 1 · drafting paused: τ 1.2 < break-even 1.5'."""
+        """'b 16 · τ 6.1', 'b 1 · drafting paused: τ 1.2 < break-even 1.5', or 'b 8 · probe: τ 1.4 < …'."""
         if self.paused:
-            return (f"b 1 · drafting paused: τ {self.rival_tau:.1f} < break-even {self.rival_break_even:.1f}")
+            return f"b 1 · drafting paused: τ {self.rival_tau:.1f} < break-even {self.rival_break_even:.1f}"
+        if self.probe:
+            return f"b {self.block_size} · probe: τ {self.expected_tau:.1f} < break-even {self.break_even:.1f}"
         if self.block_size == 1:
             return "b 1"
         return f"b {self.block_size} · τ {self.expected_tau:.1f}"
@@ -149,22 +157,34 @@ class Policy(Protocol):
 
 
 class Adaptive:
-    """Chooses among `candidates(largest)` from the measured costs and the live acceptance."""
+    """Chooses among `candidates(largest)` from the measured costs and the live acceptance, and probes
+    while drafting is paused (module docstring)."""
 
     adaptive = True
 
     def __init__(self, largest: int):
         self.sizes = candidates(largest)
         self.acceptance = Acceptance(largest - 1)
+        self.budget = 0.0  # seconds of expected loss that probes may spend now
 
     def reset(self) -> None:
         """A new request starts from the prior: how well the drafter does depends on the text (prose
         or code, one client or another), so one answer's evidence is not carried into the next."""
         self.acceptance = Acceptance(self.acceptance.positions)
+        self.budget = 0.0
 
     def decide(self, costs: dict[int, float] | None) -> Decision:
         assert costs is not None, "an adaptive engine measures its costs before deciding"
-        return choose(costs, self.acceptance)
+        decision = choose(costs, self.acceptance)
+        if not decision.paused:
+            self.budget = 0.0
+            return decision
+        loss = costs[decision.rival] - decision.rival_tau * costs[1]  # a probe's expected loss against b = 1
+        if self.budget >= loss:
+            self.budget = 0.0
+            return Decision(decision.rival, decision.rival_tau, decision.rival_break_even, probe=True)
+        self.budget += PROBE_SHARE * costs[1]
+        return decision
 
     def observe(self, block_size: int, accepted: int) -> None:
         self.acceptance.observe(block_size - 1, accepted)

@@ -69,8 +69,9 @@ def test_an_iteration_teaches_only_the_positions_it_reached():
     rates = a.rates()
     assert rates[0] == rates[1] > adaptive.PRIOR > rates[2]
     assert a.seen[3:] == start[3:] and rates[3:] == [pytest.approx(adaptive.PRIOR)] * 4
-    a.observe(drafted=3, accepted=3)  # positions 4..7 not drafted: their evidence fades
-    assert all(n < s for n, s in zip(a.seen[3:], start[3:]))
+    before = list(a.seen)
+    a.observe(drafted=3, accepted=3)  # positions 4..7 not drafted: they keep what they saw
+    assert a.seen[3:] == before[3:] and a.seen[:3] != before[:3]
 
 
 def test_paused_and_drafting_decisions_say_why():
@@ -83,6 +84,7 @@ def test_paused_and_drafting_decisions_say_why():
     assert drafting.describe() == f"b 16 · τ {drafting.expected_tau:.1f}" and drafting.expected_tau > 6
     assert Decision(16, 6.14, 1.2).describe() == "b 16 · τ 6.1"
     assert Decision(1, 1.0, 1.0, 8, 1.23, 1.5).describe() == "b 1 · drafting paused: τ 1.2 < break-even 1.5"
+    assert Decision(8, 1.43, 1.7, probe=True).describe() == "b 8 · probe: τ 1.4 < break-even 1.7"
 
 
 def run_policy(costs: dict[int, float], accepted, iterations: int, policy: Adaptive | None = None) -> list[int]:
@@ -99,7 +101,42 @@ def run_policy(costs: dict[int, float], accepted, iterations: int, policy: Adapt
 def test_a_useless_drafter_is_paused_and_probed_rarely():
     chosen = run_policy(CPU_LIKE, lambda i, b: 0, 2000)
     probes = sum(b > 1 for b in chosen[100:])
-    assert chosen[-1] == 1 and 1 <= probes <= len(chosen[100:]) / 25  # it still probes, and costs under ~2%
+    assert chosen[-1] == 1 and chosen[100:].count(1) > 0.9 * len(chosen[100:])
+    assert probes >= 10  # it still probes (what probes may cost: the next test)
+
+
+def modelled_seconds(costs: dict[int, float], chosen: list[int]) -> float:
+    return sum(costs[b] for b in chosen)
+
+
+@pytest.mark.parametrize("costs", [CPU_LIKE, GPU_LIKE], ids=["cpu-like", "gpu-like"])
+def test_probes_cost_at_most_their_share_of_the_paused_time(costs):
+    """Against a drafter that never gets a draft right, everything drafting costs above b = 1 is lost:
+    after the first blocks, that loss stays within PROBE_SHARE of the time (plus one probe). Where a
+    block costs barely more than a plain step (gpu-like), the prior alone may keep b = 2 worth it."""
+    after = run_policy(costs, lambda i, b: 0, 3000)[50:]
+    lost = sum(costs[b] - costs[1] for b in after)
+    assert 0 < lost <= adaptive.PROBE_SHARE * modelled_seconds(costs, after) + max(costs.values())
+
+
+def test_probes_come_sooner_near_the_break_even():
+    """A probe that is expected to lose little runs soon; one expected to lose a lot waits longer."""
+    def first_probe(rate: float) -> int:
+        policy = Adaptive(8)
+        policy.acceptance = acceptance_with([rate] * 7, weight=20.0)
+        return next(i for i, b in enumerate(run_policy(CPU_LIKE, lambda i, b: 0, 200, policy)) if b > 1)
+    near, far = first_probe(0.25), first_probe(0.02)  # b = 2 breaks even at τ 1.4 (p_1 = 0.4)
+    assert 0 < near < far
+
+
+def test_a_drafter_that_misses_its_first_blocks_resumes_soon():
+    """The first blocks of an answer are drafted from the prompt alone and may all miss; the pause
+    that causes ends at an early probe, not dozens of iterations later. Costs of this machine's demo
+    pair, where any drafting costs over 2× a plain step."""
+    tiny = {1: 1.0, 2: 2.0, 4: 2.1, 8: 2.2}
+    chosen = run_policy(tiny, lambda i, b: 0 if i < 3 else b - 1, 60)
+    assert chosen[:3] == [8, 8, 8] and chosen[3] == 1  # it drafted, missed three times, and paused
+    assert set(chosen[16:]) == {8}
 
 
 def test_a_good_drafter_keeps_the_largest_block():

@@ -1,0 +1,162 @@
+"""Replays the auto block-size policy on recorded acceptance, prompt by prompt (a script, not a test).
+
+    OMP_NUM_THREADS=1 python benchmarks/adaptive_replay.py [--untrained] [--prompts N]
+
+Timed runs of a 2 ms iteration on a shared CPU are noisy, and each policy change needs all of them
+again. This separates the two things the policy's speed depends on. First, what the drafter would
+get right: for every position t of each greedy answer, how many drafts a block of size b started at
+t would have had accepted (the drafter fed the target's features of every earlier token, as the
+engine's context cache holds them; a block's drafts depend only on where it starts). Second, what
+an iteration costs at each b on this machine: the engine's own measurement (`Engine.measure`), the
+same for plain decoding, and the drafter's deferred-context catch-up. Replaying a policy on those is
+exact arithmetic: the positions it visits, the block sizes it picks, and its modelled time, against
+plain decoding and fixed B on the same answer. `benchmarks/adaptive.py` times the real thing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from dflash_cli import loader, registry  # noqa: E402
+from dflash_cli.adaptive import Adaptive, Pinned, Policy, time_iterations  # noqa: E402
+from dflash_cli.drafter import DEFERRED  # noqa: E402
+from dflash_cli.engine import Engine, Request  # noqa: E402
+from dflash_cli.prompt import encode_raw  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adaptive import PROMPTS, untrained_copy  # noqa: E402
+
+# More prompts than the timed benchmark's, so that a policy is not tuned to eight answers: story
+# openings the demo drafter was not fitted to, and text that is not a story.
+MORE = [
+    ("held out", "The little dog ran to the park", 96),
+    ("held out", "Lily and Tom went to the beach", 96),
+    ("held out", "There was a big red ball in the garden", 96),
+    ("held out", "One day, a boy named Sam", 96),
+    ("held out", "The sun was hot and the bird", 96),
+    ("held out", "Mom said it was time for bed", 96),
+    ("not a story", "The quarterly report shows revenue of", 96),
+    ("not a story", "def fibonacci(n):", 96),
+    ("not a story", "Photosynthesis converts light into", 96),
+    ("not a story", "Step 1: preheat the oven to 180 degrees", 96),
+]
+
+
+@torch.inference_mode()
+def acceptance_table(m: loader.Model, answer: list[int], start: int, sizes: list[int]) -> dict[int, list[int]]:
+    """accepted[b][t]: drafts accepted of a block of size b whose bonus is `answer[t]` (t ≥ start)."""
+    target, drafter = m.target, m.drafter
+    cache = target.new_cache(len(answer) + 64, max(sizes))
+    ids = torch.tensor(answer, device=target.device)
+    _, features = target.forward(ids, cache, feature_layers=drafter.cfg.target_layer_ids, commit=True)
+    ctx = drafter.new_cache(len(answer) + 64)
+    drafter.add_context(features, ctx)
+    k, v = ctx.k.clone(), ctx.v.clone()
+    table = {b: [0] * len(answer) for b in sizes}
+    for t in range(start, len(answer) - 1):
+        for b in sizes:
+            ctx.length.fill_(t)
+            drafts = drafter.draft(ids[t:t + 1], ctx, b).tolist()
+            ctx.k.copy_(k), ctx.v.copy_(v)  # the block's K/V overwrote the context from t on
+            truth = answer[t + 1:t + b]
+            accepted = 0
+            while accepted < len(truth) and drafts[accepted] == truth[accepted]:
+                accepted += 1
+            table[b][t] = accepted
+    return table
+
+
+def replay(policy: Policy, table: dict[int, list[int]], start: int, end: int, costs: dict[int, float],
+           catch_up: float) -> tuple[float, list[int]]:
+    """Modelled seconds to decode positions start+1 .. end-1 under `policy`, and the block sizes used."""
+    policy.reset()
+    t, seconds, deferred, sizes = start, 0.0, 0, []
+    while t < end - 1:
+        b = policy.decide(costs).block_size
+        if deferred and (b > 1 or deferred == DEFERRED):
+            seconds, deferred = seconds + catch_up, 0
+        accepted = min(table[b][t], end - 2 - t) if b > 1 else 0
+        policy.observe(b, accepted)
+        seconds += costs[b]
+        deferred += b == 1 and isinstance(policy, Adaptive)
+        sizes.append(b)
+        t += accepted + 1
+    return seconds, sizes
+
+
+@torch.inference_mode()
+def measured_costs(m: loader.Model) -> tuple[dict[int, float], float, float]:
+    """Iteration seconds by b (the engine's measurement), plain decoding's, and a catch-up's."""
+    auto, plain = Engine(m.target, m.drafter, adaptive=True), Engine(m.target)
+    for engine in (auto, plain):
+        engine.warm_up()
+    mode = auto.sampling.load(Request([0]).sampling)
+    bonus = torch.zeros(1, dtype=torch.int64)
+    list(auto.generate(Request(list(range(3, 100)), 1)))  # a context of ~100 tokens
+    list(plain.generate(Request(list(range(3, 100)), 1)))
+    costs = auto.measure(mode, bonus)
+    plain_cost = plain.measure(plain.sampling.load(Request([0]).sampling), bonus)[1]
+    auto.draft_cache.pending_count.fill_(DEFERRED // 2)
+    length = auto.draft_cache.length.clone()
+
+    def catch_up() -> None:
+        auto._catch_up(bonus)
+        auto.draft_cache.length.copy_(length)
+        auto.draft_cache.pending_count.fill_(DEFERRED // 2)
+    catch = time_iterations({0: catch_up}, m.target.device)[0]
+    return costs, plain_cost, catch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    demo_target, demo_drafter = registry.demo_dirs()
+    parser.add_argument("--target", type=Path, default=demo_target)
+    parser.add_argument("--drafter", type=Path, default=demo_drafter)
+    parser.add_argument("--untrained", action="store_true", help="the drafter's layout with random weights")
+    parser.add_argument("--prompts", choices=("bench", "all"), default="all",
+                        help="the timed benchmark's eight prompts, or those and ten more")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        drafter = untrained_copy(args.drafter, Path(tmp) / "untrained") if args.untrained else args.drafter
+        m = loader.load(args.target, drafter, device="cpu")
+        print(f"{args.target.name} · drafter {args.drafter.name}{' with random weights' if args.untrained else ''}")
+        costs, plain_cost, catch = measured_costs(m)
+        print("iteration cost (ms): plain " + f"{plain_cost * 1e3:.2f} · " +
+              " · ".join(f"b {b}: {c * 1e3:.2f}" for b, c in costs.items()) + f" · catch-up {catch * 1e3:.2f}")
+        run(m, costs, plain_cost, catch, PROMPTS + (MORE if args.prompts == "all" else []))
+
+
+def run(m: loader.Model, costs: dict[int, float], plain_cost: float, catch: float, prompts: list) -> None:
+    largest = max(costs)
+    plain_engine = Engine(m.target)
+    print(f"{'prompt':<36} {'tok':>4} {'τ B':>5} | {'plain':>6} {'B':>6} {'auto':>6} | {'auto/best':>9} | auto chose")
+    ratios = []
+    for label, text, tokens in prompts:
+        prompt = encode_raw(m.tokenizer, text)
+        out = [t for step in plain_engine.generate(Request(prompt, tokens)) for t in step.tokens]
+        answer = prompt + out
+        table = acceptance_table(m, answer, len(prompt), sorted(costs)[1:])
+        start, end = len(prompt), len(answer)
+        plain_s = (end - 1 - start) * plain_cost
+        fixed_s, fixed_sizes = replay(Pinned(largest), table, start, end, costs, catch)
+        auto_s, auto_sizes = replay(Adaptive(largest), table, start, end, costs, catch)
+        tau = (end - 1 - start) / len(fixed_sizes)
+        ratios.append(min(plain_s, fixed_s) / auto_s)
+        mix = {b: auto_sizes.count(b) for b in sorted(set(auto_sizes))}
+        name = f"{text[:18]}… ({label})" if len(text) > 18 else f"{text} ({label})"
+        n = end - 1 - start
+        print(f"{name:<36} {len(out):>4} {tau:>5.2f} | {n / plain_s:>6.0f} {n / fixed_s:>6.0f} {n / auto_s:>6.0f} | "
+              f"{ratios[-1]:>9.2f} | " + " ".join(f"b{b}×{c}" for b, c in mix.items()))
+    print(f"auto / better of plain and B={largest} (modelled): worst {min(ratios):.2f}, "
+          f"geometric mean {statistics.geometric_mean(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
