@@ -7,8 +7,10 @@ picks the b that maximises expected tokens per second:
     expected tokens at b = 1 + Σ_{i<b} Π_{j≤i} p_j        seconds at b = measured (CostTable)
 
 where p_i is the chance that draft i is accepted given that drafts 1..i-1 were. b = 1 is plain
-decoding (no draft forward), so the engine is never meaningfully slower than plain decoding: when
-drafting does not pay, it stops drafting, and says why (`Decision`).
+decoding (no draft forward): when drafting does not pay, the engine stops drafting, and says why
+(`Decision`). What that still costs against plain decoding (its first blocks, its probes, and the
+deferred drafter context) is small on a GPU and a few to 18 percent on a CPU with the tiny demo pair,
+where any drafted block costs over two plain steps (docs/benchmarks.md).
 
 The estimates p_i are exponentially weighted counts with a prior: each position that an iteration
 reaches is one observation (older ones weigh `OBSERVED` less each time); a position not reached (an
