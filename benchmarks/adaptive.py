@@ -61,6 +61,11 @@ def untrained_copy(drafter_dir: Path, into: Path) -> Path:
     return into
 
 
+def row_name(label: str, text: str) -> str:
+    """A prompt's name in the tables: its first 18 characters and its label."""
+    return f"{text[:18]}… ({label})" if len(text) > 18 else f"{text} ({label})"
+
+
 def generate(engine: Engine, ids: list[int], tokens: int) -> dict:
     """One answer: decode speed by wall clock and by CPU time, what was written, block sizes and τ."""
     steps = engine.generate(Request(ids, tokens))
@@ -122,7 +127,7 @@ def report(m: loader.Model, repeats: int) -> None:
         cpu_ratios.append(med["auto"]["cpu"] / best_cpu)
         floors.append(med["b1"]["cpu"] / med["plain"]["cpu"])
         mix = Counter(b for r in runs["auto"] for b in r["sizes"])  # every run (each starts from the last)
-        name = f"{text[:18]}… ({label})" if len(text) > 18 else f"{text} ({label})"
+        name = row_name(label, text)
         print(f"{name:<36} {len(runs['plain'][0]['tokens']):>4} {runs['fixed'][0]['tau']:>5.2f} | "
               f"{med['plain']['decode']:>6.0f} {med['fixed']['decode']:>6.0f} {med['auto']['decode']:>6.0f} | "
               f"{med['plain']['cpu']:>10.0f} {med['fixed']['cpu']:>6.0f} {med['auto']['cpu']:>6.0f} "

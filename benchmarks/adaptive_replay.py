@@ -1,6 +1,6 @@
 """Replays the auto block-size policy on recorded acceptance, prompt by prompt (a script, not a test).
 
-    OMP_NUM_THREADS=1 python benchmarks/adaptive_replay.py [--untrained] [--prompts N]
+    OMP_NUM_THREADS=1 python benchmarks/adaptive_replay.py [--untrained] [--prompts bench|all]
 
 Timed runs of a 2 ms iteration on a shared CPU are noisy, and each policy change needs all of them
 again. This separates the two things the policy's speed depends on. First, what the drafter would
@@ -29,9 +29,10 @@ from dflash_cli.adaptive import Adaptive, Pinned, Policy, time_iterations  # noq
 from dflash_cli.drafter import DEFERRED  # noqa: E402
 from dflash_cli.engine import Engine, Request  # noqa: E402
 from dflash_cli.prompt import encode_raw  # noqa: E402
+from dflash_cli.sampling import SamplingParams  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptive import PROMPTS, untrained_copy  # noqa: E402
+from adaptive import PROMPTS, row_name, untrained_copy  # noqa: E402
 
 # More prompts than the timed benchmark's, so that a policy is not tuned to eight answers: story
 # openings the demo drafter was not fitted to, and text that is not a story.
@@ -85,7 +86,7 @@ def replay(policy: Policy, table: dict[int, list[int]], start: int, end: int, co
         accepted = min(table[b][t], end - 2 - t) if b > 1 else 0
         policy.observe(b, accepted)
         seconds += costs[b]
-        deferred += b == 1 and isinstance(policy, Adaptive)
+        deferred += b == 1
         sizes.append(b)
         t += accepted + 1
     return seconds, sizes
@@ -97,12 +98,11 @@ def measured_costs(m: loader.Model) -> tuple[dict[int, float], float, float]:
     auto, plain = Engine(m.target, m.drafter, adaptive=True), Engine(m.target)
     for engine in (auto, plain):
         engine.warm_up()
-    mode = auto.sampling.load(Request([0]).sampling)
-    bonus = torch.zeros(1, dtype=torch.int64)
-    list(auto.generate(Request(list(range(3, 100)), 1)))  # a context of ~100 tokens
-    list(plain.generate(Request(list(range(3, 100)), 1)))
-    costs = auto.measure(mode, bonus)
-    plain_cost = plain.measure(plain.sampling.load(Request([0]).sampling), bonus)[1]
+    bonus, context = torch.zeros(1, dtype=torch.int64), list(range(3, 100))  # a context of ~100 tokens
+    for engine in (auto, plain):
+        list(engine.generate(Request(context, 1)))
+    costs = auto.measure(auto.sampling.load(SamplingParams()), bonus)
+    plain_cost = plain.measure(plain.sampling.load(SamplingParams()), bonus)[1]
     auto.draft_cache.pending_count.fill_(DEFERRED // 2)
     length = auto.draft_cache.length.clone()
 
@@ -150,7 +150,7 @@ def run(m: loader.Model, costs: dict[int, float], plain_cost: float, catch: floa
         tau = (end - 1 - start) / len(fixed_sizes)
         ratios.append(min(plain_s, fixed_s) / auto_s)
         mix = {b: auto_sizes.count(b) for b in sorted(set(auto_sizes))}
-        name = f"{text[:18]}… ({label})" if len(text) > 18 else f"{text} ({label})"
+        name = row_name(label, text)
         n = end - 1 - start
         print(f"{name:<36} {len(out):>4} {tau:>5.2f} | {n / plain_s:>6.0f} {n / fixed_s:>6.0f} {n / auto_s:>6.0f} | "
               f"{ratios[-1]:>9.2f} | " + " ".join(f"b{b}×{c}" for b, c in mix.items()))
