@@ -72,6 +72,12 @@ class Request:
     keep_prefix: int | None = None
 
 
+def catch_up_due(deferred: int, block_size: int) -> bool:
+    """Whether the drafter's deferred context is written before an iteration at `block_size`: before
+    any draft, and once DEFERRED tokens wait (its buffer is full)."""
+    return deferred > 0 and (block_size > 1 or deferred == DEFERRED)
+
+
 def cache_slack(block_size: int) -> int:
     """Cache slots (and rope positions) past the context limit: the verify block of the last
     iteration, and that of the one queued behind it (`lookahead`); with a drafter, the padding rows
@@ -180,7 +186,7 @@ class Engine:
         def launch(bonus: torch.Tensor) -> torch.Tensor:
             nonlocal deferred
             decision = self._decide(mode, bonus)
-            if deferred and (decision.block_size > 1 or deferred == DEFERRED):
+            if catch_up_due(deferred, decision.block_size):
                 self._catch_up(bonus)
                 deferred = 0
             runner = self._runner(mode, decision.block_size, bonus)
