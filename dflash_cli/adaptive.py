@@ -34,7 +34,6 @@ and fixed B.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol
@@ -214,8 +213,9 @@ class Pinned:
 
 # ---- measured costs ---------------------------------------------------------------------------------
 FIRST_BUCKET = 512  # contexts up to this share one measurement; then one per doubling
-ROUNDS = {"cuda": 3, "cpu": 9}  # timed iterations per block size (the median kept): a CPU is noisier
+ROUNDS = {"cuda": 3, "cpu": 9}  # timed iterations per block size (the fastest kept): a CPU is noisier
 CPU_BUDGET_S = 2.0  # a big model on a CPU takes fewer rounds (at least one) so measuring stays this short
+KEEP: Callable[[list[float]], float] = min  # what a block size's timed rounds become: the fastest
 
 
 def bucket(context: int, first: int = FIRST_BUCKET) -> int:
@@ -247,10 +247,13 @@ def cpu_clock() -> Callable[[], float]:
 
 def time_iterations(runs: dict[int, Callable[[], object]], device: torch.device, rounds: int | None = None
                     ) -> dict[int, float]:
-    """Seconds of one call of each `runs[b]`: the median of `rounds`, the block sizes interleaved (a busy
-    moment hits them alike), after one untimed call each. On CUDA, device time between events (with
-    lookahead the host queues ahead); on a CPU, `cpu_clock`, with as many rounds as fit in
-    `CPU_BUDGET_S` (an 8B model's iteration takes seconds there)."""
+    """Seconds of one call of each `runs[b]`: the fastest of `rounds`, the block sizes interleaved (a busy
+    moment hits them alike), after one untimed call each. Noise only ever adds time, and one measurement
+    serves a whole context bucket, so the fastest round is kept: one disturbed stretch of rounds cannot
+    skew every decision after it (the median could: `benchmarks/adaptive_costs.py` compares both with
+    the real iterations). On CUDA, device time between events (with lookahead the host queues ahead);
+    on a CPU, `cpu_clock`, with as many rounds as fit in `CPU_BUDGET_S` (an 8B model's iteration takes
+    seconds there)."""
     start = time.perf_counter()
     for run in runs.values():
         run()
@@ -273,7 +276,7 @@ def time_iterations(runs: dict[int, Callable[[], object]], device: torch.device,
                 begin = clock()
                 run()
                 times[b].append(clock() - begin)
-    return {b: statistics.median(t) for b, t in times.items()}
+    return {b: KEEP(t) for b, t in times.items()}
 
 
 def position_rates(block_sizes: list[int], acceptance_lengths: list[int], positions: int) -> list[float | None]:

@@ -459,3 +459,23 @@ def test_measuring_a_slow_model_on_a_cpu_takes_fewer_rounds(monkeypatch):
     calls.update({1: 0, 2: 0})
     adaptive.time_iterations({1: run(1, 0.0), 2: run(2, 0.0)}, torch.device("cpu"))
     assert calls == {1: 1 + adaptive.ROUNDS["cpu"], 2: 1 + adaptive.ROUNDS["cpu"]}
+
+
+def test_the_measurement_keeps_the_fastest_round_because_noise_only_adds_time():
+    """A busy stretch slows some rounds (here two in three, by 8×): the figure stays the iteration's own
+    cost, which the median of the rounds would not."""
+    import time
+
+    calls = {1: 0, 2: 0}
+
+    def run(b, seconds):
+        def call():
+            calls[b] += 1
+            disturbed = calls[b] % 3 != 0
+            end = time.perf_counter() + seconds * (8 if disturbed else 1)
+            while time.perf_counter() < end:  # busy, not asleep: a sleeping thread spends no CPU time
+                pass
+        return call
+
+    costs = adaptive.time_iterations({1: run(1, 0.002), 2: run(2, 0.004)}, torch.device("cpu"), rounds=9)
+    assert costs[1] == pytest.approx(0.002, rel=0.5) and costs[2] == pytest.approx(0.004, rel=0.5)
