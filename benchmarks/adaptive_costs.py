@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/adaptive_costs.py [--trials 6] [--target DIR --drafter DIR]
 
 Auto decides on costs it measures once per context bucket (`Engine.measure`: a few interleaved rounds
-of each block size). This compares the break-even τ that measurement gives, cost(B) / cost(1), with
-the one real answers give: engines pinned at b = 1 and at b = B decode the same prompt, and their CPU
-time per iteration (host work included) is divided. Each trial measures afresh and keeps, from the
+of each block size). This compares the break-even τ that measurement gives, cost(b) / cost(1), with
+the one real answers give: engines pinned at each b decode the same prompt, and their CPU time per
+iteration (host work included) is divided by b = 1's. Each trial measures afresh and keeps, from the
 same rounds, the fastest round (what the engine keeps) and the median (what it kept before), so
 their spread over the trials shows how far one measurement can be off. CPU only: on a GPU the engine
 times device work with CUDA events.
@@ -67,26 +67,33 @@ def main() -> None:
     m = loader.load(args.target, args.drafter, device="cpu")
     ids = encode_raw(m.tokenizer, PROMPT)
     auto = Engine(m.target, m.drafter, adaptive=True)
-    largest = auto.block_size
-    pinned = {b: Engine(m.target, m.drafter) for b in (1, largest)}
+    sizes = auto.policy.sizes
+    pinned = {b: Engine(m.target, m.drafter) for b in sizes}
     for b, engine in pinned.items():
         engine.policy = Pinned(b)
         per_iteration(engine, ids, 16)
     auto.warm_up()
-    print(f"break-even τ of b = {largest} (cost of an iteration at b = {largest} over one at b = 1), "
-          f"{PROMPT!r}, {len(ids)}-token prompt")
-    print(f"{'trial':>5} | {'real answers':>12} | {'measured: fastest':>17} {'median':>7}")
-    rows = []
+    print(f"break-even τ of each b (cost of an iteration at b over one at b = 1), {PROMPT!r}, "
+          f"{len(ids)}-token prompt: real answers, and the engine's measurement kept as the fastest "
+          f"round or the median")
+    drafting = sizes[1:]
+    print(f"{'trial':>5} | " + " | ".join(f"b {b}: {'real':>5} {'fast':>5} {'med':>5}" for b in drafting))
+    errors: dict[str, dict[int, list[float]]] = {"fastest": {b: [] for b in drafting},
+                                                  "median": {b: [] for b in drafting}}
     for trial in range(args.trials):
         real = {b: statistics.median(per_iteration(e, ids, 64) for _ in range(3)) for b, e in pinned.items()}
-        m_ = measured(auto, ids)
-        row = (real[largest] / real[1], m_["fastest"][largest] / m_["fastest"][1],
-               m_["median"][largest] / m_["median"][1])
-        rows.append(row)
-        print(f"{trial + 1:>5} | {row[0]:>12.2f} | {row[1]:>17.2f} {row[2]:>7.2f}")
-    for i, name in ((1, "fastest"), (2, "median")):
-        errors = [r[i] / r[0] - 1 for r in rows]
-        print(f"{name:>8}: off the real break-even by {min(errors):+.0%} to {max(errors):+.0%}")
+        got = measured(auto, ids)
+        cells = []
+        for b in drafting:
+            even = {k: got[k][b] / got[k][1] for k in got}
+            truth = real[b] / real[1]
+            for k in got:
+                errors[k][b].append(even[k] / truth - 1)
+            cells.append(f"b {b}: {truth:>5.2f} {even['fastest']:>5.2f} {even['median']:>5.2f}")
+        print(f"{trial + 1:>5} | " + " | ".join(cells))
+    for k, by_size in errors.items():
+        print(f"{k:>8}: off the real break-even by " + " · ".join(
+            f"b {b} {min(e):+.0%}..{max(e):+.0%}" for b, e in by_size.items()))
 
 
 if __name__ == "__main__":
