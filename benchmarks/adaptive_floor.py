@@ -1,6 +1,6 @@
 """What b = 1 costs above plain decoding, part by part (a script, not a test).
 
-    OMP_NUM_THREADS=1 python benchmarks/adaptive_floor.py [--tokens 200] [--repeats 9]
+    OMP_NUM_THREADS=1 python benchmarks/adaptive_floor.py [--tokens 200] [--repeats 9] [--deferred N]
 
 While auto pauses drafting, each iteration is plain decoding plus what keeps the drafter ready to
 resume: the target's features of the drafter's layers (copied out of the residual stream), their
@@ -8,6 +8,7 @@ deferral into the drafter's pending buffer, and a catch-up every DEFERRED tokens
 context K/V. This times plain decoding and the speculative engine held at b = 1 on the demo pair,
 then the same engine with each part switched off in turn (which is no longer lossless for the
 drafter, and is only for timing), and prints per-token CPU time and each arm over plain.
+`--deferred N` tries another size of the deferral buffer (drafter.DEFERRED, 32).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dflash_cli import loader, registry  # noqa: E402
+from dflash_cli import drafter as drafter_module, engine as engine_module, loader, registry  # noqa: E402
 from dflash_cli.adaptive import Pinned  # noqa: E402
 from dflash_cli.engine import Engine, Request  # noqa: E402
 from dflash_cli.prompt import encode_raw  # noqa: E402
@@ -59,7 +60,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--deferred", type=int, default=drafter_module.DEFERRED)
     args = parser.parse_args()
+    drafter_module.DEFERRED = engine_module.DEFERRED = args.deferred  # read when caches are made and at each iteration
     m = loader.load(*registry.demo_dirs(), device="cpu")
     ids = encode_raw(m.tokenizer, "Once upon a time")
     arms = {
@@ -76,7 +79,8 @@ def main() -> None:
         for name, engine in arms.items():
             times[name].append(per_token(engine, ids, args.tokens))
     plain = statistics.median(times["plain decoding"])
-    print(f"demo pair, {args.tokens} tokens, CPU time per token (median of {args.repeats})")
+    print(f"demo pair, {args.tokens} tokens, deferral buffer {args.deferred}, CPU time per token "
+          f"(median of {args.repeats})")
     for name, t in times.items():
         print(f"{name:<40} {statistics.median(t) * 1e6:7.0f} µs   {plain / statistics.median(t):.3f} of plain")
 

@@ -108,7 +108,7 @@ def measured_costs(m: loader.Model) -> tuple[dict[int, float], float, float, flo
     for engine in (auto, plain):
         list(engine.generate(Request(context, 1)))
     # The engine times its block sizes interleaved, so its b = 1 round follows a b = 8 one and finds
-    # colder caches (about 6% dearer here than in a run of b = 1 iterations). Plain decoding and the
+    # colder caches (several percent dearer here than in a run of b = 1 iterations). Plain decoding and the
     # floor are charged as they run, in a row: b = 1 is timed alone as well, like plain decoding (the
     # policy still decides on the engine's own figures). Each is measured three times, alternately, and
     # the fastest kept: a busy moment skews one of them only.
