@@ -23,12 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dflash_cli import adaptive, loader, registry  # noqa: E402
 from dflash_cli.adaptive import Acceptance, Adaptive, Decision, Pinned  # noqa: E402
-from dflash_cli.engine import Engine, Request  # noqa: E402
-from dflash_cli.prompt import encode_raw  # noqa: E402
+from dflash_cli.engine import Engine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptive import PROMPTS, untrained_copy  # noqa: E402
-from adaptive_replay import MORE, acceptance_table, measured_costs, replay  # noqa: E402
+from adaptive_replay import MORE, measured_costs, recorded_answer, replay  # noqa: E402
 
 
 class Chained(Acceptance):
@@ -126,12 +125,8 @@ VARIANTS: list[tuple[str, Callable[[int], Adaptive], dict]] = [
 
 def record(m: loader.Model, prompts: list) -> list[tuple[dict, int, int]]:
     """(acceptance table, start, end) of each prompt's greedy answer."""
-    plain, out = Engine(m.target), []
-    for _, text, tokens in prompts:
-        prompt = encode_raw(m.tokenizer, text)
-        answer = prompt + [t for step in plain.generate(Request(prompt, tokens)) for t in step.tokens]
-        out.append((acceptance_table(m, answer, len(prompt), [2, 4, 8]), len(prompt), len(answer)))
-    return out
+    plain = Engine(m.target)
+    return [recorded_answer(m, plain, text, tokens)[1:] for _, text, tokens in prompts]
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dflash_cli import loader, registry  # noqa: E402
-from dflash_cli.adaptive import Adaptive, Pinned, Policy, time_iterations  # noqa: E402
+from dflash_cli.adaptive import Adaptive, Pinned, Policy, candidates, time_iterations  # noqa: E402
 from dflash_cli.drafter import DEFERRED  # noqa: E402
 from dflash_cli.engine import Engine, Request, catch_up_due  # noqa: E402
 from dflash_cli.prompt import encode_raw  # noqa: E402
@@ -75,6 +75,17 @@ def acceptance_table(m: loader.Model, answer: list[int], start: int, sizes: list
     return table
 
 
+def recorded_answer(m: loader.Model, plain: Engine, text: str, tokens: int
+                    ) -> tuple[list[int], dict[int, list[int]], int, int]:
+    """A prompt's greedy answer (from `plain`, a plain-decoding engine) and its `acceptance_table` for
+    every drafting block size auto may pick: (answer tokens, table, start, end)."""
+    prompt = encode_raw(m.tokenizer, text)
+    out = [t for step in plain.generate(Request(prompt, tokens)) for t in step.tokens]
+    answer = prompt + out
+    sizes = candidates(m.drafter.cfg.block_size)[1:]
+    return out, acceptance_table(m, answer, len(prompt), sizes), len(prompt), len(answer)
+
+
 def replay(policy: Policy, table: dict[int, list[int]], start: int, end: int, costs: dict[int, float],
            catch_up: float, floor: float | None = None) -> tuple[float, list[int]]:
     """Modelled seconds to decode positions start+1 .. end-1 under `policy`, and the block sizes used.
@@ -113,13 +124,14 @@ def measured_costs(m: loader.Model) -> tuple[dict[int, float], float, float, flo
     # policy still decides on the engine's own figures). Each is measured three times, alternately, and
     # the fastest kept: a busy moment skews one of them only.
     costs, plain_cost, floor, sizes = {}, float("inf"), float("inf"), auto.policy.sizes
+    mode, plain_mode = auto.sampling.load(SamplingParams()), plain.sampling.load(SamplingParams())
     for _ in range(3):
-        for b, c in auto.measure(auto.sampling.load(SamplingParams()), bonus).items():
+        for b, c in auto.measure(mode, bonus).items():
             costs[b] = min(costs.get(b, c), c)
         auto.policy.sizes = [1]
-        floor = min(floor, auto.measure(auto.sampling.load(SamplingParams()), bonus)[1])
+        floor = min(floor, auto.measure(mode, bonus)[1])
         auto.policy.sizes = sizes
-        plain_cost = min(plain_cost, plain.measure(plain.sampling.load(SamplingParams()), bonus)[1])
+        plain_cost = min(plain_cost, plain.measure(plain_mode, bonus)[1])
     auto.draft_cache.pending_count.fill_(DEFERRED // 2)
     length = auto.draft_cache.length.clone()
 
@@ -157,11 +169,7 @@ def run(m: loader.Model, costs: dict[int, float], floor: float, plain_cost: floa
     print(f"{'prompt':<36} {'tok':>4} {'τ B':>5} | {'plain':>6} {'B':>6} {'auto':>6} | {'auto/best':>9} | auto chose")
     ratios = []
     for label, text, tokens in prompts:
-        prompt = encode_raw(m.tokenizer, text)
-        out = [t for step in plain_engine.generate(Request(prompt, tokens)) for t in step.tokens]
-        answer = prompt + out
-        table = acceptance_table(m, answer, len(prompt), sorted(costs)[1:])
-        start, end = len(prompt), len(answer)
+        out, table, start, end = recorded_answer(m, plain_engine, text, tokens)
         plain_s = (end - 1 - start) * plain_cost
         fixed_s, fixed_sizes = replay(Pinned(largest), table, start, end, costs, catch)
         auto_s, auto_sizes = replay(Adaptive(largest), table, start, end, costs, catch, floor)
