@@ -40,6 +40,8 @@ from typing import Callable, Hashable, Protocol
 
 import torch
 
+from . import cuda
+
 PRIOR = 0.8  # acceptance assumed for a position with no evidence: optimistic enough to try drafting
 PRIOR_WEIGHT = 0.5  # the prior counts as half an observation: little bias once a position is observed
 OBSERVED = 0.95  # weight kept by older observations at each new one (~20 recent iterations)
@@ -257,16 +259,17 @@ def time_iterations(runs: dict[int, Callable[[], object]], device: torch.device,
     start = time.perf_counter()
     for run in runs.values():
         run()
+    gpu = cuda.is_gpu(device)
     if rounds is None:
-        rounds = ROUNDS.get(device.type, ROUNDS["cpu"])
-        if device.type != "cuda":  # the untimed calls are a fair guess of a round's cost on a CPU
+        rounds = ROUNDS["cuda" if gpu else "cpu"]
+        if not gpu:  # the untimed calls are a fair guess of a round's cost on a CPU
             rounds = max(1, min(rounds, int(CPU_BUDGET_S / max(time.perf_counter() - start, 1e-9))))
     clock = cpu_clock()
     times: dict[int, list[float]] = {b: [] for b in runs}
     for _ in range(rounds):
         for b, run in runs.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if gpu:
+                start, end = cuda.event(timing=True), cuda.event(timing=True)
                 start.record()
                 run()
                 end.record()

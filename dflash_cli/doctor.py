@@ -47,25 +47,30 @@ def run_checks(model: str | None = None) -> list[Check]:
                     "" if sys.version_info >= (3, 10) else "install Python 3.10 or newer")]
     import torch
 
+    from . import cuda
+
     checks.append(_floor_check("torch", torch.__version__, required=True))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        name = torch.cuda.get_device_name(0)
-        free, total = torch.cuda.mem_get_info(0)
-        checks.append(Check("cuda", "ok", f"CUDA {torch.version.cuda}, {name}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"))
+    gpu = cuda.is_available()
+    if gpu:
+        device = cuda.device()
+        free, total = cuda.mem_get_info(device)
+        checks.append(Check("cuda", "ok", f"CUDA {cuda.version()}, {cuda.device_name(device)}, "
+                                          f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free"))
     else:
-        why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU visible to the driver"
+        why = "this torch is a CPU build" if cuda.version() is None else "no GPU visible to the driver"
         checks.append(Check("cuda", "warn", f"no CUDA GPU ({why}): dflash runs on the CPU, slowly",
                             "install a CUDA build of torch (https://pytorch.org/get-started/locally/)"
-                            if torch.version.cuda is None else "check `nvidia-smi` and the driver"))
+                            if cuda.version() is None else "check `nvidia-smi` and the driver"))
     try:
         import triton
 
-        checks.append(_floor_check("triton", triton.__version__, required=cuda))  # only CUDA runs the kernels
+        checks.append(_floor_check("triton", triton.__version__, required=gpu))  # only CUDA runs the kernels
     except ImportError:
         wanted = ".".join(map(str, FLOORS["triton"]))
-        checks.append(Check("triton", "warn" if not cuda else "fail", "not installed",
+        checks.append(Check("triton", "warn" if not gpu else "fail", "not installed",
                             f"pip install 'triton>={wanted}' (the fused kernels need it on CUDA)"))
+    if gpu:  # the CPU runs the hybrids' torch reference; only CUDA needs fla's kernels
+        checks.append(fla_check())
     cache = hub.cache_dir()
     free_disk = hub.disk_free(cache)
     checks.append(Check("cache", "ok" if free_disk > 20e9 else "warn", f"{cache} ({free_disk / 1e9:.0f} GB free)",
@@ -76,14 +81,35 @@ def run_checks(model: str | None = None) -> list[Check]:
     if hub.offline():
         checks.append(Check("network", "warn", "HF_HUB_OFFLINE is set: only cached models can be used", "unset HF_HUB_OFFLINE to download"))
     if model is not None:
-        checks.append(_model_check(model, cuda))
+        checks.append(_model_check(model, gpu))
     return checks
 
 
-def _model_check(model: str, cuda: bool) -> Check:
-    import torch
+FLA = "fla-core>=0.6,<0.7"  # as pyproject.toml pins it: the 0.6 API of chunk/fused_recurrent_gated_delta_rule
 
-    from . import registry
+
+def fla_check() -> Check:
+    """fla-core, whose Triton kernels run the Gated DeltaNet layers of the Qwen3.5/3.6 hybrids on CUDA:
+    installed, in the range dflash calls, and importable (0.6 imports `packaging` without declaring it)."""
+    from importlib import metadata
+
+    fix = f"pip install '{FLA}' (the Qwen3.5/3.6 hybrids need it on CUDA)"
+    try:
+        version = metadata.version("fla-core")
+    except metadata.PackageNotFoundError:
+        return Check("fla-core", "warn", "not installed: the Qwen3.5/3.6 hybrids cannot run on CUDA", fix)
+    if not (0, 6) <= version_tuple(version)[:2] < (0, 7):
+        return Check("fla-core", "warn", f"{version} is outside 0.6.x, the API dflash calls", fix)
+    try:
+        import fla  # noqa: F401
+    except Exception as e:  # any import failure means the same to the user: the hybrids will not run
+        return Check("fla-core", "warn", f"{version} is installed but does not import: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", fix)
+    return Check("fla-core", "ok", version)
+
+
+def _model_check(model: str, gpu: bool) -> Check:
+    from . import cuda, registry
     from .errors import DflashError
     from .memory import GiB
 
@@ -100,9 +126,9 @@ def _model_check(model: str, cuda: bool) -> Check:
     need = gpu_memory_needed(pair)
     if need is None:
         return Check(pair.alias, "ok" if ready else "warn", detail)
-    if not cuda:
+    if not gpu:
         return Check(pair.alias, "warn", f"{detail}; needs ~{need / GiB:.0f} GiB of GPU memory (4K context), no GPU here")
-    free, _ = torch.cuda.mem_get_info(0)
+    free, _ = cuda.mem_get_info(cuda.device())
     if free < need:
         return Check(pair.alias, "fail", f"{detail}; needs ~{need / GiB:.1f} GiB of GPU memory, {free / GiB:.1f} GiB free",
                      "close other GPU programs or pick a smaller model (dflash models)")

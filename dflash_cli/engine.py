@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from . import ops
+from . import cuda, ops
 from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, time_iterations
 from .drafter import DEFERRED, Drafter
 from .errors import DflashError
@@ -118,7 +118,7 @@ class Engine:
         rope_positions, slack = target.max_positions, cache_slack(block_size)
         self.max_context = min(max_context or rope_positions, rope_positions - slack)
         self.prefill_chunk = prefill_chunk
-        self.lookahead = target.device.type == "cuda" if lookahead is None else lookahead
+        self.lookahead = cuda.is_gpu(target.device) if lookahead is None else lookahead
         capacity = self.max_context + slack
         self.target_cache = target.new_cache(capacity, block_size)
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
@@ -244,11 +244,17 @@ class Engine:
         """Seconds of one iteration at each of the policy's block sizes, from the caches as they are
         (after any queued iteration: the device runs in stream order). Every timed iteration really
         runs, so the caches, and `bonus` (a captured step's output buffer), are put back afterwards:
-        lengths after each run (slots past them are free), whole snapshots (a recurrent state) at the end."""
+        lengths after each run (slots past them are free), whole snapshots (a recurrent state) at the end.
+
+        The drafter's deferred context is caught up first (and put back with the rest): every draft
+        runs caught up, and a timed b = 1 run defers one token more, for which a full buffer of
+        DEFERRED tokens has no room (on a GPU, an out-of-bounds write that kills the context)."""
         saved = [c.snapshot() for c in self.caches]
+        start = bonus.clone()
+        if self.draft_cache is not None:
+            self._catch_up(start)
         lengths = [c.length.clone() for c in self.caches]
         deferred = self.draft_cache.pending_count.clone() if self.draft_cache is not None else None
-        start = bonus.clone()
 
         def timed(block_size: int):
             runner = self._runner(mode, block_size, start)

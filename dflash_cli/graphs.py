@@ -14,8 +14,9 @@ while the host streams text.
 Sampling values (temperature, top-k, top-p, min-p, seed) are device tensors the engine refills per
 generation, so only the sampling `Mode` (greedy, and which filters are on) and the block size select
 a graph: one per mode and block size the engine uses (an adaptive engine's few candidates, a pinned
-one's single b), captured on first use into one shared memory pool. A capture that fails leaves the caches as
-they were before it (warm-up runs really run, so they are undone whatever happens) and falls back to
+one's single b), captured on first use into one shared memory pool, all on one side stream (each
+stream that runs a GEMM keeps a cuBLAS workspace for good: a stream per capture would leak one per
+graph). A capture that fails leaves the caches as they were before it (warm-up runs really run, so they are undone whatever happens) and falls back to
 eager execution with a message; `DFLASH_CUDA_GRAPHS=0` turns graphs off.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from . import ops
+from . import cuda, ops
 
 DeviceStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -36,28 +37,29 @@ def graphs_enabled(device: torch.device) -> bool:
     """On CUDA through the Triton kernels, unless DFLASH_CUDA_GRAPHS=0. Not with
     DFLASH_KERNELS=torch: the attention reference slices the cache at `int(kv_len)`, a host read
     that a capture would freeze (tests/test_graph_safety.py)."""
-    return (device.type == "cuda" and os.environ.get("DFLASH_CUDA_GRAPHS", "1") != "0"
+    return (cuda.is_gpu(device) and os.environ.get("DFLASH_CUDA_GRAPHS", "1") != "0"
             and ops.kernel_mode() != "torch")
 
 
 def capture(fn: Callable[[], object], after: Callable[[], None] = lambda: None,
-            pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+            pool=None, stream=None) -> tuple[object, object]:
     """`fn` captured as a CUDA graph; returns the graph and what `fn` returned during the capture
     (its static outputs). Two warm-up runs on a side stream first keep Triton compilation and
     allocator growth out of the capture; `after` runs after each run, to undo its side effects,
-    also when the run raises. `pool`: a memory pool shared with other captures."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    also when the run raises. `pool`: a memory pool shared with other captures; `stream`: the side
+    stream to warm up and capture on (a new one if None)."""
+    side = stream if stream is not None else cuda.side_stream()
+    side.wait_stream(cuda.current_stream())
+    with cuda.on_stream(side):
         for _ in range(2):
             try:
                 fn()
             finally:
                 after()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    cuda.current_stream().wait_stream(side)
+    graph = cuda.new_graph()
     try:
-        with torch.cuda.graph(graph, pool=pool):
+        with cuda.capturing(graph, pool=pool, stream=side):
             out = fn()
     finally:
         after()
@@ -70,10 +72,11 @@ class EagerStep:
 
     def __init__(self, step: DeviceStep, device: torch.device):
         self.step = step
-        self.cuda = device.type == "cuda"
-        self._pending: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+        self.device = device
+        self.gpu = cuda.is_gpu(device)
+        self._pending: deque[tuple[torch.Tensor, object]] = deque()  # (host buffer, its ready event or None)
         self._buffers: list[torch.Tensor] = []
-        self._events = [torch.cuda.Event() for _ in range(2)] if self.cuda else [None, None]
+        self._events = [cuda.event() for _ in range(2)] if self.gpu else [None, None]
         self._turn = 0
 
     def run(self, bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +86,10 @@ class EagerStep:
         assert len(self._pending) < 2, "read a result before launching a third iteration"
         packed, next_bonus = self.run(bonus)
         if not self._buffers:
-            self._buffers = [torch.empty(packed.shape, dtype=packed.dtype, pin_memory=self.cuda) for _ in range(2)]
+            self._buffers = [cuda.host_buffer(packed.shape, packed.dtype, self.device) for _ in range(2)]
         host, ready = self._buffers[self._turn], self._events[self._turn]
         self._turn ^= 1
-        host.copy_(packed, non_blocking=self.cuda)
+        host.copy_(packed, non_blocking=self.gpu)
         if ready is not None:
             ready.record()
         self._pending.append((host, ready))
@@ -109,7 +112,7 @@ class EagerStep:
 class StepGraph(EagerStep):
     """The step captured once as a CUDA graph, with static input and output buffers."""
 
-    def __init__(self, step: DeviceStep, bonus: torch.Tensor, caches: list, pool=None):
+    def __init__(self, step: DeviceStep, bonus: torch.Tensor, caches: list, pool=None, stream=None):
         super().__init__(step, bonus.device)
         self.bonus = bonus.clone()
         saved = [c.snapshot() for c in caches]
@@ -119,7 +122,7 @@ class StepGraph(EagerStep):
                 cache.restore(snap)
 
         try:
-            self.graph, (self.packed, self.next_bonus) = capture(lambda: step(self.bonus), restore, pool)
+            self.graph, (self.packed, self.next_bonus) = capture(lambda: step(self.bonus), restore, pool, stream)
         finally:
             restore()  # a capture that failed midway may have left the caches anywhere
 
@@ -141,7 +144,8 @@ class StepGraphs:
         self.enabled = graphs_enabled(device)
         self.caches = caches
         self._runners: dict[Hashable, EagerStep] = {}
-        self._pool = None
+        self._pool = None  # made at the first capture, with the one side stream they all use
+        self._stream = None
 
     def get(self, key: Hashable, make_step: Callable[[], DeviceStep], bonus: torch.Tensor) -> EagerStep:
         if key not in self._runners:
@@ -156,9 +160,9 @@ class StepGraphs:
     def _runner(self, step: DeviceStep, bonus: torch.Tensor) -> EagerStep:
         if self.enabled:
             try:
-                if self._pool is None and self.device.type == "cuda":
-                    self._pool = torch.cuda.graph_pool_handle()
-                return StepGraph(step, bonus, self.caches, self._pool)
+                if self._pool is None:
+                    self._pool, self._stream = cuda.graph_pool(), cuda.side_stream()
+                return StepGraph(step, bonus, self.caches, self._pool, self._stream)
             except Exception as e:  # any capture failure: correctness first, run eagerly
                 self.enabled = False
                 print(f"dflash: CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); "

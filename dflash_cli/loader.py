@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import cuda
 from .config import DrafterConfig
 from .drafter import Drafter
 from .engine import cache_slack
@@ -35,25 +36,34 @@ class Model:
     drafter_dir: Path | None
     thinks: bool = False  # the thinking mode the family's drafters were trained with: the default
     harmony: HarmonyTokens | None = None  # gpt-oss's chat format: its special tokens, looked up at load
+    device: torch.device = torch.device("cpu")  # where it runs, as resolve_device gave it (a GPU's with its index)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device `--device NAME` means. A GPU always comes with its index (`cuda:0` for `cuda` and
+    `auto`: the current one), since `set_device` and every per-device call refuse one without."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cuda.device() if cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu…: the engine runs on neither
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":  # mps, meta, xpu…: the engine runs on neither
         raise UsageError(f"--device {name} is not supported: dflash runs on cpu or cuda (cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not cuda.is_available():
         raise DflashError("--device cuda was asked for, but torch sees no CUDA GPU (see `dflash doctor`)")
-    return device
+    count = cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"--device {name}: there is no such GPU; torch sees {count} "
+                         f"(use {'cuda:0' if count == 1 else f'cuda:0 … cuda:{count - 1}'}; see `nvidia-smi`)")
+    return cuda.device(device.index)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if cuda.is_gpu(device) else torch.float32
     if name not in DTYPES:
         raise UsageError(f"unknown dtype '{name}' (use auto, bfloat16 or float32)")
     if name == "float16":
@@ -107,8 +117,8 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     target_dir = Path(target_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if dev.type == "cuda":  # Triton launches, graph captures and events follow the current device
-        torch.cuda.set_device(dev)
+    if cuda.is_gpu(dev):  # Triton launches, graph captures and events follow the current device
+        cuda.set_device(dev)
     family, target_cfg = target_config(target_dir)
     drafter_cfg = None
     if drafter_dir is not None:
@@ -122,7 +132,7 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     needs = needs_for(family, target_cfg, drafter_cfg, dt, block, slack)
     context = plan_context(needs, target_cfg.max_position_embeddings, max_context, free_device_memory(dev))
     positions = context + slack  # rope rows the caches can reach
-    if dev.type == "cpu":
+    if not cuda.is_gpu(dev):
         cpu_threads(needs.weights)
     tokenizer = load_tokenizer(target_dir)
     target = load_target(target_dir, dt, dev, positions, family, target_cfg)
@@ -130,4 +140,4 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     if drafter_cfg is not None:
         drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)
     return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir,
-                 getattr(family, "THINKS", False), HarmonyTokens.of(tokenizer))
+                 getattr(family, "THINKS", False), HarmonyTokens.of(tokenizer), dev)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cuda
 from .errors import DflashError
 
 GiB = 1 << 30
@@ -89,7 +90,7 @@ def plan_context(needs: MemoryNeeds, ceiling: int, requested: int | None, free_b
 
 
 def free_device_memory(device: torch.device) -> int | None:
-    if device.type != "cuda":
+    if not cuda.is_gpu(device):
         return None
-    free, _ = torch.cuda.mem_get_info(device)
+    free, _ = cuda.mem_get_info(device)
     return free

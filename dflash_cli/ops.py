@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from . import cuda
+
 _MODULES = {
     "rms_norm": "rmsnorm",
     "swiglu": "swiglu",
@@ -47,7 +49,7 @@ def _impl(name: str, triton: bool) -> Callable:
 
 def _pick(name: str, device: torch.device) -> Callable:
     mode = kernel_mode()
-    return _impl(name, mode == "triton" or (mode == "auto" and device.type == "cuda"))
+    return _impl(name, mode == "triton" or (mode == "auto" and cuda.is_gpu(device)))
 
 
 def rms_norm(x, weight, eps, residual=None, offset=False, fp32_weight=False):
@@ -93,7 +95,7 @@ def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None
     if q.shape[0] > MAX_KERNEL_Q_LEN:
         # SDPA has no sinks: with the kernels on, a long chunk with sinks runs through the split kernel too
         kernels = _pick("attention", q.device) is not _impl("attention", False)
-        if kernels and (sinks is not None or (q.is_cuda and not flash_prefill(q, causal, sliding_window))):
+        if kernels and (sinks is not None or (cuda.is_gpu(q.device) and not flash_prefill(q, causal, sliding_window))):
             return _impl("attention", True)(q, k_cache, v_cache, torch.as_tensor(kv_len, device=q.device),
                                             causal=causal, scale=scale, sliding_window=sliding_window, **extra)
         return _impl("attention", False)(

@@ -82,9 +82,9 @@ def locate_pair(pair: registry.ModelPair, *, yes: bool = False, confirm: Confirm
 
 def no_gpu_warning(pair: registry.ModelPair) -> str | None:
     """Said before a download is offered on a machine where the model could only run on the CPU."""
-    import torch
+    from . import cuda
 
-    if torch.cuda.is_available():
+    if cuda.is_available():
         return None
     from .doctor import gpu_memory_needed
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from . import drafter as drafter_module
-from . import ops
+from . import cuda, ops
 from .config import DrafterConfig
 from .drafter import Drafter
 from .engine import Engine, cache_slack
@@ -204,19 +204,20 @@ def check_memory(name: str, dtype: torch.dtype, device: torch.device, context: i
     family, t, d, _ = configs(name)
     needs = needs_for(family, t, d, dtype, block, cache_slack(block))
     need = needs.total(context) - workspace_bytes(t, block) + workspace_bytes(t, block, prefill_chunk=1)
-    if device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(device)[0], "on the GPU"
+    gpu = cuda.is_gpu(device)
+    if gpu:
+        free, where = cuda.mem_get_info(device)[0], "on the GPU"
     else:
         free, where = host_memory(), "in host memory"
     if need > free:
         raise DflashError(f"synthetic {name} in {str(dtype).removeprefix('torch.')} needs {need / GiB:.1f} GiB {where} "
                           f"(weights {needs.weights / GiB:.1f} GiB); {free / GiB:.1f} GiB is free"
-                          + (": it is meant for a GPU (try the shape 'tiny' here)" if device.type != "cuda" else ""))
+                          + ("" if gpu else ": it is meant for a GPU (try the shape 'tiny' here)"))
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if cuda.is_gpu(device):
+        cuda.synchronize(device)
 
 
 def time_it(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
@@ -236,11 +237,11 @@ def time_it(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
 def device_time(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
     """Seconds of device time per call: on CUDA, events around `iters` calls queued back to back (no
     host sync between them, so host time hides behind the GPU's); on a CPU, `time_it`."""
-    if device.type != "cuda":
+    if not cuda.is_gpu(device):
         return time_it(fn, device, iters, warmup)
     for _ in range(warmup):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start, end = cuda.event(timing=True), cuda.event(timing=True)
     _sync(device)
     start.record()
     for _ in range(iters):
@@ -266,6 +267,14 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     dst = torch.empty_like(src)
     seconds = device_time(lambda: dst.copy_(src), device, iters=20)
     return 2 * nbytes / seconds
+
+
+def copy_size(device: torch.device) -> int:
+    """Bytes the copy roofline moves: 1 GiB on a GPU (far past its caches), at most an eighth of what
+    is free there; 128 MiB on a CPU."""
+    if not cuda.is_gpu(device):
+        return 1 << 27
+    return min(1 << 30, cuda.mem_get_info(device)[0] // 8)
 
 
 def weight_bytes(name: str, dtype: torch.dtype) -> int:
@@ -342,8 +351,8 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
     b = block_size or drafter_cfg.block_size
     if not 2 <= b <= drafter_cfg.block_size:
         raise UsageError(f"--block-size must be between 2 and the drafter's {drafter_cfg.block_size}, got {b}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if cuda.is_gpu(device):
+        cuda.set_device(device)
     check_memory(shape, dtype, device, context + b, drafter_cfg.block_size)
     target, drafter = random_pair(shape, dtype, device, context + b + 2 * drafter_cfg.block_size + 1)
     engine = Engine(target, drafter, block_size=b, max_context=context + b, adaptive=True)  # its cost curve too
@@ -397,7 +406,7 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
             decode_device_s=device_time(step_only(plain), device, iters),
             commit_s=device_time(commit, device, iters),
             weight_bytes=weight_bytes(shape, dtype),
-            copy_bytes_per_s=copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 27),
+            copy_bytes_per_s=copy_bandwidth(device, copy_size(device)),
             tau=tau if tau is not None else published,
             iteration_by_block=engine.measure(greedy, bonus),
         )

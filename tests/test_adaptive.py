@@ -9,6 +9,7 @@ import torch
 
 from dflash_cli import adaptive, loader
 from dflash_cli.adaptive import Acceptance, Adaptive, Decision, candidates, choose, position_rates
+from dflash_cli.drafter import DEFERRED
 from dflash_cli.engine import Engine, Request
 from dflash_cli.sampling import SamplingParams
 
@@ -353,6 +354,33 @@ def test_costs_are_measured_once_per_context_bucket_and_change_no_token(stories_
         buckets = [adaptive.bucket(n, 16) for n in measured]
         assert buckets == [16, 32, 64, 128]  # the prompt's bucket, then each doubling, once
         assert set(engine.costs.table[(SamplingParams(temperature=0.9).mode, 64)]) == {1, 2, 4, 8}
+
+
+class PausedAndMeasuring(Scripted):
+    """b = 1 every iteration, with a cost measurement due at every decision: the worst case for the
+    drafter's deferred context (a measurement when its buffer is full)."""
+
+    adaptive = True
+
+    def __init__(self, block_size: int):
+        super().__init__([1])
+        self.sizes = candidates(block_size)
+
+
+def test_a_measurement_with_a_full_deferred_buffer_stays_inside_it(stories_model, monkeypatch):
+    """gpu-review-2 F6: with DEFERRED tokens deferred, the measurement's timed b = 1 run deferred one
+    more into a buffer with no room (an IndexError here; on a GPU, a device assert that kills the
+    context, and every later request of a server fails). The drafter catches up before measuring."""
+    m = stories_model
+    prompt = m.tokenizer.encode(STORY_PROMPTS[3])
+    want = _tokens(_steps(Engine(m.target), prompt, 80, SamplingParams()))
+    for lookahead in (False, True):
+        engine = Engine(m.target, m.drafter, adaptive=True, lookahead=lookahead)
+        engine.policy = PausedAndMeasuring(engine.block_size)
+        monkeypatch.setattr(engine.costs, "get", lambda mode, context: None)  # measure at every decision
+        steps = _steps(engine, prompt, 80, SamplingParams(), check_caches=not lookahead)
+        assert _tokens(steps) == want and len(steps) > DEFERRED + 2  # past a full buffer
+        assert int(engine.draft_cache.pending_count) == 0  # the generation ended caught up
 
 
 def test_measuring_restores_a_recurrent_state(qwen35_pair):

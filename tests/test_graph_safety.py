@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from dflash_cli import engine as engine_module
@@ -32,25 +31,11 @@ from dflash_cli.graphs import EagerStep
 from dflash_cli.sampling import SamplingParams
 
 from .conftest import STORY_PROMPTS
+from .fake_cuda import attention_masked_on_device, stand_in
 from .host_reads import HostReads
 
 SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, top_p=0.95, seed=11)]
 IDS = ["greedy", "sampled"]
-
-
-def attention_masked_on_device(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None):
-    """`attention_ref` without the host read: every cache slot, masked by positions on the device."""
-    tq, capacity = q.shape[0], k_cache.shape[1]
-    q_pos = kv_len - tq + torch.arange(tq, device=q.device)[:, None]
-    k_pos = torch.arange(capacity, device=q.device)[None, :]
-    mask = k_pos < kv_len
-    if causal:
-        mask = mask & (k_pos <= q_pos)
-    if sliding_window is not None:
-        mask = mask & (q_pos - k_pos < sliding_window)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None], attn_mask=mask,
-                                         scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
 
 
 @pytest.fixture(autouse=True)
@@ -142,18 +127,19 @@ def test_a_capture_that_fails_midway_leaves_the_caches_as_they_were(stories_mode
     want = _tokens(Engine(m.target, m.drafter), prompt, SAMPLINGS[0])
     failures = []
 
-    def capture_that_fails(fn, after=None, pool=None):
+    def capture_that_fails(fn, after=None, pool=None, stream=None):
         fn()  # a warm-up run: it drafts, verifies, commits, and adds drafter context
         failures.append(True)
         raise RuntimeError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(graphs_module, "capture", capture_that_fails)
-    engine = Engine(m.target, m.drafter)
-    engine.graphs.enabled = True
     got = []
-    for step in engine.generate(Request(prompt, 48, sampling=SAMPLINGS[0])):
-        got += step.tokens
-        if not step.prefill and step.finish is None:  # committed: the prompt and every token but the bonus
-            assert int(engine.target_cache.length) == int(engine.draft_cache.length) == len(prompt) + len(got) - 1
+    with stand_in():  # the GPU branch, where graphs are on
+        engine = Engine(m.target, m.drafter, lookahead=False)
+        assert engine.graphs.enabled
+        for step in engine.generate(Request(prompt, 48, sampling=SAMPLINGS[0])):
+            got += step.tokens
+            if not step.prefill and step.finish is None:  # committed: the prompt and every token but the bonus
+                assert int(engine.target_cache.length) == int(engine.draft_cache.length) == len(prompt) + len(got) - 1
     assert failures and not engine.graphs.enabled  # it failed, and the engine fell back to eager
     assert got == want

@@ -18,8 +18,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
+from .. import cuda
 from ..engine import Engine, Request
 from ..errors import DflashError
 from ..generate import Stats, stream_text
@@ -147,9 +146,8 @@ class EngineWorker:
     # ---- the worker thread -----------------------------------------------------------------
     def _run_forever(self, ready: queue.Queue) -> None:
         try:
-            device = self.engine.target.device
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
+            if cuda.is_gpu(self.model.device):
+                cuda.set_device(self.model.device)
             ready.put(self.engine.warm_up())
         except BaseException as e:  # handed to start(), which raises it on the main thread
             ready.put(e)

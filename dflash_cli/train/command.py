@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import loader
+from .. import cuda, loader
 from ..config import DrafterConfig, default_target_layer_ids
 from ..models import target_config
 from ..engine import Engine
@@ -291,7 +291,7 @@ def run_train(req: TrainRequest, err) -> dict:
         prompts = _encode_prompts(model, *raw_prompts, s, err)
         config = drafter_config(tcfg, block_size=s.block_size, num_layers=s.draft_layers,
                                 target_layer_ids=s.target_layer_ids, mask_token_id=s.mask_token_id,
-                                dtype="bfloat16" if model.target.device.type == "cuda" else "float32")
+                                dtype="bfloat16" if cuda.is_gpu(model.target.device) else "float32")
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / ANSWERS).unlink(missing_ok=True)  # from a start that never got as far as its settings
         _write_json(state_dir / PROMPTS, prompts)
@@ -336,7 +336,7 @@ def run_train(req: TrainRequest, err) -> dict:
         trainer.load(req.out)
         err.print(f"resuming at step {trainer.progress.step} ({trainer.progress.elapsed:.0f} s trained)")
     trainer.opts = _fit_memory(trainer, seqs, err)
-    export = torch.bfloat16 if model.target.device.type == "cuda" else torch.float32
+    export = torch.bfloat16 if cuda.is_gpu(model.target.device) else torch.float32
     held = prompts["eval"]
     saved = _read_json(state_dir / STATE) if (state_dir / STATE).is_file() else {}
     evaluations: list[dict] = saved.get("evaluations", [])
@@ -421,7 +421,7 @@ def _fit_memory(trainer: Trainer, seqs, err) -> TrainOptions:
     until one step fits in free memory."""
     opts, target = trainer.opts, trainer.target
     longest = max(len(q.ids) for q in seqs)
-    dtype_bytes = 2 if target.device.type == "cuda" else 4
+    dtype_bytes = 2 if cuda.is_gpu(target.device) else 4
     free = free_device_memory(target.device)
     plan = memory_plan(trainer.net, target.cfg.vocab_size, longest, opts, dtype_bytes)
     changed = []

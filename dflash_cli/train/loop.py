@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import cuda
 from ..rope import rope_table
 from .data import target_features
 from .model import DraftNet, save_weights, write_atomic
@@ -97,8 +97,7 @@ class Trainer:
         cached = sum(len(s.ids) for s in sequences) * width <= opts.feature_cache_bytes
         self._features: dict[int, torch.Tensor] | None = {} if cached else None
         # bf16 autocast on a GPU (master weights and optimizer state stay fp32); fp32 on a CPU.
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else nullcontext())
+        self.autocast = cuda.autocast(self.device, torch.bfloat16)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
