@@ -72,6 +72,11 @@ class Request:
     keep_prefix: int | None = None
 
 
+# Prompt tokens of the warm-up: past ops.MAX_KERNEL_Q_LEN (a prefill chunk's attention path) and past 64
+# (the hybrid's chunked Gated DeltaNet, kernels/gated_delta.py).
+WARM_UP_PROMPT = 65
+
+
 def catch_up_due(deferred: int, block_size: int) -> bool:
     """Whether the drafter's deferred context is written before an iteration at `block_size`: before
     any draft, and once DEFERRED tokens wait (its buffer is full)."""
@@ -132,11 +137,16 @@ class Engine:
     def warm_up(self, sampling: SamplingParams | None = None) -> float | None:
         """Capture the CUDA graphs (one per block size an adaptive engine may use) and measure the
         adaptive costs now, with a short throwaway generation, rather than during the user's first
-        answer; returns the seconds it took. Nothing to do (None) without graphs or adaptive costs."""
+        answer; returns the seconds it took. Nothing to do (None) without graphs or adaptive costs.
+
+        Its prompt is long enough (WARM_UP_PROMPT) to take the prefill paths of a long prompt, so that
+        their kernels compile (and fla's chunked Gated DeltaNet autotunes) here too."""
         if not self.graphs.enabled and not self.adaptive:
             return None
         start = time.perf_counter()
-        for _ in self.generate(Request([0, 1, 2], 2 * self.block_size + 2, sampling=sampling or SamplingParams())):
+        new = 2 * self.block_size + 2
+        prompt = [i % 3 for i in range(max(3, min(WARM_UP_PROMPT, self.max_context - new - 1)))]
+        for _ in self.generate(Request(prompt, new, sampling=sampling or SamplingParams())):
             pass
         return time.perf_counter() - start
 

@@ -354,7 +354,9 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
     if cuda.is_gpu(device):
         cuda.set_device(device)
     check_memory(shape, dtype, device, context + b, drafter_cfg.block_size)
-    target, drafter = random_pair(shape, dtype, device, context + b + 2 * drafter_cfg.block_size + 1)
+    # Rope rows as the loader gives them: the context, then the caches' slack (verify blocks in flight,
+    # the drafter's catch-up rows), which every timed step may write into.
+    target, drafter = random_pair(shape, dtype, device, context + b + cache_slack(drafter_cfg.block_size))
     engine = Engine(target, drafter, block_size=b, max_context=context + b, adaptive=True)  # its cost curve too
     plain = Engine(target, max_context=context + b)
     with torch.inference_mode():

@@ -93,3 +93,22 @@ def test_the_hybrid_through_kernels_gives_the_reference_tokens_and_never_reads_b
     with torch.inference_mode(), HostReads() as reads:
         engine._device_step(SamplingParams().mode)(torch.tensor([7], device=DEVICE))
     assert reads.seen == []
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the engine captures real graphs (benchmarks/gpu_check.py)")
+def test_the_kernels_captured_and_replayed_give_the_reference_tokens(pair, monkeypatch):
+    """The GPU's own configuration, end to end on the CPU: the Triton kernels (interpreted) captured as a
+    graph by the checked stand-in for torch.cuda (tests/fake_cuda.py: a host read or an upload inside the
+    capture fails it), then replayed with lookahead; the tokens of the torch reference path."""
+    from ..fake_cuda import stand_in
+
+    model = loader.load(*pair, device=DEVICE, dtype="float32")
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    reference = _generate(model, 4, SamplingParams(), 16)
+    with stand_in(kernels="triton") as gpu:  # DFLASH_KERNELS unset inside: the GPU branch picks the kernels
+        on_gpu = loader.load(*pair, device="cuda", dtype="float32")
+        engine = Engine(on_gpu.target, on_gpu.drafter, block_size=4)
+        assert engine.graphs.enabled and engine.lookahead
+        got = [t for s in engine.generate(Request(PROMPT, 16)) for t in s.tokens]
+    assert got == reference
+    assert gpu.captures == 1 and gpu.replays >= 16 // 4 and engine.graphs.enabled  # no fallback to eager
