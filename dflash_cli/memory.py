@@ -46,17 +46,25 @@ def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: i
     return MemoryNeeds(weights, per_token, fixed, workspace_bytes(target_cfg, block_size), slack)
 
 
+# Fixed costs of running on a GPU at all, beside weights, caches and activations (gpu-review-2 F9): a
+# cuBLAS workspace for each stream that runs GEMMs (the default one and the captures' side stream; up to
+# 32 MiB each on Hopper), and the loaded Triton modules with fla's autotuning buffers.
+CUBLAS_WORKSPACES = 2 * (32 << 20)
+KERNEL_MODULES = 64 << 20
+
+
 def workspace_bytes(cfg, block_size: int, prefill_chunk: int = 512) -> int:
-    """Activations of the largest forward (a prefill chunk), the verify and draft logits in float32,
-    what the captured steps allocate from the graph pool (one per block size an adaptive engine may
-    use, `adaptive.candidates`: counted as if none reused another's scratch, which the shared pool
-    allows), and half a GiB for the allocator."""
+    """Activations of the largest forward (a prefill chunk, and what the family's prefill allocates
+    for itself, `cfg.prefill_scratch`), the verify and draft logits in float32, what the captured steps
+    allocate from the graph pool (one per block size an adaptive engine may use, `adaptive.candidates`:
+    counted as if none reused another's scratch, which the shared pool allows), the cuBLAS workspaces
+    and kernel modules, and half a GiB for the allocator."""
     from .adaptive import candidates
 
-    chunk = prefill_chunk * (4 * cfg.hidden_size + cfg.activation_width) * 4
+    chunk = prefill_chunk * (4 * cfg.hidden_size + cfg.activation_width) * 4 + cfg.prefill_scratch
     logits = 2 * block_size * cfg.vocab_size * 4
     graph_pool = sum(_step_scratch(cfg, b) for b in candidates(block_size))
-    return chunk + logits + graph_pool + GiB // 2
+    return chunk + logits + graph_pool + CUBLAS_WORKSPACES + KERNEL_MODULES + GiB // 2
 
 
 def _step_scratch(cfg, block_size: int) -> int:

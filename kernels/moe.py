@@ -61,9 +61,11 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     """MXFP4 → dense: blocks [..., G, 16] u8 and scales [..., G] u8 → [..., G·32] in `dtype` (exact:
     every value is a 2-bit mantissa times a power of two)."""
     lut = torch.tensor(E2M1, dtype=torch.float32, device=blocks.device)
-    b = blocks.long()
-    values = torch.stack((lut[b & 15], lut[b >> 4]), dim=-1).flatten(-2)  # low nibble first: [..., G, 32]
-    values = torch.ldexp(values, scales.long()[..., None] - 127)
+    # int32 indices, not int64: a long prefill dequantises a whole expert, and its transients count
+    # against a 24 GB card's margin (gpt_oss.Config.prefill_scratch)
+    low, high = lut[(blocks & 15).int()], lut[(blocks >> 4).int()]
+    values = torch.stack((low, high), dim=-1).flatten(-2)  # low nibble first: [..., G, 32]
+    values = torch.ldexp(values, scales.int()[..., None] - 127)
     return values.flatten(-2).to(dtype)
 
 

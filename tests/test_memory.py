@@ -34,12 +34,14 @@ def test_weights_are_the_published_parameter_counts_in_bfloat16(alias, params):
 
 def test_a_hybrid_caches_keys_and_values_for_its_full_attention_layers_only():
     """Qwen3.5-27B: 16 of its 64 layers are full attention (4 KV heads of 256), plus the drafter's 5
-    layers (8 KV heads of 128); the 48 Gated DeltaNet layers hold a fixed state instead, at least their
-    float32 recurrent states (48 value heads of 128 × 128)."""
+    layers (8 KV heads of 128); the 48 Gated DeltaNet layers hold a fixed state instead: their float32
+    recurrent states (48 value heads of 128 × 128) three times (live, a chat's prefix snapshot, and the
+    copy a capture or a cost measurement holds: gpu-review-2 F9), their conv windows, the verify record."""
     family, target, drafter, _ = configs("qwen3.5-27b")
     needs = needs_for(family, target, drafter, torch.bfloat16, 16, cache_slack(16))
     assert needs.per_token == 2 * 2 * (16 * 4 * 256 + 5 * 8 * 128)
-    assert 48 * 48 * 128 * 128 * 4 < needs.fixed < 3 * 48 * 48 * 128 * 128 * 4
+    state = 48 * 48 * 128 * 128 * 4
+    assert 3 * state < needs.fixed < 4 * state
 
 
 def test_context_fills_free_memory_up_to_the_model_limit():
@@ -73,3 +75,29 @@ def test_synthetic_shapes_too_big_for_this_machine_are_refused_with_the_numbers(
     with pytest.raises(DflashError, match=r"synthetic qwen3-8b in float32 needs 3\d\.\d GiB in host memory .*8\.0 GiB is free"):
         synthetic.check_memory("qwen3-8b", torch.float32, torch.device("cpu"), 1024, 16)
     synthetic.check_memory("tiny", torch.float32, torch.device("cpu"), 1024, 8)  # fits: no error
+
+
+def test_the_plan_counts_what_a_gpu_allocates_beside_weights_and_caches():
+    """gpu-review-2 F9: the cuBLAS workspaces of the two streams that run GEMMs, the kernel modules, and
+    a long gpt-oss prefill's dequantised expert (MXFP4 → float through int32 indices)."""
+    from dflash_cli import memory
+
+    dense = configs("qwen3-8b")[1]
+    oss = configs("gpt-oss-20b")[1]
+    base = memory.workspace_bytes(dense, 16)
+    assert base > memory.CUBLAS_WORKSPACES + memory.KERNEL_MODULES + GiB // 2
+    assert oss.prefill_scratch == 30 * oss.intermediate_size * oss.hidden_size > 200 << 20  # ~0.23 GiB at 20b
+    assert dense.prefill_scratch == 0
+
+
+def test_dequantising_an_expert_stays_exact_with_narrow_indices():
+    from dflash_cli.kernels.moe import E2M1, dequantize_mxfp4
+
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 16)
+    scales = torch.tensor([[120, 127, 130, 1, 254, 127, 127, 127, 127, 127, 127, 127, 127, 127, 127, 127]],
+                          dtype=torch.uint8)
+    got = dequantize_mxfp4(blocks, scales, torch.float32)
+    lut = torch.tensor(E2M1)
+    b = blocks.long()
+    want = torch.stack((lut[b & 15], lut[b >> 4]), -1).flatten(-2) * torch.exp2(scales.double() - 127).float()[..., None]
+    assert torch.equal(got, want.flatten(-2))

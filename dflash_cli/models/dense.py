@@ -44,6 +44,8 @@ class Config:
     def qk_norm(self) -> bool:
         return self.family == "qwen3"
 
+    prefill_scratch = 0  # bytes a prefill allocates beyond its activations (memory.workspace_bytes)
+
     @property
     def activation_width(self) -> int:
         """The widest per-token activation of a forward, in elements (for the memory plan)."""

@@ -100,6 +100,16 @@ class Config:
         return max((self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
                    2 * self.top_k * self.intermediate_size, self.num_experts)
 
+    @property
+    def prefill_scratch(self) -> int:
+        """A long prefill chunk dequantises one MXFP4 expert at a time (kernels/moe.py
+        experts_by_expert): its gate_up [2I, H] through float32 values and int32 nibble indices (about
+        12 bytes an element at the peak), with the dequantised copies of both matrices alive."""
+        if self.quant != MXFP4:
+            return 0
+        elements = self.intermediate_size * self.hidden_size
+        return 12 * 2 * elements + 2 * 3 * elements
+
     @classmethod
     def from_raw(cls, raw: dict, where: Path) -> "Config":
         raw = with_transformers_defaults(raw)

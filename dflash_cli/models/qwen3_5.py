@@ -83,6 +83,8 @@ class Config:
     def conv_dim(self) -> int:
         return 2 * self.key_dim + self.value_dim
 
+    prefill_scratch = 0  # bytes a prefill allocates beyond its activations (memory.workspace_bytes)
+
     @property
     def activation_width(self) -> int:
         return max(2 * self.intermediate_size, self.conv_dim + self.value_dim + 2 * self.num_value_heads,
@@ -180,14 +182,16 @@ def weight_table(c: Config, layout: str | None = None) -> list[Weight]:
 
 
 def cache_bytes(c: Config, dtype: torch.dtype, block_size: int) -> tuple[int, int]:
-    """K/V of the full layers per token; fixed: the linear layers' states, conv windows, their prefix
-    snapshot, and the verify record the commit replays (hybrid.md §3: ~40 MiB at 27B, B = 16)."""
+    """K/V of the full layers per token; fixed: the linear layers' states and conv windows three times
+    (the live ones, the prefix snapshot a chat keeps, and the copy a graph capture or a cost
+    measurement holds while it runs), and the verify record the commit replays (hybrid.md §3: ~40 MiB
+    at 27B, B = 16)."""
     size = torch.tensor([], dtype=dtype).element_size()
     n = len(c.linear_layers)
     state = n * c.num_value_heads * c.key_head_dim * c.value_head_dim * 4
     conv = n * (c.conv_kernel - 1) * c.conv_dim * size
     record = n * block_size * (c.conv_dim * size + (c.key_dim + c.value_dim + 2 * c.num_value_heads) * 4)
-    return 2 * len(c.full_layers) * c.num_kv_heads * c.head_dim * size, 2 * (state + conv) + record
+    return 2 * len(c.full_layers) * c.num_kv_heads * c.head_dim * size, 3 * (state + conv) + record
 
 
 @dataclass
