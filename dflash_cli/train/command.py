@@ -421,9 +421,10 @@ def _fit_memory(trainer: Trainer, seqs, err) -> TrainOptions:
     until one step fits in free memory."""
     opts, target = trainer.opts, trainer.target
     longest = max(len(q.ids) for q in seqs)
-    dtype_bytes = 2 if cuda.is_gpu(target.device) else 4
+    gpu = cuda.is_gpu(target.device)
+    dtype_bytes = 2 if gpu else 4
     free = free_device_memory(target.device)
-    plan = memory_plan(trainer.net, target.cfg.vocab_size, longest, opts, dtype_bytes)
+    plan = memory_plan(trainer.net, target.cfg.vocab_size, longest, opts, dtype_bytes, gpu)
     changed = []
     while free is not None and sum(plan.values()) > 0.8 * free:
         if not opts.grad_checkpoint:
@@ -435,7 +436,7 @@ def _fit_memory(trainer: Trainer, seqs, err) -> TrainOptions:
         else:
             raise DflashError(f"one training step needs ≈ {sum(plan.values()) / MiB:,.0f} MiB and "
                               f"{free / MiB:,.0f} MiB is free: use --batch 1 or shorter --max-answer-tokens")
-        plan = memory_plan(trainer.net, target.cfg.vocab_size, longest, opts, dtype_bytes)
+        plan = memory_plan(trainer.net, target.cfg.vocab_size, longest, opts, dtype_bytes, gpu)
     c = trainer.net.cfg
     line = (f"memory plan: drafter {plan['weights'] / MiB:.1f} MiB + AdamW {plan['optimizer'] / MiB:.1f} MiB + "
             f"activations ≈ {plan['activations'] / MiB:,.0f} MiB per step ({opts.batch} sequences of ≤ {longest} "

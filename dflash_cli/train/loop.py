@@ -208,21 +208,51 @@ def has_checkpoint(out_dir: Path) -> bool:
 MiB = 1024**2
 
 
-def memory_plan(net: DraftNet, vocab: int, longest: int, opts: TrainOptions, dtype_bytes: int) -> dict[str, int]:
+def memory_plan(net: DraftNet, vocab: int, longest: int, opts: TrainOptions, dtype_bytes: int,
+                gpu: bool) -> dict[str, int]:
     """Bytes the trainer will need beyond the target: weights, AdamW state and, an estimate, what
-    one step keeps for its backward pass (each layer's activations over all blocks and the keys and
-    values of [context | blocks]; the fused attention keeps no score matrix), the block-sparse mask,
-    one chunk of lm_head logits, and the features."""
-    c = net.cfg
+    one step keeps for its backward pass (`activation_parts`)."""
     params = sum(p.numel() for p in net.parameters())
+    kept = activation_parts(net, vocab, longest, opts, dtype_bytes, gpu)
+    return {"weights": params * 4, "optimizer": params * 12, "activations": sum(kept.values())}
+
+
+def activation_parts(net: DraftNet, vocab: int, longest: int, opts: TrainOptions, dtype_bytes: int,
+                     gpu: bool) -> dict[str, int]:
+    """What one step keeps for its backward pass, by part, as autograd keeps it on each branch of
+    objective.attention (tests/test_train_attention.py measures it): each layer's activations over
+    all blocks and the context's keys, the keys and values attention keeps, the block-sparse masks,
+    one chunk of lm_head logits, and the features.
+
+    On a GPU (bf16 autocast, dtype_bytes 2) the residual stream and the norms' inputs stay fp32
+    (the norms' weights are fp32), each projection keeps its own bf16 copy of its input, attention
+    keeps K/V expanded to the query heads, and one additive mask per layer kind is shared by all
+    layers; autocast's bf16 copies of the weights live as long. On a CPU (fp32) attention keeps K/V
+    at the KV heads, and its own fp32 copy of the bool mask at every layer. Neither keeps a score
+    matrix where a fused kernel takes the call: on a CPU always, on CUDA the memory-efficient
+    kernel when the head size is a multiple of 16 bytes; else SDPA's math kernel keeps the softmax."""
+    c = net.cfg
+    f, a = 4, dtype_bytes  # fp32, and the dtype the projections and attention run in
+    h, i, heads = c.hidden_size, c.intermediate_size, c.num_heads
+    hq, hkv = heads * c.head_dim, c.num_kv_heads * c.head_dim
     q, n, b, s = opts.batch, min(opts.anchors, longest), c.block_size, longest
-    rows, keys = q * n * b, q * (s + n * b)
-    per_layer = (rows * (8 * c.hidden_size + 4 * c.num_heads * c.head_dim + 4 * c.intermediate_size)
-                 + keys * 4 * c.num_kv_heads * c.head_dim) * dtype_bytes + rows * c.num_heads * 4
-    layers = per_layer * (1 if opts.grad_checkpoint else c.num_layers)
+    rows, context, keys = q * n * b, q * s, s + n * b  # queries (block tokens), context tokens, keys per sequence
+    inputs = 5 if gpu else 2  # copies of the normed residual: one per projection under autocast, else one per norm
+    per_layer = (rows * (4 * f * h + inputs * a * h + (f + 3 * a) * hq + (f + a) * hkv + 4 * a * i + f * heads)
+                 + context * ((f + a) * hkv + (2 * a * h if gpu else 0)))
+    live = 1 if opts.grad_checkpoint else c.num_layers  # layers whose activations are held at once
+    parts = {"layers": per_layer * live}
     if opts.grad_checkpoint:
-        layers += c.num_layers * rows * c.hidden_size * dtype_bytes  # each layer's input, kept
-    mask = rows * (s + n * b)
-    head = min(rows, 2048) * vocab * 4 * 3
-    features = q * s * len(c.target_layer_ids) * c.hidden_size * dtype_bytes * 3
-    return {"weights": params * 4, "optimizer": params * 12, "activations": layers + mask + head + features}
+        parts["layers"] += c.num_layers * rows * h * f  # each layer's input, kept (fp32 on both branches)
+    parts["keys and values"] = live * (context + rows) * 2 * a * (hq if gpu else hkv)
+    kinds = len(set(zip(c.sliding_windows, c.causal)))
+    if gpu:
+        parts["masks"] = kinds * rows * ((keys + 15) // 16 * 16) * a  # objective.additive_mask, padded
+        parts["weight copies"] = sum(p.numel() for p in net.parameters()) * a
+        if c.head_dim * a % 16:
+            parts["scores"] = live * heads * rows * keys * a
+    else:
+        parts["masks"] = (kinds + live * f) * rows * keys
+    parts["head"] = min(rows, 2048) * vocab * 4 * 3
+    parts["features"] = q * s * len(c.target_layer_ids) * h * dtype_bytes * 3
+    return parts

@@ -10,7 +10,8 @@ their own block, non-causally; never another block. This equals one inference fo
 
 Keys are [the sequence's context | all its blocks]; the mask lets a query see context positions
 before its anchor and its own block's B keys (SpecForge's and speculators' mask, written as one
-boolean tensor for torch's fused attention).
+boolean tensor for torch's fused attention). On a GPU the attention takes it as an additive mask
+and K/V expanded to the query heads (`attention`): the one form a fused CUDA kernel accepts.
 
 Loss: cross-entropy at the B-1 masked positions, weighted w_k = exp(-(k-1)/γ) (the paper's Eq. 4,
 position k = 1..B-1): an early position's error ends the accepted run, so it costs more.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import cuda
 from .model import DraftLayer, DraftNet
 
 # Decay γ of the position weights for the released block sizes (SpecForge's recommendation,
@@ -121,6 +123,38 @@ def block_mask(anchors: torch.Tensor, context: int, block_size: int, window: int
     return torch.cat((sees_context, own_block.expand(q, -1, -1)), dim=-1)[:, None]
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`mask` (block_mask's, bool) as the additive mask the GPU branch of `attention` takes: 0 where
+    visible, -inf elsewhere, in the dtype SDPA runs in. The last dimension is allocated padded to a
+    multiple of 16 and sliced back: SDPA's memory-efficient path pad-copies a mask whose strides are
+    not multiples of 8 (`preprocess_mask` in torch's attention.cpp), at every call, and the copy
+    would be kept for each layer's backward."""
+    *lead, keys = mask.shape
+    out = torch.zeros(*lead, (keys + 15) // 16 * 16, dtype=dtype, device=mask.device)[..., :keys]
+    return out.masked_fill_(~mask, float("-inf"))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped-query attention under the block-sparse mask. q: [Q, Hq, L, D]; k, v: [Q, Hkv, S, D];
+    mask: [Q, 1, L, S], bool on a CPU, `additive_mask` on a GPU.
+
+    On a CPU the fused kernel takes GQA and the bool mask as they are (3x faster than computing only
+    the context and own-block scores by hand: it never materialises them). On CUDA that call falls
+    to SDPA's math kernel, which materialises every score (gpu-review-2 F7: ~21 GB per layer at a
+    Qwen3-4B drafter's training shapes): flash refuses any mask, the memory-efficient kernel is
+    built without GQA, and math comes before cuDNN. K/V expanded to the query heads (what enable_gqa
+    means: repeat_interleave over heads) and a mask in the query's dtype are what the
+    memory-efficient kernel takes; q, k and v are cast first so that autocast casts nothing (the
+    mask least of all) at every layer."""
+    if not cuda.is_gpu(q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    assert mask.is_floating_point(), "the GPU branch takes additive_mask's mask"
+    groups = q.shape[1] // k.shape[1]
+    q, k, v = (t.to(mask.dtype) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                          attn_mask=mask, scale=scale)
+
+
 def _layer(layer: DraftLayer, x: torch.Tensor, ctx_h: torch.Tensor, cs_blk: torch.Tensor,
            cs_ctx: torch.Tensor, mask: torch.Tensor, kv_heads: int, scale: float) -> torch.Tensor:
     """One draft layer over all blocks. x: [Q, N, B, H]; ctx_h: [Q, S, H]; mask: see block_mask."""
@@ -135,10 +169,7 @@ def _layer(layer: DraftLayer, x: torch.Tensor, ctx_h: torch.Tensor, cs_blk: torc
     v_ctx = a.v_proj(ctx_h).unflatten(-1, (kv_heads, d))
     k = torch.cat((k_ctx, k_blk.flatten(1, 2)), dim=1).transpose(1, 2)  # [Q, Hkv, S + N·B, D]
     v = torch.cat((v_ctx, v_blk.flatten(1, 2)), dim=1).transpose(1, 2)
-    # One fused attention over [context | blocks] under the mask (on a CPU, 3x faster than
-    # computing only the context and own-block scores by hand: the kernel never materialises them).
-    out = F.scaled_dot_product_attention(q.flatten(1, 2).transpose(1, 2), k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
+    out = attention(q.flatten(1, 2).transpose(1, 2), k, v, mask, scale)
     x = x + a.o_proj(out.transpose(1, 2).reshape(q_, n, b, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -157,11 +188,20 @@ def block_hidden(net: DraftNet, embed: torch.Tensor, cos_sin: torch.Tensor, batc
     cs_blk = cos_sin[batch.anchors[..., None] + torch.arange(b, device=device)]
     cs_ctx = cos_sin[:s]
     masks = {kind: block_mask(batch.anchors, s, b, *kind) for kind in set(zip(c.sliding_windows, c.causal))}
+    if cuda.is_gpu(device):  # converted once here, shared by every layer, rather than by SDPA per layer
+        masks = {kind: additive_mask(m, _attention_dtype(ctx_h)) for kind, m in masks.items()}
     scale = c.head_dim**-0.5
     for layer, kind in zip(net.layers, zip(c.sliding_windows, c.causal)):
         args = (layer, x, ctx_h, cs_blk, cs_ctx, masks[kind], c.num_kv_heads, scale)
         x = checkpoint(_layer, *args, use_reentrant=False) if grad_checkpoint else _layer(*args)
     return net.norm(x[:, :, 1:])
+
+
+def _attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA runs in: autocast's where it is on (the RMSNorms' fp32 weights make q and k
+    fp32 even then), else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def _head_loss(h: torch.Tensor, lm_head: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
