@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 
 import pytest
@@ -273,6 +274,12 @@ def test_doctor_on_the_gpu_names_the_card_and_checks_fla():
     assert checks["cuda"].status == "ok" and "Fake GPU (the CPU)" in checks["cuda"].detail
     assert checks["fla-core"].status == "ok" and checks["fla-core"].detail.startswith("0.6")
     assert "fla-core" not in {c.name for c in run_checks()}  # only CUDA needs it
+    with stand_in(free=8 << 30):  # qwen3-8b's pair needs ~19 GiB in bf16 at 4K context
+        pair = run_checks("qwen3-8b")[-1]
+    assert pair.status == "fail" and re.search(r"needs ~\d+\.\d GiB of GPU memory, 8\.0 GiB free", pair.detail)
+    with stand_in(free=80 << 30):
+        pair = run_checks("qwen3-8b")[-1]
+    assert pair.status in ("ok", "warn") and re.search(r"GiB needed, 80\.0 GiB free", pair.detail)
 
 
 # ---- the real backend: torch.cuda, called as torch checks it ------------------------------------------------------
@@ -304,6 +311,9 @@ def test_the_real_backend_calls_torch_cuda_with_what_torch_accepts(monkeypatch):
     with cuda.use(real):
         device = loader.resolve_device("auto")
         assert device == torch.device("cuda", 1)  # the current GPU, by index
+        assert loader.resolve_device("cuda:0") == torch.device("cuda", 0)
+        with pytest.raises(UsageError, match="torch sees 2 \\(use cuda:0 … cuda:1"):
+            loader.resolve_device("cuda:2")
         cuda.set_device(device)
         assert cuda.mem_get_info(device) == (3 << 30, 4 << 30)
         cuda.synchronize(device)

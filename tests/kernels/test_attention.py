@@ -150,3 +150,22 @@ def test_a_long_prefill_chunk_with_sinks_runs_through_the_kernel(seed, monkeypat
     got = ops.attention(q, k, v, kv_len, causal=True, scale=0.25, sliding_window=16, sinks=sinks)
     want = attention_ref(q, k, v, torch.tensor(kv_len), causal=True, scale=0.25, sliding_window=16, sinks=sinks)
     torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_a_long_fp32_prefill_chunk_on_the_gpu_goes_through_the_split_kernel(seed, monkeypatch):
+    """ops.attention's GPU branch for a chunk longer than MAX_KERNEL_Q_LEN that SDPA cannot flash (fp32):
+    the split-K kernel, not SDPA, whose math fallback would hold chunk × context scores (run on the CPU
+    under the stand-in for torch.cuda, tests/fake_cuda.py)."""
+    from dflash_cli import ops
+
+    from ..fake_cuda import stand_in
+
+    q, k, v = _inputs(ops.MAX_KERNEL_Q_LEN + 8, 4, 2, 32, 64, 60, torch.float32)
+    length = torch.tensor(60, device=DEVICE)
+    chosen, real = [], ops._impl
+    monkeypatch.setattr(ops, "_impl", lambda name, triton: (chosen.append((name, triton)), real(name, triton))[1])
+    with stand_in(kernels="triton"):
+        got = ops.attention(q, k, v, 60, causal=True, scale=0.2)
+    assert ("attention", True) in chosen
+    want = attention_ref(q, k, v, length, causal=True, scale=0.2)
+    torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")
