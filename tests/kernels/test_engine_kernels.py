@@ -1,8 +1,12 @@
 """The whole engine through the Triton kernels (interpreted on CPU) is still lossless.
 
 A tiny Qwen3 target and block-4 drafter (the interpreter runs a few programs per millisecond):
-the speculative tokens through every kernel equal the tokens of the torch-reference path.
+the speculative tokens through every kernel equal the tokens of the torch-reference path, and so do
+the kernels captured as a graph and replayed with lookahead, as a GPU runs them (on a CPU through the
+checked stand-in for torch.cuda, tests/fake_cuda.py, which refuses a host read inside the capture).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -10,6 +14,7 @@ from dflash_cli import loader
 from dflash_cli.engine import Engine, Request
 from dflash_cli.sampling import SamplingParams
 
+from ..fake_cuda import stand_in
 from ..host_reads import HostReads
 from ..tiny import drafter_config, target_config, write_drafter, write_target
 from .conftest import DEVICE
@@ -25,6 +30,17 @@ def pair(tmp_path_factory):
             write_drafter(d / "d", drafter_config(cfg, block_size=4, target_layer_ids=(0, 1))))
 
 
+@contextlib.contextmanager
+def on_the_gpu(pair):
+    """The pair loaded on the GPU (its branch of the engine: kernels, captured graphs, lookahead), and the
+    stand-in for torch.cuda where the GPU is played by the CPU (None on a real one)."""
+    if DEVICE == "cuda":
+        yield loader.load(*pair, device="cuda", dtype="float32"), None
+        return
+    with stand_in(kernels="triton") as fake:
+        yield loader.load(*pair, device="cuda", dtype="float32"), fake
+
+
 def _generate(model, block_size: int, sampling: SamplingParams, new_tokens: int) -> list[int]:
     spec = block_size > 1
     engine = Engine(model.target, model.drafter if spec else None, block_size=block_size if spec else None)
@@ -37,8 +53,14 @@ def test_greedy_speculative_tokens_through_kernels_equal_the_reference_path(pair
     reference = _generate(model, 4, SamplingParams(), 16)
     assert reference == _generate(model, 1, SamplingParams(), 16)
     monkeypatch.setenv("DFLASH_KERNELS", "triton")
-    assert _generate(model, 4, SamplingParams(), 16) == reference
-    assert _generate(model, 1, SamplingParams(), 16) == reference  # the decode-shaped kernels too
+    assert _generate(model, 1, SamplingParams(), 16) == reference  # the decode-shaped kernels, eagerly
+    with on_the_gpu(pair) as (gpu_model, fake):  # the kernels captured once, then replayed with lookahead
+        engine = Engine(gpu_model.target, gpu_model.drafter, block_size=4)
+        assert engine.graphs.enabled and engine.lookahead
+        assert [t for s in engine.generate(Request(PROMPT, 16)) for t in s.tokens] == reference
+        assert engine.graphs.enabled  # no capture failed back to eager
+    if fake is not None:
+        assert fake.captures == 1 and fake.replays >= 16 // 4
 
 
 def test_seeded_sampled_tokens_through_kernels_equal_the_reference_path(pair, monkeypatch):
@@ -79,14 +101,19 @@ def hybrid_pair(tmp_path_factory):
 
 def test_the_hybrid_through_kernels_gives_the_reference_tokens_and_never_reads_back(hybrid_pair, monkeypatch):
     """Qwen3.5's linear layers through fla-core's recurrent kernel and our conv/commit kernels, its full
-    layers through the zero-centred, partial-rotary q/k norm kernel: the tokens of the torch path, and a
-    device step without host reads (what a CUDA graph captures)."""
+    layers through the zero-centred, partial-rotary q/k norm kernel, captured as a graph and replayed
+    (the masked replay of the recurrent state included): the tokens of the torch path, and a device step
+    without host reads."""
     model = loader.load(*hybrid_pair, device=DEVICE, dtype="float32")
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
     reference = _generate(model, 4, SamplingParams(), 12)
     assert reference == _generate(model, 1, SamplingParams(), 12)
     monkeypatch.setenv("DFLASH_KERNELS", "triton")
-    assert _generate(model, 4, SamplingParams(), 12) == reference
+    with on_the_gpu(hybrid_pair) as (gpu_model, fake):  # fla's kernels and ours, captured and replayed
+        engine = Engine(gpu_model.target, gpu_model.drafter, block_size=4)
+        assert [t for s in engine.generate(Request(PROMPT, 12)) for t in s.tokens] == reference
+        assert engine.graphs.enabled  # no capture failed back to eager
+    assert fake is None or fake.captures == 1
     engine = Engine(model.target, model.drafter)
     steps = engine.generate(Request(PROMPT, 16))
     next(steps)
@@ -94,21 +121,3 @@ def test_the_hybrid_through_kernels_gives_the_reference_tokens_and_never_reads_b
         engine._device_step(SamplingParams().mode)(torch.tensor([7], device=DEVICE))
     assert reads.seen == []
 
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the engine captures real graphs (benchmarks/gpu_check.py)")
-def test_the_kernels_captured_and_replayed_give_the_reference_tokens(pair, monkeypatch):
-    """The GPU's own configuration, end to end on the CPU: the Triton kernels (interpreted) captured as a
-    graph by the checked stand-in for torch.cuda (tests/fake_cuda.py: a host read or an upload inside the
-    capture fails it), then replayed with lookahead; the tokens of the torch reference path."""
-    from ..fake_cuda import stand_in
-
-    model = loader.load(*pair, device=DEVICE, dtype="float32")
-    monkeypatch.setenv("DFLASH_KERNELS", "torch")
-    reference = _generate(model, 4, SamplingParams(), 16)
-    with stand_in(kernels="triton") as gpu:  # DFLASH_KERNELS unset inside: the GPU branch picks the kernels
-        on_gpu = loader.load(*pair, device="cuda", dtype="float32")
-        engine = Engine(on_gpu.target, on_gpu.drafter, block_size=4)
-        assert engine.graphs.enabled and engine.lookahead
-        got = [t for s in engine.generate(Request(PROMPT, 16)) for t in s.tokens]
-    assert got == reference
-    assert gpu.captures == 1 and gpu.replays >= 16 // 4 and engine.graphs.enabled  # no fallback to eager
