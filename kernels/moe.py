@@ -57,14 +57,19 @@ def route_ref(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bo
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # by nibble
 
 
+def e2m1_values(nibbles: torch.Tensor) -> torch.Tensor:
+    """E2M1 nibbles (sign, 2-bit exponent, 1-bit mantissa) → float32, computed on the device: a lookup
+    table made from E2M1 here would be a host-to-device copy, which a CUDA graph capture refuses (the
+    reference runs captured on the tests' stand-in GPU). Exact: E2M1[n] for every n (a test checks)."""
+    exponent, mantissa = ((nibbles >> 1) & 3).float(), (nibbles & 1).float()
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, (1 + 0.5 * mantissa) * torch.exp2(exponent - 1))
+    return torch.where((nibbles & 8) != 0, -magnitude, magnitude)
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """MXFP4 → dense: blocks [..., G, 16] u8 and scales [..., G] u8 → [..., G·32] in `dtype` (exact:
     every value is a 2-bit mantissa times a power of two)."""
-    lut = torch.tensor(E2M1, dtype=torch.float32, device=blocks.device)
-    # int32 indices, not int64: a long prefill dequantises a whole expert, and its transients count
-    # against a 24 GB card's margin (gpt_oss.Config.prefill_scratch)
-    low, high = lut[(blocks & 15).int()], lut[(blocks >> 4).int()]
-    values = torch.stack((low, high), dim=-1).flatten(-2)  # low nibble first: [..., G, 32]
+    values = torch.stack((e2m1_values(blocks & 15), e2m1_values(blocks >> 4)), dim=-1).flatten(-2)  # low nibble first: [..., G, 32]
     values = torch.ldexp(values, scales.int()[..., None] - 127)
     return values.flatten(-2).to(dtype)
 

@@ -374,8 +374,8 @@ class Recording(TorchDispatchMode):
 
 
 def attention_masked_on_device(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None, sinks=None):
-    """`attention_ref` without its host read: every cache slot, masked by positions on the device."""
-    assert sinks is None, "the families with sinks run their kernels on the stand-in"
+    """`attention_ref` without its host read: every cache slot, masked by positions on the device
+    (gpt-oss's sinks: one more logit per head, its share of the softmax dropped)."""
     tq, capacity = q.shape[0], k_cache.shape[1]
     q_pos = kv_len - tq + torch.arange(tq, device=q.device)[:, None]
     k_pos = torch.arange(capacity, device=q.device)[None, :]
@@ -384,6 +384,13 @@ def attention_masked_on_device(q, k_cache, v_cache, kv_len, *, causal, scale, sl
         mask = mask & (k_pos <= q_pos)
     if sliding_window is not None:
         mask = mask & (q_pos - k_pos < sliding_window)
+    if sinks is not None:
+        group = q.shape[1] // k_cache.shape[0]
+        k, v = (c.repeat_interleave(group, 0).float() for c in (k_cache, v_cache))
+        s = torch.einsum("thd,hnd->htn", q.float(), k) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.cat((s, sinks.float()[:, None, None].expand(-1, tq, 1)), dim=-1).softmax(-1)[..., :-1]
+        return torch.einsum("htn,hnd->thd", p, v).to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_cache[None], v_cache[None], attn_mask=mask,
                                          scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)

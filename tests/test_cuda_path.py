@@ -105,6 +105,28 @@ def test_the_engine_on_the_gpu_captures_replays_and_measures_and_writes_the_cpu_
     assert engine.costs.table and gpu.unrecorded_waits == 0
 
 
+@pytest.mark.parametrize("pair_name", ["qwen3_pair", "qwen3_moe_pair", "qwen35_pair", "qwen35_moe_pair",
+                                       "gpt_oss_pair"])
+def test_every_family_on_the_gpu_is_captured_and_writes_the_cpu_tokens(pair_name, request):
+    """Each family's step (dense, MoE, hybrid, hybrid MoE, gpt-oss with sinks, windows and MXFP4
+    experts) is capturable (no host read or upload inside it), and its replays with lookahead write the
+    tokens of plain decoding on the CPU (the block size pinned: the adaptive glue is the same for every
+    family, and the test above runs it). tests/test_dflash2.py does the same for a DFlash2 drafter."""
+    from .conftest import HYBRID_PROMPTS
+
+    target_dir, drafter_dir = request.getfixturevalue(pair_name)
+    cpu = loader.load(target_dir, drafter_dir, device="cpu")
+    prompt = HYBRID_PROMPTS[0]
+    want = _tokens(Engine(cpu.target), prompt, SamplingParams(), 32)
+    with stand_in() as gpu:
+        # a short context: the stand-in's attention reads every cache slot, masked
+        model = loader.load(target_dir, drafter_dir, device="cuda", dtype="float32", max_context=256)
+        engine = Engine(model.target, model.drafter)
+        got = _tokens(engine, prompt, SamplingParams(), 32)
+    assert got == want
+    assert engine.graphs.enabled and gpu.captures == 1 and gpu.replays >= 32 // engine.block_size
+
+
 def test_a_step_that_reads_the_host_cannot_be_captured_and_the_engine_falls_back(stories_pair, monkeypatch, capsys):
     """What a GPU does with a host read inside a capture, and what the engine does then: one line, and
     the same tokens eagerly."""

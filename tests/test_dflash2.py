@@ -436,3 +436,19 @@ def test_the_qwen3_8_synthetic_shape_is_the_published_drafter(capsys):
     assert main(["bench", "tiny-dflash2", "--synthetic", "--device", "cpu", "--context", "64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["shape"] == "tiny-dflash2" and report["draft_s"] > 0
+
+
+def test_the_dflash2_walk_on_the_gpu_is_captured_and_writes_the_cpu_tokens(dflash2_pair):
+    """The candidate selector's walk runs inside the captured step (fixed L, per-row argmax and topk):
+    under the stand-in for torch.cuda (tests/fake_cuda.py) the captured and replayed steps, with
+    lookahead, write plain decoding's tokens."""
+    from .fake_cuda import stand_in
+
+    cpu = loader.load(*dflash2_pair, device="cpu")
+    prompt = HYBRID_PROMPTS[1]
+    want, _ = _tokens(Engine(cpu.target), prompt, 32)
+    with stand_in() as gpu:
+        model = loader.load(*dflash2_pair, device="cuda", dtype="float32", max_context=256)
+        engine = Engine(model.target, model.drafter, adaptive=True)
+        got, _ = _tokens(engine, prompt, 32)
+    assert got == want and engine.graphs.enabled and gpu.captures == len(engine.policy.sizes) + 1

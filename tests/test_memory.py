@@ -101,3 +101,10 @@ def test_dequantising_an_expert_stays_exact_with_narrow_indices():
     b = blocks.long()
     want = torch.stack((lut[b & 15], lut[b >> 4]), -1).flatten(-2) * torch.exp2(scales.double() - 127).float()[..., None]
     assert torch.equal(got, want.flatten(-2))
+
+
+def test_e2m1_nibbles_decode_to_the_table():
+    from dflash_cli.kernels.moe import E2M1, e2m1_values
+
+    got = e2m1_values(torch.arange(16, dtype=torch.uint8))
+    assert got.tolist() == list(E2M1) and torch.equal(torch.signbit(got), torch.tensor([n >= 8 for n in range(16)]))
