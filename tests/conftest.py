@@ -23,7 +23,9 @@ def _import_transformers_references_without_fla() -> None:
     """transformers binds fla-core's Triton kernels for the Gated DeltaNet models at import when fla is
     importable (it is: dflash depends on it for CUDA), and those cannot run on a CPU. The tests use
     transformers as the independent reference, so import its hybrid models once with fla hidden: they
-    keep their torch paths. dflash itself imports fla only on CUDA or under TRITON_INTERPRET."""
+    keep their torch paths. dflash itself imports fla only on CUDA or under TRITON_INTERPRET. A
+    transformers without one of these models (an older one, as on a GPU machine's image) is no reason
+    to fail collecting every test: the tests that compare with that model fail on their own."""
     import importlib
     import sys
 
@@ -31,7 +33,10 @@ def _import_transformers_references_without_fla() -> None:
     sys.modules["fla"] = None  # `import fla` raises ImportError
     try:
         for name in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
-            importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+            try:
+                importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+            except ImportError:
+                pass
     finally:
         del sys.modules["fla"]
         sys.modules.update(hidden)
