@@ -9,8 +9,11 @@ bytes each op must move at the least (its inputs read once, its outputs written 
 kernel's time, and that rate as a share of a measured device-to-device copy (read + write).
 Attention is timed in a cache sized for the context and in one sized for 40k tokens: the kernel's
 splits follow the valid length on the device, so the two should cost the same.
-Then F.linear at M = 1 and M = B for each Qwen3-8B weight (cuBLAS, not ours: what verify costs
-over a decode step comes down to it). Without CUDA it says so and exits 0. Usage: python benchmarks/kernel_speed.py
+First, F.linear at M = 1 and M = B for each Qwen3-8B weight (cuBLAS, not ours: what verify costs
+over a decode step comes down to it), and a check of the grouped-GEMM experts against the reference.
+Every row runs on its own: a failure prints `n/a (ExcType: message)` and the next row runs.
+Without CUDA it says so and exits 0.
+Usage: python benchmarks/kernel_speed.py [--budget SECONDS] [--json FILE] [--device cpu (a rehearsal)]
 """
 from __future__ import annotations
 
@@ -134,19 +137,35 @@ def hybrid_cases(dev: str, dt: torch.dtype):
            lambda f: f(states.clone(), kr, vr, gr, br, count), 2 * nbytes(states) + nbytes(kr, vr))
 
 
-def grouped_mm_experts(x, gate_up, down, idx, weights):
-    """The experts through torch's grouped GEMM (F.grouped_mm, SM80+, bf16): the alternative the fused
-    kernel is measured against. Pairs sorted by expert; offs are each expert's end row."""
+def grouped_mm() -> tuple[str, object]:
+    """torch's grouped GEMM: F.grouped_mm where torch has it (2.9+?), else the private torch._grouped_mm
+    it wraps (same arguments), else (name, None)."""
     import torch.nn.functional as F
 
+    for name, fn in (("F.grouped_mm", getattr(F, "grouped_mm", None)), ("torch._grouped_mm", getattr(torch, "_grouped_mm", None))):
+        if fn is not None:
+            return name, fn
+    return "F.grouped_mm", None
+
+
+def grouped_mm_experts(x, gate_up, down, idx, weights):
+    """The experts through torch's grouped GEMM (F.grouped_mm, SM80+, bf16): the alternative the fused
+    kernel is measured against. Pairs sorted by expert; offs are each expert's end row. The weights are
+    [E, N, K] (out = x @ w.T per expert), and grouped_mm contracts mat_a [M, K] with mat_b [E, K, N]:
+    hence the transposed views (research/gpu-review-2.md F5; `check_grouped_mm` holds it to the reference)."""
+    import torch.nn.functional as F
+
+    name, gmm = grouped_mm()
+    if gmm is None:
+        raise AttributeError(f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm")
     t, k = idx.shape
     pairs = idx.reshape(-1)
     order = torch.sort(pairs, stable=True).indices
     counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add(0, pairs, torch.ones_like(pairs))
     offs = counts.cumsum(0).to(torch.int32)
-    gu = F.grouped_mm(x.repeat_interleave(k, 0)[order], gate_up, offs=offs)
+    gu = gmm(x.repeat_interleave(k, 0)[order], gate_up.transpose(1, 2), offs=offs)
     gate, up = gu.chunk(2, dim=-1)
-    out = F.grouped_mm((F.silu(gate) * up).to(x.dtype), down, offs=offs) * weights.reshape(-1)[order, None]
+    out = gmm((F.silu(gate) * up).to(x.dtype), down.transpose(1, 2), offs=offs) * weights.reshape(-1)[order, None]
     back = torch.empty_like(out)
     back[order] = out
     back = back.view(t, k, -1)
@@ -156,8 +175,27 @@ def grouped_mm_experts(x, gate_up, down, idx, weights):
     return y
 
 
-def moe_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16)):
-    """The router and experts at Qwen3-Coder-30B-A3B shapes."""
+def check_grouped_mm(dev: str) -> str:
+    """grouped_mm_experts against moe.experts_ref at small bf16 shapes (8 experts, top-2, 5 tokens)."""
+    from dflash_cli.kernels import moe
+
+    g = torch.Generator().manual_seed(0)
+    e, h, i, t, top_k = 8, 64, 48, 5, 2
+    gate_up = (torch.randn(e, 2 * i, h, generator=g) / h**0.5).to(dev, torch.bfloat16)
+    down = (torch.randn(e, h, i, generator=g) / i**0.5).to(dev, torch.bfloat16)
+    x = torch.randn(t, h, generator=g).to(dev, torch.bfloat16)
+    router = (torch.randn(e, h, generator=g) / h**0.5).to(dev, torch.bfloat16)
+    idx, weights = moe.route_ref(x, router, top_k, True)
+    got = grouped_mm_experts(x, gate_up, down, idx, weights).float()
+    want = moe.experts_ref(x, gate_up, down, idx, weights).float()
+    err, scale = (got - want).abs().max().item(), want.abs().max().item()
+    ok = err <= 2e-2 * scale
+    return f"{grouped_mm()[0]} layout: {'matches' if ok else 'DIFFERS FROM'} moe.experts_ref (max |Δ| {err:.1e} of {scale:.1e})"
+
+
+def moe_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16), grouped: bool | None = None):
+    """The router and experts at Qwen3-Coder-30B-A3B shapes; with `grouped` (default: bf16 on a GPU)
+    the experts through torch's grouped GEMM beside them."""
     from dflash_cli.kernels import moe
 
     h, e, i, top_k = 2048, 128, 768, 8
@@ -173,8 +211,8 @@ def moe_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16)):
         moved = touched * 3 * i * h * gate_up.element_size() + 2 * nbytes(x[:t])
         yield (f"experts T={t} ({touched} of 128 touched)", moe.experts, moe.experts_ref,
                lambda f, t=t, idx=idx, weights=weights: f(x[:t], gate_up, down, idx, weights), moved)
-        if dev == "cuda" and dt == torch.bfloat16:
-            yield (f"experts T={t} via F.grouped_mm", grouped_mm_experts, moe.experts_ref,
+        if grouped if grouped is not None else (dev != "cpu" and dt == torch.bfloat16):
+            yield (f"experts T={t} via {grouped_mm()[0]}", grouped_mm_experts, moe.experts_ref,
                    lambda f, t=t, idx=idx, weights=weights: f(x[:t], gate_up, down, idx, weights), moved)
 
 
@@ -225,50 +263,127 @@ def gpt_oss_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16)):
            lambda f: f(ctx, wkv, dkn, 1e-5, cs, pos, dkc, torch.randn_like(dkc), b_kv=bkv), nbytes(ctx, wkv, bkv))
 
 
-def gemm_rows(dev: str, dt: torch.dtype, do_bench, copy_rate: float) -> None:
+def gemm_rows(dev: str, dt: torch.dtype, do_bench, copy_rate: float, scale: int = 1) -> list[dict]:
     """F.linear (cuBLAS) at M = 1 (a decode step) and M = B (a verify block) for each of Qwen3-8B's
     weight matrices: verify(B) can only cost about a decode step if the M = B GEMM reads its weight
-    at the same rate (gpu-review.md finding 8). Prints each and the M = B over M = 1 time."""
+    at the same rate (gpu-review.md finding 8). Prints each and the M = B over M = 1 time. `scale`
+    divides the weights' sides (a CPU rehearsal)."""
     import torch.nn.functional as F
 
     print(f"| {'F.linear, Qwen3-8B weight':<32} | {'M=1 µs':>7} | {f'M={B} µs':>8} | {'ratio':>5} | {'% copy (M=1)':>12} |")
     print(f"|{'-' * 34}|{'-' * 9}|{'-' * 10}|{'-' * 7}|{'-' * 14}|")
+    rows = []
     for name, n_out, n_in in (("q/k/v (6144 × 4096)", (HQ + 2 * HKV) * D, H), ("o (4096 × 4096)", H, HQ * D),
                               ("gate/up (24576 × 4096)", 2 * I, H), ("down (4096 × 12288)", H, I),
                               ("lm_head (151936 × 4096)", V, H)):
-        w = torch.randn(n_out, n_in, dtype=dt, device=dev) / 64
-        times = {m: do_bench(lambda m=m, x=torch.randn(m, n_in, dtype=dt, device=dev): F.linear(x, w),
-                             return_mode="median") * 1e3 for m in (1, B)}
-        rate = nbytes(w) / (times[1] * 1e-6)
-        print(f"| {name:<32} | {times[1]:7.1f} | {times[B]:8.1f} | {times[B] / times[1]:5.2f} | "
-              f"{100 * rate / copy_rate:11.1f}% |", flush=True)
+        try:
+            w = torch.randn(n_out // scale, n_in // scale, dtype=dt, device=dev) / 64
+            times = {m: do_bench(lambda m=m, x=torch.randn(m, n_in // scale, dtype=dt, device=dev): F.linear(x, w))
+                     * 1e3 for m in (1, B)}
+            rate = nbytes(w) / (times[1] * 1e-6)
+            rows.append(dict(weight=name, m1_us=times[1], mb_us=times[B], ratio=times[B] / times[1],
+                             copy_share_m1=rate / copy_rate))
+            print(f"| {name:<32} | {times[1]:7.1f} | {times[B]:8.1f} | {times[B] / times[1]:5.2f} | "
+                  f"{100 * rate / copy_rate:11.1f}% |", flush=True)
+        except Exception as e:  # the next weight still runs
+            print(f"| {name:<32} | n/a ({type(e).__name__}: {first_line(e)}) |", flush=True)
+        finally:
+            w = None
+    return rows
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:120]
+
+
+def cpu_bench(fn, return_mode: str = "median") -> float:
+    """Milliseconds per call on a CPU (a rehearsal: Triton's do_bench needs a GPU), median of 3."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("benchmarks/kernel_speed.py needs a CUDA GPU; nothing measured")
+    import argparse
+    import json
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu: a rehearsal (kernels in Triton's interpreter, "
+                                                         "GEMMs at 1/16 of each side, timings meaningless)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: print no further kernel row once this much has passed (the GEMM rows come first)")
+    parser.add_argument("--json", default=None, help="write every row here")
+    args = parser.parse_args()
+    rehearsal = args.device == "cpu"
+    if rehearsal:
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print("benchmarks/kernel_speed.py needs a CUDA GPU; nothing measured (--device cpu rehearses)")
         return 0
-    from triton.testing import do_bench
+    if rehearsal:
+        bench, dev = cpu_bench, "cpu"
+    else:
+        from triton.testing import do_bench
 
+        def bench(fn, return_mode: str = "median") -> float:  # ms; rep 20 ms (not 100): half the run
+            return do_bench(fn, rep=20, return_mode=return_mode)
+
+        dev = "cuda"
+    started = time.perf_counter()
     torch.manual_seed(0)
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    src = torch.empty((1 << 30) if not rehearsal else (1 << 24), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    copy_rate = 2 * src.numel() / (do_bench(lambda: dst.copy_(src)) * 1e-3)  # bytes read + written per s
+    copy_rate = 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3)  # bytes read + written per s
     del src, dst
-
-    print(f"{torch.cuda.get_device_name(0)} · copy {copy_rate / 1e9:.0f} GB/s · bf16 · Qwen3-8B shapes, "
-          f"B={B}, context {CTX}")
+    name = torch.cuda.get_device_name(0) if not rehearsal else "CPU (rehearsal)"
+    print(f"{name} · copy {copy_rate / 1e9:.0f} GB/s · bf16 · Qwen3-8B shapes, B={B}, context {CTX}", flush=True)
+    report = {"device": name, "copy_bytes_per_s": copy_rate, "gemm": [], "kernels": []}
+    report["gemm"] = gemm_rows(dev, torch.bfloat16, bench, copy_rate, scale=16 if rehearsal else 1)
+    try:
+        print(check_grouped_mm(dev), flush=True)
+    except Exception as e:
+        print(f"grouped_mm layout check: n/a ({type(e).__name__}: {first_line(e)})", flush=True)
     print(f"| {'op':<40} | {'triton µs':>9} | {'torch µs':>9} | {'speedup':>7} | {'GB/s':>6} | {'% copy':>6} |")
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 9}|{'-' * 8}|{'-' * 8}|")
-    all_cases = [*cases("cuda", torch.bfloat16), *hybrid_cases("cuda", torch.bfloat16), *moe_cases("cuda", torch.bfloat16),
-                 *gpt_oss_cases("cuda", torch.bfloat16)]
-    for name, kern, ref, call, moved in all_cases:
-        t_k = do_bench(lambda: call(kern), return_mode="median") * 1e3
-        t_r = do_bench(lambda: call(ref), return_mode="median") * 1e3
-        rate = moved / (t_k * 1e-6)
-        print(f"| {name:<40} | {t_k:9.1f} | {t_r:9.1f} | {t_r / t_k:6.1f}× | {rate / 1e9:6.0f} | "
-              f"{100 * rate / copy_rate:5.1f}% |", flush=True)
-    gemm_rows("cuda", torch.bfloat16, do_bench, copy_rate)
+    groups = [lambda: cases(dev, torch.bfloat16), lambda: hybrid_cases(dev, torch.bfloat16),
+              lambda: moe_cases(dev, torch.bfloat16, grouped=True), lambda: gpt_oss_cases(dev, torch.bfloat16)]
+    done, stopped = 0, False
+    for group in groups:  # each family's inputs are built only when it is reached
+        try:
+            for name, kern, ref, call, moved in group():
+                if args.budget is not None and time.perf_counter() - started > args.budget:
+                    stopped = True
+                    break
+                try:
+                    t_k = bench(lambda: call(kern), return_mode="median") * 1e3
+                    t_r = bench(lambda: call(ref), return_mode="median") * 1e3
+                    rate = moved / (t_k * 1e-6)
+                    report["kernels"].append(dict(op=name, triton_us=t_k, torch_us=t_r, bytes_per_s=rate,
+                                                  copy_share=rate / copy_rate))
+                    print(f"| {name:<40} | {t_k:9.1f} | {t_r:9.1f} | {t_r / t_k:6.1f}× | {rate / 1e9:6.0f} | "
+                          f"{100 * rate / copy_rate:5.1f}% |", flush=True)
+                except Exception as e:  # one case's failure loses only its row
+                    report["kernels"].append(dict(op=name, error=f"{type(e).__name__}: {first_line(e)}"))
+                    print(f"| {name:<40} | n/a ({type(e).__name__}: {first_line(e)}) |", flush=True)
+                done += 1
+        except Exception as e:  # building a family's inputs failed: the next family still runs
+            print(f"| (a family's inputs) n/a ({type(e).__name__}: {first_line(e)}) |", flush=True)
+        if stopped:
+            break
+    if stopped:
+        print(f"(stopped at the budget of {args.budget:.0f} s after {done} kernel rows; without --budget every row runs)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return 0
 
 
