@@ -1,7 +1,8 @@
 """The hybrid family's linear-attention kernels against their torch references: fla-core's fused
 recurrent gated delta rule (blocks, and the masked replay over all layers at once), our causal conv
-and the conv-window commit at a device index. Prefill-length chunks use fla's chunked kernel, which
-autotunes and so runs on a GPU only."""
+and the conv-window commit at a device index. Prefill chunks over 64 tokens take fla's chunked kernel
+(test_fla_chunk_matches_reference), which runs on a GPU only: its autotuner needs a GPU driver, and
+Triton's interpreter cannot run it (a `.to()` on a Python loop index in fla's chunk_delta_h.py)."""
 import pytest
 import torch
 
@@ -29,6 +30,37 @@ def test_fla_rule_matches_the_reference(seed, n, t, hk, hv, dk, dv):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
     torch.testing.assert_close(got_final, want_final, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
     assert torch.equal(state, before), "a verify must not write the committed state"
+
+
+# TF32: with fp32 inputs fla's chunked kernel runs its dots in TF32 (10-bit mantissa). Rounding only the
+# inputs to TF32 moves the reference's outputs and states by about 1e-4 and 5e-4 here (values of order 0.3
+# and 1); a wrong layout, chunk boundary or lost state moves them by their own size.
+CHUNK_TOLERANCE = dict(rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="fla's chunked kernel runs on a GPU only: its autotuner needs a GPU "
+                                            "driver, and Triton's interpreter fails on it (loop index .to() in "
+                                            "fla/ops/common/chunk_delta_h.py)")
+@pytest.mark.parametrize("t", [65, 200])  # one chunk of 64 and a token over it; four chunks, the last partial
+def test_fla_chunk_matches_reference(seed, monkeypatch, t):
+    """A prefill chunk over 64 tokens, as dflash calls it (gated_delta_rule picks fla's chunked kernel),
+    at Qwen3.5's linear-attention heads (16 key, 48 value heads of 128), from a nonzero state and with
+    a slow decay, so that the state carries across the kernel's 64-token chunks."""
+    import fla.ops.gated_delta_rule as fla_rule
+
+    called = []
+    real = fla_rule.chunk_gated_delta_rule
+    monkeypatch.setattr(fla_rule, "chunk_gated_delta_rule", lambda *a, **k: called.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, _, beta, state = _inputs(1, t, 16, 48, 128, 128, g)
+    decay = (-torch.rand(1, t, 48, generator=g) * 0.1).to(DEVICE)  # exp(g) in (0.9, 1]: a long memory
+    before = state.clone()
+    got, got_final = gd.gated_delta_rule(q, k, v, decay, beta, state, 128**-0.5)
+    want, want_final = gd.gated_delta_rule_ref(q, k, v, decay, beta, state, 128**-0.5)
+    assert called, "gated_delta_rule did not take fla's chunked kernel"
+    torch.testing.assert_close(got, want, **CHUNK_TOLERANCE, msg=lambda m: f"seed {seed}, T={t}, outputs: {m}")
+    torch.testing.assert_close(got_final, want_final, **CHUNK_TOLERANCE, msg=lambda m: f"seed {seed}, T={t}, state: {m}")
+    assert torch.equal(state, before), "a prefill chunk's rule must not write the state it starts from"
 
 
 @pytest.mark.parametrize("count", [0, 1, 5, 8])
