@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, call 2 of 2 (research/gpu-review-2.md §4): issue it AS SOON AS call 1
 # (benchmarks/gpu.sh) returns, so that it lands on the still-warm machine (it stays 30 s): the
-# Triton cache (/tmp/dflash-triton) and the installed wheels (/tmp/dflash-site) are then still there.
+# Triton cache and the installed wheels (.gpu-cache/, git-ignored, kept while the machine is warm) are
+# then still there.
 # On a fresh machine it still runs (the wheels are installed again), only slower, and cut to fit.
 #   the device call: command "bash benchmarks/gpu_more.sh", carry [".whl"], timeout_s 240
 #   a rehearsal:     DEVICE=cpu bash benchmarks/gpu_more.sh

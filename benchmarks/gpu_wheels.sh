@@ -2,7 +2,7 @@
 # Downloads, HERE (where pip reaches PyPI), the wheels the GPU machine's image lacks for
 # benchmarks/gpu.sh and gpu_more.sh, into the git-ignored folder .whl/ at the repo root. The device
 # call then carries it (`carry: [".whl"]`) and the scripts install it offline (benchmarks/part.sh,
-# `install_wheels`: pip install --no-index --no-deps --target /tmp/dflash-site).
+# `install_wheels`: pip install --no-index --no-deps --target .gpu-cache/site).
 #   bash benchmarks/gpu_wheels.sh        (once per checkout that makes the device call; about 1.3 MB)
 #
 # What the image lacks (/work/.library/device/KINDS.md, "Python packages already there"), and why:

@@ -2,7 +2,7 @@
 #
 #   setup CALL BUDGET       results folder ($OUT, else /tmp/dflash-CALL-out), a logs folder, the call's
 #                           deadline (BUDGET seconds from now), the carried wheels installed, the package
-#                           staged, the Triton cache at a fixed path (it outlives a call on a warm machine)
+#                           staged, the Triton cache in .gpu-cache/ (see CACHE)
 #   run_preflight           nvidia-smi, then benchmarks/preflight.py; on its STOP the summary and exit 3
 #   part LIMIT NAME CMD...  a serial part, alone on the GPU: its output on the terminal and in NAME.log
 #   background LIMIT NAME CMD...  a part in parallel with others (correctness, which also warms the
@@ -18,6 +18,9 @@
 # files come back from $OUT: logs.tgz, summary.txt and the JSON files the parts write there.
 # DEVICE=cpu rehearses a call on a CPU (the scripts then pick tiny shapes; kernels in Triton's interpreter).
 
+# The machine keeps git-ignored outputs in the repo's copy between calls while it stays warm (the device
+# README), so call 2 finds call 1's Triton compiles and installed wheels here; a fresh machine starts bare.
+CACHE=$PWD/.gpu-cache  # git-ignored
 RESERVE=20   # seconds kept for the summary and the tarball (about 2 s) and a margin for the call's own timeout
 MIN_PART=15  # a part with less than this left is skipped, not started
 PY=${PYTHON:-python3}  # the device image's python3 holds torch; a plain `python` may not exist there
@@ -34,8 +37,8 @@ setup() {
     mkdir -p "$logs"
     : > "$logs/parts.tsv"
     export PYTHONUNBUFFERED=1
-    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/dflash-triton}  # fixed: call 2 finds call 1's compiles
-    export TRITON_CACHE_AUTOTUNING=1  # fla's autotune results kept on disk too (another process reuses them)
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton}
+    export FLA_CACHE_RESULTS=1  # fla-core keeps its autotune choices in that cache (its default, made explicit)
     if [ "$dev" = cpu ]; then  # a rehearsal: the kernels can only run in Triton's interpreter
         export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     fi
@@ -51,7 +54,7 @@ setup() {
 # The wheels the image lacks (benchmarks/gpu_wheels.sh put them in .whl/, which the call carries),
 # installed offline into a fixed folder once per machine: a second call on a warm machine reuses it.
 install_wheels() {
-    local site=/tmp/dflash-site want
+    local site=$CACHE/site want
     if ! ls .whl/*.whl >/dev/null 2>&1; then
         echo "wheels: none here (.whl/ not carried: run bash benchmarks/gpu_wheels.sh, then call with" \
              "carry [\".whl\"]); preflight will say what is missing"
