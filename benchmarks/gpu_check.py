@@ -24,6 +24,7 @@ interpreter, which this script turns on for --device cpu; minutes a row):
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -100,8 +101,11 @@ class Injected(RuntimeError):
 
 
 def free(device: torch.device) -> None:
+    """Give a row's model back before the next row builds its own (16 GB a row at Qwen3-8B shapes):
+    an engine and its graphs may hold each other, so a collection first, then the allocator's cache."""
     from dflash_cli import cuda
 
+    gc.collect()
     if cuda.is_gpu(device):
         torch.cuda.empty_cache()
 
