@@ -1,7 +1,6 @@
 """The summary a device call ends with (benchmarks/part.sh runs it; standard library only, run with
 `python3 -I` so that nothing the call installed can break it). Reads the call's logs folder: parts.tsv
-(one line per part: name, exit status, seconds, limit, note), NAME.log per part, preflight's skip file
-and nvidia-smi.log. Prints, in at most 8 kB:
+(one line per part: name, exit status, seconds, limit, note), NAME.log per part and nvidia-smi.log. Prints, in at most 8 kB:
   the card (nvidia-smi and torch's name for it), the versions, preflight's verdict;
   every part's `== NAME: exit N (s of limit)` line;
   then per part its key lines: gpu_check's verdicts (and any row that differs, errs, or is the hybrid's
@@ -27,7 +26,7 @@ KEY = re.compile(
     r"|decode reads|^plain decoding|iteration by block|^break-even|^PROJECTION"
     r"|^\s+(decode|verify\(\d+\)|draft|accept|iteration)\s+[\d.]+ ms|^\s+weights .* GB"
     r"|same as plain|same text as dflash run|^serve_check|s per step|^peak GPU memory|sdpa|SDPA"
-    r"|^dflash train|^held-out τ"
+    r"|^dflash train|^held-out τ|^\s{4}\w+\s+(yes|no)\b"  # train_speed: which SDPA kernels admit the attention
     r"|layout: |stopped at the budget|^\(projected"
     r"|\d+ (passed|failed|errors?)\b.* in [\d.]+s|^(FAILED|ERROR) ")
 ROW = re.compile(r"^\S+\s+(float32|bfloat16)\s+(kernels=|prefill)")  # gpu_check's rows

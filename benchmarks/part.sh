@@ -89,7 +89,7 @@ run_preflight() {
         echo "no nvidia-smi here" >"$logs/nvidia-smi.log"
     fi
     echo "nvidia-smi: $(head -1 "$logs/nvidia-smi.log")"
-    part 60 preflight "$PY" benchmarks/preflight.py --device "$dev" --skip-file "$logs/skip"
+    part 60 preflight "$PY" benchmarks/preflight.py --device "$dev"
     if [ "$LAST_RC" != 0 ]; then
         echo "== preflight stopped the call (its STOP line above says why; DFLASH_GPU_FORCE=1 runs the parts anyway)"
         PREFLIGHT_STOPPED=1
@@ -99,12 +99,7 @@ run_preflight() {
 
 # Sets LIMIT_NOW to part $1's limit ($2, cut to the time left), or records the part as skipped and fails.
 limit_for() {
-    local name=$1 asked=$2 left why
-    why=$(awk -F'\t' -v n="$name" '$1 == n {print $2; exit}' "$logs/skip" 2>/dev/null)
-    if [ -n "$why" ]; then
-        skipped "$name" "$why"
-        return 1
-    fi
+    local name=$1 asked=$2 left
     left=$((deadline - RESERVE - SECONDS))
     if ((left < MIN_PART)); then
         skipped "$name" "no time left: ${left} s before the call's summary"
