@@ -93,7 +93,7 @@ def main() -> int:
         merged[args.shape] = r.to_json() | {"card": card}
         with open(args.json, "w") as f:
             json.dump(merged, f, indent=1)
-    render_synthetic(r, Console(width=120, highlight=False))  # the lines `dflash bench --synthetic` prints
+    render_synthetic(r, Console(width=200, highlight=False))  # the lines `dflash bench --synthetic` prints
     if args.shape not in TARGETS and not args.table:
         return 0
     rows = [

@@ -14,6 +14,8 @@
 # yet), from the review's compile counts: about 0.4-1 s per Triton specialisation on the device's host
 # (Triton compiles single-threaded, one process each), about 8 s per process to import torch,
 # transformers and fla, and 1-2 s per CUDA-graph capture. The machine's start (1-2 min) comes on top.
+# Each part's limit is about 1.2-1.5 times its estimate's upper end, so that a slow compile does not
+# lose the part; the call's deadline, not the sum of the limits, bounds the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/part.sh

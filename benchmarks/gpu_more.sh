@@ -37,7 +37,7 @@ export dev PY
 [ "$dev" = cpu ] && steps=20 || steps=100
 background 75 auto-vs-plain bash -c auto_vs_plain  # two runs of the demo pair: ~20-40 s
 background 90 serve-check "$PY" benchmarks/serve_check.py --device "$dev"  # run, then serve twice: ~30-50 s
-background 90 train "$PY" -m dflash_cli.cli train --target demo --out "$(mktemp -d)/drafter" --steps "$steps" -b 8 \
+background 90 train "$PY" -m dflash_cli.cli train --target demo --out "$work/scratch/drafter" --steps "$steps" -b 8 \
     --draft-layers 2 --max-answer-tokens 64 --device "$dev" --yes  # answers, then 100 steps: ~30-60 s
 wait_background  # ~40-60 s
 

@@ -33,7 +33,9 @@ setup() {
     dev=${DEVICE:-cuda}
     if [ -n "${OUT:-}" ]; then out=$OUT; else out=/tmp/dflash-$call-out; rm -rf "$out"; fi
     mkdir -p "$out"
-    logs=$(mktemp -d "/tmp/dflash-$call-logs.XXXXXX")/$call
+    work=$(mktemp -d "/tmp/dflash-$call.XXXXXX")  # this call's scratch: logs, the staged package, train's output
+    logs=$work/$call
+    mkdir -p "$work/scratch"
     mkdir -p "$logs"
     : > "$logs/parts.tsv"
     export PYTHONUNBUFFERED=1
@@ -76,8 +78,8 @@ install_wheels() {
 # The package on PYTHONPATH as pyproject.toml lays it out (kernels/ is dflash_cli.kernels), without pip,
 # and the repo root (benchmarks/ and tests/ import from it).
 stage_package() {
-    local stage
-    stage=$(mktemp -d)
+    local stage=$work/stage
+    mkdir -p "$stage"
     cp -r dflash_cli "$stage/" && rm -rf "$stage/dflash_cli/kernels" && cp -r kernels "$stage/dflash_cli/kernels"
     export PYTHONPATH="$stage:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 }
@@ -202,7 +204,8 @@ finish() {
         { echo "(gpu_summary.py failed: $(tail -1 "$logs/summary-error.log"))"; grep -h '' "$logs/parts.tsv"
           grep -hE 'Error|Traceback|differs|FAILED' "$logs"/*.log | sort -u | head -40; } >"$out/summary.txt"
     fi
-    tar -czf "$out/logs.tgz" -C "$(dirname "$logs")" "$call"
+    tar -czf "$out/logs.tgz" -C "$work" "$call"
+    rm -rf "$work/stage" "$work/scratch"
     files=$(find "$out" -type f | wc -l)
     if ((files > 8)); then
         echo "== warning: $files files in $out; the device returns 8 at most"
