@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .engine import Engine, Request
 from .errors import DflashError, UsageError
 from .generate import Chunk, Stats, stream_text
-from .harmony import ToolCall, reasoning_effort
+from .formats import Reasoning
+from .harmony import ToolCall
 from .loader import Model
 from .prompt import render_chat
 from .jsonl import read_jsonl, validate_messages
@@ -60,8 +61,8 @@ class ChatSession:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 2048
     system: str | None = None
-    think: bool = False
-    reasoning_effort: str | None = None  # harmony (gpt-oss); None: the template's default (medium)
+    think: bool | None = None  # None: the pair's default (loader.Model.thinking)
+    reasoning_effort: str | None = None  # for a template that reads it (gpt-oss); None: the template's default
     messages: list[dict] = field(default_factory=list)  # user and assistant turns (system kept apart)
     answers: list[Stats] = field(default_factory=list)
     live: Stats | None = None  # the answer being generated (updated in place while it streams)
@@ -75,9 +76,10 @@ class ChatSession:
         """Stream the answer to `text`. Whatever was generated joins the conversation, also when
         the caller stops early (Ctrl-C)."""
         self.messages.append({"role": "user", "content": text})
-        effort = {} if self.reasoning_effort is None else {"reasoning_effort": self.reasoning_effort}
-        prompt = render_chat(self.model.tokenizer, self.conversation(), enable_thinking=self.think,
-                             template_kwargs=effort)
+        reasoning, fmt = Reasoning(self.think, self.reasoning_effort), self.model.format
+        prompt = render_chat(self.model.tokenizer, self.conversation(), format=fmt,
+                             enable_thinking=reasoning.enable_thinking(self.model.thinking),
+                             template_kwargs=reasoning.template_kwargs(fmt))
         ids = prompt.ids
         if len(ids) >= self.engine.max_context:
             self.messages.pop()
@@ -88,7 +90,7 @@ class ChatSession:
         request = Request(ids, self.max_tokens, self.model.stop_token_ids, self.sampling,
                           keep_prefix=prompt.keep_prefix)
         steps = stream_text(self.engine, self.model.tokenizer, request, stats, split_drafts=split_drafts,
-                            think=prompt.think)
+                            prompt=prompt)
         try:
             first = next(steps)
         except BaseException:
@@ -148,8 +150,8 @@ class ChatSession:
         if arg not in ("on", "off"):
             raise UsageError("usage: /think on|off")
         self.think = arg == "on"
-        if self.model.harmony is not None:  # gpt-oss always reasons: on and off are its high and low effort
-            self.reasoning_effort = reasoning_effort(None, self.think)
+        if self.model.format.think_by_effort:  # gpt-oss always reasons: on and off are its high and low effort
+            self.reasoning_effort = self.model.format.template_effort(None, self.think)
             return Reply(f"reasoning effort {self.reasoning_effort}")
         template = getattr(self.model.tokenizer, "chat_template", None) or ""
         caveat = "" if "enable_thinking" in template else " (this model's chat template has no thinking mode)"

@@ -61,12 +61,10 @@ EFFORT = typer.Option(None, "--reasoning-effort", metavar="LEVEL", help="low, me
 
 
 def _effort(effort: Optional[str]) -> Optional[str]:
-    """--reasoning-effort, checked (what --think means for gpt-oss is harmony.template_effort's)."""
-    from .harmony import EFFORTS
+    """--reasoning-effort, checked (what --think means for gpt-oss is its chat format's: formats/harmony.py)."""
+    from .formats import check_effort
 
-    if effort is not None and effort not in EFFORTS:
-        raise UsageError(f"--reasoning-effort must be one of {', '.join(EFFORTS)}, got '{effort}'")
-    return effort
+    return check_effort(effort)
 
 
 def _resolve(model, target, drafter, yes, no_spec) -> tuple[Path, Optional[Path]]:
@@ -198,8 +196,6 @@ def run(
       dflash run qwen3-8b --prompt-file prompts.jsonl --json > results.jsonl
       dflash run --target ./Qwen3-8B --drafter ./Qwen3-8B-DFlash-b16 -p "2+2?" --json --trace
     """
-    from dataclasses import replace
-
     from .run import (RunOptions, check_length, encode_batch, is_jsonl, prompt_ids, read_jsonl_prompts, run_jsonl,
                       run_prompt, template_notes)
     from .sampling import SamplingParams
@@ -225,7 +221,6 @@ def run(
     engine = _engine(m, block, draft_window)
     for note in template_notes(m, opts):
         _note(note, quiet)
-    opts = replace(opts, think=m.thinks if think is None else think)  # the model's default when not asked
     if batch is not None:
         encoded = encode_batch(m, engine, prompt_file, batch, opts)  # every line checked before the first answer
     else:
@@ -272,7 +267,6 @@ def chat(
     Ctrl-D leaves. Type /help for commands (/system, /set, /think, /clear, /save, /load, /stats).
     """
     from .chat import ChatSession, run_chat
-    from .harmony import template_effort
     from .sampling import SamplingParams
 
     block = parse_block_size(block_size)
@@ -281,9 +275,8 @@ def chat(
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
     _check_block_size(drafter_dir, block)
     m = _load(target_dir, drafter_dir, device, dtype, max_context)
-    effort = template_effort(effort, think, m.harmony is not None)
     session = ChatSession(m, _engine(m, block, draft_window), sampling=sampling, max_tokens=max_tokens, system=system,
-                          think=m.thinks if think is None else think, reasoning_effort=effort)
+                          think=think, reasoning_effort=effort)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)
 
 

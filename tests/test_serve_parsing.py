@@ -140,8 +140,8 @@ def test_text_without_calls_is_untouched_and_a_cut_call_keeps_what_was_written()
 
 def test_reply_stream_puts_reasoning_content_and_calls_together():
     text = "<think>\nneed weather\n</think>\n\n" + QWEN_CALL
-    r = ReplyStream("auto", tools=True)
-    deltas = [d for ch in text for d in r.feed(ch)] + r.finish()
+    r, think = ReplyStream(tools=True), ThinkSplitter("auto")  # the think_tags format splits; the reply shapes
+    deltas = [d for ch in text for d in r.feed(*think.feed(ch))] + r.feed(*think.finish()) + r.finish()
     message = r.message()
     assert message["reasoning_content"] == "need weather" and message["content"] == "Let me check."
     assert message["tool_calls"][0]["function"] == {"name": "get_weather",
@@ -149,8 +149,8 @@ def test_reply_stream_puts_reasoning_content_and_calls_together():
     assert message["tool_calls"][0]["type"] == "function" and message["tool_calls"][0]["id"].startswith("call_")
     kinds = [next(iter(d)) for d in deltas]
     assert kinds.index("reasoning_content") < kinds.index("content") < kinds.index("tool_calls")
-    only_call = ReplyStream("off", tools=True)
-    only_call.feed('<tool_call>{"name": "f", "arguments": {}}</tool_call>')
+    only_call = ReplyStream(tools=True)
+    only_call.feed("", '<tool_call>{"name": "f", "arguments": {}}</tool_call>')
     only_call.finish()
     assert only_call.message()["content"] is None  # OpenAI's shape for a reply that is only tool calls
 
@@ -158,10 +158,10 @@ def test_reply_stream_puts_reasoning_content_and_calls_together():
 def test_parallel_tool_calls_false_keeps_the_first_call_only():
     text = ('<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}'
             '</tool_call>')
-    r = ReplyStream("off", tools=True, parallel_tool_calls=False)
-    r.feed(text)
+    r = ReplyStream(tools=True, parallel_tool_calls=False)
+    r.feed("", text)
     assert r.done and [c["function"]["name"] for c in r.message()["tool_calls"]] == ["a"]
-    assert r.feed("more") == [] and r.finish() == []
+    assert r.feed("", "more") == [] and r.finish() == []
 
 
 # ---- requests ------------------------------------------------------------------------------------

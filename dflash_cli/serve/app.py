@@ -177,7 +177,8 @@ class Server:
                 req = parse_chat(body, self.model_id, default_think=self.opts.default_think,
                                  default_effort=self.opts.default_effort)
                 prepare = partial(chat_prompt, messages=req.messages, tools=req.tools,
-                                  enable_thinking=req.enable_thinking, template_kwargs=req.template_kwargs)
+                                  enable_thinking=req.enable_thinking, template_kwargs=req.template_kwargs,
+                                  format=self.worker.model.format)
             else:
                 req = parse_completion(body, self.model_id)
                 prepare = partial(completion_prompt, prompt=req.prompt)

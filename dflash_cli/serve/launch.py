@@ -33,7 +33,7 @@ class ServeFlags:
     tp: int | None = None
     dry_run: bool = False
     draft_window: int | None = None
-    reasoning_effort: str | None = None  # gpt-oss (harmony) when a request does not say; None: --think decides
+    reasoning_effort: str | None = None  # when a request does not say, for any template that reads it
 
 
 def serve(flags: ServeFlags) -> None:
@@ -77,24 +77,25 @@ def model_id(model: str | None, target: str | None) -> str:
 
 
 def _serve_here(flags: ServeFlags, warning: str | None) -> None:
-    from .. import loader, registry
-    from ..engine import Engine
-    from ..harmony import reasoning_effort
-    from ..resolve import resolve_model
+    from .. import loader
+    from ..api import ModelOptions, open_session, resolve
+    from ..formats import Reasoning
     from .app import ServeOptions, bind, run_server, stderr_log
     from .worker import EngineWorker
 
-    target_dir, drafter_dir = resolve_model(flags.model, flags.target, flags.drafter, yes=flags.yes,
-                                            no_spec=flags.no_spec)
+    device = loader.resolve_device(flags.device)
+    opts = ModelOptions(model=flags.model, target=flags.target, drafter=flags.drafter, yes=flags.yes,
+                        no_spec=flags.no_spec, device=str(device), dtype=flags.dtype, block_size=flags.block_size,
+                        max_context=flags.max_context, draft_window=flags.draft_window)
+    dirs = resolve(opts)
     name = model_id(flags.model, flags.target)
     sock = bind(flags.host, flags.port)  # a port in use is an error now, not after loading the model
     stderr_log(f"dflash: loading {name} …")
-    device = loader.resolve_device(flags.device)
-    m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
-    think = m.thinks if flags.think is None else flags.think  # as the family's drafters were trained
-    effort = reasoning_effort(flags.reasoning_effort, flags.think) if m.harmony is not None else None
-    engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context,
-                    adaptive=flags.block_size is None, draft_window=flags.draft_window)
+    pair = open_session(opts, dirs)
+    m, engine = pair.model, pair.engine
+    reasoning = Reasoning(flags.think, flags.reasoning_effort)
+    think = reasoning.enable_thinking(m.thinking)  # the pair's default: what its drafter was trained with
+    effort = reasoning.effort_for(m.format)  # any template that reads reasoning_effort gets it, as in run and chat
     worker = EngineWorker(m, engine, flags.max_queue)
     seconds = worker.start()
     if seconds is not None and engine.graphs.enabled:
@@ -104,7 +105,7 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     options = ServeOptions(host=flags.host, port=flags.port, api_key=flags.api_key, cors_origins=flags.cors_origins,
                            max_queue=flags.max_queue, timeout=flags.timeout,
                            max_body=int(flags.max_body_mb * 2**20), default_think=think, default_effort=effort)
-    thinking = f"reasoning effort {effort or 'medium'}" if m.harmony is not None else \
+    thinking = f"reasoning effort {effort or 'medium'}" if m.format.think_by_effort else \
         f"thinking {'on' if think else 'off'}"
     describe = (f"{engine.describe()} · {device} · context {engine.max_context} · {thinking} by default · queue {flags.max_queue}"
                 + (" · API key required" if flags.api_key else ""))

@@ -33,15 +33,13 @@ from .protocol import ApiError, bad
 class Started:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose K/V the caches already held (the previous request's prefix)
-    opens_think: bool
-    harmony: bool = False  # the answer's text events come split into reasoning and text (gpt-oss)
 
 
 @dataclass
 class Text:
-    text: str
-    reasoning: str = ""  # harmony: split off by token id (a <think> answer is split from the text by the reply)
-    tool_call: ToolCall | None = None  # harmony: the call the answer ended with
+    text: str  # the answer's content
+    reasoning: str = ""  # split off by the prompt's chat format (formats/)
+    tool_call: ToolCall | None = None  # the call the answer ended with (harmony)
 
 
 @dataclass
@@ -193,11 +191,10 @@ class EngineWorker:
         if n + budget > limit:
             raise ApiError(400, f"the prompt ({n} tokens) plus max_tokens ({budget}) exceeds this server's context "
                                 f"limit of {limit} tokens", param="max_tokens", code="context_length_exceeded")
-        job.post(Started(n, reused_prefix(engine, prompt.ids), prompt.opens_think, prompt.harmony))
+        job.post(Started(n, reused_prefix(engine, prompt.ids)))
         stats = Stats()
         request = Request(prompt.ids, budget, model.stop_token_ids, job.sampling, keep_prefix=prompt.keep_prefix)
-        chunks = stream_text(engine, model.tokenizer, request, stats, job.stop,
-                             think="harmony" if prompt.harmony else "off")
+        chunks = stream_text(engine, model.tokenizer, request, stats, job.stop, prompt=prompt)
         try:
             for chunk in chunks:
                 job.generated = stats.generated
