@@ -335,7 +335,7 @@ def bench(
     target: Optional[str] = TARGET,
     drafter: Optional[str] = DRAFTER,
     yes: bool = YES,
-    synthetic: bool = typer.Option(False, "--synthetic", help="Random weights at MODEL's real shapes (qwen3-8b, qwen3-4b, llama3.1-8b, tiny): times each step, no download."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Random weights at MODEL's real shapes (qwen3-8b, llama3.1-8b, qwen3.5-27b, gpt-oss-20b, tiny and more: a wrong name lists them all): times each step, no download."),
     tau: Optional[float] = typer.Option(None, "--tau", metavar="TAU", help="With --synthetic: the acceptance length to project tok/s for (default: the published one)."),
     context: int = typer.Option(1024, "--context", min=1, metavar="TOKENS", help="With --synthetic: tokens already in the KV cache."),
     categories: Optional[str] = typer.Option(None, "--prompts", metavar="SETS", help="Built-in prompt sets to run, comma-separated: math, code, chat, story (default math,code,chat; story for `demo`)."),
@@ -345,6 +345,7 @@ def bench(
     device: str = DEVICE,
     dtype: str = DTYPE,
     max_context: Optional[int] = MAX_CONTEXT,
+    repeats: int = typer.Option(3, "--repeats", min=1, metavar="N", help="Runs of each prompt per arm, interleaved: the table shows medians and their spread (--json: every run)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel=OUTPUT),
 ) -> None:
     """Measure: plain decoding, DFlash at block size B and DFlash with auto block size, side by side on
@@ -391,7 +392,7 @@ def bench(
     progress = Console(stderr=True, highlight=False, soft_wrap=True)
     report = bench_mod.run_bench(
         m, bench_mod.builtin_prompts(wanted), max_tokens=max_tokens, block_size=block_size,
-        sampling=SamplingParams(temperature=temperature, seed=0),
+        sampling=SamplingParams(temperature=temperature, seed=0), repeats=repeats,
         on_row=lambda r: progress.print(bench_mod.progress_line(r, block_size or m.drafter.cfg.block_size), style="dim"),
     )
     if json_out:
