@@ -280,3 +280,9 @@ def test_out_is_a_loadable_drafter_before_the_first_checkpoint(capsys, tiny, tmp
                  "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume"]) == 0
+
+
+def test_a_wrong_target_is_the_only_line_without_prompts(capsys, tmp_path):
+    assert main(["train", "--target", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: --target") and len(err.strip().splitlines()) == 1, err

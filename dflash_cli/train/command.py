@@ -258,9 +258,6 @@ def _check_against_target(s: Settings, target, tokenizer, target_dir: Path, err=
 
 def _read_prompt_files(req: TrainRequest, err) -> tuple[list, list | None]:
     train = read_prompts(req.prompts)
-    if req.prompts is None:
-        err.print("[yellow]no --prompts: using the small built-in prompt set; a useful drafter needs "
-                  "thousands of prompts like the ones it will serve[/yellow]")
     held = read_prompts(req.eval_prompts, "--eval-prompts") if req.eval_prompts is not None else None
     if held is None and len(train) < 2:
         raise UsageError("one prompt cannot be split into training and held-out prompts: give more, or --eval-prompts")
@@ -332,6 +329,9 @@ def run_train(req: TrainRequest, err) -> dict:
     _writable_out(req.out)
     if not req.resume:
         s.target = str(_resolve_target(req.target, req.yes))
+        if req.prompts is None:  # after the target: a wrong --target is the one line printed
+            err.print("[yellow]no --prompts: using the small built-in prompt set; a useful drafter needs "
+                      "thousands of prompts like the ones it will serve[/yellow]")
     elif req.target is not None and str(_resolve_target(req.target, req.yes)) != s.target:
         raise UsageError(f"--target {req.target} is not the target of the run being resumed ({s.target}): drop it")
     target_dir = Path(s.target)
