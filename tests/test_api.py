@@ -47,7 +47,7 @@ def test_demo_tokens_equal_dflash_run(capsys, demo):
         assert r.token_ids == expected["token_ids"] and len(r.token_ids) == 40
         assert (r.text, r.reasoning, r.finish_reason) == (expected["text"], expected["reasoning"], "length")
         assert r.prompt_tokens == expected["prompt_tokens"]
-        assert len(r.acceptance_lengths) == len(r.block_sizes) and sum(r.acceptance_lengths) >= 40
+        assert len(r.acceptance_lengths) == len(r.block_sizes) and sum(r.acceptance_lengths) >= 39  # + prefill's token
         assert max(r.acceptance_lengths) > 1  # the drafter's tokens were accepted
 
 
