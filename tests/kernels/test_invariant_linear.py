@@ -96,3 +96,34 @@ def test_torch_linear_is_not_batch_invariant_here(seed):
     if all(f is None for f in found):
         pytest.skip("torch's F.linear happens to be batch-invariant here (the planted-split test still has teeth)")
     assert any(f is not None for f in found)
+
+
+def test_dense_linear_takes_the_kernel_for_step_rows_only_when_switched_on(seed, monkeypatch):
+    """ops.dense_linear (what the models' Linear seam will call): DFLASH_LINEAR=cublas (the default) is
+    F.linear; invariant sends up to 32 rows through the kernel and longer prefill chunks to F.linear."""
+    from dflash_cli import ops
+
+    calls = []
+    monkeypatch.setattr(ops, "invariant_linear", lambda x, w, b=None: calls.append(x.shape) or F.linear(x, w, b))
+    w = torch.randn(8, 16, device=DEVICE)
+    monkeypatch.delenv("DFLASH_LINEAR", raising=False)
+    for rows in (1, 16, 33):
+        ops.dense_linear(torch.randn(rows, 16, device=DEVICE), w)
+    assert calls == [] and ops.linear_mode() == "cublas"
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    for shape in ((1, 16), (2, 16, 16), (33, 16)):
+        ops.dense_linear(torch.randn(shape, device=DEVICE), w)
+    assert calls == [(1, 16), (2, 16, 16)]
+    monkeypatch.setenv("DFLASH_LINEAR", "fast")
+    with pytest.raises(ValueError, match="DFLASH_LINEAR must be cublas or invariant"):
+        ops.dense_linear(torch.randn(1, 16, device=DEVICE), w)
+
+
+def test_ops_invariant_linear_runs_the_kernel_with_kernels_on(seed, monkeypatch):
+    from dflash_cli import ops
+
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    x, w, b = near_ties(67, 1031, torch.float32, True)
+    assert torch.equal(ops.invariant_linear(x[:3], w, b), invariant_linear(x[:3], w, b))
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    assert torch.equal(ops.invariant_linear(x[:3], w, b), invariant_linear_ref(x[:3], w, b))
