@@ -6,7 +6,8 @@ differently in bf16 (research/gpu-review-2.md §2.1). Here one compiled configur
 rows in tiles of BLOCK_M (padded and masked; M is not specialised, so M = 1 and M = 16 run the same
 binary), a fixed BLOCK_N × BLOCK_K tiling, and K cut into `splits(N, K)` slices, a number chosen from
 the weight's shape alone. Each slice's fp32 partial sums go to a scratch buffer, and a second kernel
-adds them in slice order (no atomics), then the bias, then rounds once to x's dtype. A row's sums
+adds them in slice order (no atomics), then the bias, then rounds once to x's dtype (a weight reduced
+in one slice, one whose N alone fills the GPU, skips the scratch and the second launch). A row's sums
 therefore do not depend on M, on the row's place in its tile, or on the other rows.
 
 Any mix of bf16/fp32 activations and weights; accumulation in fp32 (fp32 products in IEEE precision,
@@ -49,9 +50,11 @@ _UPCAST = __import__("os").environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit(do_not_specialize=["M"])  # one binary for every M: M = 1 is not folded into a constant
-def _partial_kernel(x_ptr, w_ptr, part_ptr, M, N, K, k_per_split,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """part[split, m, n] = sum over this split's K slice of x[m, k] * w[n, k], in BLOCK_K steps."""
+def _partial_kernel(x_ptr, w_ptr, part_ptr, b_ptr, out_ptr, M, N, K, k_per_split,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                    DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """part[split, m, n] = sum over this split's K slice of x[m, k] * w[n, k], in BLOCK_K steps. With
+    DIRECT (one slice: a weight whose N alone fills the GPU) the sum plus the bias goes straight to out."""
     pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,11 +72,17 @@ def _partial_kernel(x_ptr, w_ptr, part_ptr, M, N, K, k_per_split,
         if UPCAST or x.dtype != w.dtype:  # a mixed pair meets in fp32 (exact products either way)
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision="ieee")
-    out = part_ptr + (split * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+    mask = row_ok[:, None] & col_ok[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + (split * M + rows.to(tl.int64))[:, None] * N + cols[None, :], acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MN"])  # nor is M × N: one merge binary per (N, K) as well
 def _merge_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK: tl.constexpr):
     """out = (part[0] + part[1] + ... in order) + bias, rounded once."""
@@ -94,20 +103,21 @@ def invariant_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
     n, k = w.shape
     assert x.shape[-1] == k and (b is None or b.shape == (n,)), (x.shape, w.shape, None if b is None else b.shape)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x.reshape(lead.numel(), k).contiguous()
     w = w.contiguous()
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
     s = n_splits or splits(n, k)
-    k_per_split = triton.cdiv(triton.cdiv(k, s), BLOCK_K) * BLOCK_K  # slices start on a BLOCK_K boundary
+    k_per_split = max(1, triton.cdiv(triton.cdiv(k, s), BLOCK_K)) * BLOCK_K  # slices start on a BLOCK_K boundary
     s = max(1, triton.cdiv(k, k_per_split))  # (k = 0: one slice of nothing, the bias alone)
-    part = torch.empty(s, m, n, dtype=torch.float32, device=x.device)
+    part = torch.empty(s, m, n, dtype=torch.float32, device=x.device) if s > 1 else out
+    bias = b if b is not None else out
     _partial_kernel[(triton.cdiv(n, BLOCK_N), s, triton.cdiv(m, BLOCK_M))](
-        x2, w, part, m, n, k, k_per_split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        UPCAST=_UPCAST, num_warps=4, num_stages=4)
-    _merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
-        part, b if b is not None else part, out, m * n, n, SPLITS=s, HAS_BIAS=b is not None, BLOCK=MERGE_BLOCK,
-        num_warps=4)
+        x2, w, part, bias, out, m, n, k, k_per_split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        UPCAST=_UPCAST, DIRECT=s == 1, HAS_BIAS=b is not None, num_warps=4, num_stages=4)
+    if s > 1:
+        _merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
+            part, bias, out, m * n, n, SPLITS=s, HAS_BIAS=b is not None, BLOCK=MERGE_BLOCK, num_warps=4)
     return out.reshape(*lead, n)

@@ -127,3 +127,10 @@ def test_ops_invariant_linear_runs_the_kernel_with_kernels_on(seed, monkeypatch)
     assert torch.equal(ops.invariant_linear(x[:3], w, b), invariant_linear(x[:3], w, b))
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
     assert torch.equal(ops.invariant_linear(x[:3], w, b), invariant_linear_ref(x[:3], w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_columns_gives_the_bias(seed, dtype):
+    x, w = torch.randn(3, 0, dtype=dtype, device=DEVICE), torch.randn(5, 0, dtype=dtype, device=DEVICE)
+    b = torch.randn(5, dtype=dtype, device=DEVICE)
+    torch.testing.assert_close(invariant_linear(x, w, b), b.expand(3, 5), rtol=0, atol=0)
