@@ -73,11 +73,12 @@ class ServerProcess:
 
     def request(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
                 timeout: float = 120) -> tuple[int, dict, object]:
-        """A raw HTTP request: (status, headers, parsed JSON or text)."""
+        """A raw HTTP request: (status, headers, parsed JSON or text). A header given as None is not sent."""
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=timeout)
         try:
             data = json.dumps(body).encode() if isinstance(body, dict) else body
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            sent = {"Content-Type": "application/json", **(headers or {})}
+            conn.request(method, path, body=data, headers={k: v for k, v in sent.items() if v is not None})
             resp = conn.getresponse()
             raw = resp.read().decode()
             try:
