@@ -26,11 +26,11 @@ URL = re.compile(r"serving (\S+) at (http://\S+)/v1")
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None, startup: float = 180.0):
+    def __init__(self, *args: str, env: dict | None = None, startup: float = 180.0, preexec=ctrl_c_reaches_it):
         cmd = [sys.executable, "-m", "dflash_cli.cli", "serve", "--port", "0", *map(str, args)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     preexec_fn=ctrl_c_reaches_it,
+                                     preexec_fn=preexec,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._eof = False
