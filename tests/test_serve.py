@@ -34,7 +34,7 @@ def server(qwen3_chat_pair):
     s = ServerProcess("--target", t, "--drafter", d, "-b", BLOCK, "--device", "cpu")
     s.client().chat.completions.create(model=s.model, messages=[{"role": "user", "content": "warm up"}], max_tokens=2)
     yield s
-    assert s.stop() in (0, 130)
+    assert s.stop() == 130  # Ctrl-C: the documented exit
     assert s.proc.stdout.read() == ""  # stdout is for answers; a server writes its log to stderr
 
 
