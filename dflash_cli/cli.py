@@ -291,6 +291,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", metavar="KEY", envvar="DFLASH_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY.", rich_help_panel=SERVER),
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback --host without a key (prints a warning).", rich_help_panel=SERVER),
     cors_origin: List[str] = typer.Option([], "--cors-origin", metavar="ORIGIN", help="Allow browser pages from this origin (repeatable; none by default).", rich_help_panel=SERVER),
+    allow_host: List[str] = typer.Option([], "--allow-host", metavar="NAME", help="Also answer requests whose Host header is NAME, e.g. behind a proxy (repeatable; * for any). Loopback names and the --host address always are.", rich_help_panel=SERVER),
     max_queue: int = typer.Option(16, "--max-queue", metavar="N", min=0, help="Requests that may wait behind the running one; more get 503.", rich_help_panel=SERVER),
     timeout: float = typer.Option(600.0, "--timeout", metavar="SECONDS", min=1, help="Seconds a request may take, queueing included.", rich_help_panel=SERVER),
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", metavar="MIB", help="Largest request body, in MiB.", rich_help_panel=SERVER),
@@ -319,7 +320,8 @@ def serve(
 
     serve_flags(ServeFlags(model, target, drafter, yes, host, port, api_key, no_auth, tuple(cors_origin), max_queue,
                            timeout, max_body_mb, think, parse_block_size(block_size), no_spec, device, dtype,
-                           max_context, engine, tp, dry_run, draft_window, _effort(reasoning_effort)))
+                           max_context, engine, tp, dry_run, draft_window, _effort(reasoning_effort),
+                           allow_hosts=tuple(allow_host)))
 
 
 @app.command()

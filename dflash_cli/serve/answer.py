@@ -77,7 +77,7 @@ class ChatAnswer(Answer):
         chunks = [self._chunk(delta) for delta in self.reply.finish()]
         chunks.append(self._chunk({}, self.finish_reason(fin), dflash=self._extension(fin)))
         if self.req.include_usage:
-            chunks.append(self._chunk(None, usage=self._usage(fin)))
+            chunks.append(self._chunk(None, usage=self._usage(fin), dflash=self._extension(fin)))
         return chunks
 
     def whole(self, fin: Finished) -> dict:
@@ -102,7 +102,7 @@ class CompletionAnswer(Answer):
     def closing(self, fin: Finished) -> list[dict]:
         chunks = [self._chunk("", self.finish_reason(fin), dflash=self._extension(fin))]
         if self.req.include_usage:
-            chunks.append(self._chunk(None, None, usage=self._usage(fin)))
+            chunks.append(self._chunk(None, None, usage=self._usage(fin), dflash=self._extension(fin)))
         return chunks
 
     def whole(self, fin: Finished) -> dict:

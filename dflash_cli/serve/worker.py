@@ -62,8 +62,10 @@ class Job:
     with the tokenizer (on the worker's thread)."""
 
     def __init__(self, prepare: Callable[[object], Prompt], max_tokens: int | None, sampling: SamplingParams,
-                 stop: tuple[str, ...] = (), loop: asyncio.AbstractEventLoop | None = None):
+                 stop: tuple[str, ...] = (), loop: asyncio.AbstractEventLoop | None = None, *,
+                 prompt_param: str = "messages"):
         self.prepare, self.max_tokens, self.sampling, self.stop = prepare, max_tokens, sampling, stop
+        self.prompt_param = prompt_param  # the request field a too-long prompt is blamed on
         self.loop = loop or asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancel = threading.Event()
@@ -186,7 +188,7 @@ class EngineWorker:
         limit, n = engine.max_context, len(prompt.ids)
         if n >= limit:
             raise ApiError(400, f"the prompt is {n} tokens; this server's context limit is {limit}",
-                           param="messages", code="context_length_exceeded")
+                           param=job.prompt_param, code="context_length_exceeded")
         budget = job.max_tokens if job.max_tokens is not None else limit - n
         if n + budget > limit:
             raise ApiError(400, f"the prompt ({n} tokens) plus max_tokens ({budget}) exceeds this server's context "
