@@ -23,7 +23,7 @@ from .harmony import ToolCall, reasoning_effort
 from .loader import Model
 from .prompt import render_chat
 from .jsonl import read_jsonl, validate_messages
-from .sampling import SamplingParams
+from .sampling import KINDS, SamplingParams, setting_problem
 
 if TYPE_CHECKING:
     from prompt_toolkit.history import History
@@ -41,8 +41,7 @@ Commands:
 Enter sends; Alt-Enter (Esc, Enter) starts a new line. Ctrl-C stops an answer.
 A message that starts with "/" is sent by doubling it: "//etc/hosts is…" sends "/etc/hosts is…"."""
 
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "seed": int}
-KINDS = {float: "a number", int: "a whole number"}
+KIND_WORDS = {float: "a number", int: "a whole number"}
 
 
 @dataclass
@@ -125,23 +124,23 @@ class ChatSession:
         return Reply(f"system prompt set ({len(text)} characters)" if text else "system prompt cleared")
 
     def _set(self, arg: str) -> Reply:
+        """One setting, checked against the limits `run` checks its flags against: a bad value is
+        one line, and the setting (and the conversation) stay as they were."""
         key, _, value = arg.partition(" ")
-        if key not in SETTABLE or not value.strip():
-            raise UsageError(f"usage: /set {'|'.join(SETTABLE)} VALUE")
+        if key not in KINDS or not value.strip():
+            raise UsageError(f"usage: /set {'|'.join(KINDS)} VALUE")
+        kind = KINDS[key]
         try:
-            parsed = SETTABLE[key](value.strip())
+            parsed = kind(value.strip())
         except ValueError:
-            raise UsageError(f"/set {key}: '{value.strip()}' is not {KINDS[SETTABLE[key]]}") from None
+            raise UsageError(f"/set {key}: '{value.strip()}' is not {KIND_WORDS[kind]}") from None
+        problem = setting_problem(key, parsed)
+        if problem is not None:
+            raise UsageError(f"/set {key}: {problem}")
         if key == "max_tokens":
-            if parsed < 1:
-                raise UsageError("/set max_tokens: must be at least 1")
             self.max_tokens = parsed
         else:
-            try:
-                self.sampling = replace(self.sampling, **{key: parsed})  # validated by SamplingParams
-            except UsageError as e:  # its messages name the command-line flag: name the setting instead
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(str(e).replace(f"{flag} ", f"/set {key}: ", 1)) from None
+            self.sampling = replace(self.sampling, **{key: parsed})
         return Reply(f"{key} = {parsed}")
 
     def _think(self, arg: str) -> Reply:

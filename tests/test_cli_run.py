@@ -101,6 +101,10 @@ def test_chat_template_and_thinking_off(capsys, qwen3_chat_pair):
     (["--temperature", "-1"], 2, "--temperature must be a finite number >= 0, got -1.0"),
     (["--temperature", "nan"], 2, "--temperature must be a finite number >= 0, got nan"),
     (["--temperature", "inf"], 2, "--temperature must be a finite number >= 0, got inf"),
+    (["--temperature", "1e39"], 2, "--temperature must be at most 3.403e+38 (float32's largest number), got 1e+39"),
+    (["--top-k", "9223372036854775808"], 2, "--top-k must be a whole number from 0 (off) to 2147483647, got 9223372036854775808"),
+    (["--top-k", "99999999999999999999"], 2, "--top-k must be a whole number from 0 (off) to 2147483647"),
+    (["--top-k", "-1"], 2, "--top-k must be a whole number from 0 (off) to 2147483647, got -1"),
     (["--top-p", "0"], 2, "--top-p must be in (0, 1]"),
     (["--min-p", "nan"], 2, "--min-p must be in [0, 1)"),
     (["--dtype", "float16"], 2, "float16 is not supported"),
@@ -276,3 +280,15 @@ def test_notes_say_what_the_flags_will_not_do(capsys, pair_args, stories_pair):
     assert "--system has no effect with --raw" in err and "no --drafter" not in err
     _, _, err = run(capsys, *pair_args, "-p", "Once upon a time", "-n", "3", "--think", "-q")
     assert err == ""
+
+
+@pytest.mark.parametrize("temperature", ["1e-40", "1e-38", "5e-38", "1e-25"])
+def test_a_temperature_too_small_to_sample_at_is_greedy(capsys, temperature):
+    """Below 1e-20 the answer is greedy's (it was garbage: the logits / T overflowed float32)."""
+    args = ["demo", "-p", "Once upon a time", "-n", "20", "--json", "-q", "--seed", "1"]
+    code, out, _ = run(capsys, *args, "-t", "0")
+    greedy = json.loads(out)["token_ids"]
+    for spec in ([], ["--no-spec"]):
+        code, out, err = run(capsys, *args, *spec, "-t", temperature)
+        assert code == 0, err
+        assert json.loads(out)["token_ids"] == greedy
