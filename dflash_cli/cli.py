@@ -80,10 +80,21 @@ def _resolve(model, target, drafter, yes, no_spec) -> tuple[Path, Optional[Path]
     return resolve_model(model, target, drafter, yes=yes, no_spec=no_spec)
 
 
-def _load(target_dir: Path, drafter_dir: Optional[Path], device: str, dtype: str, max_context: Optional[int]):
-    from . import loader
+def _load(target_dir: Path, drafter_dir: Optional[Path], device: str, dtype: str, max_context: Optional[int],
+          demo: bool = False):
+    """The model; `demo`: the shipped pair, whose answers end at the end of a story."""
+    from dataclasses import replace
 
-    return loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
+    from . import loader, registry
+
+    m = loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
+    return replace(m, stop_token_ids=m.stop_token_ids | {registry.DEMO_STORY_END}) if demo else m
+
+
+def _is_demo(model: Optional[str], target: Optional[str]) -> bool:
+    from . import registry
+
+    return model is not None and target is None and registry.is_demo(model)
 
 
 def parse_block_size(text: str) -> Optional[int]:
@@ -227,7 +238,7 @@ def run(
     _check_block_size(drafter_dir, block)
     if target is not None and drafter is None and not no_spec:
         _note("no --drafter: plain decoding, without speculation", quiet)
-    m = _load(target_dir, drafter_dir, device, dtype, max_context)
+    m = _load(target_dir, drafter_dir, device, dtype, max_context, demo=_is_demo(model, target))
     engine = _engine(m, block, draft_window)
     for note in template_notes(m, opts):
         _note(note, quiet)
@@ -286,7 +297,7 @@ def chat(
     effort = _effort(reasoning_effort)  # checked before anything loads
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
     _check_block_size(drafter_dir, block)
-    m = _load(target_dir, drafter_dir, device, dtype, max_context)
+    m = _load(target_dir, drafter_dir, device, dtype, max_context, demo=_is_demo(model, target))
     effort = template_effort(effort, think, m.harmony is not None)
     session = ChatSession(m, _engine(m, block, draft_window), sampling=sampling, max_tokens=max_tokens, system=system,
                           think=m.thinks if think is None else think, reasoning_effort=effort)
