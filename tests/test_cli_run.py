@@ -292,3 +292,12 @@ def test_a_temperature_too_small_to_sample_at_is_greedy(capsys, temperature):
         code, out, err = run(capsys, *args, *spec, "-t", temperature)
         assert code == 0, err
         assert json.loads(out)["token_ids"] == greedy
+
+
+def test_run_demo_starts_without_torch_dynamo():
+    """torch.nn.attention.bias imports torch._dynamo (1-2 s); only a GPU prefill needs it."""
+    code = ("import sys; from dflash_cli.cli import main; main(['run', 'demo', '-p', 'Once', '-n', '4', '-q']); "
+            "print('torch._dynamo' in sys.modules, file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and p.stderr.strip().splitlines()[-1] == "False", p.stderr
