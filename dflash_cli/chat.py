@@ -104,7 +104,8 @@ class ChatSession:
             prompt = self._render()
         if len(prompt.ids) >= limit:
             positions = getattr(getattr(self.model.target, "cfg", None), "max_position_embeddings", None)
-            raise DflashError(f"the message is {len(prompt.ids)} tokens with the system prompt; the context holds {limit}"
+            system = " with the system prompt" if self.system else ""
+            raise DflashError(f"the message is {len(prompt.ids)} tokens{system}; the context holds {limit}"
                               + (" (--max-context raises the limit)" if positions and limit < positions else ""))
         if self.first_shown > shown and not self.told_left_out:
             self.told_left_out = True

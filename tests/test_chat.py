@@ -41,7 +41,7 @@ def test_interrupted_answer_keeps_what_was_written(session):
 
 
 def test_a_question_that_fails_is_not_kept(session):
-    with pytest.raises(DflashError, match=r"^the message is \d+ tokens with the system prompt; the context holds 256 "
+    with pytest.raises(DflashError, match=r"^the message is \d+ tokens; the context holds 256 "
                                           r"\(--max-context raises the limit\)$"):
         list(session.ask("word " * 400))
     assert session.messages == []
