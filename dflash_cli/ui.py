@@ -129,7 +129,8 @@ class ChatView:
         self.console = console or Console(highlight=False)
         self.err = console or Console(stderr=True, highlight=False)
         # notes and statistics: beside the answers on a terminal, apart from them in a pipe
-        self.info = self.console if self.console.is_terminal and sys.stdin.isatty() else self.err
+        typed = sys.stdin is not None and sys.stdin.isatty()
+        self.info = self.console if self.console.is_terminal and typed else self.err
         self.plain = plain or not self.console.is_terminal
         self.show_drafts = show_drafts and not self.plain
         self.draft_style = "underline" if self.console.no_color else DRAFT_STYLE
