@@ -70,15 +70,31 @@ def _effort(effort: Optional[str]) -> Optional[str]:
 
 
 def _resolve(model, target, drafter, yes, no_spec) -> tuple[Path, Optional[Path]]:
+    from . import registry
+
+    if model is not None and target is None and drafter is None and registry.is_demo(model):
+        target_dir, drafter_dir = registry.demo_dirs()  # shipped: no Hub client to import (half a second)
+        return target_dir, None if no_spec else drafter_dir
     from .resolve import resolve_model
 
     return resolve_model(model, target, drafter, yes=yes, no_spec=no_spec)
 
 
-def _load(target_dir: Path, drafter_dir: Optional[Path], device: str, dtype: str, max_context: Optional[int]):
-    from . import loader
+def _load(target_dir: Path, drafter_dir: Optional[Path], device: str, dtype: str, max_context: Optional[int],
+          demo: bool = False):
+    """The model; `demo`: the shipped pair, whose answers end at the end of a story."""
+    from dataclasses import replace
 
-    return loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
+    from . import loader, registry
+
+    m = loader.load(target_dir, drafter_dir, device=device, dtype=dtype, max_context=max_context)
+    return replace(m, stop_token_ids=m.stop_token_ids | {registry.DEMO_STORY_END}) if demo else m
+
+
+def _is_demo(model: Optional[str], target: Optional[str]) -> bool:
+    from . import registry
+
+    return model is not None and target is None and registry.is_demo(model)
 
 
 def parse_block_size(text: str) -> Optional[int]:
@@ -124,16 +140,17 @@ def _note(text: str, quiet: bool = False) -> None:
 
 def _decode_input(data: bytes, where: str) -> str:
     try:
-        return data.decode("utf-8-sig")  # a byte-order mark from a Windows editor is not prompt text
+        text = data.decode("utf-8-sig")  # a byte-order mark from a Windows editor is not prompt text
     except UnicodeDecodeError as e:
         raise UsageError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    return text.replace("\r\n", "\n")  # Windows line ends: the same prompt as typed with -p
 
 
 def _read_stdin() -> str:
     """All of stdin, decoded strictly: undecodable bytes are a clear error, not a tokenizer crash."""
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # already text (an embedding program's stream)
-        return sys.stdin.read()
+        return sys.stdin.read().replace("\r\n", "\n")
     return _decode_input(buffer.read(), "stdin")
 
 
@@ -221,7 +238,7 @@ def run(
     _check_block_size(drafter_dir, block)
     if target is not None and drafter is None and not no_spec:
         _note("no --drafter: plain decoding, without speculation", quiet)
-    m = _load(target_dir, drafter_dir, device, dtype, max_context)
+    m = _load(target_dir, drafter_dir, device, dtype, max_context, demo=_is_demo(model, target))
     engine = _engine(m, block, draft_window)
     for note in template_notes(m, opts):
         _note(note, quiet)
@@ -280,7 +297,7 @@ def chat(
     effort = _effort(reasoning_effort)  # checked before anything loads
     target_dir, drafter_dir = _resolve(model, target, drafter, yes, no_spec)
     _check_block_size(drafter_dir, block)
-    m = _load(target_dir, drafter_dir, device, dtype, max_context)
+    m = _load(target_dir, drafter_dir, device, dtype, max_context, demo=_is_demo(model, target))
     effort = template_effort(effort, think, m.harmony is not None)
     session = ChatSession(m, _engine(m, block, draft_window), sampling=sampling, max_tokens=max_tokens, system=system,
                           think=m.thinks if think is None else think, reasoning_effort=effort)
@@ -595,9 +612,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd = command()
         with cmd.make_context("dflash", args) as ctx:
             cmd.invoke(ctx)
+        sys.stdout.flush()  # what is still buffered fails here, where a closed pipe is handled, not at exit
         return 0
     except _EXIT as e:
         return e.exit_code
+    except SystemExit as e:
+        if not _rich_saw_a_closed_pipe(e):
+            raise
+        return 0  # rich already pointed stdout at /dev/null
     except _ABORT:
         print("", file=sys.stderr)
         return 130
@@ -623,6 +645,15 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         print(f"Error: cannot write the output: {e.strerror}", file=sys.stderr)
         return 1
+
+
+def _rich_saw_a_closed_pipe(e: SystemExit) -> bool:
+    """Whether `e` is rich's answer to a closed stdout (`Console.on_broken_pipe` exits 1): the
+    reader left early, which is exit 0 for every command, as for a BrokenPipeError of our own."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "on_broken_pipe"
 
 
 def _silence_stdout() -> None:
