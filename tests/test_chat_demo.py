@@ -100,3 +100,16 @@ def test_windows_line_ends_in_a_piped_chat_are_not_part_of_the_message():
     lf, crlf = chat(b"Once upon a time\nThe cat\n", "-n", "12"), chat(b"Once upon a time\r\nThe cat\r\n", "-n", "12")
     assert lf.returncode == crlf.returncode == 0
     assert crlf.stdout == lf.stdout and crlf.stdout.strip()
+
+
+def test_a_served_demo_answer_is_one_story():
+    from .serving import ServerProcess
+
+    server = ServerProcess("demo", "--device", "cpu")
+    try:
+        status, _, body = server.request("POST", "/v1/completions",
+                                         {"model": server.model, "prompt": "Once upon a time", "max_tokens": 500})
+    finally:
+        server.stop()
+    assert status == 200 and body["choices"][0]["finish_reason"] == "stop"  # at the story's end, not the limit
+    assert body["usage"]["completion_tokens"] < 500

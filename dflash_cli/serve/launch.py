@@ -112,6 +112,8 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     stderr_log(f"dflash: loading {name} …")
     device = loader.resolve_device(flags.device)
     m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
+    if flags.model is not None and registry.is_demo(flags.model):  # its answers end at the end of a story
+        m = replace(m, stop_token_ids=m.stop_token_ids | {registry.DEMO_STORY_END})
     think = m.thinks if flags.think is None else flags.think  # as the family's drafters were trained
     effort = reasoning_effort(flags.reasoning_effort, flags.think) if m.harmony is not None else None
     engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context,
