@@ -26,6 +26,9 @@ from .errors import UsageError
 GREEDY_BELOW = 1e-20  # a temperature under this is greedy (see above)
 TEMPERATURE_MAX = 3.4028234663852886e38  # float32's largest: the sampler's temperature is a float32
 TOP_K_MAX = 2**31 - 1  # any k from the vocabulary's size up keeps every token
+# Any smaller top_p keeps the most likely token alone, as this one does (its probability is at least
+# 1/vocabulary > 1e-6); far smaller ones round to 0 in float32, and top-p would then keep no token.
+TOP_P_MIN = 1e-6
 
 # What each setting is: chat's /set parses its text as this type.
 KINDS: dict[str, type] = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int,
@@ -44,8 +47,8 @@ def setting_problem(name: str, value) -> str | None:
         if not 0 <= value <= TOP_K_MAX:
             return f"must be a whole number from 0 (off) to {TOP_K_MAX}, got {value}"
     elif name == "top_p":
-        if not 0 < value <= 1:
-            return f"must be in (0, 1], got {value}"
+        if not TOP_P_MIN <= value <= 1:
+            return f"must be in [{TOP_P_MIN:g}, 1], got {value}"
     elif name == "min_p":
         if not 0 <= value < 1:
             return f"must be in [0, 1), got {value}"

@@ -21,7 +21,7 @@ def demo_session():
 BAD = [
     ("top_k", "99999999999999999999"), ("top_k", "9223372036854775808"), ("top_k", "-1"), ("top_k", "1e3"),
     ("temperature", "1e39"), ("temperature", "nan"), ("temperature", "-inf"), ("temperature", "x"),
-    ("top_p", "0"), ("top_p", "1.5"), ("top_p", "nan"), ("min_p", "1"), ("min_p", "-0.1"), ("min_p", "nan"),
+    ("top_p", "0"), ("top_p", "1e-50"), ("top_p", "1.5"), ("top_p", "nan"), ("min_p", "1"), ("min_p", "-0.1"), ("min_p", "nan"),
     ("max_tokens", "0"), ("max_tokens", "1.5"), ("seed", "1.5"), ("seed", "many"),
 ]
 

@@ -173,7 +173,6 @@ def _integer(body: dict, name: str) -> int | None:
 # Sane limits at the request boundary: the sampler holds its values as float32 and int64 device
 # scalars, so anything beyond these is either meaningless or an overflow there.
 MAX_TEMPERATURE = 100.0  # logits divided by 100 are all but uniform already
-MIN_TOP_P = 1e-6  # any smaller top_p keeps the most likely token alone, as 1e-6 does (vocabularies < 10^6)
 SEEDS = 2**64  # seeds are taken modulo 2^32 by the sampler; int64 and uint64 seeds are accepted
 
 
@@ -181,7 +180,7 @@ def _sampling(body: dict) -> SamplingParams:
     temperature = _number(body, "temperature", 0.0, 0.0, MAX_TEMPERATURE)
     if temperature < sampling.GREEDY_BELOW:
         temperature = 0.0  # sampling at such a temperature is greedy anyway (up to exact ties)
-    top_p = _number(body, "top_p", 1.0, MIN_TOP_P, 1.0)
+    top_p = _number(body, "top_p", 1.0, sampling.TOP_P_MIN, 1.0)
     min_p = _number(body, "min_p", 0.0, 0.0, 1.0, hi_open=True)
     top_k = _integer(body, "top_k")
     if top_k is not None and not -1 <= top_k <= sampling.TOP_K_MAX:
