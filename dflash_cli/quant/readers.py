@@ -130,11 +130,21 @@ def read_projection(name: str, t: dict[str, torch.Tensor], scheme: WeightScheme)
     return READERS[scheme.format](name, t, scheme)
 
 
+def _stored_plain(w: dict[str, torch.Tensor], name: str, scheme: WeightScheme) -> bool:
+    weight = w.get(f"{name}.weight")
+    if weight is None or weight.dtype == torch.float8_e4m3fn:
+        return False
+    return not any(f"{name}.{k}" in w for k in STORED[scheme.format][0] if k != "weight")
+
+
 def take_quantized(w: dict[str, torch.Tensor], *names: str, plan: QuantPlan | None,
                    bias: bool = False) -> Int4Linear | Fp8Linear | None:
     """Pop the projection `names` (stacked by rows when several, as one GEMM) from the checkpoint's tensors
     `w` when the plan says they are quantized; None (nothing popped) when they are stored plain."""
     schemes = [None if plan is None else plan.scheme_for(n) for n in names]
+    # a class target ("Linear") matches what transformers builds as nn.Linear, which dflash cannot see: a
+    # projection stored plain (a `weight` that is not fp8, none of the format's tensors) is read plain
+    schemes = [None if s is None or _stored_plain(w, n, s) else s for n, s in zip(names, schemes)]
     if all(s is None for s in schemes):
         return None
     if any(s is None for s in schemes) or len({s.format for s in schemes}) > 1:
