@@ -451,7 +451,9 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def test_tiny_compressed_tensors_checkpoint_reads_back_layer_by_layer(tmp_path):
+def write_tiny_w4a16(tmp_path) -> tuple[dict, dict]:
+    """A tiny Qwen3 checkpoint whose projections are asymmetric int4 g32 in compressed-tensors' layout;
+    returns its config and the dequantized reference of each projection."""
     cfg = target_config(layers=2)
     write_target(tmp_path, cfg)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
@@ -469,7 +471,11 @@ def test_tiny_compressed_tensors_checkpoint_reads_back_layer_by_layer(tmp_path):
     cfg["quantization_config"] = ct_config({"group_0": {"targets": ["Linear"], "weights": {
         **W4, "symmetric": False, "group_size": 32}}}, ignore=["lm_head"])["quantization_config"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return cfg, refs
 
+
+def test_tiny_compressed_tensors_checkpoint_reads_back_layer_by_layer(tmp_path):
+    cfg, refs = write_tiny_w4a16(tmp_path)
     plan = plan_of(json.loads((tmp_path / "config.json").read_text()))
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         w = {k: f.get_tensor(k) for k in f.keys()}
@@ -484,3 +490,21 @@ def test_tiny_compressed_tensors_checkpoint_reads_back_layer_by_layer(tmp_path):
         assert torch.equal(lin.dequantize(), refs[f"{layer}.{p}"])
         xin = torch.randn(3, lin.in_features)
         assert torch.equal(lin(xin), F.linear(xin, refs[f"{layer}.{p}"].float()))
+
+
+def test_tiny_checkpoint_dequantizes_as_transformers_does(tmp_path):
+    """transformers (with compressed-tensors) dequantizes the same file on the CPU: equal, weight by weight."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    cfg, refs = write_tiny_w4a16(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True),
+                                                 dtype=torch.float32)
+    theirs = model.state_dict()
+    plan = plan_of(cfg)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        w = {k: f.get_tensor(k) for k in f.keys()}
+    for module, ref in refs.items():
+        ours = take_quantized(w, module, plan=plan).dequantize(torch.float32)
+        assert torch.equal(ours, theirs[f"{module}.weight"]), module
