@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dflash_cli.errors import DflashError
-from dflash_cli.quant import Fp8Linear, Int4Linear, plan_of, read_projection, take_quantized
+from dflash_cli.quant import Fp8Linear, Int4Linear, plan_of, read_projection, stored_shapes, take_quantized
 from dflash_cli.quant.plan import WeightScheme
 
 from .tiny import target_config, write_target
@@ -87,7 +87,8 @@ def pack_words(codes_rows: torch.Tensor, order=range(8)) -> torch.Tensor:
 def pack_gptq(codes, scales, zeros, v1: bool, g_idx=None):
     """GPTQ: qweight [in/8, out] along the input; qzeros [G, out/8] (v1: zero − 1); scales [G, out]."""
     stored = (zeros.to(torch.int64) - 1) & 0xF if v1 else zeros.to(torch.int64)
-    t = {"qweight": pack_words(codes).T.contiguous(), "qzeros": pack_words(stored.T.contiguous()), "scales": scales.T.contiguous()}
+    t = {"qweight": pack_words(codes).T.contiguous(), "qzeros": pack_words(stored.T.contiguous()),
+         "scales": scales.T.contiguous()}
     t["g_idx"] = (torch.arange(codes.shape[1]) // (codes.shape[1] // scales.shape[1])).to(torch.int32) \
         if g_idx is None else g_idx
     return t
@@ -384,9 +385,9 @@ def test_auto_round_auto_gptq_packing_reads_as_gptq_v1():
                             "input_activations": {"num_bits": 8, "type": "float", "dynamic": False,
                                                   "strategy": "tensor"}}})["quantization_config"],
      "static input_activations"),
-    (ct_config({"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group",
-                                                               "group_size": 16}, "format": "nvfp4-pack-quantized"}})
-     ["quantization_config"], "nvfp4-pack-quantized float4"),
+    (ct_config({"group_0": {"targets": ["Linear"], "format": "nvfp4-pack-quantized", "weights": {
+        "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}}})["quantization_config"],
+     "nvfp4-pack-quantized float4"),
     (ct_config({"group_0": {"targets": ["Linear"], "weights": W4}}, sparsity_config={"format": "sparse-24"})
      ["quantization_config"], "sparsity_config"),
     (ct_config({"group_0": {"targets": ["Linear"], "weights": W4}}, kv_cache_scheme={"num_bits": 8})
@@ -492,6 +493,7 @@ def test_tiny_compressed_tensors_checkpoint_reads_back_layer_by_layer(tmp_path):
         assert torch.equal(lin(xin), F.linear(xin, refs[f"{layer}.{p}"].float()))
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
 def test_tiny_checkpoint_dequantizes_as_transformers_does(tmp_path):
     """transformers (with compressed-tensors) dequantizes the same file on the CPU: equal, weight by weight."""
     pytest.importorskip("compressed_tensors")
@@ -508,3 +510,45 @@ def test_tiny_checkpoint_dequantizes_as_transformers_does(tmp_path):
     for module, ref in refs.items():
         ours = take_quantized(w, module, plan=plan).dequantize(torch.float32)
         assert torch.equal(ours, theirs[f"{module}.weight"]), module
+
+
+@pytest.mark.parametrize("scheme, pack", [
+    (WeightScheme("pack-quantized", 32, False), lambda c, s, z: pack_compressed_tensors(c, s, z, False)),
+    (WeightScheme("pack-quantized", 32, True), lambda c, s, z: pack_compressed_tensors(c, s, z, True)),
+    (WeightScheme("gptq", 32, True, gptq_v1=True), lambda c, s, z: pack_gptq(c, s, z, True)),
+    (WeightScheme("gptq", None, False), lambda c, s, z: pack_gptq(c, s, z, False)),
+    (WeightScheme("awq", 32, False), pack_awq),
+])
+def test_stored_shapes_are_what_each_format_stores(scheme, pack):
+    group = scheme.group_size or 64
+    codes, scales, zeros, ref = quantize_int4(weight(24, 64), group, scheme.symmetric)
+    t = pack(codes, scales, zeros)
+    shapes = stored_shapes(scheme, 24, 64)
+    assert {k: tuple(t[k].shape) for k in shapes} == {k: s for k, (s, _) in shapes.items()}
+    assert all(d is None or t[k].dtype == d for k, (_, d) in shapes.items())
+    assert torch.equal(read_projection("p", t, scheme).dequantize(), ref)  # group_size None: one group per row
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme("fp8-block", block=(16, 32)),
+                                    WeightScheme("float-quantized", strategy="channel"),
+                                    WeightScheme("float-quantized", strategy="tensor")])
+def test_stored_shapes_of_fp8(scheme):
+    shapes = stored_shapes(scheme, 40, 72)
+    scale = [s for k, (s, _) in shapes.items() if k.startswith("weight_scale")][0]
+    expected = {"fp8-block": (3, 3), "channel": (40, 1), "tensor": (1,)}
+    assert shapes["weight"] == ((40, 72), torch.float8_e4m3fn)
+    assert scale == expected["fp8-block" if scheme.format == "fp8-block" else scheme.strategy]
+
+
+def test_per_expert_projections_stack_into_one_3d_layout():
+    w, refs = {}, []
+    for e in range(3):
+        codes, scales, zeros, ref = quantize_int4(weight(16, 64, seed=30 + e), 32, True)
+        w |= {f"mlp.experts.{e}.up_proj.{k}": v for k, v in pack_gptq(codes, scales, zeros, v1=True).items()}
+        refs.append(ref)
+    plan = plan_of({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True}})
+    experts = Int4Linear.stack_experts([take_quantized(w, f"mlp.experts.{e}.up_proj", plan=plan) for e in range(3)])
+    assert not w and torch.equal(experts.dequantize(), torch.stack(refs))
+    q, grid, ref = quantize_fp8_blocks(weight(16, 64), 8, 32)
+    both = Fp8Linear.stack_experts([Fp8Linear(q, grid, (8, 32))] * 2)
+    assert torch.equal(both.dequantize(torch.float32), torch.stack([ref, ref]))

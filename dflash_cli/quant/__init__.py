@@ -5,7 +5,7 @@ takes a projection through `take_quantized` before falling back to its dense wei
 from .fp8 import Fp8Linear
 from .int4 import Int4Linear, pack_int4_rows, unpack_int4_rows
 from .plan import QuantPlan, WeightScheme, plan_of
-from .readers import STORED, read_projection, take_quantized
+from .readers import STORED, read_projection, stored_shapes, take_quantized
 
 __all__ = ["Fp8Linear", "Int4Linear", "QuantPlan", "STORED", "WeightScheme", "pack_int4_rows", "plan_of",
-           "read_projection", "take_quantized", "unpack_int4_rows"]
+           "read_projection", "stored_shapes", "take_quantized", "unpack_int4_rows"]

@@ -64,6 +64,15 @@ class Fp8Linear:
         return Fp8Linear(self.weight[i], self.scale[i], self.block, None if self.bias is None else self.bias[i])
 
     @classmethod
+    def stack_experts(cls, experts: list["Fp8Linear"]) -> "Fp8Linear":
+        """Per-expert projections as one [experts, out, in] stack (Qwen's FP8 stores experts un-fused)."""
+        if any(e.block != experts[0].block or e.weight.shape != experts[0].weight.shape for e in experts):
+            raise DflashError("experts with different FP8 shapes or blocks cannot be stacked")
+        bias = None if experts[0].bias is None else torch.stack([e.bias for e in experts])
+        return cls(torch.stack([e.weight for e in experts]), torch.stack([e.scale for e in experts]),
+                   experts[0].block, bias)
+
+    @classmethod
     def cat_rows(cls, parts: list["Fp8Linear"]) -> "Fp8Linear":
         """Several projections of one input stacked by output rows (q/k/v, gate/up): one GEMM. Per-tensor
         scales become per-channel; blocks must not straddle two projections."""

@@ -59,6 +59,10 @@ def resolve_act_order(g_idx: torch.Tensor | None, in_features: int, group_size: 
     return perm
 
 
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
 @dataclass
 class Int4Linear:
     """One W4A16 projection (or a stack of experts: leading dims before [out, in]) in dflash's layout."""
@@ -135,6 +139,21 @@ class Int4Linear:
                           None if self.bias is None else self.bias[i])
 
     @classmethod
+    def stack_experts(cls, experts: list["Int4Linear"]) -> "Int4Linear":
+        """Per-expert projections (Qwen3-MoE's experts.N.gate_proj …) as one [experts, out, in] stack."""
+        first = experts[0]
+        for e in experts[1:]:
+            if (e.group_size, e.in_features, e.dtype, e.zeros is None) != \
+                    (first.group_size, first.in_features, first.dtype, first.zeros is None):
+                raise DflashError("experts stored with different int4 schemes cannot be stacked")
+            if not _same_perm(e.input_perm, first.input_perm):
+                raise DflashError("experts with different act-order permutations cannot be stacked")
+        zeros = None if first.zeros is None else torch.stack([e.zeros for e in experts])
+        bias = None if first.bias is None else torch.stack([e.bias for e in experts])
+        return cls(torch.stack([e.qweight for e in experts]), torch.stack([e.scales for e in experts]), zeros,
+                   first.group_size, first.in_features, first.input_perm, bias)
+
+    @classmethod
     def cat_rows(cls, parts: list["Int4Linear"]) -> "Int4Linear":
         """Several projections of one input stacked by output rows (q/k/v, gate/up): one GEMM."""
         first = parts[0]
@@ -143,9 +162,7 @@ class Int4Linear:
         for p in parts[1:]:
             if (p.group_size, p.in_features, p.dtype) != (first.group_size, first.in_features, first.dtype):
                 raise DflashError("projections stacked into one GEMM differ in group size, width or scale dtype")
-            same = (p.input_perm is None and first.input_perm is None) or (
-                p.input_perm is not None and first.input_perm is not None and torch.equal(p.input_perm, first.input_perm))
-            if not same:
+            if not _same_perm(p.input_perm, first.input_perm):
                 raise DflashError("projections stacked into one GEMM have different act-order permutations")
         zeros = None
         if any(p.zeros is not None for p in parts):

@@ -38,6 +38,30 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble j of a word holds c
 _AWQ_UNDO = torch.tensor([AWQ_ORDER.index(e) for e in range(8)])  # column e sits in nibble _AWQ_UNDO[e]
 
 
+def stored_shapes(scheme: WeightScheme, out: int, inn: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """The tensors one [out, in] projection stores in `scheme`'s format: suffix → (shape, dtype), dtype None
+    where the checkpoint picks it (scales), for a weight table to read them raw and check their shapes.
+    Optional tensors (GPTQ's g_idx, compressed-tensors' weight_g_idx) are not listed."""
+    g = inn // (scheme.group_size or inn)
+    words = -(-inn // 8)
+    if scheme.format == "pack-quantized":
+        t = {"weight_packed": ((out, words), torch.int32), "weight_scale": ((out, g), None),
+             "weight_shape": ((2,), torch.int64)}
+        return t | ({} if scheme.symmetric else {"weight_zero_point": ((-(-out // 8), g), torch.int32)})
+    if scheme.format == "gptq":
+        return {"qweight": ((words, out), torch.int32), "qzeros": ((g, -(-out // 8)), torch.int32),
+                "scales": ((g, out), None)}
+    if scheme.format == "awq":
+        return {"qweight": ((inn, -(-out // 8)), torch.int32), "qzeros": ((g, -(-out // 8)), torch.int32),
+                "scales": ((g, out), None)}
+    rows, cols = scheme.block or ((1, inn) if scheme.strategy == "channel" else (out, inn))
+    grid = (-(-out // rows), -(-inn // cols))
+    if scheme.format == "float-quantized" and scheme.strategy == "tensor":
+        grid = (1,)
+    return {"weight": ((out, inn), torch.float8_e4m3fn),
+            ("weight_scale_inv" if scheme.format == "fp8-block" else "weight_scale"): (grid, None)}
+
+
 def _int4_check(name: str, t: torch.Tensor, key: str) -> torch.Tensor:
     if t.dtype != torch.int32:
         raise DflashError(f"{name}.{key} is {t.dtype}, not int32: is this checkpoint packed as its config says?")
