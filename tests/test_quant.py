@@ -260,6 +260,11 @@ def test_a_wrongly_typed_tensor_is_one_line():
                               "scales": torch.zeros(1, 8)}, WeightScheme("gptq", 16))
     with pytest.raises(DflashError, match="p.qzeros is missing"):
         read_projection("p", {"qweight": torch.zeros(2, 8, dtype=torch.int32)}, WeightScheme("gptq", 16))
+    codes, scales, zeros, _ = quantize_int4(weight(8, 64), 32, True)
+    t = pack_gptq(codes, scales, zeros, v1=True)
+    del t["g_idx"]
+    with pytest.raises(DflashError, match="p.g_idx is missing, and the quantization_config says desc_act"):
+        read_projection("p", t, WeightScheme("gptq", 32, act_order=True))
 
 
 # ---- FP8 ----

@@ -26,6 +26,7 @@ class WeightScheme:
     group_size: int | None = None  # int4: input columns per scale; None: one group per row (channel)
     symmetric: bool = True
     gptq_v1: bool = False  # GPTQ v1 (checkpoint_format "gptq") stores each zero point minus one
+    act_order: bool = False  # GPTQ desc_act: the projection must store its g_idx
     strategy: str = ""  # float-quantized: "tensor" | "channel" | "block"
     block: tuple[int, int] | None = None  # fp8: the (rows, cols) of one scale
     activations: str = ""  # dynamic activation quantization the checkpoint asks for, run in bf16 instead
@@ -114,7 +115,8 @@ def _gptq(quant: dict) -> QuantPlan:
         ignore.append(str(key)[2:])
     if not quant.get("lm_head", False):
         ignore.append("lm_head")
-    scheme = WeightScheme("gptq", _group(quant, "gptq"), bool(quant.get("sym", True)), gptq_v1=fmt == "gptq")
+    scheme = WeightScheme("gptq", _group(quant, "gptq"), bool(quant.get("sym", True)), gptq_v1=fmt == "gptq",
+                          act_order=bool(quant.get("desc_act", False)))
     return QuantPlan("gptq", ((("Linear",), scheme),), tuple(ignore), hf_ignore=True)
 
 
@@ -202,9 +204,7 @@ def _ct_scheme(name: str, fmt: str, group: dict) -> WeightScheme:
     if w.get("dynamic"):
         raise _refuse(f"{where} dynamic weights")
     if fmt == "pack-quantized" and kind == "int" and bits == 4:
-        actorder = w.get("actorder")
-        if actorder not in (None, False, "group", "weight", "static", "dynamic"):
-            raise _refuse(f"{where} actorder {actorder!r}")
+        # actorder: "weight" keeps groups contiguous; "group" (or true) stores weight_g_idx, read where present
         if strategy == "group":
             g = w.get("group_size")
             if not isinstance(g, int) or g <= 0 or g % 8:

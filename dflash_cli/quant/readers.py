@@ -88,6 +88,8 @@ def read_pack_quantized(name: str, t: dict[str, torch.Tensor], scheme: WeightSch
 
 def read_gptq(name: str, t: dict[str, torch.Tensor], scheme: WeightScheme) -> Int4Linear:
     qweight = _int4_check(name, t["qweight"], "qweight")
+    if scheme.act_order and "g_idx" not in t:
+        raise DflashError(f"{name}.g_idx is missing, and the quantization_config says desc_act (act-order)")
     inn, out = qweight.shape[-2] * 8, qweight.shape[-1]
     codes = unpack_int4_rows(qweight.transpose(-1, -2), inn)  # [out, in]
     scales = t["scales"].transpose(-1, -2)  # [out, groups]
