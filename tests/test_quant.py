@@ -261,6 +261,10 @@ def test_a_wrongly_typed_tensor_is_one_line():
     with pytest.raises(DflashError, match="p.qzeros is missing"):
         read_projection("p", {"qweight": torch.zeros(2, 8, dtype=torch.int32)}, WeightScheme("gptq", 16))
     codes, scales, zeros, _ = quantize_int4(weight(8, 64), 32, True)
+    t = pack_compressed_tensors(codes, scales, zeros, True)
+    t["weight_shape"] = torch.tensor([8, 72])
+    with pytest.raises(DflashError, match="p.weight_packed has 8 words per row for 72 columns"):
+        read_projection("p", t, WeightScheme("pack-quantized", 8))
     t = pack_gptq(codes, scales, zeros, v1=True)
     del t["g_idx"]
     with pytest.raises(DflashError, match="p.g_idx is missing, and the quantization_config says desc_act"):

@@ -73,6 +73,8 @@ def read_pack_quantized(name: str, t: dict[str, torch.Tensor], scheme: WeightSch
     scale = t["weight_scale"]
     out = packed.shape[-2]
     inn = int(t["weight_shape"].reshape(-1)[-1]) if "weight_shape" in t else packed.shape[-1] * 8
+    if packed.shape[-1] != -(-inn // 8):
+        raise DflashError(f"{name}.weight_packed has {packed.shape[-1]} words per row for {inn} columns")
     codes = unpack_int4_rows(packed, inn)
     group = scheme.group_size or inn
     if scale.shape[-2:] != (out, inn // group):
@@ -83,6 +85,8 @@ def read_pack_quantized(name: str, t: dict[str, torch.Tensor], scheme: WeightSch
             raise DflashError(f"{name}.weight_zero_point is missing from an asymmetric checkpoint")
         zp = _int4_check(name, t["weight_zero_point"], "weight_zero_point")  # packed along the output rows
         zeros = unpack_int4_rows(zp.transpose(-1, -2), out).transpose(-1, -2)
+        if zeros.shape != scale.shape:
+            raise DflashError(f"{name}.weight_zero_point has shape {tuple(zp.shape)}, which does not fit its scales")
     return Int4Linear.from_codes(codes, scale, zeros, group, t.get("weight_g_idx"), t.get("bias"))
 
 
