@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dflash_cli import loader, models
-from dflash_cli.cache import CommitPlan, KVCache
+from dflash_cli.cache import Cache, CommitPlan, KVCache
 from dflash_cli.engine import Engine, Request
 from dflash_cli.models.base import Decoder, DecoderConfig, Family
 from dflash_cli.sampling import SamplingParams
@@ -123,6 +123,7 @@ def test_a_new_family_is_one_small_file_and_one_registry_row(toy_family, tmp_pat
         outs = []
         for drafter, b in ((m.drafter, 4), (None, None)):
             engine = Engine(m.target, drafter, block_size=b, max_context=100)
+            assert all(isinstance(c, Cache) and c.nbytes() > 0 for c in engine.caches)
             request = Request(ids.tolist(), 24, sampling=SamplingParams(temperature=temperature, seed=3))
             outs.append([t for s in engine.generate(request) for t in s.tokens])
         assert outs[0] == outs[1] and len(outs[0]) == 24
@@ -207,6 +208,7 @@ def test_caches_report_their_bytes_as_the_memory_plan_counts_them(request, famil
     fam = models.family_of({"model_type": "qwen3" if family == "dense" else "qwen3_5_text"}, Path("."))
     per_token, fixed = fam.cache_bytes(m.target.cfg, m.target.dtype, 8)
     cache = m.target.new_cache(64, 8)
+    assert isinstance(cache, Cache)
     live = cache.kv.nbytes() + (0 if family == "dense" else cache.rec.nbytes())
     # fixed counts the live state three times (the prefix snapshot, a capture's copy) and the record once
     assert live <= 64 * per_token + fixed and cache.kv.nbytes() == 64 * per_token

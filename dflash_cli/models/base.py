@@ -12,7 +12,6 @@ cache's `commit(plan)` decides which of them do (a verify block).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
