@@ -14,7 +14,7 @@ import torch
 
 from ... import ops
 from ..weights import Weight
-from .linear import Dense, Linear
+from .linear import Dense, Linear, take_linear
 
 
 def attention_weights(p: str, hidden: int, heads: int, kv_heads: int, head_dim: int, *, qk_norm: str | None = None,
@@ -63,8 +63,8 @@ class Attention:
             qkv = Dense(torch.cat((q_gate[:, 0].reshape(-1, c.hidden_size), q_gate[:, 1].reshape(-1, c.hidden_size),
                                    w.pop(a + "k_proj.weight"), w.pop(a + "v_proj.weight"))))
         else:
-            qkv = Dense.take(w, *(a + n + "_proj" for n in "qkv"), bias=bias)
-        return cls(qkv, Dense.take(w, a + "o_proj", bias=bias), w.pop(a + "q_norm.weight", None),
+            qkv = take_linear(w, *(a + n + "_proj" for n in "qkv"), bias=bias)
+        return cls(qkv, take_linear(w, a + "o_proj", bias=bias), w.pop(a + "q_norm.weight", None),
                    w.pop(a + "k_norm.weight", None), c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, slot,
                    norm_offset, gated, window, w.pop(a + "sinks", None))
 

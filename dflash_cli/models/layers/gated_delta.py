@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ... import ops
 from ...cache import CommitPlan, KVCache
 from ..weights import Weight
-from .linear import Dense, Linear
+from .linear import Linear, take_linear
 from .norm import GatedRMSNorm
 
 
@@ -199,9 +199,9 @@ class GatedDeltaNet:
     @classmethod
     def take(cls, w: dict[str, torch.Tensor], p: str, shape: GatedDeltaShape, eps: float, slot: int) -> "GatedDeltaNet":
         a = p + "linear_attn."
-        proj = Dense.take(w, *(a + f"in_proj_{n}" for n in ("qkv", "z", "b", "a")))
+        proj = take_linear(w, *(a + f"in_proj_{n}" for n in ("qkv", "z", "b", "a")))
         return cls(proj, w.pop(a + "conv1d.weight")[:, 0], w.pop(a + "A_log"), w.pop(a + "dt_bias"),
-                   GatedRMSNorm(w.pop(a + "norm.weight"), eps), Dense.take(w, a + "out_proj"), shape, slot)
+                   GatedRMSNorm(w.pop(a + "norm.weight"), eps), take_linear(w, a + "out_proj"), shape, slot)
 
     def __call__(self, h: torch.Tensor, cache: HybridCache, step) -> torch.Tensor:
         """T tokens from the committed state of this layer: written through on a prefill chunk,

@@ -1,8 +1,10 @@
 """The projection seam: every projection of every family is a `Linear`, never a raw tensor.
 
 `Dense` holds the weight (and bias) as loaded and runs F.linear. A quantized kind (int4 / fp8 weight
-only) is one more class with the same `__call__`, chosen at load from the checkpoint's
-`quantization_config` (`linear_kind`), so no family changes when one is added.
+only) is one more class with the same `__call__`: its tensors enter the weight tables where the
+checkpoint's `quantization_config` says so, and `take_linear`, the one place every layer reads a
+projection through, picks the class from the tensors the checkpoint holds. No family changes when
+one is added.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ class Dense:
         return cls(stack, None if biases is None else biases[0] if len(biases) == 1 else torch.cat(biases))
 
 
-def linear_kind(raw: dict) -> type:
-    """The Linear class a checkpoint's projections load as. Every checkpoint dflash reads today keeps its
-    projections dense (gpt-oss's MXFP4 covers its experts only, models/layers/mlp.py)."""
-    return Dense
+def take_linear(w: dict[str, torch.Tensor], *names: str, bias: bool = False) -> Linear:
+    """The projection `names` (stacked by rows when several) from the checkpoint's tensors `w`, popped, as
+    the Linear kind they are stored in. Every checkpoint dflash reads today stores its projections
+    dense (gpt-oss's MXFP4 covers its experts only: models/layers/mlp.py)."""
+    return Dense.take(w, *names, bias=bias)

@@ -16,7 +16,7 @@ import torch
 
 from ... import ops
 from ..weights import Weight
-from .linear import Dense, Linear
+from .linear import Linear, take_linear
 
 FUSED, PER_EXPERT = "fused", "per-expert"
 MXFP4, DENSE = "mxfp4", "dense"
@@ -35,7 +35,7 @@ class SwiGLU:
 
     @classmethod
     def take(cls, w: dict[str, torch.Tensor], p: str) -> "SwiGLU":
-        return cls(Dense.take(w, p + "gate_proj", p + "up_proj"), Dense.take(w, p + "down_proj"))
+        return cls(take_linear(w, p + "gate_proj", p + "up_proj"), take_linear(w, p + "down_proj"))
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(ops.swiglu(self.gate_up(h)))
@@ -90,7 +90,7 @@ class MoE:
         moe = cls(w.pop(p + "gate.weight"), gate_up, down, top_k, renormalize)
         if p + "shared_expert_gate.weight" in w:
             moe.shared = SwiGLU.take(w, p + "shared_expert.")
-            moe.shared_gate = Dense.take(w, p + "shared_expert_gate")
+            moe.shared_gate = take_linear(w, p + "shared_expert_gate")
         return moe
 
     def route(self, x: torch.Tensor):
