@@ -92,8 +92,9 @@ def layer_norm_weights(c: DecoderConfig, p: str, norm: str = "norm", norm_dtype:
 
 
 @dataclass
-class Step:
-    """What every mixer of one forward shares."""
+class StepPlan:
+    """What every mixer of one forward shares: where the new tokens sit, and whether they are a prefill
+    chunk or a verify block (a tree verify will add its ancestor mask here)."""
 
     positions: torch.Tensor  # [T]: the new tokens' positions
     kv_len: torch.Tensor | int  # keys attended to (ops.kv_length)
@@ -130,7 +131,8 @@ class Decoder:
             self.layers.append(Layer(RMSNorm.take(w, p + "input_layernorm.weight", eps, norm_style), mixer(i, p),
                                      RMSNorm.take(w, p + "post_attention_layernorm.weight", eps, norm_style),
                                      mlp(i, p)))
-        self.cos_sin = rope_table(rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions, self.embed.device)
+        self.cos_sin = rope_table(rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions,
+                                  self.embed.device)
 
     def new_cache(self, capacity: int, block_size: int = 1):
         """A cache for `capacity` tokens, whose verify blocks are at most `block_size` rows."""
@@ -154,7 +156,7 @@ class Decoder:
         t = ids.shape[0]
         if not commit:
             cache.verify_rows(t)
-        step = Step(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
+        step = StepPlan(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
         wanted = {layer: None for layer in feature_layers}
         x = F.embedding(ids, self.embed)
         residual = None
