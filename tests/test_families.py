@@ -193,7 +193,8 @@ def test_commit_by_path_equals_commit_by_count_of_the_same_rows(request, family,
     chain, path = caches
     n = len(prompt) + accepted + 1
     assert int(chain.length) == int(path.length) == n
-    assert torch.equal(chain.kv.k[:, :, :n], path.kv.k[:, :, :n]) and torch.equal(chain.kv.v[:, :, :n], path.kv.v[:, :, :n])
+    assert torch.equal(chain.kv.k[:, :, :n], path.kv.k[:, :, :n])
+    assert torch.equal(chain.kv.v[:, :, :n], path.kv.v[:, :, :n])
     if family == "hybrid":
         assert torch.equal(chain.state, path.state) and torch.equal(chain.conv, path.conv)
     nxt = torch.randint(0, 500, (3,), generator=g)

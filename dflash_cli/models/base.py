@@ -72,11 +72,13 @@ class DecoderConfig:
             intermediate_size=f.req("intermediate_size") if intermediate else f.opt("intermediate_size", 0) or 0,
             num_layers=f.req("num_hidden_layers"), num_heads=heads, num_kv_heads=f.opt("num_key_value_heads", heads),
             head_dim=f.opt("head_dim", head_dim) or hidden // heads, rms_norm_eps=f.opt("rms_norm_eps", eps, float),
-            rope_theta=theta, rope_scaling=scaling, max_position_embeddings=f.opt("max_position_embeddings", max_positions),
+            rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=f.opt("max_position_embeddings", max_positions),
             tie_word_embeddings=f.opt("tie_word_embeddings", False, bool))
 
 
-def head_weights(c: DecoderConfig, prefix: str = "model.", norm: str = "norm", norm_dtype: str = "model") -> list[Weight]:
+def head_weights(c: DecoderConfig, prefix: str = "model.", norm: str = "norm",
+                 norm_dtype: str = "model") -> list[Weight]:
     """Embedding, final norm and lm_head (absent when tied: the embedding serves)."""
     table = [Weight(prefix + "embed_tokens.weight", (c.vocab_size, c.hidden_size), "embed"),
              Weight(prefix + "norm.weight", (c.hidden_size,), norm, dtype=norm_dtype)]
@@ -114,7 +116,8 @@ class Decoder:
     """A target model: `forward` over its cache, `new_cache`, and `commit(cache, plan)`."""
 
     def __init__(self, cfg: DecoderConfig, w: dict[str, torch.Tensor], max_positions: int, *, norm_style: str,
-                 mixer: Callable, mlp: Callable, cache: Callable, prefix: str = "model.", rotary_dim: int | None = None):
+                 mixer: Callable, mlp: Callable, cache: Callable, prefix: str = "model.",
+                 rotary_dim: int | None = None):
         """Assemble a decoder from the checkpoint's tensors `w` (consumed): `mixer(i, p)` and `mlp(i, p)`
         take layer i's (p: its name prefix); `cache(decoder, capacity, block_size)` makes its cache.
         max_positions: the rope table's length, the most cache slots any engine will use; rotary_dim: the

@@ -52,10 +52,12 @@ class GatedDeltaShape:
 def gated_delta_weights(p: str, hidden: int, s: GatedDeltaShape) -> list[Weight]:
     """Layer `p`'s linear-attention tensors (p ends with the layer's ".")."""
     a, hv = p + "linear_attn.", s.heads_v
-    return [Weight(a + "in_proj_qkv.weight", (s.conv_dim, hidden)), Weight(a + "in_proj_z.weight", (s.value_dim, hidden)),
+    return [Weight(a + "in_proj_qkv.weight", (s.conv_dim, hidden)),
+            Weight(a + "in_proj_z.weight", (s.value_dim, hidden)),
             Weight(a + "in_proj_b.weight", (hv, hidden)), Weight(a + "in_proj_a.weight", (hv, hidden)),
             Weight(a + "conv1d.weight", (s.conv_dim, 1, s.conv_kernel), "conv"),
-            Weight(a + "A_log", (hv,), "a_log", dtype="float32"), Weight(a + "dt_bias", (hv,), "uniform", dtype="float32"),
+            Weight(a + "A_log", (hv,), "a_log", dtype="float32"),
+            Weight(a + "dt_bias", (hv,), "uniform", dtype="float32"),
             Weight(a + "norm.weight", (s.dv,), "norm", dtype="float32"),
             Weight(a + "out_proj.weight", (hidden, s.value_dim))]
 
@@ -82,7 +84,8 @@ class RecurrentCache:
         f32, n = torch.float32, layers
         return cls(state=zeros(n, s.heads_v, s.dk, s.dv, dtype=f32), conv=zeros(n, s.conv_kernel - 1, s.conv_dim),
                    rec_x=zeros(n, block_size, s.conv_dim), rec_k=zeros(n, block_size, s.heads_k, s.dk, dtype=f32),
-                   rec_v=zeros(n, block_size, s.heads_v, s.dv, dtype=f32), rec_g=zeros(n, block_size, s.heads_v, dtype=f32),
+                   rec_v=zeros(n, block_size, s.heads_v, s.dv, dtype=f32),
+                   rec_g=zeros(n, block_size, s.heads_v, dtype=f32),
                    rec_beta=zeros(n, block_size, s.heads_v, dtype=f32))
 
     def commit(self, plan: CommitPlan) -> None:

@@ -116,7 +116,8 @@ def gpt_oss_expert_weights(p: str, hidden: int, n_experts: int, inter: int, layo
     """Layer `p`'s router and experts (p ends with "mlp.")."""
     e, h, i, x = n_experts, hidden, inter, p + "experts."
     table = [Weight(p + "router.weight", (e, h), gain=4.0), Weight(p + "router.bias", (e,), "normal", 0.5)]
-    biases = [Weight(x + "gate_up_proj_bias", (e, 2 * i), "normal", 0.1), Weight(x + "down_proj_bias", (e, h), "normal", 0.1)]
+    biases = [Weight(x + "gate_up_proj_bias", (e, 2 * i), "normal", 0.1),
+              Weight(x + "down_proj_bias", (e, h), "normal", 0.1)]
     if layout == MXFP4:  # nn.Linear orientation [E, out, in], `in` cut into groups of 32 (16 bytes)
         return table + [Weight(x + "gate_up_proj_blocks", (e, 2 * i, h // 32, 16), "mxfp4_blocks", dtype="raw"),
                         Weight(x + "gate_up_proj_scales", (e, 2 * i, h // 32), "mxfp4_scales", dtype="raw"),
