@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class Model:
     tokenizer: object  # a transformers PreTrainedTokenizerFast
-    target: object  # a model family's Model (dflash_cli/models)
+    target: object  # a models.base.Decoder
     drafter: Drafter | None
     stop_token_ids: frozenset[int]
     max_context: int
@@ -140,4 +140,4 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     if drafter_cfg is not None:
         drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)
     return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir,
-                 getattr(family, "THINKS", False), HarmonyTokens.of(tokenizer), dev)
+                 family.thinks, HarmonyTokens.of(tokenizer), dev)
