@@ -15,7 +15,7 @@ block size against the drafter before a weight is read, loads the pair and sizes
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -74,19 +74,36 @@ def check_block_size(drafter_dir: Path | None, block_size: int | None, least: in
 
 def resolve(opts: ModelOptions, least_block: int = 1) -> tuple[Path, Path | None]:
     """(target dir, drafter dir or None), pulled if allowed, with -b checked against the drafter."""
-    from .resolve import resolve_model
+    if is_demo(opts):  # shipped: no Hub client to import (half a second)
+        from .registry import demo_dirs
 
-    target_dir, drafter_dir = resolve_model(opts.model, opts.target, opts.drafter, yes=opts.yes, no_spec=opts.no_spec)
+        target_dir, drafter_dir = demo_dirs()
+        drafter_dir = None if opts.no_spec else drafter_dir
+    else:
+        from .resolve import resolve_model
+
+        target_dir, drafter_dir = resolve_model(opts.model, opts.target, opts.drafter, yes=opts.yes,
+                                                no_spec=opts.no_spec)
     check_block_size(drafter_dir, opts.block_size, least_block)
     return target_dir, drafter_dir
 
 
+def is_demo(opts: ModelOptions) -> bool:
+    """The shipped demo pair, named by its alias (a --drafter of one's own goes through resolve)."""
+    from .registry import is_demo as demo_alias
+
+    return opts.model is not None and opts.target is None and opts.drafter is None and demo_alias(opts.model)
+
+
 def open_session(opts: ModelOptions, dirs: tuple[Path, Path | None] | None = None) -> "Pair":
-    """Load the pair `opts` names (or the directories `dirs` it was already resolved to)."""
-    from . import loader
+    """Load the pair `opts` names (or the directories `dirs` it was already resolved to). The demo's
+    answers end at the end of a story."""
+    from . import loader, registry
 
     target_dir, drafter_dir = dirs if dirs is not None else resolve(opts)
     model = loader.load(target_dir, drafter_dir, device=opts.device, dtype=opts.dtype, max_context=opts.max_context)
+    if opts.model is not None and opts.target is None and registry.is_demo(opts.model):
+        model = replace(model, stop_token_ids=model.stop_token_ids | {registry.DEMO_STORY_END})  # a story's end
     return Pair(model, block_size=opts.block_size, draft_window=opts.draft_window)
 
 

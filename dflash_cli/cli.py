@@ -65,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd = command()
         with cmd.make_context("dflash", args) as ctx:
             cmd.invoke(ctx)
+        sys.stdout.flush()  # what is still buffered fails here, where a closed pipe is handled, not at exit
         return 0
     except _EXIT as e:
         return e.exit_code
+    except SystemExit as e:
+        if not _rich_saw_a_closed_pipe(e):
+            raise
+        return 0  # rich already pointed stdout at /dev/null
     except _ABORT:
         print("", file=sys.stderr)
         return 130
@@ -93,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         print(f"Error: cannot write the output: {e.strerror}", file=sys.stderr)
         return 1
+
+
+def _rich_saw_a_closed_pipe(e: SystemExit) -> bool:
+    """Whether `e` is rich's answer to a closed stdout (`Console.on_broken_pipe` exits 1): the
+    reader left early, which is exit 0 for every command, as for a BrokenPipeError of our own."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "on_broken_pipe"
 
 
 def _silence_stdout() -> None:

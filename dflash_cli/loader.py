@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class Model:
     tokenizer: object  # a transformers PreTrainedTokenizerFast
-    target: object  # a model family's Model (dflash_cli/models)
+    target: object  # a models.base.Decoder
     drafter: Drafter | None
     stop_token_ids: frozenset[int]
     max_context: int

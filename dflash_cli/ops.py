@@ -149,14 +149,14 @@ def gated_rms_norm(x, z, weight, eps):
 
 
 # ---- Mixture of experts -----------------------------------------------------------------------------------
-def moe_route(x, router, top_k, renormalize, **gpt_oss):
-    """gpt_oss: `bias`, `softmax_after_topk` (kernels/moe.py)."""
-    return _pick("route", x.device)(x, router, top_k, renormalize, **gpt_oss)
+def moe_route(x, router, top_k, renormalize, **variant):
+    """variant: the router's `bias`, `softmax_after_topk` (gpt-oss; kernels/moe.py)."""
+    return _pick("route", x.device)(x, router, top_k, renormalize, **variant)
 
 
-def moe_experts(x, gate_up, down, idx, weights, **gpt_oss):
-    """gpt_oss: expert biases, MXFP4 scales, the clamped SwiGLU (kernels/moe.py)."""
-    return _pick("experts", x.device)(x, gate_up, down, idx, weights, **gpt_oss)
+def moe_experts(x, gate_up, down, idx, weights, **variant):
+    """variant: expert biases, MXFP4 scales, the clamped SwiGLU (gpt-oss; kernels/moe.py)."""
+    return _pick("experts", x.device)(x, gate_up, down, idx, weights, **variant)
 
 
 # ---- Linear layers ------------------------------------------------------------------------------------------

@@ -79,16 +79,17 @@ def run(
 
 def _decode_input(data: bytes, where: str) -> str:
     try:
-        return data.decode("utf-8-sig")  # a byte-order mark from a Windows editor is not prompt text
+        text = data.decode("utf-8-sig")  # a byte-order mark from a Windows editor is not prompt text
     except UnicodeDecodeError as e:
         raise UsageError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    return text.replace("\r\n", "\n")  # Windows line ends: the same prompt as typed with -p
 
 
 def _read_stdin() -> str:
     """All of stdin, decoded strictly: undecodable bytes are a clear error, not a tokenizer crash."""
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # already text (an embedding program's stream)
-        return sys.stdin.read()
+        return sys.stdin.read().replace("\r\n", "\n")
     return _decode_input(buffer.read(), "stdin")
 
 

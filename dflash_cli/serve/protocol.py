@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import sampling
 from ..sampling import SamplingParams
 
 
@@ -172,21 +173,18 @@ def _integer(body: dict, name: str) -> int | None:
 # Sane limits at the request boundary: the sampler holds its values as float32 and int64 device
 # scalars, so anything beyond these is either meaningless or an overflow there.
 MAX_TEMPERATURE = 100.0  # logits divided by 100 are all but uniform already
-GREEDY_BELOW = 1e-30  # a positive temperature below this is greedy (logits / T would overflow float32)
-MIN_TOP_P = 1e-6  # any smaller top_p keeps the most likely token alone, as 1e-6 does (vocabularies < 10^6)
-MAX_TOP_K = 2**31 - 1
 SEEDS = 2**64  # seeds are taken modulo 2^32 by the sampler; int64 and uint64 seeds are accepted
 
 
 def _sampling(body: dict) -> SamplingParams:
     temperature = _number(body, "temperature", 0.0, 0.0, MAX_TEMPERATURE)
-    if temperature < GREEDY_BELOW:
+    if temperature < sampling.GREEDY_BELOW:
         temperature = 0.0  # sampling at such a temperature is greedy anyway (up to exact ties)
-    top_p = _number(body, "top_p", 1.0, MIN_TOP_P, 1.0)
+    top_p = _number(body, "top_p", 1.0, sampling.TOP_P_MIN, 1.0)
     min_p = _number(body, "min_p", 0.0, 0.0, 1.0, hi_open=True)
     top_k = _integer(body, "top_k")
-    if top_k is not None and not -1 <= top_k <= MAX_TOP_K:
-        raise bad(f"top_k must be -1 or 0 (off) or a count up to {MAX_TOP_K}, got {top_k}", "top_k")
+    if top_k is not None and not -1 <= top_k <= sampling.TOP_K_MAX:
+        raise bad(f"top_k must be -1 or 0 (off) or a count up to {sampling.TOP_K_MAX}, got {top_k}", "top_k")
     seed = _integer(body, "seed")
     if seed is not None and not -SEEDS // 2 <= seed < SEEDS:
         raise bad(f"seed must fit in 64 bits, got {seed}", "seed")
