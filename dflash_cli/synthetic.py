@@ -389,7 +389,7 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         # decode and iteration are whole engine iterations (their own graph, host readback, Python);
         # the phases are replayed as graphs of their own and timed on the device.
         def runner(e: Engine):
-            return e.graphs.get(greedy, lambda: e._device_step(greedy), bonus)
+            return e.graphs.get(greedy, lambda: e.step_function(greedy), bonus)
 
         def iterate(e: Engine):  # one whole iteration, read back before the next (no lookahead)
             r = runner(e)

@@ -193,7 +193,7 @@ class EngineWorker:
         if n + budget > limit:
             raise ApiError(400, f"the prompt ({n} tokens) plus max_tokens ({budget}) exceeds this server's context "
                                 f"limit of {limit} tokens", param="max_tokens", code="context_length_exceeded")
-        job.post(Started(n, reused_prefix(engine, prompt.ids)))
+        job.post(Started(n, engine.reusable_prefix(prompt.ids)))
         stats = Stats()
         request = Request(prompt.ids, budget, model.stop_token_ids, job.sampling, keep_prefix=prompt.keep_prefix)
         chunks = stream_text(engine, model.tokenizer, request, stats, job.stop, prompt=prompt)
@@ -212,15 +212,3 @@ class EngineWorker:
             self._log(f"dflash: generation cancelled ({job.cancel_reason}) after {stats.generated} tokens, "
                       f"{late} of them after the cancel")
         return Finished(stats, finish, engine.block_size)
-
-
-def reused_prefix(engine: Engine, prompt_ids: list[int]) -> int:
-    """Prompt tokens the engine will not recompute: the common prefix with what its caches hold
-    (the same rule as Engine._prefill, which keeps at least the last prompt token to recompute)."""
-    cached = getattr(engine, "_cached_ids", [])
-    n, cap = 0, len(prompt_ids) - 1
-    for a, b in zip(cached, prompt_ids):
-        if a != b or n >= cap:
-            break
-        n += 1
-    return n
