@@ -61,7 +61,7 @@ def test_slash_commands(session):
         session.command("/set top_p lots")
     with pytest.raises(UsageError, match="/set top_k: '2.5' is not a whole number"):
         session.command("/set top_k 2.5")
-    with pytest.raises(UsageError, match=r"^/set top_p: must be in \(0, 1\], got 2.0$"):
+    with pytest.raises(UsageError, match=r"^/set top_p: must be in \[1e-06, 1\], got 2.0$"):
         session.command("/set top_p 2")
     for value in ("nan", "inf", "-1"):
         with pytest.raises(UsageError, match=f"^/set temperature: must be a finite number >= 0, got {value}"):

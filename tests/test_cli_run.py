@@ -105,7 +105,7 @@ def test_chat_template_and_thinking_off(capsys, qwen3_chat_pair):
     (["--top-k", "9223372036854775808"], 2, "--top-k must be a whole number from 0 (off) to 2147483647, got 9223372036854775808"),
     (["--top-k", "99999999999999999999"], 2, "--top-k must be a whole number from 0 (off) to 2147483647"),
     (["--top-k", "-1"], 2, "--top-k must be a whole number from 0 (off) to 2147483647, got -1"),
-    (["--top-p", "0"], 2, "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], 2, "--top-p must be in [1e-06, 1], got 0.0"),
     (["--min-p", "nan"], 2, "--min-p must be in [0, 1)"),
     (["--dtype", "float16"], 2, "float16 is not supported"),
     (["--device", "mps"], 2, "--device mps is not supported: dflash runs on cpu or cuda (cuda:N)"),
