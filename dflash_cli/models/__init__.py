@@ -4,7 +4,7 @@ A family module declares `FAMILY` (a `base.Family`): its `model_types`, its `Con
 config.json, checked at the boundary), its `weight_table(cfg, layout)` (every tensor it loads, by
 checkpoint name: models/weights.py), `build(cfg, tensors, max_positions)` (a `base.Decoder` assembled
 from models/layers), `cache_bytes` for the memory plan, and the hooks with defaults: `layout_of`
-(releases that differ in layout), `thinks` (the default thinking mode), `drafter_defaults` (how a
+(releases that differ in layout), `drafter_defaults` (how a
 drafter config.json of its model_type is read). The engine, the CLI and the memory planner only ever
 go through this table.
 """

@@ -199,7 +199,6 @@ class Family:
     build: Callable  # (cfg, tensors, max_positions) -> Decoder (tensors consumed)
     cache_bytes: Callable  # (cfg, dtype, block_size) -> (bytes per token of context, fixed bytes)
     layout_of: Callable = lambda names: None  # the checkpoint's layout (experts fused or not), from its names
-    thinks: bool = False  # the thinking mode its released drafters were trained with: the default
     drafter_defaults: Callable = lambda raw: raw  # a drafter config.json of this model_type as transformers reads it
 
 

@@ -127,5 +127,5 @@ def build(c: Config, w: dict[str, torch.Tensor], max_positions: int) -> Decoder:
 
 
 # gpt-oss always reasons (harmony's analysis channel): --think/--no-think set its effort.
-FAMILY = Family(MODEL_TYPES, Config, weight_table, build, kv_cache_bytes, layout_of=layout_of, thinks=True,
+FAMILY = Family(MODEL_TYPES, Config, weight_table, build, kv_cache_bytes, layout_of=layout_of,
                 drafter_defaults=with_transformers_defaults)

@@ -158,4 +158,4 @@ def build(c: Config, w: dict[str, torch.Tensor], max_positions: int) -> Decoder:
 
 
 # The Qwen3.5 / 3.6 drafters were trained with thinking on.
-FAMILY = Family(MODEL_TYPES, Config, weight_table, build, cache_bytes, layout_of=moe_layout_of, thinks=True)
+FAMILY = Family(MODEL_TYPES, Config, weight_table, build, cache_bytes, layout_of=moe_layout_of)
