@@ -35,10 +35,10 @@ aten = torch.ops.aten
 # static), and aliasing. Written out (not guessed from an op's tags) so that an op missing here shows up
 # as a counted launch, never as a silently dropped one.
 NOT_LAUNCHES = frozenset({
-    "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "expand", "expand_as", "as_strided",
+    "view", "_unsafe_view", "_reshape_alias", "view_as", "expand", "expand_as", "as_strided",
     "t", "transpose", "permute", "unsqueeze", "squeeze", "slice", "select", "narrow", "alias", "detach",
-    "split", "split_with_sizes", "unbind", "chunk", "tensor_split", "unflatten", "flatten", "movedim",
-    "diagonal", "view_as_real", "view_as_complex", "_reshape_alias", "lift_fresh", "_to_copy_noop",
+    "split", "split_with_sizes", "unbind", "chunk", "tensor_split", "unflatten", "movedim",
+    "diagonal", "view_as_real", "view_as_complex", "lift_fresh",
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "resize_",
     "set_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "size", "stride",
     "dim", "numel", "_local_scalar_dense", "numpy_T", "mT", "mH", "adjoint", "matrix_H",
@@ -195,7 +195,8 @@ class Counts:
     ops: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # step -> kind or "fixed" -> op -> launches
 
 
-def count_family(family: Family, workdir: Path | None = None) -> Counts:
+def count_family(family: Family, steps_wanted: tuple[str, ...] = ("decode", "verify"),
+                 workdir: Path | None = None) -> Counts:
     """Per-layer launches by difference: the base model (family.kinds, a one-layer drafter), then the
     same with one more layer of each kind (appended), for the decode step and the verify step."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -203,22 +204,25 @@ def count_family(family: Family, workdir: Path | None = None) -> Counts:
 
         def steps(name: str, kinds, drafter_layers: int, decode: bool = True) -> dict[str, Counter]:
             t, d = family.write(tmp / name, kinds, drafter_layers)
-            out = {"verify": breakdown(captured_step(t, d, family.block_size))}
-            if decode:
+            out = {}
+            if "verify" in steps_wanted:
+                out["verify"] = breakdown(captured_step(t, d, family.block_size))
+            if decode and "decode" in steps_wanted:
                 out["decode"] = breakdown(captured_step(t))
             return out
 
         base = steps("base", family.kinds, 1)
-        c = Counts(family.name, {"decode": {}, "verify": {}}, {s: n.total() for s, n in base.items()})
+        c = Counts(family.name, {s: {} for s in base}, {s: n.total() for s, n in base.items()})
         c.layers = dict(Counter(family.kinds)) | {family.drafter_kind: 1}
-        c.ops = {"decode": {}, "verify": {}}
+        c.ops = {s: {} for s in base}
         for kind in dict.fromkeys(family.kinds):
             more = steps(kind.replace(" ", "_").replace("+", "_"), family.kinds + (kind,), 1)
-            for step in ("decode", "verify"):
+            for step in base:
                 c.ops[step][kind] = _minus(more[step], base[step])
-        more = steps("drafter", family.kinds, 2, decode=False)
-        c.ops["verify"][family.drafter_kind] = _minus(more["verify"], base["verify"])
-        for step in ("decode", "verify"):
+        if "verify" in base:
+            more = steps("drafter", family.kinds, 2, decode=False)
+            c.ops["verify"][family.drafter_kind] = _minus(more["verify"], base["verify"])
+        for step in base:
             c.per_layer[step] = {k: sum(ops.values()) for k, ops in c.ops[step].items()}
             fixed = Counter(base[step])
             for kind, ops in c.ops[step].items():
