@@ -9,7 +9,9 @@ the ops below that launch nothing on a GPU (a view, metadata, an allocation), so
 
 An aten op the interpreter runs around a Triton launch (its argument copies) is part of that launch:
 the recording already folds it in, so a Triton launch counts once. A `copy_` (or `contiguous`, `clone`,
-`cat`...) moves data and counts.
+`cat`...) moves data and counts. Each other aten op counts as one launch: a GEMM (`linear`, bias in its
+epilogue) is one, but a few ops (`sort`, `topk`, `cumsum`, `scatter_reduce`) may launch two or more
+kernels on a GPU, so where they occur (MoE routing) the count is a floor.
 
 Which layer a launch belongs to is found by difference, so nothing here depends on how the model code
 is laid out: a step of a model with one more layer of a kind, less the step of the model without it,
@@ -19,8 +21,6 @@ and the graph it captures.
 """
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field

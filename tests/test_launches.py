@@ -8,6 +8,8 @@ the Triton kernels in the interpreter; benchmarks/launches.py prints the table (
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -15,6 +17,10 @@ from dflash_cli import cuda, ops
 
 from .fake_cuda import stand_in
 from .launch_count import BUDGETS, FAMILIES, breakdown, count_family, launches
+
+# The counter counts the launches of the Triton interpreter (what a capture on the stand-in GPU records).
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="counts interpreted Triton launches (TRITON_INTERPRET=1, set on a CPU)")
 
 # Today's counts, measured (python benchmarks/launches.py): launches per layer of each kind and the
 # step's fixed work, for a decode step (b = 1, plain) and a verify step (one DFlash iteration at b = 4).
