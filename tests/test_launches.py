@@ -1,0 +1,112 @@
+"""Device launches per step (issue 26): the counter, and a ceiling per family so the count cannot creep up.
+
+At batch 1 a GPU iteration is a chain of small dependent launches, each costing 1-2 µs before its body,
+so for the hybrid and MoE families the number of launches, not the bytes, sets the speed. The counter
+(tests/launch_count.py) counts the launches in the graph the engine captures on the stand-in GPU, with
+the Triton kernels in the interpreter; benchmarks/launches.py prints the table (docs/benchmarks.md,
+"Launches per step").
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dflash_cli import cuda, ops
+
+from .fake_cuda import stand_in
+from .launch_count import BUDGETS, FAMILIES, breakdown, count_family, launches
+
+# The counter counts the launches of the Triton interpreter (what a capture on the stand-in GPU records).
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="counts interpreted Triton launches (TRITON_INTERPRET=1, set on a CPU)")
+
+# Today's counts, measured (python benchmarks/launches.py): launches per layer of each kind and the
+# step's fixed work, for a decode step (b = 1, plain) and a verify step (one DFlash iteration at b = 4).
+# These are CEILINGS, not issue 26's budgets (launch_count.BUDGETS: dense ≤ 6, hybrid linear ≤ 12, gated
+# full ≤ 8, MoE ≤ 12, gpt-oss ≤ 10, drafter ≤ 6, fixed ≤ 20), which need the issue's fusions. A count
+# over its ceiling fails (fuse the new launch away, or raise the ceiling here with a reason); a count
+# under it fails too, asking for the ceiling to come down to it, so a fusion's gain cannot be spent again
+# unnoticed.
+CEILINGS = {
+    "dense": {"decode": {"dense": 10, "fixed": 16},
+              "verify": {"dense": 10, "drafter": 13, "fixed": 35}},
+    "hybrid": {"decode": {"linear": 39, "full": 12, "fixed": 23},
+               "verify": {"linear": 40, "full": 12, "drafter": 13, "fixed": 42}},
+    "moe": {"decode": {"moe": 32, "fixed": 16},
+            "verify": {"moe": 32, "drafter": 13, "fixed": 35}},
+    "hybrid-moe": {"decode": {"linear+moe": 66, "full+moe": 39, "fixed": 23},
+                   "verify": {"linear+moe": 67, "full+moe": 39, "drafter": 13, "fixed": 42}},
+    "gpt-oss": {"decode": {"gpt-oss sliding": 30, "gpt-oss full": 30, "fixed": 16},
+                "verify": {"gpt-oss sliding": 30, "gpt-oss full": 30, "drafter": 13, "fixed": 35}},
+    "dflash2": {"decode": {"dense": 10, "fixed": 16},
+                "verify": {"dense": 10, "dflash2 drafter": 55, "fixed": 51}},
+}
+
+
+def off_ceiling(counts, ceilings: dict) -> list[str]:
+    """One line per count that is not its ceiling (a step or kind missing on either side included)."""
+    wrong = []
+    for step, want in ceilings.items():
+        got = {**counts.per_layer.get(step, {}), "fixed": counts.fixed.get(step)}
+        for kind in sorted(set(want) | set(got)):
+            n, cap = got.get(kind), want.get(kind)
+            if n != cap:
+                why = ("over its ceiling: a launch was added (fuse it, or raise the ceiling with a reason)"
+                       if n is not None and cap is not None and n > cap else
+                       "under its ceiling: lower the ceiling to the new count" if n is not None and cap is not None
+                       else "not counted" if n is None else "has no ceiling")
+                ops_of = counts.ops.get(step, {}).get(kind, {})
+                wrong.append(f"{counts.family} {step} {kind}: {n} launches, ceiling {cap}: {why} ({ops_of})")
+    return wrong
+
+
+# ---- the counter ------------------------------------------------------------------------------------------
+def test_the_counter_counts_what_a_gpu_would_launch():
+    """A hand-written step with a known number of launches: views, metadata, allocations and idle
+    `to`/`contiguous` are free; a Triton launch counts once (the interpreter's own copies around it are
+    part of it); a copy, a `contiguous` or `reshape` that moves data, and an arithmetic op count."""
+    with stand_in(kernels="triton"), torch.inference_mode():
+        x, w, out = torch.randn(4, 8), torch.ones(8), torch.empty(4, 8)
+        graph = cuda.new_graph()
+        with cuda.capturing(graph):
+            x.view(2, 16).transpose(0, 1).unsqueeze(0)[0].permute(1, 0).reshape(32)  # views: 0
+            x[1:3].squeeze().expand(2, 8).t().detach()  # views: 0
+            x.contiguous(), x.to(torch.float32), x.reshape(32), torch.empty(3), torch.empty_like(x)  # 0
+            h, _ = ops.rms_norm(x, w, 1e-6)  # one Triton launch: 1
+            out.copy_(h)  # a copy: 1
+            x.t().contiguous()  # a contiguous that moves data: 1
+            x.t().reshape(32)  # a reshape that must copy: 1
+            h + 1  # 1
+    assert dict(breakdown(graph.ops)) == {"triton:_rms_norm_kernel": 1, "copy_": 1, "contiguous": 1, "reshape": 1,
+                                          "add": 1}
+    assert launches(graph.ops) == 5
+    assert len(graph.ops) > 5  # the views were recorded and left out, not missed
+
+
+def test_the_ceilings_and_budgets_name_the_same_kinds():
+    for name, family in FAMILIES.items():
+        kinds = {*family.kinds, family.drafter_kind, "fixed"}
+        assert set(CEILINGS[name]["verify"]) == kinds and set(CEILINGS[name]["decode"]) == kinds - {family.drafter_kind}
+        assert kinds <= set(BUDGETS)
+
+
+def test_one_more_launch_in_a_layer_is_caught(monkeypatch):
+    """The ceiling check on a dense model whose MLP launches one op more (SwiGLU's output copied): the
+    dense layer's decode count goes over its ceiling by one, and nothing else moves."""
+    swiglu = ops.swiglu
+    monkeypatch.setattr(ops, "swiglu", lambda gate_up: swiglu(gate_up).clone())
+    counts = count_family(FAMILIES["dense"], steps_wanted=("decode",))
+    cap = CEILINGS["dense"]["decode"]["dense"]
+    wrong = off_ceiling(counts, {"decode": CEILINGS["dense"]["decode"]})
+    assert len(wrong) == 1 and wrong[0].startswith(f"dense decode dense: {cap + 1} launches, ceiling {cap}: over its ceiling")
+    assert "'clone': 1" in wrong[0]  # the op that was added is named
+
+
+# ---- every family held to its ceiling ------------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_no_family_launches_more_than_today(family):
+    counts = count_family(FAMILIES[family])
+    wrong = off_ceiling(counts, CEILINGS[family])
+    assert not wrong, "\n".join(wrong)
