@@ -229,3 +229,25 @@ def stories_model(stories_pair) -> loader.Model:
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+
+
+# Every run records each test's time (setup, call and teardown; under pytest-xdist the controller
+# receives the workers' reports) in tests/.cache/durations.tsv, slowest first, with its `slow` mark: the
+# list to consult when choosing what the fast tier (-m "not slow") leaves out.
+_durations: dict[str, list] = {}
+
+
+def pytest_runtest_logreport(report):
+    entry = _durations.setdefault(report.nodeid, [0.0, "slow" in report.keywords])
+    entry[0] += report.duration
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput") or not _durations:
+        return
+    fit_cache.CACHE.mkdir(exist_ok=True)
+    rows = sorted(_durations.items(), key=lambda kv: -kv[1][0])
+    lines = [f"{seconds:.2f}\t{'slow' if slow else '-'}\t{nodeid}" for nodeid, (seconds, slow) in rows]
+    tmp = fit_cache.CACHE / "durations.tsv.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, fit_cache.CACHE / "durations.tsv")
