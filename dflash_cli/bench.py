@@ -15,10 +15,15 @@ and must match in float32.
 The report also gives this machine's break-even τ for each block size (the acceptance length at
 which drafting at b commits tokens as fast as b = 1, from the auto engine's measured costs) and the
 drafter's acceptance at each block position.
+Every prompt runs `repeats` times per arm, the arms interleaved (plain, B, auto, plain, …) so that a
+drift of the machine touches all three alike. Speeds are the median of the repeats; the spread
+(min–max) is shown beside them, so that noise is not read as a regression. τ, the histograms and the
+`same` column come from the first repeat: the answers are seeded, so every repeat writes the same tokens.
 """
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -59,6 +64,14 @@ class BenchRow:
     auto_identical: bool = True  # the auto arm did too (in bfloat16 its timed block sizes may part at a near-tie)
     divergence: dict | None = None  # where fixed B parts from plain: {"token": i, "margin": top-1 minus top-2 logit}
     auto_divergence: dict | None = None  # where auto parts from plain
+    runs: dict[str, list[float]] = field(default_factory=dict)  # SPEEDS → each repeat's figure (the fields: medians)
+
+    @property
+    def noise(self) -> float:
+        """The widest half-range of the three decode speeds over the repeats, as a share of its median."""
+        shares = [(max(v) - min(v)) / 2 / statistics.median(v)
+                  for v in (self.runs.get(k) for k in ("plain_tps", "dflash_tps", "auto_tps")) if v and min(v) > 0]
+        return max(shares, default=0.0)
 
     @property
     def speedup(self) -> float:
@@ -69,10 +82,18 @@ class BenchRow:
         return self.auto_tps / self.plain_tps if self.plain_tps else 0.0
 
 
+SPEEDS = ("plain_tps", "dflash_tps", "auto_tps", "plain_e2e_tps", "dflash_e2e_tps", "auto_e2e_tps")
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "runs": list(values)}
+
+
 @dataclass
 class BenchReport:
     block_size: int
     max_tokens: int
+    repeats: int = 1
     rows: list[BenchRow] = field(default_factory=list)
     histogram: Counter = field(default_factory=Counter)  # τ → iterations, at B
     costs: dict[int, float] = field(default_factory=dict)  # seconds per iteration at each b (auto's measurement)
@@ -85,29 +106,36 @@ class BenchReport:
         return {b: seconds / one for b, seconds in sorted(self.costs.items())} if one else {}
 
     def totals(self) -> dict:
-        """Aggregate speeds as total tokens over total time (not a mean of ratios)."""
+        """Aggregate speeds as total tokens over total time (not a mean of ratios), for each repeat; the
+        figures are the medians over the repeats, and `spread` gives each one's min, median, max and runs."""
         tokens = sum(r.tokens for r in self.rows)
 
-        def rate(tps: str) -> float:
-            seconds = sum(r.tokens / getattr(r, tps) for r in self.rows if getattr(r, tps))
+        def rate(tps: str, i: int) -> float:
+            figures = [(r.tokens, r.runs[tps][i] if r.runs else getattr(r, tps)) for r in self.rows]
+            seconds = sum(n / v for n, v in figures if v)
             return tokens / seconds if seconds else 0.0
 
+        per_repeat = []
+        for i in range(self.repeats if all(r.runs for r in self.rows) else 1):
+            t = {k: rate(k, i) for k in SPEEDS}
+            t["speedup"] = t["dflash_tps"] / t["plain_tps"] if t["plain_tps"] else 0.0
+            t["auto_speedup"] = t["auto_tps"] / t["plain_tps"] if t["plain_tps"] else 0.0
+            per_repeat.append(t)
+        spreads = {k: spread([t[k] for t in per_repeat]) for k in per_repeat[0]}
         iterations = sum(self.histogram.values())
-        plain, spec, auto = rate("plain_tps"), rate("dflash_tps"), rate("auto_tps")
         return {
-            "tokens": tokens, "plain_tps": plain, "dflash_tps": spec, "auto_tps": auto,
-            "speedup": spec / plain if plain else 0.0, "auto_speedup": auto / plain if plain else 0.0,
-            "plain_e2e_tps": rate("plain_e2e_tps"), "dflash_e2e_tps": rate("dflash_e2e_tps"),
-            "auto_e2e_tps": rate("auto_e2e_tps"),
+            "tokens": tokens, **{k: v["median"] for k, v in spreads.items()},
             "tau": sum(t * n for t, n in self.histogram.items()) / iterations if iterations else 0.0,
             "all_identical": all(r.identical for r in self.rows),
             "auto_all_identical": all(r.auto_identical for r in self.rows),
+            "repeats": len(per_repeat), "spread": spreads,
         }
 
     def to_json(self) -> dict:
         return {
             "block_size": self.block_size,
             "max_tokens": self.max_tokens,
+            "repeats": self.repeats,
             "rows": [asdict(r) | {"speedup": r.speedup, "auto_speedup": r.auto_speedup} for r in self.rows],
             "acceptance_histogram": {str(k): v for k, v in sorted(self.histogram.items())},
             "iteration_seconds": {str(b): s for b, s in self.costs.items()},
@@ -135,8 +163,11 @@ def first_divergence(engine: Engine, prompt: list[int], plain: list[int], spec: 
 
 
 def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block_size: int | None = None,
-              sampling: SamplingParams | None = None, on_row=None) -> BenchReport:
-    """block_size: the fixed arm's B, and the largest the auto arm may choose (default: the drafter's)."""
+              sampling: SamplingParams | None = None, on_row=None, repeats: int = 3) -> BenchReport:
+    """block_size: the fixed arm's B, and the largest the auto arm may choose (default: the drafter's).
+    repeats: runs of each prompt per arm, interleaved; the row's speeds are their medians."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     sampling = sampling or SamplingParams(seed=0)
     encoded = [encode_chat(model.tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
     # Three engines share the device with one set of weights: size their caches for these prompts only.
@@ -144,29 +175,32 @@ def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block
     plain = Engine(model.target, max_context=context)
     fixed = Engine(model.target, model.drafter, block_size=block_size, max_context=context)
     auto = Engine(model.target, model.drafter, block_size=block_size, max_context=context, adaptive=True)
-    report = BenchReport(fixed.block_size, max_tokens)
+    report = BenchReport(fixed.block_size, max_tokens, repeats)
     warm = encode_chat(model.tokenizer, [{"role": "user", "content": "Hello"}])
     for engine in (plain, fixed, auto):  # first calls pay for kernel compilation, graph capture, cost measurement
         engine.warm_up(sampling)
         _generate(engine, model, warm, 8, sampling)
     sizes, taus = [], []
     for p, ids in zip(prompts, encoded):
-        a = _generate(plain, model, ids, max_tokens, sampling)
-        b = _generate(fixed, model, ids, max_tokens, sampling)
-        c = _generate(auto, model, ids, max_tokens, sampling)
+        arms = [(_generate(plain, model, ids, max_tokens, sampling), _generate(fixed, model, ids, max_tokens, sampling),
+                 _generate(auto, model, ids, max_tokens, sampling)) for _ in range(repeats)]
+        a, b, c = arms[0]
+        runs = {f"{arm}_{kind}": [getattr(stats[n], attr) for stats in arms]
+                for n, arm in enumerate(("plain", "dflash", "auto"))
+                for kind, attr in (("tps", "tokens_per_second"), ("e2e_tps", "end_to_end_tokens_per_second"))}
+        median = {k: statistics.median(v) for k, v in runs.items()}
         report.histogram.update(b.acceptance_lengths)
         sizes += b.block_sizes
         taus += b.acceptance_lengths
         row = BenchRow(
             category=p["category"], prompt=p["prompt"], tokens=b.generated,
-            plain_tps=a.tokens_per_second, dflash_tps=b.tokens_per_second, auto_tps=c.tokens_per_second,
-            plain_e2e_tps=a.end_to_end_tokens_per_second, dflash_e2e_tps=b.end_to_end_tokens_per_second,
-            auto_e2e_tps=c.end_to_end_tokens_per_second, tau=b.mean_acceptance, auto_tau=c.mean_acceptance,
+            **{k: median[k] for k in SPEEDS}, tau=b.mean_acceptance, auto_tau=c.mean_acceptance,
             auto_block_sizes=dict(sorted(Counter(c.block_sizes).items())),
             identical=a.token_ids == b.token_ids, auto_identical=a.token_ids == c.token_ids,
             divergence=None if a.token_ids == b.token_ids else first_divergence(plain, ids, a.token_ids, b.token_ids),
             auto_divergence=None if a.token_ids == c.token_ids else first_divergence(plain, ids, a.token_ids,
                                                                                       c.token_ids),
+            runs={k: runs[k] for k in SPEEDS},
         )
         report.rows.append(row)
         if on_row:
@@ -207,6 +241,11 @@ def render(report: BenchReport, console) -> None:
                   f"{t['speedup']:.2f}×", f"{t['auto_speedup']:.2f}×", f"{t['tau']:.2f}",
                   "yes" if t["all_identical"] else "no")
     console.print(table)
+    if report.repeats > 1:
+        console.print(spread_line(t, b, report.repeats))
+        noisy = [f"{r.category} {n}" for n, r in enumerate(report.rows, 1) if r.noise > NOISY]
+        if noisy:
+            console.print(f"noisy (a speed varied by more than ±{NOISY:.0%} over the runs): {', '.join(noisy)}")
     parted = [r for r in report.rows if not r.auto_identical]
     if parted:
         first = parted[0].auto_divergence
@@ -225,6 +264,21 @@ def render(report: BenchReport, console) -> None:
     console.print(f"with prefill: plain {t['plain_e2e_tps']:.1f} · B={b} {t['dflash_e2e_tps']:.1f} · "
                   f"auto {t['auto_e2e_tps']:.1f} tok/s (end to end)")
     console.print("Decode speeds are after the first token; --json has every figure.")
+
+
+NOISY = 0.10  # a row whose speeds vary more than this (half-range over median) is named under the table
+
+
+def spread_line(totals: dict, block_size: int, repeats: int) -> str:
+    """The totals' min–max over the repeats: a later run inside these ranges is noise, not a regression."""
+    sp = totals["spread"]
+
+    def span(key: str, fmt: str) -> str:
+        return f"{sp[key]['min']:{fmt}}–{sp[key]['max']:{fmt}}"
+
+    return (f"medians of {repeats} runs per prompt (arms interleaved); the totals ranged over them: plain "
+            f"{span('plain_tps', '.1f')} · B={block_size} {span('dflash_tps', '.1f')} · auto {span('auto_tps', '.1f')} "
+            f"tok/s · speedup {span('speedup', '.2f')}× · auto {span('auto_speedup', '.2f')}×")
 
 
 def histogram_line(histogram: Counter, block_size: int) -> str:

@@ -335,7 +335,7 @@ def bench(
     target: Optional[str] = TARGET,
     drafter: Optional[str] = DRAFTER,
     yes: bool = YES,
-    synthetic: bool = typer.Option(False, "--synthetic", help="Random weights at MODEL's real shapes (qwen3-8b, qwen3-4b, llama3.1-8b, tiny): times each step, no download."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Random weights at MODEL's real shapes (qwen3-8b, llama3.1-8b, qwen3.5-27b, gpt-oss-20b, tiny and more: a wrong name lists them all): times each step, no download."),
     tau: Optional[float] = typer.Option(None, "--tau", metavar="TAU", help="With --synthetic: the acceptance length to project tok/s for (default: the published one)."),
     context: int = typer.Option(1024, "--context", min=1, metavar="TOKENS", help="With --synthetic: tokens already in the KV cache."),
     categories: Optional[str] = typer.Option(None, "--prompts", metavar="SETS", help="Built-in prompt sets to run, comma-separated: math, code, chat, story (default math,code,chat; story for `demo`)."),
@@ -345,6 +345,7 @@ def bench(
     device: str = DEVICE,
     dtype: str = DTYPE,
     max_context: Optional[int] = MAX_CONTEXT,
+    repeats: int = typer.Option(3, "--repeats", min=1, metavar="N", help="Runs of each prompt per arm, interleaved: the table shows medians and their spread (--json: every run)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables.", rich_help_panel=OUTPUT),
 ) -> None:
     """Measure: plain decoding, DFlash at block size B and DFlash with auto block size, side by side on
@@ -391,7 +392,7 @@ def bench(
     progress = Console(stderr=True, highlight=False, soft_wrap=True)
     report = bench_mod.run_bench(
         m, bench_mod.builtin_prompts(wanted), max_tokens=max_tokens, block_size=block_size,
-        sampling=SamplingParams(temperature=temperature, seed=0),
+        sampling=SamplingParams(temperature=temperature, seed=0), repeats=repeats,
         on_row=lambda r: progress.print(bench_mod.progress_line(r, block_size or m.drafter.cfg.block_size), style="dim"),
     )
     if json_out:
@@ -424,8 +425,8 @@ def train(
     think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Qwen3 thinking mode in the answers (default off): train in the mode you will chat in.", rich_help_panel=TRAINING),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="INT", help="Seed of the initialisation, batches and anchors (default 0).", rich_help_panel=TRAINING),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="N", help="Steps between checkpoints (default: a tenth of the run).", rich_help_panel=TRAINING),
-    eval_tokens: int = typer.Option(128, "--eval-tokens", min=1, metavar="N", help="Tokens per held-out prompt when measuring τ.", rich_help_panel=TRAINING),
-    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute layer activations in the backward pass (less memory).", rich_help_panel=TRAINING),
+    eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", min=1, metavar="N", help="Tokens per held-out prompt when measuring τ (default 128).", rich_help_panel=TRAINING),
+    grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute layer activations in the backward pass (less memory; default off). --resume keeps this, --checkpoint-every, --eval-tokens and --device unless given again.", rich_help_panel=TRAINING),
     device: str = DEVICE,
     yes: bool = YES,
     json_out: bool = typer.Option(False, "--json", help="Print the final report as one JSON object.", rich_help_panel=OUTPUT),

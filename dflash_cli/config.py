@@ -26,7 +26,100 @@ def read_config(directory: Path) -> dict:
         raise DflashError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise DflashError(f"{path} is not a JSON object (it holds a {type(raw).__name__})")
-    return raw
+    drafter = "dflash_config" in raw or any(a in DRAFTER_ARCHITECTURES for a in raw.get("architectures") or [])
+    if not drafter:  # a drafter's own checks are DrafterConfig.from_raw's
+        refuse_unimplemented(raw, Path(directory))
+    return with_aliases(raw)
+
+
+# quant_method → (what the format stores beside or instead of plain weights, the model_types whose family
+# reads it). A quantized checkpoint read as plain weights loads without error and writes garbage, so every
+# format not turned on here is refused by name before a weight is read (the quantized-targets issue turns
+# entries on by naming the family that implements it).
+QUANTIZATION_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mxfp4": ("*_blocks, *_scales", ("gpt_oss",)),  # gpt_oss.py's experts
+    "fp8": ("weight_scale_inv", ()),
+    "fbgemm_fp8": ("weight_scale", ()),
+    "compressed-tensors": ("weight_scale", ()),
+    "gptq": ("qweight, qzeros, scales", ()),
+    "awq": ("qweight, qzeros, scales", ()),
+    "bitsandbytes": ("packed 4/8-bit weights", ()),
+    "gguf": ("packed GGUF blocks", ()),
+    "hqq": ("packed weights", ()),
+    "eetq": ("int8 weights", ()),
+    "torchao": ("packed weights", ()),
+}
+
+
+def quantization_of(raw: dict) -> dict | None:
+    """The `quantization_config` (or older `compression_config`) of a config or of its text_config."""
+    for cfg in (raw, raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}):
+        for key in ("quantization_config", "compression_config"):
+            if cfg.get(key):
+                return cfg[key] if isinstance(cfg[key], dict) else {"quant_method": str(cfg[key])}
+    return None
+
+
+def refuse_quantized(raw: dict, directory: Path, runs_on: str | None) -> None:
+    """One line naming the format, unless `runs_on` (a model_type; None for a drafter) implements it."""
+    quant = quantization_of(raw)
+    if quant is None:
+        return
+    method = str(quant.get("quant_method") or ("bitsandbytes" if quant.get("load_in_4bit") or quant.get("load_in_8bit")
+                                               else "unknown"))
+    stores, families = QUANTIZATION_FORMATS.get(method, ("", ()))
+    if runs_on is not None and runs_on in families:
+        return
+    what = f"{method}, {stores}" if stores else method
+    raise DflashError(f"{directory}: this checkpoint is quantized ({what}); dflash cannot run quantized weights "
+                      f"{'in a drafter' if runs_on is None and families else 'yet'}: use the bf16 checkpoint")
+
+
+def _sliding_layers(cfg: dict) -> bool:
+    """Whether transformers' Qwen3/Qwen3-MoE config gives any layer a sliding window (their __post_init__)."""
+    if not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
+        return False  # transformers sets sliding_window to None unless use_sliding_window
+    if cfg.get("model_type") == "qwen3_moe":
+        return True  # every layer's attention takes config.sliding_window
+    if cfg.get("layer_types"):
+        return "sliding_attention" in cfg["layer_types"]
+    return int(cfg.get("max_window_layers", 28)) < int(cfg.get("num_hidden_layers") or 0)
+
+
+def refuse_unimplemented(raw: dict, directory: Path) -> None:
+    """Config settings that change a target's math in a way no dflash family implements: refused by name."""
+    refuse_quantized(raw, directory, raw.get("model_type"))
+    if raw.get("model_type") in ("qwen3", "qwen3_moe") and _sliding_layers(raw):
+        raise DflashError(f"{directory}/config.json: use_sliding_window is true (a window of {raw['sliding_window']} "
+                          f"tokens); dflash does not implement Qwen3's sliding window: use a config without it")
+
+
+# Keys transformers reads under two names: model_type → its config class's `attribute_map` {alias: name}
+# (tests/test_config_boundary.py checks this table against transformers). A config.json may spell either.
+CONFIG_ALIASES: dict[str, dict[str, str]] = {
+    "qwen3_moe": {"num_experts": "num_local_experts"},
+    "gpt_oss": {"num_experts": "num_local_experts"},
+}
+
+
+def with_aliases(raw: dict) -> dict:
+    """`raw` (and its text_config) with each aliased key under both names, so that a family reads whichever
+    spelling it names. Where a file gives both, the attribute's own name wins, as transformers reads it."""
+    def fill(cfg: dict) -> dict:
+        aliases = CONFIG_ALIASES.get(cfg.get("model_type"), {})
+        if not any(k in cfg for pair in aliases.items() for k in pair):
+            return cfg
+        cfg = dict(cfg)
+        for alias, name in aliases.items():
+            value = cfg.get(name, cfg.get(alias))
+            if value is not None:
+                cfg[alias] = cfg[name] = value
+        return cfg
+
+    out = fill(raw)
+    if isinstance(raw.get("text_config"), dict):
+        out = dict(out, text_config=fill(raw["text_config"]))
+    return out
 
 
 class Fields:
@@ -164,6 +257,7 @@ class DrafterConfig:
 
     @classmethod
     def from_raw(cls, raw: dict, directory: Path) -> "DrafterConfig":
+        refuse_quantized(raw, Path(directory), None)  # drafter.py reads plain weights only
         raw = _as_transformers_reads(raw)
         f = Fields(raw, Path(directory))
         dflash = raw.get("dflash_config") or {}

@@ -142,6 +142,10 @@ class Engine:
         Its prompt is long enough (WARM_UP_PROMPT) to take the prefill paths of a long prompt, so that
         their kernels compile (and fla's chunked Gated DeltaNet autotunes) here too."""
         if not self.graphs.enabled and not self.adaptive:
+            # Nothing to capture or measure, but a process's first call still pays one-time costs (kernel
+            # modules load on first use): a two-token throwaway keeps them out of the first answer's prefill.
+            for _ in self.generate(Request([0, 0, 0], 2, sampling=sampling or SamplingParams())):
+                pass
             return None
         start = time.perf_counter()
         new = 2 * self.block_size + 2
@@ -343,13 +347,15 @@ class Engine:
 
 
 def _cut(step: Step, stops: frozenset[int], budget: int) -> Step:
-    """End the step at the first stop token (not emitted) or when the token budget runs out."""
+    """End the step at the first stop token (not emitted) or when the token budget runs out. A cut step
+    accepted only what the answer kept (the stop token included), so τ sums to the tokens written."""
     for i, token in enumerate(step.tokens[:budget]):
         if token in stops:
-            step.tokens, step.finish = step.tokens[:i], "stop"
+            step.tokens, step.finish, step.accepted = step.tokens[:i], "stop", min(step.accepted, i)
             return step
     if len(step.tokens) >= budget:
         step.tokens, step.finish = step.tokens[:budget], "length"
+        step.accepted = min(step.accepted, budget - 1)
     return step
 
 

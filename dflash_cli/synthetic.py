@@ -210,9 +210,15 @@ def check_memory(name: str, dtype: torch.dtype, device: torch.device, context: i
     else:
         free, where = host_memory(), "in host memory"
     if need > free:
+        if needs.total(block) - workspace_bytes(t, block) + workspace_bytes(t, block, prefill_chunk=1) < free:
+            fits = block  # the weights fit: the context is what does not
+            while needs.total(fits * 2) - workspace_bytes(t, block) + workspace_bytes(t, block, prefill_chunk=1) < free:
+                fits *= 2
+            hint = f": use a shorter --context (about {fits:,} tokens fit)"
+        else:
+            hint = "" if gpu else ": it is meant for a GPU (try the shape 'tiny' here)"
         raise DflashError(f"synthetic {name} in {str(dtype).removeprefix('torch.')} needs {need / GiB:.1f} GiB {where} "
-                          f"(weights {needs.weights / GiB:.1f} GiB); {free / GiB:.1f} GiB is free"
-                          + ("" if gpu else ": it is meant for a GPU (try the shape 'tiny' here)"))
+                          f"(weights {needs.weights / GiB:.1f} GiB); {free / GiB:.1f} GiB is free" + hint)
 
 
 def _sync(device: torch.device) -> None:
@@ -351,6 +357,8 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
     b = block_size or drafter_cfg.block_size
     if not 2 <= b <= drafter_cfg.block_size:
         raise UsageError(f"--block-size must be between 2 and the drafter's {drafter_cfg.block_size}, got {b}")
+    if tau is not None and tau > b:  # an iteration commits at most its block
+        raise UsageError(f"--tau {tau:g} is more than the block size {b}: an iteration commits at most {b} tokens")
     if cuda.is_gpu(device):
         cuda.set_device(device)
     check_memory(shape, dtype, device, context + b, drafter_cfg.block_size)

@@ -109,3 +109,109 @@ def test_the_same_column_compares_the_pinned_arm_and_an_auto_divergence_is_named
     out = capsys.readouterr().out
     assert "auto parted from plain decoding on 3 of 3 prompts (first at token 5, Δ" in " ".join(out.split())
     assert re.search(r"^ *all .* yes *$", out, re.M)  # the pinned arm: identical
+
+
+def test_bench_repeats_each_case_with_the_arms_interleaved_and_json_keeps_every_run(capsys, stories_pair, monkeypatch):
+    import statistics
+
+    from dflash_cli import bench
+
+    order, real = [], bench._generate
+
+    def recorded(engine, model, ids, max_tokens, sampling):
+        if len(ids) > 8:  # the bench prompts, not the warm-up
+            order.append("auto" if engine.adaptive else "fixed" if engine.speculative else "plain")
+        return real(engine, model, ids, max_tokens, sampling)
+
+    monkeypatch.setattr(bench, "_generate", recorded)
+    t, d = stories_pair
+    assert main(["bench", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-n", "8", "--prompts", "math",
+                 "--repeats", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["repeats"] == 2 and len(report["rows"]) == 3
+    assert order == ["plain", "fixed", "auto"] * 6  # each prompt: the three arms, then again
+    for r in report["rows"]:
+        for key in ("plain_tps", "dflash_tps", "auto_tps", "plain_e2e_tps", "dflash_e2e_tps", "auto_e2e_tps"):
+            assert len(r["runs"][key]) == 2 and r[key] == statistics.median(r["runs"][key]) > 0
+    totals = report["totals"]
+    assert totals["repeats"] == 2
+    for key in ("plain_tps", "dflash_tps", "auto_tps", "speedup", "auto_speedup"):
+        s = totals["spread"][key]
+        assert len(s["runs"]) == 2 and s["min"] <= s["median"] == totals[key] <= s["max"]
+        assert s["min"] == min(s["runs"]) and s["max"] == max(s["runs"])
+
+
+def test_the_table_shows_medians_of_three_runs_and_their_range_by_default(capsys, stories_pair):
+    t, d = stories_pair
+    assert main(["bench", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-n", "8", "--prompts", "code"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"medians of 3 runs per prompt \(arms interleaved\); the totals ranged over them: plain "
+                     r"[\d.]+–[\d.]+ · B=8 [\d.]+–[\d.]+ · auto [\d.]+–[\d.]+ tok/s · speedup [\d.]+–[\d.]+× · "
+                     r"auto [\d.]+–[\d.]+×", out), out
+
+
+def test_a_noisy_row_is_named_under_the_table():
+    from rich.console import Console
+
+    from dflash_cli.bench import BenchReport, BenchRow, render
+
+    def row(plain: list[float]) -> BenchRow:
+        runs = {k: [100.0, 100.0, 100.0] for k in ("dflash_tps", "auto_tps", "plain_e2e_tps", "dflash_e2e_tps",
+                                                   "auto_e2e_tps")} | {"plain_tps": plain}
+        return BenchRow("math", "p", 10, sorted(plain)[1], 100.0, 100.0, 90.0, 90.0, 90.0, 2.0, 2.0, {8: 4}, True,
+                        runs=runs)
+
+    report = BenchReport(8, 10, 3, rows=[row([50.0, 52.0, 51.0]), row([40.0, 60.0, 50.0])])
+    assert report.rows[0].noise == pytest.approx(1 / 51) and report.rows[1].noise == 0.2
+    console = Console(record=True, width=200)
+    render(report, console)
+    text = console.export_text()
+    assert "noisy (a speed varied by more than ±10% over the runs): math 2\n" in text
+    assert report.totals()["spread"]["plain_tps"]["runs"] == [
+        pytest.approx(20 / (10 / 50 + 10 / 40)), pytest.approx(20 / (10 / 52 + 10 / 60)), pytest.approx(20 / (10 / 51 + 10 / 50))]
+
+
+def test_synthetic_refuses_a_tau_above_the_block_and_names_the_context_when_only_it_does_not_fit(capsys):
+    assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--tau", "9"]) == 2
+    assert capsys.readouterr().err == "Error: --tau 9 is more than the block size 8: an iteration commits at most 8 tokens\n"
+    assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--tau", "5", "-b", "4"]) == 2
+    assert "--tau 5 is more than the block size 4" in capsys.readouterr().err
+    assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--context", str(10**10)]) == 1
+    err = capsys.readouterr().err
+    assert "use a shorter --context (about " in err and "try the shape 'tiny'" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_tau_counts_only_the_tokens_an_answer_kept(stories_model):
+    """A step cut by the token budget or a stop token accepted only what the answer kept: the acceptance
+    lengths sum to the tokens written after the prefill's (the stop token included)."""
+    from dflash_cli.engine import Engine, Request
+    from dflash_cli.generate import Stats
+
+    m = stories_model
+    prompt = m.tokenizer.encode("Once upon a time")
+    engine = Engine(m.target, m.drafter, block_size=8)
+    for budget in (2, 5, 10, 40):
+        stats = Stats()
+        for step in engine.generate(Request(prompt, budget)):
+            stats.add(step)
+        assert stats.generated == budget and sum(stats.acceptance_lengths) == budget - 1, stats.acceptance_lengths
+    plain = [t for s in Engine(m.target).generate(Request(prompt, 40)) for t in s.tokens]
+    k = next(i for i in range(3, 40) if plain[i] not in plain[:i])
+    stats = Stats()
+    for step in engine.generate(Request(prompt, 40, frozenset({plain[k]}))):
+        stats.add(step)
+    assert stats.token_ids == plain[:k] and stats.finish == "stop" and sum(stats.acceptance_lengths) == k
+
+
+def test_a_pinned_engine_warms_up_so_that_first_call_costs_are_not_prefill(stories_model, monkeypatch):
+    from dflash_cli.engine import Engine
+
+    m = stories_model
+    for engine in (Engine(m.target), Engine(m.target, m.drafter, block_size=8)):
+        assert not engine.graphs.enabled and not engine.adaptive  # a CPU: nothing to capture or measure
+        calls = []
+        real = engine.generate
+        monkeypatch.setattr(engine, "generate", lambda request: calls.append(request) or real(request))
+        assert engine.warm_up() is None
+        assert len(calls) == 1 and calls[0].max_new_tokens == 2  # one throwaway: prefill and an iteration

@@ -139,6 +139,7 @@ def test_ctrl_c_leaves_a_loadable_checkpoint_and_resume_finishes_the_same_run(ti
     (["--steps", "2", "--time", "1m"], "give either --steps or --time"),
     (["--time", "soon"], "--time 'soon': use a duration like 90s"),
     (["--steps", "2", "--resume"], "nothing to resume in"),
+    (["--steps", "2", "--block-size", "241"], "--block-size must be ≤ 240 for this target (1024 positions), got 241"),
 ])
 def test_bad_input_is_one_line(capsys, tiny, tmp_path, extra, message):
     t, prompts = tiny
@@ -156,6 +157,9 @@ def test_bad_files_are_one_line(capsys, tiny, tmp_path):
         (["--prompts", str(empty)], f"--prompts {empty} holds no prompts", 2),
         (["--target", str(tmp_path)], f"no config.json in {tmp_path}", 1),  # not a model: no layers to read
         (["--target", "./nowhere"], "--target ./nowhere is neither a directory nor a Hub repo id", 2),
+        (["--eval-prompts", str(tmp_path / "nope.txt")], f"cannot read --eval-prompts {tmp_path / 'nope.txt'}: ", 2),
+        (["--eval-prompts", str(empty)], f"--eval-prompts {empty} holds no prompts", 2),
+        (["--eval-prompts", str(tmp_path / "nope.jsonl")], f"cannot read --eval-prompts {tmp_path / 'nope.jsonl'}", 2),
     ]
     for extra, message, code in checks:
         assert main(_args(t, prompts, tmp_path / "out", "--steps", "2", *extra)) == code
@@ -176,3 +180,109 @@ def test_resume_refuses_a_conflicting_setting_and_a_fresh_start_refuses_a_run(ca
     assert "--block-size differs from the run being resumed" in capsys.readouterr().err
     assert main(_args(t, prompts, out, "--steps", "2")) == 2
     assert "already holds a training run: pass --resume" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_one_line_before_the_target_loads(capsys, tiny, tmp_path, monkeypatch):
+    from dflash_cli.train import command
+
+    t, prompts = tiny
+    monkeypatch.setattr(command.loader, "load", lambda *a, **k: pytest.fail("the target was loaded"))
+    out = Path(f"/proc/dflash-train-{os.getpid()}")  # cannot be created, not even by root
+    assert main(_args(t, prompts, out, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err == f"Error: cannot write to --out {out}: No such file or directory\n", err
+    if os.geteuid() != 0:  # permissions do not stop root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main(_args(t, prompts, locked / "d", "--steps", "2")) == 2
+        assert capsys.readouterr().err == f"Error: cannot write to --out {locked / 'd'}: Permission denied\n"
+
+
+def test_the_largest_block_leaves_half_the_context_beside_its_slack():
+    from dflash_cli.engine import cache_slack
+    from dflash_cli.train.command import largest_block
+
+    assert largest_block(512) == 112  # the demo's stories260K
+    for positions in (512, 1024, 40960, 262144):
+        b = largest_block(positions)
+        assert cache_slack(b) <= positions // 2 < cache_slack(b + 1)
+
+
+class _StopAfter:
+    """Ctrl-C after `steps` optimizer steps (the loop asks before each step)."""
+
+    def __init__(self, steps: int):
+        self.asked, self.steps = 0, steps
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def stop(self) -> bool:
+        self.asked += 1
+        return self.asked > self.steps
+
+
+def test_resume_keeps_checkpoint_every_and_the_run_options_unless_given_again(capsys, tiny, tmp_path, monkeypatch):
+    from dflash_cli.train import command
+
+    t, prompts = tiny
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(command, "_StopFlag", _StopAfter(5))
+        assert main(_args(t, prompts, out, "--steps", "12", "--checkpoint-every", "4", "--eval-tokens", "6")) == 130
+    err = capsys.readouterr().err
+    assert "step 4: checkpoint saved" in err and "interrupted at step 5" in err
+    saved = json.loads((out / "train-state" / "settings.json").read_text())
+    assert (saved["checkpoint_every"], saved["eval_tokens"], saved["grad_checkpoint"]) == (4, 6, False)
+
+    with monkeypatch.context() as m:
+        m.setattr(command, "_StopFlag", _StopAfter(3))  # steps 6, 7, 8
+        assert main(["train", "--out", str(out), "--resume"]) == 130
+    err = capsys.readouterr().err
+    assert "resuming at step 5" in err and "step 8: checkpoint saved" in err, err
+    assert "step 6: checkpoint saved" not in err and "step 7: checkpoint saved" not in err  # not a tenth of the run
+
+    assert main(["train", "--out", str(out), "--resume", "--checkpoint-every", "3", "--json"]) == 0  # given again: it wins
+    captured = capsys.readouterr()
+    assert "step 9: checkpoint saved" in captured.err and "step 10: checkpoint saved" not in captured.err
+    report = json.loads(captured.out)
+    assert report["settings"]["checkpoint_every"] == 3 and report["held_out"]["tokens"] <= 6 * report["held_out"]["prompts"]
+    assert json.loads((out / "train-state" / "settings.json").read_text())["checkpoint_every"] == 3
+
+
+def test_out_is_a_loadable_drafter_before_the_first_checkpoint(capsys, tiny, tmp_path, monkeypatch):
+    from dflash_cli.train import command
+
+    t, prompts = tiny
+    out = tmp_path / "early"
+
+    def interrupted(*args, **kwargs):
+        assert (out / "model.safetensors").is_file()  # already there while the answers are generated
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(command, "generate_answers", interrupted)
+        assert main(_args(t, prompts, out, "--steps", "2")) == 130
+    assert "interrupted while generating answers" in capsys.readouterr().err
+    assert not (out / "train-state" / "optimizer.safetensors").exists()
+    assert safe_open(str(out / "model.safetensors"), framework="pt").metadata()["step"] == "0"
+    assert not list(out.glob(".*.tmp")) and not list((out / "train-state").glob(".*"))  # written atomically
+    model = loader.load(t, out, device="cpu")
+    assert model.drafter is not None and model.drafter.cfg.block_size == 4
+    assert main(["run", "--target", str(t), "--drafter", str(out), "-p", "Once", "--raw", "-n", "4",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+
+
+def test_a_wrong_target_is_the_only_line_without_prompts(capsys, tmp_path):
+    assert main(["train", "--target", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: --target") and len(err.strip().splitlines()) == 1, err

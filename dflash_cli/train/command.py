@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -19,13 +21,14 @@ import torch
 from .. import cuda, loader
 from ..config import DrafterConfig, default_target_layer_ids
 from ..models import target_config
-from ..engine import Engine
+from ..drafter import DEFERRED
+from ..engine import Engine, cache_slack
 from ..errors import DflashError, UsageError
 from ..memory import free_device_memory
 from .data import AnswerStore, Generation, encode_prompt, generate_answers, read_prompts, trainable
 from .evaluate import Acceptance, attach_drafter, measure
 from .loop import MiB, STATE_DIR, Schedule, Trainer, TrainOptions, has_checkpoint, memory_plan
-from .model import DraftNet, default_mask_token_id, drafter_config, new_drafter, save_config, write_atomic
+from .model import DraftNet, default_mask_token_id, drafter_config, new_drafter, save_weights, write_atomic
 from .objective import loss_gamma
 
 SETTINGS = "settings.json"
@@ -58,6 +61,15 @@ class Settings:
     steps: int | None = None
     seconds: float | None = None
     seed: int = 0
+    # How the run is checkpointed, measured and placed (RUN_OPTIONS), not what it learns: a resumed run
+    # keeps them unless the command line gives them again.
+    checkpoint_every: int | None = None
+    eval_tokens: int = 128
+    grad_checkpoint: bool = False
+    device: str = "auto"
+
+
+RUN_OPTIONS = ("checkpoint_every", "eval_tokens", "grad_checkpoint", "device")
 
 
 @dataclass
@@ -83,9 +95,9 @@ class TrainRequest:
     seed: int | None = None
     resume: bool = False
     checkpoint_every: int | None = None
-    eval_tokens: int = 128
-    grad_checkpoint: bool = False
-    device: str = "auto"
+    eval_tokens: int | None = None
+    grad_checkpoint: bool | None = None
+    device: str | None = None  # None or "auto": the resumed run's device, else auto
     yes: bool = False
 
 
@@ -124,6 +136,8 @@ def _settings(req: TrainRequest, state_dir: Path) -> Settings:
     """Fresh: the flags over the defaults. Resumed: the saved settings, checked against the flags."""
     given = {f.name: getattr(req, f.name) for f in fields(Settings) if hasattr(req, f.name)}
     given["seconds"] = parse_duration(req.time) if req.time is not None else None
+    if given["device"] == "auto":  # the shared --device option's default: not a choice to hold a resume to
+        given["device"] = None
     if req.steps is not None and req.time is not None:
         raise UsageError("give either --steps or --time, not both")
     if not req.resume:
@@ -138,6 +152,9 @@ def _settings(req: TrainRequest, state_dir: Path) -> Settings:
         raise DflashError(f"{path} does not describe a run of this version: start again in a new --out") from None
     for key, value in given.items():
         if value is None or key == "target":
+            continue
+        if key in RUN_OPTIONS:
+            setattr(saved, key, value)
             continue
         if value != getattr(saved, key):
             flag = "--time" if key == "seconds" else "--" + key.replace("_", "-")
@@ -160,8 +177,39 @@ def _check(s: Settings, req: TrainRequest) -> None:
         raise UsageError(f"--lr must be positive, got {s.lr}")
     if s.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {s.temperature}")
-    if req.checkpoint_every is not None and req.checkpoint_every < 1:
-        raise UsageError(f"--checkpoint-every must be at least 1, got {req.checkpoint_every}")
+    if s.checkpoint_every is not None and s.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be at least 1, got {s.checkpoint_every}")
+    if s.eval_tokens < 1:
+        raise UsageError(f"--eval-tokens must be at least 1, got {s.eval_tokens}")
+
+
+def largest_block(positions: int) -> int:
+    """The largest --block-size a target of `positions` rope positions takes: the engine keeps
+    cache_slack(B) = 2·B + DEFERRED positions past the context, and the context keeps at least half."""
+    return (positions // 2 - DEFERRED) // 2
+
+
+def _check_block_fits(s: Settings, tcfg) -> None:
+    """Before any weight is loaded: a block the held-out measurement (and `dflash run`) has no room for."""
+    positions = tcfg.max_position_embeddings
+    most = largest_block(positions)
+    if s.block_size > most:
+        raise UsageError(f"--block-size must be ≤ {most} for this target ({positions} positions), got {s.block_size}"
+                         if most >= 2 else f"this target's context ({positions} positions) is too short to train a "
+                         "drafter for")
+
+
+def _writable_out(out: Path) -> None:
+    """Create --out and its state folder now, before any weight is loaded, and write a file there:
+    an unwritable place is one line naming it, not a traceback at the first save."""
+    state_dir = out / STATE_DIR
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=state_dir, prefix=".probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
 OURS = {"config.json", "model.safetensors", STATE_DIR}
@@ -210,10 +258,7 @@ def _check_against_target(s: Settings, target, tokenizer, target_dir: Path, err=
 
 def _read_prompt_files(req: TrainRequest, err) -> tuple[list, list | None]:
     train = read_prompts(req.prompts)
-    if req.prompts is None:
-        err.print("[yellow]no --prompts: using the small built-in prompt set; a useful drafter needs "
-                  "thousands of prompts like the ones it will serve[/yellow]")
-    held = read_prompts(req.eval_prompts) if req.eval_prompts is not None else None
+    held = read_prompts(req.eval_prompts, "--eval-prompts") if req.eval_prompts is not None else None
     if held is None and len(train) < 2:
         raise UsageError("one prompt cannot be split into training and held-out prompts: give more, or --eval-prompts")
     return train, held
@@ -225,13 +270,17 @@ def _encode_prompts(model, train: list, held: list | None, s: Settings, err) -> 
     if held is None:
         cut = max(1, min(8, len(train) // 10))
         train, held = train[:-cut], train[-cut:]
-    limit = model.max_context - 16  # room for an answer
+    # Room for an answer: in the plain engine that writes the answers, and in the speculative one that
+    # measures τ (its block's slack comes out of the same rope positions).
+    limits = {"train": model.max_context - 16,
+              "eval": min(model.max_context, model.target.max_positions - cache_slack(s.block_size)) - 16}
     enc = {name: [encode_prompt(model.tokenizer, p, s.think) for p in prompts]
            for name, prompts in (("train", train), ("eval", held))}
-    kept = {name: [ids for ids in rows if 0 < len(ids) < limit] for name, rows in enc.items()}
+    kept = {name: [ids for ids in rows if 0 < len(ids) < limits[name]] for name, rows in enc.items()}
     skipped = sum(len(enc[n]) - len(kept[n]) for n in enc)
     if skipped:
-        err.print(f"[yellow]skipped {skipped} empty prompt(s) or prompt(s) over {limit} tokens[/yellow]")
+        err.print(f"[yellow]skipped {skipped} empty prompt(s) or prompt(s) over {limits['train']} tokens "
+                  f"({limits['eval']} held out)[/yellow]")
     if not kept["train"] or not kept["eval"]:
         raise UsageError("no usable prompts (all empty or longer than the context)")
     return kept
@@ -277,16 +326,22 @@ def run_train(req: TrainRequest, err) -> dict:
     s = _settings(req, state_dir)
     _check(s, req)
     raw_prompts = None if req.resume else _read_prompt_files(req, err)  # before any weight is loaded
+    _writable_out(req.out)
     if not req.resume:
         s.target = str(_resolve_target(req.target, req.yes))
+        if req.prompts is None:  # after the target: a wrong --target is the one line printed
+            err.print("[yellow]no --prompts: using the small built-in prompt set; a useful drafter needs "
+                      "thousands of prompts like the ones it will serve[/yellow]")
     elif req.target is not None and str(_resolve_target(req.target, req.yes)) != s.target:
         raise UsageError(f"--target {req.target} is not the target of the run being resumed ({s.target}): drop it")
     target_dir = Path(s.target)
     if not target_dir.is_dir():
         raise DflashError(f"the target {target_dir} of this run is gone")
     tcfg = target_config(target_dir)[1]
-    model = loader.load(target_dir, None, device=req.device)
+    _check_block_fits(s, tcfg)
+    model = loader.load(target_dir, None, device=s.device)
     _check_against_target(s, tcfg, model.tokenizer, target_dir, None if req.resume else err)
+    export = torch.bfloat16 if cuda.is_gpu(model.target.device) else torch.float32
     if not req.resume:
         prompts = _encode_prompts(model, *raw_prompts, s, err)
         config = drafter_config(tcfg, block_size=s.block_size, num_layers=s.draft_layers,
@@ -295,8 +350,11 @@ def run_train(req: TrainRequest, err) -> dict:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / ANSWERS).unlink(missing_ok=True)  # from a start that never got as far as its settings
         _write_json(state_dir / PROMPTS, prompts)
-        save_config(req.out, config)
+        # OUT is a loadable drafter from here on (README): the step-0 initialisation the run starts from.
+        save_weights(req.out, new_drafter(req.out, config, s.seed), export, {"step": "0"})
         _write_json(state_dir / SETTINGS, asdict(s))  # last: its presence means "resumable"
+    elif any(getattr(req, k) is not None for k in RUN_OPTIONS):
+        _write_json(state_dir / SETTINGS, asdict(s))  # the options given again hold for later resumes too
     prompts = _read_json(state_dir / PROMPTS)
     config = _read_json(req.out / "config.json")
 
@@ -330,13 +388,12 @@ def run_train(req: TrainRequest, err) -> dict:
     net = DraftNet(DrafterConfig.from_dir(req.out)) if resuming else new_drafter(req.out, config, s.seed)
     net.to(model.target.device)
     opts = TrainOptions(Schedule(s.steps, s.seconds, s.lr), batch=s.batch, anchors=s.anchors,
-                        gamma=loss_gamma(s.block_size), seed=s.seed, grad_checkpoint=req.grad_checkpoint)
+                        gamma=loss_gamma(s.block_size), seed=s.seed, grad_checkpoint=s.grad_checkpoint)
     trainer = Trainer(net, model.target, seqs, opts)
     if resuming:
         trainer.load(req.out)
         err.print(f"resuming at step {trainer.progress.step} ({trainer.progress.elapsed:.0f} s trained)")
     trainer.opts = _fit_memory(trainer, seqs, err)
-    export = torch.bfloat16 if cuda.is_gpu(model.target.device) else torch.float32
     held = prompts["eval"]
     saved = _read_json(state_dir / STATE) if (state_dir / STATE).is_file() else {}
     evaluations: list[dict] = saved.get("evaluations", [])
@@ -349,7 +406,7 @@ def run_train(req: TrainRequest, err) -> dict:
     def checkpoint(final: bool = False) -> Acceptance:
         trainer.save(req.out, export)
         acc = measure(model.target, attach_drafter(model.target, req.out), held, block_size=s.block_size,
-                      max_new_tokens=req.eval_tokens, stop_token_ids=model.stop_token_ids)
+                      max_new_tokens=s.eval_tokens, stop_token_ids=model.stop_token_ids)
         evaluations.append({"step": trainer.progress.step, "tau": round(acc.tau, 4)})
         save_state(final)
         return acc
@@ -373,9 +430,9 @@ def _train(trainer: Trainer, s: Settings, req: TrainRequest, err, checkpoint, sa
     """The loop under a progress bar and a Ctrl-C flag; True when the schedule ran to its end. An
     interrupted run saves a checkpoint of the last finished step before returning False."""
     time_mode = s.steps is None
-    if req.checkpoint_every:
+    if s.checkpoint_every:
         def due(p) -> bool:
-            return p.step % req.checkpoint_every == 0
+            return p.step % s.checkpoint_every == 0
     elif time_mode:
         next_at = [trainer.progress.elapsed + s.seconds / 10]
 

@@ -38,14 +38,15 @@ def target_features(target, ids: torch.Tensor, layer_ids: Seq[int]) -> torch.Ten
     return features
 
 
-def read_prompts(path: Path | None) -> list[Prompt]:
+def read_prompts(path: Path | None, flag: str = "--prompts") -> list[Prompt]:
     """Prompts from a file: .jsonl (each line a string, or a list of {role, content} messages, as
-    `dflash run --prompt-file`), or text (one prompt per line). None: the built-in set."""
+    `dflash run --prompt-file`), or text (one prompt per line). None: the built-in set. `flag`: the
+    option that named the file, for the errors."""
     if path is None:
         return builtin_prompts()
     if path.suffix == ".jsonl":
         prompts: list[Prompt] = []
-        for n, item in read_jsonl(path, UsageError, "--prompts "):
+        for n, item in read_jsonl(path, UsageError, f"{flag} "):
             if isinstance(item, list):
                 item = validate_messages(item, f"{path}:{n}", UsageError)
             elif not isinstance(item, str):
@@ -55,9 +56,9 @@ def read_prompts(path: Path | None) -> list[Prompt]:
         try:
             prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read --prompts {path}: {getattr(e, 'strerror', None) or e}") from None
+            raise UsageError(f"cannot read {flag} {path}: {getattr(e, 'strerror', None) or e}") from None
     if not prompts:
-        raise UsageError(f"--prompts {path} holds no prompts")
+        raise UsageError(f"{flag} {path} holds no prompts")
     return prompts
 
 
