@@ -99,6 +99,7 @@ def _chi_square_p(samples: list[tuple[int, int]], probs: dict) -> float:
 ALPHA = 1e-3  # false-alarm rate of each distribution test: one run in a thousand seed sets
 
 
+@pytest.mark.slow
 def test_sampled_speculative_tokens_follow_the_target_distribution(stories_model):
     """The first two tokens (the second comes out of an accept step) against the exact target
     distribution, over 1500 seeds. A wrong sampler (temperature off by 40%) must fail the same test."""
