@@ -233,7 +233,8 @@ def pytest_configure(config):
 
 # Every run records each test's time (setup, call and teardown; under pytest-xdist the controller
 # receives the workers' reports) in tests/.cache/durations.tsv, slowest first, with its `slow` mark: the
-# list to consult when choosing what the fast tier (-m "not slow") leaves out.
+# list to consult when choosing what the fast tier (-m "not slow") leaves out. A run updates the tests it
+# ran and keeps the others' last times, so a targeted run does not erase a whole run's record.
 _durations: dict[str, list] = {}
 
 
@@ -246,8 +247,14 @@ def pytest_sessionfinish(session):
     if hasattr(session.config, "workerinput") or not _durations:
         return
     fit_cache.CACHE.mkdir(exist_ok=True)
-    rows = sorted(_durations.items(), key=lambda kv: -kv[1][0])
+    path = fit_cache.CACHE / "durations.tsv"
+    kept = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            seconds, mark, nodeid = line.split("\t", 2)
+            kept[nodeid] = [float(seconds), mark == "slow"]
+    rows = sorted((kept | _durations).items(), key=lambda kv: -kv[1][0])
     lines = [f"{seconds:.2f}\t{'slow' if slow else '-'}\t{nodeid}" for nodeid, (seconds, slow) in rows]
     tmp = fit_cache.CACHE / "durations.tsv.tmp"
     tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, fit_cache.CACHE / "durations.tsv")
+    os.replace(tmp, path)
