@@ -1,6 +1,6 @@
 """Auto block size against a fixed block and plain decoding, prompt by prompt (a script, not a test).
 
-    OMP_NUM_THREADS=1 python benchmarks/adaptive.py [--untrained] [--target DIR --drafter DIR]
+    OMP_NUM_THREADS=1 python benchmarks/adaptive.py [--untrained] [--target DIR --drafter DIR] [--repeats 5] [--prompts 8]
 
 (default: the shipped demo pair, stories260K and its trained drafter; `--untrained` swaps in a drafter
 of the same layout with random weights, which is right about as often as chance: the case where
@@ -18,67 +18,18 @@ catch-up every 32 tokens, the floor under auto where drafting does not pay (cpu 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from safetensors.torch import save_file  # noqa: E402
+from adaptive_common import PROMPTS, held_at, pair, row_name, timed_answer  # noqa: E402
 
 from dflash_cli import loader, registry  # noqa: E402
-from dflash_cli.adaptive import Pinned  # noqa: E402
-from dflash_cli.config import DrafterConfig  # noqa: E402
-from dflash_cli.drafter import weight_table  # noqa: E402
-from dflash_cli.models.weights import random_weights  # noqa: E402
-from dflash_cli.engine import Engine, Request  # noqa: E402
+from dflash_cli.engine import Engine  # noqa: E402
 from dflash_cli.prompt import encode_raw  # noqa: E402
-
-# (label, prompt, tokens): the bench's held-out story openings (no training prompt begins with them),
-# the commonest opening of all (long: the story drifts from what the drafter predicts), and text that is
-# not a story (the target answers with one anyway).
-PROMPTS = [
-    ("held out", "The old owl sat in the tall tree", 64),
-    ("held out", "Max found a shiny blue stone", 64),
-    ("held out", "Anna wanted to bake a cake for her mom", 64),
-    ("held out", "A tiny frog lived by the pond", 64),
-    ("held out", "Every morning, the baker", 64),
-    ("common, long", "Once upon a time", 200),
-    ("not a story", "What is 12 times 7? Compute carefully.", 96),
-    ("not a story", "Dear committee, I am writing to apply for the position", 96),
-]
-
-
-def untrained_copy(drafter_dir: Path, into: Path) -> Path:
-    """A drafter with `drafter_dir`'s config and random weights (seed 0)."""
-    into.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(drafter_dir / "config.json", into / "config.json")
-    save_file(random_weights(weight_table(DrafterConfig.from_dir(drafter_dir))), str(into / "model.safetensors"))
-    return into
-
-
-def row_name(label: str, text: str) -> str:
-    """A prompt's name in the tables: its first 18 characters and its label."""
-    return f"{text[:18]}… ({label})" if len(text) > 18 else f"{text} ({label})"
-
-
-def generate(engine: Engine, ids: list[int], tokens: int) -> dict:
-    """One answer: decode speed by wall clock and by CPU time, what was written, block sizes and τ."""
-    steps = engine.generate(Request(ids, tokens))
-    first = next(steps)  # the prefill
-    wall, cpu = time.perf_counter(), time.thread_time()
-    out, sizes, taus = list(first.tokens), [], []
-    for step in steps:
-        out += step.tokens
-        sizes.append(step.block_size)
-        taus.append(step.acceptance_length)
-    wall_end, cpu_end = time.perf_counter(), time.thread_time()
-    return {"tokens": out, "decode": (len(out) - 1) / (wall_end - wall), "cpu": (len(out) - 1) / (cpu_end - cpu),
-            "sizes": sizes, "tau": sum(taus) / len(taus)}
 
 
 def main() -> None:
@@ -88,21 +39,19 @@ def main() -> None:
     parser.add_argument("--drafter", type=Path, default=demo_drafter)
     parser.add_argument("--untrained", action="store_true", help="the drafter's layout with random weights")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts only (a quick look)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        drafter = untrained_copy(args.drafter, Path(tmp) / "untrained") if args.untrained else args.drafter
-        m = loader.load(args.target, drafter, device="cpu")
+    with pair(args.target, args.drafter, args.untrained) as m:
         print(f"{args.target.name} · drafter {args.drafter.name}{' with random weights' if args.untrained else ''}")
-        report(m, args.repeats)
+        report(m, args.repeats, PROMPTS[:args.prompts])
 
 
-def report(m: loader.Model, repeats: int) -> None:
+def report(m: loader.Model, repeats: int, prompts: list) -> None:
     arms = {"plain": Engine(m.target), "fixed": Engine(m.target, m.drafter),
-            "auto": Engine(m.target, m.drafter, adaptive=True), "b1": Engine(m.target, m.drafter)}
-    arms["b1"].policy = Pinned(1)  # every iteration at b = 1, its drafter context deferred and caught up
+            "auto": Engine(m.target, m.drafter, adaptive=True), "b1": held_at(m, 1)}
     for engine in arms.values():  # first calls pay for allocation; auto measures its costs here
         engine.warm_up()
-        generate(engine, encode_raw(m.tokenizer, "Hello"), 16)
+        timed_answer(engine, encode_raw(m.tokenizer, "Hello"), 16)
     costs = next(iter(arms["auto"].costs.table.values()))
     b = arms["fixed"].block_size
     print(f"auto's measured iteration cost (ms): " + " · ".join(f"b {k}: {v * 1e3:.2f}" for k, v in costs.items()))
@@ -112,23 +61,23 @@ def report(m: loader.Model, repeats: int) -> None:
     print(head)
     print("-" * len(head))
     ratios, cpu_ratios, floors = [], [], []
-    for label, text, tokens in PROMPTS:
+    for label, text, tokens in prompts:
         ids = encode_raw(m.tokenizer, text)
         runs = {name: [] for name in arms}
         for _ in range(repeats):
             for name, engine in arms.items():
-                runs[name].append(generate(engine, ids, tokens))
-        assert all(r[0]["tokens"] == runs["plain"][0]["tokens"] for r in runs.values()), text
-        med = {name: {k: statistics.median(r[k] for r in rs) for k in ("decode", "cpu")}
-               for name, rs in runs.items()}
+                runs[name].append(timed_answer(engine, ids, tokens))
+        assert all(r[0].tokens == runs["plain"][0].tokens for r in runs.values()), text
+        med = {name: {"decode": statistics.median(r.decoded / r.wall_s for r in rs),
+                      "cpu": statistics.median(r.decoded / r.cpu_s for r in rs)} for name, rs in runs.items()}
         best = max(med["plain"]["decode"], med["fixed"]["decode"])
         best_cpu = max(med["plain"]["cpu"], med["fixed"]["cpu"])
         ratios.append(med["auto"]["decode"] / best)
         cpu_ratios.append(med["auto"]["cpu"] / best_cpu)
         floors.append(med["b1"]["cpu"] / med["plain"]["cpu"])
-        mix = Counter(b for r in runs["auto"] for b in r["sizes"])  # every run (each starts from the last)
+        mix = Counter(b for r in runs["auto"] for b in r.sizes)  # every run (each starts from the last)
         name = row_name(label, text)
-        print(f"{name:<36} {len(runs['plain'][0]['tokens']):>4} {runs['fixed'][0]['tau']:>5.2f} | "
+        print(f"{name:<36} {len(runs['plain'][0].tokens):>4} {runs['fixed'][0].tau:>5.2f} | "
               f"{med['plain']['decode']:>6.0f} {med['fixed']['decode']:>6.0f} {med['auto']['decode']:>6.0f} | "
               f"{med['plain']['cpu']:>10.0f} {med['fixed']['cpu']:>6.0f} {med['auto']['cpu']:>6.0f} "
               f"{med['b1']['cpu']:>6.0f} | "

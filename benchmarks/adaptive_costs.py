@@ -1,6 +1,6 @@
 """Are the measured iteration costs what iterations really cost? (a script, not a test)
 
-    OMP_NUM_THREADS=1 python benchmarks/adaptive_costs.py [--trials 6] [--target DIR --drafter DIR]
+    OMP_NUM_THREADS=1 python benchmarks/adaptive_costs.py [--trials 6] [--tokens 64] [--target DIR --drafter DIR]
 
 Auto decides on costs it measures once per context bucket (`Engine.measure`: a few interleaved rounds
 of each block size). This compares the break-even τ that measurement gives, cost(b) / cost(1), with
@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adaptive_common import held_at, timed_answer  # noqa: E402
 
 from dflash_cli import adaptive, loader, registry  # noqa: E402
-from dflash_cli.adaptive import Pinned  # noqa: E402
 from dflash_cli.engine import Engine, Request  # noqa: E402
 from dflash_cli.prompt import encode_raw  # noqa: E402
 
@@ -30,12 +30,8 @@ PROMPT = "Every morning, the baker"
 
 def per_iteration(engine: Engine, ids: list[int], tokens: int) -> float:
     """CPU seconds per iteration of one answer, after the prefill."""
-    steps = engine.generate(Request(ids, tokens))
-    next(steps)
-    start, n = time.thread_time(), 0
-    for _ in steps:
-        n += 1
-    return (time.thread_time() - start) / n
+    answer = timed_answer(engine, ids, tokens)
+    return answer.cpu_s / len(answer.sizes)
 
 
 def measured(engine: Engine, ids: list[int]) -> dict[str, dict[int, float]]:
@@ -43,10 +39,10 @@ def measured(engine: Engine, ids: list[int]) -> dict[str, dict[int, float]]:
     rounds: dict[int, list[float]] = {}
     keep = adaptive.KEEP
 
-    def keep_rounds(times: list[float]) -> float:
+    def keep_rounds(times: list[float]) -> float:  # adaptive.KEEP: what the rounds of each b become
         rounds[len(rounds)] = list(times)
         return keep(times)
-    engine.costs.table.clear()
+    engine.costs.table.clear()  # measured afresh at the next iteration
     adaptive.KEEP = keep_rounds
     try:
         list(engine.generate(Request(ids, 2)))  # the first iteration measures
@@ -63,14 +59,14 @@ def main() -> None:
     parser.add_argument("--target", type=Path, default=demo_target)
     parser.add_argument("--drafter", type=Path, default=demo_drafter)
     parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--tokens", type=int, default=64, help="each real answer's length")
     args = parser.parse_args()
     m = loader.load(args.target, args.drafter, device="cpu")
     ids = encode_raw(m.tokenizer, PROMPT)
     auto = Engine(m.target, m.drafter, adaptive=True)
     sizes = auto.policy.sizes
-    pinned = {b: Engine(m.target, m.drafter) for b in sizes}
-    for b, engine in pinned.items():
-        engine.policy = Pinned(b)
+    pinned = {b: held_at(m, b) for b in sizes}
+    for engine in pinned.values():
         per_iteration(engine, ids, 16)
     auto.warm_up()
     print(f"break-even τ of each b (cost of an iteration at b over one at b = 1), {PROMPT!r}, "
@@ -81,7 +77,7 @@ def main() -> None:
     errors: dict[str, dict[int, list[float]]] = {"fastest": {b: [] for b in drafting},
                                                   "median": {b: [] for b in drafting}}
     for trial in range(args.trials):
-        real = {b: statistics.median(per_iteration(e, ids, 64) for _ in range(3)) for b, e in pinned.items()}
+        real = {b: statistics.median(per_iteration(e, ids, args.tokens) for _ in range(3)) for b, e in pinned.items()}
         got = measured(auto, ids)
         cells = []
         for b in drafting:

@@ -15,45 +15,56 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dflash_cli import drafter as drafter_module, engine as engine_module, loader, registry  # noqa: E402
-from dflash_cli.adaptive import Pinned  # noqa: E402
-from dflash_cli.engine import Engine, Request  # noqa: E402
+from adaptive_common import deferral_buffer, held_at, timed_answer  # noqa: E402
+
+from dflash_cli import drafter as drafter_module, loader, registry  # noqa: E402
+from dflash_cli.engine import Engine  # noqa: E402
 from dflash_cli.prompt import encode_raw  # noqa: E402
 
 
-def held_at_one(m: loader.Model, catch_up: bool = True, defer: bool = True, features: bool = True) -> Engine:
-    engine = Engine(m.target, m.drafter)
-    engine.policy = Pinned(1)
+class NoCatchUp:
+    """The drafter, except that a catch-up drops the deferred tokens instead of writing their K/V."""
+
+    def __init__(self, drafter):
+        self.drafter = drafter
+
+    def __getattr__(self, name: str):
+        return getattr(self.drafter, name)
+
+    def catch_up(self, cache) -> None:
+        cache.pending_count.zero_()
+
+
+def held_at_one(m: loader.Model, catch_up: bool = True, defer: bool = True, features: bool = True
+                ) -> tuple[Engine, Callable[[], None] | None]:
+    """The engine at b = 1 with parts switched off (through its public attributes), and what to run
+    after each prefill: without `features` the prefill still gives the drafter its context, and the
+    iterations collect none."""
+    engine = held_at(m, 1)
     if not catch_up:
-        engine._catch_up = lambda bonus: engine.draft_cache.pending_count.zero_()
+        engine.drafter = NoCatchUp(m.drafter)
     if not defer:
         engine.draft_cache.defer = lambda feats: None
-    if not features:  # the prefill still gives the drafter its context; the iterations collect none
-        layers, prefill = engine.feature_layers, engine._prefill
+    if features:
+        return engine, None
 
-        def prefill_with_features(prompt, keep_prefix=None):
-            engine.feature_layers = layers
-            try:
-                return prefill(prompt, keep_prefix)
-            finally:
-                engine.feature_layers = ()
-        engine._prefill = prefill_with_features
-    return engine
+    def iterations_without_features() -> None:
+        engine.feature_layers = ()
+    return engine, iterations_without_features
 
 
-def per_token(engine: Engine, ids: list[int], tokens: int) -> float:
+def per_token(arm: tuple[Engine, Callable[[], None] | None], ids: list[int], tokens: int) -> float:
     """CPU seconds per decoded token after the prefill."""
-    steps = engine.generate(Request(ids, tokens))
-    next(steps)
-    start, n = time.thread_time(), 0
-    for step in steps:
-        n += len(step.tokens)
-    return (time.thread_time() - start) / n
+    engine, after_prefill = arm
+    if after_prefill is not None:
+        engine.feature_layers = engine.drafter.cfg.target_layer_ids  # for the prefill
+    answer = timed_answer(engine, ids, tokens, after_prefill)
+    return answer.cpu_s / answer.decoded
 
 
 def main() -> None:
@@ -62,25 +73,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--deferred", type=int, default=drafter_module.DEFERRED)
     args = parser.parse_args()
-    drafter_module.DEFERRED = engine_module.DEFERRED = args.deferred  # read when caches are made and at each iteration
+    with deferral_buffer(args.deferred):
+        report(args.tokens, args.repeats, args.deferred)
+
+
+def report(tokens: int, repeats: int, deferred: int) -> None:
     m = loader.load(*registry.demo_dirs(), device="cpu")
     ids = encode_raw(m.tokenizer, "Once upon a time")
     arms = {
-        "plain decoding": Engine(m.target),
+        "plain decoding": (Engine(m.target), None),
         "b = 1 (what auto runs while paused)": held_at_one(m),
         "  without the catch-up": held_at_one(m, catch_up=False),
         "  and without deferring": held_at_one(m, catch_up=False, defer=False),
         "  and without the features": held_at_one(m, catch_up=False, defer=False, features=False),
     }
-    for engine in arms.values():
-        per_token(engine, ids, 32)
+    for arm in arms.values():
+        per_token(arm, ids, 32)
     times: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(args.repeats):  # interleaved: a busy moment hits every arm alike
-        for name, engine in arms.items():
-            times[name].append(per_token(engine, ids, args.tokens))
+    for _ in range(repeats):  # interleaved: a busy moment hits every arm alike
+        for name, arm in arms.items():
+            times[name].append(per_token(arm, ids, tokens))
     plain = statistics.median(times["plain decoding"])
-    print(f"demo pair, {args.tokens} tokens, deferral buffer {args.deferred}, CPU time per token "
-          f"(median of {args.repeats})")
+    print(f"demo pair, {tokens} tokens, deferral buffer {deferred}, CPU time per token "
+          f"(median of {repeats})")
     for name, t in times.items():
         print(f"{name:<40} {statistics.median(t) * 1e6:7.0f} µs   {plain / statistics.median(t):.3f} of plain")
 

@@ -1,33 +1,31 @@
 """Policy variants for the auto block size, replayed side by side (a script, not a test).
 
-    OMP_NUM_THREADS=1 python benchmarks/adaptive_frontier.py
+    OMP_NUM_THREADS=1 python benchmarks/adaptive_frontier.py [--count N] [--variants N]
 
 Where drafting costs over two plain steps (this CPU with the demo pair, or a MoE target on a GPU),
 an auto policy trades two failures against each other: a drafter that starts badly and then does well
 (the trained demo drafter on several prompts) wants drafting to resume soon, a drafter that never
 pays (the same layout with random weights) wants it to stop soon and stay stopped. This replays each
-variant on the same recorded acceptance and measured costs as `adaptive_replay.py`, for both
+variant on the same recorded acceptance and measured costs as `adaptive_replay.py` (adaptive_common.py), for both
 drafters, and prints auto over the better of plain and fixed B: worst prompt and geometric mean.
 Each variant is a few lines here; the shipped policy is `dflash_cli.adaptive.Adaptive`.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adaptive_common import MORE, PROMPTS, measured_costs, pair, recorded_answer, replay  # noqa: E402
 
 from dflash_cli import adaptive, loader, registry  # noqa: E402
 from dflash_cli.adaptive import Acceptance, Adaptive, Decision, Pinned  # noqa: E402
 from dflash_cli.engine import Engine  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptive import PROMPTS, untrained_copy  # noqa: E402
-from adaptive_replay import MORE, measured_costs, recorded_answer, replay  # noqa: E402
 
 
 class Chained(Acceptance):
@@ -71,9 +69,8 @@ class Mixture(Adaptive):
     def decide(self, costs: dict[int, float] | None) -> Decision:
         works = 1 / (1 + math.exp(-self.log_odds))
         sizes = sorted(costs)
-        tau_w = adaptive._expected_by_size(self.acceptance.rates(), sizes)
-        tau_f = adaptive._expected_by_size([self.EPS] * self.acceptance.positions, sizes)
-        tau = {b: works * tau_w[b] + (1 - works) * tau_f[b] for b in sizes}
+        fails = Acceptance(self.acceptance.positions, prior=self.EPS)  # every rate EPS
+        tau = {b: works * self.acceptance.expected_tokens(b) + (1 - works) * fails.expected_tokens(b) for b in sizes}
         best = max(sizes, key=lambda b: (tau[b] / costs[b], -b))
         if best > 1:
             self.budget = 0.0
@@ -130,26 +127,29 @@ def record(m: loader.Model, prompts: list) -> list[tuple[dict, int, int]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=None, help="the first N prompts only (a quick look)")
+    parser.add_argument("--variants", type=int, default=None, help="the first N variants only (a quick look)")
+    args = parser.parse_args()
     demo_target, demo_drafter = registry.demo_dirs()
-    prompts = PROMPTS + MORE
+    prompts = (PROMPTS + MORE)[:args.count]
     cases = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, drafter in (("trained", demo_drafter), ("random", untrained_copy(demo_drafter, Path(tmp) / "u"))):
-            m = loader.load(demo_target, drafter, device="cpu")
-            cases[name] = (record(m, prompts), *measured_costs(m))
+    for name, untrained in (("trained", False), ("random", True)):
+        with pair(demo_target, demo_drafter, untrained) as m:
+            cases[name] = (record(m, prompts), measured_costs(m))
     print(f"{len(prompts)} prompts; auto / better of plain and B=8 (modelled), worst prompt and geometric mean")
     print(f"{'variant':<40} {'trained drafter':>18} {'random drafter':>18}")
-    for label, make, values in VARIANTS:
+    for label, make, values in VARIANTS[:args.variants]:
         undo = constants(**values)
         cells = []
-        for rows, costs, floor, plain_cost, catch in cases.values():
-            largest, ratios, policy = max(costs), [], make(max(costs))
+        for rows, costs in cases.values():
+            largest, ratios, policy = max(costs.by_size), [], make(max(costs.by_size))
             for table, start, end in rows:
-                fixed, _ = replay(Pinned(largest), table, start, end, costs, catch)
+                fixed, _ = replay(Pinned(largest), table, start, end, costs.by_size, costs.catch_up)
                 if not isinstance(policy, Carried):
                     policy = make(largest)
-                auto, _ = replay(policy, table, start, end, costs, catch, floor)
-                ratios.append(min((end - 1 - start) * plain_cost, fixed) / auto)
+                auto, _ = replay(policy, table, start, end, costs.by_size, costs.catch_up, costs.floor)
+                ratios.append(min((end - 1 - start) * costs.plain, fixed) / auto)
             cells.append(f"{min(ratios):.2f} / {statistics.geometric_mean(ratios):.2f}")
         undo()
         print(f"{label:<40} {cells[0]:>18} {cells[1]:>18}")

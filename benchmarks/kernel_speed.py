@@ -10,7 +10,8 @@ kernel's time, and that rate as a share of a measured device-to-device copy (rea
 Attention is timed in a cache sized for the context and in one sized for 40k tokens: the kernel's
 splits follow the valid length on the device, so the two should cost the same.
 First, F.linear at M = 1 and M = B for each Qwen3-8B weight (cuBLAS, not ours: what verify costs
-over a decode step comes down to it), and a check of the grouped-GEMM experts against the reference.
+over a decode step comes down to it), then the batch-invariant linear kernel beside F.linear at M = 1,
+4, 8, B for each weight (GB/s of each, and a layer's M = B over M = 1 on each path), and a check of the grouped-GEMM experts against the reference.
 Every row runs on its own: a failure prints `n/a (ExcType: message)` and the next row runs.
 Without CUDA it says so and exits 0.
 Usage: python benchmarks/kernel_speed.py [--budget SECONDS] [--json FILE] [--device cpu (a rehearsal)]
@@ -263,6 +264,84 @@ def gpt_oss_cases(dev: str, dt: torch.dtype, tokens=(1, 8, 16)):
            lambda f: f(ctx, wkv, dkn, 1e-5, cs, pos, dkc, torch.randn_like(dkc), b_kv=bkv), nbytes(ctx, wkv, bkv))
 
 
+# Qwen3-8B's weight matrices (name, N, K): a decoder layer's four, then the lm_head.
+WEIGHTS = (("q/k/v (6144 × 4096)", (HQ + 2 * HKV) * D, H), ("o (4096 × 4096)", H, HQ * D),
+           ("gate/up (24576 × 4096)", 2 * I, H), ("down (4096 × 12288)", H, I), ("lm_head (151936 × 4096)", V, H))
+LINEAR_ROWS = (1, 4, 8, B)
+
+
+def linear_cases(dev: str, dt: torch.dtype, rows=LINEAR_ROWS, lm_head: bool = True):
+    """The batch-invariant linear kernel at each Qwen3-8B weight for M = `rows`, against F.linear (cuBLAS),
+    then gpt-oss-20b's biased q/k/v and, in float32, float32 rows through a bf16 weight (the mixed pair).
+    Without `lm_head` (the compile check's recording: 1.2-2.5 GB on the host) its weight is left out."""
+    import torch.nn.functional as F
+
+    from dflash_cli.kernels import invariant_linear as il
+
+    for name, n_out, n_in in WEIGHTS[:None if lm_head else -1]:
+        w = torch.randn(n_out, n_in, dtype=dt, device=dev) / 64
+        x = torch.randn(max(rows), n_in, dtype=dt, device=dev)
+        for m in rows:
+            yield (f"invariant linear {name.split(' (')[0]} M={m}", il.invariant_linear, F.linear,
+                   lambda f, m=m, x=x, w=w: f(x[:m], w), nbytes(w, x[:m]) + m * n_out * x.element_size())
+    w = torch.randn(5120, 2880, dtype=dt, device=dev) / 64
+    b, x = torch.randn(5120, dtype=dt, device=dev), torch.randn(B, 2880, dtype=dt, device=dev)
+    yield ("invariant linear gpt-oss q/k/v + bias M=B", il.invariant_linear, F.linear, lambda f: f(x, w, b),
+           nbytes(w, b, x) + B * 5120 * x.element_size())
+    if dt == torch.float32:
+        wb = w.to(torch.bfloat16)
+        yield ("invariant linear fp32 rows, bf16 weight", il.invariant_linear, il.invariant_linear_ref,
+               lambda f: f(x, wb, b), nbytes(wb, b, x) + B * 5120 * x.element_size())
+
+
+def invariant_rows(dev: str, dt: torch.dtype, do_bench, copy_rate: float, scale: int = 1,
+                   deadline: float | None = None) -> list[dict]:
+    """The batch-invariant linear kernel (issue 24) against F.linear (cuBLAS) at M = 1, 4, 8, B for each
+    Qwen3-8B weight: µs and GB/s (the weight read once, the rows read and written) of each, and the
+    share of copy bandwidth (the target: ≥ 90% at every M ≤ 16). Then a decoder layer's four projections
+    at M = B over M = 1 on each path: what the projections make of verify(B) / decode (target ≤ 1.05).
+    `scale` divides the weights' sides (a CPU rehearsal); no row starts after `deadline` (perf_counter)."""
+    import time
+
+    import torch.nn.functional as F
+
+    from dflash_cli.kernels.invariant_linear import invariant_linear
+
+    print(f"| {'invariant_linear vs F.linear':<28} | {'M':>2} | {'inv µs':>8} | {'cuBLAS µs':>9} | "
+          f"{'inv GB/s':>8} | {'cuBLAS GB/s':>11} | {'inv % copy':>10} | {'cuBLAS % copy':>13} |")
+    print(f"|{'-' * 30}|{'-' * 4}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 13}|{'-' * 12}|{'-' * 15}|")
+    rows, layer, layer_rows = [], {(path, m): 0.0 for path in ("inv", "cublas") for m in LINEAR_ROWS}, 0
+    for name, n_out, n_in in WEIGHTS:
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"(invariant_linear rows stopped at the budget before {name})", flush=True)
+            break
+        try:
+            w = torch.randn(n_out // scale, n_in // scale, dtype=dt, device=dev) / 64
+            x = torch.randn(max(LINEAR_ROWS), n_in // scale, dtype=dt, device=dev)
+            for m in LINEAR_ROWS:
+                moved = nbytes(w, x[:m]) + m * w.shape[0] * x.element_size()
+                t_inv = do_bench(lambda: invariant_linear(x[:m], w)) * 1e3
+                t_cub = do_bench(lambda: F.linear(x[:m], w)) * 1e3
+                if not name.startswith("lm_head"):
+                    layer["inv", m] += t_inv
+                    layer["cublas", m] += t_cub
+                    layer_rows += 1
+                r_inv, r_cub = moved / (t_inv * 1e-6), moved / (t_cub * 1e-6)
+                rows.append(dict(weight=name, m=m, invariant_us=t_inv, cublas_us=t_cub, invariant_bytes_per_s=r_inv,
+                                 cublas_bytes_per_s=r_cub, invariant_copy_share=r_inv / copy_rate,
+                                 cublas_copy_share=r_cub / copy_rate))
+                print(f"| {name:<28} | {m:>2} | {t_inv:8.1f} | {t_cub:9.1f} | {r_inv / 1e9:8.0f} | {r_cub / 1e9:11.0f} | "
+                      f"{100 * r_inv / copy_rate:9.1f}% | {100 * r_cub / copy_rate:12.1f}% |", flush=True)
+        except Exception as e:  # the next weight still runs
+            print(f"| {name:<28} | n/a ({type(e).__name__}: {first_line(e)}) |", flush=True)
+        finally:
+            w = x = None
+    if layer_rows == 4 * len(LINEAR_ROWS):  # every one of a layer's four weights at every M
+        print(f"a layer's four projections, M={B} over M=1: invariant {layer['inv', B] / layer['inv', 1]:.2f}, "
+              f"cuBLAS {layer['cublas', B] / layer['cublas', 1]:.2f} (target ≤ 1.05)", flush=True)
+    return rows
+
+
 def gemm_rows(dev: str, dt: torch.dtype, do_bench, copy_rate: float, scale: int = 1) -> list[dict]:
     """F.linear (cuBLAS) at M = 1 (a decode step) and M = B (a verify block) for each of Qwen3-8B's
     weight matrices: verify(B) can only cost about a decode step if the M = B GEMM reads its weight
@@ -273,9 +352,7 @@ def gemm_rows(dev: str, dt: torch.dtype, do_bench, copy_rate: float, scale: int 
     print(f"| {'F.linear, Qwen3-8B weight':<32} | {'M=1 µs':>7} | {f'M={B} µs':>8} | {'ratio':>5} | {'% copy (M=1)':>12} |")
     print(f"|{'-' * 34}|{'-' * 9}|{'-' * 10}|{'-' * 7}|{'-' * 14}|")
     rows = []
-    for name, n_out, n_in in (("q/k/v (6144 × 4096)", (HQ + 2 * HKV) * D, H), ("o (4096 × 4096)", H, HQ * D),
-                              ("gate/up (24576 × 4096)", 2 * I, H), ("down (4096 × 12288)", H, I),
-                              ("lm_head (151936 × 4096)", V, H)):
+    for name, n_out, n_in in WEIGHTS:
         try:
             w = torch.randn(n_out // scale, n_in // scale, dtype=dt, device=dev) / 64
             times = {m: do_bench(lambda m=m, x=torch.randn(m, n_in // scale, dtype=dt, device=dev): F.linear(x, w))
@@ -318,7 +395,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda, or cpu: a rehearsal (kernels in Triton's interpreter, "
                                                          "GEMMs at 1/16 of each side, timings meaningless)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds: print no further kernel row once this much has passed (the GEMM rows come first)")
+                        help="seconds: print no further invariant_linear or kernel row once this much has passed "
+                             "(the F.linear rows come first)")
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args()
     rehearsal = args.device == "cpu"
@@ -348,6 +426,11 @@ def main() -> int:
     print(f"{name} · copy {copy_rate / 1e9:.0f} GB/s · bf16 · Qwen3-8B shapes, B={B}, context {CTX}", flush=True)
     report = {"device": name, "copy_bytes_per_s": copy_rate, "gemm": [], "kernels": []}
     report["gemm"] = gemm_rows(dev, torch.bfloat16, bench, copy_rate, scale=16 if rehearsal else 1)
+    try:
+        report["invariant_linear"] = invariant_rows(dev, torch.bfloat16, bench, copy_rate, scale=16 if rehearsal else 1,
+                                                    deadline=None if args.budget is None else started + args.budget)
+    except Exception as e:  # the kernel rows still run
+        print(f"invariant_linear rows: n/a ({type(e).__name__}: {first_line(e)})", flush=True)
     try:
         print(check_grouped_mm(dev), flush=True)
     except Exception as e:

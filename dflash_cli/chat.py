@@ -3,6 +3,9 @@
 `ChatSession` holds everything that is not the terminal (messages, settings, statistics) so tests
 reach it directly; `run_chat` is the prompt-toolkit loop around it. Ctrl-C stops an answer and keeps
 what was written of it in the conversation; Ctrl-C at the prompt clears the line; Ctrl-D leaves.
+
+A conversation that outgrows the context goes on, as in other chat tools: the oldest turns are left
+out of what the model sees (the transcript keeps them), and the chat says so once.
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .engine import Engine, Request
 from .errors import DflashError, UsageError
 from .generate import Chunk, Stats, stream_text
-from .harmony import ToolCall, reasoning_effort
+from .formats import Reasoning
+from .harmony import ToolCall
 from .loader import Model
 from .prompt import render_chat
 from .jsonl import read_jsonl, validate_messages
-from .sampling import SamplingParams
+from .sampling import KINDS, SamplingParams, setting_problem
 
 if TYPE_CHECKING:
     from prompt_toolkit.history import History
@@ -33,6 +37,7 @@ Commands:
   /help                      this text
   /system TEXT               set the system prompt (/system alone clears it)
   /set NAME VALUE            temperature, top_p, top_k, min_p, max_tokens or seed
+  /show                      the current settings
   /think on|off              thinking mode (Qwen3: off by default; gpt-oss: high or low reasoning effort)
   /clear                     start a new conversation
   /save FILE, /load FILE     the conversation as JSONL, one message per line
@@ -41,8 +46,7 @@ Commands:
 Enter sends; Alt-Enter (Esc, Enter) starts a new line. Ctrl-C stops an answer.
 A message that starts with "/" is sent by doubling it: "//etc/hosts is…" sends "/etc/hosts is…"."""
 
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int, "seed": int}
-KINDS = {float: "a number", int: "a whole number"}
+KIND_WORDS = {float: "a number", int: "a whole number"}
 
 
 @dataclass
@@ -60,35 +64,80 @@ class ChatSession:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 2048
     system: str | None = None
-    think: bool = False
-    reasoning_effort: str | None = None  # harmony (gpt-oss); None: the template's default (medium)
+    think: bool | None = None  # None: the pair's default (loader.Model.thinking)
+    reasoning_effort: str | None = None  # for a template that reads it (gpt-oss); None: the template's default
     messages: list[dict] = field(default_factory=list)  # user and assistant turns (system kept apart)
+    first_shown: int = 0  # messages before this one no longer fit the context: the model does not see them
+    notices: list[str] = field(default_factory=list)  # for the view to show once (and clear)
+    told_left_out: bool = False  # the chat said that it leaves out the oldest turns
     answers: list[Stats] = field(default_factory=list)
     live: Stats | None = None  # the answer being generated (updated in place while it streams)
     tool_call: ToolCall | None = None  # the call the last answer ended with (harmony), if any
 
     # ---- conversation ---------------------------------------------------------------------
     def conversation(self) -> list[dict]:
+        """The whole conversation, as /save writes it."""
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def _render(self):
+        """The prompt the model sees: the system prompt and the turns that still fit."""
+        reasoning, fmt = Reasoning(self.think, self.reasoning_effort), self.model.format
+        shown = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages[self.first_shown:]
+        return render_chat(self.model.tokenizer, shown, format=fmt, enable_thinking=self.thinking,
+                           template_kwargs=reasoning.template_kwargs(fmt))
+
+    @property
+    def thinking(self) -> bool:
+        """Whether thinking is on: /think or --think, else the pair's default."""
+        return Reasoning(self.think, self.reasoning_effort).enable_thinking(self.model.thinking)
+
+    def _leave_out_oldest_turn(self) -> bool:
+        """Move past the oldest user turn still shown and its answer; never past the question just asked."""
+        last = len(self.messages) - 1
+        if self.first_shown >= last:
+            return False
+        self.first_shown += 1
+        while self.first_shown < last and self.messages[self.first_shown]["role"] != "user":
+            self.first_shown += 1
+        return True
+
+    def _fit(self):
+        """The prompt for the question just asked, leaving out the oldest turns until the answer has
+        room: `max_tokens`, or half the context if that is less."""
+        limit = self.engine.max_context
+        room = max(1, min(self.max_tokens, limit // 2))
+        prompt, shown = self._render(), self.first_shown
+        while len(prompt.ids) + room > limit and self._leave_out_oldest_turn():
+            prompt = self._render()
+        if len(prompt.ids) >= limit:
+            positions = getattr(getattr(self.model.target, "cfg", None), "max_position_embeddings", None)
+            system = " with the system prompt" if self.system else ""
+            raise DflashError(f"the message is {len(prompt.ids)} tokens{system}; the context holds {limit}"
+                              + (" (--max-context raises the limit)" if positions and limit < positions else ""))
+        if self.first_shown > shown and not self.told_left_out:
+            self.told_left_out = True
+            self.notices.append(f"the conversation outgrew the {limit}-token context: its oldest turns are left out "
+                                "of what the model sees from now on (/save keeps them all; /clear starts afresh)")
+        return prompt
 
     def ask(self, text: str, split_drafts: bool = False) -> Iterator[Chunk]:
         """Stream the answer to `text`. Whatever was generated joins the conversation, also when
         the caller stops early (Ctrl-C)."""
         self.messages.append({"role": "user", "content": text})
-        effort = {} if self.reasoning_effort is None else {"reasoning_effort": self.reasoning_effort}
-        prompt = render_chat(self.model.tokenizer, self.conversation(), enable_thinking=self.think,
-                             template_kwargs=effort)
-        ids = prompt.ids
-        if len(ids) >= self.engine.max_context:
+        shown = self.first_shown
+        try:
+            prompt = self._fit()
+        except BaseException:
             self.messages.pop()
-            raise DflashError(f"the conversation is {len(ids)} tokens; the context limit is {self.engine.max_context} "
-                              "(/clear starts a new one; --max-context raises the limit)")
+            self.first_shown = shown
+            raise
+        ids = prompt.ids
         stats, pieces = Stats(), []
         self.live, self.tool_call = stats, None
         request = Request(ids, self.max_tokens, self.model.stop_token_ids, self.sampling,
                           keep_prefix=prompt.keep_prefix)
         steps = stream_text(self.engine, self.model.tokenizer, request, stats, split_drafts=split_drafts,
-                            think=prompt.think)
+                            prompt=prompt)
         try:
             first = next(steps)
         except BaseException:
@@ -114,7 +163,7 @@ class ChatSession:
             "/help": lambda: Reply(HELP), "/exit": lambda: Reply(exit=True), "/quit": lambda: Reply(exit=True),
             "/system": lambda: self._system(arg), "/set": lambda: self._set(arg), "/think": lambda: self._think(arg),
             "/clear": self._clear, "/save": lambda: self._save(arg), "/load": lambda: self._load(arg),
-            "/stats": lambda: Reply(self.stats_text()),
+            "/stats": lambda: Reply(self.stats_text()), "/show": lambda: Reply(self.settings_text()),
         }.get(name)
         if handler is None:
             raise UsageError(f"unknown command {name} (/help lists them)")
@@ -125,39 +174,59 @@ class ChatSession:
         return Reply(f"system prompt set ({len(text)} characters)" if text else "system prompt cleared")
 
     def _set(self, arg: str) -> Reply:
+        """One setting, checked against the limits `run` checks its flags against: a bad value is
+        one line, and the setting (and the conversation) stay as they were."""
         key, _, value = arg.partition(" ")
-        if key not in SETTABLE or not value.strip():
-            raise UsageError(f"usage: /set {'|'.join(SETTABLE)} VALUE")
+        if key not in KINDS or not value.strip():
+            raise UsageError(f"usage: /set {'|'.join(KINDS)} VALUE")
+        kind = KINDS[key]
         try:
-            parsed = SETTABLE[key](value.strip())
+            parsed = kind(value.strip())
         except ValueError:
-            raise UsageError(f"/set {key}: '{value.strip()}' is not {KINDS[SETTABLE[key]]}") from None
+            raise UsageError(f"/set {key}: '{value.strip()}' is not {KIND_WORDS[kind]}") from None
+        problem = setting_problem(key, parsed)
+        if problem is not None:
+            raise UsageError(f"/set {key}: {problem}")
         if key == "max_tokens":
-            if parsed < 1:
-                raise UsageError("/set max_tokens: must be at least 1")
             self.max_tokens = parsed
         else:
-            try:
-                self.sampling = replace(self.sampling, **{key: parsed})  # validated by SamplingParams
-            except UsageError as e:  # its messages name the command-line flag: name the setting instead
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(str(e).replace(f"{flag} ", f"/set {key}: ", 1)) from None
+            self.sampling = replace(self.sampling, **{key: parsed})
         return Reply(f"{key} = {parsed}")
 
     def _think(self, arg: str) -> Reply:
         if arg not in ("on", "off"):
             raise UsageError("usage: /think on|off")
         self.think = arg == "on"
-        if self.model.harmony is not None:  # gpt-oss always reasons: on and off are its high and low effort
-            self.reasoning_effort = reasoning_effort(None, self.think)
+        if self.model.format.think_by_effort:  # gpt-oss always reasons: on and off are its high and low effort
+            self.reasoning_effort = self.model.format.template_effort(None, self.think)
             return Reply(f"reasoning effort {self.reasoning_effort}")
         template = getattr(self.model.tokenizer, "chat_template", None) or ""
         caveat = "" if "enable_thinking" in template else " (this model's chat template has no thinking mode)"
         return Reply(f"thinking {arg}{caveat}")
 
+    def settings_text(self) -> str:
+        """/show: every setting /set changes, as /set names it, then what decodes and where."""
+        p = self.sampling
+        values = {
+            "temperature": f"{p.temperature:g}" + (" (greedy)" if p.greedy else ""),
+            "top_p": f"{p.top_p:g}" + (" (off)" if p.top_p == 1 else ""),
+            "top_k": f"{p.top_k}" + (" (off)" if p.top_k == 0 else ""),
+            "min_p": f"{p.min_p:g}" + (" (off)" if p.min_p == 0 else ""),
+            "max_tokens": str(self.max_tokens),
+            "seed": "random" if p.seed is None else str(p.seed),
+        }
+        effort = f" (reasoning effort {self.reasoning_effort})" if self.reasoning_effort else ""
+        system = "none" if not self.system else json.dumps(self.system, ensure_ascii=False)
+        seen = f" ({len(self.messages) - self.first_shown} seen by the model)" if self.first_shown else ""
+        lines = [f"{name} = {value}" for name, value in values.items()]
+        lines += [f"think = {'on' if self.thinking else 'off'}{effort}", f"system = {system}",
+                  f"{self.model.target_dir.name} · {self.engine.describe()} · context {self.engine.max_context} tokens"
+                  f" · {len(self.messages)} messages{seen}"]
+        return "\n".join(lines)
+
     def _clear(self) -> Reply:
-        self.messages = []
-        return Reply("conversation cleared")
+        self.messages, self.first_shown = [], 0
+        return Reply("conversation cleared" + (" (the system prompt stays: /system alone clears it)" if self.system else ""))
 
     def _save(self, path: str) -> Reply:
         if not path:
@@ -170,8 +239,8 @@ class ChatSession:
             raise UsageError("usage: /load FILE")
         messages = load_transcript(Path(path).expanduser())
         self.system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        self.messages = [m for m in messages if m["role"] != "system"]
-        return Reply(f"loaded {len(messages)} messages from {path}")
+        self.messages, self.first_shown = [m for m in messages if m["role"] != "system"], 0
+        return Reply(f"loaded {len(messages)} message{'' if len(messages) == 1 else 's'} from {path}")
 
     # ---- statistics -----------------------------------------------------------------------
     def histogram(self) -> Counter:
@@ -258,7 +327,7 @@ def _line_reader(history: Path | None, warn: Callable[[str], None]):
             line = sys.stdin.readline()
             if not line:
                 raise EOFError
-            return line.rstrip("\n")
+            return line.removesuffix("\n").removesuffix("\r")  # a Windows line end too
         return read
     from prompt_toolkit import PromptSession
     from prompt_toolkit.key_binding import KeyBindings

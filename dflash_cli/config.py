@@ -173,15 +173,16 @@ DRAFTER_CONFIG_READING = "DFLASH_DRAFTER_CONFIG"
 
 
 def _as_transformers_reads(raw: dict) -> dict:
-    """A gpt_oss drafter config with GptOssConfig's defaults filled in, unless DFLASH_DRAFTER_CONFIG=raw."""
+    """A drafter config as its model_type's family reads it (a gpt_oss one with GptOssConfig's defaults
+    filled in), unless DFLASH_DRAFTER_CONFIG=raw."""
     reading = os.environ.get(DRAFTER_CONFIG_READING, "transformers")
     if reading not in ("transformers", "raw"):
         raise DflashError(f"{DRAFTER_CONFIG_READING} must be transformers or raw, not {reading!r}")
-    if raw.get("model_type") != "gpt_oss" or reading == "raw":
+    if reading == "raw":
         return raw
-    from .models.gpt_oss import with_transformers_defaults
+    from .models import drafter_defaults  # the family of the config's model_type says (gpt-oss: a hook)
 
-    return with_transformers_defaults(raw)
+    return drafter_defaults(raw)
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:

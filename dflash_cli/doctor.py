@@ -127,7 +127,8 @@ def _model_check(model: str, gpu: bool) -> Check:
     if need is None:
         return Check(pair.alias, "ok" if ready else "warn", detail)
     if not gpu:
-        return Check(pair.alias, "warn", f"{detail}; needs ~{need / GiB:.0f} GiB of GPU memory (4K context), no GPU here")
+        return Check(pair.alias, "fail", f"{detail}; needs ~{need / GiB:.0f} GiB of GPU memory (4K context), no GPU here",
+                     "run it on a machine with a CUDA GPU (`dflash run demo` runs here)")
     free, _ = cuda.mem_get_info(cuda.device())
     if free < need:
         return Check(pair.alias, "fail", f"{detail}; needs ~{need / GiB:.1f} GiB of GPU memory, {free / GiB:.1f} GiB free",

@@ -102,6 +102,9 @@ class DraftCache(KVCache):
         super().rollback(length)
         self.pending_count.zero_()
 
+    def nbytes(self) -> int:
+        return super().nbytes() + self.pending.nbytes
+
 
 def _narrowest(*windows: int | None) -> int | None:
     """The smallest of the sliding windows given (None: attend to the whole context)."""

@@ -27,6 +27,7 @@ import torch
 
 from . import cuda, ops
 from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, time_iterations
+from .cache import CommitPlan
 from .drafter import DEFERRED, Drafter
 from .errors import DflashError
 from .graphs import EagerStep, StepGraphs
@@ -153,6 +154,25 @@ class Engine:
         for _ in self.generate(Request(prompt, new, sampling=sampling or SamplingParams())):
             pass
         return time.perf_counter() - start
+
+    @property
+    def cached_ids(self) -> tuple[int, ...]:
+        """The tokens whose K/V both caches hold, in order (what the next prompt may reuse)."""
+        return tuple(self._cached_ids)
+
+    def reusable_prefix(self, prompt_ids: list[int]) -> int:
+        """Prompt tokens the next `generate` will not recompute: the common prefix with the cached
+        tokens (at least the last prompt token is recomputed), as far as every cache can restart
+        from (a recurrent state only from its prefix snapshot)."""
+        reuse = _common_prefix(self._cached_ids, prompt_ids, len(prompt_ids) - 1)
+        for cache in self.caches:
+            reuse = cache.reusable(reuse)
+        return reuse
+
+    def step_function(self, mode: Mode, block_size: int | None = None):
+        """The device side of one iteration at this block size (what a captured graph replays): a
+        function of the bonus token, for benchmarks that time or capture it themselves."""
+        return self._device_step(mode, block_size)
 
     @property
     def speculative(self) -> bool:
@@ -291,12 +311,9 @@ class Engine:
     def _prefill(self, prompt: list[int], keep_prefix: int | None = None) -> torch.Tensor:
         """Fill both caches with the prompt (reusing the longest cached prefix they can restart from);
         returns the last position's logits."""
-        caches = [c for c in (self.target_cache, self.draft_cache) if c is not None]
-        reuse = _common_prefix(self._cached_ids, prompt, len(prompt) - 1)
-        for cache in caches:  # a recurrent state restarts only from a snapshot, or from nothing
-            reuse = cache.reusable(reuse)
+        reuse = self.reusable_prefix(prompt)  # a recurrent state restarts only from a snapshot, or from nothing
         self._cached_ids = self._cached_ids[:reuse]  # true even if this prefill is interrupted
-        for cache in caches:
+        for cache in self.caches:
             cache.rollback(reuse)
         keep = keep_prefix if keep_prefix is not None and reuse < keep_prefix < len(prompt) else None
         ends = sorted({*range(reuse + self.prefill_chunk, len(prompt), self.prefill_chunk), len(prompt)}
@@ -336,7 +353,7 @@ class Engine:
             logits, features = self.target.forward(block, self.target_cache, logits_from=0,
                                                    feature_layers=self.feature_layers)
             y, accepted = ops.accept(logits, block, self.target_cache.length, **params)
-            self.target.commit(self.target_cache, accepted + 1)
+            self.target_cache.commit(CommitPlan(accepted + 1))
             if self.speculative and b > 1:
                 self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
             elif self.speculative:  # b = 1 commits exactly this token: its drafter context waits

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .adaptive import Decision, position_rates
-from .detok import StreamDecoder
 from .engine import Engine, Request, Step
-from .harmony import HarmonyText, HarmonyTokens, ToolCall
-from .reasoning import ThinkSplitter
+from .formats import AnswerDelta, ChatPrompt
+from .harmony import ToolCall
 
 
 @dataclass
@@ -69,84 +68,45 @@ class Stats:
 
 @dataclass
 class Chunk:
-    text: str  # newly final text of the answer (may be empty)
+    text: str  # newly final content of the answer (may be empty)
     step: Step
     draft_chars: int = 0  # with split_drafts: how much of `text` came from accepted drafts (it comes first)
-    reasoning: str = ""  # newly final reasoning (`<think>` text, without the tags), which comes before `text`
-    tool_call: ToolCall | None = None  # harmony: the tool call the answer ended with (finish "tool_call")
+    reasoning: str = ""  # newly final reasoning (`<think>` text without the tags, harmony's analysis): before `text`
+    tool_call: ToolCall | None = None  # the tool call the answer ended with (harmony; finish "tool_call")
 
 
-def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats,
-                stop_strings: tuple[str, ...] = (), split_drafts: bool = False, think: str = "off") -> Iterator[Chunk]:
+def stream_text(engine: Engine, tokenizer, request: Request, stats: Stats, stop_strings: tuple[str, ...] = (),
+                split_drafts: bool = False, prompt: ChatPrompt | None = None) -> Iterator[Chunk]:
     """Generate, yielding final text per step; `stats` is updated before each yield.
 
-    With `split_drafts`, the step's accepted-draft tokens are decoded before the target's own
-    token, so a UI can show which text the drafter wrote. At a stop string the text ends where it
-    begins, and so do `stats.token_ids` and the step's tokens: no token that wrote part of it is kept.
-    `think` (prompt.ChatPrompt.think): "auto" or "open" split `<think>` reasoning off the answer;
-    "harmony" splits gpt-oss's channels by token id (harmony.py)."""
-    if think == "harmony":
-        yield from _stream_harmony(engine, tokenizer, request, stats, stop_strings)
-        return
-    decoder = StreamDecoder(tokenizer, stop_strings, context=request.prompt_ids[-1:])
-    splitter = ThinkSplitter(think) if think != "off" else None
+    The answer is read by the format of `prompt` (the rendered prompt; None: plain text): its
+    parser splits reasoning, content and a tool call (formats/). With `split_drafts`, the step's
+    accepted-draft tokens are decoded before the target's own token, so a UI can show which text
+    the drafter wrote. At a stop string the text ends where it begins, and so do `stats.token_ids`
+    and the step's tokens: no token that wrote part of it is kept."""
+    parser = (prompt or ChatPrompt(request.prompt_ids)).parser(tokenizer, stop_strings)
     stats.prompt_tokens = len(request.prompt_ids)
     steps = engine.generate(request)
     try:
         for step in steps:
             drafted = min(step.accepted, len(step.tokens)) if split_drafts and not step.prefill else 0
-            draft_text = decoder.push(step.tokens[:drafted]) if drafted else ""
-            text = draft_text + decoder.push(step.tokens[drafted:])
-            if decoder.stopped:
+            delta = parser.push(step.tokens[:drafted]) if drafted else AnswerDelta()
+            draft_text = delta.text
+            delta += parser.push(step.tokens[drafted:])
+            if parser.stopped:
                 step.finish = "stop"
-                keep = decoder.tokens_in_text()
+                keep = parser.tokens_kept()
                 step.tokens = step.tokens[:max(0, keep - stats.generated)]
+                delta += parser.finish("stop")
                 stats.add(step)
                 del stats.token_ids[keep:]  # tokens of earlier steps that were held back as a possible stop
             else:
                 if step.finish is not None:
-                    text += decoder.flush()
+                    delta += parser.finish(step.finish)
+                    step.finish = "tool_call" if delta.tool_call is not None else step.finish
                 stats.add(step)
-            reasoning, draft_chars = "", len(draft_text)
-            if splitter is not None:
-                reasoning, reply = splitter.feed(text)
-                if step.finish is not None:
-                    more_reasoning, more_reply = splitter.finish()
-                    reasoning, reply = reasoning + more_reasoning, reply + more_reply
-                draft_chars = draft_chars if reply == text else 0  # drafts are coloured in plain answers only
-                text = reply
-            yield Chunk(text, step, draft_chars, reasoning)
-            if step.finish is not None:
-                return
-    finally:
-        steps.close()
-
-
-def _stream_harmony(engine: Engine, tokenizer, request: Request, stats: Stats,
-                    stop_strings: tuple[str, ...]) -> Iterator[Chunk]:
-    """stream_text for a harmony answer: analysis → reasoning, final → text; an answer that ends in a
-    tool call finishes with "tool_call". A stop string cuts the answer text, and the tokens, as above."""
-    text = HarmonyText(tokenizer, HarmonyTokens.of(tokenizer), stop_strings)
-    stats.prompt_tokens = len(request.prompt_ids)
-    steps = engine.generate(request)
-    try:
-        for step in steps:
-            reasoning, answer = text.push(step.tokens)
-            call = None
-            if text.stopped:
-                step.finish = "stop"
-                keep = text.tokens_kept()
-                step.tokens = step.tokens[:max(0, keep - stats.generated)]
-                stats.add(step)
-                del stats.token_ids[keep:]
-            else:
-                if step.finish is not None:
-                    more_reasoning, more_answer = text.flush()
-                    reasoning, answer = reasoning + more_reasoning, answer + more_answer
-                    call = text.tool_call(finished_by_stop=step.finish == "stop")
-                    step.finish = "tool_call" if call is not None else step.finish
-                stats.add(step)
-            yield Chunk(answer, step, 0, reasoning, call)
+            draft_chars = len(draft_text) if delta.content == delta.text else 0  # coloured in plain answers only
+            yield Chunk(delta.content, step, draft_chars, delta.reasoning, delta.tool_call)
             if step.finish is not None:
                 return
     finally:

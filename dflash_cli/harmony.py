@@ -11,7 +11,8 @@ tokenizer (never hard-coded), never by their text: a message may spell "<|channe
 
 Channels: analysis is reasoning; final, and commentary without a recipient (a preamble meant for the
 user), are the answer; a message to a recipient is a tool call. openai-harmony does the same but
-downloads its vocabulary at run time, so this small state machine stands in for it.
+downloads its vocabulary at run time, so this small state machine stands in for it. The chat format
+that renders and reads harmony for the front ends is formats/harmony.py.
 """
 from __future__ import annotations
 
@@ -21,23 +22,8 @@ from typing import Callable, Iterable
 
 from .detok import StreamDecoder
 
-EFFORTS = ("low", "medium", "high")
 REASONING, ANSWER, TOOL = "reasoning", "answer", "tool"
 _RECIPIENT = re.compile(r"\bto=(\S+)")
-
-
-def reasoning_effort(effort: str | None, think: bool | None) -> str | None:
-    """The template's reasoning_effort: `--reasoning-effort` as given, else `--think` high and
-    `--no-think` low (harmony has no "off"), else None (the template's default, medium)."""
-    if effort is not None:
-        return effort
-    return None if think is None else ("high" if think else "low")
-
-
-def template_effort(effort: str | None, think: bool | None, harmony: bool) -> str | None:
-    """What run and chat pass as the template's reasoning_effort: `--reasoning-effort` as given (any
-    template that reads it gets it); for a harmony model, `--think/--no-think` too (`reasoning_effort`)."""
-    return reasoning_effort(effort, think) if harmony else effort
 
 
 @dataclass(frozen=True)

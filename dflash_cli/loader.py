@@ -18,6 +18,7 @@ from .config import DrafterConfig
 from .drafter import Drafter
 from .engine import cache_slack
 from .errors import DflashError, UsageError
+from .formats import PLAIN, ChatFormat, detect, thinking_default
 from .harmony import HarmonyTokens
 from .memory import free_device_memory, needs_for, plan_context
 from .models import load_target, target_config
@@ -28,14 +29,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class Model:
     tokenizer: object  # a transformers PreTrainedTokenizerFast
-    target: object  # a model family's Model (dflash_cli/models)
+    target: object  # a models.base.Decoder
     drafter: Drafter | None
     stop_token_ids: frozenset[int]
     max_context: int
     target_dir: Path
     drafter_dir: Path | None
-    thinks: bool = False  # the thinking mode the family's drafters were trained with: the default
-    harmony: HarmonyTokens | None = None  # gpt-oss's chat format: its special tokens, looked up at load
+    thinking: bool = False  # the thinking mode the drafter was trained with: the default (formats.thinking_default)
+    format: ChatFormat = PLAIN  # how prompts render and answers read (formats.detect, once at load)
     device: torch.device = torch.device("cpu")  # where it runs, as resolve_device gave it (a GPU's with its index)
 
 
@@ -140,4 +141,4 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     if drafter_cfg is not None:
         drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)
     return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir,
-                 getattr(family, "THINKS", False), HarmonyTokens.of(tokenizer), dev)
+                 thinking_default(target_dir, drafter_dir), detect(tokenizer), dev)

@@ -13,6 +13,7 @@ from functools import cache
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import cuda
 
@@ -31,6 +32,7 @@ _MODULES = {
     "gated_rms_norm": "gated_delta",
     "route": "moe",
     "experts": "moe",
+    "invariant_linear": "invariant_linear",
 }
 
 
@@ -147,11 +149,44 @@ def gated_rms_norm(x, z, weight, eps):
 
 
 # ---- Mixture of experts -----------------------------------------------------------------------------------
-def moe_route(x, router, top_k, renormalize, **gpt_oss):
-    """gpt_oss: `bias`, `softmax_after_topk` (kernels/moe.py)."""
-    return _pick("route", x.device)(x, router, top_k, renormalize, **gpt_oss)
+def moe_route(x, router, top_k, renormalize, **variant):
+    """variant: the router's `bias`, `softmax_after_topk` (gpt-oss; kernels/moe.py)."""
+    return _pick("route", x.device)(x, router, top_k, renormalize, **variant)
 
 
-def moe_experts(x, gate_up, down, idx, weights, **gpt_oss):
-    """gpt_oss: expert biases, MXFP4 scales, the clamped SwiGLU (kernels/moe.py)."""
-    return _pick("experts", x.device)(x, gate_up, down, idx, weights, **gpt_oss)
+def moe_experts(x, gate_up, down, idx, weights, **variant):
+    """variant: expert biases, MXFP4 scales, the clamped SwiGLU (gpt-oss; kernels/moe.py)."""
+    return _pick("experts", x.device)(x, gate_up, down, idx, weights, **variant)
+
+
+# ---- Linear layers ------------------------------------------------------------------------------------------
+# DFLASH_LINEAR picks how a step's projections run. `cublas` (the default, until a GPU has measured the
+# kernel against cuBLAS): F.linear, whose kernel and split-K follow M, so a verify row and the decode of
+# the same token may round differently in bf16. `invariant`: kernels/invariant_linear.py for up to
+# MAX_INVARIANT_ROWS rows, which rounds a row the same whatever M is (issue 24).
+LINEAR_MODES = ("cublas", "invariant")
+MAX_INVARIANT_ROWS = 32  # decode (1), verify (b ≤ 16), the draft block: the rows a step sees
+
+
+def linear_mode() -> str:
+    """The one place DFLASH_LINEAR is read."""
+    mode = os.environ.get("DFLASH_LINEAR", "cublas")
+    if mode not in LINEAR_MODES:
+        raise ValueError(f"DFLASH_LINEAR must be cublas or invariant, not {mode!r}")
+    return mode
+
+
+def invariant_linear(x, w, b=None):
+    """x @ w.T + b with fp32 accumulation, rounded once to x's dtype: the Triton kernel on CUDA (or with
+    DFLASH_KERNELS=triton), else its torch reference (which is not itself batch-invariant)."""
+    return _pick("invariant_linear", x.device)(x, w, b)
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense projection as the models' `Linear` seam will call it (an InvariantDense adapter; not wired
+    into the models yet). Under DFLASH_LINEAR=invariant a step's rows go through `invariant_linear`;
+    longer prefill chunks stay on F.linear (cuBLAS), as prefill is shared by plain and speculative
+    decoding and needs no invariance. Under cublas, F.linear always."""
+    if linear_mode() == "invariant" and x.numel() <= MAX_INVARIANT_ROWS * x.shape[-1]:
+        return invariant_linear(x, w, b)
+    return F.linear(x, w, b)

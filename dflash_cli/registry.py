@@ -85,6 +85,10 @@ _BY_ALIAS = {p.alias: p for p in PAIRS}
 # The CPU demo pair ships inside the package: the trained stories260K Llama and a drafter trained
 # for it by `dflash train` (scripts/make_demo_pair.py). Nothing to download.
 DEMO = "demo"
+# stories260K, like llama2.c's models, ends every story with BOS (id 1), and llama2.c's run.c stops
+# there: so does the demo in run and chat, or an answer runs on into unrelated stories to the end of
+# the context (and a chat's first answer fills it).
+DEMO_STORY_END = 1
 
 
 def demo_dirs() -> tuple[Path, Path]:

@@ -17,13 +17,11 @@ from typing import TextIO
 from .engine import Engine, Request
 from .errors import DflashError, Interrupted, UsageError
 from .generate import Stats, stream_text
-from .harmony import template_effort
+from .formats import Reasoning
 from .jsonl import read_jsonl, validate_messages
 from .loader import Model
-from .prompt import ChatPrompt, encode_raw, render_chat
+from .prompt import ChatPrompt, Prompt, render_prompt
 from .sampling import SamplingParams
-
-Prompt = str | list[dict]  # a user message, or a whole conversation
 
 
 @dataclass
@@ -33,8 +31,8 @@ class RunOptions:
     stop: tuple[str, ...] = ()
     system: str | None = None
     raw: bool = False
-    think: bool | None = False  # None: the model's default (resolved once it is loaded)
-    reasoning_effort: str | None = None  # harmony (gpt-oss): low, medium or high; None: the template's default
+    think: bool | None = None  # --think/--no-think; None: the pair's default (loader.Model.thinking)
+    reasoning_effort: str | None = None  # low, medium or high, for a template that reads it; None: its default
     json: bool = False
     trace: bool = False
     quiet: bool = False
@@ -64,21 +62,10 @@ def read_jsonl_prompts(path: Path) -> list[tuple[int, Prompt]]:
 
 
 def prompt_ids(model: Model, prompt: Prompt, opts: RunOptions) -> ChatPrompt:
-    if opts.raw:
-        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        return ChatPrompt(encode_raw(model.tokenizer, text))
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if opts.system and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": opts.system})
-    effort = template_effort(opts.reasoning_effort, opts.think, model.harmony is not None)
-    return render_chat(model.tokenizer, messages, enable_thinking=bool(opts.think),
-                       template_kwargs=effort_kwargs(effort))
-
-
-def effort_kwargs(effort: str | None) -> dict:
-    """The chat-template argument that sets the reasoning effort (gpt-oss's, and any template that
-    reads `reasoning_effort`; the others ignore it)."""
-    return {} if effort is None else {"reasoning_effort": effort}
+    reasoning = Reasoning(opts.think, opts.reasoning_effort)
+    return render_prompt(model.tokenizer, prompt, format=model.format, system=opts.system, raw=opts.raw,
+                         enable_thinking=reasoning.enable_thinking(model.thinking),
+                         template_kwargs=reasoning.template_kwargs(model.format))
 
 
 def check_length(ids: list[int], engine: Engine) -> None:
@@ -116,7 +103,7 @@ def template_notes(model: Model, opts: RunOptions) -> list[str]:
             notes.append("this model has no chat template: --system is put before the prompt as plain text")
         if opts.think:
             notes.append("--think has no effect: this model has no chat template")
-    elif opts.think and "enable_thinking" not in template and model.harmony is None:
+    elif opts.think and "enable_thinking" not in template and not model.format.think_by_effort:
         notes.append("--think has no effect: this model's chat template has no thinking mode")
     return notes
 
@@ -140,7 +127,7 @@ def run_prompt(model: Model, engine: Engine, prompt: ChatPrompt, opts: RunOption
     interrupted, tool_call = False, None
     try:
         with contextlib.closing(stream_text(engine, model.tokenizer, request, stats, opts.stop,
-                                            think=prompt.think)) as chunks:
+                                            prompt=prompt)) as chunks:
             for chunk in chunks:
                 pieces.append(chunk.text)
                 reasoning.append(chunk.reasoning)

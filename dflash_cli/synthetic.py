@@ -186,7 +186,7 @@ def random_pair(name: str, dtype: torch.dtype, device: torch.device, positions: 
     """A target and drafter of shape `name` with random weights (the families' tables, on `device`)."""
     family, t, d, _ = configs(name)
     # Experts drawn in the fused layout the model keeps (per-expert tensors would be stacked: twice the memory).
-    target = family.Model(t, random_weights(family.weight_table(t, "fused"), dtype=dtype, device=device), positions)
+    target = family.build(t, random_weights(family.weight_table(t, "fused"), dtype=dtype, device=device), positions)
     w = random_weights(drafter_module.weight_table(d), seed=1, dtype=dtype, device=device)
     return target, Drafter.from_weights(d, w, target.embed, target.lm_head, positions)
 
@@ -389,7 +389,7 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         # decode and iteration are whole engine iterations (their own graph, host readback, Python);
         # the phases are replayed as graphs of their own and timed on the device.
         def runner(e: Engine):
-            return e.graphs.get(greedy, lambda: e._device_step(greedy), bonus)
+            return e.graphs.get(greedy, lambda: e.step_function(greedy), bonus)
 
         def iterate(e: Engine):  # one whole iteration, read back before the next (no lookahead)
             r = runner(e)

@@ -4,10 +4,13 @@ a histogram of accepted lengths), Markdown once the answer ends, and a one-line 
 `--show-drafts` colours text by origin: green for tokens the drafter proposed and the target
 accepted, the default colour for tokens the target produced itself (underlined instead of green
 under NO_COLOR). Colour and the live line are off when stdout is not a terminal and with --plain;
-NO_COLOR turns colour off.
+NO_COLOR turns colour off. Unless both stdin and stdout are a terminal (`dflash chat < questions.txt`,
+`dflash chat > answers.txt`), stdout carries the answers only: the banner, notes and statistics go to
+stderr, as `run` keeps them.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter
 from typing import Iterator
@@ -125,6 +128,9 @@ class ChatView:
         self.session = session
         self.console = console or Console(highlight=False)
         self.err = console or Console(stderr=True, highlight=False)
+        # notes and statistics: beside the answers on a terminal, apart from them in a pipe
+        typed = sys.stdin is not None and sys.stdin.isatty()
+        self.info = self.console if self.console.is_terminal and typed else self.err
         self.plain = plain or not self.console.is_terminal
         self.show_drafts = show_drafts and not self.plain
         self.draft_style = "underline" if self.console.no_color else DRAFT_STYLE
@@ -133,12 +139,12 @@ class ChatView:
         m, e = self.session.model, self.session.engine
         mode = e.describe()
         if e.graphs.enabled or e.adaptive:
-            with self.console.status("capturing CUDA graphs…" if e.graphs.enabled else "measuring block sizes…"):
+            with self.info.status("capturing CUDA graphs…" if e.graphs.enabled else "measuring block sizes…"):
                 e.warm_up(self.session.sampling)
         self.note(f"{m.target_dir.name} · {mode} · {m.target.device} · /help for commands, Ctrl-D to leave")
 
     def note(self, text: str) -> None:
-        self.console.print(Text(text, style="dim"), soft_wrap=True)
+        self.info.print(Text(text, style="dim"), soft_wrap=True)
 
     def error(self, text: str) -> None:
         # soft_wrap: one line even in a pipe (rich would break it at 80 columns); a terminal wraps it
@@ -162,12 +168,16 @@ class ChatView:
                 if self._reasoning.plain:
                     self.console.print(self._reasoning)
                 self.console.print(text)
-            self.console.print(Text("[stopped]", style="yellow"))
+            self.info.print(Text("[stopped]", style="yellow"))
         else:
             if not self.plain:
                 if self._reasoning.plain:
                     self.console.print(self._reasoning)
                 self.console.print(text if self.show_drafts else AnswerMarkdown(text.plain))
+        notices = getattr(self.session, "notices", [])  # e.g. that the oldest turns are now left out
+        for notice in notices:
+            self.note(notice)
+        notices.clear()
         answers = self.session.answers
         stats = answers[-1] if answers and answers[-1] is self.session.live else None  # None: stopped in prefill
         if stats is not None:

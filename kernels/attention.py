@@ -13,15 +13,26 @@ out = softmax([s, sink])[:-1] · v = softmax(s) · v · sigmoid(lse(s) - sink).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
-# torch versions whose lower-right causal bias forwards `enable_gqa` (a feature test, not a guess).
-_LOWER_RIGHT_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+@functools.cache
+def _lower_right_gqa() -> bool:
+    """Whether this torch's lower-right causal bias forwards `enable_gqa` (a feature test, not a guess).
+    Asked for on a GPU only: torch.nn.attention.bias imports torch._dynamo, 1-2 s of every start."""
+    from torch.nn.attention.bias import CausalBias
+
+    return "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+
+
+def __getattr__(name: str):  # `_LOWER_RIGHT_GQA`, computed when first read (PEP 562)
+    if name == "_LOWER_RIGHT_GQA":
+        return _lower_right_gqa()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def attention_ref(
@@ -43,10 +54,12 @@ def attention_ref(
         return _attention_with_sinks(q, k, v, _mask(tq, n, causal, sliding_window, q.device), scale, sinks)
     if sliding_window is None and not causal:
         mask = None
-    elif sliding_window is None and q.is_cuda and _LOWER_RIGHT_GQA:
+    elif sliding_window is None and q.is_cuda and _lower_right_gqa():
         # No mask tensor: SDPA can pick flash attention (GQA included, O(n) memory) for a long
         # prefill chunk; a boolean mask would rule it out, and on older torch fall back to the
         # math kernel, which materialises every score. The queries are the last tq positions.
+        from torch.nn.attention.bias import causal_lower_right
+
         mask = causal_lower_right(tq, n)
     else:
         mask = _mask(tq, n, causal, sliding_window, q.device)

@@ -26,11 +26,11 @@ URL = re.compile(r"serving (\S+) at (http://\S+)/v1")
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None, startup: float = 180.0):
+    def __init__(self, *args: str, env: dict | None = None, startup: float = 180.0, preexec=ctrl_c_reaches_it):
         cmd = [sys.executable, "-m", "dflash_cli.cli", "serve", "--port", "0", *map(str, args)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     preexec_fn=ctrl_c_reaches_it,
+                                     preexec_fn=preexec,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._eof = False
@@ -73,11 +73,12 @@ class ServerProcess:
 
     def request(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
                 timeout: float = 120) -> tuple[int, dict, object]:
-        """A raw HTTP request: (status, headers, parsed JSON or text)."""
+        """A raw HTTP request: (status, headers, parsed JSON or text). A header given as None is not sent."""
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=timeout)
         try:
             data = json.dumps(body).encode() if isinstance(body, dict) else body
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            sent = {"Content-Type": "application/json", **(headers or {})}
+            conn.request(method, path, body=data, headers={k: v for k, v in sent.items() if v is not None})
             resp = conn.getresponse()
             raw = resp.read().decode()
             try:

@@ -21,7 +21,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
     three = loader.load(write_target(tmp_path / "three", cfg, seed=9, shards=3), None, device="cpu")
     assert not (tmp_path / "three" / "model.safetensors").exists()
     for a, b in zip(one.target.layers, three.target.layers):
-        assert torch.equal(a.attn.qkv, b.attn.qkv) and torch.equal(a.mlp.down, b.mlp.down)
+        assert torch.equal(a.mixer.qkv.weight, b.mixer.qkv.weight) and torch.equal(a.mlp.down.weight, b.mlp.down.weight)
 
 
 def test_tied_embeddings_share_one_tensor(tmp_path):
@@ -31,7 +31,7 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
 
 def test_weights_load_in_the_requested_dtype(tmp_path):
     m = loader.load(write_target(tmp_path / "t", target_config("qwen3")), None, device="cpu", dtype="bfloat16")
-    assert m.target.embed.dtype == torch.bfloat16 and m.target.layers[0].attn.qkv.dtype == torch.bfloat16
+    assert m.target.embed.dtype == torch.bfloat16 and m.target.layers[0].mixer.qkv.weight.dtype == torch.bfloat16
 
 
 def test_float16_is_refused():

@@ -116,18 +116,20 @@ def test_ctrl_c_stops_a_piped_chat_answer_but_not_the_chat_and_ends_it_at_the_pr
     t, d = slow_stories_pair
     p, out, err = start("chat", "--target", t, "--drafter", d, "--device", "cpu", "-n", "400", "-b", "8",
                         stdin=subprocess.PIPE)
-    out.wait_for("Ctrl-D to leave")
+    err.wait_for("Ctrl-D to leave")  # piped: notes and statistics on stderr, stdout for the answers
     p.stdin.write(b"Once upon a time\n")
     p.stdin.flush()
     out.wait_for("Lily")
     p.send_signal(signal.SIGINT)  # stops the answer
-    out.wait_for("[stopped]")
+    err.wait_for("[stopped]")
     p.stdin.write(b"/stats\n")
     p.stdin.flush()
-    out.wait_for("1 answer ·")  # the chat went on, and kept the stopped answer
+    err.wait_for("1 answer ·")  # the chat went on, and kept the stopped answer
     p.send_signal(signal.SIGINT)  # at the prompt, with questions from a pipe: ends the chat
     assert p.wait(60) == 130
-    assert "Traceback" not in err.close() and "stopped: interrupted" in out.close()
+    notes, answers = err.close(), out.close()
+    assert "Traceback" not in notes and "stopped: interrupted" in notes
+    assert "[stopped]" not in answers and "tok/s" not in answers
 
 
 # ---- pipes and files -------------------------------------------------------------------------------

@@ -101,7 +101,11 @@ def test_chat_template_and_thinking_off(capsys, qwen3_chat_pair):
     (["--temperature", "-1"], 2, "--temperature must be a finite number >= 0, got -1.0"),
     (["--temperature", "nan"], 2, "--temperature must be a finite number >= 0, got nan"),
     (["--temperature", "inf"], 2, "--temperature must be a finite number >= 0, got inf"),
-    (["--top-p", "0"], 2, "--top-p must be in (0, 1]"),
+    (["--temperature", "1e39"], 2, "--temperature must be at most 3.403e+38 (float32's largest number), got 1e+39"),
+    (["--top-k", "9223372036854775808"], 2, "--top-k must be a whole number from 0 (off) to 2147483647, got 9223372036854775808"),
+    (["--top-k", "99999999999999999999"], 2, "--top-k must be a whole number from 0 (off) to 2147483647"),
+    (["--top-k", "-1"], 2, "--top-k must be a whole number from 0 (off) to 2147483647, got -1"),
+    (["--top-p", "0"], 2, "--top-p must be in [1e-06, 1], got 0.0"),
     (["--min-p", "nan"], 2, "--min-p must be in [0, 1)"),
     (["--dtype", "float16"], 2, "float16 is not supported"),
     (["--device", "mps"], 2, "--device mps is not supported: dflash runs on cpu or cuda (cuda:N)"),
@@ -227,8 +231,10 @@ def test_chat_reads_piped_input_in_plain_mode(stories_pair, tmp_path):
     p = subprocess.run([sys.executable, "-m", "dflash_cli.cli", "chat", "--target", str(t), "--drafter", str(d),
                         "--device", "cpu", "-n", "12", "--plain", "--show-drafts"], cwd=ROOT,
                        input=script, capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
-    assert p.returncode == 0 and "\x1b[" not in p.stdout and p.stderr == ""
-    assert ", there was a little girl" in p.stdout and "4 tokens ·" in p.stdout and "bye" in p.stdout
+    assert p.returncode == 0 and "\x1b[" not in p.stdout and "Error" not in p.stderr
+    # stdout holds the answers only; the banner, statistics and notes go to stderr (they were on stdout)
+    assert ", there was a little girl" in p.stdout and "4 tokens ·" in p.stderr and "bye" in p.stderr
+    assert "tokens ·" not in p.stdout and "bye" not in p.stdout and "/help for commands" not in p.stdout
     saved = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert len(saved) == 6 and saved[4] == {"role": "user", "content": "/The dog"}  # "//" sends a leading "/"
 
@@ -240,9 +246,9 @@ def test_piped_chat_errors_are_one_line_however_long(stories_pair):
     p = subprocess.run([sys.executable, "-m", "dflash_cli.cli", "chat", "--target", str(t), "--drafter", str(d),
                         "--device", "cpu", "--max-context", "20", "--plain"], cwd=ROOT,
                        input=question + "\n/" + "bogus" * 20 + "\n", capture_output=True, text=True, timeout=120)
-    lines = p.stderr.splitlines()
+    lines = [line for line in p.stderr.splitlines() if "Error" in line]  # the notes are on stderr too now
     assert p.returncode == 0 and len(lines) == 2 and all(len(line) > 80 for line in lines)
-    assert lines[0].startswith("Error: the conversation is ") and lines[1].startswith("Error: unknown command /bogus")
+    assert lines[0].startswith("Error: the message is ") and lines[1].startswith("Error: unknown command /bogus")
 
 
 def jsonl(path, *items) -> str:
@@ -279,3 +285,24 @@ def test_notes_say_what_the_flags_will_not_do(capsys, pair_args, stories_pair):
     assert "--system has no effect with --raw" in err and "no --drafter" not in err
     _, _, err = run(capsys, *pair_args, "-p", "Once upon a time", "-n", "3", "--think", "-q")
     assert err == ""
+
+
+@pytest.mark.parametrize("temperature", ["1e-40", "1e-38", "5e-38", "1e-25"])
+def test_a_temperature_too_small_to_sample_at_is_greedy(capsys, temperature):
+    """Below 1e-20 the answer is greedy's (it was garbage: the logits / T overflowed float32)."""
+    args = ["demo", "-p", "Once upon a time", "-n", "20", "--json", "-q", "--seed", "1"]
+    code, out, _ = run(capsys, *args, "-t", "0")
+    greedy = json.loads(out)["token_ids"]
+    for spec in ([], ["--no-spec"]):
+        code, out, err = run(capsys, *args, *spec, "-t", temperature)
+        assert code == 0, err
+        assert json.loads(out)["token_ids"] == greedy
+
+
+def test_run_demo_starts_without_torch_dynamo():
+    """torch.nn.attention.bias imports torch._dynamo (1-2 s); only a GPU prefill needs it."""
+    code = ("import sys; from dflash_cli.cli import main; main(['run', 'demo', '-p', 'Once', '-n', '4', '-q']); "
+            "print('torch._dynamo' in sys.modules, file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and p.stderr.strip().splitlines()[-1] == "False", p.stderr

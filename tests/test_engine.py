@@ -27,6 +27,7 @@ def test_next_turn_reuses_the_cached_prefix_and_changes_nothing(stories_model, m
     cached = engine._cached_ids
     common = next((i for i, (a, b) in enumerate(zip(cached, follow_up)) if a != b), min(len(cached), len(follow_up)))
     assert common >= len(first) + len(answer) - 1  # the whole first turn is in the caches
+    assert engine.cached_ids == tuple(cached) and engine.reusable_prefix(follow_up) == common  # the public seams
     prefilled = []
     forward = m.target.forward
     monkeypatch.setattr(m.target, "forward", lambda ids, *a, **k: prefilled.append(len(ids)) or forward(ids, *a, **k))

@@ -13,8 +13,10 @@ import pytest
 from dflash_cli import loader
 from dflash_cli.engine import Request, Step, _cut
 from dflash_cli.generate import Stats, stream_text
-from dflash_cli.harmony import HarmonyParser, HarmonyText, HarmonyTokens, reasoning_effort
-from dflash_cli.prompt import render_chat
+from dflash_cli.formats import detect
+from dflash_cli.formats.harmony import Harmony
+from dflash_cli.harmony import HarmonyParser, HarmonyText, HarmonyTokens
+from dflash_cli.prompt import ChatPrompt, render_chat
 
 from .tiny_gpt_oss import PINNED_DATE, write_harmony_tokenizer
 
@@ -132,7 +134,7 @@ def _stream(tok, output, stops=(), max_tokens=200):
     model_stops = loader.stop_token_ids(Path("/nonexistent"), tok)
     stats = Stats()
     chunks = list(stream_text(ScriptedEngine(output), tok, Request([1], max_tokens, model_stops), stats, stops,
-                              think="harmony"))
+                              prompt=ChatPrompt([1], format=Harmony(HarmonyTokens.of(tok)))))
     return chunks, stats
 
 
@@ -197,14 +199,15 @@ def test_the_template_renders_with_a_pinned_date_and_the_reasoning_effort(tok, p
     assert "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n<|end|>" in text
     assert "<|start|>assistant<|channel|>final<|message|>Hello.<|end|>" in text  # history: the final text only
     assert text.endswith("<|start|>user<|message|>2+2?<|end|><|start|>assistant")
-    assert prompt.think == "harmony"
+    assert isinstance(prompt.format, Harmony)
     head = tok.decode(prompt.ids[:prompt.keep_prefix], skip_special_tokens=False)
     assert head.endswith("2+2?<|end|>")  # the next turn shares everything before the generation prompt
     default = tok.decode(render_chat(tok, messages[1:2]).ids, skip_special_tokens=False)
     assert "Reasoning: medium" in default and "developer" not in default
 
 
-def test_think_flags_map_onto_the_reasoning_effort():
+def test_think_flags_map_onto_the_reasoning_effort(tok):
+    reasoning_effort = detect(tok).template_effort
     assert [reasoning_effort(None, t) for t in (None, True, False)] == [None, "high", "low"]
     assert reasoning_effort("medium", False) == "medium"  # --reasoning-effort wins
 
@@ -212,11 +215,14 @@ def test_think_flags_map_onto_the_reasoning_effort():
 # ---- run and chat ---------------------------------------------------------------------------------------
 def _model(tok):
     return loader.Model(tok, None, None, loader.stop_token_ids(Path("/nonexistent"), tok), 1000, Path("gpt-oss"),
-                        None, thinks=True, harmony=HarmonyTokens.of(tok))
+                        None, thinking=True, format=detect(tok))
 
 
 class _Engine(ScriptedEngine):
     block_size, max_context, adaptive = 4, 1000, False
+
+    def reusable_prefix(self, prompt_ids: list[int]) -> int:  # the engine's public seam: nothing is cached here
+        return 0
 
 
 def test_run_writes_the_final_answer_to_stdout_and_the_reasoning_elsewhere(tok, ids_of, pinned_date):
@@ -227,7 +233,7 @@ def test_run_writes_the_final_answer_to_stdout_and_the_reasoning_elsewhere(tok, 
     model = _model(tok)
     opts = RunOptions(max_tokens=100, reasoning_effort="low")
     prompt = prompt_ids(model, "Hi", opts)
-    assert prompt.think == "harmony" and "Reasoning: low" in tok.decode(prompt.ids, skip_special_tokens=False)
+    assert isinstance(prompt.format, Harmony) and "Reasoning: low" in tok.decode(prompt.ids, skip_special_tokens=False)
     engine = _Engine(ids_of(ANALYSIS_THEN_FINAL + "<|return|>"))
     out, err = io.StringIO(), io.StringIO()
     run_prompt(model, engine, prompt, opts, out=out, err=err)
@@ -238,6 +244,20 @@ def test_run_writes_the_final_answer_to_stdout_and_the_reasoning_elsewhere(tok, 
     assert json.loads(out.getvalue()) == result
     assert (result["reasoning"], result["text"], result["finish_reason"]) == (
         "The user greets; answer briefly. Grüße 🙂", "Hello! Naïve café 東京.", "stop")
+
+
+def test_run_and_chat_leave_the_effort_to_the_template_unless_asked(tok, pinned_date):
+    """gpt-oss's thinking default (on) is not --think: without a flag the template's own effort (medium)
+    is used, as serve does; --think and --no-think are high and low."""
+    from dflash_cli.chat import ChatSession
+    from dflash_cli.run import RunOptions, prompt_ids
+
+    model = _model(tok)
+    for think, level in ((None, "medium"), (True, "high"), (False, "low")):
+        prompt = prompt_ids(model, "Hi", RunOptions(think=think))
+        assert f"Reasoning: {level}" in tok.decode(prompt.ids, skip_special_tokens=False)
+    session = ChatSession(model, _Engine([]))
+    assert session.think is None and session.model.thinking  # the pair's default: on, at the template's effort
 
 
 def test_run_reports_a_tool_call(tok, ids_of):
@@ -293,6 +313,21 @@ def test_the_reasoning_effort_flag(capsys, tmp_path):
     assert code == 0 and "--reasoning-effort has no effect" in capsys.readouterr().err
 
 
+def test_run_without_think_flags_renders_the_templates_own_effort(capsys, tmp_path, pinned_date):
+    """No --think/--no-think: the template's medium, as chat and serve (run used to send high)."""
+    from dflash_cli.cli import main
+
+    from .tiny_gpt_oss import gpt_oss_config, write_gpt_oss
+
+    t = write_gpt_oss(tmp_path / "gpt-oss", gpt_oss_config(), seed=1)
+
+    def prompt_tokens(*flags: str) -> int:
+        assert main(["run", "--target", str(t), "--device", "cpu", "-p", "hi", "-n", "1", "--json", "-q", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["prompt_tokens"]
+
+    assert prompt_tokens() == prompt_tokens("--reasoning-effort", "medium") != prompt_tokens("--think")
+
+
 # ---- serve ----------------------------------------------------------------------------------------------
 def test_serve_streams_harmony_as_reasoning_content_and_a_tool_call(tok, ids_of):
     """The worker splits a harmony answer by token id; the chat answer sends reasoning_content, content,
@@ -324,7 +359,7 @@ def test_serve_streams_harmony_as_reasoning_content_and_a_tool_call(tok, ids_of)
             events.append(job.events.get_nowait())
     finally:
         loop.close()
-    assert isinstance(events[0], Started) and events[0].harmony and fin.finish == "tool_call"
+    assert isinstance(events[0], Started) and fin.finish == "tool_call"
     texts = [e for e in events if isinstance(e, Text)]
     assert "".join(e.reasoning for e in texts) == "Look it up." and "".join(e.text for e in texts) == "Checking."
     for streamed in (True, False):

@@ -9,9 +9,9 @@ import pytest
 from dflash_cli.errors import UsageError
 from dflash_cli.loader import load_tokenizer
 from dflash_cli.prompt import encode_chat
-from dflash_cli.serve.auth import bearer_ok, check_exposure
+from dflash_cli.serve.auth import HostPolicy, bearer_ok, check_exposure, clean_api_key
 from dflash_cli.serve.prompting import chat_prompt, completion_prompt
-from dflash_cli.serve.protocol import ApiError, parse_chat, parse_completion
+from dflash_cli.serve.protocol import ApiError, check_strings, parse_chat, parse_completion
 from dflash_cli.reasoning import ThinkSplitter
 from dflash_cli.serve.reply import ReplyStream
 from dflash_cli.serve.tools import ToolCallParser
@@ -140,8 +140,8 @@ def test_text_without_calls_is_untouched_and_a_cut_call_keeps_what_was_written()
 
 def test_reply_stream_puts_reasoning_content_and_calls_together():
     text = "<think>\nneed weather\n</think>\n\n" + QWEN_CALL
-    r = ReplyStream("auto", tools=True)
-    deltas = [d for ch in text for d in r.feed(ch)] + r.finish()
+    r, think = ReplyStream(tools=True), ThinkSplitter("auto")  # the think_tags format splits; the reply shapes
+    deltas = [d for ch in text for d in r.feed(*think.feed(ch))] + r.feed(*think.finish()) + r.finish()
     message = r.message()
     assert message["reasoning_content"] == "need weather" and message["content"] == "Let me check."
     assert message["tool_calls"][0]["function"] == {"name": "get_weather",
@@ -149,8 +149,8 @@ def test_reply_stream_puts_reasoning_content_and_calls_together():
     assert message["tool_calls"][0]["type"] == "function" and message["tool_calls"][0]["id"].startswith("call_")
     kinds = [next(iter(d)) for d in deltas]
     assert kinds.index("reasoning_content") < kinds.index("content") < kinds.index("tool_calls")
-    only_call = ReplyStream("off", tools=True)
-    only_call.feed('<tool_call>{"name": "f", "arguments": {}}</tool_call>')
+    only_call = ReplyStream(tools=True)
+    only_call.feed("", '<tool_call>{"name": "f", "arguments": {}}</tool_call>')
     only_call.finish()
     assert only_call.message()["content"] is None  # OpenAI's shape for a reply that is only tool calls
 
@@ -158,10 +158,10 @@ def test_reply_stream_puts_reasoning_content_and_calls_together():
 def test_parallel_tool_calls_false_keeps_the_first_call_only():
     text = ('<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}'
             '</tool_call>')
-    r = ReplyStream("off", tools=True, parallel_tool_calls=False)
-    r.feed(text)
+    r = ReplyStream(tools=True, parallel_tool_calls=False)
+    r.feed("", text)
     assert r.done and [c["function"]["name"] for c in r.message()["tool_calls"]] == ["a"]
-    assert r.feed("more") == [] and r.finish() == []
+    assert r.feed("", "more") == [] and r.finish() == []
 
 
 # ---- requests ------------------------------------------------------------------------------------
@@ -304,3 +304,84 @@ def test_exposure_rules_and_bearer_keys():
     assert bearer_ok("Bearer s3cret", "s3cret") and bearer_ok("bearer s3cret", "s3cret")
     assert not bearer_ok("Bearer s3cre", "s3cret") and not bearer_ok(None, "s3cret")
     assert not bearer_ok("Basic s3cret", "s3cret")
+
+
+
+# ---- issue 22: limits at the request boundary, keys, the Host header -----------------------------
+
+@pytest.mark.parametrize("extra, param", [
+    ({"temperature": 1e39}, "temperature"),  # beyond float32: the sampler's scalar overflowed (B3)
+    ({"temperature": 10**400}, "temperature"),  # an integer beyond float: OverflowError
+    ({"temperature": 100.5}, "temperature"),
+    ({"top_k": 2**63}, "top_k"),  # beyond int64
+    ({"top_k": 2**31}, "top_k"),
+    ({"top_p": 1e-50}, "top_p"),  # 0 in float32
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"max_tokens": 8, "max_completion_tokens": 0}, "max_completion_tokens"),  # the range, not "disagree" (B17)
+])
+def test_sampler_values_have_sane_limits(extra, param):
+    with pytest.raises(ApiError) as e:
+        parse_chat(BASE | extra, "m")
+    assert (e.value.status, e.value.param) == (400, param)
+    assert "disagree" not in e.value.message
+
+
+def test_values_at_the_limits_are_accepted_and_a_tiny_temperature_is_greedy():
+    s = parse_chat(BASE | {"temperature": 100, "top_k": 2**31 - 1, "top_p": 1e-6, "seed": 2**64 - 1}, "m").sampling
+    assert (s.temperature, s.top_k, s.top_p, s.seed) == (100, 2**31 - 1, 1e-6, 2**64 - 1)
+    for tiny in (1e-300, 1e-40, 1e-21):  # B5: float32 makes these 0 (or logits / T overflow): greedy
+        s = parse_chat(BASE | {"temperature": tiny}, "m").sampling
+        assert s.greedy and s.seed is None
+    assert parse_chat(BASE | {"temperature": 1e-20, "seed": 1}, "m").sampling.temperature == 1e-20  # sampling.GREEDY_BELOW
+
+
+def test_lone_surrogates_and_deep_nesting_are_refused_by_field():
+    for body, param in ((BASE | {"messages": [{"role": "user", "content": "\ud800 hi"}]}, "messages"),
+                        (BASE | {"stop": ["\udfff"]}, "stop"), (BASE | {"\ud800": 1}, None)):
+        with pytest.raises(ApiError, match="lone surrogate") as e:
+            check_strings(body)
+        assert e.value.param == param
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    with pytest.raises(ApiError, match="nests deeper than 64") as e:
+        check_strings(BASE | {"user": deep})
+    assert e.value.param == "user"
+    check_strings(BASE | {"tools": [{"function": {"parameters": {"a": {"b": {"c": [["emoji 😀"]]}}}}}]})
+
+
+def test_an_error_quotes_at_most_500_characters():
+    with pytest.raises(ApiError) as e:
+        parse_chat(BASE | {"x" * 100_000: 1}, "m")
+    assert len(e.value.message) <= 501 and e.value.message.endswith("…")
+
+
+def test_api_keys_are_stripped_and_blank_ones_refused():
+    assert clean_api_key("topsecret\n") == clean_api_key("  topsecret ") == "topsecret"  # B15
+    assert clean_api_key(None) is None
+    for blank in ("", "   ", "\n"):
+        with pytest.raises(UsageError, match="--api-key is"):
+            clean_api_key(blank)
+    with pytest.raises(UsageError, match="printable ASCII"):
+        clean_api_key("top\nsecret")
+    assert bearer_ok("Bearer topsecret", "topsecret\n")
+    with pytest.raises(UsageError):
+        check_exposure("0.0.0.0", "  ", False)
+
+
+def test_host_policy_refuses_names_that_are_not_this_server():
+    loopback = HostPolicy(("127.0.0.1", "127.0.0.1"))
+    for ok in ("localhost", "localhost:8000", "LOCALHOST.", "127.0.0.1:8000", "[::1]:8000", "::1", "127.9.9.9"):
+        assert loopback.allows(ok), ok
+    for no in ("attacker.example", "attacker.example:8000", "localhost.attacker.example", "10.0.0.5", "", None,
+               "0.0.0.0"):
+        assert not loopback.allows(no), no
+    proxied = HostPolicy(("127.0.0.1",), ("api.example.com", "10.1.2.3:443"))
+    assert proxied.allows("API.example.com:443") and proxied.allows("10.1.2.3") and not proxied.allows("example.com")
+    assert HostPolicy(("127.0.0.1",), ("*",)).allows("anything.example")
+    everywhere = HostPolicy(("0.0.0.0", "0.0.0.0"))  # on every address: any IP literal, names by --allow-host
+    assert everywhere.allows("192.168.1.5:8000") and everywhere.allows("[fe80::1]") and everywhere.allows("localhost")
+    assert not everywhere.allows("myhost.lan")
+    named = HostPolicy(("myhost.lan", "192.168.1.5"))
+    assert named.allows("myhost.lan:8000") and named.allows("192.168.1.5") and not named.allows("192.168.1.6")

@@ -1,6 +1,7 @@
 """`dflash serve` end to end where the model's answer is known in advance: a tiny Qwen3 scripted to
 write a tool call (thinking off), a think block then a reply (thinking on), or one token forever.
-The server runs with an API key, a CORS origin and a one-request queue; another with a 1 s timeout."""
+The server runs with an API key (given with the newline a key read from a file keeps), a CORS origin, an
+allowed proxy Host and a one-request queue; another with a 1 s timeout."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from .serving import ServerProcess, write_scripted_pair
 
 KEY = "s3cret-key"
 ORIGIN = "http://app.example"
+PROXY = "api.example.com"
 # Token ids in the real Qwen3 tokenizer. The think-off prompt ends in "\n\n" (271), the think-on
 # prompt in "\n" (198); " loop" (6337) repeats itself.
 TOOL_CHAIN = [271, 151657, 4913, 606, 3252, 455, 69364, 2198, 16370, 22317, 13778, 788, 18, 3417, 151658, 151645]
@@ -36,8 +38,8 @@ def scripted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(scripted):
     t, d = scripted
-    s = ServerProcess("--target", t, "--drafter", d, "--device", "cpu", "--api-key", KEY, "--cors-origin", ORIGIN,
-                      "--max-queue", 1, "--max-body-mb", 0.01)
+    s = ServerProcess("--target", t, "--drafter", d, "--device", "cpu", "--cors-origin", ORIGIN, "--allow-host", PROXY,
+                      "--max-queue", 1, "--max-body-mb", 0.01, env={"DFLASH_API_KEY": KEY + "\n"})
     s.client(api_key=KEY).chat.completions.create(model=s.model, messages=USER, max_tokens=2)  # warm up
     yield s
     s.stop()
@@ -126,6 +128,28 @@ def test_cors_only_for_the_given_origin(server):
     assert "access-control-allow-origin" not in headers
 
 
+def test_cors_preflight_of_the_official_js_sdk_is_allowed(server):
+    """openai-node in a browser sends x-stainless-* (and openai-beta) on every request (B2)."""
+    asked = "authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-retry-count,openai-beta"
+    status, headers, _ = server.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked})
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+    assert set(headers["access-control-allow-headers"].lower().split(",")) >= set(asked.split(","))
+    status, headers, _ = server.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://other.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": asked})
+    assert status == 400 and "access-control-allow-origin" not in headers
+
+
+def test_allow_host_adds_a_proxy_name_and_nothing_else(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for host in (PROXY, f"{PROXY}:443", "API.Example.COM", "localhost", f"127.0.0.1:{server.port}"):
+        assert server.request("GET", "/v1/models", headers={**auth, "Host": host})[0] == 200, host
+    for host in ("attacker.example", f"{PROXY}.attacker.example", f"x.{PROXY}"):
+        status, _, body = server.request("GET", "/v1/models", headers={**auth, "Host": host})
+        assert (status, body["error"]["code"]) == (403, "host_not_allowed"), host
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_nothing_hangs(server, client):
     results: list = [None] * 8
     started = threading.Event()
@@ -205,6 +229,62 @@ def test_exposed_host_needs_a_key_and_engine_only_pairs_point_to_the_hand_off(ca
     assert "`dflash serve --engine sglang kimi-k2.5`" in capsys.readouterr().err
     assert main(["serve", "--target", str(t), "--drafter", str(d), "--tp", "2"]) == 2
     assert "--engine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-body-mb", "nan"], "--max-body-mb must be"),  # B7
+    (["--max-body-mb", "inf"], "--max-body-mb must be"),
+    (["--max-body-mb", "-1"], "--max-body-mb must be"),
+    (["--max-body-mb", "1e-9"], "--max-body-mb must be"),
+    (["--timeout", "inf"], "--timeout must be a finite number"),
+    (["-b", "9"], "--block-size must be between 1 and the drafter's 4, got 9"),  # B9
+    (["--api-key", "   "], "--api-key is only whitespace"),  # B15
+    (["--api-key", ""], "--api-key is empty"),
+    (["--api-key", "k\x01y"], "--api-key must be printable ASCII"),
+    (["--allow-host", "http://x.example/"], "--allow-host takes a host name"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_flags_are_one_line_and_exit_2_before_loading(capsys, scripted, flags, words):
+    t, d = scripted
+    assert main(["serve", "--target", str(t), "--drafter", str(d), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1 and "loading" not in err, err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["qwen3-8b", "--block-size", "17"], "--block-size must be between 2 and the drafter's 16, got 17"),  # B16
+    (["qwen3-8b", "--timeout", "5"], "--timeout applies to dflash's own engine"),
+    (["qwen3-8b", "--max-body-mb", "2"], "--max-body-mb applies to dflash's own engine"),
+    (["qwen3-8b", "--max-queue", "3"], "--max-queue applies to dflash's own engine"),
+    (["qwen3-8b", "--reasoning-effort", "low"], "--reasoning-effort applies to dflash's own engine"),
+    (["qwen3-8b", "--allow-host", "a.example"], "--allow-host applies to dflash's own engine"),
+    (["demo"], "the demo pair runs on dflash's own engine"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_engine_hand_off_refuses_what_it_would_ignore(capsys, flags, words):
+    assert main(["serve", "--engine", "vllm", *flags, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_padded_api_key_is_stripped_for_the_hand_off_too(capsys):
+    assert main(["serve", "--engine", "vllm", "qwen3-8b", "--dry-run", "--api-key", " k1\n"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith('--api-key "$DFLASH_API_KEY"')
+
+
+def test_ctrl_c_exits_130_even_where_sigint_was_inherited_ignored(scripted):
+    """A server started in the background by a script inherits SIGINT ignored; `kill -INT` still stops it
+    (uvicorn catches the signal itself), and the exit is the documented 130, not 0 (B17)."""
+    import signal
+
+    t, d = scripted
+    s = ServerProcess("--target", t, "--drafter", d, "--device", "cpu")
+    assert s.request("GET", "/health")[0] == 200  # uvicorn answers: its signal handlers are in place
+    s.proc.send_signal(signal.SIGINT)  # the default disposition (the fixture's preexec_fn)
+    assert s.proc.wait(20) == 130
+    ignored = ServerProcess("--target", t, "--drafter", d, "--device", "cpu",
+                            preexec=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert ignored.request("GET", "/health")[0] == 200
+    ignored.proc.send_signal(signal.SIGINT)
+    assert ignored.proc.wait(20) == 130
 
 
 def test_dflash_run_splits_the_think_block_off_the_answer(scripted, capsys):

@@ -61,7 +61,8 @@ def test_train_writes_a_drafter_in_the_released_format(capsys, tiny, tmp_path):
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["model_type"] == "qwen3"
-    assert cfg["dflash_config"] == {"block_size": 4, "mask_token_id": 0, "target_layer_ids": [1]}  # <unk>; L=4
+    assert cfg["dflash_config"] == {"block_size": 4, "mask_token_id": 0, "target_layer_ids": [1],  # <unk>; L=4
+                                    "enable_thinking": False}  # the mode it was trained in: the pair's chat default
     assert (cfg["num_hidden_layers"], cfg["num_target_layers"], cfg["hidden_size"]) == (2, 4, 64)
     weights = _tensors(out / "model.safetensors")
     assert set(weights) == RELEASED_TOP | {f"layers.{i}.{n}" for i in range(2) for n in RELEASED_LAYER}
@@ -184,10 +185,10 @@ def test_resume_refuses_a_conflicting_setting_and_a_fresh_start_refuses_a_run(ca
 
 
 def test_an_unwritable_out_is_one_line_before_the_target_loads(capsys, tiny, tmp_path, monkeypatch):
-    from dflash_cli.train import command
+    from dflash_cli import loader
 
     t, prompts = tiny
-    monkeypatch.setattr(command.loader, "load", lambda *a, **k: pytest.fail("the target was loaded"))
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("the target was loaded"))
     out = Path(f"/proc/dflash-train-{os.getpid()}")  # cannot be created, not even by root
     assert main(_args(t, prompts, out, "--steps", "2")) == 2
     err = capsys.readouterr().err

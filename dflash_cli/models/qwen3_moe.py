@@ -1,8 +1,8 @@
 """Qwen3-MoE decoders (Qwen3-Coder-30B-A3B): Qwen3's attention, a mixture of experts for the MLP.
 
-128 experts, 8 per token, renormalised (`norm_topk_prob`); no shared expert, no expert biases
-(research/moe-gptoss.md §3). Layers in `mlp_only_layers`, or off the `decoder_sparse_step`, keep a
-dense MLP. Everything else (attention, cache, commit) is the dense family's.
+128 experts, 8 per token, renormalised (`norm_topk_prob`); no shared expert, no expert biases. Layers in
+`mlp_only_layers`, or off the `decoder_sparse_step`, keep a dense MLP. Everything else (attention, cache,
+commit) is the dense family's.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 
 from ..config import Fields
 from . import dense
-from .moe import MoE, layout_of, moe_weights  # noqa: F401  (layout_of: how the loader picks the table)
+from .base import Decoder, Family, head_weights, kv_cache_bytes
+from .layers.mlp import MoE, SwiGLU, mlp_weights, moe_layout_of, moe_weights
 from .weights import Weight
 
 MODEL_TYPES = ("qwen3_moe",)
-cache_bytes = dense.cache_bytes
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,22 @@ class Config(dense.Config):
 
 
 def weight_table(c: Config, layout: str | None = None) -> list[Weight]:
-    table = dense.head_weights(c)
+    table = head_weights(c)
     for i in range(c.num_layers):
         p = f"model.layers.{i}.mlp."
-        mlp = dense.mlp_weights(c, p, c.intermediate_size) if i in c.dense_layers else \
+        mlp = mlp_weights(p, c.hidden_size, c.intermediate_size) if i in c.dense_layers else \
             moe_weights(p, c.hidden_size, c.num_experts, c.moe_intermediate_size, layout)
         table += dense.layer_weights(c, i) + mlp
     return table
 
 
-class Model(dense.Model):
-    def _mlp(self, w: dict[str, torch.Tensor], p: str, i: int):
-        c = self.cfg
+def build(c: Config, w: dict[str, torch.Tensor], max_positions: int) -> Decoder:
+    def mlp(i: int, p: str):
         if i in c.dense_layers:
-            return dense.MLP.take(w, p)
-        return MoE.take(w, p, c.num_experts, c.top_k, c.norm_topk_prob)
+            return SwiGLU.take(w, p + "mlp.")
+        return MoE.take(w, p + "mlp.", c.num_experts, c.top_k, c.norm_topk_prob)
+
+    return dense.build(c, w, max_positions, mlp)
+
+
+FAMILY = Family(MODEL_TYPES, Config, weight_table, build, kv_cache_bytes, layout_of=moe_layout_of)

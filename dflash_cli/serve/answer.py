@@ -51,8 +51,7 @@ class Answer:
 class ChatAnswer(Answer):
     def __init__(self, req: ChatRequest, first: Started, model: str):
         super().__init__(req, first, model, "chatcmpl")
-        mode = "open" if first.opens_think else ("auto" if req.enable_thinking else "off")
-        self.reply = ReplyStream(mode, tools=bool(req.tools), parallel_tool_calls=req.parallel_tool_calls)
+        self.reply = ReplyStream(tools=bool(req.tools), parallel_tool_calls=req.parallel_tool_calls)
         self._chunk = partial(chat_chunk, self.id, self.created, model)
 
     @property
@@ -68,19 +67,17 @@ class ChatAnswer(Answer):
         return [self._chunk({"role": "assistant", "content": ""})]
 
     def feed(self, text: str, reasoning: str = "", tool_call=None) -> list[dict]:
-        """Text as generated; or, from a harmony answer, reasoning and text already split and its tool call."""
-        if reasoning or tool_call is not None or self.first.harmony:
-            deltas = self.reply.feed_split(reasoning, text)
-            if tool_call is not None:
-                deltas += self.reply.add_call(tool_call.name, tool_call.arguments)
-            return [self._chunk(delta) for delta in deltas]
-        return [self._chunk(delta) for delta in self.reply.feed(text)]
+        """Reasoning and content as the chat format split them, and the tool call the answer ended with."""
+        deltas = self.reply.feed(reasoning, text)
+        if tool_call is not None:
+            deltas += self.reply.add_call(tool_call.name, tool_call.arguments)
+        return [self._chunk(delta) for delta in deltas]
 
     def closing(self, fin: Finished) -> list[dict]:
         chunks = [self._chunk(delta) for delta in self.reply.finish()]
         chunks.append(self._chunk({}, self.finish_reason(fin), dflash=self._extension(fin)))
         if self.req.include_usage:
-            chunks.append(self._chunk(None, usage=self._usage(fin)))
+            chunks.append(self._chunk(None, usage=self._usage(fin), dflash=self._extension(fin)))
         return chunks
 
     def whole(self, fin: Finished) -> dict:
@@ -105,7 +102,7 @@ class CompletionAnswer(Answer):
     def closing(self, fin: Finished) -> list[dict]:
         chunks = [self._chunk("", self.finish_reason(fin), dflash=self._extension(fin))]
         if self.req.include_usage:
-            chunks.append(self._chunk(None, None, usage=self._usage(fin)))
+            chunks.append(self._chunk(None, None, usage=self._usage(fin), dflash=self._extension(fin)))
         return chunks
 
     def whole(self, fin: Finished) -> dict:

@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, AsyncIterator, Callable
 
@@ -21,15 +21,15 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import DflashError
 from .answer import ChatAnswer, CompletionAnswer
-from .auth import bearer_ok
+from .auth import HostPolicy, bearer_ok
 from .prompting import chat_prompt, completion_prompt
-from .protocol import ApiError, now, parse_chat, parse_completion
+from .protocol import ApiError, check_strings, now, parse_chat, parse_completion
 from .worker import EngineWorker, Failed, Finished, Job, QueueFull
 
 Log = Callable[[str], None]
@@ -50,6 +50,8 @@ class ServeOptions:
     max_body: int = 8 * 2**20  # bytes
     default_think: bool = False  # thinking when a request does not say
     default_effort: str | None = None  # harmony's reasoning_effort when a request does not say
+    allow_hosts: tuple[str, ...] = ()  # --allow-host: Host names besides loopback and the bound address
+    bound: str | None = None  # the address the socket listens on (run_server fills it in)
 
 
 class Disconnected(Exception):
@@ -77,6 +79,37 @@ def sse(payload: Any) -> str:
 
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def printable(text: str) -> str:
+    """A log line's worth of text: a client's newlines and control characters escaped, so that what it
+    sends cannot forge log lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _json_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity; JSON does not
+
+
+class HostCheck:
+    """Pure ASGI middleware, outermost: a request whose Host header does not name this server is
+    refused (403) before anything else sees it; see auth.HostPolicy (DNS rebinding)."""
+
+    def __init__(self, app, policy: HostPolicy, log: Log):
+        self.app, self.policy, self.log = app, policy, log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host")
+            value = host.decode("latin-1") if host is not None else None
+            if not self.policy.allows(value):
+                shown = "no Host header" if value is None else f"Host {printable(value)[:100]!r}"
+                self.log(f"dflash: {scope['method']} {printable(scope['path'])[:200]} 403 · {shown} is not this server")
+                e = ApiError(403, f"{shown} does not name this server: use http://localhost or its address, or "
+                                  "start it with --allow-host NAME (a proxy's name)", code="host_not_allowed")
+                await error_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BearerAuth:
@@ -110,11 +143,15 @@ class Server:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
-        middleware = []
-        if self.opts.cors_origins:  # outermost, so that browser preflights are answered before auth
+        bound = (self.opts.host,) + ((self.opts.bound,) if self.opts.bound else ())
+        middleware = [Middleware(HostCheck, policy=HostPolicy(bound, self.opts.allow_hosts), log=self.log)]
+        if self.opts.cors_origins:  # before auth, so that browser preflights are answered without a key
+            # Any request header, as llama-server allows: the origin is trusted, and the official JS SDK
+            # sends x-stainless-* (and openai-beta, …) on every request. A page on a public origin
+            # calling this loopback server needs the private-network grant too (Chrome asks for it).
             middleware.append(Middleware(CORSMiddleware, allow_origins=list(self.opts.cors_origins),
-                                         allow_methods=["GET", "POST", "OPTIONS"],
-                                         allow_headers=["Authorization", "Content-Type"]))
+                                         allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                         allow_private_network=True))
         if self.opts.api_key:
             middleware.append(Middleware(BearerAuth, api_key=self.opts.api_key, log=self.log))
         return Starlette(routes=routes, middleware=middleware,
@@ -153,19 +190,33 @@ class Server:
         limit = self.opts.max_body
         too_big = ApiError(413, f"the request body is over the limit of {limit} bytes (--max-body-mb)",
                            code="request_too_large")
+        kind = request.headers.get("content-type")
+        if kind is None or kind.partition(";")[0].strip().lower() != "application/json":
+            # A body of another type is a "simple" request a web page may send cross-origin without a
+            # preflight: refused, so that no page can make this server generate (blind CSRF).
+            shown = "none" if kind is None else repr(printable(kind)[:100])
+            raise ApiError(415, f"Content-Type must be application/json, got {shown} (with curl: -H 'Content-Type: "
+                                "application/json')", code="unsupported_media_type")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise too_big
         raw, size = [], 0
-        async for piece in request.stream():
-            size += len(piece)
-            if size > limit:
-                raise too_big
-            raw.append(piece)
         try:
-            return json.loads(b"".join(raw))
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            async for piece in request.stream():
+                size += len(piece)
+                if size > limit:
+                    raise too_big
+                raw.append(piece)
+        except ClientDisconnect:  # the client left before its body was complete: nobody to answer
+            raise Disconnected from None
+        try:
+            body = json.loads(b"".join(raw), parse_constant=_json_constant)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are (and over-long integers)
+            raise ApiError(400, f"the request body is not valid JSON: {printable(str(e))[:200]}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
+        check_strings(body)
+        return body
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         start, where = time.perf_counter(), f"POST {request.url.path}"
@@ -177,11 +228,12 @@ class Server:
                 req = parse_chat(body, self.model_id, default_think=self.opts.default_think,
                                  default_effort=self.opts.default_effort)
                 prepare = partial(chat_prompt, messages=req.messages, tools=req.tools,
-                                  enable_thinking=req.enable_thinking, template_kwargs=req.template_kwargs)
+                                  enable_thinking=req.enable_thinking, template_kwargs=req.template_kwargs,
+                                  format=self.worker.model.format)
             else:
                 req = parse_completion(body, self.model_id)
                 prepare = partial(completion_prompt, prompt=req.prompt)
-            job = Job(prepare, req.max_tokens, req.sampling, req.stop)
+            job = Job(prepare, req.max_tokens, req.sampling, req.stop, prompt_param="messages" if chat else "prompt")
             try:
                 self.worker.submit(job)
             except QueueFull as full:
@@ -202,12 +254,13 @@ class Server:
         except ApiError as e:
             if job is not None:
                 job.cancel("error")
-            self.log(f"dflash: {where} {e.status} · {e.message}")
+            self.log(f"dflash: {where} {e.status} · {printable(e.message)}")
             return error_response(e)
         except TimedOut:
             return error_response(self._timed_out(job, where))
         except Disconnected:
-            job.cancel("client disconnected")
+            if job is not None:
+                job.cancel("client disconnected")
             self.log(f"dflash: {where} · client disconnected after {time.perf_counter() - start:.2f} s")
             return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
         except Exception as e:  # a bug: say so in the log, answer 500, keep serving
@@ -251,7 +304,7 @@ class Server:
                 event = await _next_event(job, deadline)
                 if isinstance(event, Failed):
                     over = True
-                    self.log(f"dflash: {where} {event.error.status} · {event.error.message}")
+                    self.log(f"dflash: {where} {event.error.status} · {printable(event.error.message)}")
                     yield sse(event.error.body())
                     return
                 if isinstance(event, Finished):
@@ -332,12 +385,19 @@ def run_server(sock: socket.socket, worker: EngineWorker, model_id: str, options
     import uvicorn
 
     sock.listen(2048)  # from here on the URL printed below accepts connections
+    options = replace(options, bound=sock.getsockname()[0])
     app = Server(worker, model_id, options, log).app()
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=2)
     log(f"dflash: serving {model_id} at {url_of(sock)}/v1 ({describe}) · Ctrl-C stops")
+    server = uvicorn.Server(config)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         worker.stop()
         sock.close()
+    if server.should_exit:
+        # Stopped by Ctrl-C (or SIGTERM). uvicorn raises the signal again once it has shut down, which
+        # ends here as KeyboardInterrupt; but where SIGINT was inherited ignored (a background job in a
+        # script) that does nothing, and the exit would be 0: the documented exit is 130.
+        raise KeyboardInterrupt

@@ -1,12 +1,13 @@
 """`dflash serve` from flags to a running server: this engine, or the hand-off to SGLang / vLLM."""
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..errors import UsageError
-from .auth import check_exposure
+from .auth import check_allow_host, check_exposure, clean_api_key
 
 
 @dataclass
@@ -33,31 +34,50 @@ class ServeFlags:
     tp: int | None = None
     dry_run: bool = False
     draft_window: int | None = None
-    reasoning_effort: str | None = None  # gpt-oss (harmony) when a request does not say; None: --think decides
+    reasoning_effort: str | None = None  # when a request does not say, for any template that reads it
+    allow_hosts: tuple[str, ...] = ()  # --allow-host: Host names besides loopback and the bound address
 
 
 def serve(flags: ServeFlags) -> None:
+    """Every flag is checked here, before anything loads: a usage error is one line and exit 2."""
+    flags = replace(flags, api_key=clean_api_key(flags.api_key), allow_hosts=check_allow_host(flags.allow_hosts))
     warning = check_exposure(flags.host, flags.api_key, flags.no_auth)
     if flags.engine is not None:
         _hand_off(flags, warning)
         return
     if flags.tp is not None or flags.dry_run:
         raise UsageError("--tp and --dry-run go with --engine sglang|vllm")
-    if flags.max_body_mb <= 0:
-        raise UsageError(f"--max-body-mb must be positive, got {flags.max_body_mb:g}")
+    if not math.isfinite(flags.max_body_mb) or flags.max_body_mb * 2**20 < 1024:
+        raise UsageError(f"--max-body-mb must be a size in MiB of at least 0.001, got {flags.max_body_mb:g}")
+    if not math.isfinite(flags.timeout):
+        raise UsageError(f"--timeout must be a finite number of seconds, got {flags.timeout:g}")
     _serve_here(flags, warning)
 
 
-def _hand_off(flags: ServeFlags, warning: str | None) -> None:
-    from .. import handoff
+_DEFAULTS = {f.name: f.default for f in fields(ServeFlags)}
 
+
+def _hand_off(flags: ServeFlags, warning: str | None) -> None:
+    from .. import handoff, registry
+
+    if flags.model is not None and registry.is_demo(flags.model):
+        raise UsageError(f"the demo pair runs on dflash's own engine, not on {flags.engine}: `dflash serve demo`")
     ours = [name for name, on in (("--no-spec", flags.no_spec), ("--think/--no-think", flags.think is not None),
                                   ("--device", flags.device != "auto"), ("--dtype", flags.dtype != "auto"),
                                   ("--cors-origin", bool(flags.cors_origins)),
-                                  ("--draft-window", flags.draft_window is not None)) if on]
+                                  ("--allow-host", bool(flags.allow_hosts)),
+                                  ("--draft-window", flags.draft_window is not None),
+                                  ("--reasoning-effort", flags.reasoning_effort is not None),
+                                  *((f"--{f.replace('_', '-')}", getattr(flags, f) != _DEFAULTS[f])
+                                    for f in ("timeout", "max_queue", "max_body_mb"))) if on]
     if ours:
         raise UsageError(f"{ours[0]} applies to dflash's own engine, not to --engine {flags.engine}")
     pair = handoff.resolve_pair(flags.model, flags.target, flags.drafter, flags.block_size)
+    if flags.block_size is not None:  # against the drafter's own size, as dflash's engine checks it
+        known = handoff.drafter_block_size(pair.drafter, registry.resolve(flags.model).block_size
+                                           if flags.target is None else 0)
+        if known and flags.block_size > known:
+            raise UsageError(f"--block-size must be between 2 and the drafter's {known}, got {flags.block_size}")
     launch = handoff.launch_command(flags.engine, pair, tp=flags.tp, host=flags.host, port=flags.port,
                                     block_size=flags.block_size, max_context=flags.max_context,
                                     api_key=flags.api_key)
@@ -77,24 +97,25 @@ def model_id(model: str | None, target: str | None) -> str:
 
 
 def _serve_here(flags: ServeFlags, warning: str | None) -> None:
-    from .. import loader, registry
-    from ..engine import Engine
-    from ..harmony import reasoning_effort
-    from ..resolve import resolve_model
+    from .. import loader
+    from ..api import ModelOptions, open_session, resolve
+    from ..formats import Reasoning
     from .app import ServeOptions, bind, run_server, stderr_log
     from .worker import EngineWorker
 
-    target_dir, drafter_dir = resolve_model(flags.model, flags.target, flags.drafter, yes=flags.yes,
-                                            no_spec=flags.no_spec)
+    device = loader.resolve_device(flags.device)
+    opts = ModelOptions(model=flags.model, target=flags.target, drafter=flags.drafter, yes=flags.yes,
+                        no_spec=flags.no_spec, device=str(device), dtype=flags.dtype, block_size=flags.block_size,
+                        max_context=flags.max_context, draft_window=flags.draft_window)
+    dirs = resolve(opts)  # -b checked against the drafter before any weight is read, as run, chat and bench do
     name = model_id(flags.model, flags.target)
     sock = bind(flags.host, flags.port)  # a port in use is an error now, not after loading the model
     stderr_log(f"dflash: loading {name} …")
-    device = loader.resolve_device(flags.device)
-    m = loader.load(target_dir, drafter_dir, device=str(device), dtype=flags.dtype, max_context=flags.max_context)
-    think = m.thinks if flags.think is None else flags.think  # as the family's drafters were trained
-    effort = reasoning_effort(flags.reasoning_effort, flags.think) if m.harmony is not None else None
-    engine = Engine(m.target, m.drafter, block_size=flags.block_size if m.drafter else None, max_context=m.max_context,
-                    adaptive=flags.block_size is None, draft_window=flags.draft_window)
+    pair = open_session(opts, dirs)
+    m, engine = pair.model, pair.engine
+    reasoning = Reasoning(flags.think, flags.reasoning_effort)
+    think = reasoning.enable_thinking(m.thinking)  # the pair's default: what its drafter was trained with
+    effort = reasoning.effort_for(m.format)  # any template that reads reasoning_effort gets it, as in run and chat
     worker = EngineWorker(m, engine, flags.max_queue)
     seconds = worker.start()
     if seconds is not None and engine.graphs.enabled:
@@ -103,9 +124,11 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
         stderr_log(f"dflash: {warning}")
     options = ServeOptions(host=flags.host, port=flags.port, api_key=flags.api_key, cors_origins=flags.cors_origins,
                            max_queue=flags.max_queue, timeout=flags.timeout,
-                           max_body=int(flags.max_body_mb * 2**20), default_think=think, default_effort=effort)
-    thinking = f"reasoning effort {effort or 'medium'}" if m.harmony is not None else \
+                           max_body=int(flags.max_body_mb * 2**20), default_think=think, default_effort=effort,
+                           allow_hosts=flags.allow_hosts)
+    thinking = f"reasoning effort {effort or 'medium'}" if m.format.think_by_effort else \
         f"thinking {'on' if think else 'off'}"
     describe = (f"{engine.describe()} · {device} · context {engine.max_context} · {thinking} by default · queue {flags.max_queue}"
                 + (" · API key required" if flags.api_key else ""))
     run_server(sock, worker, name, options, describe)
+

@@ -6,32 +6,24 @@ is used from one thread only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import DflashError
-from ..prompt import encode_raw, render_chat
+from ..formats import ChatFormat
+from ..prompt import ChatPrompt, encode_raw, render_chat
 from .protocol import ApiError, bad
 
-
-@dataclass
-class Prompt:
-    ids: list[int]
-    opens_think: bool = False  # the prompt ends inside <think> (Qwen3.5's template): the answer starts as reasoning
-    keep_prefix: int | None = None  # what the next turn will share (see prompt.ChatPrompt)
-    harmony: bool = False  # gpt-oss: the answer is harmony messages, split by token id
+Prompt = ChatPrompt  # ids, keep_prefix, and the format that reads the answer
 
 
 def chat_prompt(tokenizer, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
-                template_kwargs: dict | None = None) -> Prompt:
+                template_kwargs: dict | None = None, format: ChatFormat | None = None) -> Prompt:
     if tools and not getattr(tokenizer, "chat_template", None):
         raise bad("this model has no chat template, so it cannot be given tools", "tools")
     try:
-        p = render_chat(tokenizer, messages, tools=tools, enable_thinking=enable_thinking,
-                        template_kwargs=template_kwargs)
+        return render_chat(tokenizer, messages, tools=tools, enable_thinking=enable_thinking,
+                           template_kwargs=template_kwargs, format=format)
     except DflashError as e:  # a Jinja error, or the template's own raise_exception on a message it refuses
         raise bad(str(e).replace("the model's chat template failed", "the model's chat template refused these "
                                  "messages"), "messages") from None
-    return Prompt(p.ids, p.think == "open", p.keep_prefix, p.think == "harmony")
 
 
 def completion_prompt(tokenizer, prompt: str | list[int]) -> Prompt:

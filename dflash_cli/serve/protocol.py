@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import sampling
 from ..sampling import SamplingParams
 
 
@@ -23,6 +24,8 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  kind: str | None = None, headers: dict[str, str] | None = None):
+        if len(message) > 500:  # a message may quote what the client sent: never echo megabytes back
+            message = message[:500] + "…"
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
@@ -34,6 +37,37 @@ class ApiError(Exception):
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+MAX_DEPTH = 64  # nesting of objects and lists in a request body (a tool's JSON schema fits easily)
+
+
+def check_strings(body: Any) -> None:
+    """A parsed body's strings are text (a lone surrogate such as "\\ud800" is valid JSON but no
+    tokenizer's input, nor encodable as UTF-8), and it nests at most MAX_DEPTH deep; walked without
+    recursion."""
+    stack: list[tuple[Any, int, str]] = [(body, 0, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            _text(value, where)
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise bad(f"the request body nests deeper than {MAX_DEPTH} levels", where.partition("[")[0] or None)
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _text(k, where)
+                    stack.append((v, depth + 1, where or k))
+            else:
+                stack.extend((v, depth + 1, where) for v in value)
+
+
+def _text(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("the request holds a lone surrogate escape (such as \\ud800): it is not text",
+                  where or None) from None
 
 
 # ---- requests ------------------------------------------------------------------------------------
@@ -112,12 +146,19 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, *, lo_o
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(_float(value)):
         raise bad(f"{name} must be a number, got {value!r}", name)
     if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
         lo_s, hi_s = ("(" if lo_open else "[") + f"{lo:g}", f"{hi:g}" + (")" if hi_open else "]")
         raise bad(f"{name} must be in {lo_s}, {hi_s}, got {value}", name)
     return float(value)
+
+
+def _float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float's range: not a finite number here
+        return math.inf
 
 
 def _integer(body: dict, name: str) -> int | None:
@@ -129,14 +170,24 @@ def _integer(body: dict, name: str) -> int | None:
     return value
 
 
+# Sane limits at the request boundary: the sampler holds its values as float32 and int64 device
+# scalars, so anything beyond these is either meaningless or an overflow there.
+MAX_TEMPERATURE = 100.0  # logits divided by 100 are all but uniform already
+SEEDS = 2**64  # seeds are taken modulo 2^32 by the sampler; int64 and uint64 seeds are accepted
+
+
 def _sampling(body: dict) -> SamplingParams:
-    temperature = _number(body, "temperature", 0.0, 0.0, math.inf)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    temperature = _number(body, "temperature", 0.0, 0.0, MAX_TEMPERATURE)
+    if temperature < sampling.GREEDY_BELOW:
+        temperature = 0.0  # sampling at such a temperature is greedy anyway (up to exact ties)
+    top_p = _number(body, "top_p", 1.0, sampling.TOP_P_MIN, 1.0)
     min_p = _number(body, "min_p", 0.0, 0.0, 1.0, hi_open=True)
     top_k = _integer(body, "top_k")
-    if top_k is not None and top_k < -1:
-        raise bad(f"top_k must be -1 or 0 (off) or a positive count, got {top_k}", "top_k")
+    if top_k is not None and not -1 <= top_k <= sampling.TOP_K_MAX:
+        raise bad(f"top_k must be -1 or 0 (off) or a count up to {sampling.TOP_K_MAX}, got {top_k}", "top_k")
     seed = _integer(body, "seed")
+    if seed is not None and not -SEEDS // 2 <= seed < SEEDS:
+        raise bad(f"seed must fit in 64 bits, got {seed}", "seed")
     if seed is None and temperature > 0:
         # Drawn here rather than in the engine, so that the answer can say which seed reproduces it.
         seed = int.from_bytes(os.urandom(4), "little")
@@ -145,13 +196,12 @@ def _sampling(body: dict) -> SamplingParams:
 
 def _max_tokens(body: dict, *names: str) -> int | None:
     given = {n: _integer(body, n) for n in names if body.get(n) is not None}
-    if len(set(given.values())) > 1:
-        raise bad(f"{' and '.join(given)} disagree; give one", names[0])
     for name, value in given.items():
         if value < 1:
             raise bad(f"{name} must be at least 1, got {value}", name)
-        return value
-    return None
+    if len(set(given.values())) > 1:
+        raise bad(f"{' and '.join(given)} disagree; give one", names[0])
+    return next(iter(given.values()), None)
 
 
 def _stop(body: dict) -> tuple[str, ...]:

@@ -1,15 +1,14 @@
-"""From generated text to an OpenAI assistant message: reasoning, content and tool calls, as
-streamed deltas and as the whole message (the non-streamed answer is the deltas joined, so the two
-never disagree)."""
+"""From the answer's reasoning and content (as the chat format split them, formats/) to an OpenAI
+assistant message: reasoning, content and tool calls, as streamed deltas and as the whole message
+(the non-streamed answer is the deltas joined, so the two never disagree). Qwen's `<tool_call>`
+JSON in the content is parsed here (tools.py)."""
 from __future__ import annotations
 
-from ..reasoning import ThinkSplitter
 from .tools import ToolCallDelta, ToolCallParser, new_call_id
 
 
 class ReplyStream:
-    def __init__(self, think_mode: str = "off", tools: bool = False, parallel_tool_calls: bool = True):
-        self._think = ThinkSplitter(think_mode)
+    def __init__(self, tools: bool = False, parallel_tool_calls: bool = True):
         self._tools = ToolCallParser() if tools else None
         self._parallel = parallel_tool_calls
         self.reasoning: list[str] = []
@@ -17,18 +16,14 @@ class ReplyStream:
         self.calls: dict[int, dict] = {}
         self.done = False  # parallel_tool_calls is false and the first call is complete: the rest is not wanted
 
-    def feed(self, text: str) -> list[dict]:
-        return self._deltas(*self._think.feed(text), final=False)
+    def feed(self, reasoning: str, content: str) -> list[dict]:
+        return self._deltas(reasoning, content, final=False)
 
     def finish(self) -> list[dict]:
-        return self._deltas(*self._think.finish(), final=True)
-
-    def feed_split(self, reasoning: str, reply: str) -> list[dict]:
-        """Reasoning and reply already told apart (a harmony answer, by token id)."""
-        return self._deltas(reasoning, reply, final=False)
+        return self._deltas("", "", final=True)
 
     def add_call(self, name: str, arguments: str) -> list[dict]:
-        """A whole tool call, as a harmony answer ends with one."""
+        """A whole tool call, as the format parsed it (a harmony answer ends with one)."""
         delta = ToolCallDelta(len(self.calls), new_call_id(), name, arguments)
         self._merge(delta)
         return [{"tool_calls": [delta.to_openai()]}]

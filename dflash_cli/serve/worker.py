@@ -33,15 +33,13 @@ from .protocol import ApiError, bad
 class Started:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose K/V the caches already held (the previous request's prefix)
-    opens_think: bool
-    harmony: bool = False  # the answer's text events come split into reasoning and text (gpt-oss)
 
 
 @dataclass
 class Text:
-    text: str
-    reasoning: str = ""  # harmony: split off by token id (a <think> answer is split from the text by the reply)
-    tool_call: ToolCall | None = None  # harmony: the call the answer ended with
+    text: str  # the answer's content
+    reasoning: str = ""  # split off by the prompt's chat format (formats/)
+    tool_call: ToolCall | None = None  # the call the answer ended with (harmony)
 
 
 @dataclass
@@ -64,8 +62,10 @@ class Job:
     with the tokenizer (on the worker's thread)."""
 
     def __init__(self, prepare: Callable[[object], Prompt], max_tokens: int | None, sampling: SamplingParams,
-                 stop: tuple[str, ...] = (), loop: asyncio.AbstractEventLoop | None = None):
+                 stop: tuple[str, ...] = (), loop: asyncio.AbstractEventLoop | None = None, *,
+                 prompt_param: str = "messages"):
         self.prepare, self.max_tokens, self.sampling, self.stop = prepare, max_tokens, sampling, stop
+        self.prompt_param = prompt_param  # the request field a too-long prompt is blamed on
         self.loop = loop or asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancel = threading.Event()
@@ -188,16 +188,15 @@ class EngineWorker:
         limit, n = engine.max_context, len(prompt.ids)
         if n >= limit:
             raise ApiError(400, f"the prompt is {n} tokens; this server's context limit is {limit}",
-                           param="messages", code="context_length_exceeded")
+                           param=job.prompt_param, code="context_length_exceeded")
         budget = job.max_tokens if job.max_tokens is not None else limit - n
         if n + budget > limit:
             raise ApiError(400, f"the prompt ({n} tokens) plus max_tokens ({budget}) exceeds this server's context "
                                 f"limit of {limit} tokens", param="max_tokens", code="context_length_exceeded")
-        job.post(Started(n, reused_prefix(engine, prompt.ids), prompt.opens_think, prompt.harmony))
+        job.post(Started(n, engine.reusable_prefix(prompt.ids)))
         stats = Stats()
         request = Request(prompt.ids, budget, model.stop_token_ids, job.sampling, keep_prefix=prompt.keep_prefix)
-        chunks = stream_text(engine, model.tokenizer, request, stats, job.stop,
-                             think="harmony" if prompt.harmony else "off")
+        chunks = stream_text(engine, model.tokenizer, request, stats, job.stop, prompt=prompt)
         try:
             for chunk in chunks:
                 job.generated = stats.generated
@@ -213,15 +212,3 @@ class EngineWorker:
             self._log(f"dflash: generation cancelled ({job.cancel_reason}) after {stats.generated} tokens, "
                       f"{late} of them after the cancel")
         return Finished(stats, finish, engine.block_size)
-
-
-def reused_prefix(engine: Engine, prompt_ids: list[int]) -> int:
-    """Prompt tokens the engine will not recompute: the common prefix with what its caches hold
-    (the same rule as Engine._prefill, which keeps at least the last prompt token to recompute)."""
-    cached = getattr(engine, "_cached_ids", [])
-    n, cap = 0, len(prompt_ids) - 1
-    for a, b in zip(cached, prompt_ids):
-        if a != b or n >= cap:
-            break
-        n += 1
-    return n

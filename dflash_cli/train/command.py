@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .. import cuda, loader
+from .. import cuda
+from ..api import ModelOptions, open_session
 from ..config import DrafterConfig, default_target_layer_ids
 from ..models import target_config
 from ..drafter import DEFERRED
-from ..engine import Engine, cache_slack
+from ..engine import cache_slack
 from ..errors import DflashError, UsageError
 from ..memory import free_device_memory
 from .data import AnswerStore, Generation, encode_prompt, generate_answers, read_prompts, trainable
@@ -339,14 +340,16 @@ def run_train(req: TrainRequest, err) -> dict:
         raise DflashError(f"the target {target_dir} of this run is gone")
     tcfg = target_config(target_dir)[1]
     _check_block_fits(s, tcfg)
-    model = loader.load(target_dir, None, device=s.device)
+    pair = open_session(ModelOptions(target=str(target_dir), device=s.device), (target_dir, None))
+    model = pair.model
     _check_against_target(s, tcfg, model.tokenizer, target_dir, None if req.resume else err)
     export = torch.bfloat16 if cuda.is_gpu(model.target.device) else torch.float32
     if not req.resume:
         prompts = _encode_prompts(model, *raw_prompts, s, err)
         config = drafter_config(tcfg, block_size=s.block_size, num_layers=s.draft_layers,
                                 target_layer_ids=s.target_layer_ids, mask_token_id=s.mask_token_id,
-                                dtype="bfloat16" if cuda.is_gpu(model.target.device) else "float32")
+                                dtype="bfloat16" if cuda.is_gpu(model.target.device) else "float32",
+                                enable_thinking=s.think)
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / ANSWERS).unlink(missing_ok=True)  # from a start that never got as far as its settings
         _write_json(state_dir / PROMPTS, prompts)
@@ -366,7 +369,7 @@ def run_train(req: TrainRequest, err) -> dict:
     if todo:
         err.print(f"generating the target's answers to {todo} prompts (kept in {state_dir / ANSWERS})")
     longest = max(len(p) for p in prompts["train"]) + gen.max_new_tokens
-    engine = Engine(model.target, max_context=min(model.max_context, longest))
+    engine = pair.new_engine(max_context=longest)
     from rich.progress import Progress
 
     try:

@@ -108,10 +108,11 @@ def default_mask_token_id(tokenizer, vocab_size: int) -> int:
 
 
 def drafter_config(target, *, block_size: int, num_layers: int, target_layer_ids: list[int],
-                   mask_token_id: int, dtype: str = "float32") -> dict:
+                   mask_token_id: int, dtype: str = "float32", enable_thinking: bool = False) -> dict:
     """config.json of a drafter for `target` in the released layout: a Qwen3 config with the
     target's widths, plus `block_size` and `dflash_config` (DESIGN §2). `block_size` is written at
-    the top level too, where the reference code and SGLang read it."""
+    the top level too, where the reference code and SGLang read it. `dflash_config.enable_thinking` is
+    the thinking mode it was trained in: the pair's chat default (formats.thinking_default)."""
     cfg = {
         "architectures": ["DFlashDraftModel"],
         "model_type": "qwen3",
@@ -136,7 +137,7 @@ def drafter_config(target, *, block_size: int, num_layers: int, target_layer_ids
         "torch_dtype": dtype,
         "block_size": block_size,
         "dflash_config": {"block_size": block_size, "mask_token_id": mask_token_id,
-                          "target_layer_ids": list(target_layer_ids)},
+                          "target_layer_ids": list(target_layer_ids), "enable_thinking": enable_thinking},
     }
     if target.rope_scaling:
         cfg["rope_scaling"] = target.rope_scaling

@@ -3,6 +3,7 @@ backend lowers to PTX and runs its bundled ptxas without a GPU. The launches are
 launchers at real model shapes (tests/kernels/compile_kernels.py), so the divisibility hints, constexprs
 and warp counts are the ones that run. Catches what the interpreter cannot: type errors, unsupported ops
 and layouts, and shared memory beyond a GPU's limit (sm_86/89 have 99 KB)."""
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,9 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     p = subprocess.run([sys.executable, str(SCRIPT), "record", str(launches)], capture_output=True, text=True,
                        env=env, timeout=1800, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    upcast = [e for e in json.loads(launches.read_text()) if "UPCAST" in e["params"]]
+    assert upcast and all(e["params"]["UPCAST"] == ["constexpr", False] for e in upcast), \
+        "the bf16 dots are compiled as a GPU launches them, not as the interpreter's fp32 fallback"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     p = subprocess.run([sys.executable, str(SCRIPT), "compile", str(launches)], capture_output=True, text=True,
                        env=env, timeout=1800, cwd=ROOT)
@@ -30,6 +34,7 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     compiled = [line for line in p.stdout.splitlines() if line.startswith("ok ")]
     kernels = {line.split()[2] for line in compiled}
     for name in ("attention._attn_split_kernel", "accept._select_kernel", "moe._gate_up_kernel",
-                 "gated_delta._causal_conv_kernel", "fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel"):
+                 "gated_delta._causal_conv_kernel", "fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel",
+                 "invariant_linear._partial_kernel", "invariant_linear._merge_kernel"):
         assert name in kernels, sorted(kernels)
     assert {line.split()[1] for line in compiled} == {"sm_80", "sm_86", "sm_89", "sm_90"}

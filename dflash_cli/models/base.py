@@ -1,0 +1,208 @@
+"""What every family shares: `DecoderConfig` (the fields every decoder has, read once, rope included),
+the `Family` a family module declares, and `Decoder`, the one forward loop every family runs.
+
+A decoder is an embedding, layers of (input norm, mixer, post norm, MLP) with a fused residual
+stream, a final norm and a head. The mixer is attention or a Gated DeltaNet (models/layers); the MLP
+a SwiGLU, a mixture of experts or gpt-oss's experts. One forward serves prefill chunks, the verify
+block and plain decoding: it takes T >= 1 tokens at the positions after the cache's committed length,
+and returns logits only for the positions asked for and the residual stream only of the layers the
+drafter reads. With `commit` the T tokens join the sequence at once (a prefill chunk); otherwise the
+cache's `commit(plan)` decides which of them do (a verify block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..cache import CommitPlan
+from ..config import Fields, rope_params
+from ..rope import rope_table
+from .layers.linear import Dense, Linear
+from .layers.norm import RMSNorm
+from .weights import Weight
+
+
+def read_rope(raw: dict, f: Fields, drop: tuple[str, ...] = ()) -> tuple[float, dict | None]:
+    """(theta, scaling or None), from `rope_theta`/`rope_scaling` or transformers 5's `rope_parameters`;
+    `drop`: keys a family's scaling must not carry (dropping them leaves None for a default rope)."""
+    theta, scaling = rope_params(raw, f)
+    if scaling is not None and drop:
+        scaling = {k: v for k, v in scaling.items() if k not in drop}
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+    return theta, scaling
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The fields every decoder family reads from config.json. A family's Config adds its own."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    prefill_scratch = 0  # bytes a prefill allocates beyond its activations (memory.workspace_bytes)
+
+    @property
+    def activation_width(self) -> int:
+        """The widest per-token activation of a forward, in elements (for the memory plan)."""
+        return max(2 * self.intermediate_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
+
+    @staticmethod
+    def shared(raw: dict, f: Fields, *, eps: float = 1e-6, max_positions: int = 4096, head_dim: int | None = None,
+               intermediate: bool = True, rope_drop: tuple[str, ...] = ()) -> dict:
+        """The shared fields of `raw` (a family passes its defaults), as keyword arguments."""
+        theta, scaling = read_rope(raw, f, rope_drop)
+        hidden, heads = f.req("hidden_size"), f.req("num_attention_heads")
+        return dict(
+            vocab_size=f.req("vocab_size"), hidden_size=hidden,
+            intermediate_size=f.req("intermediate_size") if intermediate else f.opt("intermediate_size", 0) or 0,
+            num_layers=f.req("num_hidden_layers"), num_heads=heads, num_kv_heads=f.opt("num_key_value_heads", heads),
+            head_dim=f.opt("head_dim", head_dim) or hidden // heads, rms_norm_eps=f.opt("rms_norm_eps", eps, float),
+            rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=f.opt("max_position_embeddings", max_positions),
+            tie_word_embeddings=f.opt("tie_word_embeddings", False, bool))
+
+
+def head_weights(c: DecoderConfig, prefix: str = "model.", norm: str = "norm",
+                 norm_dtype: str = "model") -> list[Weight]:
+    """Embedding, final norm and lm_head (absent when tied: the embedding serves)."""
+    table = [Weight(prefix + "embed_tokens.weight", (c.vocab_size, c.hidden_size), "embed"),
+             Weight(prefix + "norm.weight", (c.hidden_size,), norm, dtype=norm_dtype)]
+    if not c.tie_word_embeddings:  # a checkpoint without one is tied after all (Qwen3.5-4B ships none)
+        table.append(Weight("lm_head.weight", (c.vocab_size, c.hidden_size), gain=4.0,
+                            fallback=prefix + "embed_tokens.weight"))
+    return table
+
+
+def layer_norm_weights(c: DecoderConfig, p: str, norm: str = "norm", norm_dtype: str = "model") -> list[Weight]:
+    return [Weight(p + "input_layernorm.weight", (c.hidden_size,), norm, dtype=norm_dtype),
+            Weight(p + "post_attention_layernorm.weight", (c.hidden_size,), norm, dtype=norm_dtype)]
+
+
+@dataclass
+class StepPlan:
+    """What every mixer of one forward shares: where the new tokens sit, and whether they are a prefill
+    chunk or a verify block (a tree verify will add its ancestor mask here)."""
+
+    positions: torch.Tensor  # [T]: the new tokens' positions
+    kv_len: torch.Tensor | int  # keys attended to (ops.kv_length)
+    cos_sin: torch.Tensor  # the rope table
+    commit: bool  # a prefill chunk (write through) rather than a verify block
+
+
+@dataclass
+class Layer:
+    input_norm: RMSNorm
+    mixer: Callable  # (h, cache, step) -> [T, H]: layers.attention.Attention or layers.gated_delta.GatedDeltaNet
+    post_norm: RMSNorm
+    mlp: Callable  # h [T, H] -> [T, H]: layers.mlp.SwiGLU, MoE or GptOssExperts
+
+
+class Decoder:
+    """A target model: `forward` over its cache, `new_cache`, and `commit(cache, plan)`."""
+
+    def __init__(self, cfg: DecoderConfig, w: dict[str, torch.Tensor], max_positions: int, *, norm_style: str,
+                 mixer: Callable, mlp: Callable, cache: Callable, prefix: str = "model.",
+                 rotary_dim: int | None = None):
+        """Assemble a decoder from the checkpoint's tensors `w` (consumed): `mixer(i, p)` and `mlp(i, p)`
+        take layer i's (p: its name prefix); `cache(decoder, capacity, block_size)` makes its cache.
+        max_positions: the rope table's length, the most cache slots any engine will use; rotary_dim: the
+        leading dims of each head that are rotated (default: all)."""
+        eps = cfg.rms_norm_eps
+        self.cfg, self.max_positions, self._cache = cfg, max_positions, cache
+        self.embed = w.pop(prefix + "embed_tokens.weight")
+        self.norm = RMSNorm.take(w, prefix + "norm.weight", eps, norm_style)
+        self.lm_head = w.pop("lm_head.weight", self.embed)  # the embedding when tied
+        self.head: Linear = Dense(self.lm_head)
+        self.layers: list[Layer] = []
+        for i in range(cfg.num_layers):
+            p = f"{prefix}layers.{i}."
+            self.layers.append(Layer(RMSNorm.take(w, p + "input_layernorm.weight", eps, norm_style), mixer(i, p),
+                                     RMSNorm.take(w, p + "post_attention_layernorm.weight", eps, norm_style),
+                                     mlp(i, p)))
+        self.cos_sin = rope_table(rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions,
+                                  self.embed.device)
+
+    def new_cache(self, capacity: int, block_size: int = 1):
+        """A cache for `capacity` tokens, whose verify blocks are at most `block_size` rows."""
+        return self._cache(self, capacity, block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def forward(self, ids: torch.Tensor, cache, *, logits_from: int | None = None,
+                feature_layers: Sequence[int] = (), commit: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """ids: [T]. Returns (logits [T - logits_from, V] or None, features [T, len(layers)·H] or None).
+
+        Features are the outputs of decoder layers `feature_layers` (the residual stream before the
+        final norm), concatenated in the order given: the drafter's context input."""
+        t = ids.shape[0]
+        if not commit:
+            cache.verify_rows(t)
+        step = StepPlan(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
+        wanted = {layer: None for layer in feature_layers}
+        x = F.embedding(ids, self.embed)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if residual is None:
+                h, _ = layer.input_norm(x)
+                residual = x
+            else:
+                h, residual = layer.input_norm(x, residual)
+                if i - 1 in wanted:
+                    wanted[i - 1] = residual.clone()
+            x = layer.mixer(h, cache, step)
+            h, residual = layer.post_norm(x, residual)
+            x = layer.mlp(h)
+        h, residual = self.norm(x, residual)
+        if len(self.layers) - 1 in wanted:
+            wanted[len(self.layers) - 1] = residual
+        if commit:
+            cache.prefilled(t)
+        logits = None if logits_from is None else self.head(h[logits_from:])
+        features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
+        return logits, features
+
+    def commit(self, cache, plan: CommitPlan | int | torch.Tensor) -> None:
+        """The plan's tokens of the last forward join the sequence (the cache's own commit)."""
+        cache.commit(CommitPlan.of(plan))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family module declares, as `FAMILY`: every member is here, with the defaults of a family
+    that does not need it (models/__init__.py reads nothing else; tests/test_families.py checks them)."""
+
+    model_types: tuple[str, ...]  # the config.json `model_type` values it reads
+    Config: type  # with `from_raw(raw, directory)`: its config, checked at the boundary (one-line errors)
+    weight_table: Callable  # (cfg, layout=None) -> list[Weight]: every tensor it loads, by checkpoint name
+    build: Callable  # (cfg, tensors, max_positions) -> Decoder (tensors consumed)
+    cache_bytes: Callable  # (cfg, dtype, block_size) -> (bytes per token of context, fixed bytes)
+    layout_of: Callable = lambda names: None  # the checkpoint's layout (experts fused or not), from its names
+    drafter_defaults: Callable = lambda raw: raw  # a drafter config.json of this model_type as transformers reads it
+
+
+def kv_cache_bytes(c: DecoderConfig, dtype: torch.dtype, block_size: int, layers: int | None = None) -> tuple[int, int]:
+    """(bytes per token of context, fixed bytes) of a K/V cache over `layers` (default: all) layers."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return 2 * (c.num_layers if layers is None else layers) * c.num_kv_heads * c.head_dim * size, 0

@@ -1,0 +1,171 @@
+"""The MLPs: SwiGLU, the mixture of experts (router variants as parameters, an optional gated shared
+expert), and gpt-oss's experts (biases, the clamped SwiGLU, MXFP4 blocks). Their weight tables.
+
+Two MoE layouts are released: per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj.weight`
+(Qwen3-Coder, and what transformers' save_pretrained writes) and fused `mlp.experts.gate_up_proj
+[E, 2I, H]` / `mlp.experts.down_proj [E, H, I]` without a `.weight` suffix (the Qwen3.5/3.6-35B-A3B
+release). Both load into the fused form; the kernels see one layout. gpt-oss experts load as released:
+`*_blocks` / `*_scales` as raw u8 (dequantised inside the expert kernel), or, for a dequantised export,
+transformers' dense parameters ([E, in, out]: transposed once at load into the kernels' [E, out, in]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ... import ops
+from ..weights import Weight
+from .linear import Linear, take_linear
+
+FUSED, PER_EXPERT = "fused", "per-expert"
+MXFP4, DENSE = "mxfp4", "dense"
+
+
+def mlp_weights(p: str, hidden: int, inter: int) -> list[Weight]:
+    """A SwiGLU MLP's tensors (p ends with "mlp.")."""
+    return [Weight(p + "gate_proj.weight", (inter, hidden)), Weight(p + "up_proj.weight", (inter, hidden)),
+            Weight(p + "down_proj.weight", (hidden, inter))]
+
+
+@dataclass
+class SwiGLU:
+    gate_up: Linear  # gate and up projections stacked: one GEMM
+    down: Linear
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str) -> "SwiGLU":
+        return cls(take_linear(w, p + "gate_proj", p + "up_proj"), take_linear(w, p + "down_proj"))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(ops.swiglu(self.gate_up(h)))
+
+
+def moe_layout_of(names) -> str:
+    """The expert layout of a checkpoint, from its tensor names."""
+    return FUSED if any(n.endswith("mlp.experts.gate_up_proj") for n in names) else PER_EXPERT
+
+
+def moe_weights(p: str, hidden: int, n_experts: int, inter: int, layout: str | None,
+                shared_inter: int = 0) -> list[Weight]:
+    """Layer `p`'s MoE tensors (p ends with "mlp.")."""
+    table = [Weight(p + "gate.weight", (n_experts, hidden), gain=4.0)]  # gain: a router that prefers some experts
+    if layout == FUSED:
+        table += [Weight(p + "experts.gate_up_proj", (n_experts, 2 * inter, hidden)),
+                  Weight(p + "experts.down_proj", (n_experts, hidden, inter))]
+    else:
+        for e in range(n_experts):
+            table += mlp_weights(f"{p}experts.{e}.", hidden, inter)
+    if shared_inter:
+        table += mlp_weights(p + "shared_expert.", hidden, shared_inter)
+        table.append(Weight(p + "shared_expert_gate.weight", (1, hidden)))
+    return table
+
+
+@dataclass
+class MoE:
+    """Route each token to its top-k experts (softmax over all logits, optionally renormalised; or,
+    `softmax_after_topk`, over the top k only), run their SwiGLU, add an optional gated shared expert."""
+
+    router: torch.Tensor  # [E, H] (read by the routing kernel)
+    gate_up: torch.Tensor  # [E, 2I, H], gate rows first
+    down: torch.Tensor  # [E, H, I]
+    top_k: int
+    renormalize: bool
+    router_bias: torch.Tensor | None = None
+    softmax_after_topk: bool = False
+    shared: SwiGLU | None = None  # Qwen3.5: a dense SwiGLU expert every token takes,
+    shared_gate: Linear | None = None  # [1, H]: ... weighted by sigmoid(x · shared_gate)
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str, n_experts: int, top_k: int, renormalize: bool) -> "MoE":
+        """Pop layer `p`'s MoE tensors (either layout) from `w` and stack them into the fused form."""
+        if p + "experts.gate_up_proj" in w:
+            gate_up, down = w.pop(p + "experts.gate_up_proj"), w.pop(p + "experts.down_proj")
+        else:
+            names = [f"{p}experts.{e}." for e in range(n_experts)]
+            gate_up = torch.stack([torch.cat((w.pop(q + "gate_proj.weight"), w.pop(q + "up_proj.weight")))
+                                   for q in names])
+            down = torch.stack([w.pop(q + "down_proj.weight") for q in names])
+        moe = cls(w.pop(p + "gate.weight"), gate_up, down, top_k, renormalize)
+        if p + "shared_expert_gate.weight" in w:
+            moe.shared = SwiGLU.take(w, p + "shared_expert.")
+            moe.shared_gate = take_linear(w, p + "shared_expert_gate")
+        return moe
+
+    def route(self, x: torch.Tensor):
+        variant = {} if self.router_bias is None else {"bias": self.router_bias}
+        if self.softmax_after_topk:
+            variant["softmax_after_topk"] = True
+        return ops.moe_route(x, self.router, self.top_k, self.renormalize, **variant)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        idx, weights = self.route(x)
+        y = ops.moe_experts(x, self.gate_up, self.down, idx, weights)
+        if self.shared is not None:
+            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return y
+
+
+def gpt_oss_layout_of(names) -> str:
+    """MXFP4 when the checkpoint holds packed experts, else transformers' dense parameters."""
+    return MXFP4 if any(n.endswith("mlp.experts.gate_up_proj_blocks") for n in names) else DENSE
+
+
+def gpt_oss_expert_weights(p: str, hidden: int, n_experts: int, inter: int, layout: str) -> list[Weight]:
+    """Layer `p`'s router and experts (p ends with "mlp.")."""
+    e, h, i, x = n_experts, hidden, inter, p + "experts."
+    table = [Weight(p + "router.weight", (e, h), gain=4.0), Weight(p + "router.bias", (e,), "normal", 0.5)]
+    biases = [Weight(x + "gate_up_proj_bias", (e, 2 * i), "normal", 0.1),
+              Weight(x + "down_proj_bias", (e, h), "normal", 0.1)]
+    if layout == MXFP4:  # nn.Linear orientation [E, out, in], `in` cut into groups of 32 (16 bytes)
+        return table + [Weight(x + "gate_up_proj_blocks", (e, 2 * i, h // 32, 16), "mxfp4_blocks", dtype="raw"),
+                        Weight(x + "gate_up_proj_scales", (e, 2 * i, h // 32), "mxfp4_scales", dtype="raw"),
+                        Weight(x + "down_proj_blocks", (e, h, i // 32, 16), "mxfp4_blocks", dtype="raw"),
+                        Weight(x + "down_proj_scales", (e, h, i // 32), "mxfp4_scales", dtype="raw")] + biases
+    return table + [Weight(x + "gate_up_proj", (e, h, 2 * i), "linear_in"),  # transformers' [E, in, out]
+                    Weight(x + "down_proj", (e, i, h), "linear_in")] + biases
+
+
+@dataclass
+class GptOssExperts:
+    """gpt-oss's MLP: a router with a bias whose softmax runs over the top-k logits only, then the
+    clamped SwiGLU of experts with biases; gate_up [E, 2I, H] with gate/up rows interleaved and down
+    [E, H, I] (or their MXFP4 blocks, with scales)."""
+
+    router: MoE  # the routing half (its expert tensors are this class's)
+    gate_up_bias: torch.Tensor
+    down_bias: torch.Tensor
+    gate_up_scales: torch.Tensor | None
+    down_scales: torch.Tensor | None
+    limit: float
+    alpha: float
+
+    @property
+    def gate_up(self) -> torch.Tensor:
+        return self.router.gate_up
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self.router.down
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str, top_k: int, limit: float, alpha: float) -> "GptOssExperts":
+        e = p + "experts."
+        if e + "gate_up_proj_blocks" in w:
+            gate_up, gu_scales = w.pop(e + "gate_up_proj_blocks"), w.pop(e + "gate_up_proj_scales")
+            down, dn_scales = w.pop(e + "down_proj_blocks"), w.pop(e + "down_proj_scales")
+        else:  # transformers' [E, in, out]: once into the kernels' [E, out, in]
+            gate_up = w.pop(e + "gate_up_proj").transpose(1, 2).contiguous()
+            down = w.pop(e + "down_proj").transpose(1, 2).contiguous()
+            gu_scales = dn_scales = None
+        router = MoE(w.pop(p + "router.weight"), gate_up, down, top_k, False, w.pop(p + "router.bias"),
+                     softmax_after_topk=True)
+        return cls(router, w.pop(e + "gate_up_proj_bias"), w.pop(e + "down_proj_bias"), gu_scales, dn_scales,
+                   limit, alpha)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        idx, weights = self.router.route(x)
+        return ops.moe_experts(x, self.gate_up, self.down, idx, weights, gate_up_bias=self.gate_up_bias,
+                               down_bias=self.down_bias, gate_up_scales=self.gate_up_scales,
+                               down_scales=self.down_scales, swiglu_limit=self.limit, swiglu_alpha=self.alpha)
