@@ -44,6 +44,7 @@ def _import_transformers_references_without_fla() -> None:
 
 _import_transformers_references_without_fla()
 
+from . import fit_cache
 from .fit import fit_drafter
 from .tiny import (copy_qwen3_tokenizer, copy_stories, drafter_config, qwen3_moe_config, qwen35_config,
                    qwen35_moe_config, target_config, write_drafter, write_qwen35, write_target)
@@ -123,6 +124,12 @@ def ctrl_c_reaches_it() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def fitted(name: str, target: Path, out_dir: Path, drafter_cfg: dict, prompts: list[list[int]], steps: int) -> Path:
+    """`fit_drafter`'s drafter, fitted once and then copied from tests/.cache (tests/fit_cache.py)."""
+    digest = fit_cache.key(target, {"fit": "v1", "cfg": drafter_cfg, "prompts": prompts, "steps": steps})
+    return fit_cache.cached(name, out_dir, digest, lambda d: fit_drafter(target, d, drafter_cfg, prompts, steps=steps))
+
+
 # Prompts a hybrid pair's drafter is fitted to (random ids: the random target's own continuations are learnt).
 HYBRID_PROMPTS = random_prompts(6, 500, seed=35)
 
@@ -137,8 +144,7 @@ def qwen35_pair(models) -> tuple[Path, Path]:
     dcfg = drafter_config(cfg["text_config"], block_size=8, layers=2, target_layer_ids=(1, 3), heads=4, kv_heads=2,
                           head_dim=16, intermediate=128, mask_token_id=500,
                           layer_types=["sliding_attention", "full_attention"], sliding_window=16)
-    d = fit_drafter(t, models / "qwen35-drafter", dcfg, HYBRID_PROMPTS, steps=600)
-    return t, d
+    return t, fitted("qwen35", t, models / "qwen35-drafter", dcfg, HYBRID_PROMPTS, steps=600)
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +167,7 @@ def qwen3_moe_pair(models) -> tuple[Path, Path]:
     cfg = qwen3_moe_config()
     t = write_target(models / "qwen3-moe", cfg, seed=13)
     dcfg = drafter_config(cfg, block_size=8, layers=1, target_layer_ids=(0, 2), mask_token_id=500)
-    return t, fit_drafter(t, models / "qwen3-moe-drafter", dcfg, HYBRID_PROMPTS, steps=500)
+    return t, fitted("qwen3-moe", t, models / "qwen3-moe-drafter", dcfg, HYBRID_PROMPTS, steps=500)
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +177,7 @@ def qwen35_moe_pair(models) -> tuple[Path, Path]:
     cfg = qwen35_moe_config()
     t = write_qwen35(models / "qwen35-moe", cfg, seed=17, slow_decay=True, layout="fused")
     dcfg = drafter_config(cfg["text_config"], block_size=8, layers=1, target_layer_ids=(1, 3), mask_token_id=500)
-    return t, fit_drafter(t, models / "qwen35-moe-drafter", dcfg, HYBRID_PROMPTS, steps=500)
+    return t, fitted("qwen35-moe", t, models / "qwen35-moe-drafter", dcfg, HYBRID_PROMPTS, steps=500)
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +189,37 @@ def gpt_oss_pair(models) -> tuple[Path, Path]:
     cfg = gpt_oss_config()
     t = write_gpt_oss(models / "gpt-oss", cfg, seed=19)
     dcfg = gpt_oss_drafter_config(cfg, block_size=8, layers=2, target_layer_ids=(1, 3))
-    return t, fit_drafter(t, models / "gpt-oss-drafter", dcfg, HYBRID_PROMPTS, steps=500)
+    return t, fitted("gpt-oss", t, models / "gpt-oss-drafter", dcfg, HYBRID_PROMPTS, steps=500)
+
+
+@pytest.fixture(scope="session")
+def dflash2_pair(qwen35_pair, models) -> tuple[Path, Path]:
+    """qwen35_pair's target and a DFlash2 drafter fitted on its own continuations, starting from the
+    fitted v1 drafter (identity-initialised convs and selector, then all weights trained together)."""
+    from .dflash2_fit import as_dflash2, fit_dflash2
+
+    t, v1_dir = qwen35_pair
+    cfg = as_dflash2(json.loads((v1_dir / "config.json").read_text()))
+    digest = fit_cache.key(t, {"fit": "dflash2", "cfg": cfg, "prompts": HYBRID_PROMPTS, "steps": 150}, (v1_dir,))
+    return t, fit_cache.cached("dflash2", models / "dflash2-drafter", digest,
+                               lambda d: fit_dflash2(t, d, cfg, HYBRID_PROMPTS, steps=150, init=v1_dir))
+
+
+@pytest.fixture(scope="session")
+def qwen3_kernel_pair(models) -> tuple[Path, Path]:
+    """A Qwen3 small enough for Triton's interpreter (2 layers) and a random block-4 drafter."""
+    cfg = target_config("qwen3", layers=2, tie=False, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    return (write_target(models / "kernel-qwen3", cfg, seed=21),
+            write_drafter(models / "kernel-qwen3-drafter", drafter_config(cfg, block_size=4, target_layer_ids=(0, 1))))
+
+
+@pytest.fixture(scope="session")
+def qwen35_kernel_pair(models) -> tuple[Path, Path]:
+    """A tiny Qwen3.5 and a random block-4 drafter, for Triton's interpreter."""
+    cfg = qwen35_config()
+    return (write_qwen35(models / "kernel-qwen35", cfg, seed=21, slow_decay=True),
+            write_drafter(models / "kernel-qwen35-drafter", drafter_config(cfg["text_config"], block_size=4,
+                                                                           target_layer_ids=(1, 3), mask_token_id=500)))
 
 
 @pytest.fixture(scope="session")
@@ -193,3 +229,32 @@ def stories_model(stories_pair) -> loader.Model:
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+
+
+# Every run records each test's time (setup, call and teardown; under pytest-xdist the controller
+# receives the workers' reports) in tests/.cache/durations.tsv, slowest first, with its `slow` mark: the
+# list to consult when choosing what the fast tier (-m "not slow") leaves out. A run updates the tests it
+# ran and keeps the others' last times, so a targeted run does not erase a whole run's record.
+_durations: dict[str, list] = {}
+
+
+def pytest_runtest_logreport(report):
+    entry = _durations.setdefault(report.nodeid, [0.0, "slow" in report.keywords])
+    entry[0] += report.duration
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput") or not _durations:
+        return
+    fit_cache.CACHE.mkdir(exist_ok=True)
+    path = fit_cache.CACHE / "durations.tsv"
+    kept = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            seconds, mark, nodeid = line.split("\t", 2)
+            kept[nodeid] = [float(seconds), mark == "slow"]
+    rows = sorted((kept | _durations).items(), key=lambda kv: -kv[1][0])
+    lines = [f"{seconds:.2f}\t{'slow' if slow else '-'}\t{nodeid}" for nodeid, (seconds, slow) in rows]
+    tmp = fit_cache.CACHE / "durations.tsv.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)

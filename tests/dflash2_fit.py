@@ -96,6 +96,14 @@ def identity_init(cfg: DrafterConfig, v1_weights: dict[str, torch.Tensor], seed:
     return w
 
 
+def as_dflash2(v1_cfg: dict) -> dict:
+    """The v1 drafter's config with DFlash2's architecture and keys, same geometry and causality."""
+    cfg = v1_cfg | {"architectures": ["DFlash2DraftModel"]}
+    cfg["dflash_config"] = v1_cfg["dflash_config"] | {"conv_kernel_size": 2, "conv_group_size": 16,
+                                                      "selector_rank": 16, "selector_top_k": 16}
+    return cfg
+
+
 def fit_dflash2(target_dir: Path, out_dir: Path, drafter_cfg: dict, prompts: list[list[int]], *, steps: int = 300,
                 blocks_per_step: int = 4, length: int = 96, lr: float = 3e-3, selector_lr: float = 2e-2,
                 seed: int = 0, init: Path | None = None) -> Path:

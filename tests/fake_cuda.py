@@ -22,7 +22,7 @@ On the GPU branch `ops` picks the Triton kernels, which run here in Triton's int
 `stand_in(kernels="reference")` runs the kernels' torch references in their place, so the glue
 around them (load, capture, lookahead, measure, serve, train) runs in seconds; the attention reference
 is swapped for the same attention masked on the device, since the reference slices the cache at
-`int(kv_len)`, a host read a capture refuses. tests/kernels/test_engine_kernels.py captures and
+`int(kv_len)`, a host read a capture refuses. tests/test_conformance.py captures and
 replays the real kernels.
 """
 from __future__ import annotations

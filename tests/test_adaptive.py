@@ -211,6 +211,7 @@ def _tokens(steps) -> list[int]:
     ("gpt_oss_pair", [8, 1, 4, 8, 1, 2, 8, 1]),  # sinks and a window of 8 across b
 ])
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "sampled"])
+@pytest.mark.slow
 def test_forced_switching_writes_the_plain_tokens(pair_name, script, sampling, request):
     target_dir, drafter_dir = request.getfixturevalue(pair_name)
     m = loader.load(target_dir, drafter_dir, device="cpu")
@@ -367,6 +368,7 @@ class PausedAndMeasuring(Scripted):
         self.sizes = candidates(block_size)
 
 
+@pytest.mark.slow
 def test_a_measurement_with_a_full_deferred_buffer_stays_inside_it(stories_model, monkeypatch):
     """gpu-review-2 F6: with DEFERRED tokens deferred, the measurement's timed b = 1 run deferred one
     more into a buffer with no room (an IndexError here; on a GPU, a device assert that kills the

@@ -73,6 +73,7 @@ def start(*args, stdin=None) -> tuple[subprocess.Popen, Reader, Reader]:
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_mid_answer_exits_130_after_the_partial_answer_and_a_newline(slow_stories_pair):
     t, d = slow_stories_pair
     p, out, err = start("run", "--target", t, "--drafter", d, "--device", "cpu", "-p", "Once upon a time", "--raw",
@@ -87,6 +88,7 @@ def test_ctrl_c_mid_answer_exits_130_after_the_partial_answer_and_a_newline(slow
     assert 0 < generated < 400
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_json_batch_prints_what_was_generated_marked_interrupted(slow_stories_pair, tmp_path):
     t, d = slow_stories_pair
     tokenizer = load_tokenizer(t)
@@ -109,6 +111,7 @@ def test_ctrl_c_in_a_json_batch_prints_what_was_generated_marked_interrupted(slo
                                               skip_special_tokens=True)[len("The cat"):]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_piped_chat_answer_but_not_the_chat_and_ends_it_at_the_prompt(slow_stories_pair):
     t, d = slow_stories_pair
     p, out, err = start("chat", "--target", t, "--drafter", d, "--device", "cpu", "-n", "400", "-b", "8",
@@ -137,6 +140,7 @@ def test_ctrl_c_stops_a_piped_chat_answer_but_not_the_chat_and_ends_it_at_the_pr
     "dflash run {pair} --raw --prompt-file {batch} -n 100 | head -n 1",
     "printf 'Once upon a time\\nThe cat\\nOne day\\n' | dflash chat {pair} -n 100 | head -c 5",
 ])
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_ends_the_command_quietly_with_0(stories_pair, tmp_path, command):
     t, d = stories_pair
     batch = tmp_path / "batch.jsonl"

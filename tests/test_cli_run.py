@@ -210,6 +210,7 @@ def test_broken_checkpoints_are_one_line(capsys, tmp_path, kind, message):
     assert code == 1 and out == "" and err.count("\n") == 1 and message in err and err.startswith("Error: ")
 
 
+@pytest.mark.slow
 def test_system_prompt_and_sampling_flags(capsys, qwen3_chat_pair):
     t, d = qwen3_chat_pair
     base = ["--target", t, "--drafter", d, "-p", "Hi", "-n", "6", "--json", "--device", "cpu"]
@@ -223,6 +224,7 @@ def test_system_prompt_and_sampling_flags(capsys, qwen3_chat_pair):
     assert first == again == plain  # a seed fixes the answer, with or without speculation
 
 
+@pytest.mark.slow
 def test_chat_reads_piped_input_in_plain_mode(stories_pair, tmp_path):
     t, d = stories_pair
     script = "Once upon a time\n/set max_tokens 4\nThe cat\n//The dog\n/save {}\n".format(tmp_path / "c.jsonl")
@@ -237,6 +239,7 @@ def test_chat_reads_piped_input_in_plain_mode(stories_pair, tmp_path):
     assert len(saved) == 6 and saved[4] == {"role": "user", "content": "/The dog"}  # "//" sends a leading "/"
 
 
+@pytest.mark.slow
 def test_piped_chat_errors_are_one_line_however_long(stories_pair):
     t, d = stories_pair
     question = "Tell me a story about a cat and a dog who live in a big red house by the sea " * 3

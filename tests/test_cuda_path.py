@@ -267,6 +267,7 @@ def test_bench_synthetic_on_the_gpu_times_every_phase_with_events(capsys):
     assert gpu.captures >= 4 and gpu.unrecorded_waits == 0
 
 
+@pytest.mark.slow
 def test_train_on_the_gpu_autocasts_and_exports_bfloat16(tmp_path, capsys):
     out = tmp_path / "drafter"
     with stand_in():

@@ -1,6 +1,7 @@
-"""gpt-oss (research/moe-gptoss.md §2): transformers' logits on a tiny checkpoint with MXFP4-packed experts,
-sinks, a window shorter than the prompt, YaRN and pre-activations beyond the clamp; verify blocks across
-the window boundary; lossless speculative decoding with a fitted drafter that has attention biases.
+"""gpt-oss (research/moe-gptoss.md §2): what its tiny checkpoint exercises (MXFP4-packed experts, sinks, a
+window shorter than the prompt, YaRN and pre-activations beyond the clamp), its packed experts, configs and
+drafter biases. (Its logits in both expert layouts and through the kernels, verify blocks across the
+window boundary, greedy and seeded decoding and host reads: tests/test_conformance.py.)
 
 The independent reference is transformers' own GptOssForCausalLM with eager attention, holding the
 weights transformers' dequantiser reads out of the same packed checkpoint (tests/tiny_gpt_oss.py).
@@ -17,12 +18,9 @@ import transformers
 from dflash_cli import loader, ops
 from dflash_cli.checkpoint import read_weights
 from dflash_cli.config import DrafterConfig
-from dflash_cli.engine import Engine, Request
 from dflash_cli.kernels.moe import dequantize_mxfp4
 from dflash_cli.models import gpt_oss
-from dflash_cli.sampling import SamplingParams
 
-from .conftest import HYBRID_PROMPTS, random_prompts
 from .tiny_gpt_oss import (gpt_oss_config, gpt_oss_drafter_config, pack_experts, quantize_mxfp4, random_state,
                            reference, write_gpt_oss)
 
@@ -32,15 +30,6 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_gpt_oss(tmp_path_factory.mktemp("gpt-oss") / "t", gpt_oss_config(), seed=2)
-
-
-def _prefill(target, ids: list[int], chunks: list[int], capacity: int = 128):
-    cache, out, start = target.new_cache(capacity, 8), [], 0
-    for size in chunks:
-        logits, _ = target.forward(torch.tensor(ids[start:start + size]), cache, logits_from=0, commit=True)
-        out.append(logits)
-        start += size
-    return torch.cat(out), cache
 
 
 def test_the_tiny_checkpoint_exercises_the_clamp_the_window_and_the_sinks(tiny):
@@ -64,51 +53,11 @@ def test_the_tiny_checkpoint_exercises_the_clamp_the_window_and_the_sinks(tiny):
         assert (hf(ids[None]).logits - logits).abs().max() > 100 * TOL["atol"]
 
 
-@pytest.mark.parametrize("layout", ["mxfp4", "dense"])
-def test_logits_equal_transformers_in_both_expert_layouts_and_any_chunking(tmp_path, tiny, layout):
-    """The release (MXFP4 blocks and scales) and a dequantised export (transformers' dense [E, in, out]
-    parameters under the names without the suffixes), prompts longer than the window, in chunks."""
-    d = tiny if layout == "mxfp4" else write_gpt_oss(tmp_path / "dense", gpt_oss_config(mxfp4=False), seed=2)
-    model = loader.load(d, None, device="cpu")
-    ids = torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        want = reference(d)(torch.tensor([ids])).logits[0]
-    for chunks in ([37], [1, 3, 7, 26], [8, 8, 21]):
-        got, _ = _prefill(model.target, ids, chunks)
-        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{layout}, chunks {chunks}: {m}")
-
-
-def test_logits_equal_transformers_through_the_triton_kernels(tiny, monkeypatch):
-    """MXFP4 experts dequantised inside the kernel, sinks in the split merge, the fp32-weight norm:
-    interpreted here, in chunks of decode and verify sizes across the window (a prefill chunk of more than
-    32 takes the same attention kernel: tests/kernels/test_attention.py)."""
-    monkeypatch.setenv("DFLASH_KERNELS", "triton")
-    model = loader.load(tiny, None, device="cpu")
-    ids = torch.randint(0, 256, (13,), generator=torch.Generator().manual_seed(2)).tolist()
-    with torch.no_grad():
-        want = reference(tiny)(torch.tensor([ids])).logits[0]
-    got, _ = _prefill(model.target, ids, [1, 5, 7])
-    torch.testing.assert_close(got, want, **TOL)
-
-
-def test_a_verify_block_equals_single_steps_across_the_window_boundary(tiny):
-    """B = 8 tokens verified at once from position 5 (the window of 8 is crossed inside the block) give
-    the logits and features of 8 single decode steps, and commit leaves the cache as they do."""
-    model = loader.load(tiny, None, device="cpu")
-    g = torch.Generator().manual_seed(3)
-    prompt, block = torch.randint(0, 256, (5,), generator=g).tolist(), torch.randint(0, 256, (8,), generator=g)
-    _, cache = _prefill(model.target, prompt, [5])
-    logits, feats = model.target.forward(block, cache, logits_from=0, feature_layers=(1, 3))
-    model.target.commit(cache, 8)
-    _, steps = _prefill(model.target, prompt, [5])
-    one = [model.target.forward(block[i:i + 1], steps, logits_from=0, feature_layers=(1, 3), commit=True)
-           for i in range(8)]
-    torch.testing.assert_close(logits, torch.cat([o[0] for o in one]), **TOL)
-    torch.testing.assert_close(feats, torch.cat([o[1] for o in one]), **TOL)
-    nxt = torch.randint(0, 256, (3,), generator=g)
-    after, _ = model.target.forward(nxt, cache, logits_from=0, commit=True)
-    want, _ = model.target.forward(nxt, steps, logits_from=0, commit=True)
-    torch.testing.assert_close(after, want, **TOL)
+def test_the_fitted_drafter_has_the_released_biases_and_windows(gpt_oss_pair):
+    """What the conformance checks of the gpt-oss case (tests/test_conformance.py) run: a drafter with
+    attention biases, and its first layer sliding as transformers reads the released config."""
+    model = loader.load(*gpt_oss_pair, device="cpu")
+    assert model.drafter.b_kv is not None and model.drafter.cfg.sliding_windows == (128, None)
 
 
 def test_packed_experts_stay_bytes_through_the_loader(tiny):
@@ -140,68 +89,6 @@ def test_our_mxfp4_reading_is_transformers_and_the_quantiser_round_trips():
     assert (ours.transpose(1, 2) - dense).abs().max() < dense.abs().max() / 3  # a 4-bit copy of the weights
     again = dequantize_mxfp4(*quantize_mxfp4(ours), torch.float32)  # representable values pack back exactly
     assert torch.equal(again, ours)
-
-
-def test_greedy_speculative_output_equals_transformers_generate(gpt_oss_pair):
-    model = loader.load(*gpt_oss_pair, device="cpu")
-    assert model.drafter.b_kv is not None and model.drafter.cfg.sliding_windows == (128, None)
-    hf = reference(gpt_oss_pair[0])
-    taus = []
-    for prompt in HYBRID_PROMPTS[:3] + random_prompts(1, 500, seed=7):
-        ids = torch.tensor([prompt])
-        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        for b in (1, 2, 4, 8):
-            steps = list(Engine(model.target, model.drafter, block_size=b).generate(Request(prompt, 32)))
-            assert [t for s in steps for t in s.tokens] == want, f"block size {b}, prompt {prompt}"
-            if b == 8 and prompt in HYBRID_PROMPTS:
-                taus += [s.acceptance_length for s in steps if not s.prefill]
-    assert max(taus) >= 6 and sum(taus) / len(taus) > 1.5, taus  # drafts really are accepted
-
-
-def test_seeded_sampling_equals_plain_decoding(gpt_oss_pair):
-    model = loader.load(*gpt_oss_pair, device="cpu")
-    for seed in range(2):
-        sampling = SamplingParams(temperature=0.8, top_k=40, seed=seed)
-        want = [t for s in Engine(model.target).generate(Request(HYBRID_PROMPTS[0], 24, sampling=sampling))
-                for t in s.tokens]
-        got = [t for s in Engine(model.target, model.drafter).generate(Request(HYBRID_PROMPTS[0], 24, sampling=sampling))
-               for t in s.tokens]
-        assert got == want, f"seed {seed}"
-
-
-def _attention_masked_on_device(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None, sinks=None):
-    """The reference without its host read (every cache slot, masked by positions on the device), sinks too."""
-    tq, capacity = q.shape[0], k_cache.shape[1]
-    q_pos = kv_len - tq + torch.arange(tq, device=q.device)[:, None]
-    k_pos = torch.arange(capacity, device=q.device)[None, :]
-    mask = (k_pos < kv_len) & ((k_pos <= q_pos) if causal else True)
-    if sliding_window is not None:
-        mask = mask & (q_pos - k_pos < sliding_window)
-    group = q.shape[1] // k_cache.shape[0]
-    s = torch.einsum("thd,hnd->htn", q, k_cache.repeat_interleave(group, 0)) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    if sinks is not None:
-        s = torch.cat((s, sinks.view(-1, 1, 1).expand(-1, tq, 1)), dim=-1)
-    p = s.softmax(-1)[..., :capacity]
-    return torch.einsum("htn,hnd->thd", p, v_cache.repeat_interleave(group, 0))
-
-
-def test_the_gpt_oss_step_never_reads_back_to_the_host(gpt_oss_pair, monkeypatch):
-    """Through the Triton kernels (interpreted), as a CUDA graph captures the step: the biased router, the
-    packed experts and the drafter's biased context K/V add no host read."""
-    from .host_reads import HostReads
-
-    monkeypatch.setattr(ops, "attention", _attention_masked_on_device)
-    monkeypatch.setenv("DFLASH_KERNELS", "triton")
-    model = loader.load(*gpt_oss_pair, device="cpu")
-    engine = Engine(model.target, model.drafter)
-    steps = engine.generate(Request(HYBRID_PROMPTS[0], 16))
-    next(steps)
-    with torch.inference_mode(), HostReads() as reads:
-        engine._device_step(SamplingParams().mode)(torch.tensor([5]))
-    assert reads.seen == []
-    steps.close()
 
 
 # ---- configs --------------------------------------------------------------------------------------------

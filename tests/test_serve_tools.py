@@ -184,6 +184,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_nothing_hangs(server, cli
     assert client.chat.completions.create(model=server.model, messages=USER, tools=TOOLS).choices[0].finish_reason
 
 
+@pytest.mark.slow
 def test_timeout_ends_a_request_with_an_error_and_cancels_it(scripted):
     t, d = scripted
     server = ServerProcess("--target", t, "--drafter", d, "--device", "cpu", "--timeout", 1)

@@ -97,6 +97,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_loadable_checkpoint_and_resume_finishes_the_same_run(tiny, tmp_path):
     t, prompts = tiny
     out = tmp_path / "interrupted"

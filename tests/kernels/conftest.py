@@ -55,6 +55,11 @@ def kernel_mode_is_local(monkeypatch):
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """torch.empty / empty_like return poisoned memory while a kernel test runs."""
+    poison_empty(monkeypatch)
+
+
+def poison_empty(monkeypatch) -> None:
+    """torch.empty / empty_like return poisoned memory until `monkeypatch` undoes it."""
     real_empty, real_like = torch.empty, torch.empty_like
 
     def poison(t: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize("vocab, dtype, chunks", [(1000, torch.float32, "default"), (1003, torch.bfloat16, "default"),
                                                   (1003, torch.float32, "small")])
 @pytest.mark.parametrize("params", PARAMS, ids=ids)
+@pytest.mark.slow
 def test_sample_is_the_reference_sample_for_a_fixed_seed(seed, vocab, dtype, chunks, params, request):
     if chunks == "small":
         request.getfixturevalue("small_chunks")
@@ -66,6 +67,7 @@ PATHS = [
 
 
 @pytest.mark.parametrize("params, scales, exact", PATHS, ids=[ids(p[0]) for p in PATHS])
+@pytest.mark.slow
 def test_filtered_sampling_over_many_chunks_on_both_paths(seed, small_chunks, params, scales, exact):
     vocab = 1000
     logits = torch.randn(len(scales), vocab, device=DEVICE) * torch.tensor(scales, device=DEVICE)[:, None]
@@ -78,6 +80,7 @@ def test_filtered_sampling_over_many_chunks_on_both_paths(seed, small_chunks, pa
 
 
 @pytest.mark.parametrize("chunks", ["default", "small"])
+@pytest.mark.slow
 def test_every_token_tied_at_the_top_k_boundary_is_kept(seed, chunks, request):
     """Integer logits tie everywhere; the reference keeps all ties with the k-th score, and so must
     the kernel (the Gumbel noise then decides among them, identically)."""
@@ -124,10 +127,12 @@ def _draw_p_value(seed: int, n: int, filters: dict, temperature: float) -> float
 
 
 @pytest.mark.parametrize("filters", [dict(top_k=6), dict(top_p=0.8), dict(min_p=0.05)], ids=ids)
+@pytest.mark.slow
 def test_samples_follow_the_processed_distribution(seed, filters):
     assert _draw_p_value(seed, 400, filters, 1.0) > ALPHA, f"seed {seed}"
 
 
+@pytest.mark.slow
 def test_the_distribution_test_rejects_a_wrong_temperature(seed):
     """The same test at T=2 instead of 1 fails (power ~1 at this size: 1000/1000 simulated seeds)."""
     assert _draw_p_value(seed, 800, dict(min_p=0.02), 2.0) < ALPHA, f"seed {seed}"

@@ -37,6 +37,7 @@ def test_attention_matches_reference(seed, dtype, q_len, hq, hkv, d, capacity, k
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.slow
 def test_the_length_is_read_on_the_device(seed, causal):
     """One launch configuration (as a CUDA graph replays it) serves every length: only the value
     in the length tensor changes between calls."""
@@ -67,6 +68,7 @@ def test_the_reference_gpu_mask_is_the_explicit_causal_mask(seed, q_len, hq, hkv
 
 
 @pytest.mark.parametrize("causal, window", [(True, None), (True, 24)])
+@pytest.mark.slow
 def test_a_prefill_chunk_through_the_kernel(seed, causal, window):
     """The path for chunks SDPA cannot flash (fp32, windows): 100 tokens × GQA 2, several row blocks."""
     q, k, v = _inputs(100, 4, 2, 32, 300, 250, torch.float32)
@@ -139,6 +141,7 @@ def test_sinks_change_the_output(seed):
 
 
 @pytest.mark.parametrize("q_len, kv_len", [(40, 40), (64, 150), (33, 200)])
+@pytest.mark.slow
 def test_a_long_prefill_chunk_with_sinks_runs_through_the_kernel(seed, monkeypatch, q_len, kv_len):
     """SDPA has no sinks: a prefill chunk longer than the split kernel's decode shapes goes through the
     kernel (the reference on a CPU), over a window shorter than the chunk."""

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records in the interpreter (CPU runs only)")
+@pytest.mark.slow
 def test_every_launch_compiles_for_every_target(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     launches = tmp_path / "launches.json"
