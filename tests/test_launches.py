@@ -105,6 +105,7 @@ def test_one_more_launch_in_a_layer_is_caught(monkeypatch):
 
 
 # ---- every family held to its ceiling ------------------------------------------------------------------------
+@pytest.mark.slow  # each family is counted twice over (one more layer of each kind): ~40 s
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_no_family_launches_more_than_today(family):
     counts = count_family(FAMILIES[family])
