@@ -35,10 +35,13 @@ class Tmux:
     def __init__(self, name: str, command: str, width: int = 110, height: int = 30):
         self.name = name
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
-        # os.environ, not the process's C environment: readline (imported under pytest) sets COLUMNS=80 and
-        # LINES=24 there, and rich would then keep those sizes whatever the window's.
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", str(width), "-y", str(height), command],
-                       check=True, env=dict(os.environ))
+        # os.environ, not the process's C environment, and without COLUMNS and LINES: readline (imported under
+        # pytest) sets them there, and a test run may export them (xdist workers, CI, a user's shell); rich
+        # would then keep those sizes whatever the window's, and its live view would leave stale lines.
+        # (A tmux server started earlier keeps its own environment for new sessions: unset them in the shell too.)
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", str(width), "-y", str(height),
+                        f"unset COLUMNS LINES; {command}"], check=True, env=env)
         subprocess.run(["tmux", "set-option", "-t", name, "remain-on-exit", "on"], check=True)
 
     def screen(self) -> str:
