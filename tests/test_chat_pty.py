@@ -14,7 +14,8 @@ import pytest
 
 from .tiny import copy_qwen3_tokenizer, drafter_config, target_config, write_drafter, write_target
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+pytestmark = [pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed"),
+              pytest.mark.slow]  # real terminals, seconds each
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every case is a real process whose stdout is a pipe
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "COLUMNS": "100"}
 COMMANDS = ("run", "chat", "serve", "bench", "train", "pull", "models", "rm", "doctor", "completions")
