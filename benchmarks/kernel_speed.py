@@ -19,8 +19,11 @@ Usage: python benchmarks/kernel_speed.py [--budget SECONDS] [--json FILE] [--dev
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's dflash_cli, not an installed one
 
 H, HQ, HKV, D, I, V, B, CTX, LAYERS = 4096, 32, 8, 128, 12288, 151936, 16, 2048, 5
 BIG_CAPACITY = 40960  # Qwen3's max_position_embeddings: a chat session's cache
