@@ -183,8 +183,7 @@ def invariant_linear(x, w, b=None):
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """A dense projection as the models' `Linear` seam will call it (an InvariantDense adapter; not wired
-    into the models yet). Under DFLASH_LINEAR=invariant a step's rows go through `invariant_linear`;
+    """A dense projection, as the models' `Linear` seam (models/layers/linear.Dense) calls it. Under DFLASH_LINEAR=invariant a step's rows go through `invariant_linear`;
     longer prefill chunks stay on F.linear (cuBLAS), as prefill is shared by plain and speculative
     decoding and needs no invariance. Under cublas, F.linear always."""
     if linear_mode() == "invariant" and x.numel() <= MAX_INVARIANT_ROWS * x.shape[-1]:

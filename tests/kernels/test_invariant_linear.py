@@ -134,3 +134,28 @@ def test_no_columns_gives_the_bias(seed, dtype):
     x, w = torch.randn(3, 0, dtype=dtype, device=DEVICE), torch.randn(5, 0, dtype=dtype, device=DEVICE)
     b = torch.randn(5, dtype=dtype, device=DEVICE)
     torch.testing.assert_close(invariant_linear(x, w, b), b.expand(3, 5), rtol=0, atol=0)
+
+
+def test_a_loaded_model_s_projections_go_through_the_switch(stories_pair, monkeypatch):
+    """models/layers/linear.Dense calls ops.dense_linear: with DFLASH_LINEAR=invariant every projection of a
+    step (decode M = 1, verify M = b) takes the invariant kernel, a long prefill chunk F.linear; the
+    answer is the same as on the default path (both run fp32 references on the CPU)."""
+    from dflash_cli import loader, ops
+    from dflash_cli.engine import Engine, Request
+
+    m = loader.load(*stories_pair, device="cpu")
+    prompt = m.tokenizer.encode("Once upon a time, there was a little girl who liked to play in the big park near")
+
+    def answer() -> list[int]:
+        engine = Engine(m.target, m.drafter, block_size=4, max_context=m.max_context)
+        return [t for s in engine.generate(Request(prompt * 3, 12)) for t in s.tokens]
+
+    monkeypatch.delenv("DFLASH_LINEAR", raising=False)
+    plain = answer()
+    rows = []
+    kernel = ops.invariant_linear
+    monkeypatch.setattr(ops, "invariant_linear", lambda x, w, b=None: rows.append(x.numel() // x.shape[-1])
+                        or kernel(x, w, b))
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    assert answer() == plain
+    assert rows and set(rows) <= set(range(1, ops.MAX_INVARIANT_ROWS + 1)) and 4 in rows  # verify rows (b = 4)

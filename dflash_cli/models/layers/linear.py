@@ -1,10 +1,11 @@
 """The projection seam: every projection of every family is a `Linear`, never a raw tensor.
 
-`Dense` holds the weight (and bias) as loaded and runs F.linear. A quantized kind (int4 / fp8 weight
-only) is one more class with the same `__call__`: its tensors enter the weight tables where the
-checkpoint's `quantization_config` says so, and `take_linear`, the one place every layer reads a
-projection through, picks the class from the tensors the checkpoint holds. No family changes when
-one is added.
+`Dense` holds the weight (and bias) as loaded and runs `ops.dense_linear`: F.linear (cuBLAS), or with
+DFLASH_LINEAR=invariant the batch-invariant kernel for a step's rows (kernels/invariant_linear.py).
+A quantized kind (int4 / fp8 weight only, dflash_cli/quant) is one more class with the same
+`__call__`: its tensors enter the weight tables where the checkpoint's `quantization_config` says so,
+and `take_linear`, the one place every layer reads a projection through, picks the class from the
+tensors the checkpoint holds. No family changes when one is added.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
+
+from ... import ops
 
 
 @runtime_checkable
@@ -28,9 +30,7 @@ class Dense:
     bias: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return F.linear(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+        return ops.dense_linear(x, self.weight, self.bias)
 
     @property
     def dtype(self) -> torch.dtype:
