@@ -75,16 +75,16 @@ class ChatSession:
     tool_call: ToolCall | None = None  # the call the last answer ended with (harmony), if any
 
     # ---- conversation ---------------------------------------------------------------------
-    def conversation(self) -> list[dict]:
-        """The whole conversation, as /save writes it."""
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+    def conversation(self, first: int = 0) -> list[dict]:
+        """The system prompt and the turns from `first` on: all of them as /save writes it, or those the
+        model still sees."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages[first:]
 
     def _render(self):
         """The prompt the model sees: the system prompt and the turns that still fit."""
         reasoning, fmt = Reasoning(self.think, self.reasoning_effort), self.model.format
-        shown = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages[self.first_shown:]
-        return render_chat(self.model.tokenizer, shown, format=fmt, enable_thinking=self.thinking,
-                           template_kwargs=reasoning.template_kwargs(fmt))
+        return render_chat(self.model.tokenizer, self.conversation(self.first_shown), format=fmt,
+                           enable_thinking=self.thinking, template_kwargs=reasoning.template_kwargs(fmt))
 
     @property
     def thinking(self) -> bool:
