@@ -15,14 +15,15 @@ from ..config import quantization_of
 from ..errors import DflashError
 
 READS = ("int4 weights (compressed-tensors pack-quantized, GPTQ v1/v2, AutoRound auto_gptq/auto_awq, AutoAWQ GEMM)"
-         " and FP8 e4m3 weights (Qwen/DeepSeek block, compressed-tensors float-quantized)")
+         " and FP8 e4m3 weights (Qwen/DeepSeek block, compressed-tensors float-quantized)"
+         " and int8 weights (compressed-tensors int-quantized, symmetric per channel: what --quantize int8 writes)")
 
 
 @dataclass(frozen=True)
 class WeightScheme:
     """How one projection's weight is stored."""
 
-    format: str  # "pack-quantized" | "gptq" | "awq" | "fp8-block" | "float-quantized"
+    format: str  # "pack-quantized" | "gptq" | "awq" | "fp8-block" | "float-quantized" | "int-quantized"
     group_size: int | None = None  # int4: input columns per scale; None: one group per row (channel)
     symmetric: bool = True
     gptq_v1: bool = False  # GPTQ v1 (checkpoint_format "gptq") stores each zero point minus one
@@ -224,4 +225,8 @@ def _ct_scheme(name: str, fmt: str, group: dict) -> WeightScheme:
         if strategy in ("tensor", "channel"):
             return WeightScheme("float-quantized", strategy=strategy, activations=note)
         raise _refuse(f"{where} fp8 strategy {strategy!r}")
+    if fmt in ("int-quantized", "naive-quantized") and kind == "int" and bits == 8:
+        if not w.get("symmetric", True) or strategy != "channel":
+            raise _refuse(f"{where} int8 {'asymmetric' if not w.get('symmetric', True) else strategy or 'strategy?'}")
+        return WeightScheme("int-quantized", None, True, strategy="channel", activations=note)
     raise _refuse(f"{where} {fmt or 'format?'} {kind}{bits} {strategy}".rstrip())
