@@ -196,14 +196,23 @@ def plan_jobs(src: Source, scheme: str, raw: dict, device: torch.device, search:
     def add(path: Path, job: Job) -> None:
         jobs.setdefault(path, []).append(job)
 
+    fp8: dict[str, tuple] = {}  # FP8 source modules: their scheme and stored tensors (read together)
+    for name, (st_dtype, _) in src.headers.items():
+        module = name.removesuffix(".weight")
+        scheme_in = None if source_plan is None else source_plan.scheme_for(module)
+        if name.endswith(".weight") and st_dtype == "F8_E4M3":
+            if scheme_in is None:
+                raise DflashError(f"{name} is FP8, but the quantization_config does not say how it is scaled")
+            stored = [k for k in (*STORED[scheme_in.format][0], *STORED[scheme_in.format][1])
+                      if f"{module}.{k}" in src.headers]
+            fp8[module] = (scheme_in, stored)
+            consumed.update(f"{module}.{k}" for k in stored if k != "weight")
+
     def dense(module: str) -> Callable[[], torch.Tensor]:
         """The projection's fp32 weight: read as is, or dequantized from the source's FP8."""
-        scheme_in = None if source_plan is None else source_plan.scheme_for(module)
-        if scheme_in is None or src.headers[module + ".weight"][0] != "F8_E4M3":
+        if module not in fp8:
             return lambda: src.read(module + ".weight").to(device, torch.float32)
-        stored = [k for k in (*STORED[scheme_in.format][0], *STORED[scheme_in.format][1])
-                  if f"{module}.{k}" in src.headers]
-        consumed.update(f"{module}.{k}" for k in stored)
+        scheme_in, stored = fp8[module]
         return lambda: read_projection(module, {k: src.read(f"{module}.{k}").to(device) for k in stored},
                                        scheme_in).dequantize(torch.float32)
 
@@ -241,6 +250,9 @@ def plan_jobs(src: Source, scheme: str, raw: dict, device: torch.device, search:
                     for part, rows in (("gate_proj", slice(0, half)), ("up_proj", slice(half, None))):
                         add(path, projection(module, f"{prefix}{e}.{part}",
                                              lambda expert=expert, rows=rows: expert()[rows], half, shape[2], dtype))
+        elif module in fp8:  # an FP8 tensor kept plain (a router, say): dequantized to bf16
+            add(path, Job({name: (torch.bfloat16, shape)},
+                          lambda name=name, f=dense(module): {name: f().to(torch.bfloat16).cpu()}))
         else:
             add(path, Job({name: (_FROM_ST[st_dtype], shape)}, lambda name=name: {name: src.read(name)}))
     return jobs, quantized
@@ -266,10 +278,10 @@ def _write_safetensors(path: Path, jobs: list[Job]) -> dict[str, int]:
         for job in jobs:
             made = job.make()
             for name, (dtype, shape) in job.outputs.items():
-                t = made[name]
+                t = made.pop(name)
                 assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, t.shape, dtype, shape)
                 f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            del made
+                del t  # before the next job reads: one tensor at a time
     return sizes
 
 
