@@ -33,12 +33,15 @@ class MemoryNeeds:
         return self.weights + self.fixed + self.workspace + (context + self.slack) * self.per_token
 
 
-def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int) -> MemoryNeeds:
-    """What a target of `family` and its drafter (or None) need, from their weight tables and caches."""
+def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int,
+              target_weights: int | None = None) -> MemoryNeeds:
+    """What a target of `family` and its drafter (or None) need, from their weight tables and caches.
+    `target_weights`: the target's bytes as its checkpoint stores them, where that is not its table in
+    `dtype` (a quantized target: packed words, scales and zeros; checkpoint.weight_bytes)."""
     from . import drafter
     from .models.weights import table_bytes
 
-    weights = table_bytes(family.weight_table(target_cfg), dtype)
+    weights = table_bytes(family.weight_table(target_cfg), dtype) if target_weights is None else target_weights
     per_token, fixed = family.cache_bytes(target_cfg, dtype, block_size)
     if drafter_cfg is not None:
         weights += table_bytes(drafter.weight_table(drafter_cfg), dtype)
