@@ -368,3 +368,77 @@ def test_load_refuses_an_unknown_scheme_in_one_line():
 
 from .test_cli_models import hub_pair  # noqa: E402,F401  (the stories pair as a Hub alias)
 from .test_hub import server  # noqa: E402,F401
+
+
+# ---- the next load: the cached copy, read as a prequantized checkpoint ----
+
+def dequantized_twin(quantized_dir: Path, twin: Path) -> Path:
+    """The quantized checkpoint with every projection replaced by its reference dequantization (fp32)."""
+    twin.mkdir()
+    config = json.loads((quantized_dir / "config.json").read_text())
+    plan = plan_of(config)
+    w, out = tensors(quantized_dir), {}
+    for name in sorted(w):
+        module, key = name.rsplit(".", 1)
+        if plan.scheme_for(module) is None:
+            out[name] = w[name]
+        elif key in ("weight", "weight_packed"):
+            out[module + ".weight"] = ours(quantized_dir, w, module).dequantize(torch.float32)
+    save_file(out, str(twin / "model.safetensors"))
+    del config["quantization_config"]
+    (twin / "config.json").write_text(json.dumps(config))
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (quantized_dir / f).is_file():
+            (twin / f).write_bytes((quantized_dir / f).read_bytes())
+    return twin
+
+
+def _greedy(target: Path, drafter: Path | None, prompt: str, n: int = 24, block_size: int | str = "auto"):
+    from dflash_cli import load
+
+    return load(target=target, drafter=drafter, device="cpu", block_size=block_size).generate(
+        prompt, raw=True, max_tokens=n).token_ids
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
+def test_the_cached_copy_reloads_with_the_same_tokens(stories_pair, tmp_path, cache_home, scheme, monkeypatch):
+    """stories260K with its drafter: the first load quantizes, the second reads the copy (no quantizing);
+    both answer the same tokens, which are plain decoding's on the quantized target and the greedy tokens
+    of its dequantized twin."""
+    from dflash_cli import load
+
+    target, drafter = stories_pair
+    first = load(target=target, drafter=drafter, device="cpu", quantize=scheme)
+    copy = qcache.copy_dir(target, scheme)
+    assert first.model.target_dir == copy and copy.is_dir()
+    monkeypatch.setattr(qcache, "quantize_checkpoint", lambda *a, **k: pytest.fail("quantized again"))
+    again = load(target=target, drafter=drafter, device="cpu", quantize=scheme)
+    prompt = "Once upon a time"
+    tokens = first.generate(prompt, raw=True, max_tokens=40).token_ids
+    assert again.generate(prompt, raw=True, max_tokens=40).token_ids == tokens
+    assert _greedy(copy, None, prompt, 40) == tokens  # plain decoding of the quantized target
+    assert _greedy(dequantized_twin(copy, tmp_path / "twin"), None, prompt, 40) == tokens
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
+def test_a_quantized_moe_with_fused_experts_runs_as_its_twin(tmp_path, cache_home, scheme):
+    """Qwen3.5-MoE (hybrid attention, fused experts written per expert): the quantized target's greedy
+    tokens are its dequantized twin's."""
+    from dflash_cli import load
+    from dflash_cli.models.layers.mlp import FUSED
+
+    src = write_qwen35(tmp_path / "src", qwen35_moe_config(hidden=128, layers=4, moe_intermediate=128, shared=128),
+                       layout=FUSED)
+    pair = load(target=src, device="cpu", quantize=scheme)
+    tokens = pair.generate("The cat", raw=True, max_tokens=16).token_ids
+    assert _greedy(dequantized_twin(qcache.copy_dir(src, scheme), tmp_path / "twin"), None, "The cat", 16) == tokens
+
+
+def test_a_family_that_cannot_run_quantized_is_refused_before_quantizing(tmp_path, cache_home):
+    from .tiny_gpt_oss import gpt_oss_config, write_gpt_oss
+
+    src = write_gpt_oss(tmp_path / "gpt-oss", gpt_oss_config())
+    with pytest.raises(DflashError, match=r"^--quantize: gpt_oss targets do not run quantized yet \(dflash runs "
+                                          r"quantized projections for llama, qwen3, qwen3_5, qwen3_5_moe, qwen3_moe\)$"):
+        qcache.quantized(src, "int4", say=lambda _: pytest.fail("started quantizing"))
+    assert not cache_home.exists() or not list(cache_home.iterdir())

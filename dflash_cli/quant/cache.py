@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ..config import QUANT_FAMILIES, read_config
+from ..errors import DflashError
 from .quantize import SCHEMES, quantize_checkpoint
 
 
@@ -54,6 +56,10 @@ def quantized(target_dir: Path, scheme: str, *, device: str = "cpu",
     final = copy_dir(target_dir, scheme)
     if (final / "config.json").is_file():
         return final
+    model_type = str(read_config(Path(target_dir)).get("model_type", ""))
+    if model_type not in QUANT_FAMILIES:
+        raise DflashError(f"--quantize: {model_type or 'this'} targets do not run quantized yet (dflash runs "
+                          f"quantized projections for {', '.join(sorted({f.split('_text')[0] for f in QUANT_FAMILIES}))})")
     final.parent.mkdir(parents=True, exist_ok=True)
     (say or _stderr)(f"quantizing {target_dir} to {scheme} once; the copy is kept in {final}")
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -74,8 +80,8 @@ def copies_of(repo_id: str) -> list[Path]:
     directory = root()
     if not directory.is_dir():
         return []
-    prefix = _repo_prefix(repo_id)
-    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    prefix = _repo_prefix(repo_id)  # a copy, or the temporary directory of one a killed process left
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.removeprefix(".").startswith(prefix))
 
 
 def remove_copies(repo_id: str) -> int:

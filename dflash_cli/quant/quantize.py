@@ -38,6 +38,7 @@ import torch
 from ..checkpoint import INDEX, SINGLE, weight_files
 from ..config import quantization_of
 from ..errors import DflashError
+from ..hub import check_free_space
 from .int4 import pack_int4_rows
 from .plan import plan_of
 from .readers import STORED, read_projection
@@ -330,6 +331,9 @@ def quantize_checkpoint(src_dir: Path, dst_dir: Path, scheme: str, *, device: st
     src = Source(src_dir, weight_files(src_dir))
     src.headers = _headers(src.files)
     jobs, quantized = plan_jobs(src, scheme, raw, torch.device(device), search)
+    needed = sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                 for file_jobs in jobs.values() for job in file_jobs for dtype, shape in job.outputs.values())
+    check_free_space(needed, dst_dir.parent)
     dst_dir.mkdir(parents=True)
     for item in src_dir.iterdir():  # tokenizer, generation config, templates, README: as they are
         if item.is_file() and item.suffix != ".safetensors" and item.name not in (INDEX, "config.json"):

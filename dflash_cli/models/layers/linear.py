@@ -24,7 +24,7 @@ import torch
 
 from ... import ops
 from ...errors import DflashError
-from ...quant import Fp8Linear, Int4Linear, read_projection
+from ...quant import Fp8Linear, Int4Linear, Int8Linear, read_projection
 from ...quant.readers import STORED
 
 
@@ -141,6 +141,9 @@ def permute_rows(lin, order: torch.Tensor):
         rowwise = fp8_row_blocks(lin, lin.block[1])
         return Fp8Linear(rowwise.weight.index_select(-2, order), rowwise.scale.index_select(-2, order),
                          rowwise.block, bias)
+    if isinstance(lin, Int8Linear):
+        order = order.to(lin.weight.device)
+        return Int8Linear(lin.weight.index_select(-2, order), lin.scale.index_select(-2, order), bias)
     raise DflashError(f"cannot reorder the rows of a {type(lin).__name__} projection")
 
 
@@ -192,6 +195,8 @@ def stack_rows(parts: list):
                 stacked.extend(run)
         elif kind is Fp8Linear:
             stacked.append(_stack_fp8(run))
+        elif kind is Int8Linear:
+            stacked.append(Int8Linear.cat_rows(run))
         else:
             stacked.extend(run)
     return stacked[0] if len(stacked) == 1 else Concat(stacked)

@@ -17,7 +17,7 @@ import torch
 from ... import ops
 from ..weights import Weight
 from ...errors import DflashError
-from ...quant import Fp8Linear, Int4Linear
+from ...quant import Fp8Linear, Int4Linear, Int8Linear
 from .linear import Dense, Linear, quantized_scheme, take_linear, take_one
 
 FUSED, PER_EXPERT = "fused", "per-expert"
@@ -127,7 +127,7 @@ def _stack_experts(per_expert: list, p: str):
     kind = kinds.pop()
     if kind is Dense:
         return torch.stack([e.weight for e in per_expert])
-    if kind in (Int4Linear, Fp8Linear):
+    if kind in (Int4Linear, Fp8Linear, Int8Linear):
         return kind.stack_experts(per_expert)
     raise DflashError(f"{p}experts: their gate and up projections are stored in different kinds")
 
@@ -138,6 +138,8 @@ def _gather_experts(stack, pairs: torch.Tensor):
         return Int4Linear(stack.qweight[pairs], stack.scales[pairs], None if stack.zeros is None else stack.zeros[pairs],
                           stack.group_size, stack.in_features, stack.input_perm,
                           None if stack.bias is None else stack.bias[pairs])
+    if isinstance(stack, Int8Linear):
+        return Int8Linear(stack.weight[pairs], stack.scale[pairs], None if stack.bias is None else stack.bias[pairs])
     return Fp8Linear(stack.weight[pairs], stack.scale[pairs], stack.block,
                      None if stack.bias is None else stack.bias[pairs])
 
