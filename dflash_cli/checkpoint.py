@@ -173,7 +173,8 @@ def quantized_entries(files: dict[str, Path], table: list[Weight], plan, directo
                 raise DflashError(f"{directory}: {w.name} is FP8 but its {required[1]} is missing")
             continue
         try:
-            stored = {k: stored_name(module, k, fused) for k in (*required, *optional)}
+            stored = {k: stored_name(module, k, fused) for k in required}
+            stored |= {k: stored_name(module, k, fused) for k in optional if not fused or k.startswith("weight")}
         except DflashError as e:
             raise DflashError(f"{directory}: {e}") from None
         missing = [stored[k] for k in required if stored[k] not in files]

@@ -34,6 +34,7 @@ from dflash_cli import loader
 from dflash_cli.engine import Engine, Request
 from dflash_cli.errors import DflashError
 from dflash_cli.models.layers.linear import Concat, Dense
+from dflash_cli.models.layers.mlp import ExpertList
 from dflash_cli.quant import Fp8Linear, Int4Linear
 
 from .test_quant import (act_order_g_idx, pack_awq, pack_compressed_tensors, pack_gptq, quantize_fp8_blocks,
@@ -276,6 +277,7 @@ def _projections(target) -> list:
         out += [getattr(mixer, n) for n in ("qkv", "o_proj", "in_proj", "out_proj") if hasattr(mixer, n)]
         mlp = layer.mlp
         out += [getattr(mlp, n) for n in ("gate_up", "down") if hasattr(mlp, n)]
+        out = [e for lin in out for e in (lin.experts if isinstance(lin, ExpertList) else [lin])]
     return out
 
 
