@@ -157,9 +157,8 @@ def _stack_experts(per_expert: list, p: str):
 def _gather_experts(stack, pairs: torch.Tensor):
     """The experts `pairs` of a quantized stack, still packed (one copy per pair)."""
     if isinstance(stack, Int4Linear):
-        return Int4Linear(stack.qweight[pairs], stack.scales[pairs], None if stack.zeros is None else stack.zeros[pairs],
-                          stack.group_size, stack.in_features, stack.input_perm,
-                          None if stack.bias is None else stack.bias[pairs])
+        zeros = None if stack.zeros is None else stack.zeros[pairs]
+        return Int4Linear(stack.qweight[pairs], stack.scales[pairs], zeros, stack.group_size, stack.in_features, stack.input_perm, None if stack.bias is None else stack.bias[pairs])
     return Fp8Linear(stack.weight[pairs], stack.scale[pairs], stack.block,
                      None if stack.bias is None else stack.bias[pairs])
 
@@ -170,8 +169,9 @@ def quantized_experts(x: torch.Tensor, gate_up, down, idx: torch.Tensor, weights
     so the result is bit for bit the dequantized twin's. Fewer (token, expert) pairs than experts (decode,
     a verify block): one dequantized copy per pair, routed one to one; else every expert once. Neither
     reads back to the host (a CUDA graph may capture it). Experts without one shared layout (`ExpertList`:
-    GPTQ act-order gives each projection its own column order) are all dequantized, every step. A kernel that dequantizes in registers replaces
-    this (the quantized-targets issue); until then it costs min(T·k, E) experts' dense weights per layer."""
+    GPTQ act-order gives each projection its own column order) are all dequantized, every step. A kernel
+    that dequantizes in registers replaces this (the quantized-targets issue); until then a step costs
+    min(T·k, E) experts' dense weights per layer, transiently."""
     t, k = idx.shape
     if isinstance(gate_up, ExpertList) or isinstance(down, ExpertList):  # every expert, one by one
         return ops.moe_experts(x, gate_up.dequantize(x.dtype), down.dequantize(x.dtype), idx, weights)
