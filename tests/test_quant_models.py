@@ -203,8 +203,12 @@ MATRIX = [("dense", f) for f in FORMATS] + [
     ("moe", "auto-round-auto_gptq"), ("moe", "fp8-block128"), ("moe", "ct-fp8-tensor"),
     ("moe-fused", "ct-int4-sym-g32"), ("moe-fused", "fp8-block128"), ("moe-fused", "ct-fp8-channel"),
 ]
-# transformers loads these formats on a CPU by dequantizing: its generate runs on the quantized checkpoint too
+# transformers loads these formats on a CPU by dequantizing: its generate runs on the quantized checkpoint too.
+# Not the others: GPTQ/AWQ need gptqmodel (a CUDA build), FP8 blocks need accelerate (not installed here),
+# compressed-tensors 0.20 refuses `actorder: "group"` (older checkpoints' weight_g_idx, which dflash still
+# reads), and transformers names no int4 layout for fused 3-D experts.
 TRANSFORMERS_READS = {("dense", "ct-int4-sym-g32"), ("dense", "ct-int4-asym-g64"), ("dense", "fp8-block128"),
+                      ("hybrid", "ct-int4-asym-g64"), ("hybrid", "ct-fp8-channel"), ("moe", "ct-fp8-tensor"),
                       ("dense", "ct-fp8-channel")}
 
 
