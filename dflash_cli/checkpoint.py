@@ -154,32 +154,36 @@ def quantized_entries(files: dict[str, Path], table: list[Weight], plan, directo
     embedding, lm_head, a norm or router that dflash reads dense) is refused by name."""
     from .quant.readers import STORED, stored_shapes
 
-    out = {}
+    out, plain_fp8 = {}, {}
     for w in table:
         module, fused = _module_of(w.name)
-        marked = [k for k in QUANTIZED_KEYS if (module + k.removeprefix("weight") if fused else f"{module}.{k}") in files]
+        marked = [k for k in QUANTIZED_KEYS
+                  if (module + k.removeprefix("weight") if fused else f"{module}.{k}") in files]
         scheme = plan.scheme_for(module) if plan is not None and _PROJECTION.search(module) else None
         if scheme is None:
             if marked:
                 what = "a projection the quantization_config leaves unquantized" if _PROJECTION.search(module) \
                     else "a tensor dflash reads dense (embedding, lm_head, norms, routers, Gated DeltaNet parameters)"
-                raise DflashError(f"{directory}: {module} is stored quantized ({module}.{marked[0]}), but it is {what}: "
-                                  "use a checkpoint that keeps it in bf16 (its quantization_config's ignore list)")
+                raise DflashError(f"{directory}: {module} is stored quantized ({module}.{marked[0]}), but it is "
+                                  f"{what}: use a checkpoint that keeps it in bf16 (its quantization_config's ignore list)")
             continue
         required, optional = STORED[scheme.format]
-        if not marked:  # stored plain after all
-            if scheme.format in ("fp8-block", "float-quantized") and w.name in files and \
-                    _dtype_of(files, w.name) == "F8_E4M3":
-                raise DflashError(f"{directory}: {w.name} is FP8 but its {required[1]} is missing")
+        if not marked:  # stored plain after all (unless it is FP8 without its scales: checked below)
+            if scheme.format in ("fp8-block", "float-quantized") and w.name in files:
+                plain_fp8[w.name] = required[1]
             continue
         try:
-            stored = {k: stored_name(module, k, fused) for k in (*required, *optional)}
+            stored = {k: stored_name(module, k, fused) for k in required}
+            stored |= {k: stored_name(module, k, fused) for k in optional if not fused or k.startswith("weight")}
         except DflashError as e:
             raise DflashError(f"{directory}: {e}") from None
         missing = [stored[k] for k in required if stored[k] not in files]
         if missing:
             raise DflashError(f"{directory}: {missing[0]} is missing (the quantization_config says {scheme.format})")
         out[w.name] = QuantizedEntry(w, module, scheme, {k: n for k, n in stored.items() if n in files})
+    for name, dtype in header_dtypes(files, plain_fp8).items():
+        if dtype == "F8_E4M3":
+            raise DflashError(f"{directory}: {name} is FP8 but its {plain_fp8[name]} is missing")
     shapes = header_shapes(files, [n for e in out.values() for n in e.stored.values()])
     for e in out.values():
         lead, (rows, cols) = e.weight.shape[:-2], e.weight.shape[-2:]
@@ -191,9 +195,17 @@ def quantized_entries(files: dict[str, Path], table: list[Weight], plan, directo
     return out
 
 
-def _dtype_of(files: dict[str, Path], name: str) -> str:
-    with _open(files[name], "cpu") as f:
-        return f.get_slice(name).get_dtype()
+def header_dtypes(files: dict[str, Path], names: Iterable[str]) -> dict[str, str]:
+    """The stored dtypes of `names` ("BF16", "F8_E4M3", ...) from the safetensors headers."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    dtypes = {}
+    for path, group in by_file.items():
+        with _open(path, "cpu") as f:
+            for name in group:
+                dtypes[name] = f.get_slice(name).get_dtype()
+    return dtypes
 
 
 def stored_bytes(files: dict[str, Path], names: Iterable[str]) -> int:

@@ -34,6 +34,7 @@ from dflash_cli import loader
 from dflash_cli.engine import Engine, Request
 from dflash_cli.errors import DflashError
 from dflash_cli.models.layers.linear import Concat, Dense
+from dflash_cli.models.layers.mlp import ExpertList
 from dflash_cli.quant import Fp8Linear, Int4Linear
 
 from .test_quant import (act_order_g_idx, pack_awq, pack_compressed_tensors, pack_gptq, quantize_fp8_blocks,
@@ -202,8 +203,12 @@ MATRIX = [("dense", f) for f in FORMATS] + [
     ("moe", "auto-round-auto_gptq"), ("moe", "fp8-block128"), ("moe", "ct-fp8-tensor"),
     ("moe-fused", "ct-int4-sym-g32"), ("moe-fused", "fp8-block128"), ("moe-fused", "ct-fp8-channel"),
 ]
-# transformers loads these formats on a CPU by dequantizing: its generate runs on the quantized checkpoint too
+# transformers loads these formats on a CPU by dequantizing: its generate runs on the quantized checkpoint too.
+# Not the others: GPTQ/AWQ need gptqmodel (a CUDA build), FP8 blocks need accelerate (not installed here),
+# compressed-tensors 0.20 refuses `actorder: "group"` (older checkpoints' weight_g_idx, which dflash still
+# reads), and transformers names no int4 layout for fused 3-D experts.
 TRANSFORMERS_READS = {("dense", "ct-int4-sym-g32"), ("dense", "ct-int4-asym-g64"), ("dense", "fp8-block128"),
+                      ("hybrid", "ct-int4-asym-g64"), ("hybrid", "ct-fp8-channel"), ("moe", "ct-fp8-tensor"),
                       ("dense", "ct-fp8-channel")}
 
 
@@ -276,6 +281,7 @@ def _projections(target) -> list:
         out += [getattr(mixer, n) for n in ("qkv", "o_proj", "in_proj", "out_proj") if hasattr(mixer, n)]
         mlp = layer.mlp
         out += [getattr(mlp, n) for n in ("gate_up", "down") if hasattr(mlp, n)]
+        out = [e for lin in out for e in (lin.experts if isinstance(lin, ExpertList) else [lin])]
     return out
 
 
@@ -363,3 +369,111 @@ def test_bf16_speculative_output_equals_plain_decoding(built):
         plain = _tokens(Engine(model.target), prompt, 12)
         for b in (1, 2, 4, 8):
             assert _tokens(Engine(model.target, model.drafter, block_size=b), prompt, 12) == plain, b
+
+
+# ---- 2. memory: packed at load, counted packed ----
+
+def _held_bytes(obj, seen=None, storages=None) -> int:
+    """Bytes of every distinct tensor storage a model holds (what loading it allocated)."""
+    seen, storages = (set(), {}) if seen is None else (seen, storages)
+    if id(obj) in seen or isinstance(obj, (str, int, float, bool, type(None), torch.dtype, torch.device)):
+        return 0
+    seen.add(id(obj))
+    items = obj if isinstance(obj, list) else list(getattr(obj, "__dict__", {}).values())
+    for v in items:
+        if isinstance(v, torch.Tensor):
+            storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        elif isinstance(v, list) or hasattr(v, "__dict__"):
+            _held_bytes(v, seen, storages)
+    return sum(storages.values())
+
+
+def test_projections_stay_packed_in_memory_and_the_plan_counts_their_packed_bytes(built):
+    from dflash_cli.models import target_config as family_config
+    from dflash_cli.models.weights import table_bytes
+
+    qdir, twin_dir, _ = built("dense", "ct-int4-sym-g32")
+    family, cfg = family_config(qdir)
+    planned = loader.target_weight_bytes(qdir, family, cfg, torch.float32)
+    with safe_open(str(qdir / "model.safetensors"), "pt") as f:  # every tensor of this file is read
+        on_disk = sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert planned == on_disk
+    dense = table_bytes(family.weight_table(cfg), torch.float32)
+    assert loader.target_weight_bytes(twin_dir, family, cfg, torch.float32) is None  # plain: the table's bytes
+    target = loader.load(qdir, None, device="cpu", max_context=64).target
+    held = _held_bytes(target) - target.cos_sin.untyped_storage().nbytes()
+    # int4 projections (a quarter of a bf16 copy, an eighth of fp32) plus fp32 embedding, head and norms
+    assert held <= planned < 0.6 * dense, (held, planned, dense)
+    q_proj_bytes = 8 * 2 * 128 * 128 * 4  # what one dense fp32 [q; k; v] of layer 0 would take, and more
+    assert planned - held < q_proj_bytes  # nothing was dequantized at load
+
+
+# ---- 3. what dflash needs dense, stored quantized: refused by name in one line ----
+
+def _requantize(src: Path, dst: Path, change: Callable[[dict], None], config: dict | None = None) -> Path:
+    shutil.copytree(src, dst)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        w = {k: f.get_tensor(k) for k in f.keys()}
+    change(w)
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        cfg = json.loads((src / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(cfg | {"quantization_config": config}))
+    return dst
+
+
+def _int4_of(w: dict, name: str, pack) -> None:
+    module = name.removesuffix(".weight")
+    t = w.pop(name).float()
+    codes, scales, zeros, _ = quantize_int4(t, 32, True)
+    w.update({f"{module}.{k}": v for k, v in pack(codes, scales, zeros).items()})
+
+
+@pytest.mark.parametrize("what, fmt, change, says", [
+    ("embedding", "ct-int4-sym-g32",
+     lambda w: _int4_of(w, "model.embed_tokens.weight", lambda c, s, z: pack_compressed_tensors(c, s, z, True)),
+     "model.embed_tokens is stored quantized (model.embed_tokens.weight_packed), but it is a tensor dflash reads dense"),
+    ("lm_head", "gptq-v1-sym-desc_act",
+     lambda w: _int4_of(w, "lm_head.weight", lambda c, s, z: pack_gptq(c, s, z, True)),
+     "lm_head is stored quantized (lm_head.qweight)"),
+    ("router", "fp8-block128",
+     lambda w: w.update({"model.layers.0.mlp.gate.weight_scale_inv": torch.ones(1, 1)}),
+     "model.layers.0.mlp.gate is stored quantized"),
+    ("missing scale", "fp8-block128", lambda w: w.pop("model.layers.1.mlp.down_proj.weight_scale_inv"),
+     "model.layers.1.mlp.down_proj.weight is FP8 but its weight_scale_inv is missing"),
+    ("wrong shape", "awq-gemm-g32",
+     lambda w: w.update({"model.layers.0.mlp.up_proj.qweight": torch.zeros(128, 16, dtype=torch.int32)}),
+     "model.layers.0.mlp.up_proj.qweight has shape (128, 16), config.json and the quantization_config imply (128, 32)"),
+])
+def test_a_tensor_stored_unlike_its_config_says_is_one_line_naming_it(what, fmt, change, says, built, tmp_path, capsys):
+    from dflash_cli.cli import main
+
+    case = "moe" if what == "router" else "dense"
+    qdir, _, _ = built(case, fmt)
+    bad = _requantize(qdir, tmp_path / "bad", change)
+    with pytest.raises(DflashError) as e:
+        loader.load(bad, None, device="cpu", max_context=64)
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert main(["run", "--target", str(bad), "--no-spec", "-p", "Once", "-n", "2", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+def test_a_projection_kept_plain_under_a_class_target_reads_plain(built, tmp_path):
+    """`targets: ["Linear"]` matches every projection, but a checkpoint may keep some plain without listing
+    them in `ignore` (llm-compressor's own skips): those read as Dense and the rest stay quantized."""
+    qdir, twin_dir, _ = built("dense", "ct-int4-asym-g64")
+    with safe_open(str(twin_dir / "model.safetensors"), "pt") as f:
+        plain_down = f.get_tensor("model.layers.1.mlp.down_proj.weight")
+
+    def keep_plain(w):
+        for k in [k for k in w if k.startswith("model.layers.1.mlp.down_proj.")]:
+            del w[k]
+        w["model.layers.1.mlp.down_proj.weight"] = plain_down
+
+    mixed = _requantize(qdir, tmp_path / "mixed", keep_plain)
+    target = loader.load(mixed, None, device="cpu", max_context=64).target
+    assert isinstance(target.layers[1].mlp.down, Dense) and isinstance(target.layers[0].mlp.down, Int4Linear)
+    twin = loader.load(twin_dir, None, device="cpu", max_context=64).target
+    ids = list(range(3, 40, 3))
+    assert torch.equal(_prefill_logits(realign(target), ids, (len(ids),)), _prefill_logits(realign(twin), ids, (len(ids),)))

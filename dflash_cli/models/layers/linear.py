@@ -134,8 +134,9 @@ def permute_rows(lin, order: torch.Tensor):
         order = order.to(lin.weight.device)
         r = lin.block[0]
         by_block = order.view(-1, r) if r > 1 and order.numel() % r == 0 else None
-        if by_block is not None and lin.out_features % r == 0 and torch.equal(
-                by_block, by_block[:, :1] + torch.arange(r, device=order.device)) and bool((by_block[:, 0] % r == 0).all()):
+        whole_blocks = by_block is not None and lin.out_features % r == 0 and bool((by_block[:, 0] % r == 0).all()) \
+            and torch.equal(by_block, by_block[:, :1] + torch.arange(r, device=order.device))
+        if whole_blocks:
             return Fp8Linear(lin.weight.index_select(-2, order), lin.scale.index_select(-2, by_block[:, 0] // r),
                              lin.block, bias)
         rowwise = fp8_row_blocks(lin, lin.block[1])

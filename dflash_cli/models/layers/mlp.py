@@ -18,7 +18,7 @@ from ... import ops
 from ..weights import Weight
 from ...errors import DflashError
 from ...quant import Fp8Linear, Int4Linear, Int8Linear
-from .linear import Dense, Linear, quantized_scheme, take_linear, take_one
+from .linear import Concat, Dense, Linear, quantized_scheme, take_linear, take_one
 
 FUSED, PER_EXPERT = "fused", "per-expert"
 MXFP4, DENSE = "mxfp4", "dense"
@@ -71,8 +71,8 @@ class MoE:
     `softmax_after_topk`, over the top k only), run their SwiGLU, add an optional gated shared expert."""
 
     router: torch.Tensor  # [E, H] (read by the routing kernel)
-    gate_up: torch.Tensor | Int4Linear | Fp8Linear  # [E, 2I, H], gate rows first (a quantized stack: as stored)
-    down: torch.Tensor | Int4Linear | Fp8Linear  # [E, H, I]
+    gate_up: "torch.Tensor | Int4Linear | Fp8Linear | ExpertList"  # [E, 2I, H], gate rows first (quantized: as stored)
+    down: "torch.Tensor | Int4Linear | Fp8Linear | ExpertList"  # [E, H, I]
     top_k: int
     renormalize: bool
     router_bias: torch.Tensor | None = None
@@ -119,25 +119,46 @@ def _experts(lin):
     return lin.weight if isinstance(lin, Dense) else lin
 
 
+@dataclass
+class ExpertList:
+    """Quantized experts that do not share one layout (GPTQ act-order: a column order per projection), kept
+    one by one; `dequantize` gives the dense [E, out, in] stack."""
+
+    experts: list
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack([dequantize_linear(e, dtype) for e in self.experts])
+
+
+def dequantize_linear(lin, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [out, in] of any Linear kind, by its reference dequantizer."""
+    if isinstance(lin, Dense):
+        return lin.weight.to(dtype)
+    if isinstance(lin, Concat):
+        return torch.cat([dequantize_linear(p, dtype) for p in lin.parts])
+    return lin.dequantize(dtype)
+
+
 def _stack_experts(per_expert: list, p: str):
     """Per-expert projections (each gate/up already stacked by rows) as one [E, out, in] stack."""
     kinds = {type(e) for e in per_expert}
-    if len(kinds) > 1:
-        raise DflashError(f"{p}experts are stored partly quantized, partly not: dflash runs one kind per layer")
-    kind = kinds.pop()
-    if kind is Dense:
+    if Dense in kinds:
+        if len(kinds) > 1:
+            raise DflashError(f"{p}experts are stored partly quantized, partly not: dflash runs one kind per layer")
         return torch.stack([e.weight for e in per_expert])
-    if kind in (Int4Linear, Fp8Linear, Int8Linear):
-        return kind.stack_experts(per_expert)
-    raise DflashError(f"{p}experts: their gate and up projections are stored in different kinds")
+    if len(kinds) == 1 and kinds <= {Int4Linear, Fp8Linear, Int8Linear}:
+        try:
+            return kinds.pop().stack_experts(per_expert)
+        except DflashError:  # different act-order permutations or FP8 blocks
+            pass
+    return ExpertList(per_expert)
 
 
 def _gather_experts(stack, pairs: torch.Tensor):
     """The experts `pairs` of a quantized stack, still packed (one copy per pair)."""
     if isinstance(stack, Int4Linear):
-        return Int4Linear(stack.qweight[pairs], stack.scales[pairs], None if stack.zeros is None else stack.zeros[pairs],
-                          stack.group_size, stack.in_features, stack.input_perm,
-                          None if stack.bias is None else stack.bias[pairs])
+        zeros = None if stack.zeros is None else stack.zeros[pairs]
+        return Int4Linear(stack.qweight[pairs], stack.scales[pairs], zeros, stack.group_size, stack.in_features, stack.input_perm, None if stack.bias is None else stack.bias[pairs])
     if isinstance(stack, Int8Linear):
         return Int8Linear(stack.weight[pairs], stack.scale[pairs], None if stack.bias is None else stack.bias[pairs])
     return Fp8Linear(stack.weight[pairs], stack.scale[pairs], stack.block,
@@ -149,9 +170,13 @@ def quantized_experts(x: torch.Tensor, gate_up, down, idx: torch.Tensor, weights
     dequantized (with the reference dequantizer, in the activations' dtype) and handed to ops.moe_experts,
     so the result is bit for bit the dequantized twin's. Fewer (token, expert) pairs than experts (decode,
     a verify block): one dequantized copy per pair, routed one to one; else every expert once. Neither
-    reads back to the host (a CUDA graph may capture it). A kernel that dequantizes in registers replaces
-    this (the quantized-targets issue); until then it costs min(T·k, E) experts' dense weights per layer."""
+    reads back to the host (a CUDA graph may capture it). Experts without one shared layout (`ExpertList`:
+    GPTQ act-order gives each projection its own column order) are all dequantized, every step. A kernel
+    that dequantizes in registers replaces this (the quantized-targets issue); until then a step costs
+    min(T·k, E) experts' dense weights per layer, transiently."""
     t, k = idx.shape
+    if isinstance(gate_up, ExpertList) or isinstance(down, ExpertList):  # every expert, one by one
+        return ops.moe_experts(x, gate_up.dequantize(x.dtype), down.dequantize(x.dtype), idx, weights)
     experts = (gate_up.qweight if isinstance(gate_up, Int4Linear) else gate_up.weight).shape[0]
     if t * k < experts:
         pairs = idx.reshape(-1)
