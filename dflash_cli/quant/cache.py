@@ -58,8 +58,9 @@ def quantized(target_dir: Path, scheme: str, *, device: str = "cpu",
         return final
     model_type = str(read_config(Path(target_dir)).get("model_type", ""))
     if model_type not in QUANT_FAMILIES:
-        raise DflashError(f"--quantize: {model_type or 'this'} targets do not run quantized yet (dflash runs "
-                          f"quantized projections for {', '.join(sorted({f.split('_text')[0] for f in QUANT_FAMILIES}))})")
+        runs = ", ".join(sorted({f.split("_text")[0] for f in QUANT_FAMILIES}))
+        raise DflashError(f"--quantize: {model_type or 'this'} targets do not run quantized yet "
+                          f"(dflash runs quantized projections for {runs})")
     final.parent.mkdir(parents=True, exist_ok=True)
     (say or _stderr)(f"quantizing {target_dir} to {scheme} once; the copy is kept in {final}")
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

@@ -95,14 +95,17 @@ def int4_codes(w: torch.Tensor, group: int, dtype: torch.dtype, search: bool = T
     amax = g.abs().amax(-1, keepdim=True)
     best_s = _scale(amax / 7, dtype)
     best_err = None
+    work = torch.empty_like(g)
     for ratio in CLIP_RATIOS if search else CLIP_RATIOS[:1]:
         s = _scale(amax * ratio / 7, dtype)
-        err = ((torch.clamp(torch.round(g / s), -8, 7) * s - g) ** 2).sum(-1, keepdim=True)
+        torch.div(g, s, out=work)  # in place from here: one temporary of the weight's size, reused
+        err = work.round_().clamp_(-8, 7).mul_(s).sub_(g).square_().sum(-1, keepdim=True)
         if best_err is None:
             best_err = err
         else:
             better = err < best_err
             best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
+    del work
     q = torch.clamp(torch.round(g / best_s), -8, 7).to(torch.int8).reshape(out, inn)
     return q, best_s.reshape(out, inn // group).to(dtype)
 
