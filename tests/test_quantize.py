@@ -215,7 +215,7 @@ def test_an_fp8_checkpoint_becomes_int4_from_its_dequantized_weights(tmp_path):
         assert torch.equal(ours(tmp_path / "q", after, module).dequantize(), expect), module
 
 
-def test_a_checkpoint_already_quantized_is_refused_in_one_line(tmp_path):
+def test_a_checkpoint_already_quantized_is_refused_in_one_line(tmp_path, cache_home):
     src = write_target(tmp_path / "bf16", target_config(hidden=128, layers=1, head_dim=32))
     _fp8_block_checkpoint(src, tmp_path / "fp8")
     with pytest.raises(DflashError, match="already FP8: load it as it is, without --quantize fp8"):
@@ -224,6 +224,8 @@ def test_a_checkpoint_already_quantized_is_refused_in_one_line(tmp_path):
     with pytest.raises(DflashError, match=r"already quantized \(compressed-tensors, pack-quantized\)"):
         quantize_checkpoint(tmp_path / "int4", tmp_path / "again", "int8")
     assert not (tmp_path / "q8").exists() and not (tmp_path / "again").exists()
+    with pytest.raises(DflashError, match="already FP8"):  # through the cache: before saying it quantizes
+        qcache.quantized(tmp_path / "fp8", "fp8", say=lambda _: pytest.fail("started quantizing"))
 
 
 def test_sharded_checkpoints_are_written_shard_by_shard_with_an_index(tmp_path):
@@ -258,7 +260,6 @@ def _checkpoint(directory: Path, count: int, shape: tuple[int, int]) -> Path:
 def test_each_source_tensor_is_released_before_the_next_is_read(tmp_path, monkeypatch):
     """The fast tier's check of streaming: at every read, no tensor read before is still alive anywhere
     (the RSS measurement below is the slow tier's)."""
-    import gc
     import weakref
 
     from dflash_cli.quant import quantize as qz
@@ -267,7 +268,6 @@ def test_each_source_tensor_is_released_before_the_next_is_read(tmp_path, monkey
     real = qz.Source.read
 
     def tracked(self, name, index=None):
-        gc.collect()
         alive_at_read.append(sum(r() is not None for r in read))
         t = real(self, name, index)
         read.append(weakref.ref(t))

@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..config import QUANT_FAMILIES, read_config
 from ..errors import DflashError
-from .quantize import SCHEMES, quantize_checkpoint
+from .quantize import SCHEMES, check_source, quantize_checkpoint
 
 
 def root() -> Path:
@@ -56,11 +56,13 @@ def quantized(target_dir: Path, scheme: str, *, device: str = "cpu",
     final = copy_dir(target_dir, scheme)
     if (final / "config.json").is_file():
         return final
-    model_type = str(read_config(Path(target_dir)).get("model_type", ""))
+    raw = read_config(Path(target_dir))
+    model_type = str(raw.get("model_type", ""))
     if model_type not in QUANT_FAMILIES:
         runs = ", ".join(sorted({f.split("_text")[0] for f in QUANT_FAMILIES}))
         raise DflashError(f"--quantize: {model_type or 'this'} targets do not run quantized yet "
                           f"(dflash runs quantized projections for {runs})")
+    check_source(raw, scheme)  # an int4 or FP8 checkpoint given --quantize fp8: one line, before anything
     final.parent.mkdir(parents=True, exist_ok=True)
     (say or _stderr)(f"quantizing {target_dir} to {scheme} once; the copy is kept in {final}")
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

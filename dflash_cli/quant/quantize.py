@@ -181,9 +181,9 @@ def _float_dtype(st_dtype: str) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def plan_jobs(src: Source, scheme: str, raw: dict, device: torch.device, search: bool
-              ) -> tuple[dict[Path, list[Job]], list[str]]:
-    """The output jobs per source file (in the source's order) and the modules quantized."""
+def check_source(raw: dict, scheme: str):
+    """The source's own quantization plan (None: plain), refused where `scheme` cannot be made from it: only
+    a plain or an FP8 checkpoint is quantized (FP8 to int4 or int8)."""
     source_plan = plan_of(raw)
     if source_plan is not None:
         formats = {s.format for _, s in source_plan.groups}
@@ -192,6 +192,13 @@ def plan_jobs(src: Source, scheme: str, raw: dict, device: torch.device, search:
                               f"{', '.join(sorted(formats))}): load it as it is, without --quantize")
         if scheme == "fp8":
             raise DflashError("the checkpoint is already FP8: load it as it is, without --quantize fp8")
+    return source_plan
+
+
+def plan_jobs(src: Source, scheme: str, raw: dict, device: torch.device, search: bool
+              ) -> tuple[dict[Path, list[Job]], list[str]]:
+    """The output jobs per source file (in the source's order) and the modules quantized."""
+    source_plan = check_source(raw, scheme)
     names = list(src.headers)
     consumed: set[str] = set()
     jobs: dict[Path, list[Job]] = {}
