@@ -442,3 +442,24 @@ def test_a_family_that_cannot_run_quantized_is_refused_before_quantizing(tmp_pat
     with pytest.raises(DflashError, match=says + r"qwen3, qwen3_5, qwen3_5_moe, qwen3_moe\)$"):
         qcache.quantized(src, "int4", say=lambda _: pytest.fail("started quantizing"))
     assert not cache_home.exists() or not list(cache_home.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_tensors_int8_compressor_output_reads_back_as_its_decompressor_does(dtype):
+    """int-quantized 8-bit written by compressed-tensors' own compressor (their quantizer too): dflash's
+    reader gives what their decompressor gives."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    w = torch.randn(48, 80).to(dtype)
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    scale = (w.float().abs().amax(1, keepdim=True) / 127).to(dtype)
+    packed = dict(IntQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme))
+    assert packed["weight"].dtype == torch.int8
+    theirs = IntQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
+    mine = read_projection("p", packed, WeightScheme("int-quantized", None, True, strategy="channel"))
+    assert isinstance(mine, Int8Linear) and torch.equal(mine.dequantize(), theirs.to(dtype))
+    if dtype == torch.float32:  # the same codes as ours (in bf16 they divide in bf16, we in fp32: nearer codes)
+        assert torch.equal(quantize_int8(w, dtype)["weight"], packed["weight"])
