@@ -477,3 +477,35 @@ def test_a_projection_kept_plain_under_a_class_target_reads_plain(built, tmp_pat
     twin = loader.load(twin_dir, None, device="cpu", max_context=64).target
     ids = list(range(3, 40, 3))
     assert torch.equal(_prefill_logits(realign(target), ids, (len(ids),)), _prefill_logits(realign(twin), ids, (len(ids),)))
+
+
+# ---- 4. the seam's row operations are exact ----
+
+def _dequantized(lin) -> torch.Tensor:
+    from dflash_cli.models.layers.mlp import dequantize_linear
+    return dequantize_linear(lin, torch.float32)
+
+
+@pytest.mark.parametrize("head", [128, 32])  # Qwen3.5's 256-row heads keep 128-row FP8 blocks whole; tiny ones cut them
+def test_reordered_and_stacked_rows_dequantize_to_the_reordered_and_stacked_reference(head):
+    from dflash_cli.models.layers.linear import fp8_row_blocks, permute_rows, stack_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4 * head, 256, generator=g) / 16
+    order = torch.arange(4 * head).view(2, 2, head).transpose(0, 1).reshape(-1)  # [q0 q1 | g0 g1] from q0 g0 q1 g1
+    q, grid, ref = quantize_fp8_blocks(w, 128, 128)
+    fp8 = Fp8Linear(q, grid, (128, 128))
+    moved = permute_rows(fp8, order)
+    assert torch.equal(_dequantized(moved), ref[order])
+    assert moved.block == ((128, 128) if head == 128 else (1, 128))  # whole blocks move as blocks
+    assert torch.equal(_dequantized(fp8_row_blocks(fp8, 64)), ref)
+    codes, scales, zeros, ref4 = quantize_int4(w, 32, False, torch.bfloat16)
+    int4 = Int4Linear.from_codes(codes, scales, zeros, 32)
+    assert torch.equal(_dequantized(permute_rows(int4, order)), ref4.float()[order])
+    # unlike kinds and blocks: one projection where they are alike, else a Concat, the same row by row
+    k, kgrid, kref = quantize_fp8_blocks(w[:72], 72, 256)  # per tensor, 72 rows: not a whole 128-row block
+    stacked = stack_rows([fp8, Fp8Linear(k, kgrid, (72, 256)), Dense(w[:8])])
+    assert isinstance(stacked, Concat) and isinstance(stacked.parts[0], Fp8Linear)
+    assert torch.equal(_dequantized(stacked), torch.cat([ref, kref, w[:8]]))
+    x = torch.randn(3, 256, generator=g)
+    assert torch.allclose(stacked(x), x @ torch.cat([ref, kref, w[:8]]).T, atol=1e-5)
