@@ -170,6 +170,14 @@ def _hybrid(d: Path) -> Path:
     return write_qwen35(d, cfg, seed=7, slow_decay=True)
 
 
+def _hybrid_vl(d: Path) -> Path:
+    """The released Qwen3.5 / 3.6 layout (the VL wrapper: weights under model.language_model., a vision
+    tower dflash never reads), as Qwen's own -FP8 checkpoints ship it."""
+    cfg = qwen35_config(hidden=128, intermediate=256)
+    cfg["text_config"]["linear_value_head_dim"] = 32
+    return write_qwen35(d, cfg, seed=8, slow_decay=True)
+
+
 def _moe(d: Path) -> Path:
     return write_target(d, qwen3_moe_config(hidden=128, layers=2, experts=8, top_k=2, moe_intermediate=64), seed=9)
 
@@ -189,6 +197,7 @@ def _drafter(cfg: dict, **kw) -> dict:
 CASES = {c.name: c for c in (
     Case("dense", _dense, _drafter, "Qwen3ForCausalLM"),
     Case("hybrid", _hybrid, _drafter, "Qwen3_5ForCausalLM"),
+    Case("hybrid-vl", _hybrid_vl, _drafter, "Qwen3_5ForConditionalGeneration"),
     Case("moe", _moe, _drafter, "Qwen3MoeForCausalLM"),
     Case("moe-fused", _moe_fused, _drafter, "Qwen3_5MoeForCausalLM"),
 )}
@@ -199,6 +208,7 @@ CASES = {c.name: c for c in (
 MATRIX = [("dense", f) for f in FORMATS] + [
     ("hybrid", "ct-int4-asym-g64"), ("hybrid", "ct-int4-sym-g128-actorder"), ("hybrid", "gptq-v1-sym-desc_act"),
     ("hybrid", "awq-gemm-g32"), ("hybrid", "fp8-block128"), ("hybrid", "ct-fp8-channel"),
+    ("hybrid-vl", "fp8-block128"),
     ("moe", "ct-int4-asym-g32-actorder"), ("moe", "gptq-v2-asym-desc_act"), ("moe", "awq-gemm-g64"),
     ("moe", "auto-round-auto_gptq"), ("moe", "fp8-block128"), ("moe", "ct-fp8-tensor"),
     ("moe-fused", "ct-int4-sym-g32"), ("moe-fused", "fp8-block128"), ("moe-fused", "ct-fp8-channel"),
