@@ -519,3 +519,17 @@ def test_reordered_and_stacked_rows_dequantize_to_the_reordered_and_stacked_refe
     assert torch.equal(_dequantized(stacked), torch.cat([ref, kref, w[:8]]))
     x = torch.randn(3, 256, generator=g)
     assert torch.allclose(stacked(x), x @ torch.cat([ref, kref, w[:8]]).T, atol=1e-5)
+
+
+@pytest.mark.slow  # 30-60 s each: Triton's interpreter on 2 shared cores
+@pytest.mark.parametrize("case, fmt", [("moe", "ct-int4-asym-g64"), ("hybrid", "fp8-block128")])
+def test_through_the_interpreted_kernels_the_quantized_target_is_its_twin(case, fmt, built, monkeypatch):
+    """The Triton kernels (the MoE kernel on the experts the quantized path dequantizes: one per pair for
+    1 and 2 tokens, all of them for 6) give the twin's logits bit for bit."""
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    qdir, twin_dir, _ = built(case, fmt)
+    q = realign(loader.load(qdir, None, device="cpu", max_context=64).target)
+    twin = realign(loader.load(twin_dir, None, device="cpu", max_context=64).target)
+    ids = list(range(3, 30, 3))
+    for chunks in ((9,), (1, 2, 6)):
+        assert torch.equal(_prefill_logits(q, ids, chunks), _prefill_logits(twin, ids, chunks)), chunks
