@@ -79,11 +79,15 @@ def assistant_config(raw: dict, directory: Path) -> dict:
                   "dflash_config": block}
 
 
-# speculators config keys that are not the draft transformer's, each read here or refused.
+# The sliding-window keys some writers put beside transformer_layer_config; vLLM keeps them over the nested ones.
+WINDOW_KEYS = ("layer_types", "use_sliding_window", "sliding_window", "max_window_layers")
+# speculators config keys that are not the draft transformer's, each read here or refused (the training-only
+# ones and the bookkeeping change nothing at inference).
 SPECULATOR_KEYS = {"speculators_model_type", "architectures", "transformer_layer_config", "draft_vocab_size",
                    "block_size", "target_hidden_size", "aux_hidden_state_layer_ids", "mask_token_id",
                    "sliding_window_non_causal", "sample_from_anchor", "speculators_config", "speculators_version",
-                   "torch_dtype", "dtype", "transformers_version", "model_type", "auto_map", "has_no_defaults_at_init"}
+                   "proposal_speculative_tokens", "max_anchors", "torch_dtype", "dtype", "transformers_version",
+                   "model_type", "auto_map", "has_no_defaults_at_init", "_name_or_path", *WINDOW_KEYS}
 
 
 def speculators_config(raw: dict, directory: Path) -> dict:
@@ -95,9 +99,12 @@ def speculators_config(raw: dict, directory: Path) -> dict:
     layer = raw.get("transformer_layer_config")
     if not isinstance(layer, dict):
         raise DflashError(f"{where}: a speculators DFlash config needs its 'transformer_layer_config'")
-    if raw.get("sample_from_anchor"):
-        raise DflashError(f"{where}: 'sample_from_anchor' = true (the anchor slot drafts too, DSpark's layout) "
-                          "changes what the drafts are and is not supported")
+    layer = layer | {k: raw[k] for k in WINDOW_KEYS if raw.get(k) is not None}
+    methods = (raw.get("speculators_config") or {}).get("proposal_methods") or [{}]
+    drafted = raw.get("proposal_speculative_tokens", methods[0].get("speculative_tokens"))
+    if raw.get("sample_from_anchor") or (drafted is not None and drafted == raw.get("block_size")):
+        raise DflashError(f"{where}: 'sample_from_anchor' = true (block_size drafts, the anchor slot's too: "
+                          "DSpark's layout) changes what the drafts are and is not supported")
     vocab, draft_vocab = layer.get("vocab_size"), raw.get("draft_vocab_size")
     if draft_vocab is not None and vocab is not None and int(draft_vocab) != int(vocab):
         raise DflashError(f"{where}: 'draft_vocab_size' {draft_vocab} is not the target's vocabulary ({vocab}): "
@@ -124,7 +131,7 @@ def speculators_config(raw: dict, directory: Path) -> dict:
                           "max_window_layers' rule): not supported")
     out = dict(layer)
     rope = out.get("rope_parameters")
-    if isinstance(rope, dict) and "sliding_attention" in rope:  # per layer type (Laguna): the drafter's is the sliding one
+    if isinstance(rope, dict) and "sliding_attention" in rope:  # per layer type (Laguna): the sliding one's
         out["rope_parameters"] = rope["sliding_attention"]
     for native in ("dflash_config", "is_causal", "block_size", "mask_token_id"):
         out.pop(native, None)  # the speculators keys decide these

@@ -109,10 +109,13 @@ def test_the_keys_that_change_the_math_are_read(tmp_path):
     del layer["rope_theta"]
     assert DrafterConfig.from_dir(_write(tmp_path, cfg | {"transformer_layer_config": layer})).rope_theta == 1234.0
     assert DrafterConfig.from_dir(_write(tmp_path, cfg | {"block_size": 4, "mask_token_id": 7})).block_size == 4
+    beside = cfg | {"layer_types": ["sliding_attention"] * 2, "sliding_window": 32, "max_anchors": 512}
+    assert DrafterConfig.from_dir(_write(tmp_path, beside)).sliding_windows == (32, 32)  # vLLM keeps these over
 
 
 @pytest.mark.parametrize("change, message", [
     ({"sample_from_anchor": True}, "'sample_from_anchor' = true"),
+    ({"proposal_speculative_tokens": 8}, "'sample_from_anchor' = true"),  # block_size drafts: the anchor's too
     ({"draft_vocab_size": 256}, "'draft_vocab_size' 256 is not the target's vocabulary"),
     ({"target_hidden_size": 128}, "'target_hidden_size' 128 differs"),
     ({"aux_hidden_state_layer_ids": [0, 2]}, "each at least 1"),

@@ -130,8 +130,8 @@ def rope_tables(c: Config, max_positions: int, device: torch.device) -> dict[flo
     tables: dict[float, torch.Tensor | None] = {c.rope_theta: None}
     for theta in set(c.layer_rope_theta) - {c.rope_theta}:
         if theta == 0:
-            half = c.head_dim // 2
-            tables[theta] = torch.cat((torch.ones(max_positions, half), torch.zeros(max_positions, half)), -1).to(device)
+            ones = torch.ones(max_positions, c.head_dim // 2, device=device)
+            tables[theta] = torch.cat((ones, torch.zeros_like(ones)), -1)
         else:
             tables[theta] = rope_table(c.head_dim, theta, c.rope_scaling, max_positions, device)
     return tables
