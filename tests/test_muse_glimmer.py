@@ -44,6 +44,10 @@ def test_each_detail_of_the_target_is_needed_for_transformers_logits(tmp_path):
 
     model = loader.load(d, None, device="cpu")
     torch.testing.assert_close(logits(model), want, rtol=1e-4, atol=1e-4)
+    _, feats = model.target.forward(ids, model.target.new_cache(64), feature_layers=(0, 2), commit=True)
+    with torch.no_grad():  # a drafter's features: the residual stream after each layer, HF's hidden_states[i + 1]
+        states = hf(ids[None], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(feats, torch.cat((states[1][0], states[3][0]), -1), rtol=1e-4, atol=1e-4)
     wrong = []
     nope = loader.load(d, None, device="cpu")
     for layer in nope.target.layers:
