@@ -26,7 +26,8 @@ def read_config(directory: Path) -> dict:
         raise DflashError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise DflashError(f"{path} is not a JSON object (it holds a {type(raw).__name__})")
-    drafter = "dflash_config" in raw or any(a in DRAFTER_ARCHITECTURES for a in raw.get("architectures") or [])
+    drafter = ("dflash_config" in raw or "speculators_model_type" in raw
+               or any(a in DRAFTER_ARCHITECTURES for a in raw.get("architectures") or []))
     if not drafter:  # a drafter's own checks are DrafterConfig.from_raw's
         refuse_unimplemented(raw, Path(directory))
     return with_aliases(raw)
@@ -36,9 +37,10 @@ def read_config(directory: Path) -> dict:
 # reads it). A quantized checkpoint read as plain weights loads without error and writes garbage, so every
 # format not turned on here is refused by name before a weight is read (the quantized-targets issue turns
 # entries on by naming the family that implements it).
-# int4 / FP8 weight-only (dflash_cli/quant) run on every family whose projections and experts go through
-# models/layers/linear.take_linear; gpt-oss's experts are MXFP4 already (its dense projections are not
-# read quantized yet). Which variants of each method are read is quant/plan.py's, refused there by name.
+# int4 / FP8 weight-only (dflash_cli/quant) run on the families tests/test_quant_models.py runs quantized
+# (their projections and experts go through models/layers/linear.take_linear); gpt-oss's experts are MXFP4
+# already, and muse_glimmer has no quantized release to test against yet. Which variants of each method
+# are read is quant/plan.py's, refused there by name.
 QUANT_FAMILIES = ("qwen3", "llama", "qwen3_moe", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 QUANTIZATION_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mxfp4": ("*_blocks, *_scales", ("gpt_oss",)),  # gpt_oss.py's experts
@@ -171,7 +173,7 @@ UNSUPPORTED_DRAFTER_KEYS = ("input_embedding_scale", "output_multiplier", "final
 # The head and embedding knobs a DFlash2 drafter may set (applied in drafter.py; refused on v1 drafters,
 # where no released checkpoint sets them).
 DFLASH2_SCALE_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping")
-DRAFTER_ARCHITECTURES = ("DFlashDraftModel", "DFlash2DraftModel")
+DRAFTER_ARCHITECTURES = ("DFlashDraftModel", "DFlash2DraftModel", "MuseGlimmerAssistantModel")
 
 # How a gpt_oss drafter config.json is read (README, "gpt-oss"): "transformers" (the default) as
 # AutoConfig reads it, GptOssConfig's defaults filling in the rope and window keys it leaves out (what
@@ -258,6 +260,7 @@ class DrafterConfig:
     output_multiplier: float = 1.0  # the head's logits times this, then softcapped when the cap is set
     final_logit_softcapping: float | None = None
     attention_bias: bool = False  # q/k/v/o biases (the gpt-oss drafters)
+    renames: tuple[tuple[str, str], ...] = ()  # (our tensor name, the checkpoint's): other formats (speculators.py)
 
     @classmethod
     def from_dir(cls, directory: Path) -> "DrafterConfig":
@@ -265,17 +268,15 @@ class DrafterConfig:
 
     @classmethod
     def from_raw(cls, raw: dict, directory: Path) -> "DrafterConfig":
+        from .speculators import native_config
+
         refuse_quantized(raw, Path(directory), None)  # drafter.py reads plain weights only
+        raw, renames = native_config(raw, Path(directory))  # other formats, as the native config they mean
         raw = _as_transformers_reads(raw)
         f = Fields(raw, Path(directory))
         dflash = raw.get("dflash_config") or {}
         inner = Fields(dflash, Path(directory))
-        archs = raw.get("architectures") or ["DFlashDraftModel"]
-        if archs not in ([a] for a in DRAFTER_ARCHITECTURES):
-            hint = " (a target, not a drafter?)" if "num_target_layers" not in raw and "dflash_config" not in raw else ""
-            raise DflashError(f"{directory}: drafter architecture {', '.join(map(str, archs))} is not supported "
-                              f"(this version runs {' and '.join(DRAFTER_ARCHITECTURES)}){hint}")
-        v2 = archs == ["DFlash2DraftModel"]
+        v2 = raw.get("architectures") == ["DFlash2DraftModel"]
         for key in UNSUPPORTED_DRAFTER_KEYS:  # each would change the drafter's math: refuse, never ignore
             if v2 and key in DFLASH2_SCALE_KEYS:
                 continue
@@ -337,6 +338,7 @@ class DrafterConfig:
             causal=causal,
             **(_dflash2_fields(raw, dflash, Path(directory), hidden, vocab) if v2 else {}),
             attention_bias=bool(raw.get("attention_bias", False)),
+            renames=renames,
         )
 
     def check_against(self, target, directory: Path) -> None:

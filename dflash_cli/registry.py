@@ -29,7 +29,6 @@ class ModelPair:
 
 
 # Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
-_MUSE = "Muse-Glimmer target architecture (gated attention output, normalised embeddings, scaled logits)"
 _GLM53 = "GLM-5.3-Flash target architecture (KDA linear attention and MLA hybrid)"
 
 
@@ -59,8 +58,10 @@ PAIRS: tuple[ModelPair, ...] = (
     # DFlash2 drafters (research/dflash2.md §1, §4): the v1 drafter plus dynamic convs and a candidate selector.
     # Qwen3.8-27B is the Qwen3.5 hybrid architecture; thinking on, its template's reasoning effort at its default.
     ModelPair("qwen3.8-27b", "Qwen/Qwen3.8-27B", "z-lab/Qwen3.8-27B-DFlash2", 8, kind="hybrid", think=True),
-    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16,
-              supported=False, note=_MUSE, think=True),
+    # Muse-Glimmer-30B (models/muse_glimmer.py), 60 GB in bf16: one 80 GB GPU. Repo ids as public configs and
+    # serving recipes cite them (z-lab's drafter at b54ffdd1; Meta's v1 `meta-models/Muse-Glimmer-30B-assistant`
+    # loads too, as --drafter). Thinking on: the DFlash2 drafter was fine-tuned from Meta's assistant [U: its mode].
+    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16, think=True),
     # Published by incoai, not in z-lab's list; the target's repo id is not confirmed (research/dflash2.md §4).
     ModelPair("glm-5.3-flash", "zai-org/GLM-5.3-Flash", "incoai/GLM-5.3-Flash-DFlash2", 8, supported=False,
               note=_GLM53, kind="hybrid"),

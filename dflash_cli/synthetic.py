@@ -134,6 +134,21 @@ TARGETS["tiny-hybrid"] = TARGETS["qwen3.5-4b"] | dict(hidden_size=64, intermedia
 SHAPES["tiny-hybrid"] = (TARGETS["tiny-hybrid"], _drafter(TARGETS["tiny-hybrid"] | dict(head_dim=16, rope_theta=1e7), 8,
                                                           (1, 3), 511, layers=2), None)
 
+# Muse-Glimmer-30B (research/landscape-and-quantization.md §A8): the released text config (the VL wrapper's
+# text_config; transformers' defaults for the rest) and its DFlash2 drafter's config.json (research/dflash2.md §3).
+TARGETS["muse-glimmer-30b"] = dict(
+    architectures=["MuseGlimmerForConditionalGeneration"], model_type="muse_glimmer", text_config=dict(
+        model_type="muse_glimmer_text", vocab_size=202048, hidden_size=6656, intermediate_size=19968,
+        num_hidden_layers=52, num_attention_heads=32, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+        sliding_window=2048, final_logit_softcapping=20.0, tie_word_embeddings=False))
+SHAPES["muse-glimmer-30b"] = (TARGETS["muse-glimmer-30b"], _dflash2(
+    TARGETS["muse-glimmer-30b"]["text_config"] | dict(rope_theta=500000.0), 16, (1, 13, 25, 37, 49), 201818,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_target_layers=52) | dict(
+    dflash_config=dict(block_size=16, mask_token_id=201818, target_layer_ids=[1, 13, 25, 37, 49], conv_kernel_size=2,
+                       conv_group_size=16, selector_rank=256, selector_top_k=16, output_multiplier=0.19611613513818404,
+                       final_logit_softcapping=20.0)), None)
+
 # gpt-oss (research/moe-gptoss.md §2.1, §4): the released config.json, MXFP4 experts; its drafters' config.json
 # as z-lab ships it (model_type gpt_oss, attention biases, no rope or window keys: read as transformers reads it).
 TARGETS["gpt-oss-20b"] = dict(

@@ -205,6 +205,37 @@ def dflash2_pair(qwen35_pair, models) -> tuple[Path, Path]:
                                lambda d: fit_dflash2(t, d, cfg, HYBRID_PROMPTS, steps=150, init=v1_dir))
 
 
+def muse_drafter_config(target_cfg: dict) -> dict:
+    """A block-8 drafter for the tiny Muse-Glimmer in the assistant's shape: every layer sliding and, as Meta's
+    assistant head, non-causal in the block."""
+    text = target_cfg["text_config"]
+    return drafter_config(text | {"max_position_embeddings": 1024}, block_size=8, layers=2, target_layer_ids=(1, 5),
+                          mask_token_id=500, layer_types=["sliding_attention"] * 2, sliding_window=16) | {
+        "is_causal": False}
+
+
+@pytest.fixture(scope="session")
+def muse_pair(models) -> tuple[Path, Path]:
+    """A tiny Muse-Glimmer in the released VL-wrapper layout (a window of 8, NoPE full layers, soft-cap) and a
+    block-8 drafter fitted to it."""
+    from .tiny_muse import muse_config, write_muse
+
+    cfg = muse_config()
+    t = write_muse(models / "muse", cfg, seed=23)
+    return t, fitted("muse", t, models / "muse-drafter", muse_drafter_config(cfg), HYBRID_PROMPTS, steps=500)
+
+
+@pytest.fixture(scope="session")
+def muse_kernel_pair(models) -> tuple[Path, Path]:
+    """A tiny Muse-Glimmer (4 layers) and a random block-4 drafter, for Triton's interpreter."""
+    from .tiny_muse import muse_config, write_muse
+
+    cfg = muse_config(layers=4)
+    dcfg = muse_drafter_config(cfg)
+    dcfg["dflash_config"] |= {"block_size": 4, "target_layer_ids": [1, 2]}
+    return write_muse(models / "kernel-muse", cfg, seed=21), write_drafter(models / "kernel-muse-drafter", dcfg)
+
+
 @pytest.fixture(scope="session")
 def qwen3_kernel_pair(models) -> tuple[Path, Path]:
     """A Qwen3 small enough for Triton's interpreter (2 layers) and a random block-4 drafter."""

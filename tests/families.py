@@ -22,6 +22,7 @@ from .conftest import HYBRID_PROMPTS, STORY_PROMPTS, random_prompts
 from .tiny import (copy_stories, qwen3_moe_config, qwen35_config, qwen35_moe_config, save_weights, target_config,
                    write_qwen35, write_target)
 from .tiny_gpt_oss import gpt_oss_config, reference as gpt_oss_reference, write_gpt_oss
+from .tiny_muse import muse_config, write_muse
 
 
 def transformers_model(cls) -> Callable[[Path], torch.nn.Module]:
@@ -223,5 +224,30 @@ FAMILIES = [
         min_replays=5, kernel_pair=None,  # qwen3.5's; its walk captured: test_dflash2.py (stand-in for CUDA)
         notes="qwen3.5's target with a fitted DFlash2 drafter (convs and the candidate selector's walk)"),
 ]
+
+def _muse_defaults(directory: Path) -> Path:
+    """A Muse-Glimmer config.json that leaves layer_types, layer_rope_theta and the scales to transformers' defaults."""
+    cfg = muse_config(layers=5)
+    for key in ("layer_types", "layer_rope_theta", "final_logit_softcapping", "qk_scale_factor", "output_multiplier",
+                "post_norm_eps"):
+        del cfg["text_config"][key]
+    return write_muse(directory, cfg, seed=4)
+
+
+MUSE = transformers_model(transformers.MuseGlimmerForConditionalGeneration)
+MUSE_LOGITS = ((33,), (1, 4, 28), (7, 9, 17))  # the window of 8 crossed inside and across chunks
+FAMILIES.append(Family(
+    "muse-glimmer", "muse_pair", MUSE,
+    layouts=(Layout("VL wrapper", lambda d: write_muse(d, muse_config(), seed=2), MUSE, 33, 512, 1, MUSE_LOGITS),
+             Layout("tight soft-cap", lambda d: write_muse(d, muse_config(softcap=1.5, multiplier=1.0), seed=3), MUSE,
+                    33, 512, 2, MUSE_LOGITS),
+             Layout("config defaults", _muse_defaults, MUSE, 33, 512, 3, MUSE_LOGITS)),
+    greedy=Greedy(lambda m: HYBRID_PROMPTS[:3] + random_prompts(1, 500, seed=5), 32, (1, 2, 4, 8),
+                  fitted=tuple(map(tuple, HYBRID_PROMPTS[:3])), accepted=(6, 1.5)),
+    sampled=Sampled(lambda m: HYBRID_PROMPTS[0], 24, MOE_SAMPLING, 2, (None, 3)),
+    prompt=lambda m: HYBRID_PROMPTS[0], replay_prompts=lambda m: HYBRID_PROMPTS[2:3], replay_tokens=32,
+    min_replays=5, kernel_pair="muse_kernel_pair",
+    notes="sandwich norms, gated attention, a window of 8 with NoPE full layers, soft-capped logits; a fitted "
+          "non-causal drafter in the assistant's shape"))
 
 BY_NAME = {f.name: f for f in FAMILIES}

@@ -50,9 +50,9 @@ def test_yes_pulls_missing_models(capsys, hub_pair):
 def test_models_lists_downloaded_pairs(capsys, hub_pair):
     main(["models", "--json"])
     rows = {r["alias"]: r for r in json.loads(capsys.readouterr().out)}
-    assert not rows["qwen3-4b"]["downloaded"] and not rows["muse-glimmer-30b"]["supported"]
+    assert not rows["qwen3-4b"]["downloaded"] and not rows["glm-5.3-flash"]["supported"]
     # what each pair needs on a GPU: bf16 weights (Qwen3-8B 16.4 GB + its drafter) and a 4K cache
-    assert 18 * 2**30 < rows["qwen3-8b"]["gpu_memory"] < 19 * 2**30 and rows["muse-glimmer-30b"]["gpu_memory"] is None
+    assert 18 * 2**30 < rows["qwen3-8b"]["gpu_memory"] < 19 * 2**30 and rows["glm-5.3-flash"]["gpu_memory"] is None
     assert rows["gpt-oss-20b"]["gpu_memory"] < rows["qwen3-8b"]["gpu_memory"]  # MXFP4 experts: 12.8 GiB of weights
     main(["pull", "qwen3-4b"])
     capsys.readouterr()
@@ -73,8 +73,8 @@ def test_rm_needs_confirmation_in_scripts_and_removes_with_yes(capsys, hub_pair)
 
 
 def test_unsupported_and_unknown_models(capsys, server):  # noqa: F811
-    assert main(["run", "muse-glimmer-30b", "-p", "x"]) == 1
-    assert "not supported by this version yet (Muse-Glimmer target architecture" in capsys.readouterr().err
+    assert main(["run", "glm-5.3-flash", "-p", "x"]) == 1
+    assert "not supported by this version yet (GLM-5.3-Flash target architecture" in capsys.readouterr().err
     assert main(["chat", "qwen-8b"]) == 2
     assert "did you mean 'qwen3-8b'" in capsys.readouterr().err
 

@@ -170,6 +170,14 @@ def _hybrid(d: Path) -> Path:
     return write_qwen35(d, cfg, seed=7, slow_decay=True)
 
 
+def _hybrid_vl(d: Path) -> Path:
+    """The released Qwen3.5 / 3.6 layout (the VL wrapper: weights under model.language_model., a vision
+    tower dflash never reads), as Qwen's own -FP8 checkpoints ship it."""
+    cfg = qwen35_config(hidden=128, intermediate=256)
+    cfg["text_config"]["linear_value_head_dim"] = 32
+    return write_qwen35(d, cfg, seed=8, slow_decay=True)
+
+
 def _moe(d: Path) -> Path:
     return write_target(d, qwen3_moe_config(hidden=128, layers=2, experts=8, top_k=2, moe_intermediate=64), seed=9)
 
@@ -189,6 +197,7 @@ def _drafter(cfg: dict, **kw) -> dict:
 CASES = {c.name: c for c in (
     Case("dense", _dense, _drafter, "Qwen3ForCausalLM"),
     Case("hybrid", _hybrid, _drafter, "Qwen3_5ForCausalLM"),
+    Case("hybrid-vl", _hybrid_vl, _drafter, "Qwen3_5ForConditionalGeneration"),
     Case("moe", _moe, _drafter, "Qwen3MoeForCausalLM"),
     Case("moe-fused", _moe_fused, _drafter, "Qwen3_5MoeForCausalLM"),
 )}
@@ -199,6 +208,7 @@ CASES = {c.name: c for c in (
 MATRIX = [("dense", f) for f in FORMATS] + [
     ("hybrid", "ct-int4-asym-g64"), ("hybrid", "ct-int4-sym-g128-actorder"), ("hybrid", "gptq-v1-sym-desc_act"),
     ("hybrid", "awq-gemm-g32"), ("hybrid", "fp8-block128"), ("hybrid", "ct-fp8-channel"),
+    ("hybrid-vl", "fp8-block128"),
     ("moe", "ct-int4-asym-g32-actorder"), ("moe", "gptq-v2-asym-desc_act"), ("moe", "awq-gemm-g64"),
     ("moe", "auto-round-auto_gptq"), ("moe", "fp8-block128"), ("moe", "ct-fp8-tensor"),
     ("moe-fused", "ct-int4-sym-g32"), ("moe-fused", "fp8-block128"), ("moe-fused", "ct-fp8-channel"),
@@ -477,3 +487,49 @@ def test_a_projection_kept_plain_under_a_class_target_reads_plain(built, tmp_pat
     twin = loader.load(twin_dir, None, device="cpu", max_context=64).target
     ids = list(range(3, 40, 3))
     assert torch.equal(_prefill_logits(realign(target), ids, (len(ids),)), _prefill_logits(realign(twin), ids, (len(ids),)))
+
+
+# ---- 4. the seam's row operations are exact ----
+
+def _dequantized(lin) -> torch.Tensor:
+    from dflash_cli.models.layers.mlp import dequantize_linear
+    return dequantize_linear(lin, torch.float32)
+
+
+@pytest.mark.parametrize("head", [128, 32])  # Qwen3.5's 256-row heads keep 128-row FP8 blocks whole; tiny ones cut them
+def test_reordered_and_stacked_rows_dequantize_to_the_reordered_and_stacked_reference(head):
+    from dflash_cli.models.layers.linear import fp8_row_blocks, permute_rows, stack_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4 * head, 256, generator=g) / 16
+    order = torch.arange(4 * head).view(2, 2, head).transpose(0, 1).reshape(-1)  # [q0 q1 | g0 g1] from q0 g0 q1 g1
+    q, grid, ref = quantize_fp8_blocks(w, 128, 128)
+    fp8 = Fp8Linear(q, grid, (128, 128))
+    moved = permute_rows(fp8, order)
+    assert torch.equal(_dequantized(moved), ref[order])
+    assert moved.block == ((128, 128) if head == 128 else (1, 128))  # whole blocks move as blocks
+    assert torch.equal(_dequantized(fp8_row_blocks(fp8, 64)), ref)
+    codes, scales, zeros, ref4 = quantize_int4(w, 32, False, torch.bfloat16)
+    int4 = Int4Linear.from_codes(codes, scales, zeros, 32)
+    assert torch.equal(_dequantized(permute_rows(int4, order)), ref4.float()[order])
+    # unlike kinds and blocks: one projection where they are alike, else a Concat, the same row by row
+    k, kgrid, kref = quantize_fp8_blocks(w[:72], 72, 256)  # per tensor, 72 rows: not a whole 128-row block
+    stacked = stack_rows([fp8, Fp8Linear(k, kgrid, (72, 256)), Dense(w[:8])])
+    assert isinstance(stacked, Concat) and isinstance(stacked.parts[0], Fp8Linear)
+    assert torch.equal(_dequantized(stacked), torch.cat([ref, kref, w[:8]]))
+    x = torch.randn(3, 256, generator=g)
+    assert torch.allclose(stacked(x), x @ torch.cat([ref, kref, w[:8]]).T, atol=1e-5)
+
+
+@pytest.mark.slow  # 30-60 s each: Triton's interpreter on 2 shared cores
+@pytest.mark.parametrize("case, fmt", [("moe", "ct-int4-asym-g64"), ("hybrid", "fp8-block128")])
+def test_through_the_interpreted_kernels_the_quantized_target_is_its_twin(case, fmt, built, monkeypatch):
+    """The Triton kernels (the MoE kernel on the experts the quantized path dequantizes: one per pair for
+    1 and 2 tokens, all of them for 6) give the twin's logits bit for bit."""
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    qdir, twin_dir, _ = built(case, fmt)
+    q = realign(loader.load(qdir, None, device="cpu", max_context=64).target)
+    twin = realign(loader.load(twin_dir, None, device="cpu", max_context=64).target)
+    ids = list(range(3, 30, 3))
+    for chunks in ((9,), (1, 2, 6)):
+        assert torch.equal(_prefill_logits(q, ids, chunks), _prefill_logits(twin, ids, chunks)), chunks

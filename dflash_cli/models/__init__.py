@@ -30,6 +30,7 @@ FAMILIES = {
     "qwen3_5_moe": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5",
     "gpt_oss": "gpt_oss",
+    "muse_glimmer": "muse_glimmer",
 }
 
 

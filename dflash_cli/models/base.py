@@ -11,7 +11,7 @@ cache's `commit(plan)` decides which of them do (a verify block).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -53,6 +53,7 @@ class DecoderConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    logit_softcap: float | None = field(default=None, kw_only=True)  # the head's logits: cap·tanh(z / cap)
 
     prefill_scratch = 0  # bytes a prefill allocates beyond its activations (memory.workspace_bytes)
 
@@ -149,6 +150,10 @@ class Decoder:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input rows of `ids` (a family whose embedding is more than the table's rows overrides it)."""
+        return F.embedding(ids, self.embed)
+
     def forward(self, ids: torch.Tensor, cache, *, logits_from: int | None = None,
                 feature_layers: Sequence[int] = (), commit: bool = False
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -161,7 +166,7 @@ class Decoder:
             cache.verify_rows(t)
         step = StepPlan(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
         wanted = {layer: None for layer in feature_layers}
-        x = F.embedding(ids, self.embed)
+        x = self.embedding(ids)
         residual = None
         for i, layer in enumerate(self.layers):
             if residual is None:
@@ -180,6 +185,9 @@ class Decoder:
         if commit:
             cache.prefilled(t)
         logits = None if logits_from is None else self.head(h[logits_from:])
+        cap = self.cfg.logit_softcap
+        if logits is not None and cap:
+            logits = cap * torch.tanh(logits / cap)
         features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
         return logits, features
 

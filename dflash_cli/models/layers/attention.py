@@ -52,6 +52,7 @@ class Attention:
     gated: bool = False  # output × sigmoid(gate)
     window: int | None = None  # sliding window (keys q - k < window), None: the whole context
     sinks: torch.Tensor | None = None  # [heads] fp32: one more logit in each head's softmax
+    rope: torch.Tensor | None = None  # this layer's own rope table (per-layer θ), else the step's
 
     @classmethod
     def take(cls, w: dict[str, torch.Tensor], p: str, c, slot: int, *, bias: bool = False, gated: bool = False,
@@ -77,7 +78,8 @@ class Attention:
             q, k, v = self.qkv(h).split([qd, kvd, kvd], dim=-1)
         cache_k, cache_v = cache.kv.k[self.slot], cache.kv.v[self.slot]
         q = ops.qk_norm_rope_cache(q.view(t, self.heads, hd), k.view(t, self.kv_heads, hd),
-                                   v.view(t, self.kv_heads, hd), self.q_norm, self.k_norm, self.eps, step.cos_sin,
+                                   v.view(t, self.kv_heads, hd), self.q_norm, self.k_norm, self.eps,
+                                   step.cos_sin if self.rope is None else self.rope,
                                    step.positions, cache_k, cache_v, offset=self.norm_offset)
         out = ops.attention(q, cache_k, cache_v, step.kv_len, causal=True, scale=hd**-0.5,
                             sliding_window=self.window, sinks=self.sinks)
