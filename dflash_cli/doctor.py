@@ -136,8 +136,9 @@ def _model_check(model: str, gpu: bool) -> Check:
     return Check(pair.alias, "ok" if ready else "warn", f"{detail}; {need / GiB:.1f} GiB needed, {free / GiB:.1f} GiB free")
 
 
-def gpu_memory_needed(pair, context: int = 4096) -> int | None:
-    """Bytes of GPU memory the pair needs in bfloat16 at `context` tokens (None: shape unknown)."""
+def gpu_memory_needed(pair, context: int = 4096, quantize: str | None = None) -> int | None:
+    """Bytes of GPU memory the pair needs at `context` tokens, its target in bfloat16 or in `quantize`
+    ("fp8", "int8", "int4": memory.quantized_bytes) and its drafter in bfloat16 (None: shape unknown)."""
     import torch
 
     from .engine import cache_slack
@@ -148,7 +149,20 @@ def gpu_memory_needed(pair, context: int = 4096) -> int | None:
         return None
     family, target, drafter, _ = configs(pair.alias)
     block = drafter.block_size
-    return needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block)).total(context)
+    return needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block), quantize).total(context)
+
+
+def target_weight_bytes(pair) -> int | None:
+    """Bytes of the pair's target weights in bfloat16 (None: shape unknown)."""
+    import torch
+
+    from .models.weights import table_bytes
+    from .synthetic import SHAPES, configs
+
+    if pair.alias not in SHAPES:
+        return None
+    family, target, _, _ = configs(pair.alias)
+    return table_bytes(family.weight_table(target), torch.bfloat16)
 
 
 def render_checks(checks: list[Check]) -> None:

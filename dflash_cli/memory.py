@@ -10,6 +10,7 @@ free, instead of an out-of-memory traceback halfway through loading.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +34,66 @@ class MemoryNeeds:
         return self.weights + self.fixed + self.workspace + (context + self.slack) * self.per_token
 
 
-def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int) -> MemoryNeeds:
-    """What a target of `family` and its drafter (or None) need, from their weight tables and caches."""
+def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int,
+              quantize: str | None = None) -> MemoryNeeds:
+    """What a target of `family` and its drafter (or None) need, from their weight tables and caches.
+    `quantize` ("fp8", "int8", "int4"): the target's projections in that format (`quantized_bytes`);
+    the drafter always stays in `dtype`."""
     from . import drafter
     from .models.weights import table_bytes
 
-    weights = table_bytes(family.weight_table(target_cfg), dtype)
+    table = family.weight_table(target_cfg)
+    weights = table_bytes(table, dtype) if quantize in (None, "bf16") else quantized_bytes(table, quantize, dtype)
     per_token, fixed = family.cache_bytes(target_cfg, dtype, block_size)
     if drafter_cfg is not None:
         weights += table_bytes(drafter.weight_table(drafter_cfg), dtype)
         per_token += drafter.cache_bytes(drafter_cfg, dtype)
     return MemoryNeeds(weights, per_token, fixed, workspace_bytes(target_cfg, block_size), slack)
+
+
+# Weight formats a target can be held in on the GPU ("bf16": as released). The drafter stays bf16.
+FORMATS = ("bf16", "fp8", "int8", "int4")
+INT4_GROUP = 128  # input columns per int4 scale (quantize at load; most int4 checkpoints use the same)
+FP8_BLOCK = 128  # rows and columns per FP8 scale (Qwen's fine-grained block format)
+# Never quantized (issue 25; what Qwen, GPTQ and AutoRound checkpoints keep in bf16): the embedding and the
+# head (the drafter reads both; DFlash2's selector needs the dense head), norms, routers and gates, Gated
+# DeltaNet's small in_proj_a/in_proj_b, A_log, dt_bias and conv. What is quantized: the projections.
+_KEPT = ("in_proj_a", "in_proj_b")
+
+
+def quantizable(w) -> bool:
+    """Whether the loader holds weight `w` (a `models.weights.Weight`) quantized when the target is: a
+    2-D or stacked-expert projection (`…proj….weight`: q_proj, in_proj_qkv, experts' down_proj) in the
+    run's dtype, not one of `_KEPT`."""
+    module, _, leaf = w.name.rpartition(".")
+    last = module.rpartition(".")[2]
+    return (w.dtype == "model" and len(w.shape) >= 2 and leaf == "weight" and "proj" in last
+            and last not in _KEPT)
+
+
+def quantized_weight_bytes(shape: tuple[int, ...], fmt: str) -> int:
+    """Bytes of one projection [..., out, in] held in `fmt`, scales and zero points included:
+    int4: codes packed eight to an int32 word, a bf16 scale and a uint8 zero point per group of
+    INT4_GROUP inputs (quant/int4.py's layout); int8: a byte per weight and an fp32 scale per output
+    row; fp8: a byte per weight and an fp32 scale per FP8_BLOCK × FP8_BLOCK block (quant/fp8.py)."""
+    *lead, out, inn = shape
+    stack = math.prod(lead)
+    if fmt == "int4":
+        groups = -(-inn // INT4_GROUP)
+        return stack * out * (-(-inn // 8) * 4 + groups * (2 + 1))
+    if fmt == "int8":
+        return stack * out * (inn + 4)
+    if fmt == "fp8":
+        return stack * (out * inn + -(-out // FP8_BLOCK) * -(-inn // FP8_BLOCK) * 4)
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def quantized_bytes(table, fmt: str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes a target's weight table takes with its projections in `fmt` and the rest as loaded."""
+    from .models.weights import table_bytes
+
+    kept = [w for w in table if not quantizable(w)]
+    return table_bytes(kept, dtype) + sum(quantized_weight_bytes(w.shape, fmt) for w in table if quantizable(w))
 
 
 # Fixed costs of running on a GPU at all, beside weights, caches and activations (gpu-review-2 F9): a
