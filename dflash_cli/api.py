@@ -44,6 +44,7 @@ class ModelOptions:
     block_size: int | None = None  # None: auto (chosen per iteration); a number pins it
     max_context: int | None = None  # None: what fits
     draft_window: int | None = None
+    quantize: str | None = None  # "int4" | "int8" | "fp8": the target quantized at load (cached on disk)
 
 
 def parse_block_size(value: str | int | None, flag: str = "--block-size") -> int | None:

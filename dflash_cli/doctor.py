@@ -142,14 +142,15 @@ def gpu_memory_needed(pair, context: int = 4096, quantize: str | None = None) ->
     import torch
 
     from .engine import cache_slack
-    from .memory import needs_for
+    from .memory import needs_for, quantized_bytes
     from .synthetic import SHAPES, configs
 
     if pair.alias not in SHAPES:
         return None
     family, target, drafter, _ = configs(pair.alias)
     block = drafter.block_size
-    return needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block), quantize).total(context)
+    weights = None if quantize in (None, "bf16") else quantized_bytes(family.weight_table(target), quantize)
+    return needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block), weights).total(context)
 
 
 def target_weight_bytes(pair) -> int | None:

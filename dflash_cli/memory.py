@@ -35,15 +35,14 @@ class MemoryNeeds:
 
 
 def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int,
-              quantize: str | None = None) -> MemoryNeeds:
+              target_weights: int | None = None) -> MemoryNeeds:
     """What a target of `family` and its drafter (or None) need, from their weight tables and caches.
-    `quantize` ("fp8", "int8", "int4"): the target's projections in that format (`quantized_bytes`);
-    the drafter always stays in `dtype`."""
+    `target_weights`: the target's bytes as its checkpoint stores them, where that is not its table in
+    `dtype` (a quantized target: packed words, scales and zeros; checkpoint.weight_bytes)."""
     from . import drafter
     from .models.weights import table_bytes
 
-    table = family.weight_table(target_cfg)
-    weights = table_bytes(table, dtype) if quantize in (None, "bf16") else quantized_bytes(table, quantize, dtype)
+    weights = table_bytes(family.weight_table(target_cfg), dtype) if target_weights is None else target_weights
     per_token, fixed = family.cache_bytes(target_cfg, dtype, block_size)
     if drafter_cfg is not None:
         weights += table_bytes(drafter.weight_table(drafter_cfg), dtype)
@@ -63,11 +62,11 @@ _KEPT = ("in_proj_a", "in_proj_b")
 
 def quantizable(w) -> bool:
     """Whether the loader holds weight `w` (a `models.weights.Weight`) quantized when the target is: a
-    2-D or stacked-expert projection (`…proj….weight`: q_proj, in_proj_qkv, experts' down_proj) in the
+    2-D or stacked-expert projection (q_proj, in_proj_qkv, experts' down_proj: a name with "proj") in the
     run's dtype, not one of `_KEPT`."""
-    module, _, leaf = w.name.rpartition(".")
+    module = w.name.removesuffix(".weight")  # transformers' fused experts have no ".weight": experts.down_proj
     last = module.rpartition(".")[2]
-    return (w.dtype == "model" and len(w.shape) >= 2 and leaf == "weight" and "proj" in last
+    return (w.dtype == "model" and len(w.shape) >= 2 and "proj" in last and not last.endswith("bias")
             and last not in _KEPT)
 
 

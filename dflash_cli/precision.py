@@ -103,3 +103,76 @@ def _explicit(pair: ModelPair, fmt: str, free: int | None, cached: frozenset[str
         size = catalog.download_bytes(pair, fmt, repo)
         return Choice(fmt, repo, note=f"running {pair.alias}'s {fmt} checkpoint {_download(size, repo.repo, cached)}")
     return Choice(fmt, at_load=True)
+
+
+GGUF = ("GGUF is not supported yet: dflash reads safetensors checkpoints (bf16, FP8, GPTQ, AWQ, compressed-tensors); "
+        "llama.cpp runs DFlash on GGUF (`--spec-type draft-dflash`); or name the safetensors model's Hub repo "
+        "(`dflash models`)")
+
+
+def check_not_gguf(*names: str | None) -> None:
+    """A `.gguf` file (or a directory holding only GGUF files) named as a model is one line and exit 2."""
+    from pathlib import Path
+
+    for name in names:
+        if name is None:
+            continue
+        path = Path(name).expanduser()
+        only_gguf = path.is_dir() and any(path.glob("*.gguf")) and not any(path.glob("*.safetensors"))
+        if name.strip().lower().endswith(".gguf") or only_gguf:
+            raise UsageError(f"{name}: {GGUF}")
+
+
+def apply(opts, requested: str | None, say=None):
+    """The ModelOptions to load with, after `--quantize requested`: the same (bf16), with `quantize` set
+    (the target quantized at load), or with the target swapped for a quantized checkpoint of it. `say`
+    gets the line that says what was taken (None: print it on stderr)."""
+    from dataclasses import replace
+
+    from . import registry
+
+    check_not_gguf(opts.model, opts.target, opts.drafter)
+    requested = parse(requested)
+    demo = opts.model is not None and opts.target is None and registry.is_demo(opts.model)
+    if requested in (None, "auto", "none") and (demo or opts.target is not None):
+        return opts  # nothing to decide: no sizes for a checkpoint of one's own, the demo runs on the CPU
+    pair = registry.resolve(opts.model) if opts.target is None and not demo else None
+    choice = choose(pair, requested, _free_memory(opts.device), cached=_cached(pair))
+    if choice.note:
+        (say or _stderr)(choice.note)
+    if choice.repo is not None:  # the pair's own drafter with the quantized target, as a --target/--drafter pair
+        return replace(opts, model=None, target=choice.repo.repo, drafter=None if opts.no_spec else
+                       (opts.drafter or pair.drafter))
+    if choice.at_load:
+        _check_quantize_at_load()
+        return replace(opts, quantize=choice.format)
+    return opts
+
+
+def _free_memory(device: str) -> int | None:
+    from . import loader
+    from .memory import free_device_memory
+
+    return free_device_memory(loader.resolve_device(device))
+
+
+def _cached(pair: ModelPair | None) -> frozenset[str]:
+    if pair is None:
+        return frozenset()
+    repos = [pair.target, *(q.repo for q in pair.quantized if q.official)]
+    return frozenset(r for r in repos if hub.local_path(r) is not None)
+
+
+def _check_quantize_at_load() -> None:
+    """Quantizing at load is dflash_cli/quant/cache.py (its own change): a build without it says so."""
+    from importlib.util import find_spec
+
+    if find_spec("dflash_cli.quant.cache") is None:
+        raise DflashError("quantizing a target at load is not in this build of dflash: use a quantized "
+                          "checkpoint (--target REPO, see `dflash models --json`) or --quantize none")
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(f"dflash: {line}", file=sys.stderr)
