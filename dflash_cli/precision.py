@@ -48,9 +48,10 @@ def _gib(n: int) -> str:
 
 
 def _download(n: int | None, repo: str, cached: frozenset[str]) -> str:
+    """"Qwen/X (a 29.5 GB download)", or "(downloaded)" when it is in the cache."""
     if repo in cached:
-        return f"{repo}, downloaded"
-    return f"{repo}, a {hub.format_size(n)} download" if n else repo
+        return f"{repo} (downloaded)"
+    return f"{repo} (a {hub.format_size(n)} download)" if n else repo
 
 
 def choose(pair: ModelPair | None, requested: str | None, free: int | None, *,
@@ -74,15 +75,15 @@ def choose(pair: ModelPair | None, requested: str | None, free: int | None, *,
         need = catalog.gpu_memory(pair, fmt, repo) if repo else None
         if need is not None and need <= free:
             size = catalog.download_bytes(pair, fmt, repo)
-            return Choice(fmt, repo, note=f"{said}: running {fmt} checkpoint {_download(size, repo.repo, cached)} "
-                                          f"({_gib(need)}); --quantize none|int8|int4|fp8 overrides")
+            return Choice(fmt, repo, note=f"{said}: running its {fmt} checkpoint {_download(size, repo.repo, cached)}, "
+                                          f"{_gib(need)}; --quantize none|int8|int4|fp8 overrides")
     for fmt in ("int8", "int4"):
         need = catalog.gpu_memory(pair, fmt)
         if need <= free:
             size = catalog.download_bytes(pair)
             return Choice(fmt, at_load=True, note=(
-                f"{said}: quantizing {_download(size, pair.target, cached)} to {fmt} at load ({_gib(need)}; "
-                f"cached for the next load); --quantize none|int8|int4|fp8 overrides"))
+                f"{said}: quantizing {_download(size, pair.target, cached)} to {fmt} at load, {_gib(need)} "
+                f"(cached for the next load); --quantize none|int8|int4|fp8 overrides"))
     least = catalog.gpu_memory(pair, "int4")
     raise DflashError(f"{said}, and even in int4 it needs {_gib(least)}: close other GPU programs, "
                       "or pick a smaller model (dflash models)")
