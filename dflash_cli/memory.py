@@ -91,6 +91,8 @@ def quantized_bytes(table, fmt: str, dtype: torch.dtype = torch.bfloat16) -> int
     """Bytes a target's weight table takes with its projections in `fmt` and the rest as loaded."""
     from .models.weights import table_bytes
 
+    if fmt == "bf16":  # as released
+        return table_bytes(table, dtype)
     kept = [w for w in table if not quantizable(w)]
     return table_bytes(kept, dtype) + sum(quantized_weight_bytes(w.shape, fmt) for w in table if quantizable(w))
 
