@@ -149,9 +149,11 @@ def model_rows(gpu: tuple[str, int] | None = None) -> list[dict]:
 
 
 def _by_format(p: registry.ModelPair) -> dict[str, int] | None:
+    """GPU memory per format: quantized at load, or the official checkpoint in that format where it is smaller."""
     if gpu_memory(p) is None:
         return None
-    return {f: gpu_memory(p, f, p.official(f) if f in ("fp8", "int4") else None) for f in FORMATS}
+    return {f: min(gpu_memory(p, f), gpu_memory(p, f, p.official(f)) if p.official(f) else gpu_memory(p, f))
+            for f in FORMATS}
 
 
 def _status(r: dict) -> str:
@@ -186,7 +188,7 @@ def render_models(rows: list[dict], gpu: tuple[str, int] | None = None) -> None:
     Console().print(table)
     seen = f"green: fits this {gpu[0]} ({gpu[1] / 2**30:.0f} GiB)" if gpu is not None else "no GPU seen here"
     Console().print(f"GPU GiB: memory to run the pair with a 4K-token context, its target in bfloat16/FP8/int4 "
-                    f"or int4 (Qwen's own checkpoint where there is one, else quantized at load: --quantize) and its "
+                    f"or int4 (quantized at load, or the official checkpoint where that is smaller: --quantize) and its "
                     f"drafter in bfloat16; {seen}. `serve --engine`: the pair needs several GPUs and runs in SGLang or "
                     "vLLM. Targets, drafters and quantized checkpoints: `dflash models --json`. "
                     "Any pair: --target ID|DIR --drafter ID|DIR.", highlight=False)

@@ -250,3 +250,24 @@ def test_doctor_names_what_auto_runs_for_a_pair_that_does_not_fit_in_bf16():
     with stand_in(free=40 * GiB, total=40 * GiB):
         check = doctor._model_check("qwen3.6-27b", True)
     assert "runs as its fp8 checkpoint Qwen/Qwen3.6-27B-FP8" in check.detail and check.status == "warn"
+
+
+def test_the_readme_models_table_is_what_dflash_computes():
+    """Each row's GiB in bf16/FP8/int4 are `dflash models`' numbers, and its 24 GB column what auto takes
+    with 23 GiB free."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.partition("| pair | bf16 | FP8 | int4 | 24 GB card |")[2].partition("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert len(rows) == len(catalog.GPU_MEMORY)
+    for alias, bf16, fp8, int4, card, _ in rows:
+        pair = registry.resolve(alias.strip("`"))
+        needs = catalog._by_format(pair)
+        assert [bf16, fp8, int4] == [f"{needs[f] / GiB:.1f}" for f in ("bf16", "fp8", "int4")], alias
+        try:
+            choice = precision.choose(pair, None, 23 * GiB)
+        except DflashError:
+            assert card == "no", alias
+            continue
+        assert card.startswith(choice.format) and (choice.repo is None or choice.repo.repo in card), alias
