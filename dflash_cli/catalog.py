@@ -1,8 +1,10 @@
 """`dflash models`: the registry joined with what the Hugging Face cache holds.
 
-It imports neither torch nor the model code: the GPU memory each pair needs is `GPU_MEMORY`, what
-`doctor.gpu_memory_needed` computes (tests/test_cli_models.py checks that they agree), so that the
-list prints in about a second rather than after torch's import."""
+It imports neither torch nor the model code: the GPU memory each pair needs, with its target in bf16,
+fp8, int8 or int4, is `GPU_MEMORY`, what `doctor.gpu_memory_needed` computes (tests/test_cli_models.py
+checks that they agree), so that the list prints in about a second rather than after torch's import;
+the GPU it is sized against comes from cuda.py when torch is loaded already, else from nvidia-smi.
+precision.py decides `--quantize` from the same numbers."""
 from __future__ import annotations
 
 import os
