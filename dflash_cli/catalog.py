@@ -19,19 +19,19 @@ from . import hub, registry
 # Regenerate with `python -c "from dflash_cli.catalog import measured; print(measured())"`.
 FORMATS = ("bf16", "fp8", "int8", "int4")  # memory.FORMATS, without importing torch
 _MEASURED = {
-    "qwen3-4b": (10799521280, 7167092480, 7170629120, 5434703360, 8044936192),
-    "qwen3-8b": (20222155264, 13278083584, 13281991168, 9966295552, 16381470720),
-    "llama3.1-8b": (20046498304, 13068880384, 13072681472, 9741093376, 16060522496),
-    "qwen3-coder-30b-a3b": (63394695168, 33504995328, 33587152896, 19249907712, 61064245248),
-    "gpt-oss-20b": (16742969344, 16106118400, 16106727424, 15802568704, 13761550080),
-    "gpt-oss-120b": (68427237376, 67471960960, 67472874496, 67016636416, 65249240832),
-    "qwen3.5-4b": (10870295040, 7306007040, 7309658624, 5606115840, 8411852800),
-    "qwen3.5-9b": (21502243328, 14591717888, 14595731968, 11295928832, 17908156416),
-    "qwen3.5-27b": (59330216448, 35009192448, 35018850816, 23409934848, 53793355776),
-    "qwen3.5-35b-a3b": (71602010624, 37992871424, 38113155584, 21963897344, 69321574912),
-    "qwen3.6-27b": (59330216448, 35009192448, 35018850816, 23409934848, 53793355776),
-    "qwen3.6-35b-a3b": (71602010624, 37992871424, 38113155584, 21963897344, 69321574912),
-    "qwen3.8-27b": (59474559488, 35153535488, 35163193856, 23554277888, 53793355776),
+    "qwen3-4b": (10799521280, 7168417280, 7168417280, 5406318080, 8044936192),
+    "qwen3-8b": (20222155264, 13279189504, 13279189504, 9912031744, 16381470720),
+    "llama3.1-8b": (20046498304, 13069928960, 13069928960, 9686567424, 16060522496),
+    "qwen3-coder-30b-a3b": (63394695168, 33542424576, 33542424576, 19016337408, 61064245248),
+    "gpt-oss-20b": (16742969344, 16106343424, 16106343424, 15797530624, 13761550080),
+    "gpt-oss-120b": (68427237376, 67472298496, 67472298496, 67009079296, 65249240832),
+    "qwen3.5-4b": (10870295040, 7307397632, 7307397632, 5578263040, 8411852800),
+    "qwen3.5-9b": (21502243328, 14592881152, 14592881152, 11241927168, 17908156416),
+    "qwen3.5-27b": (59330216448, 35011052032, 35011052032, 23219880448, 53793355776),
+    "qwen3.5-35b-a3b": (71602010624, 38048909824, 38048909824, 21701261824, 69321574912),
+    "qwen3.6-27b": (59330216448, 35011052032, 35011052032, 23219880448, 53793355776),
+    "qwen3.6-35b-a3b": (71602010624, 38048909824, 38048909824, 21701261824, 69321574912),
+    "qwen3.8-27b": (59474559488, 35155395072, 35155395072, 23364223488, 53793355776),
 }
 GPU_MEMORY = {alias: dict(zip(FORMATS, row)) for alias, row in _MEASURED.items()}  # alias → format → bytes
 TARGET_WEIGHTS = {alias: row[-1] for alias, row in _MEASURED.items()}  # the target's bf16 weights (its download)
@@ -49,11 +49,14 @@ def measured() -> dict[str, tuple[int, ...]]:
     return rows
 
 
+NOT_QUANTIZED = ("gpt-oss",)  # families quantize.py refuses (gpt-oss: its experts ship MXFP4 already)
+
+
 def gpu_memory(pair: registry.ModelPair, fmt: str = "bf16", repo: registry.QuantRepo | None = None) -> int | None:
     """GPU memory the pair needs with its target in `fmt` (None: unknown): quantized at load, or the
     checkpoint `repo`, whose published size replaces the estimate where the registry gives one."""
     needs = GPU_MEMORY.get(pair.alias)
-    if needs is None or not pair.supported:
+    if needs is None or not pair.supported or (fmt != "bf16" and pair.kind in NOT_QUANTIZED):
         return None
     if repo is not None and repo.gb is not None:
         return needs["bf16"] - TARGET_WEIGHTS[pair.alias] + int(repo.gb * 1e9)
@@ -154,8 +157,9 @@ def _by_format(p: registry.ModelPair) -> dict[str, int] | None:
     """GPU memory per format: quantized at load, or the official checkpoint in that format where it is smaller."""
     if gpu_memory(p) is None:
         return None
-    return {f: min(gpu_memory(p, f), gpu_memory(p, f, p.official(f)) if p.official(f) else gpu_memory(p, f))
-            for f in FORMATS}
+    options = {f: [n for n in (gpu_memory(p, f), p.official(f) and gpu_memory(p, f, p.official(f))) if n]
+               for f in FORMATS}
+    return {f: min(ns) if ns else None for f, ns in options.items()}
 
 
 def _status(r: dict) -> str:
@@ -204,5 +208,5 @@ def _memory_cell(r: dict) -> str:
     needs = r["gpu_memory_formats"]
     if not needs:
         return ""
-    cells = [f"{needs[f] / 2**30:.0f}" for f in SHOWN]
+    cells = [f"{needs[f] / 2**30:.0f}" if needs[f] else "-" for f in SHOWN]
     return "/".join(f"[green]{c}[/green]" if r["fits"] and f in r["fits"] else c for f, c in zip(SHOWN, cells))

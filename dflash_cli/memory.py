@@ -53,7 +53,6 @@ def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: i
 # Weight formats a target can be held in on the GPU ("bf16": as released). The drafter stays bf16.
 FORMATS = ("bf16", "fp8", "int8", "int4")
 INT4_GROUP = 128  # input columns per int4 scale (quantize at load; most int4 checkpoints use the same)
-FP8_BLOCK = 128  # rows and columns per FP8 scale (Qwen's fine-grained block format)
 # Never quantized (issue 25; what Qwen, GPTQ and AutoRound checkpoints keep in bf16): the embedding and the
 # head (the drafter reads both; DFlash2's selector needs the dense head), norms, routers and gates, Gated
 # DeltaNet's small in_proj_a/in_proj_b, A_log, dt_bias and conv. What is quantized: the projections.
@@ -71,19 +70,17 @@ def quantizable(w) -> bool:
 
 
 def quantized_weight_bytes(shape: tuple[int, ...], fmt: str) -> int:
-    """Bytes of one projection [..., out, in] held in `fmt`, scales and zero points included:
-    int4: codes packed eight to an int32 word, a bf16 scale and a uint8 zero point per group of
-    INT4_GROUP inputs (quant/int4.py's layout); int8: a byte per weight and an fp32 scale per output
-    row; fp8: a byte per weight and an fp32 scale per FP8_BLOCK × FP8_BLOCK block (quant/fp8.py)."""
+    """Bytes of one projection [..., out, in] held in `fmt` as quantizing at load writes it (quant/quantize.py),
+    scales included: int4: codes packed eight to an int32 word and a bf16 scale per group of INT4_GROUP
+    inputs, symmetric (an asymmetric checkpoint adds a byte of zero point per group, about 0.2%);
+    int8 and fp8: a byte per weight and a bf16 scale per output row (Qwen's FP8 blocks of 128 × 128 hold
+    fewer scales)."""
     *lead, out, inn = shape
     stack = math.prod(lead)
     if fmt == "int4":
-        groups = -(-inn // INT4_GROUP)
-        return stack * out * (-(-inn // 8) * 4 + groups * (2 + 1))
-    if fmt == "int8":
-        return stack * out * (inn + 4)
-    if fmt == "fp8":
-        return stack * (out * inn + -(-out // FP8_BLOCK) * -(-inn // FP8_BLOCK) * 4)
+        return stack * out * (-(-inn // 8) * 4 + -(-inn // INT4_GROUP) * 2)
+    if fmt in ("int8", "fp8"):
+        return stack * out * (inn + 2)
     raise ValueError(f"unknown weight format {fmt!r}")
 
 

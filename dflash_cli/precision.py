@@ -79,14 +79,14 @@ def choose(pair: ModelPair | None, requested: str | None, free: int | None, *,
                                           f"{_gib(need)}; --quantize none|int8|int4|fp8 overrides")
     for fmt in ("int8", "int4"):
         need = catalog.gpu_memory(pair, fmt)
-        if need <= free:
+        if need is not None and need <= free:
             size = catalog.download_bytes(pair)
             return Choice(fmt, at_load=True, note=(
                 f"{said}: quantizing {_download(size, pair.target, cached)} to {fmt} at load, {_gib(need)} "
                 f"(cached for the next load); --quantize none|int8|int4|fp8 overrides"))
     least = catalog.gpu_memory(pair, "int4")
-    raise DflashError(f"{said}, and even in int4 it needs {_gib(least)}: close other GPU programs, "
-                      "or pick a smaller model (dflash models)")
+    smallest = f"even in int4 it needs {_gib(least)}" if least else f"dflash does not quantize {pair.kind} targets"
+    raise DflashError(f"{said}, and {smallest}: close other GPU programs, or pick a smaller model (dflash models)")
 
 
 def _explicit(pair: ModelPair, fmt: str, free: int | None, cached: frozenset[str]) -> Choice:
@@ -95,8 +95,11 @@ def _explicit(pair: ModelPair, fmt: str, free: int | None, cached: frozenset[str
     one that does."""
     repo = pair.official(fmt)
     need = catalog.gpu_memory(pair, fmt, repo)
+    if need is None:
+        raise UsageError(f"--quantize {fmt}: dflash does not quantize {pair.kind} targets ({pair.alias}); "
+                         "use --quantize none")
     if free is not None and need > free:
-        fits = [f for f in ("fp8", "int8", "int4") if catalog.gpu_memory(pair, f, pair.official(f)) <= free]
+        fits = [f for f in ("fp8", "int8", "int4") if (catalog.gpu_memory(pair, f, pair.official(f)) or free + 1) <= free]
         hint = f": --quantize {fits[0]} fits" if fits else ": close other GPU programs, or pick a smaller model"
         raise DflashError(f"--quantize {fmt}: {pair.alias} needs {_gib(need)} of GPU memory, "
                           f"{_gib(free)} is free{hint}")
@@ -145,7 +148,6 @@ def apply(opts, requested: str | None, say=None):
         return replace(opts, model=None, target=choice.repo.repo, drafter=None if opts.no_spec else
                        (opts.drafter or pair.drafter))
     if choice.at_load:
-        _check_quantize_at_load()
         return replace(opts, quantize=choice.format)
     return opts
 
@@ -162,15 +164,6 @@ def _cached(pair: ModelPair | None) -> frozenset[str]:
         return frozenset()
     repos = [pair.target, *(q.repo for q in pair.quantized if q.official)]
     return frozenset(r for r in repos if hub.local_path(r) is not None)
-
-
-def _check_quantize_at_load() -> None:
-    """Quantizing at load is dflash_cli/quant/cache.py (its own change): a build without it says so."""
-    from importlib.util import find_spec
-
-    if find_spec("dflash_cli.quant.cache") is None:
-        raise DflashError("quantizing a target at load is not in this build of dflash: use a quantized "
-                          "checkpoint (--target REPO, see `dflash models --json`) or --quantize none")
 
 
 def _stderr(line: str) -> None:

@@ -133,14 +133,14 @@ def test_only_projections_are_quantized():
 
 
 def test_quantized_projection_bytes_are_the_layouts():
-    """int4: eight codes per int32 word, a bf16 scale and a uint8 zero point per 128 inputs; int8: a byte a
-    weight and an fp32 scale a row; fp8: a byte a weight and an fp32 scale per 128×128 block."""
+    """As quantizing at load writes them: int4, eight codes per int32 word and a bf16 scale per 128 inputs
+    (symmetric); int8 and fp8, a byte a weight and a bf16 scale a row."""
     from dflash_cli.memory import quantized_weight_bytes
 
-    assert quantized_weight_bytes((256, 512), "int4") == 256 * (512 // 2 + 4 * 3)
-    assert quantized_weight_bytes((4, 256, 512), "int4") == 4 * 256 * (512 // 2 + 4 * 3)  # stacked experts
-    assert quantized_weight_bytes((256, 512), "int8") == 256 * (512 + 4)
-    assert quantized_weight_bytes((300, 512), "fp8") == 300 * 512 + 3 * 4 * 4  # partial edge blocks count
+    assert quantized_weight_bytes((256, 512), "int4") == 256 * (512 // 2 + 4 * 2)
+    assert quantized_weight_bytes((4, 256, 512), "int4") == 4 * 256 * (512 // 2 + 4 * 2)  # stacked experts
+    assert quantized_weight_bytes((256, 520), "int4") == 256 * (65 * 4 + 5 * 2)  # a partial word and group
+    assert quantized_weight_bytes((256, 512), "int8") == quantized_weight_bytes((256, 512), "fp8") == 256 * 514
 
 
 def test_qwen36_27b_in_int4_fits_a_24gb_card_where_fp8_does_not():

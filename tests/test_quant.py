@@ -408,11 +408,15 @@ def test_unsupported_variants_are_refused_by_name_in_one_line(quant, says):
     assert says in str(e.value) and "\n" not in str(e.value) and "dflash reads" in str(e.value)
 
 
-def test_quantization_formats_table_still_refuses_every_method_for_every_family():
-    """The loader is not wired yet: config.py keeps refusing these checkpoints before a weight is read."""
+def test_quantization_formats_table_runs_int4_and_fp8_on_every_family_but_gpt_oss():
+    """The loader reads them for every family whose projections go through take_linear (the runs:
+    tests/test_quant_models.py); gpt-oss and the formats dflash does not read stay refused by name."""
     from dflash_cli.config import QUANTIZATION_FORMATS
-    for method in ("compressed-tensors", "gptq", "awq", "fp8"):
-        assert QUANTIZATION_FORMATS[method][1] == ()
+    from dflash_cli.models import FAMILIES
+    for method in ("compressed-tensors", "gptq", "awq", "fp8", "auto-round"):
+        assert set(QUANTIZATION_FORMATS[method][1]) == set(FAMILIES) - {"gpt_oss"}, method
+    for method in ("fbgemm_fp8", "bitsandbytes", "gguf", "hqq", "eetq", "torchao"):
+        assert QUANTIZATION_FORMATS[method][1] == (), method
 
 
 # ---- compressed-tensors' own packers (test-only dependency) ----

@@ -4,8 +4,9 @@ on-disk format; int4.py and fp8.py hold the layouts. Kernels and the model wirin
 takes a projection through `take_quantized` before falling back to its dense weight."""
 from .fp8 import Fp8Linear
 from .int4 import Int4Linear, pack_int4_rows, unpack_int4_rows
+from .int8 import Int8Linear
 from .plan import QuantPlan, WeightScheme, plan_of
 from .readers import STORED, read_projection, stored_shapes, take_quantized
 
-__all__ = ["Fp8Linear", "Int4Linear", "QuantPlan", "STORED", "WeightScheme", "pack_int4_rows", "plan_of",
+__all__ = ["Fp8Linear", "Int4Linear", "Int8Linear", "QuantPlan", "STORED", "WeightScheme", "pack_int4_rows", "plan_of",
            "read_projection", "stored_shapes", "take_quantized", "unpack_int4_rows"]
