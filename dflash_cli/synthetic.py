@@ -183,15 +183,43 @@ def configs(name: str):
 
 
 def random_pair(name: str, dtype: torch.dtype, device: torch.device, positions: int, quantize: str | None = None):
-    """A target and drafter of shape `name` with random weights (the families' tables, on `device`)."""
-    if quantize is not None:  # random packed weights need the quantized layer seam (issue 25, not wired here yet)
-        raise DflashError(f"synthetic {name} fits in {quantize}, but timing a quantized synthetic target is not "
-                          "in this build yet: time its bf16 shape, or a quantized checkpoint with `dflash bench`")
+    """A target and drafter of shape `name` with random weights (the families' tables, on `device`);
+    `quantize` ("int4", "int8", "fp8"): the target's projections quantized as `--quantize` writes them."""
     family, t, d, _ = configs(name)
-    # Experts drawn in the fused layout the model keeps (per-expert tensors would be stacked: twice the memory).
-    target = family.build(t, random_weights(family.weight_table(t, "fused"), dtype=dtype, device=device), positions)
+    if quantize is not None:
+        weights = random_quantized_weights(family, t, quantize, dtype, device)
+    else:  # experts drawn in the fused layout the model keeps (per-expert tensors would be stacked: twice the memory)
+        weights = random_weights(family.weight_table(t, "fused"), dtype=dtype, device=device)
+    target = family.build(t, weights, positions)
     w = random_weights(drafter_module.weight_table(d), seed=1, dtype=dtype, device=device)
     return target, Drafter.from_weights(d, w, target.embed, target.lm_head, positions)
+
+
+def random_quantized_weights(family, cfg, scheme: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Random weights with every projection quantized by quant/quantize.py (RTN: no scale search), one tensor
+    at a time on `device` (a 27B is never whole in bf16), read as a compressed-tensors checkpoint of them
+    would be: the packed tensors, and `Tensors.quantized` naming each projection's scheme. Experts are drawn
+    one by one, as checkpoints that quantize them store them."""
+    from .models.layers.linear import Tensors
+    from .models.weights import random_tensor
+    from .quant.plan import plan_of
+    from .quant.quantize import is_projection, quantization_config, quantize_weight
+
+    if any(w.dtype == "raw" for w in family.weight_table(cfg)):
+        raise DflashError(f"--quantize {scheme}: this family's experts are stored quantized already (MXFP4)")
+    g = torch.Generator(device=device).manual_seed(seed)
+    out, widths, plain = {}, {}, set()
+    for w in family.weight_table(cfg, "per-expert"):
+        drawn, module = random_tensor(w, g), w.name.removesuffix(".weight")
+        if w.name.endswith(".weight") and len(w.shape) == 2 and w.dtype == "model" and is_projection(module):
+            out |= {f"{module}.{key}": v for key, v in quantize_weight(drawn, scheme, dtype, search=False).items()}
+            widths[module] = w.shape[1]
+        else:
+            out[w.name] = drawn.to(torch.float32 if w.dtype == "float32" else dtype)
+            plain.add(module)
+        del drawn
+    plan = plan_of({"quantization_config": quantization_config(scheme, list(widths), widths, plain)})
+    return Tensors(out, quantized={m: plan.scheme_for(m) for m in widths})
 
 
 def host_memory() -> int:

@@ -211,6 +211,37 @@ def test_gpt_oss_is_not_quantized():
     assert catalog._by_format(oss) == {"bf16": catalog.gpu_memory(oss), "fp8": None, "int8": None, "int4": None}
 
 
+@pytest.mark.parametrize("shape, scheme", [("tiny", "int4"), ("tiny-hybrid", "fp8"), ("tiny-moe", "int8")])
+def test_bench_synthetic_runs_a_quantized_target(shape, scheme):
+    """The projections are the quantized kinds (every expert too), the plan and the roofline count their
+    packed bytes, and the timing runs (on the CPU: the torch references)."""
+    import torch
+
+    from dflash_cli import synthetic
+    from dflash_cli.quant import Fp8Linear, Int4Linear
+    from dflash_cli.quant.int8 import Int8Linear
+
+    kind = {"int4": Int4Linear, "int8": Int8Linear, "fp8": Fp8Linear}[scheme]
+    family, cfg, _, _ = synthetic.configs(shape)
+    weights = synthetic.random_quantized_weights(family, cfg, scheme, torch.float32, torch.device("cpu"))
+    assert weights.quantized and all("proj" in m.rpartition(".")[2] for m in weights.quantized)
+    assert weights["model.embed_tokens.weight"].dtype == torch.float32  # kept as it is, as the head (tied or not)
+    assert not any(m.startswith(("lm_head", "model.embed_tokens")) for m in weights.quantized)
+    target = family.build(cfg, weights, 64)
+    kinds = {type(v) for layer in target.layers for v in vars(layer).values()} | \
+        {type(v) for layer in target.layers for part in vars(layer).values() for v in getattr(part, "__dict__", {}).values()}
+    assert kind in kinds, kinds
+    report = synthetic.run_synthetic(shape, device=torch.device("cpu"), dtype=torch.float32, context=32, iters=2,
+                                     quantize=scheme)
+    assert report.quantize == scheme and report.decode_s > 0
+    assert report.weight_bytes < 0.5 * synthetic.weight_bytes(shape, torch.float32)
+
+
+def test_bench_synthetic_quantize_auto_is_a_usage_error(capsys):
+    assert main(["bench", "--synthetic", "tiny", "--quantize", "auto"]) == 2
+    assert "--synthetic times the format it is given" in capsys.readouterr().err
+
+
 def test_serve_hands_off_no_quantize_to_an_engine(capsys):
     assert main(["serve", "--engine", "vllm", "qwen3-8b", "--quantize", "int4", "--dry-run"]) == 2
     assert "--quantize applies to dflash's own engine" in capsys.readouterr().err
