@@ -138,6 +138,8 @@ def apply(opts, requested: str | None, say=None):
     check_not_gguf(opts.model, opts.target, opts.drafter)
     requested = parse(requested)
     demo = opts.model is not None and opts.target is None and registry.is_demo(opts.model)
+    if opts.model is None and opts.target is None:
+        return opts  # no model named: the resolver says so
     if requested in (None, "auto", "none") and (demo or opts.target is not None):
         return opts  # nothing to decide: no sizes for a checkpoint of one's own, the demo runs on the CPU
     pair = registry.resolve(opts.model) if opts.target is None and not demo else None

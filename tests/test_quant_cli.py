@@ -110,6 +110,11 @@ def test_a_gguf_model_is_one_line_and_exit_2(capsys, args):
     assert "Traceback" not in err
 
 
+def test_no_model_is_still_the_resolver_s_one_line(capsys):
+    assert main(["run", "-p", "x"]) == 2
+    assert capsys.readouterr().err == "Error: name a model (see `dflash models`), or give --target and --drafter\n"
+
+
 def test_a_directory_of_gguf_files_is_refused_the_same_way(capsys, tmp_path):
     (tmp_path / "Qwen3.6-27B-Q4_K_M.gguf").write_bytes(b"GGUF")
     assert main(["run", "--target", str(tmp_path), "-p", "x", "--no-spec"]) == 2
