@@ -66,7 +66,7 @@ def _int4(repo: str, layout: str, *, official: bool = False, verified: bool = Fa
 
 QUANTIZED: dict[str, tuple[QuantRepo, ...]] = {
     "qwen3-4b": (_fp8("Qwen/Qwen3-4B-FP8"), _int4("Qwen/Qwen3-4B-AWQ", "awq", official=True)),
-    "qwen3-8b": (_fp8("Qwen/Qwen3-8B-FP8"), _int4("Qwen/Qwen3-8B-AWQ", "awq", official=True)),
+    "qwen3-8b": (_fp8("Qwen/Qwen3-8B-FP8", verified=True), _int4("Qwen/Qwen3-8B-AWQ", "awq", official=True, verified=True)),
     # Meta publishes none; the base weights are the same as Meta-Llama-3.1-8B-Instruct's.
     "llama3.1-8b": (QuantRepo("RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8", "fp8", "compressed-tensors"),
                     _int4("RedHatAI/Meta-Llama-3.1-8B-Instruct-quantized.w4a16", "compressed-tensors", verified=True),
