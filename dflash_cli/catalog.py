@@ -99,6 +99,8 @@ def gpu_seen() -> tuple[str, int] | None:
 
 
 def _nvidia_smi() -> tuple[str, int] | None:
+    """(name, total bytes) of the first GPU CUDA_VISIBLE_DEVICES names (nvidia-smi counts in PCI order, which
+    CUDA also uses with CUDA_DEVICE_ORDER=PCI_BUS_ID), or None."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     index = 0
     if visible is not None:
