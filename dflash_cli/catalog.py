@@ -196,8 +196,8 @@ def render_models(rows: list[dict], gpu: tuple[str, int] | None = None) -> None:
     Console().print(table)
     seen = f"green: fits this {gpu[0]} ({gpu[1] / 2**30:.0f} GiB)" if gpu is not None else "no GPU seen here"
     Console().print(f"GPU GiB: memory to run the pair with a 4K-token context, its target in bfloat16/FP8/int4 "
-                    f"or int4 (quantized at load, or the official checkpoint where that is smaller: --quantize) and its "
-                    f"drafter in bfloat16; {seen}. `serve --engine`: the pair needs several GPUs and runs in SGLang or "
+                    f"(FP8 and int4 quantized at load, or the official checkpoint where that is smaller: --quantize) "
+                    f"and its drafter in bfloat16; {seen}. `serve --engine`: the pair needs several GPUs and runs in SGLang or "
                     "vLLM. Targets, drafters and quantized checkpoints: `dflash models --json`. "
                     "Any pair: --target ID|DIR --drafter ID|DIR.", highlight=False)
 
