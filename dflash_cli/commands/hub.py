@@ -31,16 +31,19 @@ def pull(model: str = typer.Argument(..., help="Model alias, or a Hugging Face r
 
 
 def models(json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
-    """List the released DFlash pairs: aliases, whether this version runs them, what is downloaded."""
+    """List the released DFlash pairs: aliases, whether this version runs them, what is downloaded.
+
+    GPU GiB: the memory each needs with its target in bfloat16, FP8 and int4; green where it fits the GPU seen here."""
     import json
 
-    from ..catalog import model_rows, render_models
+    from ..catalog import gpu_seen, model_rows, render_models
 
-    rows = model_rows()
+    gpu = gpu_seen()
+    rows = model_rows(gpu)
     if json_out:
         typer.echo(json.dumps(rows))
     else:
-        render_models(rows)
+        render_models(rows, gpu)
 
 
 def rm(
