@@ -11,7 +11,7 @@ cache's `commit(plan)` decides which of them do (a verify block).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -53,8 +53,10 @@ class DecoderConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    logit_softcap: float | None = field(default=None, kw_only=True)  # the head's logits: cap · tanh(z / cap)
 
     prefill_scratch = 0  # bytes a prefill allocates beyond its activations (memory.workspace_bytes)
+    embed_scale = 1.0  # the embedding's rows times this (Gemma: √hidden, rounded to the weights' dtype)
 
     @property
     def activation_width(self) -> int:
@@ -127,6 +129,7 @@ class Decoder:
         self.embed = w.pop(prefix + "embed_tokens.weight")
         self.norm = RMSNorm.take(w, prefix + "norm.weight", eps, norm_style)
         self.lm_head = w.pop("lm_head.weight", self.embed)  # the embedding when tied
+        self.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=self.embed.dtype))  # as transformers rounds it
         self.head: Linear = Dense(self.lm_head)
         self.layers: list[Layer] = []
         for i in range(cfg.num_layers):
@@ -162,6 +165,19 @@ class Decoder:
         step = StepPlan(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
         wanted = {layer: None for layer in feature_layers}
         x = F.embedding(ids, self.embed)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        h = self.run_layers(x, cache, step, wanted)
+        if commit:
+            cache.prefilled(t)
+        logits = None if logits_from is None else self.logits(h[logits_from:])
+        features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
+        return logits, features
+
+    def run_layers(self, x: torch.Tensor, cache, step: StepPlan, wanted: dict[int, torch.Tensor | None]
+                   ) -> torch.Tensor:
+        """The embedded tokens x [T, H] through every layer and the final norm; fills `wanted[i]` with
+        layer i's output (a family with another residual flow overrides this)."""
         residual = None
         for i, layer in enumerate(self.layers):
             if residual is None:
@@ -177,11 +193,13 @@ class Decoder:
         h, residual = self.norm(x, residual)
         if len(self.layers) - 1 in wanted:
             wanted[len(self.layers) - 1] = residual
-        if commit:
-            cache.prefilled(t)
-        logits = None if logits_from is None else self.head(h[logits_from:])
-        features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
-        return logits, features
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's logits of final hidden states h, soft-capped where the config says."""
+        logits = self.head(h)
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def commit(self, cache, plan: CommitPlan | int | torch.Tensor) -> None:
         """The plan's tokens of the last forward join the sequence (the cache's own commit)."""

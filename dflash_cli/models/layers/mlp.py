@@ -1,4 +1,4 @@
-"""The MLPs: SwiGLU, the mixture of experts (router variants as parameters, an optional gated shared
+"""The MLPs: SwiGLU, GELU-tanh gated (Gemma 4, with its router and experts), the mixture of experts (router variants as parameters, an optional gated shared
 expert), and gpt-oss's experts (biases, the clamped SwiGLU, MXFP4 blocks). Their weight tables.
 
 Two MoE layouts are released: per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj.weight`
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ... import ops
 from ..weights import Weight
@@ -39,6 +40,84 @@ class SwiGLU:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(ops.swiglu(self.gate_up(h)))
+
+
+@dataclass
+class GeluGLU:
+    """gelu_tanh(gate x) ⊙ (up x), then down (Gemma's MLP): the SwiGLU's layout, another activation."""
+
+    gate_up: Linear
+    down: Linear
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str) -> "GeluGLU":
+        return cls(take_linear(w, p + "gate_proj", p + "up_proj"), take_linear(w, p + "down_proj"))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.gelu(gate, approximate="tanh") * up)
+
+
+def gemma_expert_weights(p: str, hidden: int, n_experts: int, inter: int) -> list[Weight]:
+    """Gemma 4's router (p: the layer's prefix) and fused experts [E, 2I, H] (gate rows first), [E, H, I]."""
+    return [Weight(p + "router.proj.weight", (n_experts, hidden), gain=4.0),
+            Weight(p + "router.scale", (hidden,), "norm"), Weight(p + "router.per_expert_scale", (n_experts,), "norm"),
+            Weight(p + "experts.gate_up_proj", (n_experts, 2 * inter, hidden)),
+            Weight(p + "experts.down_proj", (n_experts, hidden, inter))]
+
+
+GATHER_ROWS = 32  # up to this many tokens gather their experts' weights (one bmm); more loop over experts
+
+
+@dataclass
+class GemmaExperts:
+    """Gemma 4's sparse block: the router reads the unscaled RMS-normed residual times `scale` and
+    hidden^-0.5, softmaxes all logits in fp32, keeps the top k renormalised, times `per_expert_scale`;
+    each chosen expert is a GELU-tanh GLU. A token's sum runs over its experts in rank order, whatever
+    the other rows (a verify row equals the decode of the same token)."""
+
+    proj: torch.Tensor  # [E, H]
+    scale: torch.Tensor  # [H]
+    per_expert_scale: torch.Tensor  # [E]
+    gate_up: torch.Tensor  # [E, 2I, H]
+    down: torch.Tensor  # [E, H, I]
+    top_k: int
+    eps: float
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str, top_k: int, eps: float) -> "GemmaExperts":
+        return cls(w.pop(p + "router.proj.weight"), w.pop(p + "router.scale"), w.pop(p + "router.per_expert_scale"),
+                   w.pop(p + "experts.gate_up_proj"), w.pop(p + "experts.down_proj"), top_k, eps)
+
+    def route(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ones = torch.ones_like(self.scale, dtype=torch.float32)
+        h, _ = ops.rms_norm(residual, ones, self.eps, fp32_weight=True)
+        h = h * self.scale * self.scale.shape[0] ** -0.5
+        probs = torch.softmax(F.linear(h, self.proj), dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return idx, weights * self.per_expert_scale[idx]
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x: the experts' input (normed), residual: what the router reads; both [T, H]."""
+        idx, weights = self.route(residual)
+        t, k = idx.shape
+        if t <= GATHER_ROWS:  # graph-safe: rank by rank, each token's expert matrices gathered
+            y = None
+            for j in range(k):
+                e = idx[:, j]
+                gate, up = torch.bmm(self.gate_up[e], x[:, :, None])[..., 0].chunk(2, dim=-1)
+                out = torch.bmm(self.down[e], (F.gelu(gate, approximate="tanh") * up)[:, :, None])[..., 0]
+                out = out * weights[:, j, None].to(out.dtype)
+                y = out if y is None else y + out
+            return y
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for e in idx.unique().tolist():
+            rows, rank = torch.where(idx == e)
+            gate, up = F.linear(x[rows], self.gate_up[e]).chunk(2, dim=-1)
+            out = F.linear(F.gelu(gate, approximate="tanh") * up, self.down[e])
+            y.index_add_(0, rows, (out * weights[rows, rank, None].to(out.dtype)).float())
+        return y.to(x.dtype)
 
 
 def moe_layout_of(names) -> str:

@@ -1,0 +1,66 @@
+"""Tiny Gemma 4 checkpoints in the released layouts: the 12B's `gemma4_unified` wrapper, the 31B's
+`gemma4` wrapper (dense) and the 26B-A4B's (routed experts beside the MLP), written from the family's own
+weight table; transformers' Gemma4 classes are the reference that reads them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from .tiny import write_target
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+WINDOW = 8  # shorter than every prompt: the window boundary is crossed
+
+
+def gemma4_text(*, vocab: int = 512, hidden: int = 64, layers: int = 4, moe: bool = False, unified: bool = False,
+                window: int = WINDOW) -> dict:
+    """The text config of a tiny Gemma 4: sliding layers of 4 heads × 16 (2 KV heads), global layers of
+    32-dim heads with one KV head and no v_proj, proportional rope (a quarter of the pairs rotate)."""
+    cfg = {
+        "model_type": "gemma4_unified_text" if unified else "gemma4_text", "vocab_size": vocab,
+        "hidden_size": hidden, "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 1024, "sliding_window": window,
+        "layer_types": ([SLIDING] * 2 + [FULL]) * (layers // 3) + [SLIDING] * (layers % 3 - 1) + [FULL]
+        if layers % 3 else ([SLIDING] * 2 + [FULL]) * (layers // 3),
+        "rope_parameters": {SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+                            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                   "rope_theta": 1000000.0}},
+        "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "num_kv_shared_layers": 0,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
+    }
+    if not unified:
+        cfg |= {"hidden_size_per_layer_input": 0, "enable_moe_block": moe}
+    if moe:
+        cfg |= {"num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 32}
+    return cfg
+
+
+def gemma4_config(*, unified: bool = False, wrapper: bool = True, **kwargs) -> dict:
+    """config.json of the wrapper (`Gemma4ForConditionalGeneration`, `Gemma4UnifiedForConditional
+    Generation`) without its vision and audio towers, or of a text-only export (`Gemma4ForCausalLM`)."""
+    text = gemma4_text(unified=unified, **kwargs)
+    if not wrapper:
+        return text | {"architectures": ["Gemma4UnifiedForCausalLM" if unified else "Gemma4ForCausalLM"]}
+    name = "gemma4_unified" if unified else "gemma4"
+    arch = "Gemma4UnifiedForConditionalGeneration" if unified else "Gemma4ForConditionalGeneration"
+    return {"architectures": [arch], "model_type": name, "text_config": text, "vision_config": None,
+            "audio_config": None, "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+def write_gemma4(directory: Path, cfg: dict, seed: int = 0) -> Path:
+    return write_target(directory, cfg, seed=seed)
+
+
+def reference(directory: Path) -> torch.nn.Module:
+    """transformers' own class for the checkpoint, fp32, every tensor read and none left over."""
+    import json
+
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    cls = getattr(transformers, cfg["architectures"][0])
+    model, info = cls.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
