@@ -76,7 +76,7 @@ class GemmaExperts:
     each chosen expert is a GELU-tanh GLU. A token's sum runs over its experts in rank order, whatever
     the other rows (a verify row equals the decode of the same token)."""
 
-    proj: torch.Tensor  # [E, H]
+    proj: Linear  # [E, H]
     scale: torch.Tensor  # [H]
     per_expert_scale: torch.Tensor  # [E]
     gate_up: torch.Tensor  # [E, 2I, H]
@@ -86,14 +86,14 @@ class GemmaExperts:
 
     @classmethod
     def take(cls, w: dict[str, torch.Tensor], p: str, top_k: int, eps: float) -> "GemmaExperts":
-        return cls(w.pop(p + "router.proj.weight"), w.pop(p + "router.scale"), w.pop(p + "router.per_expert_scale"),
+        return cls(take_linear(w, p + "router.proj"), w.pop(p + "router.scale"), w.pop(p + "router.per_expert_scale"),
                    w.pop(p + "experts.gate_up_proj"), w.pop(p + "experts.down_proj"), top_k, eps)
 
     def route(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ones = torch.ones_like(self.scale, dtype=torch.float32)
         h, _ = ops.rms_norm(residual, ones, self.eps, fp32_weight=True)
         h = h * self.scale * self.scale.shape[0] ** -0.5
-        probs = torch.softmax(F.linear(h, self.proj), dim=-1, dtype=torch.float32)
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return idx, weights * self.per_expert_scale[idx]
@@ -114,8 +114,8 @@ class GemmaExperts:
         y = torch.zeros_like(x, dtype=torch.float32)
         for e in idx.unique().tolist():
             rows, rank = torch.where(idx == e)
-            gate, up = F.linear(x[rows], self.gate_up[e]).chunk(2, dim=-1)
-            out = F.linear(F.gelu(gate, approximate="tanh") * up, self.down[e])
+            gate, up = (x[rows] @ self.gate_up[e].T).chunk(2, dim=-1)
+            out = (F.gelu(gate, approximate="tanh") * up) @ self.down[e].T
             y.index_add_(0, rows, (out * weights[rows, rank, None].to(out.dtype)).float())
         return y.to(x.dtype)
 
