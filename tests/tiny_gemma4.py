@@ -8,28 +8,28 @@ from pathlib import Path
 import torch
 import transformers
 
-from .tiny import write_target
+from .tiny import drafter_config, save_weights, write_target
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 WINDOW = 8  # shorter than every prompt: the window boundary is crossed
 
 
 def gemma4_text(*, vocab: int = 512, hidden: int = 64, layers: int = 4, moe: bool = False, unified: bool = False,
-                window: int = WINDOW) -> dict:
+                window: int = WINDOW, softcap: float = 3.0, tie: bool = True) -> dict:
     """The text config of a tiny Gemma 4: sliding layers of 4 heads × 16 (2 KV heads), global layers of
-    32-dim heads with one KV head and no v_proj, proportional rope (a quarter of the pairs rotate)."""
+    32-dim heads with one KV head and no v_proj, proportional rope (a quarter of the pairs rotate); a
+    soft-cap of 3 (the released 30 would never bite on a tiny model's logits)."""
     cfg = {
         "model_type": "gemma4_unified_text" if unified else "gemma4_text", "vocab_size": vocab,
         "hidden_size": hidden, "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1,
         "attention_k_eq_v": True, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
         "max_position_embeddings": 1024, "sliding_window": window,
-        "layer_types": ([SLIDING] * 2 + [FULL]) * (layers // 3) + [SLIDING] * (layers % 3 - 1) + [FULL]
-        if layers % 3 else ([SLIDING] * 2 + [FULL]) * (layers // 3),
+        "layer_types": [SLIDING if (i + 1) % 3 else FULL for i in range(layers - 1)] + [FULL],
         "rope_parameters": {SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
                             FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                    "rope_theta": 1000000.0}},
-        "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "num_kv_shared_layers": 0,
+        "final_logit_softcapping": softcap, "tie_word_embeddings": tie, "num_kv_shared_layers": 0,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
     }
     if not unified:
@@ -48,11 +48,21 @@ def gemma4_config(*, unified: bool = False, wrapper: bool = True, **kwargs) -> d
     name = "gemma4_unified" if unified else "gemma4"
     arch = "Gemma4UnifiedForConditionalGeneration" if unified else "Gemma4ForConditionalGeneration"
     return {"architectures": [arch], "model_type": name, "text_config": text, "vision_config": None,
-            "audio_config": None, "tie_word_embeddings": True, "torch_dtype": "float32"}
+            "audio_config": None, "tie_word_embeddings": text["tie_word_embeddings"], "torch_dtype": "float32"}
 
 
 def write_gemma4(directory: Path, cfg: dict, seed: int = 0) -> Path:
-    return write_target(directory, cfg, seed=seed)
+    """The checkpoint, its embedding drawn at std 1/√hidden as Gemma's is (the model scales it by √hidden:
+    a unit-variance table would drown the stream in the last token's row, and the model repeat it)."""
+    from safetensors.torch import load_file
+
+    d = write_target(directory, cfg, seed=seed)
+    w = load_file(str(d / "model.safetensors"))
+    text = cfg.get("text_config", cfg)
+    name = next(n for n in w if n.endswith("embed_tokens.weight"))
+    w[name] = w[name] * text["hidden_size"] ** -0.5
+    save_weights(d, w)
+    return d
 
 
 def reference(directory: Path) -> torch.nn.Module:
@@ -64,3 +74,11 @@ def reference(directory: Path) -> torch.nn.Module:
     model, info = cls.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()
+
+
+def gemma4_drafter_config(text: dict, *, block_size: int = 8) -> dict:
+    """A drafter config.json as z-lab's Gemma 4 drafters ship one: Qwen3-shaped layers, a sliding one
+    (causal inside the block) and a full one (not), the target's soft-cap restated."""
+    cfg = drafter_config(text, block_size=block_size, layers=2, target_layer_ids=(0, 2),
+                         layer_types=[SLIDING, FULL], sliding_window=16)
+    return cfg | {"final_logit_softcapping": text["final_logit_softcapping"], "tie_word_embeddings": True}
