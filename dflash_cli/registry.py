@@ -56,6 +56,13 @@ PAIRS: tuple[ModelPair, ...] = (
     ModelPair("qwen3.6-27b", "Qwen/Qwen3.6-27B", "z-lab/Qwen3.6-27B-DFlash", 16, kind="hybrid", think=True),
     ModelPair("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "z-lab/Qwen3.6-35B-A3B-DFlash", 16, kind="hybrid-moe",
               think=True),
+    # Gemma 4 (models/gemma4.py). Ids as vLLM's and SGLang's users run them (note the 12B drafter's `gemma4-`
+    # spelling); the 31B drafter's block 16 is its config's, the 12B's and 26B-A4B's are z-lab's usual 16 [not
+    # seen in a config]. Thinking off: the drafters' users run them without the thinking channel [not stated
+    # by z-lab]. Apache 2.0, not gated.
+    ModelPair("gemma-4-12b", "google/gemma-4-12B-it", "z-lab/gemma4-12B-it-DFlash", 16),
+    ModelPair("gemma-4-31b", "google/gemma-4-31B-it", "z-lab/gemma-4-31B-it-DFlash", 16),
+    ModelPair("gemma-4-26b-a4b", "google/gemma-4-26B-A4B-it", "z-lab/gemma-4-26B-A4B-it-DFlash", 16, kind="moe"),
     # DFlash2 drafters (research/dflash2.md §1, §4): the v1 drafter plus dynamic convs and a candidate selector.
     # Qwen3.8-27B is the Qwen3.5 hybrid architecture; thinking on, its template's reasoning effort at its default.
     ModelPair("qwen3.8-27b", "Qwen/Qwen3.8-27B", "z-lab/Qwen3.8-27B-DFlash2", 8, kind="hybrid", think=True),
