@@ -1,0 +1,142 @@
+"""Gemma 4 beyond the conformance checks (tests/families.py runs those): its rope, its two K/V shapes,
+its config boundary, the two details of its DFlash drafters (the scaled embedding, the soft-capped
+logits), the registry rows and the serve hand-off."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dflash_cli import loader
+from dflash_cli.config import DrafterConfig
+from dflash_cli.drafter import Drafter
+from dflash_cli.engine import Engine, Request
+from dflash_cli.errors import DflashError
+from dflash_cli.models import target_config
+from dflash_cli.rope import inv_frequencies
+
+from .conftest import HYBRID_PROMPTS
+from .tiny_gemma4 import gemma4_config, gemma4_text, write_gemma4
+
+
+def test_the_proportional_rope_is_transformers():
+    """Global layers: the first quarter of the 16 pairs of a 32-dim head rotate at θ^(-2i/32), the rest not."""
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+
+    text = {k: v for k, v in gemma4_text().items() if k not in ("model_type", "torch_dtype")}
+    hf = Gemma4TextRotaryEmbedding(Gemma4TextConfig(**text))
+    for kind, dim in (("full_attention", 32), ("sliding_attention", 16)):
+        params = text["rope_parameters"][kind]
+        ours, factor = inv_frequencies(dim, params["rope_theta"], params if params["rope_type"] != "default" else None)
+        torch.testing.assert_close(ours, getattr(hf, f"{kind}_inv_freq"), rtol=0, atol=0)
+        assert factor == 1.0
+    assert (ours := inv_frequencies(32, 1e6, text["rope_parameters"]["full_attention"])[0])[4:].eq(0).all()
+    assert ours[:4].gt(0).all()
+
+
+def test_two_kv_shapes_live_in_one_cache_and_the_memory_plan_counts_both(tmp_path):
+    d = write_gemma4(tmp_path / "t", gemma4_config(layers=4))
+    family, cfg = target_config(d)
+    model = loader.load(d, None, device="cpu")
+    cache = model.target.new_cache(64)
+    assert [tuple(k.shape) for k in cache.k] == [(2, 2, 64, 16), (2, 1, 64, 32)]  # sliding; global: 1 head of 32
+    assert cache.layer(2)[0].shape == (1, 64, 32) and cache.layer(1)[0].shape == (2, 64, 16)
+    per_token, fixed = family.cache_bytes(cfg, torch.float32, 8)
+    assert per_token * 64 + fixed == cache.nbytes()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size_per_layer_input": 256}, "'hidden_size_per_layer_input' = 256"),
+    ({"hidden_size_per_layer_input": None}, None),  # absent from a gemma4_text config: transformers' 256
+    ({"num_kv_shared_layers": 2}, "'num_kv_shared_layers' = 2"),
+    ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention 'all'"),
+    ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
+    ({"attention_bias": True}, "attention biases"),
+])
+def test_what_gemma4_settings_dflash_does_not_run_are_refused_by_name(tmp_path, change, message):
+    cfg = gemma4_config()
+    d = write_gemma4(tmp_path / "t", cfg)
+    text = dict(cfg["text_config"], **change)
+    if change.get("hidden_size_per_layer_input", 0) is None:
+        del text["hidden_size_per_layer_input"]
+        message = "'hidden_size_per_layer_input' = 256"
+    (d / "config.json").write_text(json.dumps(cfg | {"text_config": text}))
+    with pytest.raises(DflashError, match=message):
+        loader.load(d, None, device="cpu")
+
+
+def _tokens_per_step(engine: Engine, prompts) -> float:
+    """Mean tokens each speculative step commits (the prefill's first token left out)."""
+    steps = [len(s.tokens) for p in prompts for s in list(engine.generate(Request(list(p), 32)))[1:]]
+    return sum(steps) / len(steps)
+
+
+@pytest.fixture(scope="module")
+def gemma4_model(gemma4_pair):
+    return loader.load(*gemma4_pair, device="cpu")
+
+
+def test_the_drafter_embeds_the_block_as_the_target_does_and_soft_caps_its_logits(gemma4_model):
+    """The loaded drafter takes √hidden and the cap from its target; its sliding layer is causal, its full not."""
+    cfg = gemma4_model.drafter.cfg
+    assert cfg.input_embedding_scale == 64**0.5 == gemma4_model.target.embed_scale
+    assert cfg.final_logit_softcapping == 3.0 == gemma4_model.target.cfg.logit_softcap
+    assert cfg.causal == (True, False)
+
+
+def test_a_fitted_drafter_is_accepted_only_with_the_scaled_embedding(gemma4_pair, gemma4_model):
+    """The drafter was fitted on √hidden-scaled block embeddings (as z-lab's are): given the raw table
+    (vLLM's bug) its drafts are rejected."""
+    target = gemma4_model.target
+    scaled = _tokens_per_step(Engine(target, gemma4_model.drafter, max_context=200), HYBRID_PROMPTS[:3])
+    raw = dataclasses.replace(gemma4_model.drafter.cfg, input_embedding_scale=1.0)
+    unscaled = Drafter.load(gemma4_pair[1], raw, target.embed, target.lm_head, 256)
+    plain = _tokens_per_step(Engine(target, unscaled, max_context=200), HYBRID_PROMPTS[:3])
+    assert scaled > 2.0 and plain < 1.5, (scaled, plain)
+
+
+def test_draft_logits_are_the_heads_soft_capped(gemma4_model):
+    drafter, target = gemma4_model.drafter, gemma4_model.target
+    cache = drafter.new_cache(64)
+    ids = torch.tensor(HYBRID_PROMPTS[0])
+    _, features = target.forward(ids, target.new_cache(64), feature_layers=drafter.cfg.target_layer_ids, commit=True)
+    drafter.add_context(features, cache)
+    bonus = ids[-1:]
+    logits = drafter.draft_logits(bonus, cache, 8)
+    raw = F.linear(drafter.block_hidden(bonus, cache, 8), drafter.lm_head)
+    torch.testing.assert_close(logits, 3.0 * torch.tanh(raw / 3.0))
+    assert raw.abs().max() > 3.0 >= logits.abs().max()  # the cap bites on this model
+
+
+def test_a_drafter_restating_another_soft_cap_is_refused(tmp_path, gemma4_pair):
+    t, d = gemma4_pair
+    other = tmp_path / "d"
+    other.mkdir()
+    for f in d.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(cfg | {"final_logit_softcapping": 30.0}))
+    with pytest.raises(DflashError, match="'final_logit_softcapping' = 30.0 changes the drafter's math"):
+        loader.load(t, other, device="cpu")
+    assert DrafterConfig.from_dir(d).final_logit_softcapping == 3.0  # its own restated cap: read, then checked
+
+
+def test_the_registry_rows_and_their_hand_off():
+    from dflash_cli import registry
+    from dflash_cli.handoff import Pair, launch_command
+
+    rows = {a: registry.resolve(a) for a in ("gemma-4-12b", "gemma-4-31b", "gemma-4-26b-a4b")}
+    assert [(p.target, p.drafter, p.kind, p.think, p.gpus) for p in rows.values()] == [
+        ("google/gemma-4-12B-it", "z-lab/gemma4-12B-it-DFlash", "dense", False, 1),
+        ("google/gemma-4-31B-it", "z-lab/gemma-4-31B-it-DFlash", "dense", False, 1),
+        ("google/gemma-4-26B-A4B-it", "z-lab/gemma-4-26B-A4B-it-DFlash", "moe", False, 1)]
+    p = rows["gemma-4-31b"]
+    pair = Pair(p.alias, p.target, p.drafter, p.block_size, p.kind, p.gpus)
+    vllm = launch_command("vllm", pair).argv
+    sglang = launch_command("sglang", pair).argv
+    assert "--attention-backend" not in vllm  # FlashAttention takes no 512-dim heads: vLLM picks
+    assert sglang[sglang.index("--attention-backend") + 1] == "triton"
