@@ -140,3 +140,32 @@ def test_the_registry_rows_and_their_hand_off():
     sglang = launch_command("sglang", pair).argv
     assert "--attention-backend" not in vllm  # FlashAttention takes no 512-dim heads: vLLM picks
     assert sglang[sglang.index("--attention-backend") + 1] == "triton"
+
+
+def _run(model, block: int | None, sampling, n: int = 12) -> list[int]:
+    engine = Engine(model.target, model.drafter if block else None, block_size=block)
+    return [t for s in engine.generate(Request(list(HYBRID_PROMPTS[0]), n, sampling=sampling)) for t in s.tokens]
+
+
+@pytest.mark.slow
+def test_the_interpreted_kernels_give_the_reference_tokens_eagerly_and_captured(gemma4_pair, monkeypatch):
+    """Triton's interpreter (DFLASH_KERNELS=triton): greedy speculative tokens at block 4 = the torch path's
+    plain ones, eagerly and captured once then replayed under the stand-in for CUDA; seeded sampling with
+    speculation = plain decoding with the same seed."""
+    from dflash_cli.sampling import SamplingParams
+
+    from .fake_cuda import stand_in
+
+    model = loader.load(*gemma4_pair, device="cpu")
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.8, top_k=40, seed=3)
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    want_greedy, want_sampled = _run(model, None, greedy), _run(model, None, sampled)
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    assert _run(model, 4, greedy) == want_greedy
+    assert _run(model, 4, sampled) == want_sampled
+    with stand_in(kernels="triton") as fake:
+        gpu = loader.load(*gemma4_pair, device="cuda", dtype="float32")
+        engine = Engine(gpu.target, gpu.drafter, block_size=4)
+        assert engine.graphs.enabled
+        assert [t for s in engine.generate(Request(list(HYBRID_PROMPTS[0]), 12)) for t in s.tokens] == want_greedy
+        assert engine.graphs.enabled and fake.captures == 1
