@@ -15,6 +15,7 @@ from dflash_cli.config import DrafterConfig
 from dflash_cli.drafter import Drafter
 from dflash_cli.engine import Engine, Request
 from dflash_cli.errors import DflashError
+from dflash_cli.formats import AnswerDelta
 from dflash_cli.models import target_config
 from dflash_cli.rope import inv_frequencies
 
@@ -169,3 +170,65 @@ def test_the_interpreted_kernels_give_the_reference_tokens_eagerly_and_captured(
         assert engine.graphs.enabled
         assert [t for s in engine.generate(Request(list(HYBRID_PROMPTS[0]), 12)) for t in s.tokens] == want_greedy
         assert engine.graphs.enabled and fake.captures == 1
+
+
+# ---- the chat format -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma4_tokenizer(tmp_path_factory):
+    from .tiny_gemma4 import write_gemma4_tokenizer
+
+    d = tmp_path_factory.mktemp("gemma4-tokenizer")
+    write_gemma4_tokenizer(d)
+    return loader.load_tokenizer(d)
+
+
+def _answer(fmt, tokenizer, prompt, text: str, stop_strings=(), one_by_one: bool = False):
+    parser = fmt.parser(tokenizer, prompt, stop_strings)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    delta = sum((parser.push([t]) for t in ids), start=AnswerDelta()) if one_by_one else parser.push(ids)
+    return delta + parser.finish("stop"), parser
+
+
+def test_the_thought_channel_is_reasoning_and_the_format_is_detected(gemma4_tokenizer):
+    from dflash_cli.formats import detect
+
+    fmt = detect(gemma4_tokenizer)
+    assert fmt.name == "gemma4"
+    messages = [{"role": "user", "content": "2+2?"}]
+    on = fmt.render(gemma4_tokenizer, messages, thinking=True)
+    assert gemma4_tokenizer.decode(on.ids).startswith("<bos><|turn>system\n<|think|><turn|>")
+    answer = "<|channel>thought\nTwo and two.<channel|>It is 4."
+    for one_by_one in (False, True):  # streamed token by token, the same split
+        delta, _ = _answer(fmt, gemma4_tokenizer, on, answer, one_by_one=one_by_one)
+        assert (delta.reasoning, delta.content, delta.tool_call) == ("Two and two.", "It is 4.", None)
+    off = fmt.render(gemma4_tokenizer, messages, thinking=False)
+    assert "<|think|>" not in gemma4_tokenizer.decode(off.ids) and not off.opens_think
+    delta, _ = _answer(fmt, gemma4_tokenizer, off, "It is 4.")
+    assert (delta.reasoning, delta.content) == ("", "It is 4.")
+
+
+def test_a_tool_call_is_read_into_json_arguments(gemma4_tokenizer):
+    from dflash_cli.formats import detect
+
+    fmt = detect(gemma4_tokenizer)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    prompt = fmt.render(gemma4_tokenizer, [{"role": "user", "content": "Weather?"}], thinking=True, tools=tools)
+    assert "<|tool>declaration:get_weather<tool|>" in gemma4_tokenizer.decode(prompt.ids)
+    text = ('<|channel>thought\nAsk the tool.<channel|><|tool_call>call:get_weather{city:<|"|>Paris, FR<|"|>,'
+            'days:2,units:[<|"|>C<|"|>],ok:true}<tool_call|>')
+    delta, _ = _answer(fmt, gemma4_tokenizer, prompt, text, one_by_one=True)
+    assert delta.reasoning == "Ask the tool." and delta.content == ""
+    assert delta.tool_call.name == "get_weather"
+    assert json.loads(delta.tool_call.arguments) == {"city": "Paris, FR", "days": 2, "units": ["C"], "ok": True}
+
+
+def test_a_stop_string_in_the_reply_ends_the_answer_there(gemma4_tokenizer):
+    from dflash_cli.formats import detect
+
+    fmt = detect(gemma4_tokenizer)
+    prompt = fmt.render(gemma4_tokenizer, [{"role": "user", "content": "Count"}], thinking=True)
+    delta, parser = _answer(fmt, gemma4_tokenizer, prompt, "<|channel>thought\nok<channel|>one two STOP three",
+                            stop_strings=("STOP",))
+    assert parser.stopped and delta.content == "one two " and delta.reasoning == "ok"
+    kept = gemma4_tokenizer.encode("<|channel>thought\nok<channel|>one two ", add_special_tokens=False)
+    assert parser.tokens_kept() == len(kept)

@@ -82,3 +82,52 @@ def gemma4_drafter_config(text: dict, *, block_size: int = 8) -> dict:
     cfg = drafter_config(text, block_size=block_size, layers=2, target_layer_ids=(0, 2),
                          layer_types=[SLIDING, FULL], sliding_window=16)
     return cfg | {"final_logit_softcapping": text["final_logit_softcapping"], "tie_word_embeddings": True}
+
+
+# ---- a tiny Gemma 4 tokenizer ----------------------------------------------------------------------------
+GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>",
+                   "<|tool_call>", "<tool_call|>", '<|"|>', "<|tool>", "<tool|>", "<|tool_response>",
+                   "<tool_response|>"]
+
+
+def gemma4_template() -> str:
+    """The Gemma 4 template's shape: a system turn that opens with <|think|> when thinking is on (and
+    declares the tools), turns `<|turn>role\\n…<turn|>\\n` (the assistant's role is "model"), past tool
+    calls as `<|tool_call>call:NAME{…}<tool_call|>`, and `<|turn>model\\n` as the generation prompt,
+    followed by an empty thought channel when thinking is off."""
+    return (
+        "{{- bos_token -}}"
+        "{%- set think = enable_thinking is defined and enable_thinking -%}"
+        "{%- if think or tools or messages[0].role == 'system' -%}"
+        "{{- '<|turn>system\\n' -}}{%- if think -%}{{- '<|think|>' -}}{%- endif -%}"
+        "{%- if messages[0].role == 'system' -%}{{- messages[0].content -}}{%- endif -%}"
+        "{%- for tool in tools or [] -%}{{- '<|tool>declaration:' + tool['function']['name'] + '<tool|>' -}}"
+        "{%- endfor -%}{{- '<turn|>\\n' -}}{%- endif -%}"
+        "{%- for m in messages if m.role != 'system' -%}"
+        "{%- if m.role == 'tool' -%}{{- '<|tool_response>response:' + m.content + '<tool_response|>' -}}"
+        "{%- else -%}{{- '<|turn>' + ('model' if m.role == 'assistant' else m.role) + '\\n' -}}"
+        "{%- for c in m.tool_calls or [] -%}{{- '<|tool_call>call:' + c['function']['name'] + '{' + "
+        "c['function']['arguments'] + '}<tool_call|>' -}}{%- endfor -%}"
+        "{{- m.content or '' -}}{{- '<turn|>\\n' -}}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}"
+        "{%- if not think -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}{%- endif -%}"
+    )
+
+
+def write_gemma4_tokenizer(directory: Path) -> dict[str, int]:
+    """A byte-level BPE tokenizer (ids 0..255 the bytes) with Gemma 4's markers as special tokens after
+    them, and the template above. Returns the markers' ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny_gpt_oss import _bytes_to_unicode
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA4_SPECIALS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<turn|>", pad_token="<pad>")
+    fast.chat_template = gemma4_template()
+    fast.save_pretrained(str(directory))
+    return {t: fast.convert_tokens_to_ids(t) for t in GEMMA4_SPECIALS}
