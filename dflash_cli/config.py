@@ -351,7 +351,7 @@ class DrafterConfig:
         if self.block_size < 2:
             raise DflashError(f"drafter {directory}: block_size must be at least 2, got {self.block_size}")
         cap = self.final_logit_softcapping
-        if self.dflash2 is None and cap is not None and cap != getattr(target, "logit_softcap", None):
+        if self.dflash2 is None and cap is not None and cap != target.logit_softcap:
             raise DflashError(f"{directory}/config.json: '{V1_HEAD_KEY}' = {cap} changes the drafter's math "
                               "and is not supported by this version (the target's head has no such soft-cap)")
 

@@ -118,8 +118,9 @@ _GEMMA4 = dict(architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", he
 for _name, _hidden, _inter, _layers, _heads, _kv, _gkv, _moe, _ids, _dheads, _dinter in (
         ("gemma-4-12b", 3840, 15360, 48, 16, 8, 1, {}, (1, 10, 19, 28, 37, 46), 32, 7680),
         ("gemma-4-31b", 5376, 21504, 60, 32, 16, 4, {}, (1, 12, 23, 35, 46, 57), 64, 10752),
-        ("gemma-4-26b-a4b", 2816, 2112, 30, 16, 8, 2, dict(enable_moe_block=True, num_experts=128, top_k_experts=8,
-                                                            moe_intermediate_size=704), (1, 6, 12, 17, 23, 28), 32, 5632)):
+        ("gemma-4-26b-a4b", 2816, 2112, 30, 16, 8, 2,
+         dict(enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704),
+         (1, 6, 12, 17, 23, 28), 32, 5632)):
     TARGETS[_name] = _GEMMA4 | dict(hidden_size=_hidden, intermediate_size=_inter, num_hidden_layers=_layers,
                                     num_attention_heads=_heads, num_key_value_heads=_kv,
                                     num_global_key_value_heads=_gkv, **_moe)

@@ -232,3 +232,20 @@ def test_a_stop_string_in_the_reply_ends_the_answer_there(gemma4_tokenizer):
     assert parser.stopped and delta.content == "one two " and delta.reasoning == "ok"
     kept = gemma4_tokenizer.encode("<|channel>thought\nok<channel|>one two ", add_special_tokens=False)
     assert parser.tokens_kept() == len(kept)
+
+
+def test_a_path_commit_gathers_the_rows_of_every_kv_group():
+    """A tree verify's accepted path (rows 0, 2, 3 of a 4-row block) lands in place in both shapes' K/V."""
+    from dflash_cli.cache import CommitPlan, GroupedKVCache
+
+    cache = GroupedKVCache.allocate_groups([(2, 4), (1, 8), (2, 4)], 16, torch.float32, torch.device("cpu"))
+    assert [tuple(k.shape) for k in cache.k] == [(2, 2, 16, 4), (1, 1, 16, 8)] and cache.slots[2] == (0, 1)
+    cache.length.fill_(5)
+    for k, v in zip(cache.k, cache.v):
+        rows = torch.arange(4, dtype=torch.float32)[:, None].expand(4, k.shape[-1])
+        k[:, :, 5:9], v[:, :, 5:9] = rows, -rows
+    cache.commit(CommitPlan(3, torch.tensor([0, 2, 3])))
+    assert int(cache.length) == 8
+    for i in range(3):
+        k, v = cache.layer(i)
+        assert k[:, 5:8, 0].eq(torch.tensor([0.0, 2.0, 3.0])).all() and v[:, 5:8, 0].eq(-k[:, 5:8, 0]).all()

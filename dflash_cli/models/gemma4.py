@@ -86,7 +86,8 @@ class Config(DecoderConfig):
         text = raw.get("text_config") if wrapper else raw
         if not isinstance(text, dict):
             raise DflashError(f"{where}/config.json: a {raw.get('model_type')} checkpoint needs a text_config")
-        text_type = text.get("model_type") or ("gemma4_unified_text" if "unified" in raw["model_type"] else "gemma4_text")
+        text_type = text.get("model_type") or (
+            "gemma4_unified_text" if "unified" in raw["model_type"] else "gemma4_text")
         f = Fields(text, where)
         layers = f.req("num_hidden_layers")
         # Per-layer embeddings default on in Gemma4TextConfig (256): a config that leaves the key out has them.
@@ -113,13 +114,15 @@ class Config(DecoderConfig):
         if not all(isinstance(rope.get(t), dict) for t in set(layer_types)):
             raise DflashError(f"{where}/config.json: rope_parameters must give the rope of "
                               f"{' and '.join(sorted(set(layer_types)))} layers")
-        (theta, scaling), (g_theta, g_scaling) = (_rope(rope[t], where) for t in (SLIDING, FULL))
+        (theta, scaling), (g_theta, g_scaling) = (_rope(rope.get(t) or DEFAULT_ROPE[t], where)
+                                                  for t in (SLIDING, FULL))
         k_eq_v = f.opt("attention_k_eq_v", False, bool)
         kv_heads = f.opt("num_key_value_heads", f.req("num_attention_heads"))
         global_kv = f.opt("num_global_key_value_heads", None) if k_eq_v else None
         moe = f.opt("enable_moe_block", False, bool)
         base = dict(
-            vocab_size=f.req("vocab_size"), hidden_size=f.req("hidden_size"), intermediate_size=f.req("intermediate_size"),
+            vocab_size=f.req("vocab_size"), hidden_size=f.req("hidden_size"),
+            intermediate_size=f.req("intermediate_size"),
             num_layers=layers, num_heads=f.req("num_attention_heads"), num_kv_heads=kv_heads,
             head_dim=f.opt("head_dim", 256), rms_norm_eps=f.opt("rms_norm_eps", 1e-6, float), rope_theta=theta,
             rope_scaling=scaling, max_position_embeddings=f.opt("max_position_embeddings", 131072),
@@ -154,7 +157,8 @@ def weight_table(c: Config, layout: str | None = None) -> list[Weight]:
             norms += ["pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"]
             table += gemma_expert_weights(p, c.hidden_size, c.num_experts, c.moe_intermediate_size)
         table += [Weight(p + n + ".weight", (c.hidden_size,), "norm", dtype="float32") for n in norms]
-        table += mlp_weights(p + "mlp.", c.hidden_size, c.intermediate_size) + [Weight(p + "layer_scalar", (1,), "norm")]
+        table += mlp_weights(p + "mlp.", c.hidden_size, c.intermediate_size)
+        table.append(Weight(p + "layer_scalar", (1,), "norm"))
     return table
 
 

@@ -1,5 +1,6 @@
-"""The MLPs: SwiGLU, GELU-tanh gated (Gemma 4, with its router and experts), the mixture of experts (router variants as parameters, an optional gated shared
-expert), and gpt-oss's experts (biases, the clamped SwiGLU, MXFP4 blocks). Their weight tables.
+"""The MLPs: SwiGLU, the mixture of experts (router variants as parameters, an optional gated shared
+expert), gpt-oss's experts (biases, the clamped SwiGLU, MXFP4 blocks), and Gemma 4's GELU-tanh MLP
+with its routed experts. Their weight tables.
 
 Two MoE layouts are released: per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj.weight`
 (Qwen3-Coder, and what transformers' save_pretrained writes) and fused `mlp.experts.gate_up_proj
