@@ -7,7 +7,9 @@ a SwiGLU, a mixture of experts or gpt-oss's experts. One forward serves prefill 
 block and plain decoding: it takes T >= 1 tokens at the positions after the cache's committed length,
 and returns logits only for the positions asked for and the residual stream only of the layers the
 drafter reads. With `commit` the T tokens join the sequence at once (a prefill chunk); otherwise the
-cache's `commit(plan)` decides which of them do (a verify block).
+cache's `commit(plan)` decides which of them do (a verify block). A family whose layers route the
+residual otherwise (Gemma 4's sandwiched norms and layer scalar) overrides `run_layers` alone; the
+embedding's scale and the head's soft-cap are config fields every family has.
 """
 from __future__ import annotations
 
