@@ -249,3 +249,16 @@ def test_a_path_commit_gathers_the_rows_of_every_kv_group():
     for i in range(3):
         k, v = cache.layer(i)
         assert k[:, 5:8, 0].eq(torch.tensor([0.0, 2.0, 3.0])).all() and v[:, 5:8, 0].eq(-k[:, 5:8, 0]).all()
+
+
+def test_the_released_shapes_pair_and_their_cache_holds_both_geometries():
+    """The synthetic 31B (the released config's numbers): 50 sliding layers of 16 KV heads × 256 and 10
+    global ones of 4 × 512 in the memory plan; its drafter's six taps fit the target."""
+    from dflash_cli.synthetic import configs
+
+    family, target, drafter, _ = configs("gemma-4-31b")
+    drafter.check_against(target, "gemma-4-31b")
+    assert target.layer_types.count("full_attention") == 10 and target.layer_types[-1] == "full_attention"
+    assert family.cache_bytes(target, torch.bfloat16, 16) == ((50 * 16 * 256 + 10 * 4 * 512) * 2 * 2, 0)
+    assert (target.k_eq_v, target.sliding_window, target.logit_softcap) == (True, 1024, 30.0)
+    assert drafter.causal == (True, True, True, True, False)
