@@ -262,3 +262,25 @@ def test_the_released_shapes_pair_and_their_cache_holds_both_geometries():
     assert family.cache_bytes(target, torch.bfloat16, 16) == ((50 * 16 * 256 + 10 * 4 * 512) * 2 * 2, 0)
     assert (target.k_eq_v, target.sliding_window, target.logit_softcap) == (True, 1024, 30.0)
     assert drafter.causal == (True, True, True, True, False)
+
+
+@pytest.mark.parametrize("variant", [dict(tie=False, hidden=48), dict(unified=True)], ids=["31B", "12B"])
+def test_bf16_logits_are_transformers_bit_for_bit(tmp_path, variant):
+    """A bf16 checkpoint in bf16 (hidden 48: √48 rounds to 6.9375, as the embedding scale must): our norms (the fp32 weight applied before one rounding), the rope, the
+    k = v values and their norm, the layer scalar and the soft-cap round exactly as transformers' (loaded
+    in bf16; its routed experts run its grouped_mm, which rounds otherwise, so the MoE is compared in fp32)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from .tiny import save_weights
+
+    d = write_gemma4(tmp_path / "t", gemma4_config(**variant), seed=1)
+    save_weights(d, {k: v.to(torch.bfloat16) for k, v in load_file(str(d / "model.safetensors")).items()})
+    cls = getattr(transformers, json.loads((d / "config.json").read_text())["architectures"][0])
+    ids = torch.randint(0, 511, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = cls.from_pretrained(d, dtype=torch.bfloat16).eval()(ids[None]).logits[0]
+    target = loader.load(d, None, device="cpu", dtype="bfloat16").target
+    cache = target.new_cache(64)
+    got = torch.cat([target.forward(c, cache, logits_from=0, commit=True)[0] for c in (ids[:33], ids[33:34], ids[34:])])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
