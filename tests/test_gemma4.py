@@ -264,11 +264,13 @@ def test_the_released_shapes_pair_and_their_cache_holds_both_geometries():
     assert drafter.causal == (True, True, True, True, False)
 
 
-@pytest.mark.parametrize("variant", [dict(tie=False, hidden=48), dict(unified=True)], ids=["31B", "12B"])
+@pytest.mark.parametrize("variant", [dict(tie=False, hidden=48), dict(unified=True), dict(moe=True, tie=False)],
+                         ids=["31B", "12B", "26B-A4B"])
 def test_bf16_logits_are_transformers_bit_for_bit(tmp_path, variant):
     """A bf16 checkpoint in bf16 (hidden 48: √48 rounds to 6.9375, as the embedding scale must): our norms (the fp32 weight applied before one rounding), the rope, the
-    k = v values and their norm, the layer scalar and the soft-cap round exactly as transformers' (loaded
-    in bf16; its routed experts run its grouped_mm, which rounds otherwise, so the MoE is compared in fp32)."""
+    k = v values and their norm, the layer scalar, the soft-cap and the experts (weighted and summed in fp32,
+    as transformers' grouped_mm does; a 33-row chunk takes the per-expert loop) round exactly as
+    transformers' in bf16."""
     import transformers
     from safetensors.torch import load_file
 

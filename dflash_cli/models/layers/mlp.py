@@ -109,15 +109,15 @@ class GemmaExperts:
                 e = idx[:, j]
                 gate, up = torch.bmm(self.gate_up[e], x[:, :, None])[..., 0].chunk(2, dim=-1)
                 out = torch.bmm(self.down[e], (F.gelu(gate, approximate="tanh") * up)[:, :, None])[..., 0]
-                out = out * weights[:, j, None].to(out.dtype)
+                out = out.float() * weights[:, j, None]  # weighted and summed in fp32, rounded once
                 y = out if y is None else y + out
-            return y
+            return y.to(x.dtype)
         y = torch.zeros_like(x, dtype=torch.float32)
         for e in idx.unique().tolist():
             rows, rank = torch.where(idx == e)
             gate, up = (x[rows] @ self.gate_up[e].T).chunk(2, dim=-1)
             out = (F.gelu(gate, approximate="tanh") * up) @ self.down[e].T
-            y.index_add_(0, rows, (out * weights[rows, rank, None].to(out.dtype)).float())
+            y.index_add_(0, rows, out.float() * weights[rows, rank, None])
         return y.to(x.dtype)
 
 
