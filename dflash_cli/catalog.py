@@ -33,6 +33,9 @@ _MEASURED = {
     "qwen3.6-35b-a3b": (71602010624, 38048909824, 38048909824, 21701261824, 69321574912),
     "qwen3.8-27b": (59474559488, 35155395072, 35155395072, 23364223488, 53793355776),
     "muse-glimmer-30b": (62813785600, 37656501760, 37656501760, 25461378560, 55712344064),
+    "gemma-4-12b": (27960569440, 17065102944, 17065102944, 11780959840, 23816240224),
+    "gemma-4-31b": (69611243128, 40332973688, 40332973688, 26138756728, 61397353592),
+    "gemma-4-26b-a4b": (54070485052, 29609782332, 29609782332, 17722739772, 50467507772),
 }
 GPU_MEMORY = {alias: dict(zip(FORMATS, row)) for alias, row in _MEASURED.items()}  # alias → format → bytes
 TARGET_WEIGHTS = {alias: row[-1] for alias, row in _MEASURED.items()}  # the target's bf16 weights (its download)
@@ -57,7 +60,7 @@ def gpu_memory(pair: registry.ModelPair, fmt: str = "bf16", repo: registry.Quant
     """GPU memory the pair needs with its target in `fmt` (None: unknown): quantized at load, or the
     checkpoint `repo`, whose published size replaces the estimate where the registry gives one."""
     needs = GPU_MEMORY.get(pair.alias)
-    if needs is None or not pair.supported or (fmt != "bf16" and pair.kind in NOT_QUANTIZED):
+    if needs is None or not pair.supported or (fmt != "bf16" and (pair.kind in NOT_QUANTIZED or not pair.quantizable)):
         return None
     if repo is not None and repo.gb is not None:
         return needs["bf16"] - TARGET_WEIGHTS[pair.alias] + int(repo.gb * 1e9)

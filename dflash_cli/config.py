@@ -11,7 +11,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import DflashError
@@ -174,6 +174,9 @@ UNSUPPORTED_DRAFTER_KEYS = ("input_embedding_scale", "output_multiplier", "final
 # where no released checkpoint sets them).
 DFLASH2_SCALE_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping")
 DRAFTER_ARCHITECTURES = ("DFlashDraftModel", "DFlash2DraftModel", "MuseGlimmerAssistantModel")
+# A v1 drafter shares the target's head: the Gemma 4 drafters restate its soft-cap (30) in their config,
+# which `check_against` accepts when it is the target's own cap and refuses otherwise.
+V1_HEAD_KEY = "final_logit_softcapping"
 
 # How a gpt_oss drafter config.json is read (README, "gpt-oss"): "transformers" (the default) as
 # AutoConfig reads it, GptOssConfig's defaults filling in the rope and window keys it leaves out (what
@@ -278,7 +281,7 @@ class DrafterConfig:
         inner = Fields(dflash, Path(directory))
         v2 = raw.get("architectures") == ["DFlash2DraftModel"]
         for key in UNSUPPORTED_DRAFTER_KEYS:  # each would change the drafter's math: refuse, never ignore
-            if v2 and key in DFLASH2_SCALE_KEYS:
+            if (v2 and key in DFLASH2_SCALE_KEYS) or key == V1_HEAD_KEY:  # v1's: check_against
                 continue
             value = dflash.get(key, raw.get(key))
             if value not in (None, False, 1, 1.0, 0, 0.0):
@@ -336,7 +339,8 @@ class DrafterConfig:
             rope_scaling=scaling,
             sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
             causal=causal,
-            **(_dflash2_fields(raw, dflash, Path(directory), hidden, vocab) if v2 else {}),
+            **(_dflash2_fields(raw, dflash, Path(directory), hidden, vocab) if v2 else
+               {"final_logit_softcapping": _knob(raw, dflash, V1_HEAD_KEY, None, float, directory) or None}),
             attention_bias=bool(raw.get("attention_bias", False)),
             renames=renames,
         )
@@ -355,6 +359,18 @@ class DrafterConfig:
             raise DflashError(f"{where} mask_token_id {self.mask_token_id} outside the vocab ({target.vocab_size})")
         if self.block_size < 2:
             raise DflashError(f"drafter {directory}: block_size must be at least 2, got {self.block_size}")
+        cap = self.final_logit_softcapping
+        if self.dflash2 is None and cap is not None and cap != target.logit_softcap:
+            raise DflashError(f"{directory}/config.json: '{V1_HEAD_KEY}' = {cap} changes the drafter's math "
+                              "and is not supported by this version (the target's head has no such soft-cap)")
+
+    def for_target(self, embed_scale: float, logit_softcap: float | None) -> "DrafterConfig":
+        """This drafter as it runs on its target: it embeds the block with the target's table, scaled as the
+        target scales it (`embed_scale`: Gemma 4's √hidden, rounded to the weights' dtype), and its logits
+        take the target's soft-cap (a DFlash2 drafter's own knobs win where it sets them)."""
+        scale = self.input_embedding_scale if self.input_embedding_scale != 1.0 else embed_scale
+        return replace(self, input_embedding_scale=scale,
+                       final_logit_softcapping=self.final_logit_softcapping or logit_softcap)
 
 
 def _dflash2_fields(raw: dict, dflash: dict, directory: Path, hidden: int, vocab: int) -> dict:

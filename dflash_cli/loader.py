@@ -154,6 +154,7 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     target = load_target(target_dir, dt, dev, positions, family, target_cfg)
     drafter = None
     if drafter_cfg is not None:
-        drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)
+        drafter = Drafter.load(drafter_dir, drafter_cfg.for_target(target.embed_scale, target_cfg.logit_softcap),
+                               target.embed, target.lm_head, positions)
     return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir,
                  thinking_default(target_dir, drafter_dir), detect(tokenizer), dev)

@@ -85,8 +85,16 @@ def choose(pair: ModelPair | None, requested: str | None, free: int | None, *,
                 f"{said}: quantizing {_download(size, pair.target, cached)} to {fmt} at load, {_gib(need)} "
                 f"(cached for the next load); --quantize none|int8|int4|fp8 overrides"))
     least = catalog.gpu_memory(pair, "int4")
-    smallest = f"even in int4 it needs {_gib(least)}" if least else f"dflash does not quantize {pair.kind} targets"
+    smallest = f"even in int4 it needs {_gib(least)}" if least else _unquantized(pair)
     raise DflashError(f"{said}, and {smallest}: close other GPU programs, or pick a smaller model (dflash models)")
+
+
+def _unquantized(pair: ModelPair, named: bool = False) -> str:
+    """Why there is no quantized choice: the target kind (gpt-oss: MXFP4 experts already), or this pair's
+    family (not tested quantized yet)."""
+    if not pair.quantizable:
+        return f"dflash does not run {pair.alias} quantized yet (its family is not tested quantized)"
+    return f"dflash does not quantize {pair.kind} targets" + (f" ({pair.alias})" if named else "")
 
 
 def _explicit(pair: ModelPair, fmt: str, free: int | None, cached: frozenset[str]) -> Choice:
@@ -96,8 +104,7 @@ def _explicit(pair: ModelPair, fmt: str, free: int | None, cached: frozenset[str
     repo = pair.official(fmt)
     need = catalog.gpu_memory(pair, fmt, repo)
     if need is None:
-        raise UsageError(f"--quantize {fmt}: dflash does not quantize {pair.kind} targets ({pair.alias}); "
-                         "use --quantize none")
+        raise UsageError(f"--quantize {fmt}: {_unquantized(pair, named=True)}; use --quantize none")
     if free is not None and need > free:
         fits = [f for f in ("fp8", "int8", "int4") if (catalog.gpu_memory(pair, f, pair.official(f)) or free + 1) <= free]
         hint = f": --quantize {fits[0]} fits" if fits else ": close other GPU programs, or pick a smaller model"

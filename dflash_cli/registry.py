@@ -35,6 +35,7 @@ class ModelPair:
     kind: str = "dense"  # dense, hybrid, moe, hybrid-moe or gpt-oss: the target's architecture family
     think: bool = False  # the thinking mode the drafter was trained with: the chat default
     gpus: int = 1  # GPUs the pair needs; above 1 it is handed to SGLang/vLLM (`dflash serve --engine`)
+    quantizable: bool = True  # whether dflash runs this target quantized (its family is tested so: config.QUANT_FAMILIES)
     quantized: tuple[QuantRepo, ...] = ()  # quantized checkpoints of the target, official ones first
 
     def official(self, fmt: str) -> QuantRepo | None:
@@ -111,13 +112,22 @@ PAIRS: tuple[ModelPair, ...] = (
     ModelPair("qwen3.6-27b", "Qwen/Qwen3.6-27B", "z-lab/Qwen3.6-27B-DFlash", 16, kind="hybrid", think=True),
     ModelPair("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "z-lab/Qwen3.6-35B-A3B-DFlash", 16, kind="hybrid-moe",
               think=True),
+    # Gemma 4 (models/gemma4.py). Ids as vLLM's and SGLang's users run them (note the 12B drafter's `gemma4-`
+    # spelling); the 31B drafter's block 16 is its config's, the 12B's and 26B-A4B's are z-lab's usual 16 [not
+    # seen in a config]. Thinking off: the drafters' users run them without the thinking channel [not stated
+    # by z-lab]. Apache 2.0, not gated.
+    ModelPair("gemma-4-12b", "google/gemma-4-12B-it", "z-lab/gemma4-12B-it-DFlash", 16, quantizable=False),
+    ModelPair("gemma-4-31b", "google/gemma-4-31B-it", "z-lab/gemma-4-31B-it-DFlash", 16, quantizable=False),
+    ModelPair("gemma-4-26b-a4b", "google/gemma-4-26B-A4B-it", "z-lab/gemma-4-26B-A4B-it-DFlash", 16, kind="moe",
+              quantizable=False),
     # DFlash2 drafters (research/dflash2.md §1, §4): the v1 drafter plus dynamic convs and a candidate selector.
     # Qwen3.8-27B is the Qwen3.5 hybrid architecture; thinking on, its template's reasoning effort at its default.
     ModelPair("qwen3.8-27b", "Qwen/Qwen3.8-27B", "z-lab/Qwen3.8-27B-DFlash2", 8, kind="hybrid", think=True),
     # Muse-Glimmer-30B (models/muse_glimmer.py), 60 GB in bf16: one 80 GB GPU. Repo ids as public configs and
     # serving recipes cite them (z-lab's drafter at b54ffdd1; Meta's v1 `meta-models/Muse-Glimmer-30B-assistant`
     # loads too, as --drafter). Thinking on: the DFlash2 drafter was fine-tuned from Meta's assistant [U: its mode].
-    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16, think=True),
+    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16, think=True,
+              quantizable=False),
     # Published by incoai, not in z-lab's list; the target's repo id is not confirmed (research/dflash2.md §4).
     ModelPair("glm-5.3-flash", "zai-org/GLM-5.3-Flash", "incoai/GLM-5.3-Flash-DFlash2", 8, supported=False,
               note=_GLM53, kind="hybrid"),

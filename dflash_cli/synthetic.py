@@ -107,6 +107,28 @@ for _name, _ids in (("qwen3.5-4b", (1, 8, 15, 22, 29)), ("qwen3.5-9b", (1, 8, 15
     SHAPES[_name] = (_t, _drafter(_t | dict(num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                             rope_theta=10000000), 16, _ids, 248070, **_extra), None)
 SHAPES["qwen3.6-27b"] = SHAPES["qwen3.5-27b"]
+# Gemma 4 (research/landscape-and-quantization.md §A8): 5 sliding layers (256-dim heads) to 1 global (512, its
+# own KV heads, k = v), vocab 262144 tied, soft-cap 30. The 31B drafter as its GGUF conversion states it (5
+# layers, 64/8 heads × 128, 4 causal sliding of 2048 + 1 full, mask 4); the 12B's and 26B-A4B's drafter sizes
+# and taps are not published in a form seen here: the 31B's recipe scaled to their width.
+_GEMMA4 = dict(architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", head_dim=256, global_head_dim=512,
+               attention_k_eq_v=True, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, sliding_window=1024,
+               final_logit_softcapping=30.0, max_position_embeddings=262144, vocab_size=262144,
+               tie_word_embeddings=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0)
+for _name, _hidden, _inter, _layers, _heads, _kv, _gkv, _moe, _ids, _dheads, _dinter in (
+        ("gemma-4-12b", 3840, 15360, 48, 16, 8, 1, {}, (1, 10, 19, 28, 37, 46), 32, 7680),
+        ("gemma-4-31b", 5376, 21504, 60, 32, 16, 4, {}, (1, 12, 23, 35, 46, 57), 64, 10752),
+        ("gemma-4-26b-a4b", 2816, 2112, 30, 16, 8, 2,
+         dict(enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704),
+         (1, 6, 12, 17, 23, 28), 32, 5632)):
+    TARGETS[_name] = _GEMMA4 | dict(hidden_size=_hidden, intermediate_size=_inter, num_hidden_layers=_layers,
+                                    num_attention_heads=_heads, num_key_value_heads=_kv,
+                                    num_global_key_value_heads=_gkv, **_moe)
+    SHAPES[_name] = (TARGETS[_name], _drafter(
+        TARGETS[_name] | dict(num_attention_heads=_dheads, num_key_value_heads=8, head_dim=128,
+                              intermediate_size=_dinter, rope_theta=1e6), 16, _ids, 4,
+        layer_types=["sliding_attention"] * 4 + ["full_attention"], sliding_window=2048,
+        final_logit_softcapping=30.0), None)
 # MoE targets (research/moe-gptoss.md §3-4, hybrid.md §1, §4).
 TARGETS["qwen3-coder-30b-a3b"] = _QWEN3 | dict(
     architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, intermediate_size=5472,
@@ -207,7 +229,8 @@ def random_pair(name: str, dtype: torch.dtype, device: torch.device, positions: 
         weights = random_weights(family.weight_table(t, "fused"), dtype=dtype, device=device)
     target = family.build(t, weights, positions)
     w = random_weights(drafter_module.weight_table(d), seed=1, dtype=dtype, device=device)
-    return target, Drafter.from_weights(d, w, target.embed, target.lm_head, positions)
+    return target, Drafter.from_weights(d.for_target(target.embed_scale, t.logit_softcap), w, target.embed,
+                                        target.lm_head, positions)
 
 
 def random_quantized_weights(family, cfg, scheme: str, dtype: torch.dtype, device: torch.device, seed: int = 0):

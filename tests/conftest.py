@@ -192,6 +192,29 @@ def gpt_oss_pair(models) -> tuple[Path, Path]:
     return t, fitted("gpt-oss", t, models / "gpt-oss-drafter", dcfg, HYBRID_PROMPTS, steps=500)
 
 
+def _gemma4_pair(models, name: str, seed: int, **kwargs) -> tuple[Path, Path]:
+    """A tiny Gemma 4 (tests/tiny_gemma4.py) and a block-8 drafter fitted to it, configured as z-lab's
+    Gemma drafters are: a sliding (causal) and a full (non-causal) layer, the target's soft-cap restated."""
+    from .tiny_gemma4 import gemma4_config, gemma4_drafter_config, write_gemma4
+
+    cfg = gemma4_config(tie=False, **kwargs)
+    t = write_gemma4(models / name, cfg, seed=seed)
+    dcfg = gemma4_drafter_config(cfg["text_config"])
+    return t, fitted(name, t, models / f"{name}-drafter", dcfg, HYBRID_PROMPTS, steps=500)
+
+
+@pytest.fixture(scope="session")
+def gemma4_pair(models) -> tuple[Path, Path]:
+    """The 31B's layout (the gemma4 wrapper, dense) and its fitted drafter."""
+    return _gemma4_pair(models, "gemma4", 23)
+
+
+@pytest.fixture(scope="session")
+def gemma4_moe_pair(models) -> tuple[Path, Path]:
+    """The 26B-A4B's layout (routed experts beside the MLP) and its fitted drafter."""
+    return _gemma4_pair(models, "gemma4-moe", 29, moe=True)
+
+
 @pytest.fixture(scope="session")
 def dflash2_pair(qwen35_pair, models) -> tuple[Path, Path]:
     """qwen35_pair's target and a DFlash2 drafter fitted on its own continuations, starting from the

@@ -21,6 +21,7 @@ from dflash_cli.sampling import SamplingParams
 from .conftest import HYBRID_PROMPTS, STORY_PROMPTS, random_prompts
 from .tiny import (copy_stories, qwen3_moe_config, qwen35_config, qwen35_moe_config, save_weights, target_config,
                    write_qwen35, write_target)
+from .tiny_gemma4 import gemma4_config, reference as gemma4_reference, write_gemma4
 from .tiny_gpt_oss import gpt_oss_config, reference as gpt_oss_reference, write_gpt_oss
 from .tiny_muse import muse_config, write_muse
 
@@ -122,6 +123,7 @@ QWEN35_LOGITS = ((41,), (1, 3, 7, 30), (16, 16, 9))
 MOE_LOGITS = ((29,), (1, 8, 20))
 GPT_OSS_LOGITS = ((37,), (1, 3, 7, 26), (8, 8, 21))
 DENSE_LOGITS = ((33,), (1, 4, 28), (16, 16, 1))
+GEMMA4_LOGITS = ((29,), (1, 7, 21), (5, 1, 14, 9))  # a window of 8: every chunking crosses its boundary
 HYBRID_SAMPLING = lambda seed: SamplingParams(temperature=0.7, top_p=0.9, seed=seed)  # noqa: E731
 MOE_SAMPLING = lambda seed: SamplingParams(temperature=0.8, top_k=40, seed=seed)  # noqa: E731
 
@@ -214,6 +216,32 @@ FAMILIES = [
         prompt=lambda m: HYBRID_PROMPTS[0], replay_prompts=lambda m: HYBRID_PROMPTS[2:3], replay_tokens=32,
         min_replays=5, kernel_pair="gpt_oss_pair",
         notes="MXFP4 experts, sinks, a window of 8 (shorter than the prompts), YaRN; a drafter with biases"),
+    Family(
+        "gemma4", "gemma4_pair", gemma4_reference,
+        layouts=(Layout("31B: gemma4 wrapper, untied", lambda d: write_gemma4(d, gemma4_config(tie=False), seed=2),
+                        gemma4_reference, 29, 512, 1, GEMMA4_LOGITS),
+                 Layout("12B: gemma4_unified wrapper", lambda d: write_gemma4(d, gemma4_config(unified=True), seed=2),
+                        gemma4_reference, 29, 512, 1, GEMMA4_LOGITS),
+                 Layout("text-only", lambda d: write_gemma4(d, gemma4_config(wrapper=False), seed=2),
+                        gemma4_reference, 29, 512, 1, GEMMA4_LOGITS)),
+        greedy=Greedy(lambda m: HYBRID_PROMPTS[:3] + random_prompts(1, 500, seed=5), 32, (1, 2, 4, 8),
+                      fitted=tuple(map(tuple, HYBRID_PROMPTS[:3])), accepted=(6, 1.5)),
+        sampled=Sampled(lambda m: HYBRID_PROMPTS[0], 24, MOE_SAMPLING, 2),
+        prompt=lambda m: HYBRID_PROMPTS[0], replay_prompts=lambda m: HYBRID_PROMPTS[2:3], replay_tokens=32,
+        min_replays=5, kernel_pair="gemma4_pair",
+        notes="sliding (window 8) and global layers of two head shapes, k=v, proportional rope, soft-cap 3; "
+              "a fitted drafter (sliding causal, full not) on the scaled embedding"),
+    Family(
+        "gemma4-moe", "gemma4_moe_pair", gemma4_reference,
+        layouts=(Layout("26B-A4B: routed experts", lambda d: write_gemma4(d, gemma4_config(moe=True, tie=False),
+                                                                          seed=2), gemma4_reference, 37, 512, 1,
+                        ((37,), (1, 7, 29), (5, 1, 14, 17))),),  # 37 and 29 rows: its per-expert loop
+        greedy=Greedy(lambda m: HYBRID_PROMPTS[:3] + random_prompts(1, 500, seed=5), 32, (1, 2, 4, 8),
+                      fitted=tuple(map(tuple, HYBRID_PROMPTS[:3])), accepted=(6, 1.5)),
+        sampled=Sampled(lambda m: HYBRID_PROMPTS[0], 24, MOE_SAMPLING, 2),
+        prompt=lambda m: HYBRID_PROMPTS[0], replay_prompts=lambda m: HYBRID_PROMPTS[2:3], replay_tokens=32,
+        min_replays=5, kernel_pair=None,  # gemma4's kernels (its experts run in torch)
+        notes="8 experts top-2 with router scale and per-expert scale beside the GELU MLP; a fitted drafter"),
     Family(
         "dflash2", "dflash2_pair", transformers_model(transformers.Qwen3_5ForConditionalGeneration),
         layouts=(),  # the target is qwen3.5's (its logits are that case's); the drafter's math: test_dflash2.py

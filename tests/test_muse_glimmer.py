@@ -51,7 +51,7 @@ def test_each_detail_of_the_target_is_needed_for_transformers_logits(tmp_path):
     wrong = []
     nope = loader.load(d, None, device="cpu")
     for layer in nope.target.layers:
-        layer.mixer.inner.rope = None  # every layer rotated with the global θ
+        layer.mixer.inner.cos_sin = None  # every layer rotated with the global θ
     wrong.append(nope)
     uncapped = loader.load(d, None, device="cpu")
     uncapped.target.cfg = replace(uncapped.target.cfg, logit_softcap=None)

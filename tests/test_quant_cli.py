@@ -329,3 +329,14 @@ def test_the_readme_models_table_is_what_dflash_computes():
             assert card == "no", alias
             continue
         assert card.startswith(choice.format) and (choice.repo is None or choice.repo.repo in card), alias
+
+
+def test_families_not_tested_quantized_are_not_offered_quantized():
+    """Gemma 4 and Muse-Glimmer load no quantized checkpoint (config.QUANT_FAMILIES): no format but bf16 is
+    offered, and the refusal names the pair, not its kind."""
+    gemma = registry.resolve("gemma-4-26b-a4b")
+    assert catalog._by_format(gemma) == {"bf16": catalog.gpu_memory(gemma), "fp8": None, "int8": None, "int4": None}
+    with pytest.raises(DflashError, match=r"dflash does not run gemma-4-26b-a4b quantized yet"):
+        precision.choose(gemma, None, 23 * GiB)
+    with pytest.raises(UsageError, match=r"--quantize int4: dflash does not run muse-glimmer-30b quantized yet"):
+        precision.choose(registry.resolve("muse-glimmer-30b"), "int4", None)

@@ -31,6 +31,10 @@ FAMILIES = {
     "qwen3_5_moe_text": "qwen3_5",
     "gpt_oss": "gpt_oss",
     "muse_glimmer": "muse_glimmer",
+    "gemma4": "gemma4",
+    "gemma4_text": "gemma4",
+    "gemma4_unified": "gemma4",
+    "gemma4_unified_text": "gemma4",
 }
 
 

@@ -7,7 +7,9 @@ a SwiGLU, a mixture of experts or gpt-oss's experts. One forward serves prefill 
 block and plain decoding: it takes T >= 1 tokens at the positions after the cache's committed length,
 and returns logits only for the positions asked for and the residual stream only of the layers the
 drafter reads. With `commit` the T tokens join the sequence at once (a prefill chunk); otherwise the
-cache's `commit(plan)` decides which of them do (a verify block).
+cache's `commit(plan)` decides which of them do (a verify block). A family whose layers route the
+residual otherwise (Gemma 4's sandwiched norms and layer scalar) overrides `run_layers` alone; the
+embedding's scale and the head's soft-cap are config fields every family has.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class DecoderConfig:
     logit_softcap: float | None = field(default=None, kw_only=True)  # the head's logits: cap·tanh(z / cap)
 
     prefill_scratch = 0  # bytes a prefill allocates beyond its activations (memory.workspace_bytes)
+    embed_scale = 1.0  # the embedding's rows times this (Gemma: √hidden, rounded to the weights' dtype)
 
     @property
     def activation_width(self) -> int:
@@ -128,6 +131,7 @@ class Decoder:
         self.embed = w.pop(prefix + "embed_tokens.weight")
         self.norm = RMSNorm.take(w, prefix + "norm.weight", eps, norm_style)
         self.lm_head = w.pop("lm_head.weight", self.embed)  # the embedding when tied
+        self.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=self.embed.dtype))  # as transformers rounds it
         self.head: Linear = Dense(self.lm_head)
         self.layers: list[Layer] = []
         for i in range(cfg.num_layers):
@@ -151,8 +155,10 @@ class Decoder:
         return self.embed.dtype
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
-        """The input rows of `ids` (a family whose embedding is more than the table's rows overrides it)."""
-        return F.embedding(ids, self.embed)
+        """The input rows of `ids`, times the config's `embed_scale` (a family whose embedding is more than
+        that overrides it)."""
+        x = F.embedding(ids, self.embed)
+        return x if self.embed_scale == 1.0 else x * self.embed_scale
 
     def forward(self, ids: torch.Tensor, cache, *, logits_from: int | None = None,
                 feature_layers: Sequence[int] = (), commit: bool = False
@@ -167,6 +173,17 @@ class Decoder:
         step = StepPlan(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
         wanted = {layer: None for layer in feature_layers}
         x = self.embedding(ids)
+        h = self.run_layers(x, cache, step, wanted)
+        if commit:
+            cache.prefilled(t)
+        logits = None if logits_from is None else self.logits(h[logits_from:])
+        features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
+        return logits, features
+
+    def run_layers(self, x: torch.Tensor, cache, step: StepPlan, wanted: dict[int, torch.Tensor | None]
+                   ) -> torch.Tensor:
+        """The embedded tokens x [T, H] through every layer and the final norm; fills `wanted[i]` with
+        layer i's output (a family with another residual flow overrides this)."""
         residual = None
         for i, layer in enumerate(self.layers):
             if residual is None:
@@ -182,14 +199,13 @@ class Decoder:
         h, residual = self.norm(x, residual)
         if len(self.layers) - 1 in wanted:
             wanted[len(self.layers) - 1] = residual
-        if commit:
-            cache.prefilled(t)
-        logits = None if logits_from is None else self.head(h[logits_from:])
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's logits of final hidden states h, soft-capped where the config says."""
+        logits = self.head(h)
         cap = self.cfg.logit_softcap
-        if logits is not None and cap:
-            logits = cap * torch.tanh(logits / cap)
-        features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
-        return logits, features
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def commit(self, cache, plan: CommitPlan | int | torch.Tensor) -> None:
         """The plan's tokens of the last forward join the sequence (the cache's own commit)."""

@@ -147,7 +147,7 @@ def build(c: Config, w: dict[str, torch.Tensor], max_positions: int) -> Decoder:
         a = p + "self_attn."
         qkv = take_linear(w, a + "q_proj", a + "gate_proj", a + "k_proj", a + "v_proj")  # [q | gate | k | v]
         return Attention(qkv, take_linear(w, a + "o_proj"), q_norm, k_norm, c.num_heads, c.num_kv_heads, c.head_dim,
-                         c.rms_norm_eps, i, gated=True, window=c.window(i), rope=tables[c.layer_rope_theta[i]])
+                         c.rms_norm_eps, i, gated=True, window=c.window(i), cos_sin=tables[c.layer_rope_theta[i]])
 
     def mlp(i: int, p: str) -> Sandwiched:
         return Sandwiched(SwiGLU.take(w, p + "mlp."),

@@ -1,5 +1,6 @@
 """The MLPs: SwiGLU, the mixture of experts (router variants as parameters, an optional gated shared
-expert), and gpt-oss's experts (biases, the clamped SwiGLU, MXFP4 blocks). Their weight tables.
+expert), gpt-oss's experts (biases, the clamped SwiGLU, MXFP4 blocks), and Gemma 4's GELU-tanh MLP
+with its routed experts. Their weight tables.
 
 Two MoE layouts are released: per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj.weight`
 (Qwen3-Coder, and what transformers' save_pretrained writes) and fused `mlp.experts.gate_up_proj
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ... import ops
 from ..weights import Weight
@@ -41,6 +43,84 @@ class SwiGLU:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(ops.swiglu(self.gate_up(h)))
+
+
+@dataclass
+class GeluGLU:
+    """gelu_tanh(gate x) ⊙ (up x), then down (Gemma's MLP): the SwiGLU's layout, another activation."""
+
+    gate_up: Linear
+    down: Linear
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str) -> "GeluGLU":
+        return cls(take_linear(w, p + "gate_proj", p + "up_proj"), take_linear(w, p + "down_proj"))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.gelu(gate, approximate="tanh") * up)
+
+
+def gemma_expert_weights(p: str, hidden: int, n_experts: int, inter: int) -> list[Weight]:
+    """Gemma 4's router (p: the layer's prefix) and fused experts [E, 2I, H] (gate rows first), [E, H, I]."""
+    return [Weight(p + "router.proj.weight", (n_experts, hidden), gain=4.0),
+            Weight(p + "router.scale", (hidden,), "norm"), Weight(p + "router.per_expert_scale", (n_experts,), "norm"),
+            Weight(p + "experts.gate_up_proj", (n_experts, 2 * inter, hidden)),
+            Weight(p + "experts.down_proj", (n_experts, hidden, inter))]
+
+
+GATHER_ROWS = 32  # up to this many tokens gather their experts' weights (one bmm); more loop over experts
+
+
+@dataclass
+class GemmaExperts:
+    """Gemma 4's sparse block: the router reads the unscaled RMS-normed residual times `scale` and
+    hidden^-0.5, softmaxes all logits in fp32, keeps the top k renormalised, times `per_expert_scale`;
+    each chosen expert is a GELU-tanh GLU. A token's sum runs over its experts in rank order, whatever
+    the other rows (a verify row equals the decode of the same token)."""
+
+    proj: Linear  # [E, H]
+    scale: torch.Tensor  # [H]
+    per_expert_scale: torch.Tensor  # [E]
+    gate_up: torch.Tensor  # [E, 2I, H]
+    down: torch.Tensor  # [E, H, I]
+    top_k: int
+    eps: float
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str, top_k: int, eps: float) -> "GemmaExperts":
+        return cls(take_linear(w, p + "router.proj"), w.pop(p + "router.scale"), w.pop(p + "router.per_expert_scale"),
+                   w.pop(p + "experts.gate_up_proj"), w.pop(p + "experts.down_proj"), top_k, eps)
+
+    def route(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ones = torch.ones_like(self.scale, dtype=torch.float32)
+        h, _ = ops.rms_norm(residual, ones, self.eps, fp32_weight=True)
+        h = h * self.scale * self.scale.shape[0] ** -0.5
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return idx, weights * self.per_expert_scale[idx]
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x: the experts' input (normed), residual: what the router reads; both [T, H]."""
+        idx, weights = self.route(residual)
+        t, k = idx.shape
+        if t <= GATHER_ROWS:  # graph-safe: rank by rank, each token's expert matrices gathered
+            y = None
+            for j in range(k):
+                e = idx[:, j]
+                gate, up = torch.bmm(self.gate_up[e], x[:, :, None])[..., 0].chunk(2, dim=-1)
+                out = torch.bmm(self.down[e], (F.gelu(gate, approximate="tanh") * up)[:, :, None])[..., 0]
+                out = out.float() * weights[:, j, None]  # weighted and summed in fp32, rounded once
+                y = out if y is None else y + out
+            return y.to(x.dtype)
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for e in idx.unique().tolist():
+            rows, rank = torch.where(idx == e)
+            gate, up = (x[rows] @ self.gate_up[e].T).chunk(2, dim=-1)
+            out = (F.gelu(gate, approximate="tanh") * up) @ self.down[e].T
+            y.index_add_(0, rows, out.float() * weights[rows, rank, None])
+        return y.to(x.dtype)
 
 
 def moe_layout_of(names) -> str:
