@@ -11,7 +11,7 @@ configuration for every M (rows in tiles of BLOCK_M, M not specialised), a fixed
 K cut into `splits(N, K)` slices chosen from the weight's shape alone, the slices' fp32 partial sums added
 in slice order by invariant_linear's merge kernel (no atomics), then the bias, then one rounding.
 
-int4: `qweight` int32 [N, ceil(K/8)] (column k at bits 4·(k % 8) of word k // 8), `scales` [N, K/group]
+int4: `qweight` int32 [N, K/8] (column k at bits 4·(k % 8) of word k // 8), `scales` [N, K/group]
 (fp16, bf16 or fp32), `zeros` uint8 [N, K/group] or None (symmetric: z = 8), `input_perm` [K] or None:
 act-order is resolved at load by sorting the weight's columns (Int4Linear.input_perm), so the kernel
 sees no g_idx; the launcher gathers x's columns into the weight's order instead.
@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .invariant_linear import BLOCK_K, BLOCK_M, BLOCK_N, MERGE_BLOCK, _UPCAST, _merge_kernel, splits
+
+# Scales (and zero points) are read once per SUB columns of a tile, not once per weight: every int4 group
+# and every FP8 scale block spans a whole number of SUB columns (32, 64, 128, a row: what checkpoints use).
+SUB = 32
 
 
 def _finish(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -58,6 +62,8 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
 # ---- Triton ---------------------------------------------------------------------------------
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+_SUB: tl.constexpr = tl.constexpr(SUB)  # the kernels' view of SUB (a jit function reads only constexpr globals)
 
 
 @triton.jit
@@ -106,37 +112,48 @@ def _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_pt
         tl.store(part_ptr + (split * M + rows.to(tl.int64))[:, None] * N + cols[None, :], acc, mask=mask)
 
 
+@triton.jit
+def _per_sub(v, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_K // _SUB, BLOCK_N] values, one per SUB-column slice of the tile, → [BLOCK_K, BLOCK_N]."""
+    return tl.reshape(tl.broadcast_to(v[:, None, :], [BLOCK_K // _SUB, _SUB, BLOCK_N]), [BLOCK_K, BLOCK_N])
+
+
 @triton.jit(do_not_specialize=["M"])  # one binary for every M: M = 1 is not folded into a constant
 def _int4_partial_kernel(x_ptr, q_ptr, s_ptr, z_ptr, part_ptr, b_ptr, out_ptr, M, N, K, k_per_split, group, groups,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                          DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """part[split, m, n] = sum over this split's K slice of x[m, k] · W[n, k], W dequantized per tile."""
+    """part[split, m, n] = sum over this split's K slice of x[m, k] · W[n, k], W dequantized per tile: the
+    tile's packed words read once ([BLOCK_K / 8, BLOCK_N]) and unpacked in registers, its scales and zero
+    points once per SUB columns (a group is a whole number of SUB-column slices)."""
     pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
+    words = tl.arange(0, BLOCK_K // 8)
+    subs = tl.arange(0, BLOCK_K // _SUB) * _SUB
+    shifts = tl.arange(0, 8) * 4
     row_ok, col_ok = rows < M, cols < N
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
-    q_rows = q_ptr + cols.to(tl.int64)[None, :] * ((K + 7) // 8)
+    q_rows = q_ptr + cols.to(tl.int64)[None, :] * (K // 8)
     g_rows = cols.to(tl.int64)[None, :] * groups
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + ks
-        k_ok = kk < k_end
-        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_ok = col_ok[None, :] & k_ok[:, None]
-        word = tl.load(q_rows + (kk // 8)[:, None], mask=w_ok, other=0)
-        code = ((word >> ((kk % 8) * 4)[:, None]) & 15).to(tl.float32)
-        g = g_rows + (kk // group)[:, None]
-        s = tl.load(s_ptr + g, mask=w_ok, other=0.0)
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < k_end)[None, :], other=0.0)
+        word = tl.load(q_rows + (k0 // 8 + words)[:, None], mask=col_ok[None, :] & (k0 + 8 * words < k_end)[:, None],
+                       other=0)
+        code = tl.reshape((word[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])  # k = 8·word + j
+        g_ok = col_ok[None, :] & (k0 + subs < k_end)[:, None]
+        g = g_rows + ((k0 + subs) // group)[:, None]
+        s = _per_sub(tl.load(s_ptr + g, mask=g_ok, other=0.0).to(tl.float32), BLOCK_K, BLOCK_N)
         if HAS_ZEROS:
-            code -= tl.load(z_ptr + g, mask=w_ok, other=0).to(tl.float32)
+            z = _per_sub(tl.load(z_ptr + g, mask=g_ok, other=0).to(tl.float32), BLOCK_K, BLOCK_N)
         else:
-            code -= 8.0
+            z = 8.0
         # (q − z)·s is exact in fp32; rounded once to the scales' dtype, then to x's (Int4Linear.dequantize)
-        w = _round(code * s.to(tl.float32), s_ptr.dtype.element_ty, UPCAST)
+        w = _round((code.to(tl.float32) - z) * s, s_ptr.dtype.element_ty, UPCAST)
         w = _round(w.to(tl.float32), x_ptr.dtype.element_ty, UPCAST)
         acc = _accumulate(acc, x, w, UPCAST)
     _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_ptr, DIRECT, HAS_BIAS)
@@ -146,11 +163,13 @@ def _int4_partial_kernel(x_ptr, q_ptr, s_ptr, z_ptr, part_ptr, b_ptr, out_ptr, M
 def _fp8_partial_kernel(x_ptr, w_ptr, s_ptr, part_ptr, b_ptr, out_ptr, M, N, K, k_per_split, block_rows, block_cols,
                         scale_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         UPCAST: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """part[split, m, n] = sum over this split's K slice of x[m, k] · q[n, k]·s[n // rows, k // cols]."""
+    """part[split, m, n] = sum over this split's K slice of x[m, k] · q[n, k]·s[n // rows, k // cols], the
+    scales read once per SUB columns (`block_cols` is a multiple of SUB)."""
     pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
+    subs = tl.arange(0, BLOCK_K // _SUB) * _SUB
     row_ok, col_ok = rows < M, cols < N
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -162,10 +181,11 @@ def _fp8_partial_kernel(x_ptr, w_ptr, s_ptr, part_ptr, b_ptr, out_ptr, M, N, K, 
         kk = k0 + ks
         k_ok = kk < k_end
         x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_ok = col_ok[None, :] & k_ok[:, None]
-        bits = tl.load(w_rows + kk[:, None], mask=w_ok, other=0).to(tl.int32)
-        s = tl.load(s_rows + (kk // block_cols)[:, None], mask=w_ok, other=0.0)
-        w = _round(_e4m3_to_f32(bits) * s.to(tl.float32), x_ptr.dtype.element_ty, UPCAST)  # Fp8Linear.dequantize
+        bits = tl.load(w_rows + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0).to(tl.int32)
+        s = tl.load(s_rows + ((k0 + subs) // block_cols)[:, None], mask=col_ok[None, :] & (k0 + subs < k_end)[:, None],
+                    other=0.0)
+        w = _round(_e4m3_to_f32(bits) * _per_sub(s.to(tl.float32), BLOCK_K, BLOCK_N), x_ptr.dtype.element_ty,
+                   UPCAST)  # Fp8Linear.dequantize
         acc = _accumulate(acc, x, w, UPCAST)
     _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_ptr, DIRECT, HAS_BIAS)
 
@@ -205,6 +225,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     assert qweight.shape == (n, -(-k // 8)) and qweight.dtype == torch.int32 and groups * group_size == k, \
         (qweight.shape, scales.shape, k, group_size)
     assert zeros is None or (zeros.shape == scales.shape and zeros.dtype == torch.uint8)
+    assert group_size % SUB == 0, f"the int4 kernel takes groups of a multiple of {SUB} columns, not {group_size}"
     if input_perm is not None:  # the weight's columns are x's columns input_perm (act-order, sorted at load)
         x = x.index_select(-1, input_perm.to(x.device))
     z = zeros.contiguous() if zeros is not None else scales
@@ -219,6 +240,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     rows, cols = block
     assert weight.dtype == torch.float8_e4m3fn and scale.shape == (-(-n // rows), -(-k // cols)), \
         (weight.dtype, scale.shape, weight.shape, block)
+    if cols >= k:  # one scale column (per tensor or per channel): any multiple of SUB that covers K reads it
+        cols = triton.cdiv(k, SUB) * SUB
+    assert cols % SUB == 0, f"the FP8 kernel takes scale blocks of a multiple of {SUB} columns, not {block}"
     bits = weight.contiguous().view(torch.uint8)
     return _launch(_fp8_partial_kernel, x, n, k, bias, n_splits,
                    ((bits, scale.contiguous()), (rows, cols, scale.shape[1])))
