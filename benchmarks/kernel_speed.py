@@ -400,7 +400,8 @@ def quant_linear_cases(dev: str, dt: torch.dtype, rows=(1, B), lm_head: bool = F
     yield ("int4 g128 asym act-order fp16 scales M=B", ql.int4_linear, ql.int4_linear_ref, int4_call(asym, x),
            quant_bytes(asym) + nbytes(x) + B * n * x.element_size())
     w = (torch.randn(n, k, device=dev) * 64).to(torch.float8_e4m3fn)
-    for label, scale, block in (("per channel, bf16 scales, bias", torch.rand(n, 1, device=dev).to(torch.bfloat16), (1, k)),
+    per_channel = torch.rand(n, 1, device=dev).to(torch.bfloat16)
+    for label, scale, block in (("per channel, bf16 scales, bias", per_channel, (1, k)),
                                 ("per tensor", torch.rand(1, 1, device=dev), (n, k))):
         layer = Fp8Linear(w, scale, block, torch.randn(n, dtype=dt, device=dev) if "bias" in label else None)
         yield (f"fp8 {label} M=B", ql.fp8_linear, ql.fp8_linear_ref, fp8_call(layer, x),

@@ -152,9 +152,10 @@ def _int4_partial_kernel(x_ptr, q_ptr, s_ptr, z_ptr, part_ptr, b_ptr, out_ptr, M
             z = _per_sub(tl.load(z_ptr + g, mask=g_ok, other=0).to(tl.float32), BLOCK_K, BLOCK_N)
         else:
             z = 8.0
-        # (q − z)·s is exact in fp32; rounded once to the scales' dtype, then to x's (Int4Linear.dequantize)
+        # (q − z)·s in fp32, rounded once to the scales' dtype, then to x's (Int4Linear.dequantize)
         w = _round((code.to(tl.float32) - z) * s, s_ptr.dtype.element_ty, UPCAST)
-        w = _round(w.to(tl.float32), x_ptr.dtype.element_ty, UPCAST)
+        if s_ptr.dtype.element_ty != x_ptr.dtype.element_ty:
+            w = _round(w.to(tl.float32), x_ptr.dtype.element_ty, UPCAST)
         acc = _accumulate(acc, x, w, UPCAST)
     _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_ptr, DIRECT, HAS_BIAS)
 

@@ -251,15 +251,15 @@ def test_qwen3_8b_like_shapes_scaled_down(seed, dtype, fmt, name, n, k):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int4 g128", "fp8 block 128"])
-@pytest.mark.parametrize("name,n,k", QWEN3_8B, ids=["o", "gate-up"])
-def test_qwen3_8b_shapes(seed, fmt, name, n, k):
-    """The real sizes, bf16 activations: M = 16 matches the reference and its rows equal M = 1 launches."""
+def test_qwen3_8b_o_projection_at_full_size(seed, fmt):
+    """Qwen3-8B's o projection (4096 × 4096: 64 N tiles, five K slices) at its real size, bf16 rows (about
+    two minutes in the interpreter): M = 16 matches the reference and its last row equals that row alone."""
+    n = k = 4096
     layer = int4_layer(n, k, 128, sym=True) if fmt.startswith("int4") else fp8_layer(n, k, "block 128")
     x = torch.randn(16, k, dtype=torch.bfloat16, device=DEVICE)
     block = kernel(layer)(x)
     torch.testing.assert_close(block, reference(layer)(x), **TOL[torch.bfloat16], msg=lambda msg: f"seed {seed}: {msg}")
-    for i in (0, 15):
-        assert torch.equal(kernel(layer)(x[i:i + 1])[0], block[i]), f"seed {seed}: row {i}"
+    assert torch.equal(kernel(layer)(x[15:16])[0], block[15]), f"seed {seed}"
 
 
 # ---- the seam: ops and the layouts' __call__ ----
