@@ -253,7 +253,7 @@ def test_qwen3_8b_like_shapes_scaled_down(seed, dtype, fmt, name, n, k):
 @pytest.mark.parametrize("fmt", ["int4 g128", "fp8 block 128"])
 def test_qwen3_8b_o_projection_at_full_size(seed, fmt):
     """Qwen3-8B's o projection (4096 × 4096: 64 N tiles, five K slices) at its real size, bf16 rows (about
-    two minutes in the interpreter): M = 16 matches the reference and its last row equals that row alone."""
+    three minutes each in the interpreter): M = 16 matches the reference and its last row equals that row alone."""
     n = k = 4096
     layer = int4_layer(n, k, 128, sym=True) if fmt.startswith("int4") else fp8_layer(n, k, "block 128")
     x = torch.randn(16, k, dtype=torch.bfloat16, device=DEVICE)
