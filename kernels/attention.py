@@ -209,7 +209,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
-        out = (kvh * tl.num_programs(1) + split) * n_rows + rows
+        out = (kvh * tl.num_programs(1) + split).to(tl.int64) * n_rows + rows  # int64: long caches' partials
         tl.store(acc_ptr + out[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(m_ptr + out, m, mask=row_ok)
         tl.store(l_ptr + out, l, mask=row_ok)
@@ -236,7 +236,7 @@ def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, q_len, 
         # the split kernel's condition for writing: its first tile lies before its end
         s_ok = (tl.maximum(splits * SPLIT, first) < tl.minimum((splits + 1) * SPLIT, kv_len)) & (splits < n_splits)
         ok = row_ok[:, None] & s_ok[None, :]
-        idx = (kvh * n_splits + splits[None, :]) * n_rows + rows[:, None]  # [ROWS, CHUNK]
+        idx = (kvh * n_splits + splits[None, :]).to(tl.int64) * n_rows + rows[:, None]  # [ROWS, CHUNK]
         m = tl.load(m_ptr + idx, mask=ok, other=float("-inf"))
         l = tl.load(l_ptr + idx, mask=ok, other=0.0)
         acc = tl.load(acc_ptr + idx[:, :, None] * BLOCK_D + dims[None, None, :], mask=ok[:, :, None], other=0.0)
