@@ -2,8 +2,8 @@
 
 The Triton kernel serves decode, verify and draft (a few queries, many keys), batch-invariant: a
 query row's output is the same bits alone (decode) as in a block of up to 32 (verify, draft), in
-bf16 as in fp32 (the kernel's notes below say how, and what its fixed split size costs). On a GPU the reference also serves prefill chunks,
-through SDPA (see `dflash_cli/ops.py`).
+bf16 as in fp32 (the kernel's notes below say how, and what its fixed split size costs). On a GPU
+the reference also serves prefill chunks, through SDPA (see `dflash_cli/ops.py`).
 
 The queries sit at the last `q_len` positions of the valid cache (`kv_len` read from a device
 tensor). `causal=True` is the target's verify/decode pattern; `causal=False` is the drafter's: the
