@@ -8,7 +8,9 @@ tokens: an expert kernel's bytes are the distinct experts the tokens touch, read
 bytes each op must move at the least (its inputs read once, its outputs written once) over the
 kernel's time, and that rate as a share of a measured device-to-device copy (read + write).
 Attention is timed in a cache sized for the context and in one sized for 40k tokens: the kernel's
-splits follow the valid length on the device, so the two should cost the same.
+grid follows the capacity but only the splits (256 keys at absolute positions) that hold valid keys
+work, so the two should cost about the same; and at 32k of the 40k cache, where verify's fp32 partials
+(2 × rows / 256 of the K/V bytes: half for 16 × GQA 4) show against decode's.
 First, F.linear at M = 1 and M = B for each Qwen3-8B weight (cuBLAS, not ours: what verify costs
 over a decode step comes down to it), then the batch-invariant linear kernel beside F.linear at M = 1,
 4, 8, B for each weight (GB/s of each, and a layer's M = B over M = 1 on each path), the int4 and FP8 kernels
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 H, HQ, HKV, D, I, V, B, CTX, LAYERS = 4096, 32, 8, 128, 12288, 151936, 16, 2048, 5
 BIG_CAPACITY = 40960  # Qwen3's max_position_embeddings: a chat session's cache
+LONG_CTX = 32768  # a long context in that cache
 
 
 def nbytes(*ts: torch.Tensor) -> int:
@@ -81,6 +84,11 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
                    lambda f, n_q=n_q, causal=causal, kc_c=kc_c, vc_c=vc_c: f(
                        q_rot[:n_q], kc_c, vc_c, length, causal=causal, scale=D**-0.5),
                    kv_read + 2 * nbytes(q_rot[:n_q]))
+    long_len = torch.tensor(LONG_CTX, device=dev)
+    for name, n_q in (("verify", B), ("decode", 1)):  # the batch-invariant split size's cost at long context
+        yield (f"attention {name} q={n_q} (32k of 40k cache)", attention.attention, attention.attention_ref,
+               lambda f, n_q=n_q: f(q_rot[:n_q], *caches[BIG_CAPACITY], long_len, causal=True, scale=D**-0.5),
+               2 * HKV * LONG_CTX * D * kc.element_size() + 2 * nbytes(q_rot[:n_q]))
     yield ("draft context K/V (B, 5 layers)", draft_kv.draft_ctx_kv, draft_kv.draft_ctx_kv_ref,
            lambda f: f(ctx, wkv, dkn, 1e-6, cs, pos, dkc, dvc), nbytes(ctx, wkv) + 2 * LAYERS * HKV * B * D * 2)
     yield ("sample greedy (1 × 151936)", accept.sample, accept.sample_ref,

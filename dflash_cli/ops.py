@@ -76,7 +76,9 @@ def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache
 # can take its flash path: bf16/fp16, causal without a window, GQA through a lower-right causal bias.
 # Otherwise SDPA would fall back to its math kernel, whose memory grows with chunk × context (an OOM
 # near 4k context on a 24 GB card in fp32), so such chunks go through the split-K kernel, whose
-# scratch is a few MB at any length.
+# scratch is a few MB at any length. Up to MAX_KERNEL_Q_LEN queries (decode, verify, draft) the kernel
+# is batch-invariant: a row's output does not depend on how many queries share the launch
+# (kernels/attention.py's MAX_INVARIANT_Q_LEN, the same number).
 MAX_KERNEL_Q_LEN = 32
 
 
