@@ -189,3 +189,37 @@ def test_trees_are_refused_by_name_for_hybrid_targets_and_dflash2_drafters(qwen3
     drafter = model.drafter  # any drafter: the hybrid target is refused before it drafts
     with pytest.raises(DflashError, match="not supported for hybrid"):
         Engine(hybrid, drafter, block_size=4, tree_budget=8)
+
+
+# ---- the flag ------------------------------------------------------------------------------------------------
+def test_the_tree_budget_flag_reads_a_budget_and_refuses_the_rest_in_one_line():
+    from dflash_cli.api import parse_tree_budget
+    from dflash_cli.errors import UsageError
+
+    assert parse_tree_budget("16") == 16 and parse_tree_budget("0") == 0 and parse_tree_budget(None) == 0
+    for bad, why in (("auto", "not available yet"), ("1", "at least 2"), ("-3", "at least 2"), ("x", "node budget")):
+        with pytest.raises(UsageError, match=why):
+            parse_tree_budget(bad)
+
+
+@pytest.mark.slow  # three CLI processes (~30 s on 2 cores); the engine tests above cover the answer
+def test_run_with_a_tree_budget_writes_the_chains_answer_and_reports_the_budget(stories_pair):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    t, d = stories_pair
+    answers = {}
+    for budget in ("0", "16"):
+        p = subprocess.run([sys.executable, "-m", "dflash_cli", "run", "--target", str(t), "--drafter", str(d), "-p",
+                            "Once upon a time", "-n", "32", "-b", "8", "--tree-budget", budget, "--json"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        answers[budget] = json.loads(p.stdout)
+        assert answers[budget]["tree_budget"] == int(budget)
+    assert answers["16"]["token_ids"] == answers["0"]["token_ids"]
+    p = subprocess.run([sys.executable, "-m", "dflash_cli", "run", "--target", str(t), "--drafter", str(d), "-p", "x",
+                        "--tree-budget", "auto"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--tree-budget auto" in p.stderr, p.stderr
