@@ -132,13 +132,14 @@ class Engine:
         self.draft_window = draft_window
         self.policy: Policy = Adaptive(block_size) if adaptive and self.speculative else Pinned(block_size)
         self.costs = CostTable()  # seconds per iteration at each b, measured when first needed
-        self.tree_budget = tree_budget if drafter is not None and block_size > 1 else 0
-        rope_positions, slack = target.max_positions, cache_slack(max(block_size, self.tree_budget))
+        self.most_nodes = tree_budget if drafter is not None and block_size > 1 else 0  # the caches' room
+        self.tree_budget = self.most_nodes
+        rope_positions, slack = target.max_positions, cache_slack(max(block_size, self.most_nodes))
         self.max_context = min(max_context or rope_positions, rope_positions - slack)
         self.prefill_chunk = prefill_chunk
         self.lookahead = cuda.is_gpu(target.device) if lookahead is None else lookahead
         capacity = self.max_context + slack
-        self.target_cache = target.new_cache(capacity, max(block_size, self.tree_budget))
+        self.target_cache = target.new_cache(capacity, max(block_size, self.most_nodes))
         if self.tree_budget and not isinstance(self.target_cache, KVCache):
             raise DflashError("--tree-budget: tree verification is not supported for hybrid (Gated DeltaNet) "
                               "targets yet; drop --tree-budget")
@@ -188,6 +189,18 @@ class Engine:
         """The device side of one iteration at this block size (what a captured graph replays): a
         function of the bonus token, for benchmarks that time or capture it themselves."""
         return self._device_step(mode, block_size)
+
+    @property
+    def tree_budget(self) -> int:
+        """Nodes of the tree the next drafting iteration verifies (0: the chain)."""
+        return self._tree_budget
+
+    @tree_budget.setter
+    def tree_budget(self, budget: int) -> None:
+        if budget < 0 or budget == 1 or budget > self.most_nodes and budget:
+            raise DflashError(f"this engine's tree budget may be 0 or 2 to at most the {self.most_nodes} nodes "
+                              f"its caches were sized for, got {budget}")
+        self._tree_budget = budget
 
     @property
     def speculative(self) -> bool:

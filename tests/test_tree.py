@@ -185,6 +185,10 @@ def test_trees_are_refused_by_name_for_hybrid_targets_and_dflash2_drafters(qwen3
     model.drafter.selector = None
     with pytest.raises(DflashError, match="tree budget must be 0"):
         Engine(model.target, model.drafter, block_size=4, tree_budget=1)
+    engine = Engine(model.target, model.drafter, block_size=4, tree_budget=8)
+    engine.tree_budget = 4
+    with pytest.raises(DflashError, match="at most the 8 nodes"):  # the caches are sized for 8
+        engine.tree_budget = 16
     hybrid = loader.load(write_qwen35(models / "tree-qwen35", qwen35_config(), seed=11), None, device="cpu").target
     drafter = model.drafter  # any drafter: the hybrid target is refused before it drafts
     with pytest.raises(DflashError, match="not supported for hybrid"):
@@ -223,3 +227,33 @@ def test_run_with_a_tree_budget_writes_the_chains_answer_and_reports_the_budget(
                         "--tree-budget", "auto"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--tree-budget auto" in p.stderr, p.stderr
+
+
+@pytest.mark.slow  # ~30 s a case (make_fx traces the unrolled search); the host-read test covers the fast tier
+@pytest.mark.parametrize("lookahead", [False, True], ids=["read-then-launch", "lookahead"])
+def test_replaying_one_recorded_tree_step_gives_the_eager_tokens(lookahead, stories_pair, monkeypatch):
+    """The tree step as a captured graph runs it: recorded once (make_fx, in place of a CUDA capture) by the
+    warm-up, then replayed for every iteration, with iteration i+1 queued before i is read (lookahead)."""
+    from dflash_cli import engine as engine_module
+    from dflash_cli import ops
+
+    from .fake_cuda import attention_masked_on_device
+    from .test_conformance import TracedStep
+
+    monkeypatch.setattr(ops, "attention", attention_masked_on_device)
+    model = loader.load(*stories_pair, device="cpu", dtype="float32")
+    prompts = [model.tokenizer.encode(p) for p in ("Once upon a time", "The dog ran")]
+    for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=4)):
+        want = [_tokens(Engine(model.target), p, 40, sampling)[0] for p in prompts]
+        traced: list[TracedStep] = []
+
+        def record(self, step, bonus):
+            traced.append(TracedStep(step, bonus, self.caches))
+            return traced[-1]
+
+        monkeypatch.setattr(engine_module.StepGraphs, "_runner", record)
+        engine = Engine(model.target, model.drafter, block_size=8, tree_budget=16, lookahead=lookahead)
+        engine.graphs.enabled = True
+        assert engine.warm_up(sampling) is not None and len(traced) == 1
+        assert [_tokens(engine, p, 40, sampling)[0] for p in prompts] == want
+        assert len(traced) == 1 and traced[0].replays >= 4
