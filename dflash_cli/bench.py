@@ -296,7 +296,8 @@ def render_synthetic(report, console) -> None:
     from rich.table import Table
 
     r = report
-    table = Table(title=f"synthetic {r.shape} · {r.dtype} on {r.device} · context {r.context} · B={r.block_size}",
+    held = f" · target in {r.quantize}" if getattr(r, "quantize", None) else ""
+    table = Table(title=f"synthetic {r.shape} · {r.dtype}{held} on {r.device} · context {r.context} · B={r.block_size}",
                   title_justify="left")
     table.add_column("step")
     table.add_column("time", justify="right")

@@ -37,6 +37,12 @@ DRAFT_WINDOW = typer.Option(None, "--draft-window", min=1, metavar="TOKENS", hel
 NO_SPEC = typer.Option(False, "--no-spec", help="Plain autoregressive decoding (the baseline).", rich_help_panel=MODEL)
 DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)
 DTYPE = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32.", rich_help_panel=MODEL)
+QUANTIZE = typer.Option(
+    None, "--quantize", metavar="auto|none|int4|int8|fp8", rich_help_panel=MODEL,
+    help="The target's weights on the GPU. auto (the default): bfloat16 when the pair fits, else the target's "
+         "official FP8 or int4 checkpoint that fits, else the bfloat16 target quantized at load (int8, then int4; "
+         "cached for the next load), said on one line. none: bfloat16 as released. int4, int8, fp8: that format "
+         "(the official checkpoint where there is one). The drafter stays bfloat16; `dflash models` shows what fits.")
 MAX_CONTEXT = typer.Option(None, "--max-context", min=2, metavar="TOKENS", help="Most tokens (prompt + answer) in the KV cache (default: what fits).", rich_help_panel=MODEL)
 MAX_TOKENS = typer.Option(512, "--max-tokens", "-n", min=1, metavar="N", help="Most tokens to generate per answer.")
 TEMPERATURE = typer.Option(0.0, "--temperature", "-t", metavar="T", help="0 is greedy.", rich_help_panel=SAMPLING)

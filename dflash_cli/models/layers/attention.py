@@ -14,7 +14,7 @@ import torch
 
 from ... import ops
 from ..weights import Weight
-from .linear import Dense, Linear, take_linear
+from .linear import Linear, take_linear
 
 
 def attention_weights(p: str, hidden: int, heads: int, kv_heads: int, head_dim: int, *, qk_norm: str | None = None,
@@ -59,12 +59,11 @@ class Attention:
              norm_offset: bool = False, window: int | None = None) -> "Attention":
         """Pop layer `p`'s attention from `w`; `c` gives the head counts and eps (a DecoderConfig)."""
         a = p + "self_attn."
+        rows = None
         if gated:  # per head: query rows, then gate rows; regrouped as [all queries | all gates]
-            q_gate = w.pop(a + "q_proj.weight").view(c.num_heads, 2, c.head_dim, -1)
-            qkv = Dense(torch.cat((q_gate[:, 0].reshape(-1, c.hidden_size), q_gate[:, 1].reshape(-1, c.hidden_size),
-                                   w.pop(a + "k_proj.weight"), w.pop(a + "v_proj.weight"))))
-        else:
-            qkv = take_linear(w, *(a + n + "_proj" for n in "qkv"), bias=bias)
+            rows = {a + "q_proj": torch.arange(2 * c.num_heads * c.head_dim).view(c.num_heads, 2, c.head_dim)
+                    .transpose(0, 1).reshape(-1)}
+        qkv = take_linear(w, *(a + n + "_proj" for n in "qkv"), bias=bias, rows=rows)
         return cls(qkv, take_linear(w, a + "o_proj", bias=bias), w.pop(a + "q_norm.weight", None),
                    w.pop(a + "k_norm.weight", None), c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, slot,
                    norm_offset, gated, window, w.pop(a + "sinks", None))
