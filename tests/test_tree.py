@@ -101,6 +101,48 @@ def test_building_and_walking_read_nothing_back_to_the_host():
     assert reads.seen == []
 
 
+# ---- the target's tree verify --------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixture", ["qwen3_pair", "qwen3_moe_pair", "gpt_oss_pair"])
+def test_a_tree_verify_gives_each_node_the_logits_of_its_own_path_and_commits_the_accepted_one(fixture, request):
+    """Every node's logits = those of decoding its path token by token (gpt-oss: past its window of 8, with
+    sinks); committing a path leaves the cache as decoding that path does (the next logits are the same)."""
+    from dflash_cli.cache import CommitPlan
+
+    target = loader.load(request.getfixturevalue(fixture)[0], None, device="cpu", dtype="float32").target
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 256, (11,), generator=g)
+    logits = torch.randn(6, target.cfg.vocab_size, generator=g)
+    logits[:, 256:] = -1e9  # ids below 256: every family's tiny vocabulary
+    tree = trees.build(torch.tensor([7]), logits, 16)
+
+    def path_of(i: int) -> list[int]:
+        nodes = [i]
+        while nodes[-1] != 0:
+            nodes.append(int(tree.parents[nodes[-1]]))
+        return nodes[::-1]
+
+    def decoded(ids: torch.Tensor):
+        cache = target.new_cache(64, 16)
+        target.forward(prompt, cache, commit=True)
+        return target.forward(ids, cache, logits_from=0, commit=True)[0], cache
+
+    cache = target.new_cache(64, 16)
+    target.forward(prompt, cache, commit=True)
+    got, _ = target.forward(tree.tokens, cache, logits_from=0, tree=tree)
+    for i in range(tree.budget):
+        want, _ = decoded(tree.tokens[path_of(i)])
+        torch.testing.assert_close(got[i], want[-1], rtol=1e-4, atol=1e-4, msg=lambda m: f"node {i}: {m}")
+    deepest = int(tree.depths.argmax())
+    path = torch.tensor(path_of(deepest))
+    target.commit(cache, CommitPlan(torch.tensor(len(path)), path))
+    _, steps = decoded(tree.tokens[path])
+    assert int(cache.length) == int(steps.length) == 11 + len(path)
+    nxt = torch.randint(3, 256, (3,), generator=g)
+    after, _ = target.forward(nxt, cache, logits_from=0, commit=True)
+    want, _ = target.forward(nxt, steps, logits_from=0, commit=True)
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
+
+
 # ---- the engine ----------------------------------------------------------------------------------------------
 BUDGETS = (4, 8, 16)
 PAIRS = {  # a pair with a trained or fitted drafter (drafts really are accepted), its prompts and sampling
