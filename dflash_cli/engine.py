@@ -395,7 +395,6 @@ class Engine:
 
         return step
 
-
     def _tree_step(self, mode: Mode, block_size: int, budget: int):
         """The device side of a tree iteration (dflash_cli/tree.py): draft once, build the best-first tree
         of `budget` nodes over the b - 1 drafted positions, verify every node in one target forward with

@@ -80,7 +80,8 @@ def build(anchor: torch.Tensor, draft_logits: torch.Tensor, budget: int) -> Tree
     counter = torch.arange(2 * n, **long)  # node and frontier slot indices (no host-to-device copy in the step)
     for i in range(1, n):
         best = f_score.argmax().view(1)  # the first maximal slot: ties go to the earlier candidate
-        score, depth, rank, parent, base = (t.index_select(0, best) for t in (f_score, f_depth, f_rank, f_parent, f_base))
+        frontier = (f_score, f_depth, f_rank, f_parent, f_base)
+        score, depth, rank, parent, base = (t.index_select(0, best) for t in frontier)
         filled = score > NEG_INF
         row = ((depth - 1) * k + rank).clamp(0, flat_ids.shape[0] - 1)
         node = counter[i:i + 1]
@@ -97,7 +98,8 @@ def build(anchor: torch.Tensor, draft_logits: torch.Tensor, budget: int) -> Tree
         child_ok = filled & (depth < depth_max)
         child = score + flat_logp.index_select(0, (depth * k).clamp(0, flat_logp.shape[0] - 1))
         pair = counter[2 * i - 1:2 * i + 1]
-        f_score.index_copy_(0, pair, torch.cat((torch.where(sib_ok, sib, NEG_INF), torch.where(child_ok, child, NEG_INF))))
+        pushed = torch.cat((torch.where(sib_ok, sib, NEG_INF), torch.where(child_ok, child, NEG_INF)))
+        f_score.index_copy_(0, pair, pushed)
         f_depth.index_copy_(0, pair, torch.cat((depth, depth + 1)))
         f_rank.index_copy_(0, pair, torch.cat((rank + 1, torch.zeros_like(rank))))
         f_parent.index_copy_(0, pair, torch.cat((parent, node)))
