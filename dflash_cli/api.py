@@ -44,7 +44,24 @@ class ModelOptions:
     block_size: int | None = None  # None: auto (chosen per iteration); a number pins it
     max_context: int | None = None  # None: what fits
     draft_window: int | None = None
+    tree_budget: int = 0  # nodes of a verified draft tree (tree.py); 0: the drafter's chain
     quantize: str | None = None  # "int4" | "int8" | "fp8": the target quantized at load (cached on disk)
+
+
+def parse_tree_budget(value: str | int | None, flag: str = "--tree-budget") -> int:
+    """0 (the chain) or a node budget >= 2; `auto` is refused until its cost model is measured."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        raise UsageError(f"{flag} auto is not available yet (its cost model is not measured): give a node "
+                         "budget such as 16, or 0 for the chain")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} must be 0 or a node budget such as 16, got '{value}'") from None
+    if number < 0 or number == 1:
+        raise UsageError(f"{flag} must be 0 (the chain) or at least 2 nodes, got {value}")
+    return number
 
 
 QUANTIZE = ("int4", "int8", "fp8")
@@ -130,7 +147,7 @@ def open_session(opts: ModelOptions, dirs: tuple[Path, Path | None] | None = Non
     model = loader.load(target_dir, drafter_dir, device=opts.device, dtype=opts.dtype, max_context=opts.max_context)
     if opts.model is not None and opts.target is None and registry.is_demo(opts.model):
         model = replace(model, stop_token_ids=model.stop_token_ids | {registry.DEMO_STORY_END})  # a story's end
-    return Pair(model, block_size=opts.block_size, draft_window=opts.draft_window)
+    return Pair(model, block_size=opts.block_size, draft_window=opts.draft_window, tree_budget=opts.tree_budget)
 
 
 def load(model: str | None = None, *, target: str | Path | None = None, drafter: str | Path | None = None,
@@ -181,8 +198,10 @@ class Result:
 class Pair:
     """A loaded target and drafter with their tokenizer, chat format and engine."""
 
-    def __init__(self, model: Model, *, block_size: int | None = None, draft_window: int | None = None):
+    def __init__(self, model: Model, *, block_size: int | None = None, draft_window: int | None = None,
+                 tree_budget: int = 0):
         self.model, self.block_size, self.draft_window = model, block_size, draft_window
+        self.tree_budget = tree_budget
         self._warm = False
 
     @property
@@ -207,7 +226,7 @@ class Pair:
         m = self.model
         return Engine(m.target, m.drafter, block_size=self.block_size if m.drafter else None,
                       max_context=min(max_context or m.max_context, m.max_context), adaptive=self.block_size is None,
-                      draft_window=self.draft_window)
+                      draft_window=self.draft_window, tree_budget=self.tree_budget if m.drafter else 0)
 
     def warm_up(self, sampling: SamplingParams | None = None) -> float | None:
         """Capture graphs and measure adaptive costs now (otherwise the first generation does)."""

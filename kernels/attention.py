@@ -47,9 +47,21 @@ def attention_ref(
     scale: float,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference. q: [Tq, Hq, D]; caches: [Hkv, max_len, D]; kv_len: 0-d int64 (or an int, as a
-    prefill chunk gives it); sinks: [Hq] float32 logits or None. Returns [Tq, Hq, D]."""
+    prefill chunk gives it); sinks: [Hq] float32 logits or None. Returns [Tq, Hq, D].
+
+    mask: [Tq, n] bool, which of the cache's first n slots each query sees (a tree verify's ancestor
+    mask, dflash_cli/tree.py); it replaces kv_len, `causal` and the window (its shape is static: no
+    host read)."""
+    if mask is not None:
+        k, v = k_cache[:, :mask.shape[1]], v_cache[:, :mask.shape[1]]
+        if sinks is not None:
+            return _attention_with_sinks(q, k, v, mask, scale, sinks)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+        return out[0].transpose(0, 1)
     n, tq = int(kv_len), q.shape[0]
     k, v = k_cache[:, :n], v_cache[:, :n]
     if sinks is not None:

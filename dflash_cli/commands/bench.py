@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
-from .options import DEVICE, DRAFTER, DTYPE, MAX_CONTEXT, MODEL, OUTPUT, QUANTIZE, TARGET, TEMPERATURE, YES, note
+from .options import (DEVICE, DRAFTER, DTYPE, MAX_CONTEXT, MODEL, OUTPUT, QUANTIZE, TARGET, TEMPERATURE, TREE_BUDGET, YES,
+                      note)
 
 
 def bench(
@@ -23,6 +24,7 @@ def bench(
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, metavar="N", help="Tokens per answer."),
     temperature: float = TEMPERATURE,
     block_size: Optional[int] = typer.Option(None, "--block-size", "-b", min=2, metavar="B", help="The fixed arm's block size, and the largest the auto arm may choose (default: the drafter's).", rich_help_panel=MODEL),
+    tree_budget: str = TREE_BUDGET,
     device: str = DEVICE,
     dtype: str = DTYPE,
     quantize: Optional[str] = QUANTIZE,
@@ -45,11 +47,13 @@ def bench(
 
     from .. import bench as bench_mod
     from .. import loader
-    from ..api import ModelOptions, open_session, resolve
+    from ..api import ModelOptions, open_session, parse_tree_budget, resolve
     from ..sampling import SamplingParams
 
     if tau is not None and not (math.isfinite(tau) and tau >= 1):  # one iteration commits at least one token
         raise UsageError(f"--tau must be a number of at least 1 (tokens per iteration), got {tau}")
+    budget = parse_tree_budget(tree_budget)
+
     from .. import precision
 
     console = Console()
@@ -85,6 +89,7 @@ def bench(
     report = bench_mod.run_bench(
         m, bench_mod.builtin_prompts(wanted), max_tokens=max_tokens, block_size=block_size,
         sampling=SamplingParams(temperature=temperature, seed=0), repeats=repeats,
+        tree_budget=budget,
         on_row=lambda r: progress.print(bench_mod.progress_line(r, block_size or m.drafter.cfg.block_size), style="dim"),
     )
     if json_out:

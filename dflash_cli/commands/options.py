@@ -32,6 +32,7 @@ TARGET = typer.Option(None, "--target", metavar="ID|DIR", help="Target: a Huggin
 DRAFTER = typer.Option(None, "--drafter", metavar="ID|DIR", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
 YES = typer.Option(False, "--yes", "-y", help="Download missing models without asking.", rich_help_panel=MODEL)
 BLOCK = typer.Option("auto", "--block-size", "-b", metavar="auto|B", help="Draft block size: auto picks it per iteration from measured costs and live acceptance (1 when drafting does not pay); B pins it.", rich_help_panel=MODEL)
+TREE_BUDGET = typer.Option("0", "--tree-budget", metavar="N|0", help="Verify a best-first tree of N draft nodes per target pass (DDTree) instead of the drafter's chain; 0: the chain. Same answer, more tokens per pass when the drafter hesitates.", rich_help_panel=MODEL)
 DRAFT_WINDOW = typer.Option(None, "--draft-window", min=1, metavar="TOKENS", help="The drafter attends to at most this many recent tokens (bounds its cost at long context; the answer is the same).", rich_help_panel=MODEL)
 NO_SPEC = typer.Option(False, "--no-spec", help="Plain autoregressive decoding (the baseline).", rich_help_panel=MODEL)
 DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)
@@ -91,18 +92,19 @@ def with_groups(command: Callable) -> Callable:
 
 
 def _model_options(model, target, drafter, yes, block_size, draft_window, no_spec, device, dtype,
-                   max_context) -> "ModelOptions":
-    from ..api import ModelOptions, parse_block_size
+                   max_context, tree_budget="0") -> "ModelOptions":
+    from ..api import ModelOptions, parse_block_size, parse_tree_budget
 
     return ModelOptions(model=model, target=target, drafter=drafter, yes=yes, block_size=parse_block_size(block_size),
                         draft_window=draft_window, no_spec=no_spec, device=device, dtype=dtype,
-                        max_context=max_context)
+                        max_context=max_context, tree_budget=parse_tree_budget(tree_budget))
 
 
 MODEL_OPTIONS = Group((("model", Optional[str], MODEL_ARG), ("target", Optional[str], TARGET),
                        ("drafter", Optional[str], DRAFTER), ("yes", bool, YES), ("block_size", str, BLOCK),
                        ("draft_window", Optional[int], DRAFT_WINDOW), ("no_spec", bool, NO_SPEC),
-                       ("device", str, DEVICE), ("dtype", str, DTYPE), ("max_context", Optional[int], MAX_CONTEXT)),
+                       ("device", str, DEVICE), ("dtype", str, DTYPE), ("max_context", Optional[int], MAX_CONTEXT),
+                       ("tree_budget", str, TREE_BUDGET)),
                       _model_options)
 
 

@@ -106,6 +106,12 @@ class StepPlan:
     kv_len: torch.Tensor | int  # keys attended to (ops.kv_length)
     cos_sin: torch.Tensor  # the rope table
     commit: bool  # a prefill chunk (write through) rather than a verify block
+    # A tree verify (dflash_cli/tree.py): `positions` are then anchor + depth, the K/V go to cache `rows`
+    # (after the committed length, in node order), and attention is masked by `mask` [T, capacity]
+    # (committed keys and each node's ancestors), with `key_positions` [capacity] for sliding windows.
+    rows: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    key_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -161,16 +167,24 @@ class Decoder:
         return x if self.embed_scale == 1.0 else x * self.embed_scale
 
     def forward(self, ids: torch.Tensor, cache, *, logits_from: int | None = None,
-                feature_layers: Sequence[int] = (), commit: bool = False
+                feature_layers: Sequence[int] = (), commit: bool = False, tree=None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """ids: [T]. Returns (logits [T - logits_from, V] or None, features [T, len(layers)·H] or None).
 
         Features are the outputs of decoder layers `feature_layers` (the residual stream before the
-        final norm), concatenated in the order given: the drafter's context input."""
+        final norm), concatenated in the order given: the drafter's context input.
+
+        tree: a `tree.Tree` whose tokens are `ids` (a verify block): node i at position length + depth,
+        attending to the committed tokens and its ancestors only (`commit` with the accepted path's rows)."""
         t = ids.shape[0]
         if not commit:
             cache.verify_rows(t)
         step = StepPlan(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
+        if tree is not None:
+            from ..tree import attention_mask
+
+            mask, keys = attention_mask(tree, cache.length, cache.kv.capacity)
+            step = StepPlan(cache.length + tree.depths, step.kv_len, self.cos_sin, False, step.positions, mask, keys)
         wanted = {layer: None for layer in feature_layers}
         x = self.embedding(ids)
         h = self.run_layers(x, cache, step, wanted)
