@@ -102,7 +102,8 @@ def test_building_and_walking_read_nothing_back_to_the_host():
 
 
 # ---- the target's tree verify --------------------------------------------------------------------------------
-@pytest.mark.parametrize("fixture", ["qwen3_pair", "qwen3_moe_pair", "gpt_oss_pair"])
+@pytest.mark.parametrize("fixture", ["qwen3_pair", "qwen3_moe_pair", "gpt_oss_pair", "gemma4_pair", "gemma4_moe_pair",
+                                     "muse_pair"])
 def test_a_tree_verify_gives_each_node_the_logits_of_its_own_path_and_commits_the_accepted_one(fixture, request):
     """Every node's logits = those of decoding its path token by token (gpt-oss: past its window of 8, with
     sinks); committing a path leaves the cache as decoding that path does (the next logits are the same)."""
