@@ -195,7 +195,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, b, norm_w, eps: float, residual, s
         x2, residual if residual is not None else x2, new_res if new_res is not None else x2,
         norm_w if norm_w is not None else x2, w, part, bias, out, m, n, k, k_per_split, float(eps),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=_UPCAST, DIRECT=s == 1, HAS_BIAS=b is not None,
-        NORM=norm_w is not None, HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, num_warps=4, num_stages=4)
+        NORM=norm_w is not None, HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, num_warps=4,
+        num_stages=3 if swiglu else 4)  # two weight tiles per stage: 4 stages of fp32 pass sm_86/89's 99 KB
     if s > 1:
         if swiglu:
             _swiglu_merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
