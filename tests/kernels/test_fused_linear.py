@@ -77,11 +77,13 @@ def test_norm_prologue_matches_the_unfused_path(seed, dtype, i, k, swiglu_out, w
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norm_prologue_rounds_the_normed_row_as_the_unfused_path(seed, dtype):
-    """With the row's statistic exact in either order (rows of ±c: every square is c², summed exactly),
-    the fused output is the unfused one bit for bit: the normed row is rounded to x's dtype, scaled by the
-    norm weight and rounded again exactly as kernels/rmsnorm.py does, then the same GEMM."""
+    """With the row's statistic exact in either order (entries ±1 and ±2: the squares are small integers,
+    summed exactly in any order), the fused output is the unfused one bit for bit: the normed row is rounded
+    to x's dtype, scaled by the norm weight and rounded again exactly as kernels/rmsnorm.py does, then the
+    same GEMM. (Checked: dropping the first rounding fails the bf16 case.)"""
     k, i = 1031, 40
-    x = (torch.randint(0, 2, (4, k), device=DEVICE) * 2 - 1).to(dtype) * 0.75
+    sign = torch.randint(0, 2, (4, k), device=DEVICE) * 2 - 1
+    x = (sign * torch.randint(1, 3, (4, k), device=DEVICE)).to(dtype)
     nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
     w, b = gate_up(i, k, dtype, True)
     got, _ = norm_swiglu_linear(x, nw, 1e-6, w, b)
