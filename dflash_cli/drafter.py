@@ -252,8 +252,12 @@ class Drafter:
         x = F.embedding(ids, self.embed)
         if c.input_embedding_scale != 1.0:
             x = x * c.input_embedding_scale
+        added = None  # the last sublayer's output, added into the residual stream x by the next norm (fused)
         for i, layer in enumerate(self.layers):
-            h, _ = ops.rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            if added is None:
+                h, _ = ops.rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            else:
+                h, x = ops.rms_norm(added, layer.input_norm, c.rms_norm_eps, x)
             h, conv_kernels = pre_conv(layer.attention_conv, h)
             k, v = F.linear(h, layer.kv_proj, layer.kv_bias).view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
             q = ops.qk_norm_rope_cache(F.linear(h, layer.q_proj, layer.q_bias).view(block_size, c.num_heads, c.head_dim),
@@ -262,12 +266,12 @@ class Drafter:
             out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
                                 sliding_window=_narrowest(layer.window, window))
             out = F.linear(out.reshape(block_size, -1), layer.o_proj, layer.o_bias)
-            x = x + post_conv(layer.attention_conv, out, conv_kernels)
-            h, _ = ops.rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            h, x = ops.rms_norm(post_conv(layer.attention_conv, out, conv_kernels), layer.post_norm, c.rms_norm_eps, x)
             h, conv_kernels = pre_conv(layer.mlp_conv, h)
             out = F.linear(ops.swiglu(F.linear(h, layer.gate_up)), layer.down)
-            x = x + post_conv(layer.mlp_conv, out, conv_kernels)
-        h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps)
+            added = post_conv(layer.mlp_conv, out, conv_kernels)
+        h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps) if added is None else \
+            ops.rms_norm(added[1:], self.norm, c.rms_norm_eps, x[1:])
         return h
 
 

@@ -219,3 +219,28 @@ def fp8_linear(x: torch.Tensor, layer) -> torch.Tensor:
     if not _step_rows(x):
         return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
     return _pick("fp8_linear", x.device)(x, layer.weight, layer.scale, layer.block, layer.bias)
+
+
+# ---- Fused linear -------------------------------------------------------------------------------------------
+# kernels/fused_linear.py: the invariant linear kernel with the RMSNorm (+ residual) prologue and the SwiGLU
+# epilogue fused in (issue 26), one launch where the unfused path has two or three. Taken where the
+# invariant kernel itself is (DFLASH_LINEAR=invariant, a step's rows) and the kernels run (CUDA, or
+# DFLASH_KERNELS=triton); anywhere else the callers run the unfused ops, which the fused ones equal.
+_MODULES.update(swiglu_linear="fused_linear", norm_swiglu_linear="fused_linear")
+
+
+def fused_linear_applies(x: torch.Tensor) -> bool:
+    """Whether a projection of `x`'s rows runs on the fused kernels."""
+    mode = kernel_mode()
+    return (linear_mode() == "invariant" and x.numel() <= MAX_INVARIANT_ROWS * x.shape[-1]
+            and (mode == "triton" or (mode == "auto" and cuda.is_gpu(x.device))))
+
+
+def swiglu_linear(x, w, b=None):
+    """silu(gate) · up of gate_up = x @ w.T + b (w: gate rows, then up rows), in one launch."""
+    return _impl("swiglu_linear", True)(x, w, b)
+
+
+def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None):
+    """RMSNorm (plain style) of x (+ residual), then `swiglu_linear`, in one launch: (out, new residual)."""
+    return _impl("norm_swiglu_linear", True)(x, norm_w, eps, w, b, residual)

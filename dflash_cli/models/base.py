@@ -122,6 +122,16 @@ class Layer:
     mlp: Callable  # h [T, H] -> [T, H]: layers.mlp.SwiGLU, MoE or GptOssExperts
 
 
+def norm_then_mlp(layer: Layer, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The post-attention norm, then the MLP: (out, new residual). An MLP that can fuse the norm into its
+    first projection (layers.mlp.SwiGLU.after_norm) is handed both."""
+    fused = getattr(layer.mlp, "after_norm", None)
+    if fused is not None:
+        return fused(layer.post_norm, x, residual)
+    h, residual = layer.post_norm(x, residual)
+    return layer.mlp(h), residual
+
+
 class Decoder:
     """A target model: `forward` over its cache, `new_cache`, and `commit(cache, plan)`."""
 
@@ -208,8 +218,7 @@ class Decoder:
                 if i - 1 in wanted:
                     wanted[i - 1] = residual.clone()
             x = layer.mixer(h, cache, step)
-            h, residual = layer.post_norm(x, residual)
-            x = layer.mlp(h)
+            x, residual = norm_then_mlp(layer, x, residual)
         h, residual = self.norm(x, residual)
         if len(self.layers) - 1 in wanted:
             wanted[len(self.layers) - 1] = residual

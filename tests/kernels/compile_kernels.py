@@ -76,9 +76,36 @@ def record(path: Path) -> int:
             name, kernel, _, call, _ = case
             call(kernel)
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
+        for name, call in fused_linear_launches(dtype, bench):
+            call()
+            print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
     path.write_text(json.dumps(list(launches.values()), indent=1, default=str))
     print(f"{len(launches)} distinct launches")
     return 0
+
+
+def fused_linear_launches(dtype, bench):
+    """kernels/fused_linear.py at Qwen3-8B's weights, as the dense layer launches it (M = 1 and B): the
+    SwiGLU epilogue, the post-norm (+ residual) prologue with it, and the norm prologue before a weight
+    reduced in slices (q/k/v: the partial kernel with NORM, then the merge); and a gate_up reduced in
+    slices (Qwen3.5-35B-A3B's shared expert: the SwiGLU epilogue in the merge)."""
+    import torch
+
+    from dflash_cli.kernels import fused_linear as fl
+
+    h, inter, qkv = bench.H, bench.I, (bench.HQ + 2 * bench.HKV) * bench.D
+    gate_up, w_qkv = torch.empty(2 * inter, h, dtype=dtype), torch.empty(qkv, h, dtype=dtype)
+    norm_w = torch.ones(h, dtype=dtype)
+    for m in (1, bench.B):
+        x, res = torch.zeros(m, h, dtype=dtype), torch.zeros(m, h, dtype=dtype)
+        yield f"fused swiglu linear M={m}", lambda x=x: fl.swiglu_linear(x, gate_up)
+        yield f"fused norm + swiglu linear M={m}", lambda x=x, res=res: fl.norm_swiglu_linear(x, norm_w, 1e-6, gate_up,
+                                                                                            None, res)
+        yield f"fused norm + q/k/v (split) M={m}", lambda x=x, res=res: fl.norm_linear(x, norm_w, 1e-6, w_qkv, None, res)
+    shared = torch.empty(2 * 512, 2048, dtype=dtype)  # Qwen3.5-35B-A3B's shared expert: gate_up in slices
+    for m in (1, bench.B):
+        x = torch.zeros(m, 2048, dtype=dtype)
+        yield f"fused swiglu linear (split) M={m}", lambda x=x: fl.swiglu_linear(x, shared)
 
 
 def _source(entry: dict):

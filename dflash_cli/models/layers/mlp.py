@@ -42,7 +42,20 @@ class SwiGLU:
         return cls(take_linear(w, p + "gate_proj", p + "up_proj"), take_linear(w, p + "down_proj"))
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gate_up, Dense) and ops.fused_linear_applies(h):  # SwiGLU in the GEMM's epilogue
+            return self.down(ops.swiglu_linear(h, self.gate_up.weight, self.gate_up.bias))
         return self.down(ops.swiglu(self.gate_up(h)))
+
+    def after_norm(self, norm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`norm(x, residual)` then this MLP: (out, new residual). On the fused kernels (a plain-style norm,
+        a dense gate_up) the norm, the residual add, gate_up and SwiGLU are one launch, whose new residual
+        is a new tensor (not `residual` updated in place)."""
+        if isinstance(self.gate_up, Dense) and norm.style == "plain" and ops.fused_linear_applies(x):
+            h, residual = ops.norm_swiglu_linear(x, norm.weight, norm.eps, self.gate_up.weight, self.gate_up.bias,
+                                                 residual)
+            return self.down(h), residual
+        h, residual = norm(x, residual)
+        return self(h), residual
 
 
 @dataclass

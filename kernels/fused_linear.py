@@ -1,0 +1,224 @@
+"""The batch-invariant linear kernel (kernels/invariant_linear.py) with a prologue and an epilogue fused in,
+so that a dense layer's norm, projection and activation are one launch instead of three (issue 26).
+
+- SwiGLU epilogue (`swiglu_linear`): the weight is gate_up [2I, K], gate rows first. A program computes
+  the gate tile (columns n) and the up tile (columns I + n) of the same output index and writes
+  silu(gate) · up [M, I]: one launch instead of the GEMM and `swiglu`.
+- RMSNorm prologue (`norm_linear`, plain style: the normed row rounded to x's dtype, then times the norm
+  weight, rounded again, as Llama/Qwen3 and kernels/rmsnorm.py): a first pass over K adds the residual
+  (rounded to its dtype) and sums the squares of the row; the projection's pass then normalises each x
+  tile as it streams K. The new residual goes to a new tensor (never in place: other programs of the
+  launch still read the old one), written by the programs with pid_n == 0 and split == 0 (one owner per
+  row tile, no atomics).
+- Both at once (`norm_swiglu_linear`): post-attention norm, gate_up and SwiGLU in one launch.
+
+Batch invariance is kept as in the plain kernel: one binary for every M ≤ 32 (M is not specialised),
+the tiling and the split count from the weight's shape only, slices merged in order by a second launch
+(with the SwiGLU epilogue in the merge when the weight is split). A row's output never depends on M, on
+its place in a tile, or on the other rows.
+
+Rounding against the unfused path (rms_norm kernel, then invariant_linear, then swiglu): the GEMM tiles,
+the split points, the merge order, the bias, the roundings of gate and up to x's dtype, silu rounded,
+the product rounded, and the normed row rounded once in x's dtype and again after the norm weight are
+the same operations in the same order. One thing differs: the sum of squares of a row is reduced here
+per lane over BLOCK_K-wide chunks of K, then across the BLOCK_K lanes, while kernels/rmsnorm.py sums one
+register block of the whole row. Both orders are fixed (both paths are invariant), but they can differ in
+the last bit of the fp32 rstd, which can move a normed element to the neighbouring bf16 value. So the
+norm-fused path equals the unfused one to the rounding of the normed x (and is bit-identical to
+itself at every M), not bit for bit; the SwiGLU epilogue alone is bit for bit the unfused pair.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .invariant_linear import BLOCK_K, BLOCK_M, BLOCK_N, MERGE_BLOCK, invariant_linear_ref, splits
+from .rmsnorm import rms_norm_ref
+
+
+def swiglu_linear_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: the unfused pair, gate_up = x @ w.T + b rounded to x's dtype, then silu(gate) · up."""
+    gate, up = invariant_linear_ref(x, w, b).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def norm_linear_ref(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor,
+                    b: torch.Tensor | None = None, residual: torch.Tensor | None = None, swiglu: bool = False):
+    """Reference: (rms_norm(x [+ residual]) @ w.T + b [then SwiGLU], the new residual or None). The
+    residual is not updated in place (a new tensor is returned, as the kernel does)."""
+    residual = None if residual is None else residual.clone()
+    h, residual = rms_norm_ref(x, norm_w, eps, residual)
+    return (swiglu_linear_ref if swiglu else invariant_linear_ref)(h, w, b), residual
+
+
+def norm_swiglu_linear_ref(x, norm_w, eps, w, b=None, residual=None):
+    return norm_linear_ref(x, norm_w, eps, w, b, residual, swiglu=True)
+
+
+# ---- Triton ---------------------------------------------------------------------------------
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from .invariant_linear import _UPCAST  # noqa: E402
+
+
+@triton.jit
+def _silu_times(g, u, dtype):
+    """silu(g) · u of two values already rounded to `dtype`, rounded as kernels/swiglu.py rounds."""
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (silu * u).to(dtype)
+
+
+@triton.jit(do_not_specialize=["M"])  # one binary for every M
+def _fused_partial_kernel(x_ptr, res_ptr, new_res_ptr, nw_ptr, w_ptr, part_ptr, b_ptr, out_ptr, M, N, K,
+                          k_per_split, eps,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                          DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr):
+    """As invariant_linear._partial_kernel over this program's K slice, with NORM: x (+ residual) is
+    normalised by its row's rms (a first pass over all of K) as it streams; with SWIGLU: N is the
+    intermediate width I, the weight has 2N rows, and the program keeps the gate tile (rows n) and the up
+    tile (rows N + n). part is [splits, M, 2N] under SWIGLU (gate columns, then up), [splits, M, N] else."""
+    pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < N
+    dtype = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
+    r_rows = res_ptr + rows.to(tl.int64)[:, None] * K
+    rstd = tl.zeros([BLOCK_M], tl.float32)
+    if NORM:  # the row's statistic over all of K, in a fixed order: per lane over the chunks, then the lanes
+        sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        owner = (pid_n == 0) & (split == 0)
+        for k0 in range(0, K, BLOCK_K):
+            ok = row_ok[:, None] & (k0 + ks < K)[None, :]
+            x = tl.load(x_rows + (k0 + ks)[None, :], mask=ok, other=0.0)
+            if HAS_RESIDUAL:  # the stream is stored in its dtype: normalise that value
+                x = (x.to(tl.float32) + tl.load(r_rows + (k0 + ks)[None, :], mask=ok, other=0.0).to(tl.float32))
+                x = x.to(res_ptr.dtype.element_ty)
+                if owner:
+                    tl.store(new_res_ptr + rows.to(tl.int64)[:, None] * K + (k0 + ks)[None, :], x, mask=ok)
+            xf = x.to(tl.float32)
+            sq += xf * xf
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + eps)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + cols.to(tl.int64)[None, :] * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_ok = k0 + ks < k_end
+        ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_rows + (k0 + ks)[None, :], mask=ok, other=0.0)
+        if NORM:
+            if HAS_RESIDUAL:
+                x = (x.to(tl.float32) + tl.load(r_rows + (k0 + ks)[None, :], mask=ok, other=0.0).to(tl.float32))
+                x = x.to(res_ptr.dtype.element_ty)
+            nw = tl.load(nw_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
+            normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)  # rounded to x's dtype, as HF
+            x = (nw[None, :] * normed).to(dtype)  # then the weight, rounded once more
+        w = tl.load(w_rows + (k0 + ks)[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST or x.dtype != w.dtype:  # a mixed pair meets in fp32 (exact products either way)
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+        if SWIGLU:
+            wu = tl.load(w_rows + N * K + (k0 + ks)[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST or x.dtype != wu.dtype:
+                wu = wu.to(tl.float32)
+            acc_up = tl.dot(x, wu, acc_up, input_precision="ieee")
+    mask = row_ok[:, None] & col_ok[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out_dtype = out_ptr.dtype.element_ty
+        if SWIGLU:  # gate and up rounded as the GEMM's output would be, then the activation
+            res = _silu_times(acc.to(out_dtype).to(tl.float32), acc_up.to(out_dtype).to(tl.float32), out_dtype)
+        else:
+            res = acc.to(out_dtype)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], res, mask=mask)
+    else:
+        width = 2 * N if SWIGLU else N
+        part = part_ptr + (split * M + rows.to(tl.int64))[:, None] * width + cols[None, :]
+        tl.store(part, acc, mask=mask)
+        if SWIGLU:
+            tl.store(part + N, acc_up, mask=mask)
+
+
+@triton.jit(do_not_specialize=["MN"])
+def _swiglu_merge_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """out[m, n] = silu(gate) · up, gate = part[0][m, n] + part[1][m, n] + ... in order (+ bias), up the
+    same at column N + n, each rounded once to out's dtype first."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < MN
+    m, n = idx // N, idx % N
+    gate_at = m * 2 * N + n
+    g = tl.zeros([BLOCK], tl.float32)
+    u = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLITS):
+        g += tl.load(part_ptr + s * 2 * MN + gate_at, mask=ok, other=0.0)
+        u += tl.load(part_ptr + s * 2 * MN + gate_at + N, mask=ok, other=0.0)
+    if HAS_BIAS:
+        g += tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
+        u += tl.load(b_ptr + N + n, mask=ok, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + idx, _silu_times(g.to(dtype).to(tl.float32), u.to(dtype).to(tl.float32), dtype), mask=ok)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, b, norm_w, eps: float, residual, swiglu: bool,
+            n_splits: int | None = None):
+    rows_w, k = w.shape
+    assert x.shape[-1] == k and (b is None or b.shape == (rows_w,)), (x.shape, w.shape)
+    assert not swiglu or rows_w % 2 == 0, "gate_up has an even number of rows"
+    n = rows_w // 2 if swiglu else rows_w
+    lead = x.shape[:-1]
+    x2 = x.reshape(lead.numel(), k).contiguous()
+    w = w.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    new_res = None
+    if residual is not None:
+        assert residual.shape == x.shape, (residual.shape, x.shape)
+        residual = residual.reshape(m, k).contiguous()
+        new_res = torch.empty_like(residual)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n), None if new_res is None else new_res.reshape(x.shape)
+    s = n_splits or splits(rows_w, k)  # the unfused GEMM's split count: the same slices, the same order
+    k_per_split = max(1, triton.cdiv(triton.cdiv(k, s), BLOCK_K)) * BLOCK_K
+    s = max(1, triton.cdiv(k, k_per_split))
+    part = torch.empty(s, m, rows_w, dtype=torch.float32, device=x.device) if s > 1 else out
+    bias = b if b is not None else out
+    _fused_partial_kernel[(triton.cdiv(n, BLOCK_N), s, triton.cdiv(m, BLOCK_M))](
+        x2, residual if residual is not None else x2, new_res if new_res is not None else x2,
+        norm_w if norm_w is not None else x2, w, part, bias, out, m, n, k, k_per_split, float(eps),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=_UPCAST, DIRECT=s == 1, HAS_BIAS=b is not None,
+        NORM=norm_w is not None, HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, num_warps=4,
+        num_stages=3 if swiglu else 4)  # two weight tiles per stage: 4 stages of fp32 pass sm_86/89's 99 KB
+    if s > 1:
+        if swiglu:
+            _swiglu_merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
+                part, bias, out, m * n, n, SPLITS=s, HAS_BIAS=b is not None, BLOCK=MERGE_BLOCK, num_warps=4)
+        else:
+            from .invariant_linear import _merge_kernel
+
+            _merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
+                part, bias, out, m * n, n, SPLITS=s, HAS_BIAS=b is not None, BLOCK=MERGE_BLOCK, num_warps=4)
+    return out.reshape(*lead, n), None if new_res is None else new_res.reshape(x.shape)
+
+
+def swiglu_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                  n_splits: int | None = None) -> torch.Tensor:
+    """Triton: same contract as `swiglu_linear_ref` (bit for bit the unfused invariant_linear + swiglu)."""
+    return _launch(x, w, b, None, 0.0, None, swiglu=True, n_splits=n_splits)[0]
+
+
+def norm_linear(x, norm_w, eps, w, b=None, residual=None, swiglu: bool = False, n_splits: int | None = None):
+    """Triton: same contract as `norm_linear_ref`: (output, new residual or None)."""
+    return _launch(x, w, b, norm_w, eps, residual, swiglu=swiglu, n_splits=n_splits)
+
+
+def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None, n_splits: int | None = None):
+    return norm_linear(x, norm_w, eps, w, b, residual, swiglu=True, n_splits=n_splits)

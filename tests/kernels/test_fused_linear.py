@@ -1,0 +1,172 @@
+"""The fused linear kernels (issue 26): the invariant linear kernel with the SwiGLU epilogue and the RMSNorm
+(+ residual) prologue. Each equals the unfused kernels it replaces (invariant_linear + swiglu: bit for bit;
+rms_norm + invariant_linear: to the rounding of the normed row, kernels/fused_linear.py says why), matches
+its torch reference, and rounds a row the same launched alone or in a block of 2..32 rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dflash_cli import ops
+from dflash_cli.kernels.fused_linear import (norm_linear, norm_linear_ref, norm_swiglu_linear, swiglu_linear,
+                                             swiglu_linear_ref)
+from dflash_cli.kernels.invariant_linear import invariant_linear, splits
+from dflash_cli.kernels.rmsnorm import rms_norm
+from dflash_cli.kernels.swiglu import swiglu
+
+from .conftest import DEVICE, TOL
+from .test_invariant_linear import MAX_M, first_variant_row, near_ties
+
+DTYPES = [torch.float32, torch.bfloat16]
+# (intermediate I, K): one slice (DIRECT), and a K reduced in slices (the merge kernel's epilogue)
+SHAPES = [(67, 131), (40, 1031)]
+
+
+def gate_up(i: int, k: int, dtype, bias: bool):
+    w = (torch.randn(2 * i, k, device=DEVICE) / k**0.5).to(dtype)
+    return w, (torch.randn(2 * i, device=DEVICE).to(dtype) if bias else None)
+
+
+def test_the_shapes_cover_both_paths():
+    assert splits(2 * 67, 131) == 1 and splits(2 * 40, 1031) > 1
+    assert splits(3, 520) == splits(6, 520) == 2 and splits(10, 333) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("i,k", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_swiglu_epilogue_is_the_unfused_pair_bit_for_bit(seed, dtype, i, k, bias):
+    x = torch.randn(5, k, device=DEVICE).to(dtype)
+    w, b = gate_up(i, k, dtype, bias)
+    got = swiglu_linear(x, w, b)
+    assert got.shape == (5, i) and got.dtype == dtype
+    assert torch.equal(got, swiglu(invariant_linear(x, w, b))), f"seed {seed}"
+    torch.testing.assert_close(got, swiglu_linear_ref(x, w, b), **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("i,k", SHAPES, ids=str)
+@pytest.mark.parametrize("swiglu_out", [False, True], ids=["linear", "swiglu"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+def test_norm_prologue_matches_the_unfused_path(seed, dtype, i, k, swiglu_out, with_residual):
+    """Against rms_norm then the invariant linear (then swiglu): the new residual bit for bit (and the one
+    passed in untouched), the output to the rounding of the normed row; and against the torch reference."""
+    x = torch.randn(6, k, device=DEVICE).to(dtype)
+    res = torch.randn(6, k, device=DEVICE).to(dtype) if with_residual else None
+    before = None if res is None else res.clone()
+    nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    w, b = gate_up(i, k, dtype, True)
+    got, new_res = norm_linear(x, nw, 1e-6, w, b, res, swiglu=swiglu_out)
+    if res is None:
+        assert new_res is None
+    else:
+        assert torch.equal(res, before), "the residual passed in is not written (other programs still read it)"
+    unfused_res = None if res is None else res.clone()
+    h, unfused_res = rms_norm(x, nw, 1e-6, unfused_res)
+    want = invariant_linear(h, w, b)
+    want = swiglu(want) if swiglu_out else want
+    if res is not None:
+        assert torch.equal(new_res, unfused_res), f"seed {seed}"
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+    ref, ref_res = norm_linear_ref(x, nw, 1e-6, w, b, res, swiglu=swiglu_out)
+    torch.testing.assert_close(got, ref, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+    if res is not None:  # (Triton's interpreter rounds fp32 -> bf16 toward zero, torch to nearest: close, not equal)
+        torch.testing.assert_close(new_res, ref_res, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_prologue_rounds_the_normed_row_as_the_unfused_path(seed, dtype):
+    """With the row's statistic exact in either order (entries ±1 and ±2: the squares are small integers,
+    summed exactly in any order), the fused output is the unfused one bit for bit: the normed row is rounded
+    to x's dtype, scaled by the norm weight and rounded again exactly as kernels/rmsnorm.py does, then the
+    same GEMM. (Checked: dropping the first rounding fails the bf16 case.)"""
+    k, i = 1031, 40
+    sign = torch.randint(0, 2, (4, k), device=DEVICE) * 2 - 1
+    x = (sign * torch.randint(1, 3, (4, k), device=DEVICE)).to(dtype)
+    nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    w, b = gate_up(i, k, dtype, True)
+    got, _ = norm_swiglu_linear(x, nw, 1e-6, w, b)
+    h, _ = rms_norm(x, nw, 1e-6)
+    assert torch.equal(got, swiglu(invariant_linear(h, w, b))), f"seed {seed}"
+
+
+def as_linear(fused):
+    """A (x, w, b) launcher over a fused kernel, for first_variant_row (gate_up from w: [n, k] stacked twice
+    over, perturbed so gate and up differ)."""
+    def run(x, w, b):
+        wu = torch.cat([w, w.flip(0)])
+        bu = None if b is None else torch.cat([b, b.flip(0)])
+        return fused(x, wu, bu)
+    return run
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias", [(3, 520, True), (5, 333, False),
+                                      pytest.param(67, 1031, True, marks=pytest.mark.slow)],  # ~4 min in all
+                         ids=["3x520 split-K bias", "5x333 one slice", "67x1031 split-K bias"])
+@pytest.mark.parametrize("kind", ["swiglu", "norm", "norm+swiglu+residual"])
+def test_a_row_is_bit_identical_alone_and_in_any_block(seed, dtype, n, k, bias, kind):
+    x, w, b = near_ties(n, k, dtype, bias)
+    nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    if kind == "swiglu":
+        run = as_linear(swiglu_linear)
+    elif kind == "norm":
+        run = lambda x, w, b: norm_linear(x, nw, 1e-6, w, b)[0]  # noqa: E731
+    else:
+        def run(x, w, b):
+            res = x.flip(-1) * 0.5  # a residual per row (row i's whatever the block)
+            out, new_res = as_linear(lambda x, wu, bu: norm_swiglu_linear(x, nw, 1e-6, wu, bu, res))(x, w, b)
+            return torch.cat([out, new_res], dim=-1)  # the residual written is invariant too
+    assert first_variant_row(run, x, w, b) is None, f"seed {seed}"
+
+
+def test_a_split_count_from_m_would_be_caught(seed):
+    """The invariance test can fail: a split count that follows M rounds a row differently."""
+    x, w, b = near_ties(67, 1031, torch.float32, True)
+    wu = torch.cat([w, w])
+    planted = lambda x, w, b: swiglu_linear(x, wu, None, n_splits=1 if x.shape[0] == 1 else 4)  # noqa: E731
+    assert first_variant_row(planted, x, w, b) is not None
+
+
+def test_leading_dims_and_empty_rows(seed):
+    x, w = torch.randn(2, 3, 40, device=DEVICE), torch.randn(14, 40, device=DEVICE)
+    assert swiglu_linear(x, w).shape == (2, 3, 7)
+    torch.testing.assert_close(swiglu_linear(x, w), swiglu_linear_ref(x, w), **TOL[torch.float32])
+    out, res = norm_swiglu_linear(x[:, :0], torch.ones(40, device=DEVICE), 1e-6, w, None, x[:, :0])
+    assert out.shape == (2, 0, 7) and res.shape == (2, 0, 40)
+
+
+# ---- the model's seam ---------------------------------------------------------------------------------------
+def dense_mlp(h: int, i: int, dtype):
+    from dflash_cli.models.layers.linear import Dense
+    from dflash_cli.models.layers.mlp import SwiGLU
+    from dflash_cli.models.layers.norm import RMSNorm
+
+    mlp = SwiGLU(Dense((torch.randn(2 * i, h, device=DEVICE) / h**0.5).to(dtype)),
+                 Dense((torch.randn(h, i, device=DEVICE) / i**0.5).to(dtype)))
+    return mlp, RMSNorm((1 + 0.1 * torch.randn(h, device=DEVICE)).to(dtype), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_dense_mlp_takes_the_fused_kernels_under_invariant_linear(seed, dtype, monkeypatch):
+    """DFLASH_LINEAR=invariant on the kernels: SwiGLU and the post-norm run inside the GEMM (ops.swiglu and
+    ops.rms_norm are not called) and give the unfused path's output and residual; more rows than a step's
+    (a prefill chunk) take the unfused path."""
+    mlp, norm = dense_mlp(96, 40, dtype)
+    x, res = torch.randn(4, 96, device=DEVICE).to(dtype), torch.randn(4, 96, device=DEVICE).to(dtype)
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    want_res = res.clone()
+    h, want_res = norm(x, want_res)
+    want = mlp(h)  # DFLASH_LINEAR unset (cublas): the unfused ops
+    calls = []
+    for name in ("swiglu", "rms_norm"):
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _f=getattr(ops, name), **k: calls.append(_n) or _f(*a, **k))
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    got, got_res = mlp.after_norm(norm, x, res.clone())
+    assert calls == [] and torch.equal(got_res, want_res)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    assert torch.equal(mlp(h), mlp.down(swiglu(invariant_linear(h, mlp.gate_up.weight))))
+    long = torch.randn(ops.MAX_INVARIANT_ROWS + 1, 96, device=DEVICE).to(dtype)
+    mlp.after_norm(norm, long, long.clone())
+    assert calls == ["rms_norm", "swiglu"]
