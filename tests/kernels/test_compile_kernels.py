@@ -35,6 +35,7 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     kernels = {line.split()[2] for line in compiled}
     for name in ("attention._attn_split_kernel", "accept._select_kernel", "moe._gate_up_kernel",
                  "gated_delta._causal_conv_kernel", "fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel",
-                 "invariant_linear._partial_kernel", "invariant_linear._merge_kernel"):
+                 "invariant_linear._partial_kernel", "invariant_linear._merge_kernel", "gated_delta._l2norm_kernel",
+                 "gated_delta._gated_rms_norm_kernel", "moe._top_k_kernel"):
         assert name in kernels, sorted(kernels)
     assert {line.split()[1] for line in compiled} == {"sm_80", "sm_86", "sm_89", "sm_90"}
