@@ -11,7 +11,8 @@ And the tests have teeth: a linear layer whose accumulation order follows the ro
 kernel and split-K choices do) makes the logits of check 1 differ.
 
 Interpreted kernels are slow (seconds per step on 2 cores): tiny models, few tokens. The fast tier keeps
-the dense family's two checks and the counter-test; the other families are marked slow.
+the dense family's logits check, the counter-test and the seam check; whole generations (about 5 minutes
+for the dense pair) and the other families are marked slow.
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from dflash_cli.sampling import SamplingParams
 from .conftest import HYBRID_PROMPTS
 from .kernels.conftest import DEVICE
 from .test_adaptive import Scripted
+from .tiny import qwen3_moe_config, qwen35_config, qwen35_moe_config, write_qwen35, write_target
+from .tiny_gpt_oss import gpt_oss_config, write_gpt_oss
 
 # family: (the pair fixture, the block B of the verify check and of the largest speculative runs, new tokens)
-# Qwen3.5-MoE and DFlash2 run the targets of their own pairs; the hybrid and dense ones the interpreter's
-# small pairs (tests/conftest.py).
+# The hybrid and dense families run the interpreter's small pairs (tests/conftest.py), the others their own.
 CASES = {
     "dense": ("qwen3_kernel_pair", 4, 8),
     "hybrid": ("qwen35_kernel_pair", 4, 8),
@@ -53,8 +55,21 @@ def exact_path(monkeypatch):
     monkeypatch.setenv("DFLASH_LINEAR", "invariant")
 
 
+# The targets of those pairs, written without their drafters (the logits check needs none, and fitting one
+# costs minutes): the same writers, configs and seeds as tests/conftest.py's pair fixtures.
+TARGETS = {
+    "moe": lambda d: write_target(d, qwen3_moe_config(), seed=13),
+    "hybrid-moe": lambda d: write_qwen35(d, qwen35_moe_config(), seed=17, slow_decay=True, layout="fused"),
+    "gpt-oss": lambda d: write_gpt_oss(d, gpt_oss_config(), seed=19),
+    "dflash2": lambda d: write_qwen35(d, qwen35_config(), seed=11, slow_decay=True),  # qwen35_pair's target
+}
+
+
 def _load(request, name: str, drafter: bool = True):
     pair, block, tokens = CASES[name]
+    if not drafter and name in TARGETS:
+        target = TARGETS[name](request.getfixturevalue("tmp_path") / name)
+        return loader.load(target, None, device=DEVICE, dtype="bfloat16"), block, tokens
     target, drafter_dir = request.getfixturevalue(pair)
     return loader.load(target, drafter_dir if drafter else None, device=DEVICE, dtype="bfloat16"), block, tokens
 
@@ -87,7 +102,7 @@ def _answer(engine: Engine, n: int) -> list[int]:
     return [t for s in engine.generate(Request(PROMPT, n, sampling=SamplingParams())) for t in s.tokens]
 
 
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", cases(fast=set()))  # whole generations: minutes each in the interpreter
 def test_bf16_speculative_output_is_plain_decoding_at_every_block_size(name, request, exact_path):
     model, block, n = _load(request, name)
     plain = _answer(Engine(model.target), n)
