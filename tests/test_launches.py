@@ -29,17 +29,19 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 # over its ceiling fails (fuse the new launch away, or raise the ceiling here with a reason); a count
 # under it fails too, asking for the ceiling to come down to it, so a fusion's gain cannot be spent again
 # unnoticed.
+# Issue 24 lowered the linear and MoE kinds: l2norm and the gated RMSNorm are one kernel each (were ~15 torch
+# ops), and the router's softmax/top-k/renormalisation one kernel (were 4-7 torch ops).
 CEILINGS = {
     "dense": {"decode": {"dense": 10, "fixed": 16},
               "verify": {"dense": 10, "drafter": 13, "fixed": 35}},
-    "hybrid": {"decode": {"linear": 39, "full": 12, "fixed": 23},
-               "verify": {"linear": 40, "full": 12, "drafter": 13, "fixed": 42}},
-    "moe": {"decode": {"moe": 32, "fixed": 16},
-            "verify": {"moe": 32, "drafter": 13, "fixed": 35}},
-    "hybrid-moe": {"decode": {"linear+moe": 66, "full+moe": 39, "fixed": 23},
-                   "verify": {"linear+moe": 67, "full+moe": 39, "drafter": 13, "fixed": 42}},
-    "gpt-oss": {"decode": {"gpt-oss sliding": 30, "gpt-oss full": 30, "fixed": 16},
-                "verify": {"gpt-oss sliding": 30, "gpt-oss full": 30, "drafter": 13, "fixed": 35}},
+    "hybrid": {"decode": {"linear": 24, "full": 12, "fixed": 23},
+               "verify": {"linear": 28, "full": 12, "drafter": 13, "fixed": 42}},
+    "moe": {"decode": {"moe": 29, "fixed": 16},
+            "verify": {"moe": 29, "drafter": 13, "fixed": 35}},
+    "hybrid-moe": {"decode": {"linear+moe": 48, "full+moe": 36, "fixed": 23},
+                   "verify": {"linear+moe": 52, "full+moe": 36, "drafter": 13, "fixed": 42}},
+    "gpt-oss": {"decode": {"gpt-oss sliding": 29, "gpt-oss full": 29, "fixed": 16},
+                "verify": {"gpt-oss sliding": 29, "gpt-oss full": 29, "drafter": 13, "fixed": 35}},
     "dflash2": {"decode": {"dense": 10, "fixed": 16},
                 "verify": {"dense": 10, "dflash2 drafter": 55, "fixed": 51}},
 }
