@@ -4,7 +4,7 @@ import torch
 from dflash_cli.kernels.rmsnorm import rms_norm, rms_norm_ref
 
 from .conftest import DEVICE, TOL
-from .invariance import first_variant_row
+from .invariance import BLOCKS, first_variant_row
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,4 +69,4 @@ def test_a_row_is_normed_the_same_alone_or_in_any_block(seed, dtype, width, vari
     def step(a, b):
         out, r = rms_norm(x[a:b], w, 1e-6, res[a:b].clone() if variant == "residual" else None, **kw)
         return (out,) if r is None else (out, r)
-    assert first_variant_row(step) is None, f"seed {seed}"
+    assert first_variant_row(step, blocks=(2, 5, 32) if width > 8192 else BLOCKS) is None, f"seed {seed}"
