@@ -44,6 +44,48 @@ class ModelOptions:
     block_size: int | None = None  # None: auto (chosen per iteration); a number pins it
     max_context: int | None = None  # None: what fits
     draft_window: int | None = None
+    tree_budget: int = 0  # nodes of a verified draft tree (tree.py); 0: the drafter's chain
+    quantize: str | None = None  # "int4" | "int8" | "fp8": the target quantized at load (cached on disk)
+
+
+def parse_tree_budget(value: str | int | None, flag: str = "--tree-budget") -> int:
+    """0 (the chain) or a node budget >= 2; `auto` is refused until its cost model is measured."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        raise UsageError(f"{flag} auto is not available yet (its cost model is not measured): give a node "
+                         "budget such as 16, or 0 for the chain")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} must be 0 or a node budget such as 16, got '{value}'") from None
+    if number < 0 or number == 1:
+        raise UsageError(f"{flag} must be 0 (the chain) or at least 2 nodes, got {value}")
+    return number
+
+
+QUANTIZE = ("int4", "int8", "fp8")
+
+
+def check_quantize(value: str | None, flag: str = "--quantize") -> str | None:
+    """None (the target as stored) or one of the schemes `quant.quantize` writes."""
+    if value is None:
+        return None
+    scheme = str(value).strip().lower()
+    if scheme not in QUANTIZE:
+        raise UsageError(f"{flag} must be one of {', '.join(QUANTIZE)}, got '{value}'")
+    return scheme
+
+
+def quantized_target(target_dir: Path, scheme: str | None, device: str = "auto") -> Path:
+    """`target_dir`, or its copy quantized with `scheme` (made once, then read from the cache)."""
+    if scheme is None:
+        return target_dir
+    from .loader import resolve_device
+    from .quant.cache import quantized
+
+    dev = resolve_device(device)
+    return quantized(target_dir, check_quantize(scheme), device=str(dev))
 
 
 def parse_block_size(value: str | int | None, flag: str = "--block-size") -> int | None:
@@ -101,24 +143,27 @@ def open_session(opts: ModelOptions, dirs: tuple[Path, Path | None] | None = Non
     from . import loader, registry
 
     target_dir, drafter_dir = dirs if dirs is not None else resolve(opts)
+    target_dir = quantized_target(target_dir, opts.quantize, opts.device)
     model = loader.load(target_dir, drafter_dir, device=opts.device, dtype=opts.dtype, max_context=opts.max_context)
     if opts.model is not None and opts.target is None and registry.is_demo(opts.model):
         model = replace(model, stop_token_ids=model.stop_token_ids | {registry.DEMO_STORY_END})  # a story's end
-    return Pair(model, block_size=opts.block_size, draft_window=opts.draft_window)
+    return Pair(model, block_size=opts.block_size, draft_window=opts.draft_window, tree_budget=opts.tree_budget)
 
 
 def load(model: str | None = None, *, target: str | Path | None = None, drafter: str | Path | None = None,
          device: str = "auto", dtype: str = "auto", block_size: str | int = "auto", max_context: int | None = None,
-         draft_window: int | None = None, yes: bool = False) -> "Pair":
+         draft_window: int | None = None, yes: bool = False, quantize: str | None = None) -> "Pair":
     """Load a pair: an alias (`dflash models`), or `target=` with `drafter=` (each a Hub repo id or a
     directory; `drafter=None` with `target=` decodes plainly). A model that is not downloaded is pulled
-    with `yes=True`, after a question on a terminal, or not at all (an error says how)."""
+    with `yes=True`, after a question on a terminal, or not at all (an error says how). `quantize=` "int4",
+    "int8" or "fp8" loads the target quantized (written once into a cache, then loaded from there; the
+    drafter stays as it is)."""
     if model is None and target is None:
         raise UsageError("name a model (see `dflash models`), or give target= (and drafter=)")
     opts = ModelOptions(model=model, target=None if target is None else str(target),
                         drafter=None if drafter is None else str(drafter), yes=yes, device=device, dtype=dtype,
                         block_size=parse_block_size(block_size, "block_size"), max_context=max_context,
-                        draft_window=draft_window)
+                        draft_window=draft_window, quantize=check_quantize(quantize, "quantize"))
     return open_session(opts)
 
 
@@ -153,8 +198,10 @@ class Result:
 class Pair:
     """A loaded target and drafter with their tokenizer, chat format and engine."""
 
-    def __init__(self, model: Model, *, block_size: int | None = None, draft_window: int | None = None):
+    def __init__(self, model: Model, *, block_size: int | None = None, draft_window: int | None = None,
+                 tree_budget: int = 0):
         self.model, self.block_size, self.draft_window = model, block_size, draft_window
+        self.tree_budget = tree_budget
         self._warm = False
 
     @property
@@ -179,7 +226,7 @@ class Pair:
         m = self.model
         return Engine(m.target, m.drafter, block_size=self.block_size if m.drafter else None,
                       max_context=min(max_context or m.max_context, m.max_context), adaptive=self.block_size is None,
-                      draft_window=self.draft_window)
+                      draft_window=self.draft_window, tree_budget=self.tree_budget if m.drafter else 0)
 
     def warm_up(self, sampling: SamplingParams | None = None) -> float | None:
         """Capture graphs and measure adaptive costs now (otherwise the first generation does)."""

@@ -98,6 +98,7 @@ class BenchReport:
     histogram: Counter = field(default_factory=Counter)  # τ → iterations, at B
     costs: dict[int, float] = field(default_factory=dict)  # seconds per iteration at each b (auto's measurement)
     position_acceptance: list[float | None] = field(default_factory=list)  # at B, over every prompt
+    tree_budget: int = 0  # the DFlash arms' verified tree (0: the drafter's chain)
 
     @property
     def break_even(self) -> dict[int, float]:
@@ -134,6 +135,7 @@ class BenchReport:
     def to_json(self) -> dict:
         return {
             "block_size": self.block_size,
+            "tree_budget": self.tree_budget,
             "max_tokens": self.max_tokens,
             "repeats": self.repeats,
             "rows": [asdict(r) | {"speedup": r.speedup, "auto_speedup": r.auto_speedup} for r in self.rows],
@@ -163,9 +165,10 @@ def first_divergence(engine: Engine, prompt: list[int], plain: list[int], spec: 
 
 
 def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block_size: int | None = None,
-              sampling: SamplingParams | None = None, on_row=None, repeats: int = 3) -> BenchReport:
+              sampling: SamplingParams | None = None, on_row=None, repeats: int = 3, tree_budget: int = 0) -> BenchReport:
     """block_size: the fixed arm's B, and the largest the auto arm may choose (default: the drafter's).
-    repeats: runs of each prompt per arm, interleaved; the row's speeds are their medians."""
+    repeats: runs of each prompt per arm, interleaved; the row's speeds are their medians.
+    tree_budget: both DFlash arms verify a tree of this many nodes (0: the chain)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     sampling = sampling or SamplingParams(seed=0)
@@ -173,9 +176,10 @@ def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block
     # Three engines share the device with one set of weights: size their caches for these prompts only.
     context = min(model.max_context, max(len(ids) for ids in encoded) + max_tokens + 64)
     plain = Engine(model.target, max_context=context)
-    fixed = Engine(model.target, model.drafter, block_size=block_size, max_context=context)
-    auto = Engine(model.target, model.drafter, block_size=block_size, max_context=context, adaptive=True)
-    report = BenchReport(fixed.block_size, max_tokens, repeats)
+    fixed = Engine(model.target, model.drafter, block_size=block_size, max_context=context, tree_budget=tree_budget)
+    auto = Engine(model.target, model.drafter, block_size=block_size, max_context=context, adaptive=True,
+                  tree_budget=tree_budget)
+    report = BenchReport(fixed.block_size, max_tokens, repeats, tree_budget=tree_budget)
     warm = encode_chat(model.tokenizer, [{"role": "user", "content": "Hello"}])
     for engine in (plain, fixed, auto):  # first calls pay for kernel compilation, graph capture, cost measurement
         engine.warm_up(sampling)
@@ -292,7 +296,8 @@ def render_synthetic(report, console) -> None:
     from rich.table import Table
 
     r = report
-    table = Table(title=f"synthetic {r.shape} · {r.dtype} on {r.device} · context {r.context} · B={r.block_size}",
+    held = f" · target in {r.quantize}" if getattr(r, "quantize", None) else ""
+    table = Table(title=f"synthetic {r.shape} · {r.dtype}{held} on {r.device} · context {r.context} · B={r.block_size}",
                   title_justify="left")
     table.add_column("step")
     table.add_column("time", justify="right")

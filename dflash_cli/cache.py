@@ -96,6 +96,10 @@ class KVCache:
         """The attention layers' K/V (a target cache with more state holds one as `kv`)."""
         return self
 
+    def layer(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention layer `slot`'s K and V, each [kv_heads, capacity, head_dim]."""
+        return self.k[slot], self.v[slot]
+
     def prefilled(self, count: int) -> None:
         """A prefill chunk of `count` tokens joined the sequence."""
         self.length.add_(count)
@@ -137,3 +141,48 @@ class KVCache:
     def nbytes(self) -> int:
         """Device bytes this cache holds."""
         return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class GroupedKVCache(KVCache):
+    """K/V of a model whose attention layers differ in shape (Gemma 4: sliding layers of 256-dim heads,
+    global ones of 512 with their own head count): one [layers, kv_heads, capacity, head_dim] pair per
+    shape, `k[g]`/`v[g]`, sharing one length; `slots[i]` = (group, row) of attention layer i. Everything
+    else (commit, rollback, snapshot) is the plain cache's, applied to every group."""
+
+    slots: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def allocate_groups(cls, shapes: list[tuple[int, int]], capacity: int, dtype: torch.dtype,
+                        device: torch.device) -> "GroupedKVCache":
+        """shapes[i] = (kv_heads, head_dim) of attention layer i; layers of one shape share a group."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, shape in enumerate(shapes):
+            groups.setdefault(shape, []).append(i)
+        slots: list[tuple[int, int]] = [(0, 0)] * len(shapes)
+        k, v = [], []
+        for g, ((heads, dim), layers) in enumerate(groups.items()):
+            for row, i in enumerate(layers):
+                slots[i] = (g, row)
+            k.append(torch.zeros((len(layers), heads, capacity, dim), dtype=dtype, device=device))
+            v.append(torch.zeros_like(k[-1]))
+        return cls(k=k, v=v, length=new_lengths(device), slots=tuple(slots))
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def layer(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g, row = self.slots[slot]
+        return self.k[g][row], self.v[g][row]
+
+    def commit(self, plan: CommitPlan | int | torch.Tensor) -> None:
+        plan = CommitPlan.of(plan)
+        if plan.path is not None:
+            for k, v in zip(self.k, self.v):
+                gather_rows(k, 2, self.length, plan.path)
+                gather_rows(v, 2, self.length, plan.path)
+        self.length.add_(plan.count)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k, *self.v))

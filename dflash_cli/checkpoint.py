@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -115,10 +118,135 @@ def header_shapes(files: dict[str, Path], names: Iterable[str]) -> dict[str, tup
     return shapes
 
 
-def read_weights(directory: Path, table: list[Weight], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every weight of a family's table, each in its dtype policy ("model": `dtype`, "float32", or
-    "raw": as stored), after checking every shape against the table (before any data is read)."""
+# What marks a tensor of the table as stored quantized, whatever the format: a module's own keys, or for a
+# fused expert stack (a name without ".weight") the name with the key's "weight" replaced (transformers'
+# naming: experts.gate_up_proj, experts.gate_up_proj_scale_inv)
+QUANTIZED_KEYS = ("weight_packed", "weight_scale", "weight_scale_inv", "weight_zero_point", "qweight", "qzeros")
+_PROJECTION = re.compile(r"(?:^|\.)(?:\w*proj\w*|shared_expert_gate)$")
+
+
+def _module_of(name: str) -> tuple[str, bool]:
+    """(module, fused): "x.q_proj.weight" → ("x.q_proj", False); "x.experts.gate_up_proj" → (itself, True)."""
+    return (name[:-len(".weight")], False) if name.endswith(".weight") else (name, True)
+
+
+def stored_name(module: str, key: str, fused: bool) -> str:
+    """Where a module's stored tensor `key` sits in the checkpoint."""
+    if not fused:
+        return f"{module}.{key}"
+    if not key.startswith("weight"):
+        raise DflashError(f"{module}: fused expert tensors stored as {key} are not supported")
+    return module + key.removeprefix("weight")
+
+
+@dataclass
+class QuantizedEntry:
+    weight: Weight  # the table's dense entry it replaces
+    module: str
+    scheme: object  # quant.WeightScheme
+    stored: dict[str, str]  # key → name in the checkpoint
+
+
+def quantized_entries(files: dict[str, Path], table: list[Weight], plan, directory: Path) -> dict[str, QuantizedEntry]:
+    """The table's weights the checkpoint stores quantized, by table name. A projection is read quantized
+    where the plan names a scheme for it and its format's tensors are there (a class target such as
+    "Linear" also matches what a checkpoint keeps plain: read plain); anything else stored quantized (the
+    embedding, lm_head, a norm or router that dflash reads dense) is refused by name."""
+    from .quant.readers import STORED, stored_shapes
+
+    out, plain_fp8 = {}, {}
+    for w in table:
+        module, fused = _module_of(w.name)
+        marked = [k for k in QUANTIZED_KEYS
+                  if (module + k.removeprefix("weight") if fused else f"{module}.{k}") in files]
+        scheme = plan.scheme_for(module) if plan is not None and _PROJECTION.search(module) else None
+        if scheme is None:
+            if marked:
+                what = "a projection the quantization_config leaves unquantized" if _PROJECTION.search(module) \
+                    else "a tensor dflash reads dense (embedding, lm_head, norms, routers, Gated DeltaNet parameters)"
+                raise DflashError(f"{directory}: {module} is stored quantized ({module}.{marked[0]}), but it is "
+                                  f"{what}: use a checkpoint that keeps it in bf16 (its quantization_config's ignore list)")
+            continue
+        required, optional = STORED[scheme.format]
+        if not marked:  # stored plain after all (unless it is FP8 without its scales: checked below)
+            if scheme.format in ("fp8-block", "float-quantized") and w.name in files:
+                plain_fp8[w.name] = required[1]
+            continue
+        try:
+            stored = {k: stored_name(module, k, fused) for k in required}
+            stored |= {k: stored_name(module, k, fused) for k in optional if not fused or k.startswith("weight")}
+        except DflashError as e:
+            raise DflashError(f"{directory}: {e}") from None
+        missing = [stored[k] for k in required if stored[k] not in files]
+        if missing:
+            raise DflashError(f"{directory}: {missing[0]} is missing (the quantization_config says {scheme.format})")
+        out[w.name] = QuantizedEntry(w, module, scheme, {k: n for k, n in stored.items() if n in files})
+    for name, dtype in header_dtypes(files, plain_fp8).items():
+        if dtype == "F8_E4M3":
+            raise DflashError(f"{directory}: {name} is FP8 but its {plain_fp8[name]} is missing")
+    shapes = header_shapes(files, [n for e in out.values() for n in e.stored.values()])
+    for e in out.values():
+        lead, (rows, cols) = e.weight.shape[:-2], e.weight.shape[-2:]
+        for key, (shape, dtype) in stored_shapes(e.scheme, rows, cols).items():
+            name = e.stored.get(key)
+            if dtype is not None and name is not None and key != "weight_shape" and shapes[name] != (*lead, *shape):
+                raise DflashError(f"{directory}: {name} has shape {shapes[name]}, config.json and the "
+                                  f"quantization_config imply {(*lead, *shape)}")
+    return out
+
+
+def header_dtypes(files: dict[str, Path], names: Iterable[str]) -> dict[str, str]:
+    """The stored dtypes of `names` ("BF16", "F8_E4M3", ...) from the safetensors headers."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    dtypes = {}
+    for path, group in by_file.items():
+        with _open(path, "cpu") as f:
+            for name in group:
+                dtypes[name] = f.get_slice(name).get_dtype()
+    return dtypes
+
+
+def stored_bytes(files: dict[str, Path], names: Iterable[str]) -> int:
+    """Bytes of tensors as stored, from the safetensors headers."""
+    sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    total = 0
+    for path, group in by_file.items():
+        with _open(path, "cpu") as f:
+            for name in group:
+                s = f.get_slice(name)
+                total += math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
+    return total
+
+
+def weight_bytes(directory: Path, table: list[Weight], dtype: torch.dtype, plan) -> int:
+    """Bytes the table's weights take once loaded from this checkpoint: projections stored quantized at their
+    packed size (words, scales, zeros, as stored), the rest in their load dtype (models.weights.table_bytes)."""
+    from .models.weights import table_bytes
+
     files = weight_files(directory)
+    entries = quantized_entries(files, table, plan, Path(directory)) if plan is not None else {}
+    dense = [w for w in table if w.name not in entries]
+    return table_bytes(dense, dtype) + stored_bytes(files, [n for e in entries.values() for n in e.stored.values()])
+
+
+def read_weights(directory: Path, table: list[Weight], dtype: torch.dtype, device: torch.device,
+                 plan=None) -> dict[str, torch.Tensor]:
+    """Every weight of a family's table, each in its dtype policy ("model": `dtype`, "float32", or
+    "raw": as stored), after checking every shape against the table (before any data is read).
+
+    With a quantization plan (quant.plan_of), the projections the checkpoint stores quantized are read as
+    stored (packed words, scales, zeros: raw, never dequantized) under `module + "." + key`, and the
+    returned `Tensors` names them in `.quantized` for models/layers/linear.take_linear."""
+    from .models.layers.linear import Tensors
+
+    files = weight_files(directory)
+    entries = quantized_entries(files, table, plan, Path(directory)) if plan is not None else {}
+    table = [w for w in table if w.name not in entries]
     present = [w for w in table if w.name in files]
     absent = [w for w in table if w.name not in files and not (w.fallback and w.fallback in files)]
     if absent:
@@ -135,4 +263,8 @@ def read_weights(directory: Path, table: list[Weight], dtype: torch.dtype, devic
     for w in table:
         if w.name not in out:
             out[w.name] = out[w.fallback]
-    return out
+    stored = {n: f"{e.module}.{k}" for e in entries.values() for k, n in e.stored.items()}
+    if stored:
+        raw = load_tensors(files, stored, None, device)
+        out |= {ours: raw[name] for name, ours in stored.items()}
+    return Tensors(out, quantized={e.module: e.scheme for e in entries.values()})

@@ -6,7 +6,7 @@ from what this module renders. `dflash completions SHELL` prints the same text.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import registry
 
@@ -16,11 +16,21 @@ DIR_OPTIONS = {"--target", "--drafter"}  # also Hub ids; directories are what a 
 ARG_VALUES = {"MODEL": registry.aliases, "SHELL": lambda: list(SHELLS)}
 
 
+def _quantize_choices() -> list[str]:
+    from .precision import CHOICES
+
+    return list(CHOICES)
+
+
+OPTION_VALUES = {"--quantize": _quantize_choices}  # options whose values the shell can offer
+
+
 @dataclass
 class Opt:
     names: list[str]
     help: str
     takes_value: bool
+    values: list[str] = field(default_factory=list)  # the values to offer (OPTION_VALUES)
 
     @property
     def kind(self) -> str | None:
@@ -67,7 +77,9 @@ def spec() -> list[Cmd]:
             if p.param_type_name == "argument":
                 values = ARG_VALUES.get(p.metavar or "", lambda: [])()
             else:
-                opts.append(Opt(list(p.opts) + list(p.secondary_opts), _first_sentence(p.help), not p.is_flag))
+                names = list(p.opts) + list(p.secondary_opts)
+                offered = next((OPTION_VALUES[n]() for n in names if n in OPTION_VALUES), [])
+                opts.append(Opt(names, _first_sentence(p.help), not p.is_flag, offered))
         opts.append(Opt(["-h", "--help"], "Show help", False))
         cmds.append(Cmd(name, _first_sentence(cmd.help), opts, values))
     return cmds
@@ -90,7 +102,12 @@ def _bash(cmds: list[Cmd]) -> str:
     dirs = sorted({n for c in cmds for o in c.options if o.kind == "dir" for n in o.names})
     lines += [f'        {"|".join(files)}) COMPREPLY=($(compgen -f -- "$cur")); return ;;',
               f'        {"|".join(dirs)}) COMPREPLY=($(compgen -d -- "$cur")); return ;;']
-    valued = sorted({n for c in cmds for o in c.options if o.takes_value and o.kind is None for n in o.names})
+    offered = {tuple(o.values): sorted({n for c in cmds for p in c.options if p.values == o.values for n in p.names})
+               for c in cmds for o in c.options if o.values}
+    lines += [f'        {"|".join(names)}) COMPREPLY=($(compgen -W "{" ".join(values)}" -- "$cur")); return ;;'
+              for values, names in offered.items()]
+    valued = sorted({n for c in cmds for o in c.options if o.takes_value and o.kind is None and not o.values
+                     for n in o.names})
     lines += [f'        {"|".join(valued)}) return ;;', "    esac", '    case "${COMP_WORDS[1]}" in']
     for c in cmds:
         names = " ".join(n for o in c.options for n in o.names)
@@ -111,6 +128,8 @@ def _zsh(cmds: list[Cmd]) -> str:
         specs = []
         for o in c.options:
             action = {"file": ":file:_files", "dir": ":directory:_files -/"}.get(o.kind or "", ":value:" if o.takes_value else "")
+            if o.values:
+                action = f":value:({' '.join(o.values)})"
             names = o.names
             excl = f"'({' '.join(names)})'" if len(names) > 1 else ""
             brace = "{" + ",".join(names) + "}" if len(names) > 1 else names[0]
@@ -133,6 +152,8 @@ def _fish(cmds: list[Cmd]) -> str:
         for o in c.options:
             flags = " ".join(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}" for n in o.names)
             value = {"file": " -r -F", "dir": " -r -a '(__fish_complete_directories)'"}.get(o.kind or "", " -r" if o.takes_value else "")
+            if o.values:
+                value = f" -r -a '{' '.join(o.values)}'"
             lines.append(f"complete -c dflash {cond} {flags}{value} -d '{_fish_text(o.help)}'")
         if c.arg_values:
             lines.append(f"complete -c dflash {cond} -a '{' '.join(c.arg_values)}'")

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import DflashError
@@ -26,7 +26,8 @@ def read_config(directory: Path) -> dict:
         raise DflashError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise DflashError(f"{path} is not a JSON object (it holds a {type(raw).__name__})")
-    drafter = "dflash_config" in raw or any(a in DRAFTER_ARCHITECTURES for a in raw.get("architectures") or [])
+    drafter = ("dflash_config" in raw or "speculators_model_type" in raw
+               or any(a in DRAFTER_ARCHITECTURES for a in raw.get("architectures") or []))
     if not drafter:  # a drafter's own checks are DrafterConfig.from_raw's
         refuse_unimplemented(raw, Path(directory))
     return with_aliases(raw)
@@ -36,13 +37,21 @@ def read_config(directory: Path) -> dict:
 # reads it). A quantized checkpoint read as plain weights loads without error and writes garbage, so every
 # format not turned on here is refused by name before a weight is read (the quantized-targets issue turns
 # entries on by naming the family that implements it).
+# int4 / FP8 weight-only (dflash_cli/quant) run on the families tests/test_quant_models.py runs quantized
+# (their projections and experts go through models/layers/linear.take_linear); gpt-oss's experts are MXFP4
+# already, and muse_glimmer has no quantized release to test against yet. Which variants of each method
+# are read is quant/plan.py's, refused there by name.
+QUANT_FAMILIES = ("qwen3", "llama", "qwen3_moe", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 QUANTIZATION_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mxfp4": ("*_blocks, *_scales", ("gpt_oss",)),  # gpt_oss.py's experts
-    "fp8": ("weight_scale_inv", ()),
+    "fp8": ("weight_scale_inv", QUANT_FAMILIES),
     "fbgemm_fp8": ("weight_scale", ()),
-    "compressed-tensors": ("weight_scale", ()),
-    "gptq": ("qweight, qzeros, scales", ()),
-    "awq": ("qweight, qzeros, scales", ()),
+    "compressed-tensors": ("weight_scale", QUANT_FAMILIES),
+    "gptq": ("qweight, qzeros, scales", QUANT_FAMILIES),
+    "awq": ("qweight, qzeros, scales", QUANT_FAMILIES),
+    "auto-round": ("qweight, qzeros, scales", QUANT_FAMILIES),
+    "autoround": ("qweight, qzeros, scales", QUANT_FAMILIES),
+    "intel/auto-round": ("qweight, qzeros, scales", QUANT_FAMILIES),
     "bitsandbytes": ("packed 4/8-bit weights", ()),
     "gguf": ("packed GGUF blocks", ()),
     "hqq": ("packed weights", ()),
@@ -67,7 +76,7 @@ def refuse_quantized(raw: dict, directory: Path, runs_on: str | None) -> None:
         return
     method = str(quant.get("quant_method") or ("bitsandbytes" if quant.get("load_in_4bit") or quant.get("load_in_8bit")
                                                else "unknown"))
-    stores, families = QUANTIZATION_FORMATS.get(method, ("", ()))
+    stores, families = QUANTIZATION_FORMATS.get(method.lower(), ("", ()))
     if runs_on is not None and runs_on in families:
         return
     what = f"{method}, {stores}" if stores else method
@@ -164,7 +173,10 @@ UNSUPPORTED_DRAFTER_KEYS = ("input_embedding_scale", "output_multiplier", "final
 # The head and embedding knobs a DFlash2 drafter may set (applied in drafter.py; refused on v1 drafters,
 # where no released checkpoint sets them).
 DFLASH2_SCALE_KEYS = ("input_embedding_scale", "output_multiplier", "final_logit_softcapping")
-DRAFTER_ARCHITECTURES = ("DFlashDraftModel", "DFlash2DraftModel")
+DRAFTER_ARCHITECTURES = ("DFlashDraftModel", "DFlash2DraftModel", "MuseGlimmerAssistantModel")
+# A v1 drafter shares the target's head: the Gemma 4 drafters restate its soft-cap (30) in their config,
+# which `check_against` accepts when it is the target's own cap and refuses otherwise.
+V1_HEAD_KEY = "final_logit_softcapping"
 
 # How a gpt_oss drafter config.json is read (README, "gpt-oss"): "transformers" (the default) as
 # AutoConfig reads it, GptOssConfig's defaults filling in the rope and window keys it leaves out (what
@@ -251,6 +263,7 @@ class DrafterConfig:
     output_multiplier: float = 1.0  # the head's logits times this, then softcapped when the cap is set
     final_logit_softcapping: float | None = None
     attention_bias: bool = False  # q/k/v/o biases (the gpt-oss drafters)
+    renames: tuple[tuple[str, str], ...] = ()  # (our tensor name, the checkpoint's): other formats (speculators.py)
 
     @classmethod
     def from_dir(cls, directory: Path) -> "DrafterConfig":
@@ -258,19 +271,17 @@ class DrafterConfig:
 
     @classmethod
     def from_raw(cls, raw: dict, directory: Path) -> "DrafterConfig":
+        from .speculators import native_config
+
         refuse_quantized(raw, Path(directory), None)  # drafter.py reads plain weights only
+        raw, renames = native_config(raw, Path(directory))  # other formats, as the native config they mean
         raw = _as_transformers_reads(raw)
         f = Fields(raw, Path(directory))
         dflash = raw.get("dflash_config") or {}
         inner = Fields(dflash, Path(directory))
-        archs = raw.get("architectures") or ["DFlashDraftModel"]
-        if archs not in ([a] for a in DRAFTER_ARCHITECTURES):
-            hint = " (a target, not a drafter?)" if "num_target_layers" not in raw and "dflash_config" not in raw else ""
-            raise DflashError(f"{directory}: drafter architecture {', '.join(map(str, archs))} is not supported "
-                              f"(this version runs {' and '.join(DRAFTER_ARCHITECTURES)}){hint}")
-        v2 = archs == ["DFlash2DraftModel"]
+        v2 = raw.get("architectures") == ["DFlash2DraftModel"]
         for key in UNSUPPORTED_DRAFTER_KEYS:  # each would change the drafter's math: refuse, never ignore
-            if v2 and key in DFLASH2_SCALE_KEYS:
+            if (v2 and key in DFLASH2_SCALE_KEYS) or key == V1_HEAD_KEY:  # v1's: check_against
                 continue
             value = dflash.get(key, raw.get(key))
             if value not in (None, False, 1, 1.0, 0, 0.0):
@@ -328,8 +339,10 @@ class DrafterConfig:
             rope_scaling=scaling,
             sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
             causal=causal,
-            **(_dflash2_fields(raw, dflash, Path(directory), hidden, vocab) if v2 else {}),
+            **(_dflash2_fields(raw, dflash, Path(directory), hidden, vocab) if v2 else
+               {"final_logit_softcapping": _knob(raw, dflash, V1_HEAD_KEY, None, float, directory) or None}),
             attention_bias=bool(raw.get("attention_bias", False)),
+            renames=renames,
         )
 
     def check_against(self, target, directory: Path) -> None:
@@ -346,6 +359,18 @@ class DrafterConfig:
             raise DflashError(f"{where} mask_token_id {self.mask_token_id} outside the vocab ({target.vocab_size})")
         if self.block_size < 2:
             raise DflashError(f"drafter {directory}: block_size must be at least 2, got {self.block_size}")
+        cap = self.final_logit_softcapping
+        if self.dflash2 is None and cap is not None and cap != target.logit_softcap:
+            raise DflashError(f"{directory}/config.json: '{V1_HEAD_KEY}' = {cap} changes the drafter's math "
+                              "and is not supported by this version (the target's head has no such soft-cap)")
+
+    def for_target(self, embed_scale: float, logit_softcap: float | None) -> "DrafterConfig":
+        """This drafter as it runs on its target: it embeds the block with the target's table, scaled as the
+        target scales it (`embed_scale`: Gemma 4's √hidden, rounded to the weights' dtype), and its logits
+        take the target's soft-cap (a DFlash2 drafter's own knobs win where it sets them)."""
+        scale = self.input_embedding_scale if self.input_embedding_scale != 1.0 else embed_scale
+        return replace(self, input_embedding_scale=scale,
+                       final_logit_softcapping=self.final_logit_softcapping or logit_softcap)
 
 
 def _dflash2_fields(raw: dict, dflash: dict, directory: Path, hidden: int, vocab: int) -> dict:

@@ -71,6 +71,7 @@ def run_checks(model: str | None = None) -> list[Check]:
                             f"pip install 'triton>={wanted}' (the fused kernels need it on CUDA)"))
     if gpu:  # the CPU runs the hybrids' torch reference; only CUDA needs fla's kernels
         checks.append(fla_check())
+    checks.append(quantized_check(gpu, any(c.name == "triton" and c.status == "ok" for c in checks)))
     cache = hub.cache_dir()
     free_disk = hub.disk_free(cache)
     checks.append(Check("cache", "ok" if free_disk > 20e9 else "warn", f"{cache} ({free_disk / 1e9:.0f} GB free)",
@@ -108,6 +109,30 @@ def fla_check() -> Check:
     return Check("fla-core", "ok", version)
 
 
+QUANT_FORMATS = ("int4", "int8", "fp8")  # weight-only formats a target can be held in (--quantize)
+
+
+def quantized_check(gpu: bool, triton: bool) -> Check:
+    """Which quantized-target formats run here, and how: on a GPU a format with a kernel in ops
+    (`<format>_linear`: Triton, weights dequantized in registers) runs at speed; one without, and every
+    format on the CPU, runs through the torch reference (dequantize, then a bf16/fp32 matmul: exact, slow)."""
+    from . import ops
+
+    kernels = [f for f in QUANT_FORMATS if f"{f}_linear" in ops._MODULES]
+    if not gpu:
+        return Check("quantized", "ok", f"{', '.join(QUANT_FORMATS)} targets run on the CPU through the torch "
+                                        "reference (slow: for checking); GPU kernels: "
+                                        f"{', '.join(kernels) or 'none in this build'}")
+    fast = kernels if triton else []
+    slow = [f for f in QUANT_FORMATS if f not in fast]
+    detail = f"kernels for {', '.join(fast) or 'none'}"
+    if slow:
+        detail += f"; {', '.join(slow)} through the torch reference (dequantized per step: slow)"
+    fix = "" if not slow else ("install Triton (see the triton check)" if not triton else
+                               f"prefer {' or '.join(fast)} (--quantize)" if fast else "")
+    return Check("quantized", "ok" if not slow else "warn", detail, fix)
+
+
 def _model_check(model: str, gpu: bool) -> Check:
     from . import cuda, registry
     from .errors import DflashError
@@ -131,24 +156,53 @@ def _model_check(model: str, gpu: bool) -> Check:
                      "run it on a machine with a CUDA GPU (`dflash run demo` runs here)")
     free, _ = cuda.mem_get_info(cuda.device())
     if free < need:
+        from . import precision
+
+        try:  # what `--quantize auto` would take instead
+            choice = precision.choose(pair, None, free)
+        except DflashError:
+            choice = None
+        if choice is not None and choice.format != "bf16":
+            how = f"its {choice.format} checkpoint {choice.repo.repo}" if choice.repo else f"quantized to {choice.format} at load"
+            if choice.repo is not None:  # what runs is the checkpoint, not the bf16 target
+                ready = all(hub.local_path(r) is not None for r in (choice.repo.repo, pair.drafter))
+                detail = "downloaded" if ready else f"not downloaded (`dflash run {pair.alias} --yes` fetches it)"
+            return Check(pair.alias, "ok" if ready else "warn",
+                         f"{detail}; needs ~{need / GiB:.1f} GiB of GPU memory in bfloat16, {free / GiB:.1f} GiB free: "
+                         f"runs as {how} (--quantize auto; --quantize none for bfloat16)")
         return Check(pair.alias, "fail", f"{detail}; needs ~{need / GiB:.1f} GiB of GPU memory, {free / GiB:.1f} GiB free",
                      "close other GPU programs or pick a smaller model (dflash models)")
     return Check(pair.alias, "ok" if ready else "warn", f"{detail}; {need / GiB:.1f} GiB needed, {free / GiB:.1f} GiB free")
 
 
-def gpu_memory_needed(pair, context: int = 4096) -> int | None:
-    """Bytes of GPU memory the pair needs in bfloat16 at `context` tokens (None: shape unknown)."""
+def gpu_memory_needed(pair, context: int = 4096, quantize: str | None = None) -> int | None:
+    """Bytes of GPU memory the pair needs at `context` tokens, its target in bfloat16 or in `quantize`
+    ("fp8", "int8", "int4": memory.quantized_bytes) and its drafter in bfloat16 (None: shape unknown)."""
     import torch
 
     from .engine import cache_slack
-    from .memory import needs_for
+    from .memory import needs_for, quantized_bytes
     from .synthetic import SHAPES, configs
 
     if pair.alias not in SHAPES:
         return None
     family, target, drafter, _ = configs(pair.alias)
     block = drafter.block_size
-    return needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block)).total(context)
+    weights = None if quantize in (None, "bf16") else quantized_bytes(family.weight_table(target), quantize)
+    return needs_for(family, target, drafter, torch.bfloat16, block, cache_slack(block), weights).total(context)
+
+
+def target_weight_bytes(pair) -> int | None:
+    """Bytes of the pair's target weights in bfloat16 (None: shape unknown)."""
+    import torch
+
+    from .models.weights import table_bytes
+    from .synthetic import SHAPES, configs
+
+    if pair.alias not in SHAPES:
+        return None
+    family, target, _, _ = configs(pair.alias)
+    return table_bytes(family.weight_table(target), torch.bfloat16)
 
 
 def render_checks(checks: list[Check]) -> None:

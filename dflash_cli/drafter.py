@@ -21,7 +21,7 @@ Its walk is an argmax too: the draft stays a point mass at every temperature.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -154,10 +154,14 @@ class Drafter:
              max_positions: int) -> "Drafter":
         files = weight_files(directory)
         dtype, device = embed.dtype, embed.device
+        stored = dict(cfg.renames)  # our name -> the checkpoint's, for drafters in other formats (speculators.py)
         if f"layers.{cfg.num_layers}.mlp.down_proj.weight" in files or f"layers.{cfg.num_layers - 1}.mlp.down_proj.weight" not in files:
             count = len({n.split(".")[1] for n in files if n.startswith("layers.")})
             raise DflashError(f"drafter {directory}: weights have {count} layers, config.json says {cfg.num_layers}")
-        fc = header_shapes(files, ["fc.weight"])["fc.weight"]
+        fc_name = stored.get("fc.weight", "fc.weight")
+        if fc_name not in files:
+            raise DflashError(f"drafter {directory}: weight '{fc_name}' is missing from the checkpoint")
+        fc = header_shapes(files, [fc_name])[fc_name]
         want = (cfg.hidden_size, len(cfg.target_layer_ids) * cfg.hidden_size)
         if fc != want:
             raise DflashError(f"drafter {directory}: fc.weight is {fc}, but {len(cfg.target_layer_ids)} target "
@@ -165,8 +169,10 @@ class Drafter:
         if cfg.dflash2 and cfg.vocab_size != lm_head.shape[0]:
             raise DflashError(f"drafter {directory}: its selector's codebooks have vocab_size {cfg.vocab_size} rows, "
                               f"but the target's vocabulary is {lm_head.shape[0]}")
-        return cls.from_weights(cfg, read_weights(directory, weight_table(cfg), dtype, device), embed, lm_head,
-                                max_positions)
+        table = [replace(w, name=stored.get(w.name, w.name)) for w in weight_table(cfg)]
+        ours = {v: k for k, v in stored.items()}
+        w = {ours.get(name, name): t for name, t in read_weights(directory, table, dtype, device).items()}
+        return cls.from_weights(cfg, w, embed, lm_head, max_positions)
 
     @classmethod
     def from_weights(cls, cfg: DrafterConfig, w: dict[str, torch.Tensor], embed: torch.Tensor, lm_head: torch.Tensor,

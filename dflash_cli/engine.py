@@ -27,11 +27,12 @@ import torch
 
 from . import cuda, ops
 from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, time_iterations
-from .cache import CommitPlan
+from .cache import CommitPlan, KVCache
 from .drafter import DEFERRED, Drafter
 from .errors import DflashError
 from .graphs import EagerStep, StepGraphs
 from .sampling import DeviceSampling, Mode, SamplingParams
+from . import tree as trees
 
 
 @dataclass
@@ -94,7 +95,7 @@ def cache_slack(block_size: int) -> int:
 class Engine:
     def __init__(self, target, drafter: Drafter | None = None, block_size: int | None = None,
                  max_context: int | None = None, prefill_chunk: int = 512, lookahead: bool | None = None,
-                 adaptive: bool = False, draft_window: int | None = None):
+                 adaptive: bool = False, draft_window: int | None = None, tree_budget: int = 0):
         """block_size: the block size B (default: the drafter's); with `adaptive`, the largest one the
         engine may choose per iteration (`adaptive.candidates(B)`), otherwise the only one.
 
@@ -108,25 +109,40 @@ class Engine:
         prefill resets the cache lengths to what was read.
 
         draft_window: the drafter attends to at most this many context tokens (it bounds the draft's
-        cost at long context; lossless: only which drafts are proposed, so τ, can change)."""
+        cost at long context; lossless: only which drafts are proposed, so τ, can change).
+
+        tree_budget: verify a best-first tree of this many nodes (dflash_cli/tree.py) rather than the
+        drafter's argmax chain, at every iteration that drafts (0: the chain). It may change between
+        iterations (set `tree_budget`, at most the one the engine was made with: the caches are sized
+        for it); each budget is its own captured step."""
         if drafter is None:
             block_size = 1
         elif block_size is None:
             block_size = drafter.cfg.block_size
         if not 1 <= block_size <= (drafter.cfg.block_size if drafter else 1):
             raise DflashError(f"block size must be between 1 and the drafter's {drafter.cfg.block_size}, got {block_size}")
+        if tree_budget < 0 or tree_budget == 1:
+            raise DflashError(f"the tree budget must be 0 (the chain) or at least 2 nodes, got {tree_budget}")
+        if tree_budget and drafter is not None and drafter.selector is not None:
+            raise DflashError("--tree-budget: DFlash2 drafters keep their selector chain (the reference has no "
+                              "DFlash2 tree); drop --tree-budget")
         if draft_window is not None and draft_window < 1:
             raise DflashError(f"the draft window must be at least 1 token, got {draft_window}")
         self.target, self.drafter, self.block_size = target, drafter, block_size
         self.draft_window = draft_window
         self.policy: Policy = Adaptive(block_size) if adaptive and self.speculative else Pinned(block_size)
         self.costs = CostTable()  # seconds per iteration at each b, measured when first needed
-        rope_positions, slack = target.max_positions, cache_slack(block_size)
+        self.most_nodes = tree_budget if drafter is not None and block_size > 1 else 0  # the caches' room
+        self.tree_budget = self.most_nodes
+        rope_positions, slack = target.max_positions, cache_slack(max(block_size, self.most_nodes))
         self.max_context = min(max_context or rope_positions, rope_positions - slack)
         self.prefill_chunk = prefill_chunk
         self.lookahead = cuda.is_gpu(target.device) if lookahead is None else lookahead
         capacity = self.max_context + slack
-        self.target_cache = target.new_cache(capacity, block_size)
+        self.target_cache = target.new_cache(capacity, max(block_size, self.most_nodes))
+        if self.tree_budget and not isinstance(self.target_cache, KVCache):
+            raise DflashError("--tree-budget: tree verification is not supported for hybrid (Gated DeltaNet) "
+                              "targets yet; drop --tree-budget")
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
         self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order
@@ -175,6 +191,18 @@ class Engine:
         return self._device_step(mode, block_size)
 
     @property
+    def tree_budget(self) -> int:
+        """Nodes of the tree the next drafting iteration verifies (0: the chain)."""
+        return self._tree_budget
+
+    @tree_budget.setter
+    def tree_budget(self, budget: int) -> None:
+        if budget < 0 or budget == 1 or budget > self.most_nodes and budget:
+            raise DflashError(f"this engine's tree budget may be 0 or 2 to at most the {self.most_nodes} nodes "
+                              f"its caches were sized for, got {budget}")
+        self._tree_budget = budget
+
+    @property
     def speculative(self) -> bool:
         return self.drafter is not None and self.block_size > 1
 
@@ -188,7 +216,8 @@ class Engine:
             return "plain decoding"
         sizes = f"auto (1…{self.block_size})" if self.adaptive else str(self.block_size)
         window = f", draft window {self.draft_window}" if self.draft_window else ""
-        return f"DFlash, block size {sizes}{window}"
+        tree = f", tree budget {self.tree_budget}" if self.tree_budget else ""
+        return f"DFlash, block size {sizes}{window}{tree}"
 
     @torch.inference_mode()
     def generate(self, request: Request) -> Iterator[Step]:
@@ -259,7 +288,11 @@ class Engine:
         return bonus, bonus
 
     def _runner(self, mode: Mode, block_size: int, bonus: torch.Tensor) -> EagerStep:
-        """The step of this sampling mode and block size: one captured graph each, made on first use."""
+        """The step of this sampling mode and block size (and tree budget, when it drafts a tree): one
+        captured graph each, made on first use."""
+        budget = self.tree_budget if block_size > 1 else 0
+        if budget:
+            return self.graphs.get((mode, block_size, budget), lambda: self._tree_step(mode, block_size, budget), bonus)
         return self.graphs.get((mode, block_size), lambda: self._device_step(mode, block_size), bonus)
 
     def _decide(self, mode: Mode, bonus: torch.Tensor) -> Decision:
@@ -359,6 +392,30 @@ class Engine:
             elif self.speculative:  # b = 1 commits exactly this token: its drafter context waits
                 self.draft_cache.defer(features)
             return torch.cat((accepted.view(1), y, block)), y.gather(0, accepted.view(1))
+
+        return step
+
+    def _tree_step(self, mode: Mode, block_size: int, budget: int):
+        """The device side of a tree iteration (dflash_cli/tree.py): draft once, build the best-first tree
+        of `budget` nodes over the b - 1 drafted positions, verify every node in one target forward with
+        the ancestor mask, walk the target's own tokens down it, and commit the accepted path's rows.
+        Packed as `_device_step`'s, with the path's b ids as the block."""
+        params = self.sampling.kernel_args(mode)
+        depth = block_size - 1
+
+        def step(bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.drafter.draft_logits(bonus, self.draft_cache, block_size, self.draft_window)
+            tree = trees.build(bonus, logits, budget)
+            nodes = tree.tokens.clamp(min=0)  # an unfilled node's id is -1: any id, never walked to
+            logits, features = self.target.forward(nodes, self.target_cache, logits_from=0,
+                                                    feature_layers=self.feature_layers, tree=tree)
+            y = ops.sample(logits, self.target_cache.length + tree.depths, **params)
+            path, accepted = trees.walk(tree, y, depth)
+            self.target_cache.commit(CommitPlan(accepted + 1, path))
+            self.drafter.add_context(features.index_select(0, path), self.draft_cache, count=accepted + 1)
+            emitted = y.index_select(0, path)
+            return torch.cat((accepted.view(1), emitted, tree.tokens.index_select(0, path))), \
+                emitted.gather(0, accepted.view(1))
 
         return step
 

@@ -41,6 +41,10 @@ _INSTALL = {"sglang": "pip install -U sglang", "vllm": "pip install -U vllm"}
 # it (dflash itself never does). Kimi K2.5 ships tokenization_kimi.py (tiktoken-based).
 _REMOTE_CODE = frozenset({"moonshotai/Kimi-K2.5"})
 _HYBRID = frozenset({"hybrid", "hybrid-moe"})
+# Gemma 4's global layers have 512-dim heads, which FlashAttention does not take: vLLM picks its own
+# backends for target and drafter (vllm#42068/#42069: a forced one breaks the non-causal drafter), SGLang
+# runs the target on Triton (as its Gemma 4 DFlash users launch it).
+_OWN_ATTENTION = ("google/gemma-4-",)
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,9 @@ def launch_command(engine: str, pair: Pair, *, tp: int | None = None, host: str 
     remote = pair.target in _REMOTE_CODE
     if engine == "vllm":
         spec = {"method": "dflash", "model": pair.drafter, "num_speculative_tokens": block - 1}
+        own = pair.target.startswith(_OWN_ATTENTION)
         argv = ["vllm", "serve", pair.target, "--speculative-config", json.dumps(spec),
-                "--attention-backend", "flash_attn", "--max-num-batched-tokens", "32768",
+                *([] if own else ["--attention-backend", "flash_attn"]), "--max-num-batched-tokens", "32768",
                 "--tensor-parallel-size", str(tp)]
         argv += ["--max-model-len", str(max_context)] if max_context else []
         env: dict[str, str] = {}
@@ -135,6 +140,7 @@ def launch_command(engine: str, pair: Pair, *, tp: int | None = None, host: str 
                 "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", pair.drafter,
                 "--speculative-num-draft-tokens", str(block), "--tp-size", str(tp)]
         argv += ["--mamba-scheduler-strategy", "extra_buffer"] if pair.kind in _HYBRID else []
+        argv += ["--attention-backend", "triton"] if pair.target.startswith(_OWN_ATTENTION) else []
         argv += ["--context-length", str(max_context)] if max_context else []
         env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
     argv += ["--trust-remote-code"] if remote else []

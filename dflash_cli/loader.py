@@ -102,6 +102,20 @@ def stop_token_ids(directory: Path, tokenizer) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
+def target_weight_bytes(target_dir: Path, family, cfg, dtype: torch.dtype) -> int | None:
+    """A quantized target's bytes as loaded (packed, from its safetensors headers); None for a plain one,
+    whose weight table in `dtype` is what it loads."""
+    from .checkpoint import weight_bytes, weight_files
+    from .config import read_config
+    from .quant.plan import target_plan
+
+    plan = target_plan(read_config(target_dir))
+    if plan is None:
+        return None
+    layout = family.layout_of(weight_files(target_dir))
+    return weight_bytes(target_dir, family.weight_table(cfg, layout), dtype, plan)
+
+
 SMALL_MODEL_BYTES = 256 << 20
 
 
@@ -130,7 +144,8 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
         raise UsageError(f"--max-context must be at least 2, got {max_context}")
     block = drafter_cfg.block_size if drafter_cfg else 1
     slack = cache_slack(block)
-    needs = needs_for(family, target_cfg, drafter_cfg, dt, block, slack)
+    needs = needs_for(family, target_cfg, drafter_cfg, dt, block, slack, target_weight_bytes(target_dir, family,
+                                                                                          target_cfg, dt))
     context = plan_context(needs, target_cfg.max_position_embeddings, max_context, free_device_memory(dev))
     positions = context + slack  # rope rows the caches can reach
     if not cuda.is_gpu(dev):
@@ -139,6 +154,7 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     target = load_target(target_dir, dt, dev, positions, family, target_cfg)
     drafter = None
     if drafter_cfg is not None:
-        drafter = Drafter.load(drafter_dir, drafter_cfg, target.embed, target.lm_head, positions)
+        drafter = Drafter.load(drafter_dir, drafter_cfg.for_target(target.embed_scale, target_cfg.logit_softcap),
+                               target.embed, target.lm_head, positions)
     return Model(tokenizer, target, drafter, stop_token_ids(target_dir, tokenizer), context, target_dir, drafter_dir,
                  thinking_default(target_dir, drafter_dir), detect(tokenizer), dev)

@@ -10,6 +10,7 @@ free, instead of an out-of-memory traceback halfway through loading.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +34,64 @@ class MemoryNeeds:
         return self.weights + self.fixed + self.workspace + (context + self.slack) * self.per_token
 
 
-def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int) -> MemoryNeeds:
-    """What a target of `family` and its drafter (or None) need, from their weight tables and caches."""
+def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int,
+              target_weights: int | None = None) -> MemoryNeeds:
+    """What a target of `family` and its drafter (or None) need, from their weight tables and caches.
+    `target_weights`: the target's bytes as its checkpoint stores them, where that is not its table in
+    `dtype` (a quantized target: packed words, scales and zeros; checkpoint.weight_bytes)."""
     from . import drafter
     from .models.weights import table_bytes
 
-    weights = table_bytes(family.weight_table(target_cfg), dtype)
+    weights = table_bytes(family.weight_table(target_cfg), dtype) if target_weights is None else target_weights
     per_token, fixed = family.cache_bytes(target_cfg, dtype, block_size)
     if drafter_cfg is not None:
         weights += table_bytes(drafter.weight_table(drafter_cfg), dtype)
         per_token += drafter.cache_bytes(drafter_cfg, dtype)
     return MemoryNeeds(weights, per_token, fixed, workspace_bytes(target_cfg, block_size), slack)
+
+
+# Weight formats a target can be held in on the GPU ("bf16": as released). The drafter stays bf16.
+FORMATS = ("bf16", "fp8", "int8", "int4")
+INT4_GROUP = 128  # input columns per int4 scale (quantize at load; most int4 checkpoints use the same)
+# Never quantized (issue 25; what Qwen, GPTQ and AutoRound checkpoints keep in bf16): the embedding and the
+# head (the drafter reads both; DFlash2's selector needs the dense head), norms, routers and gates, Gated
+# DeltaNet's small in_proj_a/in_proj_b, A_log, dt_bias and conv. What is quantized: the projections.
+_KEPT = ("in_proj_a", "in_proj_b")
+
+
+def quantizable(w) -> bool:
+    """Whether the loader holds weight `w` (a `models.weights.Weight`) quantized when the target is: a
+    2-D or stacked-expert projection (q_proj, in_proj_qkv, experts' down_proj: a name with "proj") in the
+    run's dtype, not one of `_KEPT`."""
+    module = w.name.removesuffix(".weight")  # transformers' fused experts have no ".weight": experts.down_proj
+    last = module.rpartition(".")[2]
+    return (w.dtype == "model" and len(w.shape) >= 2 and "proj" in last and not last.endswith("bias")
+            and last not in _KEPT)
+
+
+def quantized_weight_bytes(shape: tuple[int, ...], fmt: str) -> int:
+    """Bytes of one projection [..., out, in] held in `fmt` as quantizing at load writes it (quant/quantize.py),
+    scales included: int4: codes packed eight to an int32 word and a bf16 scale per group of INT4_GROUP
+    inputs, symmetric (an asymmetric checkpoint adds a byte of zero point per group, about 0.2%);
+    int8 and fp8: a byte per weight and a bf16 scale per output row (Qwen's FP8 blocks of 128 × 128 hold
+    fewer scales)."""
+    *lead, out, inn = shape
+    stack = math.prod(lead)
+    if fmt == "int4":
+        return stack * out * (-(-inn // 8) * 4 + -(-inn // INT4_GROUP) * 2)
+    if fmt in ("int8", "fp8"):
+        return stack * out * (inn + 2)
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def quantized_bytes(table, fmt: str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes a target's weight table takes with its projections in `fmt` and the rest as loaded."""
+    from .models.weights import table_bytes
+
+    if fmt == "bf16":  # as released
+        return table_bytes(table, dtype)
+    kept = [w for w in table if not quantizable(w)]
+    return table_bytes(kept, dtype) + sum(quantized_weight_bytes(w.shape, fmt) for w in table if quantizable(w))
 
 
 # Fixed costs of running on a GPU at all, beside weights, caches and activations (gpu-review-2 F9): a

@@ -34,6 +34,8 @@ _MODULES = {
     "route": "moe",
     "experts": "moe",
     "invariant_linear": "invariant_linear",
+    "int4_linear": "quant_linear",
+    "fp8_linear": "quant_linear",
 }
 
 
@@ -75,7 +77,9 @@ def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache
 # can take its flash path: bf16/fp16, causal without a window, GQA through a lower-right causal bias.
 # Otherwise SDPA would fall back to its math kernel, whose memory grows with chunk × context (an OOM
 # near 4k context on a 24 GB card in fp32), so such chunks go through the split-K kernel, whose
-# scratch is a few MB at any length.
+# scratch is a few MB at any length. Up to MAX_KERNEL_Q_LEN queries (decode, verify, draft) the kernel
+# is batch-invariant: a row's output does not depend on how many queries share the launch
+# (kernels/attention.py's MAX_INVARIANT_Q_LEN, the same number).
 MAX_KERNEL_Q_LEN = 32
 
 
@@ -188,3 +192,29 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
     if linear_mode() == "invariant" and x.numel() <= MAX_INVARIANT_ROWS * x.shape[-1]:
         return invariant_linear(x, w, b)
     return F.linear(x, w, b)
+
+
+# ---- Quantized linear ------------------------------------------------------------------------------------
+# Weight-only int4 (W4A16) and FP8 e4m3 projections (dflash_cli/quant). A step's rows (up to
+# MAX_INVARIANT_ROWS) run kernels/quant_linear.py on the kernel path (CUDA, or DFLASH_KERNELS=triton),
+# which dequantizes in registers and rounds a row the same whatever M is; its torch reference elsewhere.
+# There is no cuBLAS int4/fp8 path to switch to, so DFLASH_LINEAR does not apply. Longer prefill chunks
+# (shared by plain and speculative decoding, so no invariance needed) dequantize the whole weight into the
+# activations' dtype and run F.linear (cuBLAS): one transient weight-sized buffer per call.
+def _step_rows(x: torch.Tensor) -> bool:
+    return x.numel() <= MAX_INVARIANT_ROWS * x.shape[-1]
+
+
+def int4_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """x @ W.T + b for an Int4Linear `layer` (a single projection, not a stack of experts)."""
+    if not _step_rows(x):
+        return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+    return _pick("int4_linear", x.device)(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias,
+                                          layer.input_perm)
+
+
+def fp8_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """x @ W.T + b for an Fp8Linear `layer` (a single projection, not a stack of experts)."""
+    if not _step_rows(x):
+        return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+    return _pick("fp8_linear", x.device)(x, layer.weight, layer.scale, layer.block, layer.bias)

@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class QuantRepo:
+    """A quantized checkpoint of a pair's target: what `--quantize fp8|int4` (and auto, for an official
+    one) downloads instead of the bf16 target. The drafter stays the pair's own, in bf16."""
+
+    repo: str  # Hub repo id
+    format: str  # "fp8" or "int4": the format it is held in on the GPU (memory.FORMATS)
+    layout: str  # on-disk format (quant/plan.py): fp8-block, gptq, awq, auto-round or compressed-tensors
+    official: bool = False  # published by the target's own organisation (auto picks only these)
+    verified: bool = False  # the id was seen on a public page when it was added; False: from notes, unconfirmed
+    gb: float | None = None  # published weight size in GB, where the checkpoint keeps more than the
+    # embedding, head and norms in bf16 (then an all-projections estimate would be too small)
 
 
 @dataclass(frozen=True)
@@ -21,6 +35,12 @@ class ModelPair:
     kind: str = "dense"  # dense, hybrid, moe, hybrid-moe or gpt-oss: the target's architecture family
     think: bool = False  # the thinking mode the drafter was trained with: the chat default
     gpus: int = 1  # GPUs the pair needs; above 1 it is handed to SGLang/vLLM (`dflash serve --engine`)
+    quantizable: bool = True  # whether dflash runs this target quantized (its family is tested so: config.QUANT_FAMILIES)
+    quantized: tuple[QuantRepo, ...] = ()  # quantized checkpoints of the target, official ones first
+
+    def official(self, fmt: str) -> QuantRepo | None:
+        """The target's official checkpoint in `fmt` ("fp8", "int4"), if there is one."""
+        return next((q for q in self.quantized if q.official and q.format == fmt), None)
 
     @property
     def engine_only(self) -> bool:
@@ -29,8 +49,44 @@ class ModelPair:
 
 
 # Why a pair cannot run yet (shown by `dflash models` and in the error when one is asked for).
-_MUSE = "Muse-Glimmer target architecture (gated attention output, normalised embeddings, scaled logits)"
 _GLM53 = "GLM-5.3-Flash target architecture (KDA linear attention and MLA hybrid)"
+
+
+# Quantized targets (research/landscape-and-quantization.md Part B1). `verified`: the repo id was seen on a
+# public page (a model card, a collection, a card naming it as its source) when the row was written, Dec 2026;
+# the others come from the research notes and the release pattern, and could not be confirmed here.
+def _fp8(repo: str, verified: bool = False) -> QuantRepo:
+    return QuantRepo(repo, "fp8", "fp8-block", official=True, verified=verified)
+
+
+def _int4(repo: str, layout: str, *, official: bool = False, verified: bool = False,
+          gb: float | None = None) -> QuantRepo:
+    return QuantRepo(repo, "int4", layout, official=official, verified=verified, gb=gb)
+
+
+QUANTIZED: dict[str, tuple[QuantRepo, ...]] = {
+    "qwen3-4b": (_fp8("Qwen/Qwen3-4B-FP8"), _int4("Qwen/Qwen3-4B-AWQ", "awq", official=True)),
+    "qwen3-8b": (_fp8("Qwen/Qwen3-8B-FP8", verified=True), _int4("Qwen/Qwen3-8B-AWQ", "awq", official=True, verified=True)),
+    # Meta publishes none; the base weights are the same as Meta-Llama-3.1-8B-Instruct's.
+    "llama3.1-8b": (QuantRepo("RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8", "fp8", "compressed-tensors"),
+                    _int4("RedHatAI/Meta-Llama-3.1-8B-Instruct-quantized.w4a16", "compressed-tensors", verified=True),
+                    _int4("hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4", "awq", verified=True)),
+    "qwen3-coder-30b-a3b": (_fp8("Qwen/Qwen3-Coder-30B-A3B-Instruct-FP8", verified=True),),
+    # Qwen's GPTQ-Int4 of the 27B keeps much of the model in bf16: 30.3 GB, about its FP8's 30.9 (Kaitchup, 2026-03).
+    "qwen3.5-27b": (_fp8("Qwen/Qwen3.5-27B-FP8"),
+                    _int4("Qwen/Qwen3.5-27B-GPTQ-Int4", "gptq", official=True, verified=True, gb=30.3)),
+    "qwen3.5-35b-a3b": (_fp8("Qwen/Qwen3.5-35B-A3B-FP8"), _int4("Qwen/Qwen3.5-35B-A3B-GPTQ-Int4", "gptq", official=True)),
+    # Qwen publishes no int4 of 3.6 (Qwen3.6-27B-GPTQ-Int4 does not exist): community GPTQ / AutoRound ones.
+    "qwen3.6-27b": (_fp8("Qwen/Qwen3.6-27B-FP8", verified=True),
+                    _int4("AxisQuant/Qwen3.6-27b-gptq-int4", "gptq", verified=True),
+                    _int4("btbtyler09/Qwen3.6-27B-GPTQ-4bit", "gptq", verified=True)),
+    "qwen3.6-35b-a3b": (_fp8("Qwen/Qwen3.6-35B-A3B-FP8", verified=True),
+                        _int4("Intel/Qwen3.6-35B-A3B-int4-AutoRound", "auto-round", verified=True),
+                        _int4("nchapman/Qwen3.6-35B-A3B-int4-AutoRound", "auto-round", verified=True),
+                        _int4("palmfuture/Qwen3.6-35B-A3B-GPTQ-Int4", "gptq", verified=True, gb=24.4)),
+    "qwen3.8-27b": (_fp8("Qwen/Qwen3.8-27B-FP8", verified=True),
+                    _int4("cyankiwi/Qwen3.8-27B-AWQ-INT4", "compressed-tensors", verified=True)),
+}
 
 
 def _engine(gpus: int) -> str:
@@ -56,11 +112,22 @@ PAIRS: tuple[ModelPair, ...] = (
     ModelPair("qwen3.6-27b", "Qwen/Qwen3.6-27B", "z-lab/Qwen3.6-27B-DFlash", 16, kind="hybrid", think=True),
     ModelPair("qwen3.6-35b-a3b", "Qwen/Qwen3.6-35B-A3B", "z-lab/Qwen3.6-35B-A3B-DFlash", 16, kind="hybrid-moe",
               think=True),
+    # Gemma 4 (models/gemma4.py). Ids as vLLM's and SGLang's users run them (note the 12B drafter's `gemma4-`
+    # spelling); the 31B drafter's block 16 is its config's, the 12B's and 26B-A4B's are z-lab's usual 16 [not
+    # seen in a config]. Thinking off: the drafters' users run them without the thinking channel [not stated
+    # by z-lab]. Apache 2.0, not gated.
+    ModelPair("gemma-4-12b", "google/gemma-4-12B-it", "z-lab/gemma4-12B-it-DFlash", 16, quantizable=False),
+    ModelPair("gemma-4-31b", "google/gemma-4-31B-it", "z-lab/gemma-4-31B-it-DFlash", 16, quantizable=False),
+    ModelPair("gemma-4-26b-a4b", "google/gemma-4-26B-A4B-it", "z-lab/gemma-4-26B-A4B-it-DFlash", 16, kind="moe",
+              quantizable=False),
     # DFlash2 drafters (research/dflash2.md §1, §4): the v1 drafter plus dynamic convs and a candidate selector.
     # Qwen3.8-27B is the Qwen3.5 hybrid architecture; thinking on, its template's reasoning effort at its default.
     ModelPair("qwen3.8-27b", "Qwen/Qwen3.8-27B", "z-lab/Qwen3.8-27B-DFlash2", 8, kind="hybrid", think=True),
-    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16,
-              supported=False, note=_MUSE, think=True),
+    # Muse-Glimmer-30B (models/muse_glimmer.py), 60 GB in bf16: one 80 GB GPU. Repo ids as public configs and
+    # serving recipes cite them (z-lab's drafter at b54ffdd1; Meta's v1 `meta-models/Muse-Glimmer-30B-assistant`
+    # loads too, as --drafter). Thinking on: the DFlash2 drafter was fine-tuned from Meta's assistant [U: its mode].
+    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16, think=True,
+              quantizable=False),
     # Published by incoai, not in z-lab's list; the target's repo id is not confirmed (research/dflash2.md §4).
     ModelPair("glm-5.3-flash", "zai-org/GLM-5.3-Flash", "incoai/GLM-5.3-Flash-DFlash2", 8, supported=False,
               note=_GLM53, kind="hybrid"),
@@ -80,6 +147,7 @@ PAIRS: tuple[ModelPair, ...] = (
               gpus=8),
 )
 
+PAIRS = tuple(replace(p, quantized=QUANTIZED.get(p.alias, p.quantized)) for p in PAIRS)
 _BY_ALIAS = {p.alias: p for p in PAIRS}
 
 # The CPU demo pair ships inside the package: the trained stories260K Llama and a drafter trained

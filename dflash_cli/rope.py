@@ -25,6 +25,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple[
         return _yarn(head_dim, theta, scaling)
     if kind == "linear":
         return inv_freq / scaling["factor"], 1.0
+    if kind == "proportional":
+        return _proportional(head_dim, theta, scaling), 1.0
     raise DflashError(f"unsupported rope scaling type '{kind}' in config.json")
 
 
@@ -37,6 +39,16 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
     return torch.where(medium, smoothed, scaled)
+
+
+def _proportional(head_dim: int, theta: float, s: dict) -> torch.Tensor:
+    """Gemma 4's global layers: the first `partial_rotary_factor` of the frequency pairs are the default
+    rope's over the whole head (exponents over head_dim, not over the rotated part), the rest are zero
+    (cos 1, sin 0: those pairs pass through), so the table still spans the whole head."""
+    angles = int(s.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    exponents = torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = torch.cat((1.0 / (theta**exponents), torch.zeros(head_dim // 2 - angles)))
+    return inv_freq / s.get("factor", 1.0)
 
 
 def _yarn(dim: int, base: float, s: dict) -> tuple[torch.Tensor, float]:

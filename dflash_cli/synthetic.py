@@ -24,7 +24,7 @@ from .drafter import Drafter
 from .engine import Engine, cache_slack
 from .errors import DflashError, UsageError
 from .graphs import capture, graphs_enabled
-from .memory import GiB, needs_for, workspace_bytes
+from .memory import GiB, needs_for, quantized_bytes, workspace_bytes
 from .models import family_of
 from .models.weights import random_weights
 from .sampling import Mode
@@ -107,6 +107,28 @@ for _name, _ids in (("qwen3.5-4b", (1, 8, 15, 22, 29)), ("qwen3.5-9b", (1, 8, 15
     SHAPES[_name] = (_t, _drafter(_t | dict(num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                             rope_theta=10000000), 16, _ids, 248070, **_extra), None)
 SHAPES["qwen3.6-27b"] = SHAPES["qwen3.5-27b"]
+# Gemma 4 (research/landscape-and-quantization.md §A8): 5 sliding layers (256-dim heads) to 1 global (512, its
+# own KV heads, k = v), vocab 262144 tied, soft-cap 30. The 31B drafter as its GGUF conversion states it (5
+# layers, 64/8 heads × 128, 4 causal sliding of 2048 + 1 full, mask 4); the 12B's and 26B-A4B's drafter sizes
+# and taps are not published in a form seen here: the 31B's recipe scaled to their width.
+_GEMMA4 = dict(architectures=["Gemma4ForCausalLM"], model_type="gemma4_text", head_dim=256, global_head_dim=512,
+               attention_k_eq_v=True, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, sliding_window=1024,
+               final_logit_softcapping=30.0, max_position_embeddings=262144, vocab_size=262144,
+               tie_word_embeddings=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0)
+for _name, _hidden, _inter, _layers, _heads, _kv, _gkv, _moe, _ids, _dheads, _dinter in (
+        ("gemma-4-12b", 3840, 15360, 48, 16, 8, 1, {}, (1, 10, 19, 28, 37, 46), 32, 7680),
+        ("gemma-4-31b", 5376, 21504, 60, 32, 16, 4, {}, (1, 12, 23, 35, 46, 57), 64, 10752),
+        ("gemma-4-26b-a4b", 2816, 2112, 30, 16, 8, 2,
+         dict(enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704),
+         (1, 6, 12, 17, 23, 28), 32, 5632)):
+    TARGETS[_name] = _GEMMA4 | dict(hidden_size=_hidden, intermediate_size=_inter, num_hidden_layers=_layers,
+                                    num_attention_heads=_heads, num_key_value_heads=_kv,
+                                    num_global_key_value_heads=_gkv, **_moe)
+    SHAPES[_name] = (TARGETS[_name], _drafter(
+        TARGETS[_name] | dict(num_attention_heads=_dheads, num_key_value_heads=8, head_dim=128,
+                              intermediate_size=_dinter, rope_theta=1e6), 16, _ids, 4,
+        layer_types=["sliding_attention"] * 4 + ["full_attention"], sliding_window=2048,
+        final_logit_softcapping=30.0), None)
 # MoE targets (research/moe-gptoss.md §3-4, hybrid.md §1, §4).
 TARGETS["qwen3-coder-30b-a3b"] = _QWEN3 | dict(
     architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, intermediate_size=5472,
@@ -133,6 +155,21 @@ TARGETS["tiny-hybrid"] = TARGETS["qwen3.5-4b"] | dict(hidden_size=64, intermedia
                                                      linear_key_head_dim=16, linear_value_head_dim=16, vocab_size=512)
 SHAPES["tiny-hybrid"] = (TARGETS["tiny-hybrid"], _drafter(TARGETS["tiny-hybrid"] | dict(head_dim=16, rope_theta=1e7), 8,
                                                           (1, 3), 511, layers=2), None)
+
+# Muse-Glimmer-30B (research/landscape-and-quantization.md §A8): the released text config (the VL wrapper's
+# text_config; transformers' defaults for the rest) and its DFlash2 drafter's config.json (research/dflash2.md §3).
+TARGETS["muse-glimmer-30b"] = dict(
+    architectures=["MuseGlimmerForConditionalGeneration"], model_type="muse_glimmer", text_config=dict(
+        model_type="muse_glimmer_text", vocab_size=202048, hidden_size=6656, intermediate_size=19968,
+        num_hidden_layers=52, num_attention_heads=32, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+        sliding_window=2048, final_logit_softcapping=20.0, tie_word_embeddings=False))
+SHAPES["muse-glimmer-30b"] = (TARGETS["muse-glimmer-30b"], _dflash2(
+    TARGETS["muse-glimmer-30b"]["text_config"] | dict(rope_theta=500000.0), 16, (1, 13, 25, 37, 49), 201818,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_target_layers=52) | dict(
+    dflash_config=dict(block_size=16, mask_token_id=201818, target_layer_ids=[1, 13, 25, 37, 49], conv_kernel_size=2,
+                       conv_group_size=16, selector_rank=256, selector_top_k=16, output_multiplier=0.19611613513818404,
+                       final_logit_softcapping=20.0)), None)
 
 # gpt-oss (research/moe-gptoss.md §2.1, §4): the released config.json, MXFP4 experts; its drafters' config.json
 # as z-lab ships it (model_type gpt_oss, attention biases, no rope or window keys: read as transformers reads it).
@@ -182,13 +219,45 @@ def configs(name: str):
     return family, family.Config.from_raw(raw_target, where), DrafterConfig.from_raw(raw_drafter, where), tau
 
 
-def random_pair(name: str, dtype: torch.dtype, device: torch.device, positions: int):
-    """A target and drafter of shape `name` with random weights (the families' tables, on `device`)."""
+def random_pair(name: str, dtype: torch.dtype, device: torch.device, positions: int, quantize: str | None = None):
+    """A target and drafter of shape `name` with random weights (the families' tables, on `device`);
+    `quantize` ("int4", "int8", "fp8"): the target's projections quantized as `--quantize` writes them."""
     family, t, d, _ = configs(name)
-    # Experts drawn in the fused layout the model keeps (per-expert tensors would be stacked: twice the memory).
-    target = family.build(t, random_weights(family.weight_table(t, "fused"), dtype=dtype, device=device), positions)
+    if quantize is not None:
+        weights = random_quantized_weights(family, t, quantize, dtype, device)
+    else:  # experts drawn in the fused layout the model keeps (per-expert tensors would be stacked: twice the memory)
+        weights = random_weights(family.weight_table(t, "fused"), dtype=dtype, device=device)
+    target = family.build(t, weights, positions)
     w = random_weights(drafter_module.weight_table(d), seed=1, dtype=dtype, device=device)
-    return target, Drafter.from_weights(d, w, target.embed, target.lm_head, positions)
+    return target, Drafter.from_weights(d.for_target(target.embed_scale, t.logit_softcap), w, target.embed,
+                                        target.lm_head, positions)
+
+
+def random_quantized_weights(family, cfg, scheme: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Random weights with every projection quantized by quant/quantize.py (RTN: no scale search), one tensor
+    at a time on `device` (a 27B is never whole in bf16), read as a compressed-tensors checkpoint of them
+    would be: the packed tensors, and `Tensors.quantized` naming each projection's scheme. Experts are drawn
+    one by one, as checkpoints that quantize them store them."""
+    from .models.layers.linear import Tensors
+    from .models.weights import random_tensor
+    from .quant.plan import plan_of
+    from .quant.quantize import is_projection, quantization_config, quantize_weight
+
+    if any(w.dtype == "raw" for w in family.weight_table(cfg)):
+        raise DflashError(f"--quantize {scheme}: this family's experts are stored quantized already (MXFP4)")
+    g = torch.Generator(device=device).manual_seed(seed)
+    out, widths, plain = {}, {}, set()
+    for w in family.weight_table(cfg, "per-expert"):
+        drawn, module = random_tensor(w, g), w.name.removesuffix(".weight")
+        if w.name.endswith(".weight") and len(w.shape) == 2 and w.dtype == "model" and is_projection(module):
+            out |= {f"{module}.{key}": v for key, v in quantize_weight(drawn, scheme, dtype, search=False).items()}
+            widths[module] = w.shape[1]
+        else:
+            out[w.name] = drawn.to(torch.float32 if w.dtype == "float32" else dtype)
+            plain.add(module)
+        del drawn
+    plan = plan_of({"quantization_config": quantization_config(scheme, list(widths), widths, plain)})
+    return Tensors(out, quantized={m: plan.scheme_for(m) for m in widths})
 
 
 def host_memory() -> int:
@@ -199,10 +268,20 @@ def host_memory() -> int:
         return 1 << 62  # unknown: let the allocator decide
 
 
-def check_memory(name: str, dtype: torch.dtype, device: torch.device, context: int, block: int) -> None:
+def target_bytes(name: str, dtype: torch.dtype, quantize: str | None = None) -> int | None:
+    """The synthetic target's weights held with its projections in `quantize` (memory.quantized_bytes;
+    None: as its table says, in `dtype`)."""
+    if quantize is None:
+        return None
+    family, t, _, _ = configs(name)
+    return quantized_bytes(family.weight_table(t), quantize, dtype)
+
+
+def check_memory(name: str, dtype: torch.dtype, device: torch.device, context: int, block: int,
+                 quantize: str | None = None) -> None:
     """Refuse, with the numbers, a shape that does not fit where it would be built."""
     family, t, d, _ = configs(name)
-    needs = needs_for(family, t, d, dtype, block, cache_slack(block))
+    needs = needs_for(family, t, d, dtype, block, cache_slack(block), target_bytes(name, dtype, quantize))
     need = needs.total(context) - workspace_bytes(t, block) + workspace_bytes(t, block, prefill_chunk=1)
     gpu = cuda.is_gpu(device)
     if gpu:
@@ -217,7 +296,9 @@ def check_memory(name: str, dtype: torch.dtype, device: torch.device, context: i
             hint = f": use a shorter --context (about {fits:,} tokens fit)"
         else:
             hint = "" if gpu else ": it is meant for a GPU (try the shape 'tiny' here)"
-        raise DflashError(f"synthetic {name} in {str(dtype).removeprefix('torch.')} needs {need / GiB:.1f} GiB {where} "
+        held = f"{quantize} (activations {str(dtype).removeprefix('torch.')})" if quantize else \
+            str(dtype).removeprefix('torch.')
+        raise DflashError(f"synthetic {name} in {held} needs {need / GiB:.1f} GiB {where} "
                           f"(weights {needs.weights / GiB:.1f} GiB); {free / GiB:.1f} GiB is free" + hint)
 
 
@@ -283,18 +364,22 @@ def copy_size(device: torch.device) -> int:
     return min(1 << 30, cuda.mem_get_info(device)[0] // 8)
 
 
-def weight_bytes(name: str, dtype: torch.dtype) -> int:
+def weight_bytes(name: str, dtype: torch.dtype, quantize: str | None = None) -> int:
     """Bytes one decode step reads: every weight but the embedding table (a forward reads only its rows;
-    the lm_head is the embedding when tied), and of the experts only the top-k a token routes to."""
+    the lm_head is the embedding when tied), and of the experts only the top-k a token routes to; with
+    `quantize`, the projections as that format holds them (packed codes, scales, zero points)."""
     from .models.weights import table_bytes
+
+    def size(ws):
+        return table_bytes(ws, dtype) if quantize is None else quantized_bytes(ws, quantize, dtype)
 
     family, t, _, _ = configs(name)
     table = family.weight_table(t, "fused")
     tied = not any(w.name == "lm_head.weight" for w in table)
     read = [w for w in table if w.init != "embed" or tied]
     experts = [w for w in read if ".mlp.experts." in w.name and w.shape[0] == getattr(t, "num_experts", 0)]
-    dense = table_bytes([w for w in read if w not in experts], dtype)
-    return dense + table_bytes(experts, dtype) * t.top_k // t.num_experts if experts else dense
+    dense = size([w for w in read if w not in experts])
+    return dense + size(experts) * t.top_k // t.num_experts if experts else dense
 
 
 @dataclass
@@ -317,6 +402,7 @@ class SyntheticReport:
     commit_s: float = 0.0  # device time of the target's commit after a verify (a hybrid's masked replay)
     # The auto engine's cost curve: one iteration at each candidate block size, as the engine measures it.
     iteration_by_block: dict[int, float] = field(default_factory=dict)
+    quantize: str | None = None  # the target's projections in int4 / int8 / fp8 (None: in `dtype`)
 
     @property
     def break_even(self) -> dict[int, float]:
@@ -352,7 +438,10 @@ class SyntheticReport:
 
 
 def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, context: int = 1024,
-                  block_size: int | None = None, tau: float | None = None, iters: int = 20) -> SyntheticReport:
+                  block_size: int | None = None, tau: float | None = None, iters: int = 20,
+                  quantize: str | None = None) -> SyntheticReport:
+    """Time shape `shape`; `quantize` ("int4", "int8", "fp8"): its target's projections held in that
+    format (the drafter stays in `dtype`), planned and read as such."""
     family, target_cfg, drafter_cfg, published = configs(shape)
     b = block_size or drafter_cfg.block_size
     if not 2 <= b <= drafter_cfg.block_size:
@@ -361,10 +450,10 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         raise UsageError(f"--tau {tau:g} is more than the block size {b}: an iteration commits at most {b} tokens")
     if cuda.is_gpu(device):
         cuda.set_device(device)
-    check_memory(shape, dtype, device, context + b, drafter_cfg.block_size)
+    check_memory(shape, dtype, device, context + b, drafter_cfg.block_size, quantize)
     # Rope rows as the loader gives them: the context, then the caches' slack (verify blocks in flight,
     # the drafter's catch-up rows), which every timed step may write into.
-    target, drafter = random_pair(shape, dtype, device, context + b + cache_slack(drafter_cfg.block_size))
+    target, drafter = random_pair(shape, dtype, device, context + b + cache_slack(drafter_cfg.block_size), quantize)
     engine = Engine(target, drafter, block_size=b, max_context=context + b, adaptive=True)  # its cost curve too
     plain = Engine(target, max_context=context + b)
     with torch.inference_mode():
@@ -415,7 +504,7 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
             step_device_s=device_time(step_only(engine), device, iters),
             decode_device_s=device_time(step_only(plain), device, iters),
             commit_s=device_time(commit, device, iters),
-            weight_bytes=weight_bytes(shape, dtype),
+            weight_bytes=weight_bytes(shape, dtype, quantize), quantize=quantize,
             copy_bytes_per_s=copy_bandwidth(device, copy_size(device)),
             tau=tau if tau is not None else published,
             iteration_by_block=engine.measure(greedy, bonus),

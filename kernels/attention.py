@@ -1,7 +1,9 @@
 """Attention of new queries over a static KV cache, with GQA.
 
-The Triton kernel serves decode, verify and draft (a few queries, many keys); on a GPU the
-reference also serves prefill chunks, through SDPA (see `dflash_cli/ops.py`).
+The Triton kernel serves decode, verify and draft (a few queries, many keys), batch-invariant: a
+query row's output is the same bits alone (decode) as in a block of up to 32 (verify, draft), in
+bf16 as in fp32 (the kernel's notes below say how, and what its fixed split size costs). On a GPU
+the reference also serves prefill chunks, through SDPA (see `dflash_cli/ops.py`).
 
 The queries sit at the last `q_len` positions of the valid cache (`kv_len` read from a device
 tensor). `causal=True` is the target's verify/decode pattern; `causal=False` is the drafter's: the
@@ -45,9 +47,21 @@ def attention_ref(
     scale: float,
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference. q: [Tq, Hq, D]; caches: [Hkv, max_len, D]; kv_len: 0-d int64 (or an int, as a
-    prefill chunk gives it); sinks: [Hq] float32 logits or None. Returns [Tq, Hq, D]."""
+    prefill chunk gives it); sinks: [Hq] float32 logits or None. Returns [Tq, Hq, D].
+
+    mask: [Tq, n] bool, which of the cache's first n slots each query sees (a tree verify's ancestor
+    mask, dflash_cli/tree.py); it replaces kv_len, `causal` and the window (its shape is static: no
+    host read)."""
+    if mask is not None:
+        k, v = k_cache[:, :mask.shape[1]], v_cache[:, :mask.shape[1]]
+        if sinks is not None:
+            return _attention_with_sinks(q, k, v, mask, scale, sinks)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+        return out[0].transpose(0, 1)
     n, tq = int(kv_len), q.shape[0]
     k, v = k_cache[:, :n], v_cache[:, :n]
     if sinks is not None:
@@ -92,13 +106,42 @@ def _attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor) -> t
     return torch.matmul(probs.to(v.dtype), vf).transpose(0, 1)
 
 
-# ---- Triton: split-K "flash-decoding" -------------------------------------------------------
-# Grid (kv head, split, row block): each program takes up to BLOCK_M query rows of one kv head
-# (query token × the head's GQA group) and one slice of the keys, runs an online softmax over it
-# and writes a partial result; a second kernel merges the splits. The launch shape depends only on
-# the cache's capacity; the slices are cut on the device from kv_len (and the sliding window), so
-# every split has work at any length, keys past kv_len are never read, and one launch (one CUDA
-# graph) serves every step.
+# ---- Triton: split-K "flash-decoding" at absolute key positions ------------------------------
+# Batch invariance by construction: a query row's output is the same bits whether it is computed as a
+# decode step (one query, kv_len = p + 1), inside a verify block (b queries, kv_len = p0 + b) or in a
+# drafter's block, so speculative decoding equals plain decoding in bf16 as well as in fp32.
+#   * The keys are cut into splits of SPLIT keys at absolute positions (split i holds keys
+#     [i * SPLIT, (i + 1) * SPLIT), counted from position 0), never from kv_len or the query count.
+#   * Inside a split the keys are visited in BLOCK_N tiles aligned to absolute positions, in ascending
+#     order, with one online softmax per query row (the row's max, sum and fp32 accumulator).
+#   * The merge visits the splits in ascending order, _MERGE_CHUNK at a time (chunk c holds splits
+#     [c * _MERGE_CHUNK, (c + 1) * _MERGE_CHUNK)): a fixed tree inside a chunk, a chain across chunks,
+#     for each query row alone. The sinks (gpt-oss) enter once, after the last chunk.
+#   * Keys a row cannot see (past its causal limit, outside its window, past kv_len) are exact
+#     neutrals: their weight is exp(-inf) = 0, and a tile or split that adds nothing keeps the running
+#     max, so its rescale factor is exp(0) = 1 exactly. So skipping such keys (a decode step never
+#     reaches the keys a verify block adds after it) and visiting them (the verify block must, for its
+#     later rows) give the same bits, and so do the splits a window leaves out entirely.
+#   * One compiled configuration for every query count: BLOCK_M query rows per program (the query
+#     token × its GQA group, row r = t * group + g), BLOCK_N, warps and stages follow only the head
+#     size and dtype. Tensor-core dots compute each output element alone, so a row's scores do not
+#     depend on the rows beside it.
+# Grid (row block, split, kv head): fixed by the cache's capacity, so one launch (one CUDA graph)
+# serves every step; kv_len is read on the device and programs whose split holds no visible key exit
+# at once (their partials are never read).
+#
+# The cost of a fixed split size (SPLIT = 256; no GPU has timed the choice yet: kernel_speed.py's
+# attention rows are the measurement to make). The splits with work are ceil(kv_len / SPLIT) per kv
+# head. At 2k context a decode step of Qwen3-8B (8 kv heads) gets 64 programs, half an H100's 132 SMs,
+# for an 8 MB read that costs a few µs either way; at 32k it gets 1024. The empty programs of a 40k
+# cache (1280 at 2k context) exit after one load. Each split writes its rows' fp32 partials (D floats
+# per query row, rows = q_len × GQA group) and the merge reads them back: 2 × rows / SPLIT of the
+# bf16 K/V bytes read, 3% for a decode step at GQA 4, 50% for a verify block of 16 (64 rows), most
+# of it in L2 (the merge runs right after). SPLIT = 128 would double both the programs at short
+# context and that traffic; 512 would halve both. The partials buffer is sized from the capacity:
+# rows / SPLIT of one layer's K/V cache (a quarter for 16 × GQA 4), one buffer the layers share in turn.
+# A prefill chunk (more than MAX_INVARIANT_Q_LEN queries; shared by plain and speculative decoding, so
+# exempt) takes larger splits, a power-of-two multiple of SPLIT, so its partials stay a few MB.
 import os  # noqa: E402
 
 import triton  # noqa: E402
@@ -107,42 +150,44 @@ import triton.language as tl  # noqa: E402
 # Triton's CPU interpreter mis-computes tl.dot on bfloat16 operands (seen with triton 3.9): under
 # TRITON_INTERPRET the operands are upcast to float32 first. On a GPU the dots stay in bf16.
 _UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
+SPLIT = 256  # keys per split, at absolute positions: fixed once, never chosen per call
+MAX_INVARIANT_Q_LEN = 32  # = ops.MAX_KERNEL_Q_LEN: up to this many queries the splits are SPLIT keys
+_BLOCK_M = 64  # query rows per program, whatever the query count
 _BLOCK_N = 32  # keys per step (16 for 256-wide heads: see _launch_shape)
-_MIN_CHUNK = 128  # fewest keys per split: smaller slices cost more in partials than they save
-_TARGET_PROGRAMS = 256  # splits × kv heads × row blocks to aim for (an H200 has 132 SMs)
+_MERGE_CHUNK = 8  # split partials the merge takes at once, per query row
+_MERGE_TILE = 8192  # fp32 partials a merge program holds at once: rows × chunk × head dims
+_TARGET_PROGRAMS = 256  # a prefill chunk's splits × kv heads × row blocks to aim for
 
 
 @triton.jit
-def _key_range(len_ptr, q_len, window, n_splits, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-               MIN_CHUNK: tl.constexpr):
-    """Keys the queries can see, [lo, kv_len), cut into slices of `size` (a multiple of BLOCK_N)."""
+def _visible_keys(len_ptr, q_len, window, WINDOW: tl.constexpr):
+    """[lo, kv_len): the keys some query of the launch may see (the window's start for its first query)."""
     kv_len = tl.load(len_ptr).to(tl.int32)
     lo = kv_len * 0
-    if WINDOW:  # the first query sees keys j > kv_len - q_len - window
-        lo = tl.maximum(kv_len - q_len - window + 1, 0) // BLOCK_N * BLOCK_N
-    size = tl.cdiv(tl.cdiv(kv_len - lo, n_splits), BLOCK_N) * BLOCK_N
-    return kv_len, lo, tl.maximum(size, MIN_CHUNK)
+    if WINDOW:  # the first query, at kv_len - q_len, sees keys j > kv_len - q_len - window
+        lo = tl.maximum(kv_len - q_len - window + 1, 0)
+    return kv_len, lo
 
 
 @triton.jit(do_not_specialize=["q_len"])  # q_len varies (prefill tails): no recompile per value
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
-                       q_len, group, capacity, n_splits, n_rows, window, scale,
+                       q_len, group, n_heads, capacity, window, scale,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr):
-    kvh = tl.program_id(0)
     split = tl.program_id(1)
-    kv_len, lo, size = _key_range(len_ptr, q_len, window, n_splits, WINDOW, BLOCK_N, MIN_CHUNK)
-    start = lo + split * size
-    if start < kv_len:  # splits past the keys write nothing: the merge counts them out the same way
-        end = tl.minimum(start + size, kv_len)
-        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = t * group + g
+    kvh = tl.program_id(2)
+    kv_len, lo = _visible_keys(len_ptr, q_len, window, WINDOW)
+    start = tl.maximum(split * SPLIT, lo // BLOCK_N * BLOCK_N)  # leading tiles nobody sees: skipped
+    end = tl.minimum((split + 1) * SPLIT, kv_len)
+    if start < end:  # a split with no visible key writes nothing: the merge counts it out the same way
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = t * group + g
         t = rows // group
         g = rows % group
-        row_ok = rows < q_len * group
+        n_rows = q_len * group
+        row_ok = rows < n_rows
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < D
-        n_heads = tl.num_programs(0) * group
         q = tl.load(q_ptr + ((t * n_heads + kvh * group + g) * D)[:, None] + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
@@ -168,90 +213,119 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe[:, None])  # exactly 0 where masked
+            alpha = tl.exp(m - m_safe)  # exactly 1 where the tile added nothing to the row
             v = tl.load(v_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
-        out = (kvh * n_splits + split) * n_rows + rows
+        out = (kvh * tl.num_programs(1) + split).to(tl.int64) * n_rows + rows  # int64: long caches' partials
         tl.store(acc_ptr + out[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(m_ptr + out, m, mask=row_ok)
         tl.store(l_ptr + out, l, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["q_len"])
-def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, q_len, group, n_splits, n_rows, window,
+def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, q_len, group, n_heads, n_splits, window,
                        WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MIN_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, SINKS: tl.constexpr):
-    kvh = tl.program_id(0)
-    r = tl.program_id(1)  # one query row (token, head)
-    kv_len, lo, size = _key_range(len_ptr, q_len, window, n_splits, WINDOW, BLOCK_N, MIN_CHUNK)
-    splits = tl.arange(0, BLOCK_S)
-    s_ok = splits < tl.cdiv(kv_len - lo, size)  # the splits that had keys
-    idx = (kvh * n_splits + splits) * n_rows + r
-    m = tl.load(m_ptr + idx, mask=s_ok, other=float("-inf"))
-    l = tl.load(l_ptr + idx, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    head = kvh * group + r % group
-    if SINKS:  # the sink is one more logit in the denominator: m* = max(m_s, sink), l += e^(sink - m*)
-        sink = tl.load(sinks_ptr + head).to(tl.float32)
-        m_max = tl.maximum(m_max, sink)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+                       SPLIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, SINKS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # ROWS query rows (token, head) of one kv head
+    kvh = tl.program_id(1)
+    n_rows = q_len * group
+    row_ok = rows < n_rows
+    kv_len, lo = _visible_keys(len_ptr, q_len, window, WINDOW)
+    first = lo // BLOCK_N * BLOCK_N  # the split kernel's first tile
     dims = tl.arange(0, BLOCK_D)
-    acc = tl.load(acc_ptr + idx[:, None] * BLOCK_D + dims[None, :], mask=s_ok[:, None], other=0.0)
-    denominator = tl.sum(l * w, axis=0)
-    if SINKS:
-        denominator += tl.exp(sink - m_max)
-    out = tl.sum(acc * w[:, None], axis=0) / denominator
-    t = r // group
-    n_heads = tl.num_programs(0) * group
-    tl.store(o_ptr + (t * n_heads + head) * D + dims, out.to(o_ptr.dtype.element_ty), mask=dims < D)
+    m_run = tl.full([ROWS], float("-inf"), tl.float32)
+    l_run = tl.zeros([ROWS], tl.float32)
+    acc_run = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    # Chunks before the first visible split are skipped: they would leave (m, l, acc) = (-inf, 0, 0).
+    last = (kv_len + SPLIT - 1) // SPLIT
+    for c in range(first // SPLIT // CHUNK, (last + CHUNK - 1) // CHUNK):
+        splits = c * CHUNK + tl.arange(0, CHUNK)
+        # the split kernel's condition for writing: its first tile lies before its end
+        s_ok = (tl.maximum(splits * SPLIT, first) < tl.minimum((splits + 1) * SPLIT, kv_len)) & (splits < n_splits)
+        ok = row_ok[:, None] & s_ok[None, :]
+        idx = (kvh * n_splits + splits[None, :]).to(tl.int64) * n_rows + rows[:, None]  # [ROWS, CHUNK]
+        m = tl.load(m_ptr + idx, mask=ok, other=float("-inf"))
+        l = tl.load(l_ptr + idx, mask=ok, other=0.0)
+        acc = tl.load(acc_ptr + idx[:, :, None] * BLOCK_D + dims[None, None, :], mask=ok[:, :, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_run - m_safe)  # exactly 1 where the chunk adds nothing to the row
+        w = tl.exp(m - m_safe[:, None])  # exactly 0 for a split the row does not see
+        l_run = l_run * alpha + tl.sum(l * w, axis=1)
+        acc_run = acc_run * alpha[:, None] + tl.sum(acc * w[:, :, None], axis=1)
+        m_run = m_new
+    head = kvh * group + rows % group
+    denominator = l_run
+    if SINKS:  # the sink is one more logit in the denominator: m* = max(m, sink), l += e^(sink - m*)
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32)
+        m_final = tl.maximum(m_run, sink)
+        alpha = tl.exp(m_run - m_final)
+        denominator = l_run * alpha + tl.exp(sink - m_final)
+        acc_run = acc_run * alpha[:, None]
+    out = acc_run / tl.where(row_ok, denominator, 1.0)[:, None]  # (rows past the last hold 0 / 0)
+    t = rows // group
+    tl.store(o_ptr + ((t * n_heads + head) * D)[:, None] + dims[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (dims < D)[None, :])
 
 
 def _launch_shape(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
     """(keys per step, pipeline stages) whose K/V tiles fit the 99 KB of shared memory a block gets on
-    sm_86/sm_89 (RTX 30xx/40xx) as well as the larger A100/H100 budgets: three stages of 32 keys of 128
-    bf16 dims use 75 KB, but 256-wide heads (Qwen3.5) or float32 tiles would need 105-140 KB
+    sm_86/sm_89/sm_120 (RTX 30xx/40xx/50xx) as well as the larger A100/H100 budgets: three stages of 32
+    keys of 128 bf16 dims use 75 KB, but 256-wide heads (Qwen3.5) or float32 tiles would need 105-140 KB
     (tests/kernels/compile_kernels.py compiles every launch for each target and checks). Decode-shaped
-    attention is bound by reading the cache: a shallower pipeline costs little."""
+    attention is bound by reading the cache: a shallower pipeline costs little. Neither depends on the
+    query count: one configuration per head size and dtype."""
     row_bytes = block_d * (4 if dtype == torch.float32 else 2)
     stages = 3 if row_bytes <= 256 else 2 if row_bytes <= 512 else 1
     return (16 if block_d >= 256 else _BLOCK_N), stages
 
 
+def split_size(q_len: int, capacity: int, kv_heads: int, group: int) -> int:
+    """Keys per split: SPLIT for decode, verify and draft (up to MAX_INVARIANT_Q_LEN queries: the
+    batch-invariant path); a prefill chunk takes a power-of-two multiple of it, so that its splits ×
+    kv heads × row blocks stay near _TARGET_PROGRAMS and its partials a few MB."""
+    if q_len <= MAX_INVARIANT_Q_LEN:
+        return SPLIT
+    want = max(1, _TARGET_PROGRAMS // (kv_heads * triton.cdiv(q_len * group, _BLOCK_M)))
+    return max(SPLIT, triton.next_power_of_2(triton.cdiv(capacity, want)))
+
+
 def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, sliding_window: int | None = None,
-              sinks: torch.Tensor | None = None, n_splits: int | None = None):
+              sinks: torch.Tensor | None = None, split: int | None = None):
     """Triton: same contract as `attention_ref` (caches contiguous, as the engine allocates them;
-    kv_len a device tensor). `n_splits` overrides the split count (tests sweep it)."""
+    kv_len a device tensor). `split` overrides the keys per split (a multiple of the kernel's key
+    tile; tests sweep it)."""
     q = q.contiguous()
     tq, hq, d = q.shape
     hkv, capacity, _ = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
     assert hq % hkv == 0 and k_cache.shape[2] == d, (q.shape, k_cache.shape)
     group = hq // hkv
-    block_m = min(64, max(16, triton.next_power_of_2(tq * group)))
-    row_blocks = triton.cdiv(tq * group, block_m)
-    n_rows = row_blocks * block_m
+    n_rows = tq * group
     block_d = max(16, triton.next_power_of_2(d))
     block_n, stages = _launch_shape(block_d, q.dtype)
-    if n_splits is None:
-        n_splits = max(1, min(triton.cdiv(capacity, _MIN_CHUNK), _TARGET_PROGRAMS // (hkv * row_blocks)))
+    split = split or split_size(tq, capacity, hkv, group)
+    assert split % block_n == 0, (split, block_n)
+    n_splits = triton.cdiv(capacity, split)
     acc = torch.empty((hkv * n_splits * n_rows, block_d), dtype=torch.float32, device=q.device)
     m = torch.empty((hkv * n_splits * n_rows,), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     window = sliding_window or 0
-    _attn_split_kernel[(hkv, n_splits, row_blocks)](
-        q, k_cache, v_cache, kv_len, acc, m, l, tq, group, capacity, n_splits, n_rows, window, scale,
-        CAUSAL=causal, WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        MIN_CHUNK=_MIN_CHUNK, UPCAST=_UPCAST_DOTS,
+    _attn_split_kernel[(triton.cdiv(n_rows, _BLOCK_M), n_splits, hkv)](
+        q, k_cache, v_cache, kv_len, acc, m, l, tq, group, hq, capacity, window, scale,
+        CAUSAL=causal, WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
+        SPLIT=split, UPCAST=_UPCAST_DOTS,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 uses tensor cores
-        num_warps=4 if block_m * block_d <= 64 * 128 else 8, num_stages=stages)
+        num_warps=4 if _BLOCK_M * block_d <= 64 * 128 else 8, num_stages=stages)
     out = torch.empty_like(q)
-    _attn_merge_kernel[(hkv, tq * group)](
-        acc, m, l, out, kv_len, sinks if sinks is not None else m, tq, group, n_splits, n_rows, window,
-        WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_N=block_n, MIN_CHUNK=_MIN_CHUNK,
-        BLOCK_S=max(2, triton.next_power_of_2(n_splits)), SINKS=sinks is not None)
+    merge_rows = max(1, _MERGE_TILE // (_MERGE_CHUNK * block_d))
+    _attn_merge_kernel[(triton.cdiv(n_rows, merge_rows), hkv)](
+        acc, m, l, out, kv_len, sinks if sinks is not None else m, tq, group, hq, n_splits, window,
+        WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split,
+        ROWS=merge_rows, CHUNK=_MERGE_CHUNK, SINKS=sinks is not None)
     return out

@@ -192,6 +192,29 @@ def gpt_oss_pair(models) -> tuple[Path, Path]:
     return t, fitted("gpt-oss", t, models / "gpt-oss-drafter", dcfg, HYBRID_PROMPTS, steps=500)
 
 
+def _gemma4_pair(models, name: str, seed: int, **kwargs) -> tuple[Path, Path]:
+    """A tiny Gemma 4 (tests/tiny_gemma4.py) and a block-8 drafter fitted to it, configured as z-lab's
+    Gemma drafters are: a sliding (causal) and a full (non-causal) layer, the target's soft-cap restated."""
+    from .tiny_gemma4 import gemma4_config, gemma4_drafter_config, write_gemma4
+
+    cfg = gemma4_config(tie=False, **kwargs)
+    t = write_gemma4(models / name, cfg, seed=seed)
+    dcfg = gemma4_drafter_config(cfg["text_config"])
+    return t, fitted(name, t, models / f"{name}-drafter", dcfg, HYBRID_PROMPTS, steps=500)
+
+
+@pytest.fixture(scope="session")
+def gemma4_pair(models) -> tuple[Path, Path]:
+    """The 31B's layout (the gemma4 wrapper, dense) and its fitted drafter."""
+    return _gemma4_pair(models, "gemma4", 23)
+
+
+@pytest.fixture(scope="session")
+def gemma4_moe_pair(models) -> tuple[Path, Path]:
+    """The 26B-A4B's layout (routed experts beside the MLP) and its fitted drafter."""
+    return _gemma4_pair(models, "gemma4-moe", 29, moe=True)
+
+
 @pytest.fixture(scope="session")
 def dflash2_pair(qwen35_pair, models) -> tuple[Path, Path]:
     """qwen35_pair's target and a DFlash2 drafter fitted on its own continuations, starting from the
@@ -203,6 +226,37 @@ def dflash2_pair(qwen35_pair, models) -> tuple[Path, Path]:
     digest = fit_cache.key(t, {"fit": "dflash2", "cfg": cfg, "prompts": HYBRID_PROMPTS, "steps": 150}, (v1_dir,))
     return t, fit_cache.cached("dflash2", models / "dflash2-drafter", digest,
                                lambda d: fit_dflash2(t, d, cfg, HYBRID_PROMPTS, steps=150, init=v1_dir))
+
+
+def muse_drafter_config(target_cfg: dict) -> dict:
+    """A block-8 drafter for the tiny Muse-Glimmer in the assistant's shape: every layer sliding and, as Meta's
+    assistant head, non-causal in the block."""
+    text = target_cfg["text_config"]
+    return drafter_config(text | {"max_position_embeddings": 1024}, block_size=8, layers=2, target_layer_ids=(1, 5),
+                          mask_token_id=500, layer_types=["sliding_attention"] * 2, sliding_window=16) | {
+        "is_causal": False}
+
+
+@pytest.fixture(scope="session")
+def muse_pair(models) -> tuple[Path, Path]:
+    """A tiny Muse-Glimmer in the released VL-wrapper layout (a window of 8, NoPE full layers, soft-cap) and a
+    block-8 drafter fitted to it."""
+    from .tiny_muse import muse_config, write_muse
+
+    cfg = muse_config()
+    t = write_muse(models / "muse", cfg, seed=23)
+    return t, fitted("muse", t, models / "muse-drafter", muse_drafter_config(cfg), HYBRID_PROMPTS, steps=500)
+
+
+@pytest.fixture(scope="session")
+def muse_kernel_pair(models) -> tuple[Path, Path]:
+    """A tiny Muse-Glimmer (4 layers) and a random block-4 drafter, for Triton's interpreter."""
+    from .tiny_muse import muse_config, write_muse
+
+    cfg = muse_config(layers=4)
+    dcfg = muse_drafter_config(cfg)
+    dcfg["dflash_config"] |= {"block_size": 4, "target_layer_ids": [1, 2]}
+    return write_muse(models / "kernel-muse", cfg, seed=21), write_drafter(models / "kernel-muse-drafter", dcfg)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,9 @@ from dflash_cli.sampling import SamplingParams
 from .conftest import HYBRID_PROMPTS, STORY_PROMPTS, random_prompts
 from .tiny import (copy_stories, qwen3_moe_config, qwen35_config, qwen35_moe_config, save_weights, target_config,
                    write_qwen35, write_target)
+from .tiny_gemma4 import gemma4_config, reference as gemma4_reference, write_gemma4
 from .tiny_gpt_oss import gpt_oss_config, reference as gpt_oss_reference, write_gpt_oss
+from .tiny_muse import muse_config, write_muse
 
 
 def transformers_model(cls) -> Callable[[Path], torch.nn.Module]:
@@ -121,6 +123,7 @@ QWEN35_LOGITS = ((41,), (1, 3, 7, 30), (16, 16, 9))
 MOE_LOGITS = ((29,), (1, 8, 20))
 GPT_OSS_LOGITS = ((37,), (1, 3, 7, 26), (8, 8, 21))
 DENSE_LOGITS = ((33,), (1, 4, 28), (16, 16, 1))
+GEMMA4_LOGITS = ((29,), (1, 7, 21), (5, 1, 14, 9))  # a window of 8: every chunking crosses its boundary
 HYBRID_SAMPLING = lambda seed: SamplingParams(temperature=0.7, top_p=0.9, seed=seed)  # noqa: E731
 MOE_SAMPLING = lambda seed: SamplingParams(temperature=0.8, top_k=40, seed=seed)  # noqa: E731
 
@@ -214,6 +217,32 @@ FAMILIES = [
         min_replays=5, kernel_pair="gpt_oss_pair",
         notes="MXFP4 experts, sinks, a window of 8 (shorter than the prompts), YaRN; a drafter with biases"),
     Family(
+        "gemma4", "gemma4_pair", gemma4_reference,
+        layouts=(Layout("31B: gemma4 wrapper, untied", lambda d: write_gemma4(d, gemma4_config(tie=False), seed=2),
+                        gemma4_reference, 29, 512, 1, GEMMA4_LOGITS),
+                 Layout("12B: gemma4_unified wrapper", lambda d: write_gemma4(d, gemma4_config(unified=True), seed=2),
+                        gemma4_reference, 29, 512, 1, GEMMA4_LOGITS),
+                 Layout("text-only", lambda d: write_gemma4(d, gemma4_config(wrapper=False), seed=2),
+                        gemma4_reference, 29, 512, 1, GEMMA4_LOGITS)),
+        greedy=Greedy(lambda m: HYBRID_PROMPTS[:3] + random_prompts(1, 500, seed=5), 32, (1, 2, 4, 8),
+                      fitted=tuple(map(tuple, HYBRID_PROMPTS[:3])), accepted=(6, 1.5)),
+        sampled=Sampled(lambda m: HYBRID_PROMPTS[0], 24, MOE_SAMPLING, 2),
+        prompt=lambda m: HYBRID_PROMPTS[0], replay_prompts=lambda m: HYBRID_PROMPTS[2:3], replay_tokens=32,
+        min_replays=5, kernel_pair="gemma4_pair",
+        notes="sliding (window 8) and global layers of two head shapes, k=v, proportional rope, soft-cap 3; "
+              "a fitted drafter (sliding causal, full not) on the scaled embedding"),
+    Family(
+        "gemma4-moe", "gemma4_moe_pair", gemma4_reference,
+        layouts=(Layout("26B-A4B: routed experts", lambda d: write_gemma4(d, gemma4_config(moe=True, tie=False),
+                                                                          seed=2), gemma4_reference, 37, 512, 1,
+                        ((37,), (1, 7, 29), (5, 1, 14, 17))),),  # 37 and 29 rows: its per-expert loop
+        greedy=Greedy(lambda m: HYBRID_PROMPTS[:3] + random_prompts(1, 500, seed=5), 32, (1, 2, 4, 8),
+                      fitted=tuple(map(tuple, HYBRID_PROMPTS[:3])), accepted=(6, 1.5)),
+        sampled=Sampled(lambda m: HYBRID_PROMPTS[0], 24, MOE_SAMPLING, 2),
+        prompt=lambda m: HYBRID_PROMPTS[0], replay_prompts=lambda m: HYBRID_PROMPTS[2:3], replay_tokens=32,
+        min_replays=5, kernel_pair=None,  # gemma4's kernels (its experts run in torch)
+        notes="8 experts top-2 with router scale and per-expert scale beside the GELU MLP; a fitted drafter"),
+    Family(
         "dflash2", "dflash2_pair", transformers_model(transformers.Qwen3_5ForConditionalGeneration),
         layouts=(),  # the target is qwen3.5's (its logits are that case's); the drafter's math: test_dflash2.py
         greedy=Greedy(lambda m: HYBRID_PROMPTS[:3] + random_prompts(2, 500, seed=99), 40, (1, 2, 4, 8),
@@ -223,5 +252,30 @@ FAMILIES = [
         min_replays=5, kernel_pair=None,  # qwen3.5's; its walk captured: test_dflash2.py (stand-in for CUDA)
         notes="qwen3.5's target with a fitted DFlash2 drafter (convs and the candidate selector's walk)"),
 ]
+
+def _muse_defaults(directory: Path) -> Path:
+    """A Muse-Glimmer config.json that leaves layer_types, layer_rope_theta and the scales to transformers' defaults."""
+    cfg = muse_config(layers=5)
+    for key in ("layer_types", "layer_rope_theta", "final_logit_softcapping", "qk_scale_factor", "output_multiplier",
+                "post_norm_eps"):
+        del cfg["text_config"][key]
+    return write_muse(directory, cfg, seed=4)
+
+
+MUSE = transformers_model(transformers.MuseGlimmerForConditionalGeneration)
+MUSE_LOGITS = ((33,), (1, 4, 28), (7, 9, 17))  # the window of 8 crossed inside and across chunks
+FAMILIES.append(Family(
+    "muse-glimmer", "muse_pair", MUSE,
+    layouts=(Layout("VL wrapper", lambda d: write_muse(d, muse_config(), seed=2), MUSE, 33, 512, 1, MUSE_LOGITS),
+             Layout("tight soft-cap", lambda d: write_muse(d, muse_config(softcap=1.5, multiplier=1.0), seed=3), MUSE,
+                    33, 512, 2, MUSE_LOGITS),
+             Layout("config defaults", _muse_defaults, MUSE, 33, 512, 3, MUSE_LOGITS)),
+    greedy=Greedy(lambda m: HYBRID_PROMPTS[:3] + random_prompts(1, 500, seed=5), 32, (1, 2, 4, 8),
+                  fitted=tuple(map(tuple, HYBRID_PROMPTS[:3])), accepted=(6, 1.5)),
+    sampled=Sampled(lambda m: HYBRID_PROMPTS[0], 24, MOE_SAMPLING, 2, (None, 3)),
+    prompt=lambda m: HYBRID_PROMPTS[0], replay_prompts=lambda m: HYBRID_PROMPTS[2:3], replay_tokens=32,
+    min_replays=5, kernel_pair="muse_kernel_pair",
+    notes="sandwich norms, gated attention, a window of 8 with NoPE full layers, soft-capped logits; a fitted "
+          "non-causal drafter in the assistant's shape"))
 
 BY_NAME = {f.name: f for f in FAMILIES}

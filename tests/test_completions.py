@@ -41,6 +41,8 @@ def test_bash_completes_commands_flags_and_aliases():
     assert "--show-drafts" in _bash_complete("dflash chat --")
     assert _bash_complete("dflash chat qwen3-8") == ["qwen3-8b"]
     assert _bash_complete("dflash completions f") == ["fish"]
+    assert _bash_complete("dflash run qwen3.6-27b --quantize ") == ["auto", "none", "fp8", "int8", "int4"]
+    assert _bash_complete("dflash serve --quantize in") == ["int8", "int4"]
 
 
 @pytest.mark.parametrize("shell, flag", [("zsh", "-n"), ("fish", "-n")])

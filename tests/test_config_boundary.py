@@ -24,28 +24,48 @@ def _config_only(directory: Path, cfg: dict) -> Path:
     return directory
 
 
-def test_a_qwen3_fp8_checkpoint_is_refused_by_name_before_loading(tmp_path):
-    d = _config_only(tmp_path / "fp8", tiny_target_config("qwen3") | {"quantization_config": FP8})
+FBGEMM = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}  # a format dflash does not read
+
+
+def test_an_unread_quantized_checkpoint_is_refused_by_name_before_loading(tmp_path):
+    d = _config_only(tmp_path / "fp8", tiny_target_config("qwen3") | {"quantization_config": FBGEMM})
     with pytest.raises(DflashError) as e:
         target_config(d)
-    assert str(e.value) == (f"{d}: this checkpoint is quantized (fp8, weight_scale_inv); dflash cannot run "
+    assert str(e.value) == (f"{d}: this checkpoint is quantized (fbgemm_fp8, weight_scale); dflash cannot run "
                             "quantized weights yet: use the bf16 checkpoint")
+
+
+def test_a_format_read_for_other_families_is_refused_for_gpt_oss(tmp_path):
+    d = _config_only(tmp_path / "oss8", gpt_oss_config() | {"quantization_config": FP8})
+    with pytest.raises(DflashError, match=r"quantized \(fp8, weight_scale_inv\); dflash cannot run quantized weights yet"):
+        target_config(d)
 
 
 def test_the_refusal_is_one_line_from_the_cli_with_no_weight_read(capsys, tmp_path):
     t = write_target(tmp_path / "t", tiny_target_config("qwen3"))
     cfg = json.loads((t / "config.json").read_text())
-    (t / "config.json").write_text(json.dumps(cfg | {"quantization_config": FP8}))
+    (t / "config.json").write_text(json.dumps(cfg | {"quantization_config": FBGEMM}))
     (t / "model.safetensors").write_bytes(b"not read")  # a weight read would fail differently
     assert main(["run", "--target", str(t), "--no-spec", "-p", "Once", "-n", "2", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1, err
-    assert "quantized (fp8, weight_scale_inv)" in err and "use the bf16 checkpoint" in err
+    assert "quantized (fbgemm_fp8, weight_scale)" in err and "use the bf16 checkpoint" in err
+
+
+def test_an_unread_variant_of_a_read_format_is_one_line_from_the_cli_with_no_weight_read(capsys, tmp_path):
+    t = write_target(tmp_path / "t", tiny_target_config("qwen3"))
+    cfg = json.loads((t / "config.json").read_text())
+    (t / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "gptq", "bits": 3}}))
+    (t / "model.safetensors").write_bytes(b"not read")
+    assert main(["run", "--target", str(t), "--no-spec", "-p", "Once", "-n", "2", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1, err
+    assert "gptq bits=3 is not supported" in err
 
 
 @pytest.mark.parametrize("quant, named", [
-    ({"quant_method": "gptq", "bits": 4}, "gptq, qweight, qzeros, scales"),
-    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "compressed-tensors, weight_scale"),
+    ({"quant_method": "fbgemm_fp8"}, "fbgemm_fp8, weight_scale"),
+    ({"quant_method": "torchao"}, "torchao, packed weights"),
     ({"quant_method": "mxfp4"}, "mxfp4"),  # implemented for gpt_oss only, not for Qwen3
     ({"quant_method": "nvfp5-future"}, "nvfp5-future"),  # a format nobody listed yet
     ({"load_in_4bit": True}, "bitsandbytes"),
@@ -61,8 +81,8 @@ def test_a_quantized_multimodal_wrapper_is_refused_through_its_text_config(tmp_p
     from .tiny import qwen35_config
 
     cfg = qwen35_config()
-    cfg["text_config"]["quantization_config"] = FP8
-    with pytest.raises(DflashError, match=r"quantized \(fp8"):
+    cfg["text_config"]["quantization_config"] = FBGEMM
+    with pytest.raises(DflashError, match=r"quantized \(fbgemm_fp8"):
         target_config(_config_only(tmp_path / "vl", cfg))
 
 

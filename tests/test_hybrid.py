@@ -162,8 +162,8 @@ def test_drafter_keys_that_change_the_math_are_refused(tmp_path, key, value):
     (d / "config.json").write_text(json.dumps(dcfg | {"dflash_config": dcfg["dflash_config"] | {key: value}}))
     with pytest.raises(DflashError, match=f"'{key}' = {value} changes the drafter's math"):
         loader.load(t, d, device="cpu")
-    (d / "config.json").write_text(json.dumps(dcfg | {"architectures": ["MuseGlimmerAssistantModel"]}))
-    with pytest.raises(DflashError, match="drafter architecture MuseGlimmerAssistantModel is not supported"):
+    (d / "config.json").write_text(json.dumps(dcfg | {"architectures": ["DSparkDraftModel"]}))
+    with pytest.raises(DflashError, match=r"drafter architecture DSparkDraftModel \(DSpark: .*\) is not supported"):
         loader.load(t, d, device="cpu")
 
 

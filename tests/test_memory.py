@@ -108,3 +108,51 @@ def test_e2m1_nibbles_decode_to_the_table():
 
     got = e2m1_values(torch.arange(16, dtype=torch.uint8))
     assert got.tolist() == list(E2M1) and torch.equal(torch.signbit(got), torch.tensor([n >= 8 for n in range(16)]))
+
+
+def test_only_projections_are_quantized():
+    """The embedding and head (the drafter reads both), norms, routers and gates, Gated DeltaNet's small
+    in_proj_a/in_proj_b, A_log, dt_bias and conv stay as loaded; every projection, experts included, is quantized."""
+    from dflash_cli.memory import quantizable
+
+    names = {}
+    for alias in ("qwen3.6-35b-a3b", "gpt-oss-20b", "qwen3-8b"):
+        family, target, _, _ = configs(alias)
+        for w in family.weight_table(target) + family.weight_table(target, "fused"):
+            names[w.name.replace(".0.", ".N.")] = quantizable(w)
+    kept = [n for n, q in names.items() if not q and ".N." in n and "layers.1" not in n]
+    assert {"model.layers.N.mlp.gate.weight", "model.layers.N.mlp.shared_expert_gate.weight",
+            "model.layers.N.linear_attn.in_proj_a.weight", "model.layers.N.linear_attn.in_proj_b.weight",
+            "model.layers.N.linear_attn.A_log", "model.layers.N.linear_attn.conv1d.weight",
+            "model.layers.N.mlp.router.weight", "model.layers.N.mlp.experts.gate_up_proj_blocks",
+            "model.layers.N.mlp.experts.down_proj_bias", "model.layers.N.input_layernorm.weight"} <= set(kept)
+    assert not names["lm_head.weight"] and not names["model.embed_tokens.weight"]
+    assert all(names[n] for n in ("model.layers.N.self_attn.q_proj.weight", "model.layers.N.linear_attn.in_proj_qkv.weight",
+                                  "model.layers.N.linear_attn.out_proj.weight", "model.layers.N.mlp.experts.N.down_proj.weight",
+                                  "model.layers.N.mlp.experts.gate_up_proj", "model.layers.N.mlp.shared_expert.up_proj.weight"))
+
+
+def test_quantized_projection_bytes_are_the_layouts():
+    """As quantizing at load writes them: int4, eight codes per int32 word and a bf16 scale per 128 inputs
+    (symmetric); int8 and fp8, a byte a weight and a bf16 scale a row."""
+    from dflash_cli.memory import quantized_weight_bytes
+
+    assert quantized_weight_bytes((256, 512), "int4") == 256 * (512 // 2 + 4 * 2)
+    assert quantized_weight_bytes((4, 256, 512), "int4") == 4 * 256 * (512 // 2 + 4 * 2)  # stacked experts
+    assert quantized_weight_bytes((256, 520), "int4") == 256 * (65 * 4 + 5 * 2)  # a partial word and group
+    assert quantized_weight_bytes((256, 512), "int8") == quantized_weight_bytes((256, 512), "fp8") == 256 * 514
+
+
+def test_qwen36_27b_in_int4_fits_a_24gb_card_where_fp8_does_not():
+    """The issue's arithmetic: the 27B in int4 with its bf16 drafter fits 24 GiB (with a 4K context), FP8 does not."""
+    from dflash_cli.memory import quantized_bytes
+
+    family, target, drafter, _ = configs("qwen3.6-27b")
+    table = family.weight_table(target)
+
+    def pair(fmt):
+        return needs_for(family, target, drafter, torch.bfloat16, 16, cache_slack(16),
+                         quantized_bytes(table, fmt)).total(4096)
+    # ~24.3B projection weights at ~4.2 bits, beside a bf16 embedding and head of 1.27B parameters each
+    assert 12.5e9 < quantized_bytes(table, "int4") - 2 * 2 * 1.27e9 < 13.5e9
+    assert pair("int4") < 23 * GiB < pair("fp8") < pair("bf16")

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from .options import MODEL_OPTIONS, OUTPUT, REASONING_OPTIONS, SAMPLING_OPTIONS, SYSTEM, with_groups
+from .options import MODEL_OPTIONS, OUTPUT, QUANTIZE, REASONING_OPTIONS, SAMPLING_OPTIONS, SYSTEM, with_groups
 
 if TYPE_CHECKING:
     from ..api import ModelOptions
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 @with_groups
 def chat(
     model: ModelOptions = MODEL_OPTIONS,
+    quantize: Optional[str] = QUANTIZE,
     max_tokens: int = typer.Option(2048, "--max-tokens", "-n", min=1, metavar="N", help="Most tokens per answer."),
     sampling: SamplingParams = SAMPLING_OPTIONS,
     system: Optional[str] = SYSTEM,
@@ -30,11 +31,13 @@ def chat(
     \b
     Enter sends; Alt-Enter (or Esc then Enter) starts a new line. Ctrl-C stops an answer,
     Ctrl-D leaves. Type /help for commands (/system, /set, /think, /clear, /save, /load, /stats).
+    --quantize int4 runs a 27B pair on a 24 GB card (`dflash models` shows what fits).
     """
+    from .. import precision
     from ..api import open_session
     from ..chat import ChatSession, run_chat
 
-    pair = open_session(model)
+    pair = open_session(precision.apply(model, quantize))
     session = ChatSession(pair.model, pair.engine, sampling=sampling, max_tokens=max_tokens, system=system,
                           think=reasoning.think, reasoning_effort=reasoning.effort)
     run_chat(session, plain=plain, show_drafts=show_drafts, history=history)

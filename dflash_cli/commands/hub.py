@@ -31,16 +31,19 @@ def pull(model: str = typer.Argument(..., help="Model alias, or a Hugging Face r
 
 
 def models(json_out: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
-    """List the released DFlash pairs: aliases, whether this version runs them, what is downloaded."""
+    """List the released DFlash pairs: aliases, whether this version runs them, what is downloaded.
+
+    GPU GiB: the memory each needs with its target in bfloat16, FP8 and int4; green where it fits the GPU seen here."""
     import json
 
-    from ..catalog import model_rows, render_models
+    from ..catalog import gpu_seen, model_rows, render_models
 
-    rows = model_rows()
+    gpu = gpu_seen()
+    rows = model_rows(gpu)
     if json_out:
         typer.echo(json.dumps(rows))
     else:
-        render_models(rows)
+        render_models(rows, gpu)
 
 
 def rm(
@@ -50,6 +53,7 @@ def rm(
 ) -> None:
     """Delete a model pair (or one repo) from the Hugging Face cache."""
     from .. import hub, registry
+    from ..quant import cache as quant_cache
     from ..resolve import ask, interactive
 
     if "/" in model:
@@ -60,10 +64,12 @@ def rm(
         repos = [pair.drafter] if drafter_only else [pair.target, pair.drafter]
     present = [(r, hub.cached_size(r)) for r in repos]
     present = [(r, s) for r, s in present if s is not None]
-    if not present:
+    copies = [p for r in repos for p in quant_cache.copies_of(r)]  # what --quantize made of them
+    if not present and not copies:
         print(f"{model} is not in the cache ({hub.cache_dir()})", file=sys.stderr)
         return
-    listing = ", ".join(f"{r} ({hub.format_size(s)})" for r, s in present)
+    listing = ", ".join([f"{r} ({hub.format_size(s)})" for r, s in present] +
+                        [f"its quantized copy {p.name}" for p in copies])
     if not yes:
         if not interactive():
             raise UsageError(f"this would delete {listing}: pass --yes to confirm")
@@ -72,3 +78,7 @@ def rm(
     for repo, _ in present:
         freed = hub.remove(repo)
         print(f"removed {repo} ({hub.format_size(freed)})", file=sys.stderr)
+    for repo in repos:
+        if quant_cache.copies_of(repo):
+            freed = quant_cache.remove_copies(repo)
+            print(f"removed the quantized copies of {repo} ({hub.format_size(freed)})", file=sys.stderr)

@@ -32,10 +32,17 @@ TARGET = typer.Option(None, "--target", metavar="ID|DIR", help="Target: a Huggin
 DRAFTER = typer.Option(None, "--drafter", metavar="ID|DIR", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
 YES = typer.Option(False, "--yes", "-y", help="Download missing models without asking.", rich_help_panel=MODEL)
 BLOCK = typer.Option("auto", "--block-size", "-b", metavar="auto|B", help="Draft block size: auto picks it per iteration from measured costs and live acceptance (1 when drafting does not pay); B pins it.", rich_help_panel=MODEL)
+TREE_BUDGET = typer.Option("0", "--tree-budget", metavar="N|0", help="Verify a best-first tree of N draft nodes per target pass (DDTree) instead of the drafter's chain; 0: the chain. Same answer, more tokens per pass when the drafter hesitates.", rich_help_panel=MODEL)
 DRAFT_WINDOW = typer.Option(None, "--draft-window", min=1, metavar="TOKENS", help="The drafter attends to at most this many recent tokens (bounds its cost at long context; the answer is the same).", rich_help_panel=MODEL)
 NO_SPEC = typer.Option(False, "--no-spec", help="Plain autoregressive decoding (the baseline).", rich_help_panel=MODEL)
 DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)
 DTYPE = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32.", rich_help_panel=MODEL)
+QUANTIZE = typer.Option(
+    None, "--quantize", metavar="auto|none|int4|int8|fp8", rich_help_panel=MODEL,
+    help="The target's weights on the GPU. auto (the default): bfloat16 when the pair fits, else the target's "
+         "official FP8 or int4 checkpoint that fits, else the bfloat16 target quantized at load (int8, then int4; "
+         "cached for the next load), said on one line. none: bfloat16 as released. int4, int8, fp8: that format "
+         "(the official checkpoint where there is one). The drafter stays bfloat16; `dflash models` shows what fits.")
 MAX_CONTEXT = typer.Option(None, "--max-context", min=2, metavar="TOKENS", help="Most tokens (prompt + answer) in the KV cache (default: what fits).", rich_help_panel=MODEL)
 MAX_TOKENS = typer.Option(512, "--max-tokens", "-n", min=1, metavar="N", help="Most tokens to generate per answer.")
 TEMPERATURE = typer.Option(0.0, "--temperature", "-t", metavar="T", help="0 is greedy.", rich_help_panel=SAMPLING)
@@ -85,18 +92,19 @@ def with_groups(command: Callable) -> Callable:
 
 
 def _model_options(model, target, drafter, yes, block_size, draft_window, no_spec, device, dtype,
-                   max_context) -> "ModelOptions":
-    from ..api import ModelOptions, parse_block_size
+                   max_context, tree_budget="0") -> "ModelOptions":
+    from ..api import ModelOptions, parse_block_size, parse_tree_budget
 
     return ModelOptions(model=model, target=target, drafter=drafter, yes=yes, block_size=parse_block_size(block_size),
                         draft_window=draft_window, no_spec=no_spec, device=device, dtype=dtype,
-                        max_context=max_context)
+                        max_context=max_context, tree_budget=parse_tree_budget(tree_budget))
 
 
 MODEL_OPTIONS = Group((("model", Optional[str], MODEL_ARG), ("target", Optional[str], TARGET),
                        ("drafter", Optional[str], DRAFTER), ("yes", bool, YES), ("block_size", str, BLOCK),
                        ("draft_window", Optional[int], DRAFT_WINDOW), ("no_spec", bool, NO_SPEC),
-                       ("device", str, DEVICE), ("dtype", str, DTYPE), ("max_context", Optional[int], MAX_CONTEXT)),
+                       ("device", str, DEVICE), ("dtype", str, DTYPE), ("max_context", Optional[int], MAX_CONTEXT),
+                       ("tree_budget", str, TREE_BUDGET)),
                       _model_options)
 
 

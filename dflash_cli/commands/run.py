@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 
 from ..errors import UsageError
-from .options import (MAX_TOKENS, MODEL_OPTIONS, OUTPUT, REASONING_OPTIONS, SAMPLING, SAMPLING_OPTIONS, SYSTEM, note,
-                      with_groups)
+from .options import (MAX_TOKENS, MODEL_OPTIONS, OUTPUT, QUANTIZE, REASONING_OPTIONS, SAMPLING, SAMPLING_OPTIONS,
+                      SYSTEM, note, with_groups)
 
 if TYPE_CHECKING:
     from ..api import ModelOptions
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 @with_groups
 def run(
     model: ModelOptions = MODEL_OPTIONS,
+    quantize: Optional[str] = QUANTIZE,
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", metavar="TEXT", help="The prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", metavar="FILE", help="Read the prompt from FILE ('-' for stdin); a .jsonl file runs one prompt per line."),
     max_tokens: int = MAX_TOKENS,
@@ -40,7 +41,9 @@ def run(
       cat question.txt | dflash run qwen3-8b > answer.txt
       dflash run qwen3-8b --prompt-file prompts.jsonl --json > results.jsonl
       dflash run --target ./Qwen3-8B --drafter ./Qwen3-8B-DFlash-b16 -p "2+2?" --json --trace
+      dflash run qwen3.6-27b --quantize int4 -p "Hi"   # a 27B on a 24 GB card
     """
+    from .. import precision
     from ..api import open_session, resolve
     from ..run import (RunOptions, check_length, encode_batch, is_jsonl, prompt_ids, read_jsonl_prompts, run_jsonl,
                        run_prompt, template_notes)
@@ -56,6 +59,7 @@ def run(
         batch = read_jsonl_prompts(prompt_file)
     else:
         text = read_prompt(prompt, prompt_file)
+    model = precision.apply(model, quantize, lambda line: note(line, quiet))
     dirs = resolve(model)
     if model.target is not None and model.drafter is None and not model.no_spec:
         note("no --drafter: plain decoding, without speculation", quiet)

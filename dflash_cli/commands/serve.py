@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from .options import ENGINE, MODEL_OPTIONS, SERVER, reasoning_options, with_groups
+from .options import ENGINE, MODEL_OPTIONS, QUANTIZE, SERVER, reasoning_options, with_groups
 
 if TYPE_CHECKING:
     from ..api import ModelOptions
@@ -21,6 +21,7 @@ REASONING = reasoning_options(
 @with_groups
 def serve(
     model: ModelOptions = MODEL_OPTIONS,
+    quantize: Optional[str] = QUANTIZE,
     host: str = typer.Option("127.0.0.1", "--host", metavar="HOST", help="Address to listen on; anything but loopback needs --api-key or --no-auth.", rich_help_panel=SERVER),
     port: int = typer.Option(8000, "--port", metavar="PORT", min=0, max=65535, help="Port (0 picks a free one; the URL printed says which).", rich_help_panel=SERVER),
     api_key: Optional[str] = typer.Option(None, "--api-key", metavar="KEY", envvar="DFLASH_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY.", rich_help_panel=SERVER),
@@ -41,6 +42,7 @@ def serve(
     Examples:
       dflash serve qwen3-8b                            # http://127.0.0.1:8000/v1
       dflash serve qwen3-8b --host 0.0.0.0 --api-key "$KEY"
+      dflash serve qwen3.6-27b --quantize int4             # on a 24 GB card
       dflash serve --engine vllm qwen3.5-122b-a10b --tp 4 --dry-run
     """
     from ..serve.launch import ServeFlags
@@ -52,4 +54,4 @@ def serve(
         max_body_mb=max_body_mb, think=reasoning.think, block_size=model.block_size, no_spec=model.no_spec,
         device=model.device, dtype=model.dtype, max_context=model.max_context, engine=engine, tp=tp,
         dry_run=dry_run, draft_window=model.draft_window, reasoning_effort=reasoning.effort,
-        allow_hosts=tuple(allow_host)))
+        allow_hosts=tuple(allow_host), quantize=quantize))

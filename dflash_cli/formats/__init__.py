@@ -6,6 +6,7 @@ parses through it.
 - `plain`: no chat template (or `--raw`): the answer is all content.
 - `think_tags`: a chat template; `<think>…</think>` is reasoning (Qwen3, Qwen3.5, and any other).
 - `harmony`: gpt-oss; messages split by token id, analysis is reasoning, a recipient is a tool call.
+- `gemma4`: Gemma 4; split by token id, the thought channel is reasoning, `<|tool_call>` a tool call.
 
 The thinking default has one source, the pair (`thinking_default`): a drafter's own
 `dflash_config.enable_thinking` (written by `dflash train`), else the registry row of a released
@@ -39,6 +40,11 @@ def detect(tokenizer) -> ChatFormat:
         from .harmony import Harmony
 
         return Harmony(tokens)
+    from .gemma4 import Gemma4, Gemma4Tokens
+
+    gemma = Gemma4Tokens.of(tokenizer)
+    if gemma is not None:
+        return Gemma4(gemma)
     return THINK_TAGS
 
 

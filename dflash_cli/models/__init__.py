@@ -30,6 +30,11 @@ FAMILIES = {
     "qwen3_5_moe": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5",
     "gpt_oss": "gpt_oss",
+    "muse_glimmer": "muse_glimmer",
+    "gemma4": "gemma4",
+    "gemma4_text": "gemma4",
+    "gemma4_unified": "gemma4",
+    "gemma4_unified_text": "gemma4",
 }
 
 
@@ -65,9 +70,11 @@ def load_target(directory: Path, dtype: torch.dtype, device: torch.device, max_p
                 family: Family | None = None, cfg=None) -> Decoder:
     """The target model in `directory`: its family's weights read (shapes checked) and assembled."""
     from ..checkpoint import read_weights, weight_files
+    from ..quant.plan import target_plan
 
     if family is None:
         family, cfg = target_config(directory)
     layout = family.layout_of(weight_files(directory))
-    tensors = read_weights(Path(directory), family.weight_table(cfg, layout), dtype, device)
+    plan = target_plan(read_config(directory))  # quantized projections are read as stored (checkpoint.py)
+    tensors = read_weights(Path(directory), family.weight_table(cfg, layout), dtype, device, plan=plan)
     return family.build(cfg, tensors, max_positions)

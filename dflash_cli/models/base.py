@@ -7,11 +7,13 @@ a SwiGLU, a mixture of experts or gpt-oss's experts. One forward serves prefill 
 block and plain decoding: it takes T >= 1 tokens at the positions after the cache's committed length,
 and returns logits only for the positions asked for and the residual stream only of the layers the
 drafter reads. With `commit` the T tokens join the sequence at once (a prefill chunk); otherwise the
-cache's `commit(plan)` decides which of them do (a verify block).
+cache's `commit(plan)` decides which of them do (a verify block). A family whose layers route the
+residual otherwise (Gemma 4's sandwiched norms and layer scalar) overrides `run_layers` alone; the
+embedding's scale and the head's soft-cap are config fields every family has.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -53,8 +55,10 @@ class DecoderConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    logit_softcap: float | None = field(default=None, kw_only=True)  # the head's logits: cap·tanh(z / cap)
 
     prefill_scratch = 0  # bytes a prefill allocates beyond its activations (memory.workspace_bytes)
+    embed_scale = 1.0  # the embedding's rows times this (Gemma: √hidden, rounded to the weights' dtype)
 
     @property
     def activation_width(self) -> int:
@@ -102,6 +106,12 @@ class StepPlan:
     kv_len: torch.Tensor | int  # keys attended to (ops.kv_length)
     cos_sin: torch.Tensor  # the rope table
     commit: bool  # a prefill chunk (write through) rather than a verify block
+    # A tree verify (dflash_cli/tree.py): `positions` are then anchor + depth, the K/V go to cache `rows`
+    # (after the committed length, in node order), and attention is masked by `mask` [T, capacity]
+    # (committed keys and each node's ancestors), with `key_positions` [capacity] for sliding windows.
+    rows: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    key_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -127,6 +137,7 @@ class Decoder:
         self.embed = w.pop(prefix + "embed_tokens.weight")
         self.norm = RMSNorm.take(w, prefix + "norm.weight", eps, norm_style)
         self.lm_head = w.pop("lm_head.weight", self.embed)  # the embedding when tied
+        self.embed_scale = float(torch.tensor(cfg.embed_scale, dtype=self.embed.dtype))  # as transformers rounds it
         self.head: Linear = Dense(self.lm_head)
         self.layers: list[Layer] = []
         for i in range(cfg.num_layers):
@@ -149,19 +160,44 @@ class Decoder:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input rows of `ids`, times the config's `embed_scale` (a family whose embedding is more than
+        that overrides it)."""
+        x = F.embedding(ids, self.embed)
+        return x if self.embed_scale == 1.0 else x * self.embed_scale
+
     def forward(self, ids: torch.Tensor, cache, *, logits_from: int | None = None,
-                feature_layers: Sequence[int] = (), commit: bool = False
+                feature_layers: Sequence[int] = (), commit: bool = False, tree=None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """ids: [T]. Returns (logits [T - logits_from, V] or None, features [T, len(layers)·H] or None).
 
         Features are the outputs of decoder layers `feature_layers` (the residual stream before the
-        final norm), concatenated in the order given: the drafter's context input."""
+        final norm), concatenated in the order given: the drafter's context input.
+
+        tree: a `tree.Tree` whose tokens are `ids` (a verify block): node i at position length + depth,
+        attending to the committed tokens and its ancestors only (`commit` with the accepted path's rows)."""
         t = ids.shape[0]
         if not commit:
             cache.verify_rows(t)
         step = StepPlan(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
+        if tree is not None:
+            from ..tree import attention_mask
+
+            mask, keys = attention_mask(tree, cache.length, cache.kv.capacity)
+            step = StepPlan(cache.length + tree.depths, step.kv_len, self.cos_sin, False, step.positions, mask, keys)
         wanted = {layer: None for layer in feature_layers}
-        x = F.embedding(ids, self.embed)
+        x = self.embedding(ids)
+        h = self.run_layers(x, cache, step, wanted)
+        if commit:
+            cache.prefilled(t)
+        logits = None if logits_from is None else self.logits(h[logits_from:])
+        features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
+        return logits, features
+
+    def run_layers(self, x: torch.Tensor, cache, step: StepPlan, wanted: dict[int, torch.Tensor | None]
+                   ) -> torch.Tensor:
+        """The embedded tokens x [T, H] through every layer and the final norm; fills `wanted[i]` with
+        layer i's output (a family with another residual flow overrides this)."""
         residual = None
         for i, layer in enumerate(self.layers):
             if residual is None:
@@ -177,11 +213,13 @@ class Decoder:
         h, residual = self.norm(x, residual)
         if len(self.layers) - 1 in wanted:
             wanted[len(self.layers) - 1] = residual
-        if commit:
-            cache.prefilled(t)
-        logits = None if logits_from is None else self.head(h[logits_from:])
-        features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
-        return logits, features
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's logits of final hidden states h, soft-capped where the config says."""
+        logits = self.head(h)
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def commit(self, cache, plan: CommitPlan | int | torch.Tensor) -> None:
         """The plan's tokens of the last forward join the sequence (the cache's own commit)."""

@@ -129,7 +129,16 @@ class Int4Linear:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
-    __call__ = forward
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection as a model step runs it (ops.int4_linear): up to ops.MAX_INVARIANT_ROWS rows go through
+        the batch-invariant kernel on the kernel path (CUDA, or DFLASH_KERNELS=triton; kernels/quant_linear.py),
+        which dequantizes in registers, so a row rounds the same alone or in a verify block; elsewhere its
+        torch reference (the dequantized weight, the product in fp32, rounded once). More rows (prefill)
+        dequantize the whole weight into x's dtype and run F.linear."""
+        assert self.qweight.dim() == 2, "a stack of experts has no single forward: take .expert(i)"
+        from .. import ops
+
+        return ops.int4_linear(x, self)
 
     def expert(self, i: int) -> "Int4Linear":
         """Expert `i` of a fused [experts, out, in] stack."""

@@ -3,8 +3,10 @@
 `plan_of(raw)` returns a `QuantPlan` (None for a plain checkpoint), whose `scheme_for(module)` names the
 stored format of one projection, or None where it is stored plain (`ignore`, `modules_to_not_convert`).
 Every variant dflash does not read is refused here, by name, in one line, before a tensor is read.
-config.py's QUANTIZATION_FORMATS still refuses every quant_method for every family: a family turns a
-method on there once its loader takes projections through `readers.take_quantized`.
+config.py's QUANTIZATION_FORMATS names the families each quant_method runs on (every family whose
+projections go through models/layers/linear.take_linear); the rest are refused there before a weight is read.
+`target_plan(raw)` is the plan the loader reads a target with (None for gpt-oss's MXFP4, which its family
+reads itself).
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ from ..config import quantization_of
 from ..errors import DflashError
 
 READS = ("int4 weights (compressed-tensors pack-quantized, GPTQ v1/v2, AutoRound auto_gptq/auto_awq, AutoAWQ GEMM)"
-         " and FP8 e4m3 weights (Qwen/DeepSeek block, compressed-tensors float-quantized)")
+         " and FP8 e4m3 weights (Qwen/DeepSeek block, compressed-tensors float-quantized)"
+         " and int8 weights (compressed-tensors int-quantized, symmetric per channel: what --quantize int8 writes)")
 
 
 @dataclass(frozen=True)
 class WeightScheme:
     """How one projection's weight is stored."""
 
-    format: str  # "pack-quantized" | "gptq" | "awq" | "fp8-block" | "float-quantized"
+    format: str  # "pack-quantized" | "gptq" | "awq" | "fp8-block" | "float-quantized" | "int-quantized"
     group_size: int | None = None  # int4: input columns per scale; None: one group per row (channel)
     symmetric: bool = True
     gptq_v1: bool = False  # GPTQ v1 (checkpoint_format "gptq") stores each zero point minus one
@@ -79,6 +82,15 @@ def plan_of(raw: dict) -> QuantPlan | None:
         runs = "; gpt-oss's MXFP4 experts are read by its own family" if method == "mxfp4" else ""
         raise _refuse(f"quant_method {method!r}{runs}")
     return readers[method](quant)
+
+
+def target_plan(raw: dict) -> QuantPlan | None:
+    """The plan checkpoint.read_weights reads a target's projections with; None for a plain checkpoint and
+    for MXFP4 (gpt-oss's experts, read by its family as raw bytes)."""
+    quant = quantization_of(raw)
+    if quant is None or str(quant.get("quant_method") or "").lower() == "mxfp4":
+        return None
+    return plan_of(raw)
 
 
 def _int(quant: dict, key: str, default: int | None = None) -> int | None:
@@ -224,4 +236,8 @@ def _ct_scheme(name: str, fmt: str, group: dict) -> WeightScheme:
         if strategy in ("tensor", "channel"):
             return WeightScheme("float-quantized", strategy=strategy, activations=note)
         raise _refuse(f"{where} fp8 strategy {strategy!r}")
+    if fmt in ("int-quantized", "naive-quantized") and kind == "int" and bits == 8:
+        if not w.get("symmetric", True) or strategy != "channel":
+            raise _refuse(f"{where} int8 {'asymmetric' if not w.get('symmetric', True) else strategy or 'strategy?'}")
+        return WeightScheme("int-quantized", None, True, strategy="channel", activations=note)
     raise _refuse(f"{where} {fmt or 'format?'} {kind}{bits} {strategy}".rstrip())

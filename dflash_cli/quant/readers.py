@@ -15,6 +15,8 @@ never cast to the model's dtype first) and repacks them. The conventions, per fo
   [0, 2, 4, 6, 1, 3, 5, 7][j] of its eight; `qzeros` [groups, out/8] the same; `scales` [groups, out].
 - FP8: `weight` float8_e4m3fn [..., out, in] and `weight_scale_inv` (Qwen/DeepSeek blocks, multiplied despite
   the name) or `weight_scale` (compressed-tensors: [1] per tensor, [out, 1] per channel, or blocks).
+- compressed-tensors int-quantized 8-bit (what --quantize int8 writes): `weight` int8 [..., out, in] and
+  `weight_scale` [..., out, 1], symmetric per output channel.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from ..errors import DflashError
 from .fp8 import Fp8Linear
 from .int4 import Int4Linear, unpack_int4_rows
+from .int8 import Int8Linear
 from .plan import QuantPlan, WeightScheme
 
 # the tensors each format stores per projection, beside the optional bias: (required, optional)
@@ -32,6 +35,7 @@ STORED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "awq": (("qweight", "qzeros", "scales"), ()),
     "fp8-block": (("weight", "weight_scale_inv"), ()),
     "float-quantized": (("weight", "weight_scale"), ("input_scale",)),
+    "int-quantized": (("weight", "weight_scale"), ()),
 }
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble j of a word holds column AWQ_ORDER[j] of its 8
@@ -54,6 +58,8 @@ def stored_shapes(scheme: WeightScheme, out: int, inn: int) -> dict[str, tuple[t
     if scheme.format == "awq":
         return {"qweight": ((inn, -(-out // 8)), torch.int32), "qzeros": ((g, -(-out // 8)), torch.int32),
                 "scales": ((g, out), None)}
+    if scheme.format == "int-quantized":
+        return {"weight": ((out, inn), torch.int8), "weight_scale": ((out, 1), None)}
     rows, cols = scheme.block or ((1, inn) if scheme.strategy == "channel" else (out, inn))
     grid = (-(-out // rows), -(-inn // cols))
     if scheme.format == "float-quantized" and scheme.strategy == "tensor":
@@ -147,8 +153,20 @@ def read_fp8(name: str, t: dict[str, torch.Tensor], scheme: WeightScheme) -> Fp8
     return Fp8Linear(weight, scale, block, t.get("bias"))
 
 
+def read_int8(name: str, t: dict[str, torch.Tensor], scheme: WeightScheme) -> Int8Linear:
+    weight, scale = t["weight"], t["weight_scale"]
+    if weight.dtype != torch.int8:
+        raise DflashError(f"{name}.weight is {weight.dtype}, not int8 as the quantization_config says")
+    lead = weight.shape[:-1]
+    if scale.shape == lead:
+        scale = scale.unsqueeze(-1)
+    if tuple(scale.shape) != (*lead, 1):
+        raise DflashError(f"{name}.weight_scale has shape {tuple(scale.shape)}, expected {[*lead, 1]} (per channel)")
+    return Int8Linear(weight, scale, t.get("bias"))
+
+
 READERS = {"pack-quantized": read_pack_quantized, "gptq": read_gptq, "awq": read_awq,
-           "fp8-block": read_fp8, "float-quantized": read_fp8}
+           "fp8-block": read_fp8, "float-quantized": read_fp8, "int-quantized": read_int8}
 
 
 def read_projection(name: str, t: dict[str, torch.Tensor], scheme: WeightScheme) -> Int4Linear | Fp8Linear:
@@ -162,7 +180,7 @@ def read_projection(name: str, t: dict[str, torch.Tensor], scheme: WeightScheme)
 
 def _stored_plain(w: dict[str, torch.Tensor], name: str, scheme: WeightScheme) -> bool:
     weight = w.get(f"{name}.weight")
-    if weight is None or weight.dtype == torch.float8_e4m3fn:
+    if weight is None or weight.dtype in (torch.float8_e4m3fn, torch.int8):
         return False
     return not any(f"{name}.{k}" in w for k in STORED[scheme.format][0] if k != "weight")
 

@@ -36,6 +36,7 @@ class ServeFlags:
     draft_window: int | None = None
     reasoning_effort: str | None = None  # when a request does not say, for any template that reads it
     allow_hosts: tuple[str, ...] = ()  # --allow-host: Host names besides loopback and the bound address
+    quantize: str | None = None  # --quantize as given (precision.apply decides)
 
 
 def serve(flags: ServeFlags) -> None:
@@ -68,6 +69,7 @@ def _hand_off(flags: ServeFlags, warning: str | None) -> None:
                                   ("--allow-host", bool(flags.allow_hosts)),
                                   ("--draft-window", flags.draft_window is not None),
                                   ("--reasoning-effort", flags.reasoning_effort is not None),
+                                  ("--quantize", flags.quantize is not None),
                                   *((f"--{f.replace('_', '-')}", getattr(flags, f) != _DEFAULTS[f])
                                     for f in ("timeout", "max_queue", "max_body_mb"))) if on]
     if ours:
@@ -97,7 +99,7 @@ def model_id(model: str | None, target: str | None) -> str:
 
 
 def _serve_here(flags: ServeFlags, warning: str | None) -> None:
-    from .. import loader
+    from .. import loader, precision
     from ..api import ModelOptions, open_session, resolve
     from ..formats import Reasoning
     from .app import ServeOptions, bind, run_server, stderr_log
@@ -107,6 +109,7 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     opts = ModelOptions(model=flags.model, target=flags.target, drafter=flags.drafter, yes=flags.yes,
                         no_spec=flags.no_spec, device=str(device), dtype=flags.dtype, block_size=flags.block_size,
                         max_context=flags.max_context, draft_window=flags.draft_window)
+    opts = precision.apply(opts, flags.quantize, lambda line: stderr_log(f"dflash: {line}"))
     dirs = resolve(opts)  # -b checked against the drafter before any weight is read, as run, chat and bench do
     name = model_id(flags.model, flags.target)
     sock = bind(flags.host, flags.port)  # a port in use is an error now, not after loading the model

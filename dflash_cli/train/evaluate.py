@@ -15,7 +15,7 @@ from ..sampling import SamplingParams
 def attach_drafter(target, drafter_dir: Path) -> Drafter:
     """The saved drafter, on the target already in memory (loading the pair again would hold a
     second copy of the target). The one place the trainer builds an engine drafter."""
-    cfg = DrafterConfig.from_dir(drafter_dir)
+    cfg = DrafterConfig.from_dir(drafter_dir).for_target(target.embed_scale, target.cfg.logit_softcap)
     return Drafter.load(drafter_dir, cfg, target.embed, target.lm_head, target.cos_sin.shape[0])
 
 

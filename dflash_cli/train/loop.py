@@ -119,8 +119,10 @@ class Trainer:
         features = [self.features(i) for i in indices]
         batch = make_batch(seqs, features, anchors, self.net.cfg.block_size)
         with self.autocast:
+            head = self.net.cfg.for_target(self.target.embed_scale, self.target.cfg.logit_softcap)
             return block_loss(self.net, self.embed, self.lm_head, self.cos_sin, batch, gamma=self.opts.gamma,
-                              grad_checkpoint=self.opts.grad_checkpoint)
+                              grad_checkpoint=self.opts.grad_checkpoint, embed_scale=head.input_embedding_scale,
+                              softcap=head.final_logit_softcapping)
 
     def features(self, index: int) -> torch.Tensor:
         if self._features is not None and index in self._features:

@@ -175,8 +175,9 @@ def _layer(layer: DraftLayer, x: torch.Tensor, ctx_h: torch.Tensor, cs_blk: torc
 
 
 def block_hidden(net: DraftNet, embed: torch.Tensor, cos_sin: torch.Tensor, batch: Batch,
-                 grad_checkpoint: bool = False) -> torch.Tensor:
-    """The drafter's final-normed outputs at block positions 1..B-1: [Q, N, B-1, H]."""
+                 grad_checkpoint: bool = False, embed_scale: float = 1.0) -> torch.Tensor:
+    """The drafter's final-normed outputs at block positions 1..B-1: [Q, N, B-1, H]. `embed_scale`: the
+    block's embeddings times this, as the target scales its own (Gemma 4: √hidden)."""
     c = net.cfg
     b = c.block_size
     q_, s = batch.ids.shape
@@ -184,7 +185,8 @@ def block_hidden(net: DraftNet, embed: torch.Tensor, cos_sin: torch.Tensor, batc
     ctx_h = net.hidden_norm(net.fc(batch.features))
     block_ids = torch.full((q_, batch.anchors.shape[1], b), c.mask_token_id, dtype=torch.int64, device=device)
     block_ids[..., 0] = batch.ids.gather(1, batch.anchors)
-    x = F.embedding(block_ids, embed).to(ctx_h.dtype)
+    x = F.embedding(block_ids, embed)
+    x = (x * embed_scale if embed_scale != 1.0 else x).to(ctx_h.dtype)
     cs_blk = cos_sin[batch.anchors[..., None] + torch.arange(b, device=device)]
     cs_ctx = cos_sin[:s]
     masks = {kind: block_mask(batch.anchors, s, b, *kind) for kind in set(zip(c.sliding_windows, c.causal))}
@@ -204,8 +206,11 @@ def _attention_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def _head_loss(h: torch.Tensor, lm_head: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _head_loss(h: torch.Tensor, lm_head: torch.Tensor, labels: torch.Tensor, softcap: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = F.linear(h, lm_head).float()
+    if softcap is not None:  # the target's head soft-caps its logits (Gemma 4): the drafter's does too
+        logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
 
 
@@ -218,12 +223,13 @@ class StepResult:
 
 
 def block_loss(net: DraftNet, embed: torch.Tensor, lm_head: torch.Tensor, cos_sin: torch.Tensor, batch: Batch,
-               *, gamma: float, grad_checkpoint: bool = False, chunk_rows: int = 2048) -> StepResult:
+               *, gamma: float, grad_checkpoint: bool = False, chunk_rows: int = 2048, embed_scale: float = 1.0,
+               softcap: float | None = None) -> StepResult:
     """Weighted cross-entropy at the masked positions of every block.
 
     The lm_head runs in chunks of rows, each recomputed in the backward pass: the logits of all
     blocks at once (anchors × B × vocab) would not fit for a 150k vocabulary."""
-    hidden = block_hidden(net, embed, cos_sin, batch, grad_checkpoint)
+    hidden = block_hidden(net, embed, cos_sin, batch, grad_checkpoint, embed_scale)
     k = torch.arange(1, net.cfg.block_size, device=hidden.device, dtype=torch.float32)
     weights = torch.exp(-(k - 1) / gamma).expand(batch.valid.shape) * batch.valid
     rows = batch.valid.nonzero(as_tuple=True)
@@ -231,7 +237,7 @@ def block_loss(net: DraftNet, embed: torch.Tensor, lm_head: torch.Tensor, cos_si
     ce, pred = [], []
     for start in range(0, h.shape[0], chunk_rows):
         part = slice(start, start + chunk_rows)
-        c, p = checkpoint(_head_loss, h[part], lm_head, labels[part], use_reentrant=False)
+        c, p = checkpoint(_head_loss, h[part], lm_head, labels[part], softcap, use_reentrant=False)
         ce.append(c)
         pred.append(p)
     ce, pred = torch.cat(ce), torch.cat(pred)

@@ -1,9 +1,9 @@
 """Compile every Triton kernel exactly as the engine launches it, for the GPUs people run: sm_80 (A100),
-sm_86 (RTX 30xx/A6000), sm_89 (RTX 40xx/L40) and sm_90 (H100/H200), on this CPU-only machine (Triton's
-CUDA backend lowers to PTX and runs ptxas on the host).
+sm_86 (RTX 30xx/A6000), sm_89 (RTX 40xx/L40), sm_90 (H100/H200) and sm_120 (RTX 50xx), on this CPU-only
+machine (Triton's CUDA backend lowers to PTX and runs ptxas on the host).
 
 "As launched" is recorded, not written down: `record` runs each launcher once at a released model's real
-shapes (benchmarks/kernel_speed.py's cases: Qwen3-8B, Qwen3.5-27B, Qwen3-Coder-30B-A3B, gpt-oss-20b; the invariant linear kernel at Qwen3-8B's weights) with Triton's CPU
+shapes (benchmarks/kernel_speed.py's cases: Qwen3-8B, Qwen3.5-27B, Qwen3-Coder-30B-A3B, gpt-oss-20b; the invariant linear kernel and its int4 / FP8 variants at Qwen3-8B's weights) with Triton's CPU
 interpreter's launch path and captures every launch (without running it): the kernel, each argument's type and specialisation as Triton's own
 launcher computes it (16-byte-aligned pointers and ints that are multiples of 16 get the divisibility hint;
 an int equal to 1 becomes a constant; `do_not_specialize` is honoured), the constexprs and num_warps /
@@ -21,10 +21,11 @@ import sys
 import traceback
 from pathlib import Path
 
-TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90")
+TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 # The most shared memory one block may use (the opt-in maximum, bytes): beyond it the launch fails with
-# "out of resources" at run time, so it is checked here. A100, RTX 30xx/A6000, RTX 40xx/L40, H100/H200.
-SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
+# "out of resources" at run time, so it is checked here. A100, RTX 30xx/A6000, RTX 40xx/L40, H100/H200,
+# RTX 50xx (consumer Blackwell: 99 KB, as sm_86/89).
+SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448, "sm_120": 101376}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -70,7 +71,8 @@ def record(path: Path) -> int:
     for dtype in (torch.bfloat16, torch.float32):
         for case in (*bench.cases("cpu", dtype, sample_rows=2), *bench.hybrid_cases("cpu", dtype),
                      *bench.moe_cases("cpu", dtype), *bench.gpt_oss_cases("cpu", dtype),
-                     *bench.linear_cases("cpu", dtype, rows=(1, bench.B), lm_head=False)):
+                     *bench.linear_cases("cpu", dtype, rows=(1, bench.B), lm_head=False),
+                     *bench.quant_linear_cases("cpu", dtype, rows=(1, bench.B))):
             name, kernel, _, call, _ = case
             call(kernel)
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)

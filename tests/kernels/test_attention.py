@@ -110,10 +110,11 @@ def _eager_with_sinks(q, k, v, kv_len, causal, window, scale, sinks):
 @pytest.mark.parametrize("dtype, causal, window", [
     (torch.float32, True, None), (torch.float32, True, 128), (torch.float32, True, 7), (torch.float32, False, 13),
     (torch.bfloat16, True, 128)])
-def test_attention_with_sinks_matches_reference_for_every_split_count(seed, dtype, causal, window):
+def test_attention_with_sinks_matches_reference_for_every_split_size(seed, dtype, causal, window):
     """gpt-oss: sinks fold into the merge of the splits (m* = max(m_s, sink), l = Σ l_s e^(m_s - m*) +
-    e^(sink - m*)). Every split count from 1 to 6 over 520 keys: up to five splits hold keys, the sixth
-    none; with a window, the splits cut only the keys it leaves."""
+    e^(sink - m*)). Split sizes over 520 keys of a 600-key cache: 19 splits of 32 (17 hold keys: two
+    merge chunks), 7 of 96 (the seventh none), 5 of 128, 3 of 256, one of 512 or 1024; with a window,
+    only the splits it reaches hold visible keys."""
     q_len, hq, hkv, d, capacity, kv_len = 3, 4, 2, 16, 600, 520
     q, k, v = _inputs(q_len, hq, hkv, d, capacity, kv_len, dtype)
     sinks = torch.randn(hq, device=DEVICE) * 2  # some heads' sinks outweigh their keys, some not
@@ -121,10 +122,10 @@ def test_attention_with_sinks_matches_reference_for_every_split_count(seed, dtyp
     want = attention_ref(q, k, v, length, causal=causal, scale=d**-0.5, sliding_window=window, sinks=sinks)
     eager = _eager_with_sinks(q, k, v, kv_len, causal, window, d**-0.5, sinks)
     torch.testing.assert_close(want.float(), eager, **TOL[dtype], msg=lambda m: f"seed {seed}, reference: {m}")
-    for n_splits in range(1, 7):
+    for split in (32, 96, 128, 256, 512, 1024):
         got = attention(q, k, v, length, causal=causal, scale=d**-0.5, sliding_window=window, sinks=sinks,
-                        n_splits=n_splits)
-        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}, {n_splits} splits: {m}")
+                        split=split)
+        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}, splits of {split}: {m}")
 
 
 def test_sinks_change_the_output(seed):

@@ -1,4 +1,4 @@
-"""Every kernel compiles as it is launched, for sm_80/86/89/90, on this CPU-only machine: Triton's CUDA
+"""Every kernel compiles as it is launched, for sm_80/86/89/90/120, on this CPU-only machine: Triton's CUDA
 backend lowers to PTX and runs its bundled ptxas without a GPU. The launches are recorded from the
 launchers at real model shapes (tests/kernels/compile_kernels.py), so the divisibility hints, constexprs
 and warp counts are the ones that run. Catches what the interpreter cannot: type errors, unsupported ops
@@ -35,7 +35,8 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     kernels = {line.split()[2] for line in compiled}
     for name in ("attention._attn_split_kernel", "accept._select_kernel", "moe._gate_up_kernel",
                  "gated_delta._causal_conv_kernel", "fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel",
-                 "invariant_linear._partial_kernel", "invariant_linear._merge_kernel", "gated_delta._l2norm_kernel",
+                 "invariant_linear._partial_kernel", "invariant_linear._merge_kernel",
+                 "quant_linear._int4_partial_kernel", "quant_linear._fp8_partial_kernel", "gated_delta._l2norm_kernel",
                  "gated_delta._gated_rms_norm_kernel", "moe._top_k_kernel"):
         assert name in kernels, sorted(kernels)
-    assert {line.split()[1] for line in compiled} == {"sm_80", "sm_86", "sm_89", "sm_90"}
+    assert {line.split()[1] for line in compiled} == {"sm_80", "sm_86", "sm_89", "sm_90", "sm_120"}

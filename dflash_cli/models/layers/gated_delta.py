@@ -210,6 +210,7 @@ class GatedDeltaNet:
         """T tokens from the committed state of this layer: written through on a prefill chunk,
         recorded for the commit on a verify block."""
         s, t, j, rec = self.shape, h.shape[0], self.slot, cache.rec
+        assert getattr(step, "mask", None) is None, "a tree verify on a Gated DeltaNet (the engine refuses it)"
         mixed, z, b, a = self.in_proj(h).split([s.conv_dim, s.value_dim, s.heads_v, s.heads_v], dim=-1)
         window = torch.cat((rec.conv[j], mixed))
         qkv = ops.causal_conv(window, self.conv)

@@ -1,5 +1,6 @@
 """The MLPs: SwiGLU, the mixture of experts (router variants as parameters, an optional gated shared
-expert), and gpt-oss's experts (biases, the clamped SwiGLU, MXFP4 blocks). Their weight tables.
+expert), gpt-oss's experts (biases, the clamped SwiGLU, MXFP4 blocks), and Gemma 4's GELU-tanh MLP
+with its routed experts. Their weight tables.
 
 Two MoE layouts are released: per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj.weight`
 (Qwen3-Coder, and what transformers' save_pretrained writes) and fused `mlp.experts.gate_up_proj
@@ -13,10 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ... import ops
 from ..weights import Weight
-from .linear import Linear, take_linear
+from ...errors import DflashError
+from ...quant import Fp8Linear, Int4Linear, Int8Linear
+from .linear import Concat, Dense, Linear, quantized_scheme, take_linear, take_one
 
 FUSED, PER_EXPERT = "fused", "per-expert"
 MXFP4, DENSE = "mxfp4", "dense"
@@ -41,9 +45,88 @@ class SwiGLU:
         return self.down(ops.swiglu(self.gate_up(h)))
 
 
+@dataclass
+class GeluGLU:
+    """gelu_tanh(gate x) ⊙ (up x), then down (Gemma's MLP): the SwiGLU's layout, another activation."""
+
+    gate_up: Linear
+    down: Linear
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str) -> "GeluGLU":
+        return cls(take_linear(w, p + "gate_proj", p + "up_proj"), take_linear(w, p + "down_proj"))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.gelu(gate, approximate="tanh") * up)
+
+
+def gemma_expert_weights(p: str, hidden: int, n_experts: int, inter: int) -> list[Weight]:
+    """Gemma 4's router (p: the layer's prefix) and fused experts [E, 2I, H] (gate rows first), [E, H, I]."""
+    return [Weight(p + "router.proj.weight", (n_experts, hidden), gain=4.0),
+            Weight(p + "router.scale", (hidden,), "norm"), Weight(p + "router.per_expert_scale", (n_experts,), "norm"),
+            Weight(p + "experts.gate_up_proj", (n_experts, 2 * inter, hidden)),
+            Weight(p + "experts.down_proj", (n_experts, hidden, inter))]
+
+
+GATHER_ROWS = 32  # up to this many tokens gather their experts' weights (one bmm); more loop over experts
+
+
+@dataclass
+class GemmaExperts:
+    """Gemma 4's sparse block: the router reads the unscaled RMS-normed residual times `scale` and
+    hidden^-0.5, softmaxes all logits in fp32, keeps the top k renormalised, times `per_expert_scale`;
+    each chosen expert is a GELU-tanh GLU. A token's sum runs over its experts in rank order, whatever
+    the other rows (a verify row equals the decode of the same token)."""
+
+    proj: Linear  # [E, H]
+    scale: torch.Tensor  # [H]
+    per_expert_scale: torch.Tensor  # [E]
+    gate_up: torch.Tensor  # [E, 2I, H]
+    down: torch.Tensor  # [E, H, I]
+    top_k: int
+    eps: float
+
+    @classmethod
+    def take(cls, w: dict[str, torch.Tensor], p: str, top_k: int, eps: float) -> "GemmaExperts":
+        return cls(take_linear(w, p + "router.proj"), w.pop(p + "router.scale"), w.pop(p + "router.per_expert_scale"),
+                   w.pop(p + "experts.gate_up_proj"), w.pop(p + "experts.down_proj"), top_k, eps)
+
+    def route(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ones = torch.ones_like(self.scale, dtype=torch.float32)
+        h, _ = ops.rms_norm(residual, ones, self.eps, fp32_weight=True)
+        h = h * self.scale * self.scale.shape[0] ** -0.5
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return idx, weights * self.per_expert_scale[idx]
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x: the experts' input (normed), residual: what the router reads; both [T, H]."""
+        idx, weights = self.route(residual)
+        t, k = idx.shape
+        if t <= GATHER_ROWS:  # graph-safe: rank by rank, each token's expert matrices gathered
+            y = None
+            for j in range(k):
+                e = idx[:, j]
+                gate, up = torch.bmm(self.gate_up[e], x[:, :, None])[..., 0].chunk(2, dim=-1)
+                out = torch.bmm(self.down[e], (F.gelu(gate, approximate="tanh") * up)[:, :, None])[..., 0]
+                out = out.float() * weights[:, j, None]  # weighted and summed in fp32, rounded once
+                y = out if y is None else y + out
+            return y.to(x.dtype)
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for e in idx.unique().tolist():
+            rows, rank = torch.where(idx == e)
+            gate, up = (x[rows] @ self.gate_up[e].T).chunk(2, dim=-1)
+            out = (F.gelu(gate, approximate="tanh") * up) @ self.down[e].T
+            y.index_add_(0, rows, out.float() * weights[rows, rank, None])
+        return y.to(x.dtype)
+
+
 def moe_layout_of(names) -> str:
     """The expert layout of a checkpoint, from its tensor names."""
-    return FUSED if any(n.endswith("mlp.experts.gate_up_proj") for n in names) else PER_EXPERT
+    fused = ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_packed")  # dense or fp8; int4 pack-quantized
+    return FUSED if any(n.endswith(fused) for n in names) else PER_EXPERT
 
 
 def moe_weights(p: str, hidden: int, n_experts: int, inter: int, layout: str | None,
@@ -68,8 +151,8 @@ class MoE:
     `softmax_after_topk`, over the top k only), run their SwiGLU, add an optional gated shared expert."""
 
     router: torch.Tensor  # [E, H] (read by the routing kernel)
-    gate_up: torch.Tensor  # [E, 2I, H], gate rows first
-    down: torch.Tensor  # [E, H, I]
+    gate_up: "torch.Tensor | Int4Linear | Fp8Linear | ExpertList"  # [E, 2I, H], gate rows first (quantized: as stored)
+    down: "torch.Tensor | Int4Linear | Fp8Linear | ExpertList"  # [E, H, I]
     top_k: int
     renormalize: bool
     router_bias: torch.Tensor | None = None
@@ -80,13 +163,14 @@ class MoE:
     @classmethod
     def take(cls, w: dict[str, torch.Tensor], p: str, n_experts: int, top_k: int, renormalize: bool) -> "MoE":
         """Pop layer `p`'s MoE tensors (either layout) from `w` and stack them into the fused form."""
-        if p + "experts.gate_up_proj" in w:
-            gate_up, down = w.pop(p + "experts.gate_up_proj"), w.pop(p + "experts.down_proj")
+        fused = p + "experts.gate_up_proj"
+        if fused in w or quantized_scheme(w, fused) is not None:
+            gate_up = _experts(take_one(w, fused, dense_key=fused))
+            down = _experts(take_one(w, p + "experts.down_proj", dense_key=p + "experts.down_proj"))
         else:
             names = [f"{p}experts.{e}." for e in range(n_experts)]
-            gate_up = torch.stack([torch.cat((w.pop(q + "gate_proj.weight"), w.pop(q + "up_proj.weight")))
-                                   for q in names])
-            down = torch.stack([w.pop(q + "down_proj.weight") for q in names])
+            gate_up = _stack_experts([take_linear(w, q + "gate_proj", q + "up_proj") for q in names], p)
+            down = _stack_experts([take_linear(w, q + "down_proj") for q in names], p)
         moe = cls(w.pop(p + "gate.weight"), gate_up, down, top_k, renormalize)
         if p + "shared_expert_gate.weight" in w:
             moe.shared = SwiGLU.take(w, p + "shared_expert.")
@@ -101,10 +185,85 @@ class MoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         idx, weights = self.route(x)
-        y = ops.moe_experts(x, self.gate_up, self.down, idx, weights)
+        if isinstance(self.gate_up, torch.Tensor):
+            y = ops.moe_experts(x, self.gate_up, self.down, idx, weights)
+        else:
+            y = quantized_experts(x, self.gate_up, self.down, idx, weights)
         if self.shared is not None:
             y = y + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return y
+
+
+def _experts(lin):
+    """A fused [E, out, in] expert stack as MoE holds it: the dense tensor, or the quantized stack."""
+    return lin.weight if isinstance(lin, Dense) else lin
+
+
+@dataclass
+class ExpertList:
+    """Quantized experts that do not share one layout (GPTQ act-order: a column order per projection), kept
+    one by one; `dequantize` gives the dense [E, out, in] stack."""
+
+    experts: list
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack([dequantize_linear(e, dtype) for e in self.experts])
+
+
+def dequantize_linear(lin, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [out, in] of any Linear kind, by its reference dequantizer."""
+    if isinstance(lin, Dense):
+        return lin.weight.to(dtype)
+    if isinstance(lin, Concat):
+        return torch.cat([dequantize_linear(p, dtype) for p in lin.parts])
+    return lin.dequantize(dtype)
+
+
+def _stack_experts(per_expert: list, p: str):
+    """Per-expert projections (each gate/up already stacked by rows) as one [E, out, in] stack."""
+    kinds = {type(e) for e in per_expert}
+    if Dense in kinds:
+        if len(kinds) > 1:
+            raise DflashError(f"{p}experts are stored partly quantized, partly not: dflash runs one kind per layer")
+        return torch.stack([e.weight for e in per_expert])
+    if len(kinds) == 1 and kinds <= {Int4Linear, Fp8Linear, Int8Linear}:
+        try:
+            return kinds.pop().stack_experts(per_expert)
+        except DflashError:  # different act-order permutations or FP8 blocks
+            pass
+    return ExpertList(per_expert)
+
+
+def _gather_experts(stack, pairs: torch.Tensor):
+    """The experts `pairs` of a quantized stack, still packed (one copy per pair)."""
+    if isinstance(stack, Int4Linear):
+        zeros = None if stack.zeros is None else stack.zeros[pairs]
+        return Int4Linear(stack.qweight[pairs], stack.scales[pairs], zeros, stack.group_size, stack.in_features, stack.input_perm, None if stack.bias is None else stack.bias[pairs])
+    if isinstance(stack, Int8Linear):
+        return Int8Linear(stack.weight[pairs], stack.scale[pairs], None if stack.bias is None else stack.bias[pairs])
+    return Fp8Linear(stack.weight[pairs], stack.scale[pairs], stack.block,
+                     None if stack.bias is None else stack.bias[pairs])
+
+
+def quantized_experts(x: torch.Tensor, gate_up, down, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The experts of a quantized MoE layer, by the torch path for now: the weights this step needs are
+    dequantized (with the reference dequantizer, in the activations' dtype) and handed to ops.moe_experts,
+    so the result is bit for bit the dequantized twin's. Fewer (token, expert) pairs than experts (decode,
+    a verify block): one dequantized copy per pair, routed one to one; else every expert once. Neither
+    reads back to the host (a CUDA graph may capture it). Experts without one shared layout (`ExpertList`:
+    GPTQ act-order gives each projection its own column order) are all dequantized, every step. A kernel
+    that dequantizes in registers replaces this (the quantized-targets issue); until then a step costs
+    min(T·k, E) experts' dense weights per layer, transiently."""
+    t, k = idx.shape
+    if isinstance(gate_up, ExpertList) or isinstance(down, ExpertList):  # every expert, one by one
+        return ops.moe_experts(x, gate_up.dequantize(x.dtype), down.dequantize(x.dtype), idx, weights)
+    experts = (gate_up.qweight if isinstance(gate_up, Int4Linear) else gate_up.weight).shape[0]
+    if t * k < experts:
+        pairs = idx.reshape(-1)
+        one_each = torch.arange(t * k, device=idx.device, dtype=idx.dtype).view(t, k)
+        return ops.moe_experts(x, _gather_experts(gate_up, pairs).dequantize(x.dtype),
+                               _gather_experts(down, pairs).dequantize(x.dtype), one_each, weights)
+    return ops.moe_experts(x, gate_up.dequantize(x.dtype), down.dequantize(x.dtype), idx, weights)
 
 
 def gpt_oss_layout_of(names) -> str:

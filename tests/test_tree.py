@@ -1,0 +1,302 @@
+"""Tree verification (DDTree, dflash_cli/tree.py): the best-first tree builder, the walk, and the engine's
+tree iterations, lossless against transformers' `generate`, the chain and plain decoding."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dflash_cli import loader, tree as trees
+from dflash_cli.engine import Engine, Request
+from dflash_cli.errors import DflashError
+from dflash_cli.sampling import SamplingParams
+
+from .conftest import HYBRID_PROMPTS
+from .families import FAMILIES
+from .host_reads import HostReads
+
+
+# ---- the builder -------------------------------------------------------------------------------------------
+def _best_prefixes(logits: torch.Tensor, count: int) -> list[tuple[float, tuple[int, ...]]]:
+    """Brute force: every prefix of rank sequences over the per-position top-K, by path log-probability."""
+    logp, ids = trees.top_k(logits, trees.branching(count + 1, logits.shape[-1]))
+    found = []
+    for depth in range(1, logits.shape[0] + 1):
+        for ranks in itertools.product(range(logp.shape[1]), repeat=depth):
+            score = sum(float(logp[d, r]) for d, r in enumerate(ranks))
+            found.append((score, tuple(int(ids[d, r]) for d, r in enumerate(ranks))))
+    return sorted(found, key=lambda f: -f[0])[:count]
+
+
+def _paths(tree: trees.Tree) -> list[tuple[int, ...]]:
+    """Each node's tokens from depth 1 down to it (the root's: ())."""
+    parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
+    out = []
+    for i in range(tree.budget):
+        path, node = [], i
+        while node != 0:
+            path.append(tokens[node])
+            node = parents[node]
+        out.append(tuple(reversed(path)))
+    return out
+
+
+@pytest.mark.parametrize("depth, vocab, budget, seed", [(3, 5, 8, 0), (4, 6, 16, 1), (2, 7, 12, 2), (5, 3, 30, 3)])
+def test_the_tree_holds_the_best_prefixes_in_best_first_order(depth, vocab, budget, seed):
+    logits = torch.randn(depth, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+    tree = trees.build(torch.tensor([9]), logits, budget)
+    assert tree.tokens.shape == tree.parents.shape == tree.depths.shape == (budget,)
+    assert tree.ancestors.shape == (budget, budget)
+    assert int(tree.tokens[0]) == 9 and int(tree.depths[0]) == 0
+    want = _best_prefixes(logits, budget - 1)
+    paths = _paths(tree)[1:]
+    assert [p for p in paths] == [w[1] for w in want]  # the same prefixes, in the same (score) order
+    torch.testing.assert_close(tree.scores[1:], torch.tensor([w[0] for w in want]), rtol=0, atol=1e-5)
+    for i in range(1, budget):  # a parent comes first, one level up
+        p = int(tree.parents[i])
+        assert p < i and int(tree.depths[i]) == int(tree.depths[p]) + 1
+
+
+def test_the_mask_is_each_node_and_its_ancestors():
+    tree = trees.build(torch.tensor([1]), torch.randn(4, 6, generator=torch.Generator().manual_seed(5)), 14)
+    parents = tree.parents.tolist()
+    for i in range(tree.budget):
+        seen, node = {i}, i
+        while node != 0:
+            node = parents[node]
+            seen.add(node)
+        assert set(torch.nonzero(tree.ancestors[i]).flatten().tolist()) == seen
+    mask, keys = trees.attention_mask(tree, torch.tensor(5), 32)
+    assert mask[:, :5].all() and not mask[:, 5 + tree.budget:].any()
+    assert torch.equal(mask[:, 5:5 + tree.budget], tree.ancestors)
+    assert torch.equal(keys[5:5 + tree.budget], 5 + tree.depths) and torch.equal(keys[:5], torch.arange(5))
+
+
+def test_a_budget_past_every_prefix_leaves_nodes_that_are_never_walked_to():
+    logits = torch.randn(2, 2, generator=torch.Generator().manual_seed(0))
+    tree = trees.build(torch.tensor([0]), logits, 10)  # 2 + 4 prefixes: 3 nodes unfilled
+    assert tree.tokens.tolist()[7:] == [-1] * 3 and torch.isinf(tree.scores[7:]).all()
+    assert all(tree.ancestors[i].nonzero().flatten().tolist() == [i] for i in range(7, 10))
+
+
+def test_the_walk_follows_the_targets_tokens_and_stops_at_the_first_miss():
+    # root 5 → {1: 7, 2: 8}; 1 → {3: 4}; 3 → {4: 2}
+    tree = trees.Tree(torch.tensor([5, 7, 8, 4, 2]), torch.tensor([0, 0, 0, 1, 3]), torch.tensor([0, 1, 1, 2, 3]),
+                      torch.eye(5, dtype=torch.bool), torch.zeros(5))
+    path, accepted = trees.walk(tree, torch.tensor([7, 4, 0, 3, 0]), 4)  # 7, then 4, then 3 is nobody's
+    assert path.tolist() == [0, 1, 3, 3, 3] and int(accepted) == 2
+    path, accepted = trees.walk(tree, torch.tensor([8, 4, 6, 3, 0]), 4)  # 8 is node 2, whose 6 is no child
+    assert path.tolist() == [0, 2, 2, 2, 2] and int(accepted) == 1
+    path, accepted = trees.walk(tree, torch.tensor([9, 4, 6, 3, 0]), 4)
+    assert path.tolist() == [0] * 5 and int(accepted) == 0
+
+
+def test_building_and_walking_read_nothing_back_to_the_host():
+    logits = torch.randn(7, 50)
+    with torch.inference_mode(), HostReads() as reads:
+        tree = trees.build(torch.tensor([3]), logits, 16)
+        trees.attention_mask(tree, torch.tensor(4), 40)
+        trees.walk(tree, torch.randint(0, 50, (16,)), 7)
+    assert reads.seen == []
+
+
+# ---- the target's tree verify --------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixture", ["qwen3_pair", "qwen3_moe_pair", "gpt_oss_pair", "gemma4_pair", "gemma4_moe_pair",
+                                     "muse_pair"])
+def test_a_tree_verify_gives_each_node_the_logits_of_its_own_path_and_commits_the_accepted_one(fixture, request):
+    """Every node's logits = those of decoding its path token by token (gpt-oss: past its window of 8, with
+    sinks); committing a path leaves the cache as decoding that path does (the next logits are the same)."""
+    from dflash_cli.cache import CommitPlan
+
+    target = loader.load(request.getfixturevalue(fixture)[0], None, device="cpu", dtype="float32").target
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 256, (11,), generator=g)
+    logits = torch.randn(6, target.cfg.vocab_size, generator=g)
+    logits[:, 256:] = -1e9  # ids below 256: every family's tiny vocabulary
+    tree = trees.build(torch.tensor([7]), logits, 16)
+
+    def path_of(i: int) -> list[int]:
+        nodes = [i]
+        while nodes[-1] != 0:
+            nodes.append(int(tree.parents[nodes[-1]]))
+        return nodes[::-1]
+
+    def decoded(ids: torch.Tensor):
+        cache = target.new_cache(64, 16)
+        target.forward(prompt, cache, commit=True)
+        return target.forward(ids, cache, logits_from=0, commit=True)[0], cache
+
+    cache = target.new_cache(64, 16)
+    target.forward(prompt, cache, commit=True)
+    got, _ = target.forward(tree.tokens, cache, logits_from=0, tree=tree)
+    for i in range(tree.budget):
+        want, _ = decoded(tree.tokens[path_of(i)])
+        torch.testing.assert_close(got[i], want[-1], rtol=1e-4, atol=1e-4, msg=lambda m: f"node {i}: {m}")
+    deepest = int(tree.depths.argmax())
+    path = torch.tensor(path_of(deepest))
+    target.commit(cache, CommitPlan(torch.tensor(len(path)), path))
+    _, steps = decoded(tree.tokens[path])
+    assert int(cache.length) == int(steps.length) == 11 + len(path)
+    nxt = torch.randint(3, 256, (3,), generator=g)
+    after, _ = target.forward(nxt, cache, logits_from=0, commit=True)
+    want, _ = target.forward(nxt, steps, logits_from=0, commit=True)
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
+
+
+# ---- the engine ----------------------------------------------------------------------------------------------
+BUDGETS = (4, 8, 16)
+PAIRS = {  # a pair with a trained or fitted drafter (drafts really are accepted), its prompts and sampling
+    "dense": ("stories_pair", lambda m: [m.tokenizer.encode(p) for p in ("Once upon a time", "The cat sat")],
+              SamplingParams(temperature=0.8, seed=1)),
+    "moe": ("qwen3_moe_pair", lambda m: HYBRID_PROMPTS[:2], SamplingParams(temperature=0.8, top_k=40, seed=2)),
+    "gpt-oss": ("gpt_oss_pair", lambda m: HYBRID_PROMPTS[:2], SamplingParams(temperature=0.7, top_p=0.9, seed=3)),
+}
+
+
+def _tokens(engine: Engine, prompt, n: int, sampling: SamplingParams | None = None, budgets=None):
+    """The answer, and each iteration's τ; `budgets`: the tree budget of each iteration, in turn."""
+    out, taus, turn = [], [], itertools.cycle(budgets or [engine.tree_budget])
+    for step in engine.generate(Request(prompt, n, sampling=sampling or SamplingParams())):
+        out += step.tokens
+        if not step.prefill:
+            taus.append(step.acceptance_length)
+        engine.tree_budget = next(turn)
+    return out, taus
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "dense" else [pytest.mark.slow]) for n in PAIRS])
+def test_tree_answers_equal_generate_the_chain_and_plain_sampling(name, request):
+    """Greedy: transformers' `generate` and the chain's answer, at budgets 4, 8, 16 and with the budget
+    changing between iterations (0, the chain, among them); seeded sampling: plain decoding's answer."""
+    fixture, prompts, sampling = PAIRS[name]
+    pair = request.getfixturevalue(fixture)
+    model = loader.load(*pair, device="cpu", dtype="float32")
+    hf = next(f for f in FAMILIES if f.pair == fixture).reference(pair[0])
+    b, n = model.drafter.cfg.block_size, 24
+    taus = {0: [], **{budget: [] for budget in BUDGETS}}
+    for prompt in prompts(model):
+        ids = torch.tensor([prompt])
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        chain, tau = _tokens(Engine(model.target, model.drafter, block_size=b, lookahead=False), prompt, n)
+        assert chain == want
+        taus[0] += tau
+        for budget in BUDGETS:
+            got, tau = _tokens(Engine(model.target, model.drafter, block_size=b, tree_budget=budget), prompt, n)
+            assert got == want, f"budget {budget}, prompt {prompt}"
+            taus[budget] += tau
+        engine = Engine(model.target, model.drafter, block_size=b, tree_budget=16)
+        got, _ = _tokens(engine, prompt, n, budgets=[4, 16, 0, 8])  # the budget changes between iterations
+        assert got == want
+    assert all(max(t) > 2 for t in taus.values()), taus  # drafts are accepted, down the tree too
+    prompt = prompts(model)[0]
+    plain, _ = _tokens(Engine(model.target), prompt, n, sampling)
+    for budget in BUDGETS:
+        got, _ = _tokens(Engine(model.target, model.drafter, block_size=b, tree_budget=budget), prompt, n, sampling)
+        assert got == plain, f"sampled, budget {budget}"
+    got, _ = _tokens(Engine(model.target, model.drafter, block_size=b, tree_budget=16), prompt, n, sampling,
+                     budgets=[8, 0, 16, 4])
+    assert got == plain
+
+
+def test_the_tree_step_reads_nothing_back_to_the_host(stories_pair, monkeypatch):
+    from dflash_cli import ops
+
+    from .fake_cuda import attention_masked_on_device
+
+    monkeypatch.setattr(ops, "attention", attention_masked_on_device)  # the chain's reference reads kv_len
+    model = loader.load(*stories_pair, device="cpu", dtype="float32")
+    engine = Engine(model.target, model.drafter, block_size=8, tree_budget=16)
+    for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=1)):
+        steps = engine.generate(Request(model.tokenizer.encode("Once upon a time"), 32, sampling=sampling))
+        bonus = torch.tensor([next(steps).tokens[-1]])
+        with torch.inference_mode(), HostReads() as reads:
+            packed, _ = engine._tree_step(sampling.mode, 8, 16)(bonus)
+        steps.close()
+        assert reads.seen == []
+        assert packed.shape == (1 + 2 * 8,)
+
+
+def test_trees_are_refused_by_name_for_hybrid_targets_and_dflash2_drafters(qwen3_moe_pair, models):
+    from .tiny import qwen35_config, write_qwen35
+
+    model = loader.load(*qwen3_moe_pair, device="cpu", dtype="float32")
+    model.drafter.selector = object()  # what a DFlash2 drafter has
+    with pytest.raises(DflashError, match="DFlash2 drafters keep their selector chain"):
+        Engine(model.target, model.drafter, block_size=4, tree_budget=8)
+    model.drafter.selector = None
+    with pytest.raises(DflashError, match="tree budget must be 0"):
+        Engine(model.target, model.drafter, block_size=4, tree_budget=1)
+    engine = Engine(model.target, model.drafter, block_size=4, tree_budget=8)
+    engine.tree_budget = 4
+    with pytest.raises(DflashError, match="at most the 8 nodes"):  # the caches are sized for 8
+        engine.tree_budget = 16
+    hybrid = loader.load(write_qwen35(models / "tree-qwen35", qwen35_config(), seed=11), None, device="cpu").target
+    drafter = model.drafter  # any drafter: the hybrid target is refused before it drafts
+    with pytest.raises(DflashError, match="not supported for hybrid"):
+        Engine(hybrid, drafter, block_size=4, tree_budget=8)
+
+
+# ---- the flag ------------------------------------------------------------------------------------------------
+def test_the_tree_budget_flag_reads_a_budget_and_refuses_the_rest_in_one_line():
+    from dflash_cli.api import parse_tree_budget
+    from dflash_cli.errors import UsageError
+
+    assert parse_tree_budget("16") == 16 and parse_tree_budget("0") == 0 and parse_tree_budget(None) == 0
+    for bad, why in (("auto", "not available yet"), ("1", "at least 2"), ("-3", "at least 2"), ("x", "node budget")):
+        with pytest.raises(UsageError, match=why):
+            parse_tree_budget(bad)
+
+
+@pytest.mark.slow  # three CLI processes (~30 s on 2 cores); the engine tests above cover the answer
+def test_run_with_a_tree_budget_writes_the_chains_answer_and_reports_the_budget(stories_pair):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    t, d = stories_pair
+    answers = {}
+    for budget in ("0", "16"):
+        p = subprocess.run([sys.executable, "-m", "dflash_cli", "run", "--target", str(t), "--drafter", str(d), "-p",
+                            "Once upon a time", "-n", "32", "-b", "8", "--tree-budget", budget, "--json"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        answers[budget] = json.loads(p.stdout)
+        assert answers[budget]["tree_budget"] == int(budget)
+    assert answers["16"]["token_ids"] == answers["0"]["token_ids"]
+    p = subprocess.run([sys.executable, "-m", "dflash_cli", "run", "--target", str(t), "--drafter", str(d), "-p", "x",
+                        "--tree-budget", "auto"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--tree-budget auto" in p.stderr, p.stderr
+
+
+@pytest.mark.slow  # ~30 s a case (make_fx traces the unrolled search); the host-read test covers the fast tier
+@pytest.mark.parametrize("lookahead", [False, True], ids=["read-then-launch", "lookahead"])
+def test_replaying_one_recorded_tree_step_gives_the_eager_tokens(lookahead, stories_pair, monkeypatch):
+    """The tree step as a captured graph runs it: recorded once (make_fx, in place of a CUDA capture) by the
+    warm-up, then replayed for every iteration, with iteration i+1 queued before i is read (lookahead)."""
+    from dflash_cli import engine as engine_module
+    from dflash_cli import ops
+
+    from .fake_cuda import attention_masked_on_device
+    from .test_conformance import TracedStep
+
+    monkeypatch.setattr(ops, "attention", attention_masked_on_device)
+    model = loader.load(*stories_pair, device="cpu", dtype="float32")
+    prompts = [model.tokenizer.encode(p) for p in ("Once upon a time", "The dog ran")]
+    for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=4)):
+        want = [_tokens(Engine(model.target), p, 40, sampling)[0] for p in prompts]
+        traced: list[TracedStep] = []
+
+        def record(self, step, bonus):
+            traced.append(TracedStep(step, bonus, self.caches))
+            return traced[-1]
+
+        monkeypatch.setattr(engine_module.StepGraphs, "_runner", record)
+        engine = Engine(model.target, model.drafter, block_size=8, tree_budget=16, lookahead=lookahead)
+        engine.graphs.enabled = True
+        assert engine.warm_up(sampling) is not None and len(traced) == 1
+        assert [_tokens(engine, p, 40, sampling)[0] for p in prompts] == want
+        assert len(traced) == 1 and traced[0].replays >= 4
