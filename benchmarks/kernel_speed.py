@@ -138,7 +138,13 @@ def hybrid_cases(dev: str, dt: torch.dtype):
     yield ("conv-window commit (48 layers)", gated_delta.conv_commit, gated_delta.conv_commit_ref,
            lambda f: f(conv.clone(), xs, count), 2 * nbytes(conv) + nbytes(xs) * 3 // B)
     g = torch.Generator(device=dev).manual_seed(0)
-    qk = gated_delta.l2norm(torch.randn(1, B, hk, dk, device=dev, generator=g))
+    heads = torch.randn(B, hv, dk, dtype=dt, device=dev, generator=g)
+    yield ("l2norm (B × heads × 128)", gated_delta.l2norm, gated_delta.l2norm_ref, lambda f: f(heads),
+           nbytes(heads) + heads.numel() * 4)
+    norm_w = torch.randn(dk, device=dev, generator=g)
+    yield ("gated rms_norm (B × heads × 128)", gated_delta.gated_rms_norm, gated_delta.gated_rms_norm_ref,
+           lambda f: f(heads, heads, norm_w, 1e-6), 3 * nbytes(heads))
+    qk = gated_delta.l2norm_ref(torch.randn(1, B, hk, dk, device=dev, generator=g))
     vv = torch.randn(1, B, hv, dk, device=dev, generator=g)
     gg, bb = -torch.rand(1, B, hv, device=dev, generator=g), torch.rand(1, B, hv, device=dev, generator=g)
     state = torch.randn(1, hv, dk, dk, device=dev, generator=g)

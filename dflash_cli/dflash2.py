@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 
 @dataclass
 class DynamicConv:
@@ -33,7 +35,7 @@ class DynamicConv:
     def kernels(self, x: torch.Tensor) -> torch.Tensor:
         """The dynamic parts of both sides' kernels, [L, 2, K, G], from the sublayer input x [L, H]."""
         k = self.base.shape[1]
-        return F.linear(x, self.projection).view(x.shape[0], 2, k, -1)
+        return ops.dense_linear(x, self.projection).view(x.shape[0], 2, k, -1)
 
     def apply(self, z: torch.Tensor, side: int, dynamic: torch.Tensor) -> torch.Tensor:
         """conv(z) over the rows of z [L, H] with side 0 (pre) or 1 (post) of `dynamic` [L, 2, K, G]."""
@@ -101,7 +103,7 @@ class CandidateSelector:
         scores are summed in float32 whatever the model's dtype."""
         values, candidates = logits.topk(self.top_k, dim=-1)  # sorted: the same order every run
         unary = head_logits(values.float(), self.multiplier, self.softcap)
-        p = F.linear(hidden, self.hidden_projection).float()  # [L, r]
+        p = ops.dense_linear(hidden, self.hidden_projection).float()  # [L, r]
         previous = torch.cat((anchor.view(1, 1).expand(1, self.top_k), candidates[:-1]))  # [L, k]
         left = F.embedding(previous, self.predecessor).float() * p[:, None, :]  # A[a] ⊙ P h_t
         right = F.embedding(candidates, self.successor).float()  # B[b]

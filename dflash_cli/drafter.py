@@ -219,7 +219,7 @@ class Drafter:
     def add_context(self, features: torch.Tensor, cache: KVCache, count: int | torch.Tensor | None = None) -> None:
         """Cache the context K/V of the tokens whose target features are given, then commit `count`
         of them (all by default). Entries past `count` are padding the next draft overwrites."""
-        ctx_h, _ = ops.rms_norm(F.linear(features, self.fc), self.hidden_norm, self.cfg.rms_norm_eps)
+        ctx_h, _ = ops.rms_norm(ops.dense_linear(features, self.fc), self.hidden_norm, self.cfg.rms_norm_eps)
         ops.draft_ctx_kv(ctx_h, self.w_kv, self.k_norms, self.cfg.rms_norm_eps, self.cos_sin,
                          cache.positions(features.shape[0]), cache.k, cache.v, b_kv=self.b_kv)
         cache.commit(features.shape[0] if count is None else count)
@@ -232,13 +232,13 @@ class Drafter:
         if self.selector is None:
             return self.draft_logits(bonus, cache, block_size, window).argmax(-1)
         hidden = self.block_hidden(bonus, cache, block_size, window)
-        return self.selector.walk(hidden, F.linear(hidden, self.lm_head), bonus)
+        return self.selector.walk(hidden, ops.dense_linear(hidden, self.lm_head), bonus)
 
     def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
                      ) -> torch.Tensor:
         """Logits [block_size - 1, V] for the tokens after `bonus` (with the head's multiplier and
         softcap, where the config sets them)."""
-        logits = F.linear(self.block_hidden(bonus, cache, block_size, window), self.lm_head)
+        logits = ops.dense_linear(self.block_hidden(bonus, cache, block_size, window), self.lm_head)
         return head_logits(logits, self.cfg.output_multiplier, self.cfg.final_logit_softcapping)
 
     def block_hidden(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
@@ -259,16 +259,16 @@ class Drafter:
             else:
                 h, x = ops.rms_norm(added, layer.input_norm, c.rms_norm_eps, x)
             h, conv_kernels = pre_conv(layer.attention_conv, h)
-            k, v = F.linear(h, layer.kv_proj, layer.kv_bias).view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
-            q = ops.qk_norm_rope_cache(F.linear(h, layer.q_proj, layer.q_bias).view(block_size, c.num_heads, c.head_dim),
+            k, v = ops.dense_linear(h, layer.kv_proj, layer.kv_bias).view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
+            q = ops.qk_norm_rope_cache(ops.dense_linear(h, layer.q_proj, layer.q_bias).view(block_size, c.num_heads, c.head_dim),
                                        k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
                                        positions, cache.k[i], cache.v[i])
             out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
                                 sliding_window=_narrowest(layer.window, window))
-            out = F.linear(out.reshape(block_size, -1), layer.o_proj, layer.o_bias)
+            out = ops.dense_linear(out.reshape(block_size, -1), layer.o_proj, layer.o_bias)
             h, x = ops.rms_norm(post_conv(layer.attention_conv, out, conv_kernels), layer.post_norm, c.rms_norm_eps, x)
             h, conv_kernels = pre_conv(layer.mlp_conv, h)
-            out = F.linear(ops.swiglu(F.linear(h, layer.gate_up)), layer.down)
+            out = ops.dense_linear(ops.swiglu(ops.dense_linear(h, layer.gate_up)), layer.down)
             added = post_conv(layer.mlp_conv, out, conv_kernels)
         h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps) if added is None else \
             ops.rms_norm(added[1:], self.norm, c.rms_norm_eps, x[1:])

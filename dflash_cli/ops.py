@@ -30,6 +30,7 @@ _MODULES = {
     "replay": "gated_delta",
     "conv_commit": "gated_delta",
     "gated_rms_norm": "gated_delta",
+    "l2norm": "gated_delta",
     "route": "moe",
     "experts": "moe",
     "invariant_linear": "invariant_linear",
@@ -127,9 +128,7 @@ def accept(logits, block_ids, cache_len, **params):
 
 # ---- Gated DeltaNet (the hybrid family's linear layers) -------------------------------------------------
 def l2norm(x):
-    from .kernels.gated_delta import l2norm as norm
-
-    return norm(x)
+    return _pick("l2norm", x.device)(x)
 
 
 def causal_conv(window, weight):

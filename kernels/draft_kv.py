@@ -35,7 +35,9 @@ def draft_ctx_kv_ref(
 
 
 def _project(ctx_h: torch.Tensor, w_kv: torch.Tensor, b_kv: torch.Tensor | None) -> torch.Tensor:
-    return ctx_h @ w_kv.T if b_kv is None else torch.nn.functional.linear(ctx_h, w_kv, b_kv)
+    from dflash_cli import ops  # the Linear seam: DFLASH_LINEAR=invariant covers the drafter's context too
+
+    return ops.dense_linear(ctx_h, w_kv, b_kv)
 
 
 # ---- Triton ---------------------------------------------------------------------------------

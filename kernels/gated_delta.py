@@ -27,7 +27,7 @@ def causal_conv_ref(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.silu(out[0].t()).to(window.dtype)
 
 
-def l2norm(x: torch.Tensor) -> torch.Tensor:
+def l2norm_ref(x: torch.Tensor) -> torch.Tensor:
     """x · rsqrt(Σx² + 1e-6) over the last dim, in fp32 (as transformers and fla)."""
     x = x.float()
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
@@ -169,4 +169,48 @@ def conv_commit(conv: torch.Tensor, x: torch.Tensor, count) -> None:
                                                      BLOCK_K=max(2, triton.next_power_of_2(keep)), BLOCK_C=block_c)
 
 
-gated_rms_norm = gated_rms_norm_ref  # rows of a few hundred values: torch ops, graph-safe
+# ---- The per-head norms: one program per row, the row's reduction in one fixed-size block -------------
+# A torch reduction over the last dim may pick its tree (threads per row, split rows) from the number of
+# rows, so a verify row and the decode of the same token could round apart (issue 24). Here a row of d
+# values is one program whatever the launch holds: BLOCK follows d alone, never the row count.
+@triton.jit
+def _l2norm_kernel(x_ptr, out_ptr, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * d + cols, mask=cols < d, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * d + cols, x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) + 1e-6)), mask=cols < d)
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """Triton: same contract as `l2norm_ref` (fp32 out), one program per row."""
+    d = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    rows = x.numel() // d if d else 0
+    if rows:
+        _l2norm_kernel[(rows,)](x, out, d, BLOCK=triton.next_power_of_2(d))
+    return out
+
+
+@triton.jit
+def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, out_ptr, d, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < d
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * d + cols, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * d + cols, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    normed = (x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / d + eps))).to(dtype).to(tl.float32)  # rounded as the reference
+    tl.store(out_ptr + row * d + cols, (w * normed * (z / (1.0 + tl.exp(-z)))).to(dtype), mask=ok)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton: same contract as `gated_rms_norm_ref`, one program per row."""
+    d = x.shape[-1]
+    x, z = x.contiguous(), z.contiguous()
+    out = torch.empty_like(x)
+    rows = x.numel() // d if d else 0
+    if rows:
+        _gated_rms_norm_kernel[(rows,)](x, z, weight, out, d, eps, BLOCK=triton.next_power_of_2(d))
+    return out

@@ -147,8 +147,9 @@ def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 
 
 # ---- Triton ------------------------------------------------------------------------------------------
-# Three launches, none of which reduces across rows:
-#  1. `_router_kernel`, grid (T, expert blocks): each row's logits, its H reduced in BLOCK_H chunks in order.
+# Launches none of which reduces across rows:
+#  1. `_router_kernel`, grid (T, expert blocks): each row's logits, its H reduced in BLOCK_H chunks in order;
+#     `_top_k_kernel`, one program per row: its softmax, top-k and renormalisation.
 #  2. The (token, expert) pairs are sorted by expert on the device (a stable sort of T·k ids: fixed
 #     shape, no host read) into "slots": slot s holds the rows of one touched expert (at most T ≤ 32 of
 #     them, so one M-block of BLOCK_M rows); unused slots have expert -1. `_gate_up_kernel`, grid
@@ -156,7 +157,8 @@ def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 #     silu(g)·u per pair; `_down_kernel`, grid (slots, H blocks), does the down projection times the
 #     routing weight. BLOCK_M is fixed, so a row's tile products are the same instructions whether its
 #     expert has 1 row or 32.
-#  3. The k outputs of each token are summed in rank order (torch ops on [T, k, H], per row).
+#  3. The k outputs of each token are summed in rank order (elementwise torch adds on [T, H]: one rounding
+#     per term, no reduction whose tree could follow T).
 # More than BLOCK_M tokens (a long prefill chunk) go to `experts_by_expert`, which never copies an
 # expert's weights per pair as the reference does.
 import triton  # noqa: E402
@@ -183,18 +185,57 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_experts, hidden, BLOCK_E: tl.
     tl.store(out_ptr + row * n_experts + experts, acc, mask=experts < n_experts)
 
 
+@triton.jit
+def _top_k_kernel(logits_ptr, idx_ptr, w_ptr, n_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, SOFTMAX_AFTER_TOPK: tl.constexpr):
+    """One row of `route_from_logits`: the softmax, the top-k (ties: the lowest expert id) and the
+    renormalisation, in one program, so a row's weights never depend on how many rows share the launch."""
+    row = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    ok = experts < n_experts
+    dt = w_ptr.dtype.element_ty
+    logits = tl.load(logits_ptr + row * n_experts + experts, mask=ok, other=0.0)
+    scores = tl.where(ok, logits.to(dt).to(tl.float32), float("-inf"))  # rounded as transformers computes them
+    if not SOFTMAX_AFTER_TOPK:
+        e = tl.exp(scores - tl.max(scores, axis=0))
+        scores = tl.where(ok, e / tl.sum(e, axis=0), float("-inf"))
+    ranks = tl.arange(0, BLOCK_K)
+    top_v = tl.zeros([BLOCK_K], tl.float32)
+    top_i = tl.zeros([BLOCK_K], tl.int64)
+    for j in tl.static_range(TOP_K):  # rank j: the largest score left, the lowest id among equals
+        best = tl.max(scores, axis=0)
+        pick = tl.min(tl.where(scores == best, experts, BLOCK_E), axis=0)
+        top_v = tl.where(ranks == j, best, top_v)
+        top_i = tl.where(ranks == j, pick.to(tl.int64), top_i)
+        scores = tl.where(experts == pick, float("-inf"), scores)
+    used = ranks < TOP_K
+    if SOFTMAX_AFTER_TOPK:  # gpt-oss: softmax over the k logits
+        e = tl.where(used, tl.exp(top_v - tl.max(tl.where(used, top_v, float("-inf")), axis=0)), 0.0)
+        top_v = e / tl.sum(e, axis=0)
+    elif RENORMALIZE:
+        top_v = top_v / tl.sum(tl.where(used, top_v, 0.0), axis=0)
+    tl.store(idx_ptr + row * TOP_K + ranks, top_i, mask=used)
+    tl.store(w_ptr + row * TOP_K + ranks, top_v.to(dt), mask=used)
+
+
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool, bias: torch.Tensor | None = None,
           softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton: same contract as `route_ref`."""
+    """Triton: same contract as `route_ref` (weights within rounding of its softmax; the same experts
+    but where two scores tie, which the kernel breaks to the lowest id)."""
     t, h = x.shape
     e = router.shape[0]
     logits = torch.empty((t, e), dtype=torch.float32, device=x.device)
+    idx = torch.empty((t, top_k), dtype=torch.int64, device=x.device)
+    weights = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
     if t:
         block_e = min(64, triton.next_power_of_2(e))
         _router_kernel[(t, triton.cdiv(e, block_e))](x.contiguous(), router, router if bias is None else bias, logits,
                                                      e, h, BLOCK_E=block_e, BLOCK_H=min(128, triton.next_power_of_2(h)),
                                                      HAS_BIAS=bias is not None)
-    return route_from_logits(logits, top_k, renormalize, x.dtype, softmax_after_topk)
+        _top_k_kernel[(t,)](logits, idx, weights, e, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(e),
+                            BLOCK_K=max(2, triton.next_power_of_2(top_k)), RENORMALIZE=renormalize,
+                            SOFTMAX_AFTER_TOPK=softmax_after_topk)
+    return idx, weights
 
 
 def _slots(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,17 +31,19 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 # unnoticed.
 # Lowered by the fusions (issue 26, kernels/fused_linear.py and the drafter's norms): drafter 13 -> 11 (its
 # residual adds run inside the next norm), DFlash2 drafter 55 -> 53 (the same).
+# Issue 24 lowered the linear and MoE kinds: l2norm and the gated RMSNorm are one kernel each (were ~15 torch
+# ops), and the router's softmax/top-k/renormalisation one kernel (were 4-7 torch ops).
 CEILINGS = {
     "dense": {"decode": {"dense": 10, "fixed": 16},
               "verify": {"dense": 10, "drafter": 11, "fixed": 35}},
-    "hybrid": {"decode": {"linear": 39, "full": 12, "fixed": 23},
-               "verify": {"linear": 40, "full": 12, "drafter": 11, "fixed": 42}},
-    "moe": {"decode": {"moe": 32, "fixed": 16},
-            "verify": {"moe": 32, "drafter": 11, "fixed": 35}},
-    "hybrid-moe": {"decode": {"linear+moe": 66, "full+moe": 39, "fixed": 23},
-                   "verify": {"linear+moe": 67, "full+moe": 39, "drafter": 11, "fixed": 42}},
-    "gpt-oss": {"decode": {"gpt-oss sliding": 30, "gpt-oss full": 30, "fixed": 16},
-                "verify": {"gpt-oss sliding": 30, "gpt-oss full": 30, "drafter": 11, "fixed": 35}},
+    "hybrid": {"decode": {"linear": 24, "full": 12, "fixed": 23},
+               "verify": {"linear": 28, "full": 12, "drafter": 11, "fixed": 42}},
+    "moe": {"decode": {"moe": 29, "fixed": 16},
+            "verify": {"moe": 29, "drafter": 11, "fixed": 35}},
+    "hybrid-moe": {"decode": {"linear+moe": 48, "full+moe": 36, "fixed": 23},
+                   "verify": {"linear+moe": 52, "full+moe": 36, "drafter": 11, "fixed": 42}},
+    "gpt-oss": {"decode": {"gpt-oss sliding": 29, "gpt-oss full": 29, "fixed": 16},
+                "verify": {"gpt-oss sliding": 29, "gpt-oss full": 29, "drafter": 11, "fixed": 35}},
     "dflash2": {"decode": {"dense": 10, "fixed": 16},
                 "verify": {"dense": 10, "dflash2 drafter": 53, "fixed": 51}},
 }

@@ -170,3 +170,16 @@ def test_device_tensor_values_draw_what_the_same_numbers_draw(seed, params):
     want = sample_ref(logits, rows, seed=seed, **params)
     assert torch.equal(sample(logits, rows, seed=seed, mode=mode, **tensors), want), f"seed {seed}"
     assert torch.equal(sample_ref(logits, rows, seed=seed, mode=mode, **tensors), want), f"seed {seed}"
+
+
+@pytest.mark.parametrize("params", [PARAMS[0], PARAMS[1], pytest.param(PARAMS[6], marks=pytest.mark.slow)], ids=ids)
+def test_a_row_samples_the_same_token_alone_or_in_any_block(seed, params, small_chunks):
+    """Issue 24: each row's chunk winners and thresholds are reduced by its own programs, in an order fixed
+    by the vocabulary alone, so a verify row draws the token its decode step draws (bf16 logits, positions
+    as the accept rule keys them; blocks of 2..32 rows)."""
+    from .invariance import first_variant_row
+
+    logits = (torch.randn(16, 600, device=DEVICE) * 3).to(torch.bfloat16)
+    rows = torch.arange(16, device=DEVICE) + 100
+    assert first_variant_row(lambda a, b: (sample(logits[a:b], rows[a:b], seed=seed, **params),), rows=16,
+                             blocks=(3, 16)) is None, f"seed {seed}"

@@ -9,11 +9,12 @@ import torch
 from dflash_cli.kernels import gated_delta as gd
 
 from .conftest import DEVICE
+from .invariance import first_variant_row
 
 
 def _inputs(n, t, hk, hv, dk, dv, g):
-    q = gd.l2norm(torch.randn(n, t, hk, dk, generator=g)).to(DEVICE)
-    k = gd.l2norm(torch.randn(n, t, hk, dk, generator=g)).to(DEVICE)
+    q = gd.l2norm_ref(torch.randn(n, t, hk, dk, generator=g)).to(DEVICE)
+    k = gd.l2norm_ref(torch.randn(n, t, hk, dk, generator=g)).to(DEVICE)
     v = torch.randn(n, t, hv, dv, generator=g).to(DEVICE)
     decay = (-torch.rand(n, t, hv, generator=g) * 2).to(DEVICE)
     beta = torch.rand(n, t, hv, generator=g).to(DEVICE)
@@ -94,3 +95,58 @@ def test_conv_commit_gathers_at_a_device_index(seed, count):
     gd.conv_commit_ref(want, x, torch.tensor(count, device=DEVICE))
     assert torch.equal(got, want), f"seed {seed}, count {count}"
     assert torch.equal(got, torch.cat((conv, x), dim=1)[:, count:count + keep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2, 16), (5, 3, 128), (4, 1, 100)], ids=lambda s: "x".join(map(str, s)))
+def test_l2norm_kernel_matches_the_reference(seed, dtype, shape):
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    got, want = gd.l2norm(x), gd.l2norm_ref(x)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2, 16), (5, 3, 128), (4, 1, 100)], ids=lambda s: "x".join(map(str, s)))
+def test_gated_rms_norm_kernel_matches_the_reference(seed, dtype, shape):
+    x, z = torch.randn(shape, device=DEVICE).to(dtype), torch.randn(shape, device=DEVICE).to(dtype)
+    w = torch.randn(shape[-1], device=DEVICE)  # float32, as the checkpoints' norm weights load
+    got, want = gd.gated_rms_norm(x, z, w, 1e-6), gd.gated_rms_norm_ref(x, z, w, 1e-6)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"seed {seed}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_token_s_head_norms_are_the_same_alone_or_in_any_block(seed, dtype):
+    """Bit-identical (issue 24): l2norm of q and k and the gated output norm of a token [heads, d] alone
+    and inside blocks of 2..32 tokens, as a decode step and a verify block run them."""
+    x, z = torch.randn(32, 4, 128, device=DEVICE).to(dtype), torch.randn(32, 4, 128, device=DEVICE).to(dtype)
+    w = torch.randn(128, device=DEVICE)
+    assert first_variant_row(lambda a, b: (gd.l2norm(x[a:b]), gd.gated_rms_norm(x[a:b], z[a:b], w, 1e-6))) is None, \
+        f"seed {seed}"
+
+
+def test_ops_takes_the_head_norm_kernels_with_kernels_on(seed, monkeypatch):
+    from dflash_cli import ops
+
+    x, z, w = torch.randn(3, 2, 16, device=DEVICE), torch.randn(3, 2, 16, device=DEVICE), torch.randn(16, device=DEVICE)
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    assert torch.equal(ops.l2norm(x), gd.l2norm(x)) and torch.equal(ops.gated_rms_norm(x, z, w, 1e-6),
+                                                                    gd.gated_rms_norm(x, z, w, 1e-6))
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    assert torch.equal(ops.l2norm(x), gd.l2norm_ref(x)) and torch.equal(ops.gated_rms_norm(x, z, w, 1e-6),
+                                                                        gd.gated_rms_norm_ref(x, z, w, 1e-6))
+
+
+def test_the_check_catches_a_norm_whose_tree_follows_the_row_count(seed):
+    """The invariance check has teeth: an l2norm that sums each row in halves when it shares the launch
+    (a split chosen by the row count) is caught in bf16."""
+    x = torch.randn(32, 4, 128, device=DEVICE).to(torch.bfloat16)
+
+    def split_norm(a, b):
+        xf = x[a:b].float()
+        sq = xf * xf
+        total = sq.sum(-1, keepdim=True) if b - a == 1 else sq[..., :64].sum(-1, keepdim=True) + sq[..., 64:].sum(-1, keepdim=True)
+        return (xf * torch.rsqrt(total + 1e-6),)
+    assert first_variant_row(split_norm) is not None, f"seed {seed}"

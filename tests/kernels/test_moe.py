@@ -182,3 +182,27 @@ def test_a_gpt_oss_row_routes_and_computes_the_same_alone_or_in_any_block(seed, 
             assert torch.equal(idx[r:r + 1], alone[r][0]), f"seed {seed}: routing of row {r} in a block of {size}"
             assert torch.equal(w[r:r + 1], alone[r][1]), f"seed {seed}: weights of row {r} in a block of {size}"
             assert torch.equal(out[r:r + 1], alone[r][2]), f"seed {seed}: output of row {r} in a block of {size}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # float32: the two tests above
+@pytest.mark.parametrize("variant", ["renormalised", "plain", "gpt-oss"])
+def test_a_row_s_routing_weights_are_the_same_alone_or_in_any_block(seed, dtype, variant):
+    """Issue 24: the softmax, top-k and renormalisation run per row in `_top_k_kernel`, so a row's expert
+    ids and weights are bit-identical alone and inside blocks of 2..32 (128 experts, top-8: Qwen3-MoE's)."""
+    from .invariance import first_variant_row
+
+    g = torch.Generator().manual_seed(seed)
+    router = (torch.randn(128, 96, generator=g) * 4 / 96**0.5).to(DEVICE, dtype)
+    bias = torch.randn(128, generator=g).to(DEVICE, dtype) if variant == "gpt-oss" else None
+    x = torch.randn(32, 96, generator=g).to(DEVICE, dtype)
+    kw = dict(bias=bias, softmax_after_topk=True) if variant == "gpt-oss" else {}
+    assert first_variant_row(lambda a, b: moe.route(x[a:b], router, 8, variant == "renormalised", **kw)) is None, \
+        f"seed {seed}"
+    idx, w = moe.route(x, router, 8, variant == "renormalised", **kw)
+    want_idx, want_w = moe.route_ref(x, router, 8, variant == "renormalised", **kw)
+    # bf16 router logits tie often (128 of them, 8 bits of mantissa): the kernel takes the lowest id among
+    # equals where torch.topk takes any, so the experts are compared by their logits, rank by rank.
+    logits = moe.router_logits_ref(x, router, bias).to(dtype)
+    torch.testing.assert_close(logits.gather(1, idx), logits.gather(1, want_idx), **TOL[dtype])
+    assert (idx != want_idx).float().mean() < 0.1 if dtype == torch.bfloat16 else torch.equal(idx, want_idx)
+    torch.testing.assert_close(w, want_w, **TOL[dtype])

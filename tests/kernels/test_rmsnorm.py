@@ -4,6 +4,7 @@ import torch
 from dflash_cli.kernels.rmsnorm import rms_norm, rms_norm_ref
 
 from .conftest import DEVICE, TOL
+from .invariance import BLOCKS, first_variant_row
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -53,3 +54,19 @@ def test_gpt_oss_norm_applies_its_fp32_weight_before_the_one_rounding(seed, dtyp
     total = (x.float() + res.float()).to(dtype).float() if with_residual else x.float()
     exact = (w * (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5))).to(dtype)
     torch.testing.assert_close(want, exact, rtol=0, atol=0)  # the reference is transformers' GptOssRMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [96, 9000], ids=["one-block", "chunked"])
+@pytest.mark.parametrize("variant", ["w", "1+w", "fp32-w", "residual"])
+def test_a_row_is_normed_the_same_alone_or_in_any_block(seed, dtype, width, variant):
+    """Bit-identical (issue 24): one program per row, its block from the width alone, never the row count."""
+    x = torch.randn(32, width, dtype=dtype, device=DEVICE)
+    res = torch.randn(32, width, dtype=dtype, device=DEVICE) * 4
+    w = torch.randn(width, dtype=torch.float32 if variant in ("1+w", "fp32-w") else dtype, device=DEVICE)
+    kw = dict(offset=variant == "1+w", fp32_weight=variant == "fp32-w")
+
+    def step(a, b):
+        out, r = rms_norm(x[a:b], w, 1e-6, res[a:b].clone() if variant == "residual" else None, **kw)
+        return (out,) if r is None else (out, r)
+    assert first_variant_row(step, blocks=(2, 5, 32) if width > 8192 else BLOCKS) is None, f"seed {seed}"
