@@ -1,0 +1,210 @@
+"""Gemma 4 (dense and the 26B-A4B's routed experts) and Muse-Glimmer run quantized, exactly.
+
+For each family's tiny checkpoint (tests/tiny_gemma4.py: the `gemma4` wrapper, dense and with experts;
+tests/tiny_muse.py: the VL wrapper), quantized two ways:
+- packed by compressed-tensors' own compressors (int4 pack-quantized, fp8 float-quantized; Gemma's experts
+  as fused [E, out, in] stacks, the layout transformers names them in), by tests/test_quant_models.py's
+  builder, beside its dequantized twin;
+- quantized at load by dflash (int4, int8, fp8; Gemma's experts written per expert), beside a twin
+  dequantized by compressed-tensors' own decompressor (Gemma's experts fused back into transformers' stacks).
+Then dflash's fp32 logits equal the twin's bit for bit, fp32 greedy output equals transformers' `generate`
+on the twin (transformers' Gemma4 / MuseGlimmer classes), and speculative output equals plain decoding at
+b = 1, 2, 4 and the drafter's B. What is never quantized (embeddings, head, norms, routers, Gemma's
+layer_scalar, the vision towers) is checked by name.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dflash_cli import loader
+from dflash_cli.engine import Engine
+from dflash_cli.models.layers.mlp import GemmaExperts
+from dflash_cli.quant import Fp8Linear, Int4Linear, Int8Linear
+from dflash_cli.quant.quantize import quantize_checkpoint as quantize_at_load
+
+from .test_quant_models import FORMATS, _kinds, _prefill_logits, _tokens, realign
+from .test_quant_models import quantize_checkpoint as pack_checkpoint
+from .tiny import drafter_config, write_drafter
+from .tiny_gemma4 import gemma4_config, gemma4_drafter_config, write_gemma4
+from .tiny_muse import muse_config, write_muse
+
+pytest.importorskip("compressed_tensors")
+
+
+@dataclass(frozen=True)
+class Case:
+    write: Callable[[Path], Path]
+    drafter: Callable[[dict], dict]
+
+
+def _gemma_drafter(cfg: dict) -> dict:
+    return gemma4_drafter_config(cfg["text_config"], block_size=8)
+
+
+def _muse_drafter(cfg: dict) -> dict:
+    text = cfg["text_config"]
+    return drafter_config(text, block_size=8, layers=1, target_layer_ids=(0, text["num_hidden_layers"] - 1),
+                          mask_token_id=500, layer_types=["sliding_attention"], sliding_window=16) | {"is_causal": False}
+
+
+CASES = {
+    "gemma4": Case(lambda d: write_gemma4(d, gemma4_config(), seed=11), _gemma_drafter),
+    "gemma4-moe": Case(lambda d: write_gemma4(d, gemma4_config(tie=False, moe=True), seed=13), _gemma_drafter),
+    "muse": Case(lambda d: write_muse(d, muse_config(layers=4), seed=17), _muse_drafter),
+}
+PROMPTS = ((1, 17, 300, 42, 7), (5, 9, 250, 101, 33, 64, 2, 480))
+PACKED = ("ct-int4-sym-g32", "ct-fp8-channel")  # compressed-tensors' compressors; Gemma's experts fused 3-D
+AT_LOAD = ("int4", "int8", "fp8")
+KIND = {"int4": Int4Linear, "int8": Int8Linear, "fp8": Fp8Linear}
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def dequantized_twin(quantized: Path, twin: Path) -> Path:
+    """`quantized` (what dflash wrote) with every projection replaced by compressed-tensors' own
+    decompression of it, fp32, and per-expert projections fused back into transformers' stacks
+    ([E, 2I, H] gate rows first, [E, H, I])."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    config = json.loads((quantized / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    compressor = BaseCompressor.load_from_registry(qc["format"])
+    w, out, experts = _tensors(quantized), {}, {}
+    modules = {k.rsplit(".", 1)[0] for k in w if k.endswith(("weight_packed", ".weight_scale"))}
+    for name, t in w.items():
+        if not name.startswith(tuple(m + "." for m in modules)):
+            out[name] = t
+    for m in modules:
+        group = next(g for g in qc["config_groups"].values() if any(re.match(t[3:], m) for t in g["targets"]))
+        state = {k[len(m) + 1:]: v for k, v in w.items() if k.startswith(m + ".")}
+        dense = compressor.decompress(state, QuantizationScheme(targets=group["targets"], weights=group["weights"]))
+        dense = dense["weight"].to(torch.float32)
+        e = re.match(r"(.*\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)$", m)
+        if e:
+            experts.setdefault(e.group(1), {}).setdefault(int(e.group(2)), {})[e.group(3)] = dense
+        else:
+            out[m + ".weight"] = dense
+    for prefix, by_expert in experts.items():
+        order = sorted(by_expert)
+        out[prefix + "gate_up_proj"] = torch.stack([torch.cat([by_expert[i]["gate_proj"], by_expert[i]["up_proj"]])
+                                                    for i in order])
+        out[prefix + "down_proj"] = torch.stack([by_expert[i]["down_proj"] for i in order])
+    shutil.copytree(quantized, twin, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    save_file({k: v.contiguous() for k, v in out.items()}, str(twin / "model.safetensors"), metadata={"format": "pt"})
+    (twin / "config.json").write_text(json.dumps(config))
+    return twin
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(case, how) → (quantized dir, twin dir, drafter dir, plain dir), each written once per module."""
+    cache: dict = {}
+
+    def get(case: str, how: str):
+        if (case, how) not in cache:
+            root = tmp_path_factory.mktemp(f"{case}-{how}")
+            plain = CASES[case].write(root / "plain")
+            drafter = write_drafter(root / "drafter", CASES[case].drafter(json.loads((plain / "config.json").read_text())),
+                                    seed=2)
+            if how in AT_LOAD:
+                quantize_at_load(plain, root / "q", how)
+                dequantized_twin(root / "q", root / "twin")
+            else:
+                pack_checkpoint(plain, root / "q", root / "twin", FORMATS[how])
+            cache[(case, how)] = root / "q", root / "twin", drafter, plain
+        return cache[(case, how)]
+    return get
+
+
+def _gemma_experts(target) -> list[GemmaExperts]:
+    return [layer.mlp.experts for layer in target.layers if getattr(layer.mlp, "experts", None) is not None]
+
+
+def _all_projections(target) -> list:
+    out = []
+    for layer in target.layers:
+        mixer = getattr(layer.mixer, "inner", layer.mixer)  # Muse: the attention inside its sandwich
+        out += [mixer.qkv, mixer.o_proj]
+        mlp = getattr(layer.mlp, "inner", None) or getattr(layer.mlp, "mlp", None) or layer.mlp  # Muse, Gemma
+        out += [mlp.gate_up, mlp.down]
+    return out
+
+
+MATRIX = [(c, h) for c in CASES for h in (*PACKED, *AT_LOAD)]
+
+
+@pytest.mark.parametrize("case, how", [pytest.param(c, h, id=f"{c}-{h}") for c, h in MATRIX])
+def test_quantized_target_runs_exactly_as_its_dequantized_twin(case, how, built):
+    import transformers
+
+    qdir, twin_dir, drafter_dir, _ = built(case, how)
+    q = loader.load(qdir, drafter_dir, device="cpu", max_context=64)
+    kind = KIND.get(how) or (Fp8Linear if "fp8" in how else Int4Linear)
+    # read packed: every projection of attention and MLP (Muse's gate_proj inside qkv) is the quantized kind
+    for lin in _all_projections(q.target):
+        assert _kinds(lin) == {kind}, (how, _kinds(lin))
+    for experts in _gemma_experts(q.target):  # the experts stay packed; the router stays dense
+        assert isinstance(experts.gate_up, kind) and isinstance(experts.down, kind), type(experts.gate_up)
+        assert not isinstance(experts.proj, (Int4Linear, Int8Linear, Fp8Linear))
+    exact_q = realign(loader.load(qdir, None, device="cpu", max_context=64).target)
+    exact_twin = realign(loader.load(twin_dir, None, device="cpu", max_context=64).target)
+    ids = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    # 40 rows: the experts' loop over experts (more than GATHER_ROWS tokens); 1 and 4: gathered per token
+    for chunks in ((40,), (1, 4, 35)):
+        assert torch.equal(_prefill_logits(exact_q, ids, chunks), _prefill_logits(exact_twin, ids, chunks)), chunks
+
+    arch = json.loads((twin_dir / "config.json").read_text())["architectures"][0]
+    reference = getattr(transformers, arch).from_pretrained(twin_dir, dtype=torch.float32).eval()
+    n = 12
+    for prompt in PROMPTS:
+        x = torch.tensor([prompt])
+        want = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert _tokens(Engine(q.target), prompt, n) == want, prompt
+        for b in (1, 2, 4, q.drafter.cfg.block_size):
+            assert _tokens(Engine(q.target, q.drafter, block_size=b), prompt, n) == want, (prompt, b)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_quantizing_at_load_keeps_what_is_never_quantized_plain(case, built):
+    """Every 2-D projection of the decoder layers is written quantized (Gemma's fused experts per expert);
+    the embedding, head, norms (Gemma's numbered ones), routers, Gemma's layer_scalar and the vision tower
+    are copied as they are."""
+    qdir, _, _, plain = built(case, "int4")
+    before, after = _tensors(plain), _tensors(qdir)
+    kept = [k for k in before if k in after]
+    for name, t in before.items():
+        module = name.removesuffix(".weight")
+        layer = re.search(r"language_model\.layers\.\d+\.", name) is not None
+        projection = layer and (name.endswith("_proj.weight") or re.search(r"experts\.(gate_up|down)_proj$", name))
+        if projection and ".router." not in name:
+            assert name not in after, name
+            if name.endswith(".weight"):
+                assert module + ".weight_packed" in after, name
+            else:  # a fused stack: one projection per expert
+                part = "down_proj" if name.endswith("down_proj") else "gate_proj"
+                assert all(f"{name.rsplit('.', 1)[0]}.{e}.{part}.weight_packed" in after for e in range(t.shape[0]))
+        else:
+            assert torch.equal(after[name], t), name
+    names = " ".join(kept)
+    for must in ("embed_tokens", "norm", "vision" if case == "muse" else "layer_scalar"):
+        assert must in names, must
+    if case == "gemma4-moe":
+        assert all(f"layers.0.{n}" in names for n in ("router.proj.weight", "router.scale", "router.per_expert_scale",
+                                                      "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1"))
+    if case == "muse":
+        assert "model.language_model.layers.0.self_attn.gate_proj.weight_packed" in after
