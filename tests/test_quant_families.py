@@ -208,3 +208,22 @@ def test_quantizing_at_load_keeps_what_is_never_quantized_plain(case, built):
                                                       "pre_feedforward_layernorm_2", "post_feedforward_layernorm_1"))
     if case == "muse":
         assert "model.language_model.layers.0.self_attn.gate_proj.weight_packed" in after
+
+
+def test_the_memory_plan_counts_gemma_experts_quantized_and_its_router_dense():
+    """memory.quantizable (the catalog's int4/fp8 sizes) agrees with what loads packed: Gemma 4's fused and
+    per-expert experts and projections are quantized, its router.proj (a "proj" under `router`) is not."""
+    from dflash_cli.memory import quantizable
+    from dflash_cli.models import family_of
+    from dflash_cli.models.layers.mlp import FUSED, PER_EXPERT
+
+    cfg = gemma4_config(moe=True)
+    family = family_of(cfg, Path("."))
+    c = family.Config.from_raw(cfg, Path("."))
+    p = "model.language_model.layers.0."
+    for layout in (FUSED, PER_EXPERT):
+        q = {w.name: quantizable(w) for w in family.weight_table(c, layout)}
+        assert not q[p + "router.proj.weight"] and not q[p + "router.scale"] and not q[p + "layer_scalar"]
+        assert q[p + "self_attn.q_proj.weight"] and q[p + "mlp.down_proj.weight"]
+        assert all(q[n] for n in ((p + "experts.gate_up_proj", p + "experts.down_proj") if layout == FUSED else
+                                  (p + "experts.7.gate_proj.weight", p + "experts.0.down_proj.weight")))
