@@ -28,13 +28,13 @@ from safetensors.torch import save_file
 
 from dflash_cli import loader
 from dflash_cli.engine import Engine
-from dflash_cli.models.layers.mlp import GemmaExperts
+from dflash_cli.models.layers.mlp import PER_EXPERT, ExpertList, GemmaExperts
 from dflash_cli.quant import Fp8Linear, Int4Linear, Int8Linear
 from dflash_cli.quant.quantize import quantize_checkpoint as quantize_at_load
 
 from .test_quant_models import FORMATS, _kinds, _prefill_logits, _tokens, realign
 from .test_quant_models import quantize_checkpoint as pack_checkpoint
-from .tiny import drafter_config, write_drafter
+from .tiny import drafter_config, save_weights, write_drafter, write_target
 from .tiny_gemma4 import gemma4_config, gemma4_drafter_config, write_gemma4
 from .tiny_muse import muse_config, write_muse
 
@@ -57,13 +57,36 @@ def _muse_drafter(cfg: dict) -> dict:
                           mask_token_id=500, layer_types=["sliding_attention"], sliding_window=16) | {"is_causal": False}
 
 
+def _gemma_per_expert(d: Path) -> Path:
+    """The 26B-A4B's layers with the experts stored one by one (`experts.{e}.gate_proj.weight`: how GPTQ and
+    AWQ checkpoints, which name no fused layout, store them), the embedding drawn as write_gemma4's."""
+    from safetensors.torch import load_file
+
+    cfg = gemma4_config(tie=False, moe=True)
+    write_target(d, cfg, seed=19, layout=PER_EXPERT)
+    w = load_file(str(d / "model.safetensors"))
+    w["model.language_model.embed_tokens.weight"] *= cfg["text_config"]["hidden_size"] ** -0.5
+    save_weights(d, w)
+    return d
+
+
 CASES = {
     "gemma4": Case(lambda d: write_gemma4(d, gemma4_config(), seed=11), _gemma_drafter),
     "gemma4-moe": Case(lambda d: write_gemma4(d, gemma4_config(tie=False, moe=True), seed=13), _gemma_drafter),
+    "gemma4-moe-per-expert": Case(_gemma_per_expert, _gemma_drafter),
     "muse": Case(lambda d: write_muse(d, muse_config(layers=4), seed=17), _muse_drafter),
 }
 PROMPTS = ((1, 17, 300, 42, 7), (5, 9, 250, 101, 33, 64, 2, 480))
-PACKED = ("ct-int4-sym-g32", "ct-fp8-channel")  # compressed-tensors' compressors; Gemma's experts fused 3-D
+# compressed-tensors' compressors (Gemma's experts as fused 3-D stacks) and test_quant.py's packers for the
+# formats without a fused layout (GPTQ, AWQ, AutoRound: Gemma's experts one by one); groups of 32 divide
+# every tiny width (Gemma's 96-wide MLP, its 32-wide experts)
+PACKED = {"gemma4": ("ct-int4-sym-g32", "ct-int4-asym-g32-actorder", "gptq-v1-sym-desc_act", "auto-round-auto_gptq",
+                     "awq-gemm-g32", "fp8-block128", "ct-fp8-tensor", "ct-fp8-channel"),
+          "gemma4-moe": ("ct-int4-sym-g32", "fp8-block128", "ct-fp8-channel"),
+          "gemma4-moe-per-expert": ("gptq-v1-sym-desc_act", "awq-gemm-g32", "auto-round-auto_gptq"),
+          "muse": ("ct-int4-sym-g32", "gptq-v1-sym-desc_act", "awq-gemm-g32", "fp8-block128", "ct-fp8-channel")}
+# (not asymmetric act-order compressed-tensors where a width is one group: 32-wide experts, Muse's 32-wide
+# vision tower, which the builder packs too: test_quant.pack_compressed_tensors cannot view a 1-row zero grid)
 AT_LOAD = ("int4", "int8", "fp8")
 KIND = {"int4": Int4Linear, "int8": Int8Linear, "fp8": Fp8Linear}
 
@@ -98,15 +121,32 @@ def dequantized_twin(quantized: Path, twin: Path) -> Path:
             experts.setdefault(e.group(1), {}).setdefault(int(e.group(2)), {})[e.group(3)] = dense
         else:
             out[m + ".weight"] = dense
+    shutil.copytree(quantized, twin, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    save_file(_fused(out, experts), str(twin / "model.safetensors"), metadata={"format": "pt"})
+    (twin / "config.json").write_text(json.dumps(config))
+    return twin
+
+
+def _fused(out: dict, experts: dict) -> dict:
+    """`out` with per-expert projections (prefix → expert → part → [out, in]) fused into transformers' stacks."""
     for prefix, by_expert in experts.items():
         order = sorted(by_expert)
         out[prefix + "gate_up_proj"] = torch.stack([torch.cat([by_expert[i]["gate_proj"], by_expert[i]["up_proj"]])
                                                     for i in order])
         out[prefix + "down_proj"] = torch.stack([by_expert[i]["down_proj"] for i in order])
-    shutil.copytree(quantized, twin, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    save_file({k: v.contiguous() for k, v in out.items()}, str(twin / "model.safetensors"), metadata={"format": "pt"})
-    (twin / "config.json").write_text(json.dumps(config))
-    return twin
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def fuse_twin(twin: Path) -> None:
+    """A plain twin's per-expert tensors fused into transformers' stacks (its Gemma4 class names no other)."""
+    w, out, experts = _tensors(twin), {}, {}
+    for name, t in w.items():
+        e = re.match(r"(.*\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
+        if e:
+            experts.setdefault(e.group(1), {}).setdefault(int(e.group(2)), {})[e.group(3)] = t
+        else:
+            out[name] = t
+    save_file(_fused(out, experts), str(twin / "model.safetensors"), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +165,7 @@ def built(tmp_path_factory):
                 dequantized_twin(root / "q", root / "twin")
             else:
                 pack_checkpoint(plain, root / "q", root / "twin", FORMATS[how])
+                fuse_twin(root / "twin")
             cache[(case, how)] = root / "q", root / "twin", drafter, plain
         return cache[(case, how)]
     return get
@@ -144,7 +185,7 @@ def _all_projections(target) -> list:
     return out
 
 
-MATRIX = [(c, h) for c in CASES for h in (*PACKED, *AT_LOAD)]
+MATRIX = [(c, h) for c in CASES for h in (*PACKED[c], *AT_LOAD)]
 
 
 @pytest.mark.parametrize("case, how", [pytest.param(c, h, id=f"{c}-{h}") for c, h in MATRIX])
@@ -158,7 +199,9 @@ def test_quantized_target_runs_exactly_as_its_dequantized_twin(case, how, built)
     for lin in _all_projections(q.target):
         assert _kinds(lin) == {kind}, (how, _kinds(lin))
     for experts in _gemma_experts(q.target):  # the experts stay packed; the router stays dense
-        assert isinstance(experts.gate_up, kind) and isinstance(experts.down, kind), type(experts.gate_up)
+        for stack in (experts.gate_up, experts.down):  # act-order GPTQ: each expert its own column order
+            assert all(_kinds(e) == {kind} for e in stack.experts) if isinstance(stack, ExpertList) else \
+                isinstance(stack, kind), type(stack)
         assert not isinstance(experts.proj, (Int4Linear, Int8Linear, Fp8Linear))
     exact_q = realign(loader.load(qdir, None, device="cpu", max_context=64).target)
     exact_twin = realign(loader.load(twin_dir, None, device="cpu", max_context=64).target)
