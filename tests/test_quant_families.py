@@ -270,3 +270,39 @@ def test_the_memory_plan_counts_gemma_experts_quantized_and_its_router_dense():
         assert q[p + "self_attn.q_proj.weight"] and q[p + "mlp.down_proj.weight"]
         assert all(q[n] for n in ((p + "experts.gate_up_proj", p + "experts.down_proj") if layout == FUSED else
                                   (p + "experts.7.gate_proj.weight", p + "experts.0.down_proj.weight")))
+
+
+@pytest.mark.slow  # Triton's interpreter on shared cores
+@pytest.mark.parametrize("case, how", [("gemma4-moe", "int4"), ("gemma4-moe-per-expert", "gptq-v1-sym-desc_act"),
+                                       ("muse", "fp8-block128")])
+def test_bf16_through_the_interpreted_kernels_speculative_output_equals_plain_decoding(case, how, built, monkeypatch):
+    """bf16 through the Triton kernels (the CPU's torch GEMMs are not batch-invariant in bf16, for any family,
+    quantized or not): a step's logits do not depend on how many tokens it verifies, so speculative output
+    is plain decoding's at every b."""
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    qdir, _, drafter_dir, _ = built(case, how)
+    model = loader.load(qdir, drafter_dir, device="cpu", dtype="bfloat16", max_context=64)
+    target = realign(model.target)
+    ids = list(range(5, 14))
+    assert torch.equal(_prefill_logits(target, ids, (9,)), _prefill_logits(target, ids, (1,) * 9))
+    prompt = PROMPTS[0]
+    plain = _tokens(Engine(target), prompt, 6)
+    for b in (1, 2, 4, 8):
+        assert _tokens(Engine(target, model.drafter, block_size=b), prompt, 6) == plain, b
+
+
+@pytest.mark.parametrize("case", ["gemma4-moe", "muse"])
+def test_load_quantizes_these_families_once_and_answers_as_the_copy(case, built, tmp_path, monkeypatch):
+    """`load(..., quantize=)` (the cache path, which refuses families outside config.QUANT_FAMILIES) quantizes
+    the wrapper checkpoint, and the pair's speculative answer is the cached copy's plain greedy answer."""
+    from dflash_cli import load
+    from dflash_cli.quant import cache as qcache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _, _, drafter_dir, plain = built(case, "int4")
+    pair = load(target=plain, drafter=drafter_dir, device="cpu", quantize="int4", block_size=4)
+    copy = qcache.copy_dir(plain, "int4")
+    assert pair.model.target_dir == copy and (copy / "config.json").is_file()
+    prompt = list(PROMPTS[1])
+    want = _tokens(Engine(loader.load(copy, None, device="cpu", max_context=64).target), prompt, 12)
+    assert _tokens(Engine(pair.model.target, pair.model.drafter, block_size=4), prompt, 12) == want

@@ -77,7 +77,9 @@ class GemmaExperts:
     """Gemma 4's sparse block: the router reads the unscaled RMS-normed residual times `scale` and
     hidden^-0.5, softmaxes all logits in fp32, keeps the top k renormalised, times `per_expert_scale`;
     each chosen expert is a GELU-tanh GLU. A token's sum runs over its experts in rank order, whatever
-    the other rows (a verify row equals the decode of the same token)."""
+    the other rows (a verify row equals the decode of the same token). Quantized experts stay packed;
+    a step dequantizes (reference dequantizer, activations' dtype) only the experts it runs: one copy per
+    (token, rank) up to GATHER_ROWS tokens, one expert at a time beyond; the dequantized twin's GEMMs follow."""
 
     proj: Linear  # [E, H]
     scale: torch.Tensor  # [H]
@@ -127,11 +129,10 @@ class GemmaExperts:
                 y = out if y is None else y + out
             return y.to(x.dtype)
         y = torch.zeros_like(x, dtype=torch.float32)
-        gate_ups, downs = (s if isinstance(s, torch.Tensor) else s.dequantize(x.dtype) for s in (self.gate_up, self.down))
         for e in idx.unique().tolist():
             rows, rank = torch.where(idx == e)
-            gate, up = (x[rows] @ gate_ups[e].T).chunk(2, dim=-1)
-            out = (F.gelu(gate, approximate="tanh") * up) @ downs[e].T
+            gate, up = (x[rows] @ _gemma_expert(self.gate_up, e, x.dtype).T).chunk(2, dim=-1)
+            out = (F.gelu(gate, approximate="tanh") * up) @ _gemma_expert(self.down, e, x.dtype).T
             y.index_add_(0, rows, out.float() * weights[rows, rank, None])
         return y.to(x.dtype)
 
@@ -145,6 +146,16 @@ def _gemma_pick(stack, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(stack, ExpertList):
         return stack.dequantize(dtype)[e]
     return _gather_experts(stack, e).dequantize(dtype)
+
+
+def _gemma_expert(stack, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert `e`'s dense [out, in] matrix (a quantized stack: that expert alone dequantized, transiently)."""
+    if isinstance(stack, torch.Tensor):
+        return stack[e]
+    if isinstance(stack, ExpertList):
+        return dequantize_linear(stack.experts[e], dtype)
+    device = (stack.qweight if isinstance(stack, Int4Linear) else stack.weight).device
+    return _gather_experts(stack, torch.tensor([e], device=device)).dequantize(dtype)[0]
 
 
 def moe_layout_of(names) -> str:
