@@ -306,3 +306,18 @@ def test_load_quantizes_these_families_once_and_answers_as_the_copy(case, built,
     prompt = list(PROMPTS[1])
     want = _tokens(Engine(loader.load(copy, None, device="cpu", max_context=64).target), prompt, 12)
     assert _tokens(Engine(pair.model.target, pair.model.drafter, block_size=4), prompt, 12) == want
+
+
+def test_a_gemma_router_stored_quantized_is_refused_by_name_in_one_line(built, tmp_path):
+    from dflash_cli.errors import DflashError
+
+    from .test_quant import pack_compressed_tensors
+    from .test_quant_models import _int4_of, _requantize
+
+    qdir, _, _, _ = built("gemma4-moe", "ct-int4-sym-g32")
+    name = "model.language_model.layers.1.router.proj"
+    bad = _requantize(qdir, tmp_path / "bad", lambda w: _int4_of(w, name + ".weight",
+                                                                 lambda c, s, z: pack_compressed_tensors(c, s, z, True)))
+    with pytest.raises(DflashError) as e:
+        loader.load(bad, None, device="cpu", max_context=64)
+    assert f"{name} is stored quantized, but it is a router" in str(e.value) and "\n" not in str(e.value)

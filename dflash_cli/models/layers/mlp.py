@@ -93,6 +93,9 @@ class GemmaExperts:
     def take(cls, w: dict[str, torch.Tensor], p: str, top_k: int, eps: float) -> "GemmaExperts":
         """The router (dense, always) and the experts: fused [E, out, in] stacks (plain or stored quantized) or
         per-expert projections `experts.{e}.{gate,up,down}_proj` (what quantizing at load writes)."""
+        if quantized_scheme(w, p + "router.proj") is not None:  # a "proj" the loader reads as a projection
+            raise DflashError(f"{p}router.proj is stored quantized, but it is a router, which dflash reads dense: "
+                              "use a checkpoint that keeps it in bf16 (its quantization_config's ignore list)")
         proj, scale, per_expert = (take_linear(w, p + "router.proj"), w.pop(p + "router.scale"),
                                    w.pop(p + "router.per_expert_scale"))
         fused = p + "experts.gate_up_proj"
