@@ -35,7 +35,7 @@ _MEASURED = {
     "muse-glimmer-30b": (62813785600, 37656501760, 37656501760, 25461378560, 55712344064),
     "gemma-4-12b": (27960569440, 17065102944, 17065102944, 11780959840, 23816240224),
     "gemma-4-31b": (69611243128, 40332973688, 40332973688, 26138756728, 61397353592),
-    "gemma-4-26b-a4b": (54070485052, 29609782332, 29609782332, 17722739772, 50467507772),
+    "gemma-4-26b-a4b": (54070485052, 29620588092, 29620588092, 17738790972, 50467507772),
 }
 GPU_MEMORY = {alias: dict(zip(FORMATS, row)) for alias, row in _MEASURED.items()}  # alias → format → bytes
 TARGET_WEIGHTS = {alias: row[-1] for alias, row in _MEASURED.items()}  # the target's bf16 weights (its download)

@@ -37,11 +37,12 @@ def read_config(directory: Path) -> dict:
 # reads it). A quantized checkpoint read as plain weights loads without error and writes garbage, so every
 # format not turned on here is refused by name before a weight is read (the quantized-targets issue turns
 # entries on by naming the family that implements it).
-# int4 / FP8 weight-only (dflash_cli/quant) run on the families tests/test_quant_models.py runs quantized
-# (their projections and experts go through models/layers/linear.take_linear); gpt-oss's experts are MXFP4
-# already, and muse_glimmer has no quantized release to test against yet. Which variants of each method
-# are read is quant/plan.py's, refused there by name.
-QUANT_FAMILIES = ("qwen3", "llama", "qwen3_moe", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+# int4 / FP8 weight-only (dflash_cli/quant) run on the families tests/test_quant_models.py and
+# tests/test_quant_families.py run quantized (their projections and experts go through models/layers/linear.take_linear;
+# Gemma 4's routed experts through its own torch path, dequantizing the experts a step needs); gpt-oss's
+# experts are MXFP4 already. Which variants of each method are read is quant/plan.py's, refused there by name.
+QUANT_FAMILIES = ("qwen3", "llama", "qwen3_moe", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
+                  "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "muse_glimmer")
 QUANTIZATION_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mxfp4": ("*_blocks, *_scales", ("gpt_oss",)),  # gpt_oss.py's experts
     "fp8": ("weight_scale_inv", QUANT_FAMILIES),

@@ -66,7 +66,7 @@ def quantizable(w) -> bool:
     module = w.name.removesuffix(".weight")  # transformers' fused experts have no ".weight": experts.down_proj
     last = module.rpartition(".")[2]
     return (w.dtype == "model" and len(w.shape) >= 2 and "proj" in last and not last.endswith("bias")
-            and last not in _KEPT)
+            and last not in _KEPT and ".router." not in f".{module}")  # Gemma 4's router.proj: a router
 
 
 def quantized_weight_bytes(shape: tuple[int, ...], fmt: str) -> int:

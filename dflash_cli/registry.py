@@ -116,18 +116,16 @@ PAIRS: tuple[ModelPair, ...] = (
     # spelling); the 31B drafter's block 16 is its config's, the 12B's and 26B-A4B's are z-lab's usual 16 [not
     # seen in a config]. Thinking off: the drafters' users run them without the thinking channel [not stated
     # by z-lab]. Apache 2.0, not gated.
-    ModelPair("gemma-4-12b", "google/gemma-4-12B-it", "z-lab/gemma4-12B-it-DFlash", 16, quantizable=False),
-    ModelPair("gemma-4-31b", "google/gemma-4-31B-it", "z-lab/gemma-4-31B-it-DFlash", 16, quantizable=False),
-    ModelPair("gemma-4-26b-a4b", "google/gemma-4-26B-A4B-it", "z-lab/gemma-4-26B-A4B-it-DFlash", 16, kind="moe",
-              quantizable=False),
+    ModelPair("gemma-4-12b", "google/gemma-4-12B-it", "z-lab/gemma4-12B-it-DFlash", 16),
+    ModelPair("gemma-4-31b", "google/gemma-4-31B-it", "z-lab/gemma-4-31B-it-DFlash", 16),
+    ModelPair("gemma-4-26b-a4b", "google/gemma-4-26B-A4B-it", "z-lab/gemma-4-26B-A4B-it-DFlash", 16, kind="moe"),
     # DFlash2 drafters (research/dflash2.md §1, §4): the v1 drafter plus dynamic convs and a candidate selector.
     # Qwen3.8-27B is the Qwen3.5 hybrid architecture; thinking on, its template's reasoning effort at its default.
     ModelPair("qwen3.8-27b", "Qwen/Qwen3.8-27B", "z-lab/Qwen3.8-27B-DFlash2", 8, kind="hybrid", think=True),
     # Muse-Glimmer-30B (models/muse_glimmer.py), 60 GB in bf16: one 80 GB GPU. Repo ids as public configs and
     # serving recipes cite them (z-lab's drafter at b54ffdd1; Meta's v1 `meta-models/Muse-Glimmer-30B-assistant`
     # loads too, as --drafter). Thinking on: the DFlash2 drafter was fine-tuned from Meta's assistant [U: its mode].
-    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16, think=True,
-              quantizable=False),
+    ModelPair("muse-glimmer-30b", "meta-models/Muse-Glimmer-30B", "z-lab/Muse-Glimmer-30B-DFlash2", 16, think=True),
     # Published by incoai, not in z-lab's list; the target's repo id is not confirmed (research/dflash2.md §4).
     ModelPair("glm-5.3-flash", "zai-org/GLM-5.3-Flash", "incoai/GLM-5.3-Flash-DFlash2", 8, supported=False,
               note=_GLM53, kind="hybrid"),

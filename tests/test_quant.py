@@ -410,11 +410,12 @@ def test_unsupported_variants_are_refused_by_name_in_one_line(quant, says):
 
 def test_quantization_formats_table_runs_int4_and_fp8_on_the_families_tested_quantized():
     """The loader reads them for the families tests/test_quant_models.py runs quantized (dense, the hybrid,
-    both MoE layouts); the others (gpt-oss, muse-glimmer) and the formats dflash does not read stay refused
-    by name."""
+    both MoE layouts) and tests/test_quant_families.py (Gemma 4, Muse-Glimmer); the others (gpt-oss) and the
+    formats dflash does not read stay refused by name."""
     from dflash_cli.config import QUANTIZATION_FORMATS
     from dflash_cli.models import FAMILIES
-    tested = {"qwen3", "llama", "qwen3_moe", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"}
+    tested = {"qwen3", "llama", "qwen3_moe", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
+              "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "muse_glimmer"}
     assert tested <= set(FAMILIES) and "gpt_oss" in set(FAMILIES) - tested
     for method in ("compressed-tensors", "gptq", "awq", "fp8", "auto-round"):
         assert set(QUANTIZATION_FORMATS[method][1]) == tested, method

@@ -331,12 +331,23 @@ def test_the_readme_models_table_is_what_dflash_computes():
         assert card.startswith(choice.format) and (choice.repo is None or choice.repo.repo in card), alias
 
 
-def test_families_not_tested_quantized_are_not_offered_quantized():
-    """Gemma 4 and Muse-Glimmer load no quantized checkpoint (config.QUANT_FAMILIES): no format but bf16 is
-    offered, and the refusal names the pair, not its kind."""
-    gemma = registry.resolve("gemma-4-26b-a4b")
-    assert catalog._by_format(gemma) == {"bf16": catalog.gpu_memory(gemma), "fp8": None, "int8": None, "int4": None}
+def test_gemma4_and_muse_glimmer_are_offered_quantized_and_a_family_not_tested_so_is_refused_by_name():
+    """Gemma 4 and Muse-Glimmer run quantized (config.QUANT_FAMILIES, tests/test_quant_families.py): every
+    format is offered, with a size between int4's and bf16's, and the defaults quantize at load. A pair whose
+    family is not tested quantized (`quantizable=False`) gets no format but bf16, and the refusal names the
+    pair, not its kind."""
+    for alias in ("gemma-4-12b", "gemma-4-31b", "gemma-4-26b-a4b", "muse-glimmer-30b"):
+        pair = registry.resolve(alias)
+        needs = catalog._by_format(pair)
+        assert pair.quantizable and needs["int4"] < needs["int8"] == needs["fp8"] < needs["bf16"], (alias, needs)
+    choice = precision.choose(registry.resolve("gemma-4-26b-a4b"), None, 23 * GiB)
+    assert (choice.format, choice.repo, choice.at_load) == ("int4", None, True)
+    choice = precision.choose(registry.resolve("muse-glimmer-30b"), "int4", None)
+    assert (choice.format, choice.at_load) == ("int4", True)
+    untested = replace(registry.resolve("gemma-4-26b-a4b"), quantizable=False)
+    assert catalog._by_format(untested) == {"bf16": catalog.gpu_memory(untested), "fp8": None, "int8": None,
+                                            "int4": None}
     with pytest.raises(DflashError, match=r"dflash does not run gemma-4-26b-a4b quantized yet"):
-        precision.choose(gemma, None, 23 * GiB)
+        precision.choose(untested, None, 23 * GiB)
     with pytest.raises(UsageError, match=r"--quantize int4: dflash does not run muse-glimmer-30b quantized yet"):
-        precision.choose(registry.resolve("muse-glimmer-30b"), "int4", None)
+        precision.choose(replace(registry.resolve("muse-glimmer-30b"), quantizable=False), "int4", None)

@@ -438,8 +438,9 @@ def test_a_family_that_cannot_run_quantized_is_refused_before_quantizing(tmp_pat
     from .tiny_gpt_oss import gpt_oss_config, write_gpt_oss
 
     src = write_gpt_oss(tmp_path / "gpt-oss", gpt_oss_config())
-    says = r"^--quantize: gpt_oss targets do not run quantized yet \(dflash runs quantized projections for llama, "
-    with pytest.raises(DflashError, match=says + r"qwen3, qwen3_5, qwen3_5_moe, qwen3_moe\)$"):
+    says = r"^--quantize: gpt_oss targets do not run quantized yet \(dflash runs quantized projections for gemma4, "
+    with pytest.raises(DflashError, match=says + r"gemma4_unified, llama, muse_glimmer, qwen3, qwen3_5, qwen3_5_moe, "
+                                                 r"qwen3_moe\)$"):
         qcache.quantized(src, "int4", say=lambda _: pytest.fail("started quantizing"))
     assert not cache_home.exists() or not list(cache_home.iterdir())
 

@@ -16,6 +16,7 @@ Per-layer embeddings and KV sharing (E2B/E4B only) are refused by name.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ..errors import DflashError
 from ..rope import rope_table
 from .base import Decoder, DecoderConfig, Family, StepPlan, head_weights, layer_norm_weights
 from .layers.attention import Attention, attention_weights
-from .layers.mlp import GeluGLU, GemmaExperts, gemma_expert_weights, mlp_weights
+from .layers.mlp import FUSED, PER_EXPERT, GeluGLU, GemmaExperts, gemma_expert_weights, mlp_weights
 from .layers.norm import RMSNorm
 from .weights import Weight
 
@@ -144,6 +145,12 @@ def _rope(params: dict, where: Path) -> tuple[float, dict | None]:
     return float(params["rope_theta"]), None if params.get("rope_type", "default") == "default" else dict(params)
 
 
+def layout_of(names) -> str:
+    """The routed experts' layout: transformers' fused stacks (`experts.gate_up_proj`, as released or stored
+    quantized) or, as quantizing at load writes them, per expert (`experts.{e}.gate_proj.weight_packed`...)."""
+    return PER_EXPERT if any(re.search(r"(^|\.)experts\.\d+\.gate_proj\.", n) for n in names) else FUSED
+
+
 def weight_table(c: Config, layout: str | None = None) -> list[Weight]:
     table = head_weights(c, c.prefix, norm_dtype="float32")
     for i in range(c.num_layers):
@@ -155,7 +162,12 @@ def weight_table(c: Config, layout: str | None = None) -> list[Weight]:
         norms = ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
         if c.num_experts:
             norms += ["pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"]
-            table += gemma_expert_weights(p, c.hidden_size, c.num_experts, c.moe_intermediate_size)
+            experts = gemma_expert_weights(p, c.hidden_size, c.num_experts, c.moe_intermediate_size)
+            if layout == PER_EXPERT:  # quantized at load: one projection per expert (quant/quantize.py)
+                experts = [x for x in experts if ".router." in x.name] + [
+                    x for e in range(c.num_experts)
+                    for x in mlp_weights(f"{p}experts.{e}.", c.hidden_size, c.moe_intermediate_size)]
+            table += experts
         table += [Weight(p + n + ".weight", (c.hidden_size,), "norm", dtype="float32") for n in norms]
         table += mlp_weights(p + "mlp.", c.hidden_size, c.intermediate_size)
         table.append(Weight(p + "layer_scalar", (1,), "norm"))
@@ -242,4 +254,4 @@ def build(c: Config, w: dict[str, torch.Tensor], max_positions: int) -> Decoder:
 
 
 # Gemma 4 thinks when its system turn starts with <|think|> (formats/gemma4.py).
-FAMILY = Family(MODEL_TYPES, Config, weight_table, build, cache_bytes)
+FAMILY = Family(MODEL_TYPES, Config, weight_table, build, cache_bytes, layout_of=layout_of)

@@ -6,11 +6,13 @@ shapes before a weight is read, then every tensor's bytes are appended in order.
 projection (in fp32, with its quantizing temporaries) is ever in memory, on the host or on `device`.
 
 What is quantized: the 2-D projections of the decoder layers (attention, MLP, Gated DeltaNet's in/out
-projections, every MoE expert; a fused [E, out, in] expert stack is written per expert, the layout
-transformers' save_pretrained and Qwen3-Coder use). Never: the embedding, lm_head, norms, routers
-(`mlp.gate`, `router`, `shared_expert_gate`), Gated DeltaNet's small tensors (A_log, dt_bias, conv1d, its
+projections (Muse-Glimmer's attention gate_proj too), every MoE expert; a fused [E, out, in] expert stack
+(Qwen3.5's `mlp.experts.*`, Gemma 4's `experts.*`) is written per expert, the layout transformers'
+save_pretrained and Qwen3-Coder use). Never: the embedding, lm_head, norms (Gemma 4's numbered ones too),
+routers (`mlp.gate`, `router`: Gemma 4's router.proj, router.scale and per_expert_scale, `shared_expert_gate`),
+Gemma 4's layer_scalar, Gated DeltaNet's small tensors (A_log, dt_bias, conv1d, its
 norm, and in_proj_a / in_proj_b: a few rows each that drive the decay and beta gates), gpt-oss's sinks and
-its experts (shipped MXFP4; a bf16 copy stays bf16), MTP heads and vision towers: they are copied as is.
+its experts (shipped MXFP4; a bf16 copy stays bf16), MTP heads and vision / audio towers: they are copied as is.
 
 The schemes, each written in the format compressed-tensors (and so vLLM and transformers) reads:
 - int4: symmetric, groups of 128 input columns (a whole row where the width is not a multiple of 128),
@@ -52,9 +54,15 @@ _FORMAT = {"int4": "pack-quantized", "int8": "int-quantized", "fp8": "float-quan
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
               torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
 # a component that names what is never quantized (norms: any component ending in "norm")
-_KEEP = re.compile(r"(^|\.)(embed_tokens|lm_head|\w*norm|gate|router|shared_expert_gate|conv1d|in_proj_a|in_proj_b|"
-                   r"in_proj_ba|sinks|A_log|dt_bias)(\.|$)")
+# (Gemma 4's numbered norms: pre_feedforward_layernorm_2, post_feedforward_layernorm_1; its router.proj and
+# router.scale under `router`; its layer_scalar)
+_KEEP = re.compile(r"(^|\.)(embed_tokens|lm_head|\w*norm(_\d+)?|gate|router|shared_expert_gate|conv1d|in_proj_a|"
+                   r"in_proj_b|in_proj_ba|sinks|A_log|dt_bias|layer_scalar)(\.|$)")
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+# a vision-language wrapper's other towers (Qwen3.5's visual, Gemma 4's vision/audio towers and embedders,
+# Muse-Glimmer's vision tower and projector): never read by dflash, copied as they are
+_TOWER = re.compile(r"(^|\.)(visual|vision\w*|audio\w*|embed_vision|embed_audio|multi_modal_projector)\.")
+_FUSED = re.compile(r"(^|\.)experts\.(gate_up_proj|down_proj)$")  # Qwen's mlp.experts.*, Gemma 4's experts.*
 
 
 # ---- the quantizers: one fp32 weight [out, in] → the tensors its format stores ----
@@ -137,7 +145,8 @@ def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype, search: bo
 
 def is_projection(module: str) -> bool:
     """A decoder layer's projection that is quantized (its name without ".weight")."""
-    return bool(_LAYER.search(module)) and not module.startswith("mtp.") and not _KEEP.search(module)
+    return (bool(_LAYER.search(module)) and not module.startswith("mtp.") and not _KEEP.search(module)
+            and not _TOWER.search(module))
 
 
 @dataclass
@@ -241,20 +250,20 @@ def plan_jobs(src: Source, scheme: str, raw: dict, device: torch.device, search:
         st_dtype, shape = src.headers[name]
         path = src.files[name]
         module = name.removesuffix(".weight")
-        fused = re.search(r"mlp\.experts\.(gate_up_proj|down_proj)$", name)
+        fused = _FUSED.search(name)
         if name.endswith(".weight") and len(shape) == 2 and is_projection(module) and st_dtype in (
                 "F32", "BF16", "F16", "F8_E4M3"):
             dtype = _float_dtype(st_dtype)
             add(path, projection(module, module, dense(module), shape[0], shape[1], dtype))
         elif fused and len(shape) == 3 and is_projection(module) and name + "_bias" not in src.headers \
                 and st_dtype in ("F32", "BF16", "F16"):
-            # Qwen's fused [E, out, in] stack, written per expert (gate_up is gate's rows, then up's)
+            # a fused [E, out, in] stack (Qwen3.5's, Gemma 4's), written per expert (gate_up is gate's rows, then up's)
             dtype = _float_dtype(st_dtype)
-            prefix = name[: -len(fused.group(0))] + "mlp.experts."
+            prefix = name[: fused.start(2)]
             for e in range(shape[0]):
                 def expert(e=e, name=name):
                     return src.read(name, e).to(device, torch.float32)
-                if fused.group(1) == "down_proj":
+                if fused.group(2) == "down_proj":
                     add(path, projection(module, f"{prefix}{e}.down_proj", expert, shape[1], shape[2], dtype))
                 else:
                     half = shape[1] // 2
@@ -296,11 +305,21 @@ def _write_safetensors(path: Path, jobs: list[Job]) -> dict[str, int]:
     return sizes
 
 
-def _targets(modules: list[str]) -> list[str]:
+def _targets(modules: list[str], others: set[str] = frozenset()) -> list[str]:
     """Anchored regexes matching exactly `modules` (layer and expert numbers generalised where that adds
-    no other module of the checkpoint)."""
-    patterns = sorted({re.sub(r"\.\d+\.", ".N.", m) for m in modules})
-    return ["re:^" + re.escape(p).replace(r"\.N\.", r"\.\d+\.") + "$" for p in patterns]
+    none of `others`, the checkpoint's other modules: Gemma 4's o_proj is one int4 group per row in a
+    sliding layer and groups of 128 in a global one, where the heads are wider)."""
+    by_pattern: dict[str, list[str]] = {}
+    for m in modules:
+        by_pattern.setdefault(re.sub(r"\.\d+\.", ".N.", m), []).append(m)
+    out = []
+    for p, ms in sorted(by_pattern.items()):
+        general = "^" + re.escape(p).replace(r"\.N\.", r"\.\d+\.") + "$"
+        if any(re.match(general, o) for o in others):
+            out += ["re:^" + re.escape(m) + "$" for m in sorted(ms)]
+        else:
+            out.append("re:" + general)
+    return out
 
 
 def quantization_config(scheme: str, modules: list[str], widths: dict[str, int], plain: set[str]) -> dict:
@@ -319,9 +338,9 @@ def quantization_config(scheme: str, modules: list[str], widths: dict[str, int],
     else:
         parts = [(modules, {"num_bits": 8, "type": "int" if scheme == "int8" else "float", "symmetric": True,
                             "dynamic": False, "strategy": "channel", "observer": "minmax"})]
-    groups = {f"group_{i}": {"targets": _targets(ms), "weights": w, "input_activations": None,
-                             "output_activations": None, "format": fmt} for i, (ms, w) in enumerate(parts) if ms}
     everything = set(modules) | plain
+    groups = {f"group_{i}": {"targets": _targets(ms, everything - set(ms)), "weights": w, "input_activations": None,
+                             "output_activations": None, "format": fmt} for i, (ms, w) in enumerate(parts) if ms}
     for (ms, _), group in zip([p for p in parts if p[0]], groups.values()):
         for t in group["targets"]:  # a generalised layer number must catch no module of another kind
             wrong = [m for m in everything if re.match(t[3:], m) and m not in ms]

@@ -90,20 +90,36 @@ class GemmaExperts:
     """Gemma 4's sparse block: the router reads the unscaled RMS-normed residual times `scale` and
     hidden^-0.5, softmaxes all logits in fp32, keeps the top k renormalised, times `per_expert_scale`;
     each chosen expert is a GELU-tanh GLU. A token's sum runs over its experts in rank order, whatever
-    the other rows (a verify row equals the decode of the same token)."""
+    the other rows (a verify row equals the decode of the same token). Quantized experts stay packed;
+    a step dequantizes (reference dequantizer, activations' dtype) only the experts it runs: one copy per
+    (token, rank) up to GATHER_ROWS tokens, one expert at a time beyond; the dequantized twin's GEMMs follow."""
 
     proj: Linear  # [E, H]
     scale: torch.Tensor  # [H]
     per_expert_scale: torch.Tensor  # [E]
-    gate_up: torch.Tensor  # [E, 2I, H]
-    down: torch.Tensor  # [E, H, I]
+    gate_up: "torch.Tensor | Int4Linear | Fp8Linear | Int8Linear | ExpertList"  # [E, 2I, H] (quantized: as stored)
+    down: "torch.Tensor | Int4Linear | Fp8Linear | Int8Linear | ExpertList"  # [E, H, I]
     top_k: int
     eps: float
 
     @classmethod
     def take(cls, w: dict[str, torch.Tensor], p: str, top_k: int, eps: float) -> "GemmaExperts":
-        return cls(take_linear(w, p + "router.proj"), w.pop(p + "router.scale"), w.pop(p + "router.per_expert_scale"),
-                   w.pop(p + "experts.gate_up_proj"), w.pop(p + "experts.down_proj"), top_k, eps)
+        """The router (dense, always) and the experts: fused [E, out, in] stacks (plain or stored quantized) or
+        per-expert projections `experts.{e}.{gate,up,down}_proj` (what quantizing at load writes)."""
+        if quantized_scheme(w, p + "router.proj") is not None:  # a "proj" the loader reads as a projection
+            raise DflashError(f"{p}router.proj is stored quantized, but it is a router, which dflash reads dense: "
+                              "use a checkpoint that keeps it in bf16 (its quantization_config's ignore list)")
+        proj, scale, per_expert = (take_linear(w, p + "router.proj"), w.pop(p + "router.scale"),
+                                   w.pop(p + "router.per_expert_scale"))
+        fused = p + "experts.gate_up_proj"
+        if fused in w or quantized_scheme(w, fused) is not None:
+            gate_up = _experts(take_one(w, fused, dense_key=fused))
+            down = _experts(take_one(w, p + "experts.down_proj", dense_key=p + "experts.down_proj"))
+        else:
+            names = [f"{p}experts.{e}." for e in range(per_expert.shape[0])]
+            gate_up = _stack_experts([take_linear(w, q + "gate_proj", q + "up_proj") for q in names], p)
+            down = _stack_experts([take_linear(w, q + "down_proj") for q in names], p)
+        return cls(proj, scale, per_expert, gate_up, down, top_k, eps)
 
     def route(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ones = torch.ones_like(self.scale, dtype=torch.float32)
@@ -122,18 +138,40 @@ class GemmaExperts:
             y = None
             for j in range(k):
                 e = idx[:, j]
-                gate, up = torch.bmm(self.gate_up[e], x[:, :, None])[..., 0].chunk(2, dim=-1)
-                out = torch.bmm(self.down[e], (F.gelu(gate, approximate="tanh") * up)[:, :, None])[..., 0]
+                gate, up = torch.bmm(_gemma_pick(self.gate_up, e, x.dtype), x[:, :, None])[..., 0].chunk(2, dim=-1)
+                out = torch.bmm(_gemma_pick(self.down, e, x.dtype),
+                                (F.gelu(gate, approximate="tanh") * up)[:, :, None])[..., 0]
                 out = out.float() * weights[:, j, None]  # weighted and summed in fp32, rounded once
                 y = out if y is None else y + out
             return y.to(x.dtype)
         y = torch.zeros_like(x, dtype=torch.float32)
         for e in idx.unique().tolist():
             rows, rank = torch.where(idx == e)
-            gate, up = (x[rows] @ self.gate_up[e].T).chunk(2, dim=-1)
-            out = (F.gelu(gate, approximate="tanh") * up) @ self.down[e].T
+            gate, up = (x[rows] @ _gemma_expert(self.gate_up, e, x.dtype).T).chunk(2, dim=-1)
+            out = (F.gelu(gate, approximate="tanh") * up) @ _gemma_expert(self.down, e, x.dtype).T
             y.index_add_(0, rows, out.float() * weights[rows, rank, None])
         return y.to(x.dtype)
+
+
+def _gemma_pick(stack, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [len(e), out, in] matrices of experts `e`: gathered from a dense stack, or (quantized) their
+    packed tensors gathered and dequantized by the reference dequantizer in `dtype`: the dequantized twin's
+    values, so the same GEMMs follow (a kernel that dequantizes in registers replaces this, as for MoE)."""
+    if isinstance(stack, torch.Tensor):
+        return stack[e]
+    if isinstance(stack, ExpertList):
+        return stack.dequantize(dtype)[e]
+    return _gather_experts(stack, e).dequantize(dtype)
+
+
+def _gemma_expert(stack, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert `e`'s dense [out, in] matrix (a quantized stack: that expert alone dequantized, transiently)."""
+    if isinstance(stack, torch.Tensor):
+        return stack[e]
+    if isinstance(stack, ExpertList):
+        return dequantize_linear(stack.experts[e], dtype)
+    device = (stack.qweight if isinstance(stack, Int4Linear) else stack.weight).device
+    return _gather_experts(stack, torch.tensor([e], device=device)).dequantize(dtype)[0]
 
 
 def moe_layout_of(names) -> str:
