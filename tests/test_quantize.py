@@ -175,23 +175,39 @@ def test_embedding_head_norms_routers_and_gated_deltanet_state_stay_plain(tmp_pa
     assert {n for n in names if plan.scheme_for(n)} == quantized
 
 
+def _fp8_blocks(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One [out, in] weight in e4m3 with a block-128 scale grid: (fp8, grid, its dequantization)."""
+    o, i = t.shape
+    s = torch.zeros(-(-o // 128), -(-i // 128))
+    for r in range(s.shape[0]):
+        for c in range(s.shape[1]):
+            s[r, c] = t[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128].abs().max() / 448
+    full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:o, :i]
+    q = (t / full).to(torch.float8_e4m3fn)
+    return q, s, q.float() * full
+
+
 def _fp8_block_checkpoint(src: Path, dst: Path) -> dict[str, torch.Tensor]:
-    """`src` as Qwen's FP8 release stores it: e4m3 weights with a block-128 `weight_scale_inv` each;
-    returns each projection's FP8-dequantized weight."""
+    """`src` as Qwen's FP8 release stores it: e4m3 weights with a block-128 `weight_scale_inv` each (a fused
+    [E, out, in] expert stack in e4m3 with its [E, ...] `_scale_inv` stack beside it, as Qwen3.5-MoE's -FP8
+    releases name them); returns each projection's FP8-dequantized weight (a fused stack's per expert, gate
+    and up split, as --quantize writes them)."""
     dst.mkdir()
     w, deq = tensors(src), {}
     out = {}
     for k, t in w.items():
+        fused = re.search(r"\.experts\.(gate_up_proj|down_proj)$", k)
         if ".layers." in k and k.endswith("_proj.weight"):
-            o, i = t.shape
-            s = torch.zeros(-(-o // 128), -(-i // 128))
-            for r in range(s.shape[0]):
-                for c in range(s.shape[1]):
-                    s[r, c] = t[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128].abs().max() / 448
-            full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:o, :i]
-            q = (t / full).to(torch.float8_e4m3fn)
-            out[k], out[k + "_scale_inv"] = q, s
-            deq[k.removesuffix(".weight")] = q.float() * full
+            out[k], out[k + "_scale_inv"], deq[k.removesuffix(".weight")] = _fp8_blocks(t)
+        elif fused and t.dim() == 3:
+            parts = [_fp8_blocks(t[e]) for e in range(t.shape[0])]
+            out[k], out[k + "_scale_inv"] = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+            prefix, half = k[: fused.start(1)], t.shape[1] // 2
+            for e, (_, _, d) in enumerate(parts):
+                if fused.group(1) == "down_proj":
+                    deq[f"{prefix}{e}.down_proj"] = d
+                else:
+                    deq[f"{prefix}{e}.gate_proj"], deq[f"{prefix}{e}.up_proj"] = d[:half], d[half:]
         else:
             out[k] = t
     save_file(out, str(dst / "model.safetensors"))
@@ -199,6 +215,9 @@ def _fp8_block_checkpoint(src: Path, dst: Path) -> dict[str, torch.Tensor]:
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": [128, 128]}
     (dst / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / f).is_file():
+            (dst / f).write_bytes((src / f).read_bytes())
     return deq
 
 
@@ -213,6 +232,51 @@ def test_an_fp8_checkpoint_becomes_int4_from_its_dequantized_weights(tmp_path):
         q, s = int4_codes(w, 128, torch.bfloat16)  # the FP8 file's scales are fp32: bf16 scales are written
         expect = (q.float().reshape(q.shape[0], -1, 128) * s.float()[..., None]).reshape(q.shape).to(torch.bfloat16)
         assert torch.equal(ours(tmp_path / "q", after, module).dequantize(), expect), module
+
+
+def test_an_fp8_moe_with_fused_experts_becomes_int4_expert_by_expert(tmp_path, cache_home):
+    """Qwen3.5-MoE as its -FP8 release stores it: fused [E, out, in] expert stacks in e4m3, a `_scale_inv`
+    stack beside each. --quantize int4 writes every expert int4 (per expert, gate and up split) from its
+    FP8-dequantized weights, nothing FP8 left; the loaded model holds them int4 and its logits are its
+    dequantized twin's (to fp32 rounding), its greedy tokens the twin's."""
+    from dflash_cli import loader
+    from dflash_cli.models.layers.mlp import FUSED, ExpertList
+    from dflash_cli.quant import Int4Linear
+    from dflash_cli.quant.quantize import int4_group
+
+    from dflash_cli.engine import Engine
+
+    from .test_quant_models import _prefill_logits, _tokens, realign
+
+    cfg = qwen35_moe_config(hidden=128, layers=2, moe_intermediate=64, shared=64, wrapper=False)
+    deq = _fp8_block_checkpoint(write_qwen35(tmp_path / "bf16", cfg, layout=FUSED), tmp_path / "fp8")
+    fp8 = tensors(tmp_path / "fp8")
+    stack = "model.layers.0.mlp.experts.gate_up_proj"
+    assert fp8[stack].dtype == torch.float8_e4m3fn and fp8[stack + "_scale_inv"].shape == (8, 1, 1)
+    experts = {m for m in deq if ".experts." in m}
+    assert len(experts) == 2 * 8 * 3
+    quantize_checkpoint(tmp_path / "fp8", tmp_path / "q", "int4")
+    after = tensors(tmp_path / "q")
+    assert not [k for k in after if re.search(r"experts\.(gate_up|down)_proj|scale_inv", k)]
+    assert all(t.dtype != torch.float8_e4m3fn for t in after.values())
+    for module, w in deq.items():  # every expert's gate, up and down among them
+        q, s = int4_codes(w, int4_group(w.shape[1]), torch.bfloat16)
+        g = s.shape[1]
+        expect = (q.float().reshape(q.shape[0], g, -1) * s.float()[..., None]).reshape(q.shape).to(torch.bfloat16)
+        assert torch.equal(ours(tmp_path / "q", after, module).dequantize(), expect), module
+    target = realign(loader.load(tmp_path / "q", None, device="cpu", max_context=64).target)
+    for lin in (target.layers[0].mlp.gate_up, target.layers[1].mlp.down):  # held packed: one stack or one by one
+        assert {type(e) for e in (lin.experts if isinstance(lin, ExpertList) else [lin])} == {Int4Linear}, lin
+    twin = realign(loader.load(dequantized_twin(tmp_path / "q", tmp_path / "twin"), None, device="cpu",
+                               max_context=64).target)
+    ids = list(range(3, 60, 3))
+    for chunks in ((len(ids),), (1, 4, len(ids) - 5)):
+        # Gated DeltaNet's in_proj stitches its int4 rows to the plain in_proj_a / in_proj_b rows (a Concat of
+        # GEMMs) where the twin runs one fp32 GEMM: they round apart in the last bits, no more
+        assert torch.allclose(_prefill_logits(target, ids, chunks), _prefill_logits(twin, ids, chunks),
+                              rtol=0, atol=1e-3), chunks
+    for prompt in ((1, 17, 300, 42, 7), (5, 9, 250, 101, 33, 64, 2, 480)):
+        assert _tokens(Engine(target), prompt, 12) == _tokens(Engine(twin), prompt, 12), prompt
 
 
 def test_a_checkpoint_already_quantized_is_refused_in_one_line(tmp_path, cache_home):

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import INDEX, SINGLE, weight_files
+from ..checkpoint import INDEX, SINGLE, stored_name, weight_files
 from ..config import quantization_of
 from ..errors import DflashError
 from ..hub import check_free_space
@@ -216,24 +216,32 @@ def plan_jobs(src: Source, scheme: str, raw: dict, device: torch.device, search:
     def add(path: Path, job: Job) -> None:
         jobs.setdefault(path, []).append(job)
 
-    fp8: dict[str, tuple] = {}  # FP8 source modules: their scheme and stored tensors (read together)
-    for name, (st_dtype, _) in src.headers.items():
+    # FP8 source modules: their scheme and stored tensors (key → name, read together). A fused [E, out, in]
+    # stack (Qwen3.5-MoE's -FP8 experts.gate_up_proj) keeps its scales beside it as the name with the key's
+    # "weight" replaced (experts.gate_up_proj_scale_inv), as checkpoint.stored_name reads them.
+    fp8: dict[str, tuple] = {}
+    for name, (st_dtype, shape) in src.headers.items():
+        fused = not name.endswith(".weight")
         module = name.removesuffix(".weight")
+        if st_dtype != "F8_E4M3" or (fused and not (_FUSED.search(name) and len(shape) == 3)):
+            continue
         scheme_in = None if source_plan is None else source_plan.scheme_for(module)
-        if name.endswith(".weight") and st_dtype == "F8_E4M3":
-            if scheme_in is None:
-                raise DflashError(f"{name} is FP8, but the quantization_config does not say how it is scaled")
-            stored = [k for k in (*STORED[scheme_in.format][0], *STORED[scheme_in.format][1])
-                      if f"{module}.{k}" in src.headers]
-            fp8[module] = (scheme_in, stored)
-            consumed.update(f"{module}.{k}" for k in stored if k != "weight")
+        if scheme_in is None:
+            raise DflashError(f"{name} is FP8, but the quantization_config does not say how it is scaled")
+        keys = (*STORED[scheme_in.format][0], *STORED[scheme_in.format][1])
+        stored = {k: stored_name(module, k, fused) for k in keys if not fused or k.startswith("weight")}
+        stored = {k: n for k, n in stored.items() if n in src.headers}
+        fp8[module] = (scheme_in, stored)
+        consumed.update(n for k, n in stored.items() if k != "weight")
 
-    def dense(module: str) -> Callable[[], torch.Tensor]:
-        """The projection's fp32 weight: read as is, or dequantized from the source's FP8."""
+    def dense(module: str, index: int | None = None) -> Callable[[], torch.Tensor]:
+        """The projection's fp32 weight (of a fused stack: expert `index`'s): read as is, or dequantized from
+        the source's FP8 (a stack's scales sliced by expert as its weight is)."""
         if module not in fp8:
-            return lambda: src.read(module + ".weight").to(device, torch.float32)
+            name = module + ".weight" if index is None else module
+            return lambda: src.read(name, index).to(device, torch.float32)
         scheme_in, stored = fp8[module]
-        return lambda: read_projection(module, {k: src.read(f"{module}.{k}").to(device) for k in stored},
+        return lambda: read_projection(module, {k: src.read(n, index).to(device) for k, n in stored.items()},
                                        scheme_in).dequantize(torch.float32)
 
     def projection(module: str, out_name: str, weight: Callable[[], torch.Tensor], out: int, inn: int,
@@ -256,13 +264,13 @@ def plan_jobs(src: Source, scheme: str, raw: dict, device: torch.device, search:
             dtype = _float_dtype(st_dtype)
             add(path, projection(module, module, dense(module), shape[0], shape[1], dtype))
         elif fused and len(shape) == 3 and is_projection(module) and name + "_bias" not in src.headers \
-                and st_dtype in ("F32", "BF16", "F16"):
-            # a fused [E, out, in] stack (Qwen3.5's, Gemma 4's), written per expert (gate_up is gate's rows, then up's)
+                and st_dtype in ("F32", "BF16", "F16", "F8_E4M3"):
+            # a fused [E, out, in] stack (Qwen3.5's, Gemma 4's; FP8: dequantized expert by expert), written per
+            # expert (gate_up is gate's rows, then up's)
             dtype = _float_dtype(st_dtype)
             prefix = name[: fused.start(2)]
             for e in range(shape[0]):
-                def expert(e=e, name=name):
-                    return src.read(name, e).to(device, torch.float32)
+                expert = dense(module, e)
                 if fused.group(2) == "down_proj":
                     add(path, projection(module, f"{prefix}{e}.down_proj", expert, shape[1], shape[2], dtype))
                 else:
