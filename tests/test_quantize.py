@@ -187,21 +187,41 @@ def _fp8_blocks(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return q, s, q.float() * full
 
 
-def _fp8_block_checkpoint(src: Path, dst: Path) -> dict[str, torch.Tensor]:
-    """`src` as Qwen's FP8 release stores it: e4m3 weights with a block-128 `weight_scale_inv` each (a fused
-    [E, out, in] expert stack in e4m3 with its [E, ...] `_scale_inv` stack beside it, as Qwen3.5-MoE's -FP8
-    releases name them); returns each projection's FP8-dequantized weight (a fused stack's per expert, gate
-    and up split, as --quantize writes them)."""
+def _fp8_channels(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One [out, in] weight in e4m3 with a scale per output channel (compressed-tensors float-quantized)."""
+    s = t.float().abs().amax(1, keepdim=True) / 448
+    q = (t / s).to(torch.float8_e4m3fn)
+    return q, s, q.float() * s
+
+
+FP8_CONFIGS = {
+    "block": ("_scale_inv", _fp8_blocks, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}),
+    "channel": ("_scale", _fp8_channels, {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False}}},
+        "ignore": ["lm_head", "re:.*in_proj_a$", "re:.*in_proj_b$", "re:.*shared_expert_gate$", "re:.*mlp\\.gate$"]}),
+}
+
+
+def _fp8_checkpoint(src: Path, dst: Path, how: str = "block") -> dict[str, torch.Tensor]:
+    """`src` as an FP8 release stores it: e4m3 weights with Qwen's block-128 `weight_scale_inv` each (`how`
+    "block") or compressed-tensors' per-channel `weight_scale` ("channel"); a fused [E, out, in] expert stack
+    in e4m3 with its [E, ...] scale stack beside it, named as Qwen3.5-MoE's -FP8 releases and transformers
+    name them (experts.gate_up_proj_scale_inv). Returns each projection's FP8-dequantized weight (a fused
+    stack's per expert, gate and up split, as --quantize writes them)."""
+    suffix, quantize, config = FP8_CONFIGS[how]
     dst.mkdir()
     w, deq = tensors(src), {}
     out = {}
     for k, t in w.items():
         fused = re.search(r"\.experts\.(gate_up_proj|down_proj)$", k)
         if ".layers." in k and k.endswith("_proj.weight"):
-            out[k], out[k + "_scale_inv"], deq[k.removesuffix(".weight")] = _fp8_blocks(t)
+            out[k], out[k + suffix], deq[k.removesuffix(".weight")] = quantize(t)
         elif fused and t.dim() == 3:
-            parts = [_fp8_blocks(t[e]) for e in range(t.shape[0])]
-            out[k], out[k + "_scale_inv"] = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+            parts = [quantize(t[e]) for e in range(t.shape[0])]
+            out[k], out[k + suffix] = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
             prefix, half = k[: fused.start(1)], t.shape[1] // 2
             for e, (_, _, d) in enumerate(parts):
                 if fused.group(1) == "down_proj":
@@ -212,8 +232,7 @@ def _fp8_block_checkpoint(src: Path, dst: Path) -> dict[str, torch.Tensor]:
             out[k] = t
     save_file(out, str(dst / "model.safetensors"))
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = config
     (dst / "config.json").write_text(json.dumps(cfg))
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src / f).is_file():
@@ -223,7 +242,7 @@ def _fp8_block_checkpoint(src: Path, dst: Path) -> dict[str, torch.Tensor]:
 
 def test_an_fp8_checkpoint_becomes_int4_from_its_dequantized_weights(tmp_path):
     src = write_target(tmp_path / "bf16", target_config(hidden=256, intermediate=384, layers=1, head_dim=64))
-    deq = _fp8_block_checkpoint(src, tmp_path / "fp8")
+    deq = _fp8_checkpoint(src, tmp_path / "fp8")
     quantized = quantize_checkpoint(tmp_path / "fp8", tmp_path / "q", "int4")
     after = tensors(tmp_path / "q")
     assert set(quantized) == set(deq) and not any("scale_inv" in k for k in after)
@@ -234,9 +253,10 @@ def test_an_fp8_checkpoint_becomes_int4_from_its_dequantized_weights(tmp_path):
         assert torch.equal(ours(tmp_path / "q", after, module).dequantize(), expect), module
 
 
-def test_an_fp8_moe_with_fused_experts_becomes_int4_expert_by_expert(tmp_path, cache_home):
+@pytest.mark.parametrize("how", ["block", "channel"])
+def test_an_fp8_moe_with_fused_experts_becomes_int4_expert_by_expert(tmp_path, how):
     """Qwen3.5-MoE as its -FP8 release stores it: fused [E, out, in] expert stacks in e4m3, a `_scale_inv`
-    stack beside each. --quantize int4 writes every expert int4 (per expert, gate and up split) from its
+    stack beside each (or compressed-tensors' per-channel `_scale`). --quantize int4 writes every expert int4 (per expert, gate and up split) from its
     FP8-dequantized weights, nothing FP8 left; the loaded model holds them int4 and its logits are its
     dequantized twin's (to fp32 rounding), its greedy tokens the twin's."""
     from dflash_cli import loader
@@ -249,10 +269,11 @@ def test_an_fp8_moe_with_fused_experts_becomes_int4_expert_by_expert(tmp_path, c
     from .test_quant_models import _prefill_logits, _tokens, realign
 
     cfg = qwen35_moe_config(hidden=128, layers=2, moe_intermediate=64, shared=64, wrapper=False)
-    deq = _fp8_block_checkpoint(write_qwen35(tmp_path / "bf16", cfg, layout=FUSED), tmp_path / "fp8")
+    deq = _fp8_checkpoint(write_qwen35(tmp_path / "bf16", cfg, layout=FUSED), tmp_path / "fp8", how)
     fp8 = tensors(tmp_path / "fp8")
     stack = "model.layers.0.mlp.experts.gate_up_proj"
-    assert fp8[stack].dtype == torch.float8_e4m3fn and fp8[stack + "_scale_inv"].shape == (8, 1, 1)
+    scales = fp8[stack + FP8_CONFIGS[how][0]]
+    assert fp8[stack].dtype == torch.float8_e4m3fn and scales.shape == ((8, 1, 1) if how == "block" else (8, 128, 1))
     experts = {m for m in deq if ".experts." in m}
     assert len(experts) == 2 * 8 * 3
     quantize_checkpoint(tmp_path / "fp8", tmp_path / "q", "int4")
@@ -281,7 +302,7 @@ def test_an_fp8_moe_with_fused_experts_becomes_int4_expert_by_expert(tmp_path, c
 
 def test_a_checkpoint_already_quantized_is_refused_in_one_line(tmp_path, cache_home):
     src = write_target(tmp_path / "bf16", target_config(hidden=128, layers=1, head_dim=32))
-    _fp8_block_checkpoint(src, tmp_path / "fp8")
+    _fp8_checkpoint(src, tmp_path / "fp8")
     with pytest.raises(DflashError, match="already FP8: load it as it is, without --quantize fp8"):
         quantize_checkpoint(tmp_path / "fp8", tmp_path / "q8", "fp8")
     quantize_checkpoint(src, tmp_path / "int4", "int4")
