@@ -256,9 +256,10 @@ def test_an_fp8_checkpoint_becomes_int4_from_its_dequantized_weights(tmp_path):
 @pytest.mark.parametrize("how", ["block", "channel"])
 def test_an_fp8_moe_with_fused_experts_becomes_int4_expert_by_expert(tmp_path, how):
     """Qwen3.5-MoE as its -FP8 release stores it: fused [E, out, in] expert stacks in e4m3, a `_scale_inv`
-    stack beside each (or compressed-tensors' per-channel `_scale`). --quantize int4 writes every expert int4 (per expert, gate and up split) from its
-    FP8-dequantized weights, nothing FP8 left; the loaded model holds them int4 and its logits are its
-    dequantized twin's (to fp32 rounding), its greedy tokens the twin's."""
+    stack beside each (or compressed-tensors' per-channel `_scale`). --quantize int4 writes every expert
+    int4 (per expert, gate and up split) from its FP8-dequantized weights, nothing FP8 left; the loaded
+    model holds them int4, its logits are its dequantized twin's (to fp32 rounding), its greedy tokens the
+    twin's."""
     from dflash_cli import loader
     from dflash_cli.models.layers.mlp import FUSED, ExpertList
     from dflash_cli.quant import Int4Linear
