@@ -280,6 +280,7 @@ def test_bf16_through_the_interpreted_kernels_speculative_output_equals_plain_de
     quantized or not): a step's logits do not depend on how many tokens it verifies, so speculative output
     is plain decoding's at every b."""
     monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")  # the dense head and routers too, not only the quantized kernels
     qdir, _, drafter_dir, _ = built(case, how)
     model = loader.load(qdir, drafter_dir, device="cpu", dtype="bfloat16", max_context=64)
     target = realign(model.target)
