@@ -225,7 +225,7 @@ def fp8_linear(x: torch.Tensor, layer) -> torch.Tensor:
 # epilogue fused in (issue 26), one launch where the unfused path has two or three. Taken where the
 # invariant kernel itself is (DFLASH_LINEAR=invariant, a step's rows) and the kernels run (CUDA, or
 # DFLASH_KERNELS=triton); anywhere else the callers run the unfused ops, which the fused ones equal.
-_MODULES.update(swiglu_linear="fused_linear", norm_swiglu_linear="fused_linear")
+_MODULES.update(swiglu_linear="fused_linear", norm_linear="fused_linear", norm_swiglu_linear="fused_linear")
 
 
 def fused_linear_applies(x: torch.Tensor) -> bool:
@@ -238,6 +238,12 @@ def fused_linear_applies(x: torch.Tensor) -> bool:
 def swiglu_linear(x, w, b=None):
     """silu(gate) · up of gate_up = x @ w.T + b (w: gate rows, then up rows), in one launch."""
     return _impl("swiglu_linear", True)(x, w, b)
+
+
+def norm_linear(x, norm_w, eps, w, b=None, residual=None):
+    """RMSNorm (plain style) of x (+ residual), then x @ w.T + b on the invariant kernel, in one launch:
+    (out, new residual, None without a residual)."""
+    return _impl("norm_linear", True)(x, norm_w, eps, w, b, residual)
 
 
 def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None):

@@ -119,12 +119,13 @@ def test_no_family_launches_more_than_today(family):
 
 # ---- the fused linear kernels (DFLASH_LINEAR=invariant) ---------------------------------------------------
 # Under DFLASH_LINEAR=invariant the dense layer's projections run on the batch-invariant kernel, and the
-# post-attention norm (+ residual), gate_up and SwiGLU are one launch (kernels/fused_linear.py): 10 -> 8.
+# post-attention norm (+ residual), gate_up and SwiGLU are one launch (kernels/fused_linear.py): 10 -> 8;
+# the input norm (+ residual) and the q/k/v projection one more (Attention.after_norm): 8 -> 7.
 # Counted at the tiny widths, where every weight is reduced in one slice; at a released model's widths a
 # weight reduced in slices adds its merge launch (kernels/invariant_linear.splits), so these are the
 # layer's kernels, not a released model's total (docs/benchmarks.md, "Launches per step").
-INVARIANT_CEILINGS = {"dense": {"decode": {"dense": 8, "fixed": 16},
-                                "verify": {"dense": 8, "drafter": 11, "fixed": 35}}}
+INVARIANT_CEILINGS = {"dense": {"decode": {"dense": 7, "fixed": 16},
+                                "verify": {"dense": 7, "drafter": 11, "fixed": 35}}}
 
 
 @pytest.mark.slow  # the dense family counted twice over: ~90 s
@@ -134,4 +135,5 @@ def test_the_dense_layer_under_the_invariant_linear_fuses_its_norm_and_swiglu(mo
     wrong = off_ceiling(counts, INVARIANT_CEILINGS["dense"])
     assert not wrong, "\n".join(wrong)
     layer = counts.ops["decode"]["dense"]
-    assert layer.get("triton:_fused_partial_kernel") == 1 and "triton:_swiglu_kernel" not in layer, layer
+    assert layer.get("triton:_fused_partial_kernel") == 2, layer  # norm + q/k/v, norm + gate_up + SwiGLU
+    assert "triton:_swiglu_kernel" not in layer and "triton:_rms_norm_kernel" not in layer, layer

@@ -118,7 +118,26 @@ def test_stream_shape_usage_and_speculation_stats(server):
     assert 1 <= stats["mean_acceptance_length"] <= BLOCK and stats["tokens_per_second"] > 0
     assert stats["prefill_seconds"] > 0
     assert usage_chunk.model_extra["dflash"] == stats  # the README's "on the last streamed chunk" (B17)
+    assert stats["tree_budget"] == 0  # no --tree-budget: the drafter's chain
     assert server.wait_for(lambda l: "200 · " in l and "tok/s · τ" in l and "9 generated" in l, 10)
+
+
+def test_a_tree_budget_server_reports_its_budget_and_gives_dflash_runs_answer(capsys, qwen3_chat_pair):
+    """`serve --tree-budget N`: the `dflash` object reports the budget used (as `run --json` and bench do),
+    whole and streamed, and the answer is `dflash run --tree-budget N`'s (and the chain's: lossless)."""
+    t, d = qwen3_chat_pair
+    s = ServerProcess("--target", t, "--drafter", d, "-b", BLOCK, "--device", "cpu", "--tree-budget", 6)
+    try:
+        whole = ask(s, "Tell me a story", max_tokens=10)
+        _, chunks = ask_streamed(s, "Tell me a story", max_tokens=10, stream_options={"include_usage": True})
+    finally:
+        assert s.stop() == 130
+    stats = whole.model_extra["dflash"]
+    assert stats["tree_budget"] == 6 and stats["block_size"] == BLOCK and stats["iterations"] > 0
+    assert chunks[-1].model_extra["dflash"]["tree_budget"] == 6
+    expected = dflash_run(capsys, qwen3_chat_pair, "-p", "Tell me a story", "-n", 10, "--tree-budget", 6)
+    assert whole.choices[0].message.content == expected == dflash_run(capsys, qwen3_chat_pair, "-p",
+                                                                      "Tell me a story", "-n", 10) != ""
 
 
 def test_next_turn_reuses_the_cached_prefix_and_still_gives_a_fresh_engines_answer(server, capsys, qwen3_chat_pair,

@@ -257,6 +257,7 @@ def test_bad_flags_are_one_line_and_exit_2_before_loading(capsys, scripted, flag
     (["qwen3-8b", "--max-queue", "3"], "--max-queue applies to dflash's own engine"),
     (["qwen3-8b", "--reasoning-effort", "low"], "--reasoning-effort applies to dflash's own engine"),
     (["qwen3-8b", "--allow-host", "a.example"], "--allow-host applies to dflash's own engine"),
+    (["qwen3-8b", "--tree-budget", "8"], "--tree-budget applies to dflash's own engine"),
     (["demo"], "the demo pair runs on dflash's own engine"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_engine_hand_off_refuses_what_it_would_ignore(capsys, flags, words):

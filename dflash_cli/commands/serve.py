@@ -53,5 +53,5 @@ def serve(
         api_key=api_key, no_auth=no_auth, cors_origins=tuple(cors_origin), max_queue=max_queue, timeout=timeout,
         max_body_mb=max_body_mb, think=reasoning.think, block_size=model.block_size, no_spec=model.no_spec,
         device=model.device, dtype=model.dtype, max_context=model.max_context, engine=engine, tp=tp,
-        dry_run=dry_run, draft_window=model.draft_window, reasoning_effort=reasoning.effort,
-        allow_hosts=tuple(allow_host), quantize=quantize))
+        dry_run=dry_run, draft_window=model.draft_window, tree_budget=model.tree_budget,
+        reasoning_effort=reasoning.effort, allow_hosts=tuple(allow_host), quantize=quantize))

@@ -122,6 +122,20 @@ class Layer:
     mlp: Callable  # h [T, H] -> [T, H]: layers.mlp.SwiGLU, MoE or GptOssExperts
 
 
+def norm_then_mixer(layer: Layer, x: torch.Tensor, residual: torch.Tensor | None, cache, step: StepPlan
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input norm (with the residual add; the first layer has none, and its residual is x), then the
+    mixer: (out, new residual). A mixer that can fuse the norm into its first projection
+    (layers.attention.Attention.after_norm) is handed both."""
+    fused = getattr(layer.mixer, "after_norm", None)
+    if fused is not None:
+        out, new = fused(layer.input_norm, x, residual, cache, step)
+    else:
+        h, new = layer.input_norm(x, residual)
+        out = layer.mixer(h, cache, step)
+    return out, x if residual is None else new
+
+
 def norm_then_mlp(layer: Layer, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The post-attention norm, then the MLP: (out, new residual). An MLP that can fuse the norm into its
     first projection (layers.mlp.SwiGLU.after_norm) is handed both."""
@@ -210,14 +224,9 @@ class Decoder:
         layer i's output (a family with another residual flow overrides this)."""
         residual = None
         for i, layer in enumerate(self.layers):
-            if residual is None:
-                h, _ = layer.input_norm(x)
-                residual = x
-            else:
-                h, residual = layer.input_norm(x, residual)
-                if i - 1 in wanted:
-                    wanted[i - 1] = residual.clone()
-            x = layer.mixer(h, cache, step)
+            x, residual = norm_then_mixer(layer, x, residual, cache, step)
+            if i > 0 and i - 1 in wanted:  # layer i - 1's output: the stream after this layer's residual add
+                wanted[i - 1] = residual.clone()
             x, residual = norm_then_mlp(layer, x, residual)
         h, residual = self.norm(x, residual)
         if len(self.layers) - 1 in wanted:

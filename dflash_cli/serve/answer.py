@@ -17,7 +17,7 @@ def extension(fin: Finished, seed: int | None, cached: int) -> dict:
     return {
         "mean_acceptance_length": round(s.mean_acceptance, 4), "tokens_per_second": round(s.tokens_per_second, 2),
         "end_to_end_tokens_per_second": round(s.end_to_end_tokens_per_second, 2), "block_size": fin.block_size,
-        "iterations": len(s.acceptance_lengths),
+        "tree_budget": fin.tree_budget, "iterations": len(s.acceptance_lengths),
         "acceptance_histogram": {str(k): v for k, v in sorted(Counter(s.acceptance_lengths).items())},
         "block_size_histogram": {str(k): v for k, v in sorted(Counter(s.block_sizes).items())},
         "position_acceptance": [None if r is None else round(r, 4) for r in s.position_acceptance()],

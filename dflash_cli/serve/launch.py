@@ -34,6 +34,7 @@ class ServeFlags:
     tp: int | None = None
     dry_run: bool = False
     draft_window: int | None = None
+    tree_budget: int = 0  # --tree-budget: nodes of the verified draft tree (0: the drafter's chain)
     reasoning_effort: str | None = None  # when a request does not say, for any template that reads it
     allow_hosts: tuple[str, ...] = ()  # --allow-host: Host names besides loopback and the bound address
     quantize: str | None = None  # --quantize as given (precision.apply decides)
@@ -68,6 +69,7 @@ def _hand_off(flags: ServeFlags, warning: str | None) -> None:
                                   ("--cors-origin", bool(flags.cors_origins)),
                                   ("--allow-host", bool(flags.allow_hosts)),
                                   ("--draft-window", flags.draft_window is not None),
+                                  ("--tree-budget", flags.tree_budget != 0),
                                   ("--reasoning-effort", flags.reasoning_effort is not None),
                                   ("--quantize", flags.quantize is not None),
                                   *((f"--{f.replace('_', '-')}", getattr(flags, f) != _DEFAULTS[f])
@@ -108,7 +110,8 @@ def _serve_here(flags: ServeFlags, warning: str | None) -> None:
     device = loader.resolve_device(flags.device)
     opts = ModelOptions(model=flags.model, target=flags.target, drafter=flags.drafter, yes=flags.yes,
                         no_spec=flags.no_spec, device=str(device), dtype=flags.dtype, block_size=flags.block_size,
-                        max_context=flags.max_context, draft_window=flags.draft_window)
+                        max_context=flags.max_context, draft_window=flags.draft_window,
+                        tree_budget=flags.tree_budget)
     opts = precision.apply(opts, flags.quantize, lambda line: stderr_log(f"dflash: {line}"))
     dirs = resolve(opts)  # -b checked against the drafter before any weight is read, as run, chat and bench do
     name = model_id(flags.model, flags.target)

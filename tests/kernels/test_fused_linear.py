@@ -170,3 +170,133 @@ def test_the_dense_mlp_takes_the_fused_kernels_under_invariant_linear(seed, dtyp
     long = torch.randn(ops.MAX_INVARIANT_ROWS + 1, 96, device=DEVICE).to(dtype)
     mlp.after_norm(norm, long, long.clone())
     assert calls == ["rms_norm", "swiglu"]
+
+
+def dense_attention(h: int, dtype, *, bias: bool):
+    from dflash_cli.models.layers.attention import Attention
+    from dflash_cli.models.layers.linear import Dense
+    from dflash_cli.models.layers.norm import RMSNorm
+
+    heads, kv_heads, hd = 4, 2, 16
+    rows = (heads + 2 * kv_heads) * hd
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=DEVICE)).to(dtype)
+
+    attn = Attention(Dense(rand(rows, h, scale=h**-0.5), rand(rows, scale=0.1) if bias else None),
+                     Dense(rand(h, heads * hd, scale=(heads * hd)**-0.5)), 1 + rand(hd, scale=0.1),
+                     1 + rand(hd, scale=0.1), heads, kv_heads, hd, 1e-6, slot=0)
+    return attn, RMSNorm(1 + rand(h, scale=0.1), 1e-6)
+
+
+def attention_step(t: int, dtype):
+    from dflash_cli.cache import KVCache
+    from dflash_cli.models.base import StepPlan
+    from dflash_cli.rope import rope_table
+
+    cache = KVCache.allocate(1, 2, 16, 64, dtype, torch.device(DEVICE))
+    g = torch.Generator(DEVICE).manual_seed(0)  # earlier keys the new rows attend to, the same each call
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g, device=DEVICE)), cache.v.copy_(torch.randn(cache.v.shape, generator=g, device=DEVICE))
+    cache.prefilled(5)
+    step = StepPlan(5 + torch.arange(t, device=DEVICE), ops.kv_length(cache.length, t),
+                    rope_table(16, 10000.0, None, 64, DEVICE), False)
+    return cache, step
+
+
+def count_calls(monkeypatch, *names: str) -> list[str]:
+    calls = []
+    for name in names:
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _f=getattr(ops, name), **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["first layer", "residual"])
+def test_the_dense_attention_takes_the_norm_prologue_under_invariant_linear(seed, dtype, with_residual, monkeypatch):
+    """DFLASH_LINEAR=invariant on the kernels: the input norm (+ residual add) runs inside the q/k/v GEMM
+    (ops.rms_norm is not called) and gives the unfused path's output, K/V rows and new residual (None for
+    the first layer, which has no residual); `residual` itself is left as it was."""
+    attn, norm = dense_attention(96, dtype, bias=True)
+    x = torch.randn(4, 96, device=DEVICE).to(dtype)
+    res = torch.randn(4, 96, device=DEVICE).to(dtype) if with_residual else None
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    want_cache, step = attention_step(4, dtype)
+    h, want_res = norm(x, None if res is None else res.clone())
+    want = attn(h, want_cache, step)  # DFLASH_LINEAR unset (cublas): the unfused ops
+    calls = count_calls(monkeypatch, "rms_norm", "norm_linear")
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    cache, _ = attention_step(4, dtype)
+    before = None if res is None else res.clone()
+    got, got_res = attn.after_norm(norm, x, res, cache, step)
+    assert calls == ["norm_linear"]
+    if res is None:
+        assert got_res is None
+    else:
+        assert torch.equal(got_res, want_res) and got_res is not res and torch.equal(res, before)
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(cache.k, want_cache.k, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(cache.v, want_cache.v, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_the_attention_falls_back_to_the_unfused_norm_where_the_prologue_does_not_apply(seed, monkeypatch):
+    """The unfused norm, then the attention, wherever the fused kernel does not apply: more rows than a
+    step's (a prefill chunk), DFLASH_LINEAR=cublas, the torch references, a norm of another style, a q/k/v
+    that is not one dense weight (a quantized or concatenated projection). Each gives what `norm` then the
+    attention give."""
+    from dataclasses import replace
+
+    from dflash_cli.models.layers.linear import Concat, Dense
+
+    attn, norm = dense_attention(96, torch.float32, bias=False)
+    split = Concat([Dense(part) for part in attn.qkv.weight.split([64, 64])])
+    cases = {"prefill chunk": (attn, norm, ops.MAX_INVARIANT_ROWS + 1, {}),
+             "cublas": (attn, norm, 4, {"DFLASH_LINEAR": "cublas"}),
+             "torch kernels": (attn, norm, 4, {"DFLASH_KERNELS": "torch"}),
+             "offset norm": (attn, replace(norm, style="offset"), 4, {}),
+             "fp32 norm": (attn, replace(norm, style="fp32"), 4, {}),
+             "not dense": (replace(attn, qkv=split), norm, 4, {})}
+    for case, (a, n, t, env) in cases.items():
+        monkeypatch.setenv("DFLASH_KERNELS", "triton")
+        monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        x, res = torch.randn(t, 96, device=DEVICE), torch.randn(t, 96, device=DEVICE)
+        want_cache, step = attention_step(t, torch.float32)
+        h, want_res = n(x, res.clone())
+        want = a(h, want_cache, step)
+        with monkeypatch.context() as m:
+            calls = count_calls(m, "rms_norm", "norm_linear")
+            cache, _ = attention_step(t, torch.float32)
+            got, got_res = a.after_norm(n, x, res.clone(), cache, step)
+        assert calls == ["rms_norm"], case
+        assert torch.equal(got, want) and torch.equal(got_res, want_res) and torch.equal(cache.k, want_cache.k), case
+
+
+def test_the_dense_decoder_runs_both_norms_as_prologues_under_invariant_linear(seed, monkeypatch):
+    """The Decoder's layer loop hands each layer's input norm to its attention and its post-attention norm to
+    its MLP: under DFLASH_LINEAR=invariant on the kernels, only the final norm runs as ops.rms_norm, and the
+    logits and the feature taps (the residual stream after a layer) are the unfused forward's."""
+    from pathlib import Path
+
+    from dflash_cli.models import family_of
+    from dflash_cli.models.weights import random_weights
+
+    from ..tiny import target_config
+
+    raw = target_config("qwen3", layers=3)
+    family = family_of(raw, Path("tiny"))
+    cfg = family.Config.from_raw(raw, Path("tiny"))
+    model = family.build(cfg, random_weights(family.weight_table(cfg), seed=seed), 64)
+    ids = torch.randint(0, 512, (6,))
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    runs = []
+    for linear in ("cublas", "invariant"):
+        monkeypatch.setenv("DFLASH_LINEAR", linear)
+        with monkeypatch.context() as m:
+            calls = count_calls(m, "rms_norm", "norm_linear", "norm_swiglu_linear")
+            runs.append(model.forward(ids, model.new_cache(16), logits_from=0, feature_layers=(0, 1), commit=True))
+        runs[-1] += (calls,)
+    (want, want_f, unfused), (got, got_f, fused) = runs
+    assert unfused == ["rms_norm"] * 7 and fused == ["norm_linear", "norm_swiglu_linear"] * 3 + ["rms_norm"]
+    torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(got_f, want_f, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")

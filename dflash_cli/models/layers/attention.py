@@ -17,7 +17,7 @@ import torch
 
 from ... import ops
 from ..weights import Weight
-from .linear import Linear, take_linear
+from .linear import Dense, Linear, take_linear
 
 
 def attention_weights(p: str, hidden: int, heads: int, kv_heads: int, head_dim: int, *, qk_norm: str | None = None,
@@ -85,15 +85,31 @@ class Attention:
 
     def __call__(self, h: torch.Tensor, cache, step) -> torch.Tensor:
         """h [T, H] -> [T, H]; K/V written at step.positions of cache.kv (row `slot`)."""
-        t, hd = h.shape[0], self.head_dim
+        return self._attend(self.qkv(h), cache, step)
+
+    def after_norm(self, norm, x: torch.Tensor, residual: torch.Tensor | None, cache, step
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`norm(x, residual)` then this attention: (out, new residual; None where `residual` is None). On
+        the fused kernels (a plain-style norm, a dense qkv) the norm, the residual add and the q/k/v
+        projection are one launch (kernels/fused_linear.norm_linear), whose new residual is a new tensor
+        (not `residual` updated in place); anywhere else the unfused norm, then `self`."""
+        if isinstance(self.qkv, Dense) and norm.style == "plain" and ops.fused_linear_applies(x):
+            qkv, residual = ops.norm_linear(x, norm.weight, norm.eps, self.qkv.weight, self.qkv.bias, residual)
+            return self._attend(qkv, cache, step), residual
+        h, residual = norm(x, residual)
+        return self(h, cache, step), residual
+
+    def _attend(self, qkv: torch.Tensor, cache, step) -> torch.Tensor:
+        """The projected rows qkv [T, q | (gate) | k | v] -> [T, H]."""
+        t, hd = qkv.shape[0], self.head_dim
         qd, kvd = self.heads * hd, self.kv_heads * hd
         if self.gated:
-            q, gate, k, v = self.qkv(h).split([qd, qd, kvd, kvd], dim=-1)
+            q, gate, k, v = qkv.split([qd, qd, kvd, kvd], dim=-1)
         elif self.k_eq_v:
-            q, k = self.qkv(h).split([qd, kvd], dim=-1)
+            q, k = qkv.split([qd, kvd], dim=-1)
             v = k
         else:
-            q, k, v = self.qkv(h).split([qd, kvd, kvd], dim=-1)
+            q, k, v = qkv.split([qd, kvd, kvd], dim=-1)
         q, k, v = q.view(t, self.heads, hd), k.view(t, self.kv_heads, hd), v.view(t, self.kv_heads, hd)
         q_norm, k_norm = self.q_norm, self.k_norm
         if self.v_norm is not None:
