@@ -272,11 +272,12 @@ def test_registry_suggests_the_closest_alias():
 
 def test_registry_lists_every_released_pair_and_what_runs():
     pairs = registry.all_pairs()
-    assert len({p.alias for p in pairs}) == len(pairs) == 20  # 15 on one GPU, 5 handed to SGLang/vLLM
+    assert len({p.alias for p in pairs}) == len(pairs) == 23  # 18 on one GPU, 5 handed to SGLang/vLLM
     assert {p.alias for p in pairs if p.supported} == {"qwen3-4b", "qwen3-8b", "llama3.1-8b", "qwen3.5-4b",
                                                         "qwen3.5-9b", "qwen3.5-27b", "qwen3.6-27b", "qwen3-coder-30b-a3b",
                                                         "qwen3.5-35b-a3b", "qwen3.6-35b-a3b", "qwen3.8-27b",
-                                                        "gpt-oss-20b", "gpt-oss-120b", "muse-glimmer-30b"}
+                                                        "gpt-oss-20b", "gpt-oss-120b", "muse-glimmer-30b",
+                                                        "gemma-4-12b", "gemma-4-31b", "gemma-4-26b-a4b"}
     assert all(p.note for p in pairs if not p.supported)
     assert all(p.drafter.split("/")[0] in ("z-lab", "incoai") and "DFlash" in p.drafter for p in pairs)
     assert all(("DFlash2" in p.drafter) == (p.alias in ("qwen3.8-27b", "muse-glimmer-30b", "glm-5.3-flash"))

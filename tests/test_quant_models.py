@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dflash_cli import loader
+from dflash_cli import loader, ops
 from dflash_cli.engine import Engine, Request
 from dflash_cli.errors import DflashError
 from dflash_cli.models.layers.linear import Concat, Dense
@@ -535,8 +535,14 @@ def test_reordered_and_stacked_rows_dequantize_to_the_reordered_and_stacked_refe
 @pytest.mark.parametrize("case, fmt", [("moe", "ct-int4-asym-g64"), ("hybrid", "fp8-block128")])
 def test_through_the_interpreted_kernels_the_quantized_target_is_its_twin(case, fmt, built, monkeypatch):
     """The Triton kernels (the MoE kernel on the experts the quantized path dequantizes: one per pair for
-    1 and 2 tokens, all of them for 6) give the twin's logits bit for bit."""
+    1 and 2 tokens, all of them for 6) give the twin's logits bit for bit. The twin's dense projections run the
+    invariant linear kernel, whose tiling, split-K and merge order the int4/FP8 kernels share (under cuBLAS
+    the twin would round its sums in F.linear's order instead), unfused: the fused norm prologue
+    (kernels/fused_linear.py) sums a row's squares in another fixed order than kernels/rmsnorm.py, which a
+    quantized q/k/v (not fused) does not take."""
     monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    monkeypatch.setattr(ops, "fused_linear_applies", lambda x: False)
     qdir, twin_dir, _ = built(case, fmt)
     q = realign(loader.load(qdir, None, device="cpu", max_context=64).target)
     twin = realign(loader.load(twin_dir, None, device="cpu", max_context=64).target)
