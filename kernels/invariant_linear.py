@@ -49,6 +49,21 @@ import triton.language as tl  # noqa: E402
 _UPCAST = __import__("os").environ.get("TRITON_INTERPRET") == "1"
 
 
+@triton.jit
+def _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_ptr,
+           DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A tile's epilogue, shared with kernels/quant_linear.py: one slice of K (DIRECT) adds the bias and
+    writes the output in its dtype; otherwise the fp32 partial goes to its split's scratch row for the merge."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + (split * M + rows.to(tl.int64))[:, None] * N + cols[None, :], acc, mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])  # one binary for every M: M = 1 is not folded into a constant
 def _partial_kernel(x_ptr, w_ptr, part_ptr, b_ptr, out_ptr, M, N, K, k_per_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
@@ -72,14 +87,7 @@ def _partial_kernel(x_ptr, w_ptr, part_ptr, b_ptr, out_ptr, M, N, K, k_per_split
         if UPCAST or x.dtype != w.dtype:  # a mixed pair meets in fp32 (exact products either way)
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision="ieee")
-    mask = row_ok[:, None] & col_ok[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(part_ptr + (split * M + rows.to(tl.int64))[:, None] * N + cols[None, :], acc, mask=mask)
+    _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_ptr, DIRECT, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["MN"])  # nor is M × N: one merge binary per (N, K) as well

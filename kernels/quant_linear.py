@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .invariant_linear import BLOCK_K, BLOCK_M, BLOCK_N, MERGE_BLOCK, _UPCAST, _merge_kernel, splits
+from .invariant_linear import BLOCK_K, BLOCK_M, BLOCK_N, MERGE_BLOCK, _UPCAST, _merge_kernel, _store, splits
 
 # Scales (and zero points) are read once per SUB columns of a tile, not once per weight: every int4 group
 # and every FP8 scale block spans a whole number of SUB columns (32, 64, 128, a row: what checkpoints use).
@@ -97,19 +97,6 @@ def _accumulate(acc, x, w, UPCAST: tl.constexpr):
     if UPCAST:  # the interpreter mis-computes bf16 dots (invariant_linear.py): fp32 there, bf16 on a GPU
         x, w = x.to(tl.float32), w.to(tl.float32)
     return tl.dot(x, w, acc, input_precision="ieee")
-
-
-@triton.jit
-def _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_ptr,
-           DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    mask = row_ok[:, None] & col_ok[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(part_ptr + (split * M + rows.to(tl.int64))[:, None] * N + cols[None, :], acc, mask=mask)
 
 
 @triton.jit
