@@ -151,6 +151,18 @@ def gated_rms_norm(x, z, weight, eps):
     return _pick("gated_rms_norm", x.device)(x, z, weight, eps)
 
 
+# kernels/gdn_glue.py: a linear-attention layer's glue in two launches (issue 26)
+_MODULES.update(gdn_prologue="gdn_glue", gdn_rule_norm="gdn_glue")
+
+
+def gdn_prologue(proj, conv, weight, a_log, dt_bias, heads_k, k, v, g, beta, x=None):
+    return _pick("gdn_prologue", proj.device)(proj, conv, weight, a_log, dt_bias, heads_k, k, v, g, beta, x)
+
+
+def gdn_rule_norm(q, k, v, g, beta, state, scale, z, norm_weight, eps, write_state):
+    return _pick("gdn_rule_norm", q.device)(q, k, v, g, beta, state, scale, z, norm_weight, eps, write_state)
+
+
 # ---- Mixture of experts -----------------------------------------------------------------------------------
 def moe_route(x, router, top_k, renormalize, **variant):
     """variant: the router's `bias`, `softmax_after_topk` (gpt-oss; kernels/moe.py)."""

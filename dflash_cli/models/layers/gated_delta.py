@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ... import ops
 from ...cache import CommitPlan, KVCache
@@ -211,22 +210,17 @@ class GatedDeltaNet:
         recorded for the commit on a verify block."""
         s, t, j, rec = self.shape, h.shape[0], self.slot, cache.rec
         assert getattr(step, "mask", None) is None, "a tree verify on a Gated DeltaNet (the engine refuses it)"
-        mixed, z, b, a = self.in_proj(h).split([s.conv_dim, s.value_dim, s.heads_v, s.heads_v], dim=-1)
-        window = torch.cat((rec.conv[j], mixed))
-        qkv = ops.causal_conv(window, self.conv)
-        q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
-        q = ops.l2norm(q.reshape(t, s.heads_k, s.dk))
-        k = ops.l2norm(k.reshape(t, s.heads_k, s.dk))
-        v = v.reshape(t, s.heads_v, s.dv).float()
-        beta = b.sigmoid().float()
-        g = -self.a_log.exp() * F.softplus(a.float() + self.dt_bias)
-        out, final = ops.gated_delta_rule(q[None], k[None], v[None], g[None], beta[None], rec.state[j:j + 1],
-                                          s.dk**-0.5)
-        if step.commit:  # a prefill chunk: the state and the conv window move on
-            rec.state[j].copy_(final[0])
-            rec.conv[j].copy_(window[t:])
-        else:  # a verify block: recorded, for `commit` to replay as far as it is accepted
-            rec.rec_x[j, :t] = mixed
-            rec.rec_k[j, :t], rec.rec_v[j, :t], rec.rec_g[j, :t], rec.rec_beta[j, :t] = k, v, g, beta
-        out = self.norm(out[0].to(h.dtype), z.reshape(t, s.heads_v, s.dv))
+        proj = self.in_proj(h)  # [mixed | z | b | a]
+        if step.commit:  # a prefill chunk: nothing to record; the state and the conv window move on
+            f32 = dict(dtype=torch.float32, device=h.device)
+            k, v = torch.empty(t, s.heads_k, s.dk, **f32), torch.empty(t, s.heads_v, s.dv, **f32)
+            g, beta, x = torch.empty(t, s.heads_v, **f32), torch.empty(t, s.heads_v, **f32), None
+        else:  # a verify block: written into the record, for `commit` to replay as far as it is accepted
+            k, v, g, beta, x = (r[j, :t] for r in (rec.rec_k, rec.rec_v, rec.rec_g, rec.rec_beta, rec.rec_x))
+        q = ops.gdn_prologue(proj, rec.conv[j], self.conv, self.a_log, self.dt_bias, s.heads_k, k, v, g, beta, x)
+        if step.commit:
+            rec.conv[j].copy_(torch.cat((rec.conv[j], proj[:, :s.conv_dim]))[t:])
+        z = proj[:, s.conv_dim:s.conv_dim + s.value_dim]
+        out = ops.gdn_rule_norm(q, k, v, g, beta, rec.state[j], s.dk**-0.5, z, self.norm.weight, self.norm.eps,
+                                step.commit)
         return self.out_proj(out.reshape(t, -1))
