@@ -36,12 +36,14 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 CEILINGS = {
     "dense": {"decode": {"dense": 10, "fixed": 16},
               "verify": {"dense": 10, "drafter": 11, "fixed": 35}},
-    "hybrid": {"decode": {"linear": 24, "full": 12, "fixed": 23},
-               "verify": {"linear": 28, "full": 12, "drafter": 11, "fixed": 42}},
+    # linear 24/28 -> 9: the Gated DeltaNet glue in two launches (kernels/gdn_glue.py), was ~17 ops and copies
+    "hybrid": {"decode": {"linear": 9, "full": 12, "fixed": 23},
+               "verify": {"linear": 9, "full": 12, "drafter": 11, "fixed": 42}},
     "moe": {"decode": {"moe": 29, "fixed": 16},
             "verify": {"moe": 29, "drafter": 11, "fixed": 35}},
-    "hybrid-moe": {"decode": {"linear+moe": 48, "full+moe": 36, "fixed": 23},
-                   "verify": {"linear+moe": 52, "full+moe": 36, "drafter": 11, "fixed": 42}},
+    # linear+moe 48/52 -> 33: the same two-launch Gated DeltaNet glue
+    "hybrid-moe": {"decode": {"linear+moe": 33, "full+moe": 36, "fixed": 23},
+                   "verify": {"linear+moe": 33, "full+moe": 36, "drafter": 11, "fixed": 42}},
     "gpt-oss": {"decode": {"gpt-oss sliding": 29, "gpt-oss full": 29, "fixed": 16},
                 "verify": {"gpt-oss sliding": 29, "gpt-oss full": 29, "drafter": 11, "fixed": 35}},
     "dflash2": {"decode": {"dense": 10, "fixed": 16},

@@ -76,7 +76,7 @@ def record(path: Path) -> int:
             name, kernel, _, call, _ = case
             call(kernel)
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
-        for name, call in fused_linear_launches(dtype, bench):
+        for name, call in (*fused_linear_launches(dtype, bench), *gdn_glue_launches(dtype, bench)):
             call()
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
     path.write_text(json.dumps(list(launches.values()), indent=1, default=str))
@@ -106,6 +106,29 @@ def fused_linear_launches(dtype, bench):
     for m in (1, bench.B):
         x = torch.zeros(m, 2048, dtype=dtype)
         yield f"fused swiglu linear (split) M={m}", lambda x=x: fl.swiglu_linear(x, shared)
+
+
+def gdn_glue_launches(dtype, bench):
+    """kernels/gdn_glue.py at Qwen3.5-27B's linear-attention shapes (16 key and 48 value heads of 128, a conv
+    of 4), as the layer launches it: a decode step and a verify block (recorded), a prefill chunk (written
+    through)."""
+    import torch
+
+    from dflash_cli.kernels import gdn_glue as gg
+
+    hk, hv, d, k = 16, 48, 128, 4
+    c = 2 * hk * d + hv * d
+    conv, weight = torch.empty(k - 1, c, dtype=dtype), torch.empty(c, k, dtype=dtype)
+    a_log, dt_bias, norm_w, state = torch.empty(hv), torch.empty(hv), torch.empty(d), torch.empty(hv, d, d)
+    for m, record in ((1, True), (bench.B, True), (bench.B, False)):
+        proj = torch.empty(m, c + hv * d + 2 * hv, dtype=dtype)
+        k_, v, g, beta = torch.empty(m, hk, d), torch.empty(m, hv, d), torch.empty(m, hv), torch.empty(m, hv)
+        x = torch.empty(m, c, dtype=dtype) if record else None
+        yield f"gdn prologue M={m}{' recorded' if record else ''}", lambda a=(proj, conv, weight, a_log, dt_bias, hk, k_,
+                                                                              v, g, beta, x): gg.gdn_prologue(*a)
+        z = proj[:, c:c + hv * d]
+        yield f"gdn rule + gated norm M={m}{'' if record else ' (state written)'}", \
+            lambda a=(k_, k_, v, g, beta, state, d**-0.5, z, norm_w, 1e-6, not record): gg.gdn_rule_norm(*a)
 
 
 def _source(entry: dict):
