@@ -11,8 +11,9 @@ fixed shapes and no host read (a captured graph's step). The conv state is the l
 the conv; committing it is a gather at a device index.
 
 The torch references run on the CPU; on CUDA the rule runs in fla-core's Triton kernels (imported
-lazily; `fused_recurrent` for blocks, `chunk` for long prefill chunks), the conv and its commit in
-ours below.
+lazily; `fused_recurrent` for the replay, `chunk` for prefill chunks over 64 tokens), the conv commit
+in ours below. A layer's step (decode, verify, short prefill chunks) runs the conv, the norms and the
+rule in kernels/gdn_glue.py's two fused kernels, which round as the ones here do.
 """
 from __future__ import annotations
 

@@ -81,6 +81,40 @@ def test_a_verify_block_rolls_back_to_exactly_the_committed_tokens(slow_model, a
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_linear_layer_on_the_glue_kernels_equals_its_torch_path(slow_model, monkeypatch, dtype):
+    """A Gated DeltaNet layer with its two glue kernels (kernels/gdn_glue.py, in Triton's interpreter) against
+    its torch path: a prefill chunk writes the state and conv window through, then a verify block of 5 rows
+    fills the record and leaves them as they were; the outputs, states, windows and records agree."""
+    from types import SimpleNamespace
+
+    layer = next(lay.mixer for lay in slow_model.target.layers if hasattr(lay.mixer, "slot"))
+    layer = type(layer)(**{**vars(layer), "conv": layer.conv.to(dtype)})  # the conv in the model's dtype
+    w_in = torch.randn(layer.shape.conv_dim + layer.shape.value_dim + 2 * layer.shape.heads_v, 64,
+                       generator=torch.Generator().manual_seed(0)).to(dtype)
+    layer.in_proj = lambda h: h @ w_in.t()
+    layer.out_proj = lambda o: o
+    g = torch.Generator().manual_seed(1)
+    prompt, block = torch.randn(6, 64, generator=g).to(dtype), torch.randn(5, 64, generator=g).to(dtype)
+    results = []
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("DFLASH_KERNELS", mode)
+        cache = slow_model.target.new_cache(32, 8)
+        cache.rec.conv = cache.rec.conv.to(dtype)
+        cache.rec.rec_x = cache.rec.rec_x.to(dtype)
+        out = [layer(prompt, cache, SimpleNamespace(commit=True, mask=None))]
+        state, conv = cache.rec.state.clone(), cache.rec.conv.clone()
+        out.append(layer(block, cache, SimpleNamespace(commit=False, mask=None)))
+        assert torch.equal(cache.rec.state, state) and torch.equal(cache.rec.conv, conv), mode
+        rec = cache.rec
+        results.append((*out, state, conv, rec.rec_x[:, :5], rec.rec_k[:, :5], rec.rec_v[:, :5], rec.rec_g[:, :5],
+                        rec.rec_beta[:, :5]))
+    # bf16: the torch path convolves in bf16, the kernels accumulate in fp32 (as before them): a rounding apart
+    tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=8e-2)
+    for name, a, b in zip(("prefill out", "verify out", "state", "conv", "x", "k", "v", "g", "beta"), *results):
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m, name=name: f"{dtype}, {name}: {m}")
+
+
 def test_masked_replay_is_bit_exact():
     """Steps with g = beta = 0 leave the state bit for bit: replaying B recorded steps with the last
     B - n masked equals running only the first n."""

@@ -37,7 +37,8 @@ class RMSNorm:
 
 @dataclass
 class GatedRMSNorm:
-    """The Gated DeltaNet output norm: rms_norm(x) · w · silu(z), per head, w applied as is."""
+    """The Gated DeltaNet output norm: rms_norm(x) · w · silu(z), per head, w applied as is. The layer runs
+    it as the epilogue of its rule (ops.gdn_rule_norm); called, it runs alone."""
 
     weight: torch.Tensor  # [head_dim] fp32
     eps: float
