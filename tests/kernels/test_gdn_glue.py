@@ -150,6 +150,20 @@ def test_rule_norm_matches_the_torch_chain(seed, shape, dtype, write_state):
         assert torch.equal(got_state, state), "a verify block must not write the committed state"
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="fla's chunked kernel runs on a GPU only (see test_gated_delta.py)")
+def test_a_prefill_chunk_over_64_rows_takes_the_chunked_rule(seed):
+    """Past MAX_RULE_ROWS the rule is fla's chunked kernel (TF32 dots: test_gated_delta.py's tolerance), then
+    the gated norm kernel; the state is written through all the same."""
+    t, hk, hv, dk, dv = gg.MAX_RULE_ROWS + 1, 2, 4, 64, 64
+    q, k, v, decay, beta, state, z, w = _rule_inputs(t, hk, hv, dk, dv, torch.float32,
+                                                     torch.Generator().manual_seed(seed))
+    got_state, want_state = state.clone(), state.clone()
+    got = gg.gdn_rule_norm(q, k, v, decay, beta, got_state, dk**-0.5, z, w, 1e-6, True)
+    want = gg.gdn_rule_norm_ref(q, k, v, decay, beta, want_state, dk**-0.5, z, w, 1e-6, True)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2, msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(got_state, want_state, rtol=1e-2, atol=1e-2, msg=lambda m: f"seed {seed}: {m}")
+
+
 def test_rule_norm_equals_fla_then_the_gated_norm_kernel(seed):
     """The kernels it replaces (fla's fused recurrent rule, then _gated_rms_norm_kernel), in fp32."""
     t, hk, hv, dk, dv = 8, 2, 4, 16, 32
