@@ -150,6 +150,19 @@ def hybrid_cases(dev: str, dt: torch.dtype):
     state = torch.randn(1, hv, dk, dk, device=dev, generator=g)
     yield ("gated delta rule, verify (1 layer, B)", gated_delta.gated_delta_rule, gated_delta.gated_delta_rule_ref,
            lambda f: f(qk, qk, vv, gg, bb, state, dk**-0.5), 2 * nbytes(state) + nbytes(qk, qk, vv))
+    from dflash_cli.kernels import gdn_glue  # the two fused launches a linear layer's step runs (issue 26)
+
+    z = torch.randn(B, hv * dk, dtype=dt, device=dev, generator=g)
+    yield ("gdn rule + gated norm, verify (1 layer, B)", gdn_glue.gdn_rule_norm, gdn_glue.gdn_rule_norm_ref,
+           lambda f: f(qk[0], qk[0], vv[0], gg[0], bb[0], state[0], dk**-0.5, z, norm_w, 1e-6, False),
+           nbytes(state) + nbytes(qk, qk, vv, z, z))
+    proj = torch.randn(B, conv_dim + hv * dk + 2 * hv, dtype=dt, device=dev, generator=g)
+    rec = (torch.empty(B, hk, dk, device=dev), torch.empty(B, hv, dk, device=dev), torch.empty(B, hv, device=dev),
+           torch.empty(B, hv, device=dev), torch.empty(B, conv_dim, dtype=dt, device=dev))
+    a_log, dt_bias = torch.randn(hv, device=dev, generator=g), torch.randn(hv, device=dev, generator=g)
+    yield ("gdn prologue: conv + norms + g/beta + record (B)", gdn_glue.gdn_prologue, gdn_glue.gdn_prologue_ref,
+           lambda f: f(proj, window[:3], conv_w, a_log, dt_bias, hk, *rec),
+           nbytes(proj, window[:3], conv_w) + sum(nbytes(r) for r in rec) + nbytes(rec[0]))
     states = state.expand(n_lin, -1, -1, -1).contiguous()
     kr, vr = qk.expand(n_lin, -1, -1, -1).contiguous(), vv.expand(n_lin, -1, -1, -1).contiguous()
     gr, br = gg.expand(n_lin, -1, -1).contiguous(), bb.expand(n_lin, -1, -1).contiguous()
