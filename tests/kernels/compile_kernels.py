@@ -124,8 +124,8 @@ def gdn_glue_launches(dtype, bench):
         proj = torch.empty(m, c + hv * d + 2 * hv, dtype=dtype)
         k_, v, g, beta = torch.empty(m, hk, d), torch.empty(m, hv, d), torch.empty(m, hv), torch.empty(m, hv)
         x = torch.empty(m, c, dtype=dtype) if record else None
-        yield f"gdn prologue M={m}{' recorded' if record else ''}", lambda a=(proj, conv, weight, a_log, dt_bias, hk, k_,
-                                                                              v, g, beta, x): gg.gdn_prologue(*a)
+        args = (proj, conv, weight, a_log, dt_bias, hk, k_, v, g, beta, x)
+        yield f"gdn prologue M={m}{' recorded' if record else ''}", lambda a=args: gg.gdn_prologue(*a)
         z = proj[:, c:c + hv * d]
         yield f"gdn rule + gated norm M={m}{'' if record else ' (state written)'}", \
             lambda a=(k_, k_, v, g, beta, state, d**-0.5, z, norm_w, 1e-6, not record): gg.gdn_rule_norm(*a)

@@ -69,7 +69,8 @@ def test_prologue_rounds_as_the_kernels_it_replaces(seed, shape, dtype):
     got, want = _records(t, hk, hv, dk, dv, conv.shape[1], dtype), _records(t, hk, hv, dk, dv, conv.shape[1], dtype)
     q = gg.gdn_prologue(proj, conv, weight, a_log, dt_bias, hk, *got)
     gg.gdn_prologue_ref(proj, conv, weight, a_log, dt_bias, hk, *want)
-    for name, a, b in zip(("q", "k", "v", "x"), (q, got[0], got[1], got[4]), _chain(proj, conv, weight, hk, dk, hv, dv)):
+    chain = _chain(proj, conv, weight, hk, dk, hv, dv)
+    for name, a, b in zip(("q", "k", "v", "x"), (q, got[0], got[1], got[4]), chain):
         assert torch.equal(a, b), f"seed {seed}: {name} differs from the kernels it replaces"
     torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-7, msg=lambda m: f"seed {seed}, g: {m}")
     beta_tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=0, atol=2**-8)  # one bf16 ulp

@@ -5,7 +5,8 @@ be rolled back by moving a pointer. So a verify forward does not write them: it 
 conv input and its (k, v, g, beta), and `commit` replays the recorded steps with the rejected ones
 masked out (kernels/gated_delta.py), inside the captured step; a plan with a path replays that path's
 rows. Between its projections a layer is two launches (kernels/gdn_glue.py): the prologue (conv step,
-q/k norms, g and beta, written straight into the record) and the rule with the gated norm as epilogue. A prefill chunk (`step.commit`) writes them directly. Prefix reuse across turns restarts only
+q/k norms, g and beta, written straight into the record) and the rule with the gated norm as epilogue.
+A prefill chunk (`step.commit`) writes them directly. Prefix reuse across turns restarts only
 from a snapshot taken during a prefill, never from live state.
 """
 from __future__ import annotations
