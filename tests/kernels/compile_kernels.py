@@ -76,7 +76,7 @@ def record(path: Path) -> int:
             name, kernel, _, call, _ = case
             call(kernel)
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
-        for name, call in fused_linear_launches(dtype, bench):
+        for name, call in (*fused_linear_launches(dtype, bench), *moe_launches(dtype)):
             call()
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
     path.write_text(json.dumps(list(launches.values()), indent=1, default=str))
@@ -106,6 +106,24 @@ def fused_linear_launches(dtype, bench):
     for m in (1, bench.B):
         x = torch.zeros(m, 2048, dtype=dtype)
         yield f"fused swiglu linear (split) M={m}", lambda x=x: fl.swiglu_linear(x, shared)
+
+
+def moe_launches(dtype):
+    """kernels/moe.py at Qwen3.5-35B-A3B's shapes (256 experts, top-8, H 2048, I 512), as its layer launches
+    them (T = 1 and 16): the alignment over 256 experts inside gate_up, and the combine with the gated shared
+    expert (the Qwen3-Coder cases of kernel_speed have neither)."""
+    import torch
+
+    from dflash_cli.kernels import moe
+
+    e, h, i, k = 256, 2048, 512, 8
+    gate_up, down = torch.empty(e, 2 * i, h, dtype=dtype), torch.empty(e, h, i, dtype=dtype)
+    for t in (1, 16):
+        x, shared, gate = torch.zeros(t, h, dtype=dtype), torch.zeros(t, h, dtype=dtype), torch.zeros(t, 1, dtype=dtype)
+        idx, weights = torch.arange(t * k).view(t, k) % e, torch.zeros(t, k, dtype=dtype)
+        yield f"moe experts + shared expert T={t} (256 experts)", \
+            lambda x=x, shared=shared, gate=gate, idx=idx, weights=weights: moe.experts(
+                x, gate_up, down, idx, weights, shared=shared, shared_gate=gate)
 
 
 def _source(entry: dict):
