@@ -159,14 +159,14 @@ def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 # Launches none of which reduces across rows (five per layer whatever T and k):
 #  1. `_router_kernel`, grid (T, expert blocks): each row's logits, its H reduced in BLOCK_H chunks in order;
 #     `_top_k_kernel`, one program per row: its softmax, top-k and renormalisation.
-#  2. `_gate_up_kernel`, grid (slots, I blocks), aligns the (token, expert) pairs itself: slot s is the s-th
-#     touched expert in ascending id (unused slots: none), and its rows are that expert's pairs in pair order
-#     (at most T <= 32, so one M-block of BLOCK_M rows), what a stable sort by expert gives; every program
-#     finds its own from the T·k ids (integer counts: exact, no atomics), and program (s, 0) writes slot s's
-#     row to a table for the down kernel. The program streams its expert's gate and up rows once for all of
-#     its tokens and writes silu(g)·u per pair; `_down_kernel`, grid (slots, H blocks), does the down
-#     projection times the routing weight. BLOCK_M is fixed, so a row's tile products are the same
-#     instructions whether its expert has 1 row or 32.
+#  2. `_gate_up_kernel`, grid (slots, I blocks), aligns the (token, expert) pairs itself: slot s is the
+#     s-th touched expert in ascending id (unused slots: expert -1), its rows that expert's pairs in pair
+#     order (at most T <= 32: one M-block of BLOCK_M rows), what a stable sort by expert gives; every
+#     program finds its own from the T·k ids (integer counts: exact, no atomics), and program (s, 0)
+#     writes slot s's row of a table for the down kernel. The program streams its expert's gate and up
+#     rows once for all of its tokens and writes silu(g)·u per pair; `_down_kernel`, grid (slots, H
+#     blocks), does the down projection times the routing weight. BLOCK_M is fixed, so a row's tile
+#     products are the same instructions whether its expert has 1 row or 32.
 #  3. `_combine_kernel`, grid (T, H blocks): each token's k outputs summed in rank order (one rounding per
 #     term, no reduction whose tree could follow T), then (Qwen3.5-MoE) the gated shared expert added,
 #     rounded op by op as the torch expression y + sigmoid(g) · s.
