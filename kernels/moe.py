@@ -85,10 +85,12 @@ def experts_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx:
                 weights: torch.Tensor, *, gate_up_bias: torch.Tensor | None = None,
                 down_bias: torch.Tensor | None = None, gate_up_scales: torch.Tensor | None = None,
                 down_scales: torch.Tensor | None = None, swiglu_limit: float | None = None,
-                swiglu_alpha: float = 1.702) -> torch.Tensor:
+                swiglu_alpha: float = 1.702, shared: torch.Tensor | None = None,
+                shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: y [T, H] = sum over each token's k experts, in rank order, of w · down(silu(g) ⊙ u)
-    (gpt-oss: w · (down(clamped SwiGLU) + b)). Every (token, expert) pair is its own matrix-vector
-    product (a batched GEMM of one row each)."""
+    (gpt-oss: w · (down(clamped SwiGLU) + b)), plus, given `shared` [T, H] and `shared_gate` [T, 1],
+    Qwen3.5-MoE's gated shared expert (`add_shared`). Every (token, expert) pair is its own
+    matrix-vector product (a batched GEMM of one row each)."""
     t, k = idx.shape
     pairs = idx.reshape(-1)
     rows = x.repeat_interleave(k, dim=0)  # pair p = (token p // k, rank p % k)
@@ -112,14 +114,21 @@ def experts_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx:
     y = out[:, 0]
     for j in range(1, k):  # rank order, one rounding per term: no reduction across the k terms
         y = y + out[:, j]
-    return y.to(x.dtype)
+    return add_shared(y.to(x.dtype), shared, shared_gate)
+
+
+def add_shared(y: torch.Tensor, shared: torch.Tensor | None, shared_gate: torch.Tensor | None) -> torch.Tensor:
+    """The routed experts' y plus the shared expert weighted by sigmoid of its gate, op by op in y's dtype
+    (as Qwen3.5-MoE's layer adds it)."""
+    return y if shared is None else y + torch.sigmoid(shared_gate) * shared
 
 
 def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
                       weights: torch.Tensor, *, gate_up_bias: torch.Tensor | None = None,
                       down_bias: torch.Tensor | None = None, gate_up_scales: torch.Tensor | None = None,
                       down_scales: torch.Tensor | None = None, swiglu_limit: float | None = None,
-                      swiglu_alpha: float = 1.702) -> torch.Tensor:
+                      swiglu_alpha: float = 1.702, shared: torch.Tensor | None = None,
+                      shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """A long prefill chunk (more than 32 tokens): each touched expert once, all its rows in one GEMM,
     its weights (gpt-oss: dequantised) once. The reference's per-pair copies of the weights would take T·k experts' worth
     of memory (tens of GB at 512 tokens). Eager: it reads the touched experts back to the host, and
@@ -143,28 +152,31 @@ def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
     y = out[:, 0]
     for j in range(1, k):
         y = y + out[:, j]
-    return y.to(x.dtype)
+    return add_shared(y.to(x.dtype), shared, shared_gate)
 
 
 # ---- Triton ------------------------------------------------------------------------------------------
-# Launches none of which reduces across rows:
+# Launches none of which reduces across rows (five per layer whatever T and k):
 #  1. `_router_kernel`, grid (T, expert blocks): each row's logits, its H reduced in BLOCK_H chunks in order;
 #     `_top_k_kernel`, one program per row: its softmax, top-k and renormalisation.
-#  2. The (token, expert) pairs are sorted by expert on the device (a stable sort of T·k ids: fixed
-#     shape, no host read) into "slots": slot s holds the rows of one touched expert (at most T ≤ 32 of
-#     them, so one M-block of BLOCK_M rows); unused slots have expert -1. `_gate_up_kernel`, grid
-#     (slots, I blocks), streams its expert's gate and up rows once for all of its tokens and writes
-#     silu(g)·u per pair; `_down_kernel`, grid (slots, H blocks), does the down projection times the
-#     routing weight. BLOCK_M is fixed, so a row's tile products are the same instructions whether its
-#     expert has 1 row or 32.
-#  3. The k outputs of each token are summed in rank order (elementwise torch adds on [T, H]: one rounding
-#     per term, no reduction whose tree could follow T).
+#  2. `_gate_up_kernel`, grid (slots, I blocks), aligns the (token, expert) pairs itself: slot s is the
+#     s-th touched expert in ascending id (unused slots: expert -1), its rows that expert's pairs in pair
+#     order (at most T <= 32: one M-block of BLOCK_M rows), what a stable sort by expert gives; every
+#     program finds its own from the T·k ids (integer counts: exact, no atomics), and program (s, 0)
+#     writes slot s's row of a table for the down kernel. The program streams its expert's gate and up
+#     rows once for all of its tokens and writes silu(g)·u per pair; `_down_kernel`, grid (slots, H
+#     blocks), does the down projection times the routing weight. BLOCK_M is fixed, so a row's tile
+#     products are the same instructions whether its expert has 1 row or 32.
+#  3. `_combine_kernel`, grid (T, H blocks): each token's k outputs summed in rank order (one rounding per
+#     term, no reduction whose tree could follow T), then (Qwen3.5-MoE) the gated shared expert added,
+#     rounded op by op as the torch expression y + sigmoid(g) · s.
 # More than BLOCK_M tokens (a long prefill chunk) go to `experts_by_expert`, which never copies an
 # expert's weights per pair as the reference does.
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 _BLOCK_M = 32  # rows per expert slot: every T <= 32 fits one slot per touched expert
+_BLOCK_Q = 32  # pair ids compared per step of the alignment
 _UPCAST = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # the interpreter mis-computes bf16 tl.dot
 
 
@@ -238,30 +250,63 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool, 
     return idx, weights
 
 
-def _slots(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pairs sorted by expert, and per slot its expert (-1: unused), first sorted pair and count.
-    All device ops with fixed shapes."""
-    pairs = idx.reshape(-1)
-    p = pairs.numel()
-    n_slots = min(p, n_experts)
-    sorted_experts, order = torch.sort(pairs, stable=True)
-    starts = torch.ones(p, dtype=torch.bool, device=idx.device)
-    starts[1:] = sorted_experts[1:] != sorted_experts[:-1]
-    slot_of = starts.long().cumsum(0) - 1
-    slot_expert = torch.full((n_slots,), -1, dtype=torch.int64, device=idx.device).scatter(0, slot_of, sorted_experts)
-    slot_start = torch.full((n_slots,), p, dtype=torch.int64, device=idx.device).scatter_reduce(
-        0, slot_of, torch.arange(p, device=idx.device), "amin")
-    slot_count = torch.zeros(n_slots, dtype=torch.int64, device=idx.device).scatter_add(0, slot_of, torch.ones_like(pairs))
-    return order, slot_expert, slot_start, slot_count
+def align_ref(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot table the expert kernels build: per slot its expert (-1: unused) and its pairs in pair order
+    ([n_slots, BLOCK_M], -1 past the count), slot s being the s-th touched expert in ascending id (a stable
+    sort of the T·k ids by expert). Host code: the tests' reference for `_align`."""
+    pairs = idx.reshape(-1).tolist()
+    n_slots = min(len(pairs), n_experts)
+    expert = torch.full((n_slots,), -1, dtype=torch.int32)
+    rows = torch.full((n_slots, _BLOCK_M), -1, dtype=torch.int32)
+    for s, e in enumerate(sorted(set(pairs))):
+        members = [p for p, pe in enumerate(pairs) if pe == e]
+        expert[s] = e
+        rows[s, :len(members)] = torch.tensor(members, dtype=torch.int32)
+    return expert, rows
 
 
 @triton.jit
-def _slot_rows(order_ptr, slot_start_ptr, slot_count_ptr, s, BLOCK_M: tl.constexpr):
+def _align(idx_ptr, n_pairs, n_experts, s, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+           BLOCK_M: tl.constexpr):
+    """Slot s of the pairs' alignment: its expert (-1: fewer touched experts than s + 1) and its rows, the
+    pair ids of that expert in ascending order ([BLOCK_M], -1 past its count). Integer counts over the
+    T·k ids, the same in every program that asks."""
+    experts = tl.arange(0, BLOCK_E)
+    present = tl.zeros([BLOCK_E], tl.int32)
+    for q0 in range(0, BLOCK_P, BLOCK_Q):  # which experts any pair routes to
+        q = q0 + tl.arange(0, BLOCK_Q)
+        e_q = tl.load(idx_ptr + q, mask=q < n_pairs, other=-1).to(tl.int32)
+        present = tl.maximum(present, tl.max((experts[:, None] == e_q[None, :]).to(tl.int32), axis=1))
+    rank = tl.cumsum(present, axis=0) - 1  # a touched expert's slot
+    expert = tl.max(tl.where((present > 0) & (rank == s), experts, -1), axis=0)
+    p = tl.arange(0, BLOCK_P)
+    mine = (tl.load(idx_ptr + p, mask=p < n_pairs, other=-1).to(tl.int32) == expert) & (expert >= 0)
+    row_of = tl.cumsum(mine.to(tl.int32), axis=0) - 1  # a pair's row in its slot: pair order
     r = tl.arange(0, BLOCK_M)
-    count = tl.load(slot_count_ptr + s)
-    ok = r < count
-    pair = tl.load(order_ptr + tl.load(slot_start_ptr + s) + r, mask=ok, other=0)
-    return pair, ok
+    rows = tl.max(tl.where(mine[None, :] & (row_of[None, :] == r[:, None]), p[None, :], -1), axis=1)
+    return expert, rows
+
+
+@triton.jit
+def _align_kernel(idx_ptr, slot_expert_ptr, slot_rows_ptr, n_pairs, n_experts, BLOCK_E: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    s = tl.program_id(0)
+    expert, rows = _align(idx_ptr, n_pairs, n_experts, s, BLOCK_E, BLOCK_P, BLOCK_Q, BLOCK_M)
+    tl.store(slot_expert_ptr + s, expert)
+    tl.store(slot_rows_ptr + s * BLOCK_M + tl.arange(0, BLOCK_M), rows)
+
+
+def align(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton: the slot table of `align_ref`, as `_gate_up_kernel` builds it (`_align`); for the tests (the
+    engine's path aligns inside the gate_up launch)."""
+    n_slots = min(idx.numel(), n_experts)
+    expert = torch.empty(n_slots, dtype=torch.int32, device=idx.device)
+    rows = torch.empty((n_slots, _BLOCK_M), dtype=torch.int32, device=idx.device)
+    _align_kernel[(n_slots,)](idx.contiguous(), expert, rows, idx.numel(), n_experts,
+                              BLOCK_E=triton.next_power_of_2(n_experts),
+                              BLOCK_P=max(_BLOCK_Q, triton.next_power_of_2(idx.numel())), BLOCK_Q=_BLOCK_Q,
+                              BLOCK_M=_BLOCK_M)
+    return expert, rows
 
 
 @triton.jit
@@ -286,14 +331,19 @@ def _mxfp4_tile(b_base, s_base, rows, n_ok, kb, kb_ok, row_bytes, DTYPE: tl.cons
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, act_ptr, order_ptr, slot_expert_ptr, slot_start_ptr, slot_count_ptr, top_k,
+def _gate_up_kernel(x_ptr, w_ptr, act_ptr, idx_ptr, slot_expert_ptr, slot_rows_ptr, n_pairs, top_k, n_experts,
                     hidden, inter, s_ptr, b_ptr, limit, alpha, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MXFP4: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    CLAMPED: tl.constexpr):
     s = tl.program_id(0)
-    expert = tl.load(slot_expert_ptr + s)
+    expert, rows = _align(idx_ptr, n_pairs, n_experts, s, BLOCK_E, BLOCK_P, BLOCK_Q, BLOCK_M)
+    if tl.program_id(1) == 0:  # slot s's row of the table, for the down kernel
+        tl.store(slot_expert_ptr + s, expert)
+        tl.store(slot_rows_ptr + s * BLOCK_M + tl.arange(0, BLOCK_M), rows)
     if expert >= 0:
-        pair, ok = _slot_rows(order_ptr, slot_start_ptr, slot_count_ptr, s, BLOCK_M)
+        ok = rows >= 0
+        pair = tl.where(ok, rows, 0)
         token = pair // top_k
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < inter
@@ -358,13 +408,15 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, order_ptr, slot_expert_ptr, slot_star
 
 
 @triton.jit
-def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, order_ptr, slot_expert_ptr, slot_start_ptr, slot_count_ptr,
+def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, slot_expert_ptr, slot_rows_ptr,
                  hidden, inter, s_ptr, b_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr):
     s = tl.program_id(0)
     expert = tl.load(slot_expert_ptr + s)
     if expert >= 0:
-        pair, ok = _slot_rows(order_ptr, slot_start_ptr, slot_count_ptr, s, BLOCK_M)
+        rows = tl.load(slot_rows_ptr + s * BLOCK_M + tl.arange(0, BLOCK_M))
+        ok = rows >= 0
+        pair = tl.where(ok, rows, 0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < hidden
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -405,15 +457,37 @@ def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, order_ptr, slot_expert_ptr
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], out, mask=ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _combine_kernel(out_ptr, y_ptr, shared_ptr, gate_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                    SHARED: tl.constexpr):
+    """Token t's k weighted expert outputs (fp32, rank order) summed one rounding per term, rounded once to
+    y's dtype; with SHARED, y + sigmoid(g_t) · shared_t rounded as torch rounds each op in y's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = cols < hidden
+    y = tl.load(out_ptr + t * TOP_K * hidden + cols, mask=ok, other=0.0)
+    for j in tl.static_range(1, TOP_K):
+        y = y + tl.load(out_ptr + (t * TOP_K + j) * hidden + cols, mask=ok, other=0.0)
+    dt = y_ptr.dtype.element_ty
+    y = y.to(dt)
+    if SHARED:
+        g = tl.load(gate_ptr + t).to(tl.float32)
+        sig = (1.0 / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        shared = tl.load(shared_ptr + t * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + (sig * shared).to(dt).to(tl.float32)).to(dt)
+    tl.store(y_ptr + t * hidden + cols, y, mask=ok)
+
+
 def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
             weights: torch.Tensor, *, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
             gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None,
-            swiglu_limit: float | None = None, swiglu_alpha: float = 1.702) -> torch.Tensor:
+            swiglu_limit: float | None = None, swiglu_alpha: float = 1.702, shared: torch.Tensor | None = None,
+            shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """Triton: same contract as `experts_ref`, for up to 32 tokens (a prefill chunk of more goes expert
     by expert, which syncs: it runs once, eagerly)."""
     t, k = idx.shape
     kw = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, gate_up_scales=gate_up_scales, down_scales=down_scales,
-              swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+              swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, shared=shared, shared_gate=shared_gate)
     if t > _BLOCK_M:
         return experts_by_expert(x, gate_up, down, idx, weights, **kw)
     mxfp4 = gate_up_scales is not None
@@ -421,10 +495,14 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: tor
     hidden = gate_up.shape[2] * 32 if mxfp4 else gate_up.shape[2]
     inter = two_i // 2
     x = x.contiguous()
-    order, slot_expert, slot_start, slot_count = _slots(idx, n_experts)
-    n_slots = slot_expert.numel()
+    n_slots = min(t * k, n_experts)
+    slot_expert = torch.empty(n_slots, dtype=torch.int32, device=x.device)
+    slot_rows = torch.empty((n_slots, _BLOCK_M), dtype=torch.int32, device=x.device)
     act = torch.empty((t * k, inter), dtype=x.dtype, device=x.device)
     out = torch.empty((t * k, hidden), dtype=torch.float32, device=x.device)
+    y = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
+    if t == 0:
+        return y
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     flags = dict(UPCAST=_UPCAST, PRECISION=precision, MXFP4=mxfp4)
     # MXFP4 groups are 32 inputs: a K-step covers whole groups, and each of its two dots gets >= 16 of K.
@@ -432,18 +510,20 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: tor
     block_k = min(64, max(least_k, triton.next_power_of_2(hidden)))
     block_n = min(64, max(16, triton.next_power_of_2(inter)))
     _gate_up_kernel[(n_slots, triton.cdiv(inter, block_n))](
-        x, gate_up, act, order, slot_expert, slot_start, slot_count, k, hidden, inter,
+        x, gate_up, act, idx.contiguous(), slot_expert, slot_rows, t * k, k, n_experts, hidden, inter,
         gate_up_scales if mxfp4 else gate_up, gate_up if gate_up_bias is None else gate_up_bias,
         float(swiglu_limit or 0.0), float(swiglu_alpha), BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=gate_up_bias is not None, CLAMPED=swiglu_limit is not None, **flags)
+        BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_P=max(_BLOCK_Q, triton.next_power_of_2(t * k)),
+        BLOCK_Q=_BLOCK_Q, HAS_BIAS=gate_up_bias is not None, CLAMPED=swiglu_limit is not None, **flags)
     block_n = min(64, max(16, triton.next_power_of_2(hidden)))
     block_k = min(64, max(least_k, triton.next_power_of_2(inter)))
     _down_kernel[(n_slots, triton.cdiv(hidden, block_n))](
-        act, down, weights.reshape(-1).contiguous(), out, order, slot_expert, slot_start, slot_count, hidden, inter,
+        act, down, weights.reshape(-1).contiguous(), out, slot_expert, slot_rows, hidden, inter,
         down_scales if mxfp4 else down, down if down_bias is None else down_bias, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=block_k, HAS_BIAS=down_bias is not None, **flags)
-    out = out.view(t, k, hidden)
-    y = out[:, 0]
-    for j in range(1, k):  # rank order, as the reference
-        y = y + out[:, j]
-    return y.to(x.dtype)
+    has_shared = shared is not None
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(t, triton.cdiv(hidden, block_h))](
+        out, y, shared.contiguous() if has_shared else y, shared_gate.contiguous() if has_shared else y, hidden,
+        TOP_K=k, BLOCK_H=block_h, SHARED=has_shared)
+    return y

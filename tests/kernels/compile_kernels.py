@@ -76,7 +76,8 @@ def record(path: Path) -> int:
             name, kernel, _, call, _ = case
             call(kernel)
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
-        for name, call in (*fused_linear_launches(dtype, bench), *gdn_glue_launches(dtype, bench)):
+        for name, call in (*fused_linear_launches(dtype, bench), *gdn_glue_launches(dtype, bench),
+                           *moe_launches(dtype)):
             call()
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
     path.write_text(json.dumps(list(launches.values()), indent=1, default=str))
@@ -129,6 +130,24 @@ def gdn_glue_launches(dtype, bench):
         z = proj[:, c:c + hv * d]
         yield f"gdn rule + gated norm M={m}{'' if record else ' (state written)'}", \
             lambda a=(k_, k_, v, g, beta, state, d**-0.5, z, norm_w, 1e-6, not record): gg.gdn_rule_norm(*a)
+
+
+def moe_launches(dtype):
+    """kernels/moe.py at Qwen3.5-35B-A3B's shapes (256 experts, top-8, H 2048, I 512), as its layer launches
+    them (T = 1 and 16): the alignment over 256 experts inside gate_up, and the combine with the gated shared
+    expert (the Qwen3-Coder cases of kernel_speed have neither)."""
+    import torch
+
+    from dflash_cli.kernels import moe
+
+    e, h, i, k = 256, 2048, 512, 8
+    gate_up, down = torch.empty(e, 2 * i, h, dtype=dtype), torch.empty(e, h, i, dtype=dtype)
+    for t in (1, 16):
+        x, shared, gate = torch.zeros(t, h, dtype=dtype), torch.zeros(t, h, dtype=dtype), torch.zeros(t, 1, dtype=dtype)
+        idx, weights = torch.arange(t * k).view(t, k) % e, torch.zeros(t, k, dtype=dtype)
+        yield f"moe experts + shared expert T={t} (256 experts)", \
+            lambda x=x, shared=shared, gate=gate, idx=idx, weights=weights: moe.experts(
+                x, gate_up, down, idx, weights, shared=shared, shared_gate=gate)
 
 
 def _source(entry: dict):

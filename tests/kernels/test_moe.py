@@ -66,14 +66,46 @@ def test_a_row_routes_and_computes_the_same_alone_or_in_any_block(seed, impl):
 
 def test_slots_are_fixed_shape_and_cover_every_pair():
     idx = torch.tensor([[3, 1], [1, 7], [3, 0]], device=DEVICE)
-    order, expert, start, count = moe._slots(idx, 16)
-    assert expert.shape == (6,) and sorted(expert[expert >= 0].tolist()) == [0, 1, 3, 7]
-    pairs = idx.reshape(-1)
-    for s in range(6):
-        if expert[s] >= 0:
-            members = order[start[s]:start[s] + count[s]]
-            assert (pairs[members] == expert[s]).all()
-    assert int(count.sum()) == 6
+    expert, rows = moe.align_ref(idx, 16)
+    assert expert.tolist() == [0, 1, 3, 7, -1, -1]  # touched experts ascending, then unused slots
+    assert rows[:4, :2].tolist() == [[5, -1], [1, 2], [0, 4], [3, -1]]  # each expert's pairs in pair order
+    assert (rows[:, 2:] == -1).all() and (rows[4:] == -1).all()
+
+
+@pytest.mark.parametrize("t,k,e", [(1, 4, 12), (3, 2, 16), (8, 4, 12), (16, 8, 128), (32, 8, 128), (32, 4, 32),
+                                   (5, 3, 40)])
+def test_the_alignment_kernel_builds_the_reference_slot_table(seed, t, k, e):
+    """`_align` (inside the gate_up launch) groups the (token, expert) pairs by expert as a stable sort does:
+    slot s the s-th touched expert, its rows that expert's pairs in pair order; unused slots -1."""
+    g = torch.Generator().manual_seed(seed)
+    hot = torch.randint(0, e, (max(1, e // 8),), generator=g)  # a few experts many rows share
+    idx = torch.stack([torch.cat((hot[torch.randperm(hot.numel(), generator=g)[:1]],
+                                  torch.randperm(e, generator=g)))[:k] for _ in range(t)])
+    idx = torch.stack([row if row.unique().numel() == k else torch.randperm(e, generator=g)[:k] for row in idx])
+    got = moe.align(idx.to(DEVICE), e)
+    want = moe.align_ref(idx, e)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), f"seed {seed}: {idx.tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 5, 32, 37])  # 37: expert by expert
+def test_the_shared_expert_joins_the_combine_as_the_layer_added_it(seed, dtype, t):
+    """Qwen3.5-MoE: y + sigmoid(g) · shared in the combine launch, the torch expression on the kernel's routed
+    output, rounded op by op as it: in float32 within the ulp by which the kernel's exp and torch's sigmoid
+    part; in bf16 within a rounding (the interpreter casts to bf16 towards zero, a GPU to nearest as torch)."""
+    g = torch.Generator().manual_seed(seed)
+    router, gate_up, down = _weights(12, 64, 48, dtype, g)
+    x = torch.randn(t, 64, generator=g).to(DEVICE, dtype)
+    idx, weights = moe.route(x, router, 4, True)
+    shared = torch.randn(t, 64, generator=g).to(DEVICE, dtype)
+    gate = (torch.randn(t, 1, generator=g) * 3).to(DEVICE, dtype)
+    routed = moe.experts(x, gate_up, down, idx, weights)
+    got = moe.experts(x, gate_up, down, idx, weights, shared=shared, shared_gate=gate)
+    layer = routed + torch.sigmoid(gate) * shared
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(got, layer, **tol, msg=lambda m: f"seed {seed}: {m}")
+    want = moe.experts_ref(x, gate_up, down, idx, weights, shared=shared, shared_gate=gate)
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
 
 
 # ---- gpt-oss: router bias and softmax over the top k, expert biases, the clamped SwiGLU, MXFP4 -------------

@@ -236,13 +236,11 @@ class MoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         idx, weights = self.route(x)
+        # the shared expert's gate and add run in the experts' combine (kernels/moe.py: y + sigmoid(g) · s)
+        shared = {} if self.shared is None else {"shared": self.shared(x), "shared_gate": self.shared_gate(x)}
         if isinstance(self.gate_up, torch.Tensor):
-            y = ops.moe_experts(x, self.gate_up, self.down, idx, weights)
-        else:
-            y = quantized_experts(x, self.gate_up, self.down, idx, weights)
-        if self.shared is not None:
-            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
-        return y
+            return ops.moe_experts(x, self.gate_up, self.down, idx, weights, **shared)
+        return quantized_experts(x, self.gate_up, self.down, idx, weights, **shared)
 
 
 def _experts(lin):
@@ -296,7 +294,8 @@ def _gather_experts(stack, pairs: torch.Tensor):
                      None if stack.bias is None else stack.bias[pairs])
 
 
-def quantized_experts(x: torch.Tensor, gate_up, down, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def quantized_experts(x: torch.Tensor, gate_up, down, idx: torch.Tensor, weights: torch.Tensor,
+                      **shared) -> torch.Tensor:
     """The experts of a quantized MoE layer, by the torch path for now: the weights this step needs are
     dequantized (with the reference dequantizer, in the activations' dtype) and handed to ops.moe_experts,
     so the result is bit for bit the dequantized twin's. Fewer (token, expert) pairs than experts (decode,
@@ -307,14 +306,14 @@ def quantized_experts(x: torch.Tensor, gate_up, down, idx: torch.Tensor, weights
     min(T·k, E) experts' dense weights per layer, transiently."""
     t, k = idx.shape
     if isinstance(gate_up, ExpertList) or isinstance(down, ExpertList):  # every expert, one by one
-        return ops.moe_experts(x, gate_up.dequantize(x.dtype), down.dequantize(x.dtype), idx, weights)
+        return ops.moe_experts(x, gate_up.dequantize(x.dtype), down.dequantize(x.dtype), idx, weights, **shared)
     experts = (gate_up.qweight if isinstance(gate_up, Int4Linear) else gate_up.weight).shape[0]
     if t * k < experts:
         pairs = idx.reshape(-1)
         one_each = torch.arange(t * k, device=idx.device, dtype=idx.dtype).view(t, k)
         return ops.moe_experts(x, _gather_experts(gate_up, pairs).dequantize(x.dtype),
-                               _gather_experts(down, pairs).dequantize(x.dtype), one_each, weights)
-    return ops.moe_experts(x, gate_up.dequantize(x.dtype), down.dequantize(x.dtype), idx, weights)
+                               _gather_experts(down, pairs).dequantize(x.dtype), one_each, weights, **shared)
+    return ops.moe_experts(x, gate_up.dequantize(x.dtype), down.dequantize(x.dtype), idx, weights, **shared)
 
 
 def gpt_oss_layout_of(names) -> str:
