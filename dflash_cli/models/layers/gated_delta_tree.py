@@ -1,0 +1,95 @@
+"""The Gated DeltaNet mixer over a drafted tree (dflash_cli/tree.py): each node's conv window and recurrent
+state come from its own ancestors, not from the rows before it.
+
+Node i at depth d (parents precede children; the root is the anchor, at depth 0) sees the committed
+tokens, then its ancestors at depths 0..d-1, then itself. So its conv window is the last K-1 of
+[committed conv inputs | its ancestors' inputs], gathered by index (fixed shapes, no host read), and its
+recurrent state is its parent's after the parent's update (the root's parent: the committed state).
+
+Nothing is written through: like a chain's verify block, every node records its conv input and its
+(k, v, g, beta). A node's records depend only on its own path, so once the walk picks a path,
+`RecurrentCache.commit` with `CommitPlan.path` gathers the path's rows to the front and replays them
+exactly as it replays a chain's accepted rows: the state after the commit is the chain's, bit for bit.
+
+The tree's shape is read from the step's ancestor mask (the columns of the nodes' cache rows): node i's
+ancestors are the nodes it may attend to, its depth their count less one, its parent the last of them
+before itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import ops
+
+
+def tree_shape(step) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parents [N] int64, the root's 0; depths [N] int64) of a tree verify's nodes, from its mask."""
+    ancestors = step.mask.index_select(1, step.rows)  # [N, N]: [i, j] = j is i or an ancestor of i
+    n = ancestors.shape[0]
+    index = torch.arange(n, device=ancestors.device)
+    strict = ancestors & (index[None, :] < index[:, None])
+    parents = (strict.to(torch.int64) * index[None, :]).amax(dim=1)  # the deepest ancestor comes last
+    return parents, ancestors.sum(dim=1) - 1
+
+
+def tree_windows(conv_state: torch.Tensor, mixed: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor
+                 ) -> torch.Tensor:
+    """Each node's conv window [N, K, C]: rows K-1-m hold its ancestor m levels up (m <= depth), or, above
+    the root, the committed input m - depth back (conv_state [K-1, C] holds the last K-1, oldest first)."""
+    keep = conv_state.shape[0]
+    source = torch.cat((conv_state, mixed))  # [K-1 + N, C]: committed inputs, then the nodes'
+    up = torch.arange(mixed.shape[0], device=mixed.device)
+    rows = [keep + up]
+    for m in range(1, keep + 1):
+        up = parents.index_select(0, up)
+        rows.append(torch.where(depths >= m, keep + up, keep - (m - depths)))
+    index = torch.stack(rows[::-1], dim=1)  # [N, K]: oldest first
+    return source.index_select(0, index.reshape(-1)).view(index.shape[0], keep + 1, -1)
+
+
+def tree_conv(conv_state: torch.Tensor, mixed: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
+              weight: torch.Tensor) -> torch.Tensor:
+    """silu(causal conv) of each node over its own window [N, C]: the windows laid end to end through the
+    chain's conv op (so a node's row is computed as the chain computes a row), every K-th output kept."""
+    windows = tree_windows(conv_state, mixed, parents, depths)
+    n, k = windows.shape[0], windows.shape[1]
+    return ops.causal_conv(windows.reshape(n * k, -1), weight)[::k]
+
+
+def tree_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+              state: torch.Tensor, parents: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gated delta rule down the tree: node i's step runs from its parent's state after the parent's
+    step (node 0's from `state` [Hv, dk, dv], not modified). q, k [N, Hk, dk]; v [N, Hv, dv]; g, beta
+    [N, Hv]. Returns o [N, Hv, dv] fp32. One step per node in node order (parents come first), each the
+    chain's own single-step rule."""
+    n = q.shape[0]
+    states = state.new_empty((n, *state.shape))
+    out = []
+    for i in range(n):
+        start = state[None] if i == 0 else states.index_select(0, parents[i:i + 1])
+        o, final = ops.gated_delta_rule(q[None, i:i + 1], k[None, i:i + 1], v[None, i:i + 1], g[None, i:i + 1],
+                                        beta[None, i:i + 1], start, scale)
+        states[i] = final[0]
+        out.append(o[0, 0])
+    return torch.stack(out)
+
+
+def gated_delta_tree(mixer, h: torch.Tensor, cache, step) -> torch.Tensor:
+    """`GatedDeltaNet.__call__` for a tree verify (`step.mask` set): h [N, H] -> [N, H], recorded per node
+    for the commit."""
+    s, n, j, rec = mixer.shape, h.shape[0], mixer.slot, cache.rec
+    parents, depths = tree_shape(step)
+    mixed, z, b, a = mixer.in_proj(h).split([s.conv_dim, s.value_dim, s.heads_v, s.heads_v], dim=-1)
+    qkv = tree_conv(rec.conv[j], mixed, parents, depths, mixer.conv)
+    q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
+    q = ops.l2norm(q.reshape(n, s.heads_k, s.dk))
+    k = ops.l2norm(k.reshape(n, s.heads_k, s.dk))
+    v = v.reshape(n, s.heads_v, s.dv).float()
+    beta = b.sigmoid().float()
+    g = -mixer.a_log.exp() * F.softplus(a.float() + mixer.dt_bias)
+    out = tree_rule(q, k, v, g, beta, rec.state[j], parents, s.dk**-0.5)
+    rec.rec_x[j, :n] = mixed
+    rec.rec_k[j, :n], rec.rec_v[j, :n], rec.rec_g[j, :n], rec.rec_beta[j, :n] = k, v, g, beta
+    out = mixer.norm(out.to(h.dtype), z.reshape(n, s.heads_v, s.dv))
+    return mixer.out_proj(out.reshape(n, -1))
