@@ -38,6 +38,7 @@ def test_every_launch_compiles_for_every_target(tmp_path):
                  "invariant_linear._partial_kernel", "invariant_linear._merge_kernel",
                  "quant_linear._int4_partial_kernel", "quant_linear._fp8_partial_kernel",
                  "fused_linear._fused_partial_kernel", "fused_linear._swiglu_merge_kernel", "gated_delta._l2norm_kernel",
-                 "gated_delta._gated_rms_norm_kernel", "moe._top_k_kernel"):
+                 "gated_delta._gated_rms_norm_kernel", "moe._top_k_kernel",
+                 "gated_delta_tree._tree_rule_kernel"):
         assert name in kernels, sorted(kernels)
     assert {line.split()[1] for line in compiled} == {"sm_80", "sm_86", "sm_89", "sm_90", "sm_120"}

@@ -6,10 +6,12 @@ tokens, then its ancestors at depths 0..d-1, then itself. So its conv window is 
 [committed conv inputs | its ancestors' inputs], gathered by index (fixed shapes, no host read), and its
 recurrent state is its parent's after the parent's update (the root's parent: the committed state).
 
-Nothing is written through: like a chain's verify block, every node records its conv input and its
-(k, v, g, beta). A node's records depend only on its own path, so once the walk picks a path,
-`RecurrentCache.commit` with `CommitPlan.path` gathers the path's rows to the front and replays them
-exactly as it replays a chain's accepted rows: the state after the commit is the chain's, bit for bit.
+The rule runs down the tree in one pass (kernels/gated_delta_tree.py). Nothing is written through: like
+a chain's verify block, every node records its conv input and its (k, v, g, beta). A node's records
+depend only on its own path, so once the walk picks a path, `RecurrentCache.commit` with
+`CommitPlan.path` gathers the path's rows to the front and replays them as it replays a chain's
+accepted rows: with projections that round a row alike whatever M is (the kernel path), the state after
+the commit is a fresh prefill's, bit for bit.
 
 The tree's shape is read from the step's ancestor mask (the columns of the nodes' cache rows): node i's
 ancestors are the nodes it may attend to, its depth their count less one, its parent the last of them
@@ -57,24 +59,6 @@ def tree_conv(conv_state: torch.Tensor, mixed: torch.Tensor, parents: torch.Tens
     return ops.causal_conv(windows.reshape(n * k, -1), weight)[::k]
 
 
-def tree_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-              state: torch.Tensor, parents: torch.Tensor, scale: float) -> torch.Tensor:
-    """The gated delta rule down the tree: node i's step runs from its parent's state after the parent's
-    step (node 0's from `state` [Hv, dk, dv], not modified). q, k [N, Hk, dk]; v [N, Hv, dv]; g, beta
-    [N, Hv]. Returns o [N, Hv, dv] fp32. One step per node in node order (parents come first), each the
-    chain's own single-step rule."""
-    n = q.shape[0]
-    states = state.new_empty((n, *state.shape))
-    out = []
-    for i in range(n):
-        start = state[None] if i == 0 else states.index_select(0, parents[i:i + 1])
-        o, final = ops.gated_delta_rule(q[None, i:i + 1], k[None, i:i + 1], v[None, i:i + 1], g[None, i:i + 1],
-                                        beta[None, i:i + 1], start, scale)
-        states[i] = final[0]
-        out.append(o[0, 0])
-    return torch.stack(out)
-
-
 def gated_delta_tree(mixer, h: torch.Tensor, cache, step) -> torch.Tensor:
     """`GatedDeltaNet.__call__` for a tree verify (`step.mask` set): h [N, H] -> [N, H], recorded per node
     for the commit."""
@@ -88,7 +72,7 @@ def gated_delta_tree(mixer, h: torch.Tensor, cache, step) -> torch.Tensor:
     v = v.reshape(n, s.heads_v, s.dv).float()
     beta = b.sigmoid().float()
     g = -mixer.a_log.exp() * F.softplus(a.float() + mixer.dt_bias)
-    out = tree_rule(q, k, v, g, beta, rec.state[j], parents, s.dk**-0.5)
+    out = ops.gdn_tree_rule(q, k, v, g, beta, rec.state[j], parents, s.dk**-0.5)
     rec.rec_x[j, :n] = mixed
     rec.rec_k[j, :n], rec.rec_v[j, :n], rec.rec_g[j, :n], rec.rec_beta[j, :n] = k, v, g, beta
     out = mixer.norm(out.to(h.dtype), z.reshape(n, s.heads_v, s.dv))
