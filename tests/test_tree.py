@@ -250,6 +250,21 @@ def test_tree_answers_equal_generate_the_chain_and_plain_sampling(name, request)
     assert got == plain
 
 
+@pytest.mark.slow  # ~1 min: the hybrid's step interpreted, every node's rule in kernels/gated_delta_tree.py
+def test_the_hybrids_tree_on_the_kernel_path_answers_as_plain_decoding(qwen35_kernel_pair, monkeypatch):
+    """Greedy, through the Triton kernels (interpreted): the tree answer (budget 8, then changing) is the
+    torch path's plain decoding."""
+    model = loader.load(*qwen35_kernel_pair, device="cpu", dtype="float32")
+    prompt, n = HYBRID_PROMPTS[0][:12], 12
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    want, _ = _tokens(Engine(model.target), prompt, n)
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    b = model.drafter.cfg.block_size
+    got, taus = _tokens(Engine(model.target, model.drafter, block_size=b, tree_budget=8), prompt, n,
+                        budgets=[8, 4, 0, 8])
+    assert got == want, taus
+
+
 @pytest.mark.parametrize("fixture", ["stories_pair", "qwen35_pair"])
 def test_the_tree_step_reads_nothing_back_to_the_host(fixture, request, monkeypatch):
     """The dense tree step, and the hybrid's (each node's conv window and state gathered on the device)."""
