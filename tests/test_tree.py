@@ -336,10 +336,13 @@ def test_run_with_a_tree_budget_writes_the_chains_answer_and_reports_the_budget(
 
 
 @pytest.mark.slow  # ~30 s a case (make_fx traces the unrolled search); the host-read test covers the fast tier
-@pytest.mark.parametrize("lookahead", [False, True], ids=["read-then-launch", "lookahead"])
-def test_replaying_one_recorded_tree_step_gives_the_eager_tokens(lookahead, stories_pair, monkeypatch):
+@pytest.mark.parametrize("fixture, lookahead", [("stories_pair", False), ("stories_pair", True),
+                                                ("qwen35_pair", True)],
+                         ids=["read-then-launch", "lookahead", "hybrid-lookahead"])
+def test_replaying_one_recorded_tree_step_gives_the_eager_tokens(fixture, lookahead, request, monkeypatch):
     """The tree step as a captured graph runs it: recorded once (make_fx, in place of a CUDA capture) by the
-    warm-up, then replayed for every iteration, with iteration i+1 queued before i is read (lookahead)."""
+    warm-up, then replayed for every iteration, with iteration i+1 queued before i is read (lookahead); the
+    hybrid's too (each node's conv window and state gathered by device index)."""
     from dflash_cli import engine as engine_module
     from dflash_cli import ops
 
@@ -347,8 +350,11 @@ def test_replaying_one_recorded_tree_step_gives_the_eager_tokens(lookahead, stor
     from .test_conformance import TracedStep
 
     monkeypatch.setattr(ops, "attention", attention_masked_on_device)
-    model = loader.load(*stories_pair, device="cpu", dtype="float32")
-    prompts = [model.tokenizer.encode(p) for p in ("Once upon a time", "The dog ran")]
+    model = loader.load(*request.getfixturevalue(fixture), device="cpu", dtype="float32")
+    if fixture == "stories_pair":
+        prompts = [model.tokenizer.encode(p) for p in ("Once upon a time", "The dog ran")]
+    else:
+        prompts = HYBRID_PROMPTS[:2]
     for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=4)):
         want = [_tokens(Engine(model.target), p, 40, sampling)[0] for p in prompts]
         traced: list[TracedStep] = []
