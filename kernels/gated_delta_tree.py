@@ -18,19 +18,22 @@ def tree_rule_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     """q, k [N, Hk, dk] fp32 (l2-normed); v [N, Hv, dv]; g, beta [N, Hv] fp32; state [Hv, dk, dv] fp32 (not
     modified); parents [N] int64 (parents[i] < i for i > 0; node 0 starts from `state`). Value head h reads
     key head h // (Hv / Hk). Returns o [N, Hv, dv] fp32. Each node's step is the chain's own step
-    (kernels/gated_delta.gated_delta_rule_ref), from its parent's state."""
-    from .gated_delta import gated_delta_rule_ref
-
+    (kernels/gated_delta.gated_delta_rule_ref, the same ops in the same order), from its parent's state."""
+    group = v.shape[1] // k.shape[1]
+    q = q.repeat_interleave(group, dim=1) * scale
+    k = k.repeat_interleave(group, dim=1)
+    v = v.float()
     n = q.shape[0]
     states = state.new_empty((n, *state.shape))
-    out = []
+    out = torch.empty_like(v)
     for i in range(n):
-        start = state[None] if i == 0 else states.index_select(0, parents[i:i + 1])
-        o, final = gated_delta_rule_ref(q[None, i:i + 1], k[None, i:i + 1], v[None, i:i + 1], g[None, i:i + 1],
-                                        beta[None, i:i + 1], start, scale)
-        states[i] = final[0]
-        out.append(o[0, 0])
-    return torch.stack(out)
+        s = state if i == 0 else states.index_select(0, parents[i:i + 1])[0]
+        s = s * g[i].exp()[..., None, None]
+        delta = (v[i] - (s * k[i, ..., None]).sum(-2)) * beta[i, :, None]
+        s = s + k[i, ..., None] * delta[..., None, :]
+        states[i] = s
+        out[i] = (s * q[i, ..., None]).sum(-2)
+    return out
 
 
 @triton.jit(do_not_specialize=["n_nodes"])  # every budget: one compile
