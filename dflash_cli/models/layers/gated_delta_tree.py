@@ -19,60 +19,68 @@ before itself.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ... import ops
 
 
-def tree_shape(step) -> tuple[torch.Tensor, torch.Tensor]:
-    """(parents [N] int64, the root's 0; depths [N] int64) of a tree verify's nodes, from its mask."""
+@dataclass(frozen=True)
+class TreeShape:
+    """What every linear layer of one tree verify gathers by, computed once per forward."""
+
+    parents: torch.Tensor  # [N] int64, the root's 0
+    windows: torch.Tensor  # [N, K] int64: each node's conv window, as rows of [committed K-1 inputs | nodes]
+
+
+def tree_shape(step, keep: int) -> TreeShape:
+    """The tree of a tree verify's nodes, read from its mask, and each node's conv window of `keep` + 1
+    rows: row K-1-m holds its ancestor m levels up (m <= depth) or, above the root, the committed input
+    m - depth back. Kept on the step: every linear layer of the forward shares it. An unfilled node
+    (tree.py: never walked to) has only itself as ancestor; what it computes is never used."""
+    cached = getattr(step, "_gated_delta_tree", None)
+    if cached is not None:
+        return cached
     ancestors = step.mask.index_select(1, step.rows)  # [N, N]: [i, j] = j is i or an ancestor of i
-    n = ancestors.shape[0]
-    index = torch.arange(n, device=ancestors.device)
+    index = torch.arange(ancestors.shape[0], device=ancestors.device)
     strict = ancestors & (index[None, :] < index[:, None])
     parents = (strict.to(torch.int64) * index[None, :]).amax(dim=1)  # the deepest ancestor comes last
-    return parents, ancestors.sum(dim=1) - 1
-
-
-def tree_windows(conv_state: torch.Tensor, mixed: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor
-                 ) -> torch.Tensor:
-    """Each node's conv window [N, K, C]: rows K-1-m hold its ancestor m levels up (m <= depth), or, above
-    the root, the committed input m - depth back (conv_state [K-1, C] holds the last K-1, oldest first)."""
-    keep = conv_state.shape[0]
-    source = torch.cat((conv_state, mixed))  # [K-1 + N, C]: committed inputs, then the nodes'
-    up = torch.arange(mixed.shape[0], device=mixed.device)
-    rows = [keep + up]
+    depths = ancestors.sum(dim=1) - 1
+    up, rows = index, [keep + index]
     for m in range(1, keep + 1):
         up = parents.index_select(0, up)
         rows.append(torch.where(depths >= m, keep + up, keep - (m - depths)))
-    index = torch.stack(rows[::-1], dim=1)  # [N, K]: oldest first
-    return source.index_select(0, index.reshape(-1)).view(index.shape[0], keep + 1, -1)
+    shape = TreeShape(parents, torch.stack(rows[::-1], dim=1))  # windows oldest first
+    step._gated_delta_tree = shape
+    return shape
 
 
-def tree_conv(conv_state: torch.Tensor, mixed: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
-              weight: torch.Tensor) -> torch.Tensor:
-    """silu(causal conv) of each node over its own window [N, C]: the windows laid end to end through the
-    chain's conv op (so a node's row is computed as the chain computes a row), every K-th output kept."""
-    windows = tree_windows(conv_state, mixed, parents, depths)
-    n, k = windows.shape[0], windows.shape[1]
-    return ops.causal_conv(windows.reshape(n * k, -1), weight)[::k]
+def tree_conv(conv_state: torch.Tensor, mixed: torch.Tensor, windows: torch.Tensor, weight: torch.Tensor
+              ) -> torch.Tensor:
+    """silu(causal conv) of each node over its own window [N, C] (`windows`: rows of [conv_state | mixed]):
+    the windows laid end to end through the chain's conv op (so a node's row is computed as the chain
+    computes a row), every K-th output kept."""
+    k = windows.shape[1]
+    laid = torch.cat((conv_state, mixed)).index_select(0, windows.reshape(-1))
+    return ops.causal_conv(laid, weight)[::k]
 
 
 def gated_delta_tree(mixer, h: torch.Tensor, cache, step) -> torch.Tensor:
     """`GatedDeltaNet.__call__` for a tree verify (`step.mask` set): h [N, H] -> [N, H], recorded per node
     for the commit."""
     s, n, j, rec = mixer.shape, h.shape[0], mixer.slot, cache.rec
-    parents, depths = tree_shape(step)
+    tree = tree_shape(step, rec.conv.shape[1])
     mixed, z, b, a = mixer.in_proj(h).split([s.conv_dim, s.value_dim, s.heads_v, s.heads_v], dim=-1)
-    qkv = tree_conv(rec.conv[j], mixed, parents, depths, mixer.conv)
+    qkv = tree_conv(rec.conv[j], mixed, tree.windows, mixer.conv)
     q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
     q = ops.l2norm(q.reshape(n, s.heads_k, s.dk))
     k = ops.l2norm(k.reshape(n, s.heads_k, s.dk))
     v = v.reshape(n, s.heads_v, s.dv).float()
     beta = b.sigmoid().float()
     g = -mixer.a_log.exp() * F.softplus(a.float() + mixer.dt_bias)
-    out = ops.gdn_tree_rule(q, k, v, g, beta, rec.state[j], parents, s.dk**-0.5)
+    out = ops.gdn_tree_rule(q, k, v, g, beta, rec.state[j], tree.parents, s.dk**-0.5)
     rec.rec_x[j, :n] = mixed
     rec.rec_k[j, :n], rec.rec_v[j, :n], rec.rec_g[j, :n], rec.rec_beta[j, :n] = k, v, g, beta
     out = mixer.norm(out.to(h.dtype), z.reshape(n, s.heads_v, s.dv))
