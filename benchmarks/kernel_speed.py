@@ -107,7 +107,7 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
 
 def hybrid_cases(dev: str, dt: torch.dtype):
     """The hybrid family's own ops at Qwen3.5-27B shapes."""
-    from dflash_cli.kernels import attention, gated_delta, rmsnorm, rope_cache
+    from dflash_cli.kernels import attention, gated_delta, gated_delta_tree, rmsnorm, rope_cache
     from dflash_cli.rope import rope_table
 
     h, hq, hkv, d, rot, hk, hv, dk, n_lin = 5120, 24, 4, 256, 64, 16, 48, 128, 48
@@ -168,6 +168,10 @@ def hybrid_cases(dev: str, dt: torch.dtype):
     gr, br = gg.expand(n_lin, -1, -1).contiguous(), bb.expand(n_lin, -1, -1).contiguous()
     yield ("masked replay commit (48 layers)", gated_delta.replay, gated_delta.replay_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, count), 2 * nbytes(states) + nbytes(kr, vr))
+    parents = torch.cat((torch.zeros(1, dtype=torch.int64), torch.arange(B - 1) // 2)).to(dev)  # a binary tree
+    yield ("gated delta rule, tree verify (1 layer, B nodes)", gated_delta_tree.tree_rule,
+           gated_delta_tree.tree_rule_ref, lambda f: f(qk[0], qk[0], vv[0], gg[0], bb[0], state[0], parents, dk**-0.5),
+           (B + 1) * 2 * nbytes(state) + nbytes(qk, qk, vv))
 
 
 def grouped_mm() -> tuple[str, object]:

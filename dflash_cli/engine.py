@@ -27,7 +27,7 @@ import torch
 
 from . import cuda, ops
 from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, time_iterations
-from .cache import CommitPlan, KVCache
+from .cache import CommitPlan
 from .drafter import DEFERRED, Drafter
 from .errors import DflashError
 from .graphs import EagerStep, StepGraphs
@@ -140,9 +140,6 @@ class Engine:
         self.lookahead = cuda.is_gpu(target.device) if lookahead is None else lookahead
         capacity = self.max_context + slack
         self.target_cache = target.new_cache(capacity, max(block_size, self.most_nodes))
-        if self.tree_budget and not isinstance(self.target_cache, KVCache):
-            raise DflashError("--tree-budget: tree verification is not supported for hybrid (Gated DeltaNet) "
-                              "targets yet; drop --tree-budget")
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
         self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order

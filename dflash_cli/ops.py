@@ -261,3 +261,12 @@ def norm_linear(x, norm_w, eps, w, b=None, residual=None):
 def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None):
     """RMSNorm (plain style) of x (+ residual), then `swiglu_linear`, in one launch: (out, new residual)."""
     return _impl("norm_swiglu_linear", True)(x, norm_w, eps, w, b, residual)
+
+
+# ---- Tree verification on a hybrid target ---------------------------------------------------------------
+# kernels/gated_delta_tree.py: the gated delta rule down a drafted tree, each node from its parent's state.
+_MODULES.update(tree_rule="gated_delta_tree")
+
+
+def gdn_tree_rule(q, k, v, g, beta, state, parents, scale):
+    return _pick("tree_rule", q.device)(q, k, v, g, beta, state, parents, scale)

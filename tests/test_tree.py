@@ -103,10 +103,11 @@ def test_building_and_walking_read_nothing_back_to_the_host():
 
 # ---- the target's tree verify --------------------------------------------------------------------------------
 @pytest.mark.parametrize("fixture", ["qwen3_pair", "qwen3_moe_pair", "gpt_oss_pair", "gemma4_pair", "gemma4_moe_pair",
-                                     "muse_pair"])
+                                     "muse_pair", "qwen35_pair", "qwen35_moe_pair"])
 def test_a_tree_verify_gives_each_node_the_logits_of_its_own_path_and_commits_the_accepted_one(fixture, request):
     """Every node's logits = those of decoding its path token by token (gpt-oss: past its window of 8, with
-    sinks); committing a path leaves the cache as decoding that path does (the next logits are the same)."""
+    sinks; the hybrids: each node's conv window and recurrent state from its ancestors); committing a path
+    leaves the cache as decoding that path does (the next logits are the same)."""
     from dflash_cli.cache import CommitPlan
 
     target = loader.load(request.getfixturevalue(fixture)[0], None, device="cpu", dtype="float32").target
@@ -144,6 +145,52 @@ def test_a_tree_verify_gives_each_node_the_logits_of_its_own_path_and_commits_th
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fixture, path", [
+    ("qwen35_pair", "torch"), pytest.param("qwen35_moe_pair", "torch", marks=pytest.mark.slow),
+    pytest.param("qwen35_pair", "triton", marks=pytest.mark.slow)])  # ~30 s interpreted
+def test_a_hybrid_tree_commit_leaves_the_state_of_a_fresh_prefill_bit_for_bit(fixture, path, request, monkeypatch):
+    """Commit a path that leaves the first-child chain (its rows are not 0..d): every linear layer's
+    recurrent state and conv window equal those of a fresh prefill of prompt + path. Bit for bit on the
+    kernel path (interpreted) with the batch-invariant linear layers, as on a GPU with
+    DFLASH_LINEAR=invariant: a row rounds alike whatever M is. The CPU's torch path rounds its GEMMs,
+    convs and short reductions by M (a chain's commit differs from a one-chunk prefill there too), so
+    there it is checked to the chain's tolerance."""
+    from dflash_cli.cache import CommitPlan
+
+    if path == "triton":
+        monkeypatch.setenv("DFLASH_KERNELS", "triton")
+        monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    target = loader.load(request.getfixturevalue(fixture)[0], None, device="cpu", dtype="float32").target
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 256, (9,), generator=g)
+    logits = torch.randn(5, target.cfg.vocab_size, generator=g) * 6  # peaked: a deep tree
+    logits[:, 256:] = -1e9
+    tree = trees.build(torch.tensor([5]), logits, 12)
+    parents = tree.parents.tolist()
+
+    def path_of(i: int) -> list[int]:
+        nodes = [i]
+        while nodes[-1] != 0:
+            nodes.append(parents[nodes[-1]])
+        return nodes[::-1]
+
+    node = max((i for i in range(tree.budget) if path_of(i) != list(range(len(path_of(i))))),
+               key=lambda i: (len(path_of(i)), i))
+    nodes = torch.tensor(path_of(node))
+    assert len(nodes) >= 4, nodes
+    cache = target.new_cache(64, 12)
+    target.forward(prompt, cache, commit=True)
+    target.forward(tree.tokens, cache, logits_from=0, tree=tree)
+    padded = torch.cat((nodes, nodes[-1:].expand(5 + 1 - len(nodes))))  # as the walk gives it: depth + 1 nodes
+    target.commit(cache, CommitPlan(torch.tensor(len(nodes)), padded))
+    fresh = target.new_cache(64, 12)
+    target.forward(torch.cat((prompt, tree.tokens[nodes])), fresh, commit=True)
+    assert int(cache.length) == int(fresh.length) == len(prompt) + len(nodes)
+    exact = dict(rtol=0, atol=0) if path == "triton" else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.state, fresh.state, **exact)
+    torch.testing.assert_close(cache.conv, fresh.conv, **exact)
+
+
 # ---- the engine ----------------------------------------------------------------------------------------------
 BUDGETS = (4, 8, 16)
 PAIRS = {  # a pair with a trained or fitted drafter (drafts really are accepted), its prompts and sampling
@@ -151,6 +198,8 @@ PAIRS = {  # a pair with a trained or fitted drafter (drafts really are accepted
               SamplingParams(temperature=0.8, seed=1)),
     "moe": ("qwen3_moe_pair", lambda m: HYBRID_PROMPTS[:2], SamplingParams(temperature=0.8, top_k=40, seed=2)),
     "gpt-oss": ("gpt_oss_pair", lambda m: HYBRID_PROMPTS[:2], SamplingParams(temperature=0.7, top_p=0.9, seed=3)),
+    "hybrid": ("qwen35_pair", lambda m: HYBRID_PROMPTS[:2], SamplingParams(temperature=0.8, top_p=0.95, seed=4)),
+    "hybrid-moe": ("qwen35_moe_pair", lambda m: HYBRID_PROMPTS[:2], SamplingParams(temperature=0.8, seed=5)),
 }
 
 
@@ -165,7 +214,8 @@ def _tokens(engine: Engine, prompt, n: int, sampling: SamplingParams | None = No
     return out, taus
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "dense" else [pytest.mark.slow]) for n in PAIRS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in ("dense", "hybrid") else [pytest.mark.slow])
+                                  for n in PAIRS])
 def test_tree_answers_equal_generate_the_chain_and_plain_sampling(name, request):
     """Greedy: transformers' `generate` and the chain's answer, at budgets 4, 8, 16 and with the budget
     changing between iterations (0, the chain, among them); seeded sampling: plain decoding's answer."""
@@ -200,27 +250,44 @@ def test_tree_answers_equal_generate_the_chain_and_plain_sampling(name, request)
     assert got == plain
 
 
-def test_the_tree_step_reads_nothing_back_to_the_host(stories_pair, monkeypatch):
+@pytest.mark.slow  # ~1 min: the hybrid's step interpreted, every node's rule in kernels/gated_delta_tree.py
+def test_the_hybrids_tree_on_the_kernel_path_answers_as_plain_decoding(qwen35_kernel_pair, monkeypatch):
+    """Greedy, through the Triton kernels (interpreted): the tree answer (budget 8, then changing) is the
+    torch path's plain decoding."""
+    model = loader.load(*qwen35_kernel_pair, device="cpu", dtype="float32")
+    prompt, n = HYBRID_PROMPTS[0][:12], 12
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    want, _ = _tokens(Engine(model.target), prompt, n)
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    b = model.drafter.cfg.block_size
+    got, taus = _tokens(Engine(model.target, model.drafter, block_size=b, tree_budget=8), prompt, n,
+                        budgets=[8, 4, 0, 8])
+    assert got == want, taus
+
+
+@pytest.mark.parametrize("fixture", ["stories_pair", "qwen35_pair"])
+def test_the_tree_step_reads_nothing_back_to_the_host(fixture, request, monkeypatch):
+    """The dense tree step, and the hybrid's (each node's conv window and state gathered on the device)."""
     from dflash_cli import ops
 
     from .fake_cuda import attention_masked_on_device
 
     monkeypatch.setattr(ops, "attention", attention_masked_on_device)  # the chain's reference reads kv_len
-    model = loader.load(*stories_pair, device="cpu", dtype="float32")
-    engine = Engine(model.target, model.drafter, block_size=8, tree_budget=16)
+    model = loader.load(*request.getfixturevalue(fixture), device="cpu", dtype="float32")
+    b = model.drafter.cfg.block_size
+    prompt = model.tokenizer.encode("Once upon a time") if fixture == "stories_pair" else HYBRID_PROMPTS[0]
+    engine = Engine(model.target, model.drafter, block_size=b, tree_budget=16)
     for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=1)):
-        steps = engine.generate(Request(model.tokenizer.encode("Once upon a time"), 32, sampling=sampling))
+        steps = engine.generate(Request(prompt, 32, sampling=sampling))
         bonus = torch.tensor([next(steps).tokens[-1]])
         with torch.inference_mode(), HostReads() as reads:
-            packed, _ = engine._tree_step(sampling.mode, 8, 16)(bonus)
+            packed, _ = engine._tree_step(sampling.mode, b, 16)(bonus)
         steps.close()
         assert reads.seen == []
-        assert packed.shape == (1 + 2 * 8,)
+        assert packed.shape == (1 + 2 * b,)
 
 
-def test_trees_are_refused_by_name_for_hybrid_targets_and_dflash2_drafters(qwen3_moe_pair, models):
-    from .tiny import qwen35_config, write_qwen35
-
+def test_trees_are_refused_by_name_for_dflash2_drafters(qwen3_moe_pair):
     model = loader.load(*qwen3_moe_pair, device="cpu", dtype="float32")
     model.drafter.selector = object()  # what a DFlash2 drafter has
     with pytest.raises(DflashError, match="DFlash2 drafters keep their selector chain"):
@@ -232,10 +299,6 @@ def test_trees_are_refused_by_name_for_hybrid_targets_and_dflash2_drafters(qwen3
     engine.tree_budget = 4
     with pytest.raises(DflashError, match="at most the 8 nodes"):  # the caches are sized for 8
         engine.tree_budget = 16
-    hybrid = loader.load(write_qwen35(models / "tree-qwen35", qwen35_config(), seed=11), None, device="cpu").target
-    drafter = model.drafter  # any drafter: the hybrid target is refused before it drafts
-    with pytest.raises(DflashError, match="not supported for hybrid"):
-        Engine(hybrid, drafter, block_size=4, tree_budget=8)
 
 
 # ---- the flag ------------------------------------------------------------------------------------------------
@@ -273,10 +336,13 @@ def test_run_with_a_tree_budget_writes_the_chains_answer_and_reports_the_budget(
 
 
 @pytest.mark.slow  # ~30 s a case (make_fx traces the unrolled search); the host-read test covers the fast tier
-@pytest.mark.parametrize("lookahead", [False, True], ids=["read-then-launch", "lookahead"])
-def test_replaying_one_recorded_tree_step_gives_the_eager_tokens(lookahead, stories_pair, monkeypatch):
+@pytest.mark.parametrize("fixture, lookahead", [("stories_pair", False), ("stories_pair", True),
+                                                ("qwen35_pair", True)],
+                         ids=["read-then-launch", "lookahead", "hybrid-lookahead"])
+def test_replaying_one_recorded_tree_step_gives_the_eager_tokens(fixture, lookahead, request, monkeypatch):
     """The tree step as a captured graph runs it: recorded once (make_fx, in place of a CUDA capture) by the
-    warm-up, then replayed for every iteration, with iteration i+1 queued before i is read (lookahead)."""
+    warm-up, then replayed for every iteration, with iteration i+1 queued before i is read (lookahead); the
+    hybrid's too (each node's conv window and state gathered by device index)."""
     from dflash_cli import engine as engine_module
     from dflash_cli import ops
 
@@ -284,8 +350,11 @@ def test_replaying_one_recorded_tree_step_gives_the_eager_tokens(lookahead, stor
     from .test_conformance import TracedStep
 
     monkeypatch.setattr(ops, "attention", attention_masked_on_device)
-    model = loader.load(*stories_pair, device="cpu", dtype="float32")
-    prompts = [model.tokenizer.encode(p) for p in ("Once upon a time", "The dog ran")]
+    model = loader.load(*request.getfixturevalue(fixture), device="cpu", dtype="float32")
+    if fixture == "stories_pair":
+        prompts = [model.tokenizer.encode(p) for p in ("Once upon a time", "The dog ran")]
+    else:
+        prompts = HYBRID_PROMPTS[:2]
     for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=4)):
         want = [_tokens(Engine(model.target), p, 40, sampling)[0] for p in prompts]
         traced: list[TracedStep] = []

@@ -95,6 +95,7 @@ class RecurrentCache:
         t = self.recorded
         records = (self.rec_x, self.rec_k, self.rec_v, self.rec_g, self.rec_beta)
         if plan.path is not None:  # the path's rows first, in order (gathered before any is written)
+            t = min(t, plan.path.shape[0])  # a tree's path: at most its depth + 1 of its nodes
             for r in records:
                 r[:, :t].copy_(r.index_select(1, plan.path[:t]))
         ops.gdn_replay(self.state, self.rec_k[:, :t], self.rec_v[:, :t], self.rec_g[:, :t], self.rec_beta[:, :t],
@@ -210,8 +211,11 @@ class GatedDeltaNet:
     def __call__(self, h: torch.Tensor, cache: HybridCache, step) -> torch.Tensor:
         """T tokens from the committed state of this layer: written through on a prefill chunk,
         recorded for the commit on a verify block."""
+        if getattr(step, "mask", None) is not None:  # a tree verify: each node from its ancestors
+            from .gated_delta_tree import gated_delta_tree
+
+            return gated_delta_tree(self, h, cache, step)
         s, t, j, rec = self.shape, h.shape[0], self.slot, cache.rec
-        assert getattr(step, "mask", None) is None, "a tree verify on a Gated DeltaNet (the engine refuses it)"
         proj = self.in_proj(h)  # [mixed | z | b | a]
         if step.commit:  # a prefill chunk: nothing to record; the state and the conv window move on
             f32 = dict(dtype=torch.float32, device=h.device)

@@ -1,0 +1,87 @@
+"""The Gated DeltaNet mixer over a drafted tree (dflash_cli/tree.py): each node's conv window and recurrent
+state come from its own ancestors, not from the rows before it.
+
+Node i at depth d (parents precede children; the root is the anchor, at depth 0) sees the committed
+tokens, then its ancestors at depths 0..d-1, then itself. So its conv window is the last K-1 of
+[committed conv inputs | its ancestors' inputs], gathered by index (fixed shapes, no host read), and its
+recurrent state is its parent's after the parent's update (the root's parent: the committed state).
+
+The rule runs down the tree in one pass (kernels/gated_delta_tree.py). Nothing is written through: like
+a chain's verify block, every node records its conv input and its (k, v, g, beta). A node's records
+depend only on its own path, so once the walk picks a path, `RecurrentCache.commit` with
+`CommitPlan.path` gathers the path's rows to the front and replays them as it replays a chain's
+accepted rows: with projections that round a row alike whatever M is (the kernel path), the state after
+the commit is a fresh prefill's, bit for bit.
+
+The tree's shape is read from the step's ancestor mask (the columns of the nodes' cache rows): node i's
+ancestors are the nodes it may attend to, its depth their count less one, its parent the last of them
+before itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ... import ops
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """What every linear layer of one tree verify gathers by, computed once per forward."""
+
+    parents: torch.Tensor  # [N] int64, the root's 0
+    windows: torch.Tensor  # [N, K] int64: each node's conv window, as rows of [committed K-1 inputs | nodes]
+
+
+def tree_shape(step, keep: int) -> TreeShape:
+    """The tree of a tree verify's nodes, read from its mask, and each node's conv window of `keep` + 1
+    rows: row K-1-m holds its ancestor m levels up (m <= depth) or, above the root, the committed input
+    m - depth back. Kept on the step: every linear layer of the forward shares it. An unfilled node
+    (tree.py: never walked to) has only itself as ancestor; what it computes is never used."""
+    cached = getattr(step, "_gated_delta_tree", None)
+    if cached is not None:
+        return cached
+    ancestors = step.mask.index_select(1, step.rows)  # [N, N]: [i, j] = j is i or an ancestor of i
+    index = torch.arange(ancestors.shape[0], device=ancestors.device)
+    strict = ancestors & (index[None, :] < index[:, None])
+    parents = (strict.to(torch.int64) * index[None, :]).amax(dim=1)  # the deepest ancestor comes last
+    depths = ancestors.sum(dim=1) - 1
+    up, rows = index, [keep + index]
+    for m in range(1, keep + 1):
+        up = parents.index_select(0, up)
+        rows.append(torch.where(depths >= m, keep + up, keep - (m - depths)))
+    shape = TreeShape(parents, torch.stack(rows[::-1], dim=1))  # windows oldest first
+    step._gated_delta_tree = shape
+    return shape
+
+
+def tree_conv(conv_state: torch.Tensor, mixed: torch.Tensor, windows: torch.Tensor, weight: torch.Tensor
+              ) -> torch.Tensor:
+    """silu(causal conv) of each node over its own window [N, C] (`windows`: rows of [conv_state | mixed]):
+    the windows laid end to end through the chain's conv op (so a node's row is computed as the chain
+    computes a row), every K-th output kept."""
+    k = windows.shape[1]
+    laid = torch.cat((conv_state, mixed)).index_select(0, windows.reshape(-1))
+    return ops.causal_conv(laid, weight)[::k]
+
+
+def gated_delta_tree(mixer, h: torch.Tensor, cache, step) -> torch.Tensor:
+    """`GatedDeltaNet.__call__` for a tree verify (`step.mask` set): h [N, H] -> [N, H], recorded per node
+    for the commit."""
+    s, n, j, rec = mixer.shape, h.shape[0], mixer.slot, cache.rec
+    tree = tree_shape(step, rec.conv.shape[1])
+    mixed, z, b, a = mixer.in_proj(h).split([s.conv_dim, s.value_dim, s.heads_v, s.heads_v], dim=-1)
+    qkv = tree_conv(rec.conv[j], mixed, tree.windows, mixer.conv)
+    q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
+    q = ops.l2norm(q.reshape(n, s.heads_k, s.dk))
+    k = ops.l2norm(k.reshape(n, s.heads_k, s.dk))
+    v = v.reshape(n, s.heads_v, s.dv).float()
+    beta = b.sigmoid().float()
+    g = -mixer.a_log.exp() * F.softplus(a.float() + mixer.dt_bias)
+    out = ops.gdn_tree_rule(q, k, v, g, beta, rec.state[j], tree.parents, s.dk**-0.5)
+    rec.rec_x[j, :n] = mixed
+    rec.rec_k[j, :n], rec.rec_v[j, :n], rec.rec_g[j, :n], rec.rec_beta[j, :n] = k, v, g, beta
+    out = mixer.norm(out.to(h.dtype), z.reshape(n, s.heads_v, s.dv))
+    return mixer.out_proj(out.reshape(n, -1))
