@@ -116,3 +116,24 @@ def test_quantized_linear_one_launch_equals_two(seed, launched, dtype, fmt):
         call = lambda merge: fp8_linear(x, q.weight, q.scale, q.block, q.bias, merge=merge)  # noqa: E731
     folded, merged = one_and_two(call, launched)
     assert equal(folded, merged), f"seed {seed}"
+
+
+def test_a_captured_launch_replays_with_its_merge_folded_in(seed):
+    """On the stand-in GPU a captured split launch is replayed on new inputs: each replay's output is
+    the eager launch's on those inputs, bit for bit (the counters it left zeroed serve the next replay)."""
+    from dflash_cli import cuda
+
+    from ..fake_cuda import stand_in
+
+    x, w, b = near_ties(67, 1031, torch.float32, True)
+    with stand_in(kernels="triton"), torch.inference_mode():
+        rows = x[:3].clone()
+        il.invariant_linear(rows, w, b)  # the warm-up allocates the counters, as graphs.capture's does
+        graph = cuda.new_graph()
+        with cuda.capturing(graph):
+            out = il.invariant_linear(rows, w, b)
+        for start in (3, 6):
+            rows.copy_(x[start:start + 3])
+            graph.replay()
+            assert torch.equal(out, il.invariant_linear(x[start:start + 3], w, b)), f"seed {seed}"
+        assert not il.tickets(rows.device, 1).any()
