@@ -67,7 +67,8 @@ def released_table(results: dict[str, list]) -> tuple[str, list[str]]:
             before = sum(p.launches["launch"] - 1 for p in projections)
             notes.append(f"{RELEASED[family]} {kind}: " + ", ".join(
                 f"{p.name} {p.n}x{p.k} {p.splits} slice{'s' if p.splits > 1 else ''}" for p in projections)
-                + f"; invariant launches beyond the tiny count: +{extra[kind]} (a merge launch per split weight: +{before})")
+                + f"; invariant launches beyond the tiny count: +{extra[kind]} (with a merge launch per split weight, "
+                f"the two-launch form: +{before})")
         cells = []
         for mode, counts in results.items():
             c = next(c for c in counts if c.family == family)
@@ -75,7 +76,8 @@ def released_table(results: dict[str, list]) -> tuple[str, list[str]]:
                 cells.append("")
                 continue
             plus = extra if mode == "invariant" else dict.fromkeys(layers, 0)
-            cells.append(str(c.fixed["decode"] + sum(n * (c.per_layer["decode"][k] + plus[k]) for k, n in layers.items())))
+            per_layer = {k: c.per_layer["decode"][k] + plus[k] for k in layers}
+            cells.append(str(c.fixed["decode"] + sum(n * per_layer[k] for k, n in layers.items())))
         budget = BUDGETS["fixed"] + sum(n * BUDGETS[k] for k, n in layers.items())
         rows.append([family, RELEASED[family], " + ".join(f"{n} {k}" for k, n in layers.items()), *cells, str(budget)])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows), notes

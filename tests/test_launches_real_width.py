@@ -29,7 +29,8 @@ def test_qwen3_8b_layer_at_its_real_widths():
     assert real_width_extra("dense", "dense", merge="launch")[0] == 3
 
 
-@pytest.mark.parametrize("family,kind,attention", [("hybrid", "linear", "mixer.in_proj"), ("hybrid", "full", "mixer.qkv"),
+@pytest.mark.parametrize("family,kind,attention", [("hybrid", "linear", "mixer.in_proj"),
+                                                  ("hybrid", "full", "mixer.qkv"),
                                                   ("gpt-oss", "gpt-oss full", "mixer.qkv")])
 def test_each_kind_is_counted_on_a_layer_of_that_kind(family, kind, attention):
     extra, projections = real_width_extra(family, kind)
