@@ -266,6 +266,7 @@ def test_run_with_a_tree_budget_writes_the_chains_answer_and_reports_the_budget(
         assert p.returncode == 0, p.stderr
         answers[budget] = json.loads(p.stdout)
         assert answers[budget]["tree_budget"] == int(budget)
+        assert answers[budget]["tree_budgets"] == [int(budget)] * len(answers[budget]["acceptance_lengths"])
     assert answers["16"]["token_ids"] == answers["0"]["token_ids"]
 
 
@@ -405,3 +406,22 @@ def test_auto_keeps_the_chain_where_trees_are_not_supported(stories_pair, models
     hybrid = loader.load(write_qwen35(models / "auto-qwen35", qwen35_config(), seed=11), None, device="cpu").target
     hybrid_engine = Engine(hybrid, model.drafter, block_size=4, tree_budget="auto")
     assert hybrid_engine.tree_budget == 0 and hybrid_engine.policy.tree_budgets == ()
+
+
+def test_run_json_reports_auto_and_the_budget_each_iteration_verified(capsys, stories_pair):
+    """`run --tree-budget auto --json`: "tree_budget" is "auto", "tree_budgets" has one entry per iteration
+    (beside "block_sizes" and "acceptance_lengths", their τ), each 0 (the chain) or a budget auto may use."""
+    import json
+
+    from dflash_cli.cli import main
+
+    t, d = stories_pair
+    base = ["run", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-p", "Once upon a time", "-n", "24",
+            "--json", "-q"]
+    assert main(base + ["--no-spec"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(base + ["--tree-budget", "auto"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["token_ids"] == plain["token_ids"] and r["tree_budget"] == "auto"
+    assert len(r["tree_budgets"]) == len(r["block_sizes"]) == len(r["acceptance_lengths"]) > 0
+    assert set(r["tree_budgets"]) <= {0, 4, 8, 16, 32, 64}
