@@ -28,6 +28,16 @@ loss. b = 1 costs about what plain decoding costs: the drafter's context for tho
 deferred, and written in one batch before the next draft (drafter.DraftCache), so drafting can
 resume at any iteration.
 
+With `--tree-budget auto` the same choice also weighs trees (dflash_cli/tree.py) of `TREE_BUDGETS` nodes
+at the largest b: their seconds are measured with the chain's (a tree iteration per budget; verify cost
+grows with the node count, nearly flat to ~32 rows on a GPU, steeply on a CPU), and their expected tokens
+come from acceptance per drafter rank: at each position, the chance that the target's token is the
+drafter's rank r given it is none of ranks 0..r-1 (rank 0's is p_i). A tree iteration reads back, with
+its tokens, each accepted node's rank and the stop node's number of children (`walk_record`), which is
+exactly what the walk judged; a chain iteration judges rank 0 only. The expected tokens of a budget are
+those of the best-first tree over these estimates (`tree_tokens`), as the device builds it over the
+drafter's own scores; a tree is picked over the chain only where its tokens per second are higher.
+
 `benchmarks/adaptive_replay.py` replays this policy on recorded acceptance at this machine's costs
 (how the constants below were chosen), and `benchmarks/adaptive.py` times it against plain decoding
 and fixed B.
