@@ -63,6 +63,9 @@ TREE_BUDGETS = (4, 8, 16, 32, 64)
 # Chance that the target's token is the drafter's rank r >= 1 at a position, given it is none of ranks
 # 0..r-1 (a hazard), assumed with no evidence: high enough that a cheap tree is tried and learnt from.
 RANK_PRIOR = 0.3
+# Drafter ranks the estimate follows per position (a tree's rank-r node for larger r is counted as unlikely
+# as never): past rank 8 the chances left are tiny, and the policy runs every iteration.
+RANKS = 8
 
 
 def candidates(largest: int) -> list[int]:
@@ -166,7 +169,7 @@ class Acceptance:
     def expected_tree_tokens(self, block_size: int, budget: int) -> float:
         """Tokens one tree iteration of `budget` nodes over b - 1 drafted positions commits on average
         (the estimates' best-first tree: `tree_tokens`)."""
-        return tree_tokens(self.rank_probabilities(block_size - 1, max(budget - 1, 1)), budget)
+        return tree_tokens(self.rank_probabilities(block_size - 1, min(max(budget - 1, 1), RANKS)), budget)
 
 
 def tree_tokens(q: list[list[float]], budget: int) -> float:
@@ -174,18 +177,25 @@ def tree_tokens(q: list[list[float]], budget: int) -> float:
     tree.build builds it (a popped node pushes its next sibling and its first child), where a node's
     chance is the product of q[depth][rank] along its path: the tokens it commits on average, if the
     ranks at each position are independent of the path. At budget b it is at least the chain's τ at b."""
-    total, ranks = 1.0, len(q[0]) if q else 0
+    return tree_tokens_by_budget(q, (budget,))[budget]
+
+
+def tree_tokens_by_budget(q: list[list[float]], budgets) -> dict[int, float]:
+    """`tree_tokens` for each budget in one best-first pass: a smaller tree is the first nodes popped."""
+    total, ranks, out, wanted = 1.0, len(q[0]) if q else 0, {}, sorted(budgets)
     frontier = [(-q[0][0], 0, 0, 1.0)] if q and ranks else []
-    for _ in range(budget - 1):
+    for nodes in range(1, wanted[-1] + 1):
+        while wanted and wanted[0] == nodes:
+            out[wanted.pop(0)] = total
         if not frontier:
-            break
+            continue
         neg, depth, rank, base = heapq.heappop(frontier)
         total -= neg
         if rank + 1 < ranks:
             heapq.heappush(frontier, (-base * q[depth][rank + 1], depth, rank + 1, base))
         if depth + 1 < len(q):
             heapq.heappush(frontier, (neg * q[depth + 1][0], depth + 1, 0, -neg))
-    return total
+    return out
 
 
 @dataclass(frozen=True)
@@ -228,8 +238,8 @@ def choose(costs: dict[int, float], acceptance: Acceptance, tree_costs: dict[int
     chain = _choose_chain(costs, acceptance)
     if not tree_costs or tree_block < 2:
         return chain
-    q = acceptance.rank_probabilities(tree_block - 1, max(max(tree_costs) - 1, 1))
-    expected = {n: tree_tokens(q, n) for n in tree_costs}
+    q = acceptance.rank_probabilities(tree_block - 1, min(max(max(tree_costs) - 1, 1), RANKS))
+    expected = tree_tokens_by_budget(q, tree_costs)
     best = max(expected, key=lambda n: (expected[n] / tree_costs[n], -n))
     if expected[best] / tree_costs[best] <= chain.expected_tau / costs[chain.block_size]:
         return chain
