@@ -345,8 +345,9 @@ class Engine:
         decision = self.policy.decide(costs)
         return replace(decision, tree_budget=self.tree_budget if decision.block_size > 1 else 0)
 
-    def measure(self, mode: Mode, bonus: torch.Tensor) -> dict[int, float]:
-        """Seconds of one iteration at each of the policy's block sizes, from the caches as they are
+    def measure(self, mode: Mode, bonus: torch.Tensor) -> dict[int | tuple[int, int], float]:
+        """Seconds of one iteration at each of the policy's block sizes (with --tree-budget auto, also of a
+        tree iteration at the largest one per node budget, keyed (b, nodes)), from the caches as they are
         (after any queued iteration: the device runs in stream order). Every timed iteration really
         runs, so the caches, and `bonus` (a captured step's output buffer), are put back afterwards:
         lengths after each run (slots past them are free), whole snapshots (a recurrent state) at the end.
