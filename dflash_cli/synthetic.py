@@ -22,7 +22,6 @@ from . import cuda, ops
 from .config import DrafterConfig
 from .drafter import Drafter
 from . import tree as trees
-from .cache import KVCache
 from .engine import Engine, cache_slack
 from .errors import DflashError, UsageError
 from .graphs import capture, graphs_enabled
@@ -514,7 +513,7 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         half = torch.tensor(max(1, b // 2), device=device)  # half the block accepted
         commit = graphed(at_context(lambda: target.commit(engine.target_cache, half)), device)
         verify_by_nodes = {}
-        if isinstance(engine.target_cache, KVCache):  # tree verify (a hybrid target's is not supported yet)
+        if engine.most_nodes:  # the engine took the tree budget (a hybrid target has no tree verify yet)
             draft_logits = torch.randn(b - 1, target_cfg.vocab_size, dtype=torch.float32, device=device)
             for n in NODE_COUNTS:
                 tree = trees.build(bonus, draft_logits, n) if n > 1 else None
