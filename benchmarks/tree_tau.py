@@ -92,7 +92,7 @@ def table(label: str, model, prompts: list[list[int]], stops, tokens: int) -> No
             try:
                 engine = Engine(model.target, model.drafter, block_size=b, tree_budget=budget)
             except DflashError as e:
-                print(f"| {label} | {name} | {budget} | (not supported: {e}) | | | |")
+                print(f"| {label} | {name} | {budget} | not supported ({str(e).split(';')[0]}) | | | |")
                 continue
             answer(engine, prompts[0], 8, sampling, stops)  # first calls pay one-time costs (and auto measures)
             generated = iterations = 0
