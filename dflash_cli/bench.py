@@ -30,6 +30,7 @@ from importlib import resources
 
 import torch
 
+from . import ops
 from .adaptive import FIRST_BUCKET, position_rates
 from .engine import Engine, Request
 from .generate import Stats, stream_text
@@ -344,5 +345,8 @@ def render_synthetic(report, console) -> None:
         one = r.verify_by_nodes[1]
         console.print("verify by node count (a best-first tree, ancestor mask; what --tree-budget auto weighs): "
                       + " · ".join(f"{n}: {s * 1e3:.3f} ms ({s / one:.2f}×)" for n, s in r.verify_by_nodes.items()))
+        if max(r.verify_by_nodes) > ops.MAX_KERNEL_Q_LEN:
+            console.print(f"(over {ops.MAX_KERNEL_Q_LEN} nodes the verify takes the prefill's attention path, which "
+                          "reads its length back: timed eagerly, and auto does not use it)")
     if r.projected_tps is not None:
         console.print(f"PROJECTION at τ = {r.tau:.2f}: {r.projected_tps:.1f} tok/s (τ / iteration time; not a generation run)")

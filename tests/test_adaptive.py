@@ -543,6 +543,15 @@ def test_auto_picks_a_tree_when_its_tau_gain_outweighs_its_cost_and_the_chain_wh
     assert choose(cpu, weak).paused and choose(cpu, weak, {4: 1.5, 8: 1.5, 16: 1.6}, 8).tree_budget > 0
 
 
+def test_auto_trees_stay_on_the_attention_kernels_graph_safe_rows():
+    """A verify of more than ops.MAX_KERNEL_Q_LEN rows reads its length back (no CUDA graph, not batch-
+    invariant): auto's budgets stop there, and at the caches' room."""
+    from dflash_cli import ops
+
+    assert max(adaptive.tree_budgets(1 << 30)) <= ops.MAX_KERNEL_Q_LEN < 64
+    assert adaptive.tree_budgets(10) == (4, 8) and adaptive.tree_budgets(0) == ()
+
+
 def test_a_pinned_block_size_with_auto_trees_chooses_between_the_chain_and_trees_at_that_size():
     policy = adaptive.Pinned(8, (4, 8, 16))
     policy.acceptance = ranked_acceptance(0.5, 0.5)

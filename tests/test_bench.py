@@ -231,9 +231,9 @@ def test_bench_with_auto_trees_reports_the_budgets_each_arm_verified(capsys, sto
                  "--repeats", "1", "--tree-budget", "auto", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tree_budget"] == "auto" and report["totals"]["all_identical"] and report["totals"]["auto_all_identical"]
-    assert set(report["tree_iteration_seconds"]) == {"4", "8", "16", "32", "64"}
+    assert set(report["tree_iteration_seconds"]) == {"4", "8", "16", "32"}  # 64: past the kernel's graph-safe rows
     assert set(report["iteration_seconds"]) == {"1", "2", "4", "8"}
     for r in report["rows"]:
         for arm in ("tree_budgets", "auto_tree_budgets"):
-            assert sum(r[arm].values()) > 0 and set(map(int, r[arm])) <= {0, 4, 8, 16, 32, 64}
+            assert sum(r[arm].values()) > 0 and set(map(int, r[arm])) <= {0, 4, 8, 16, 32}
         assert sum(r["auto_tree_budgets"].values()) == sum(r["auto_block_sizes"].values())
