@@ -122,7 +122,7 @@ class Engine:
         iterations (set `tree_budget`, at most the one the engine was made with: the caches are sized
         for it); each budget is its own captured step. "auto": the policy picks the chain or a tree of
         `adaptive.TREE_BUDGETS` nodes per iteration, from measured costs and the live rank acceptance
-        (the chain only where trees are not supported: DFlash2 drafters, hybrid targets)."""
+        (the chain only where trees are not supported: DFlash2 drafters)."""
         self.auto_tree = tree_budget == "auto"
         if self.auto_tree:
             dflash2 = drafter is not None and drafter.selector is not None
