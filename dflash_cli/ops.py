@@ -25,6 +25,7 @@ _MODULES = {
     "draft_ctx_kv": "draft_kv",
     "sample": "accept",
     "accept": "accept",
+    "verdict": "accept",
     "causal_conv": "gated_delta",
     "gated_delta_rule": "gated_delta",
     "replay": "gated_delta",
@@ -124,6 +125,11 @@ def sample(logits, rows, **params):
 
 def accept(logits, block_ids, cache_len, **params):
     return _pick("accept", logits.device)(logits, block_ids, cache_len, **params)
+
+
+def verdict(logits, block_ids, cache_len, **params):
+    """`accept`, packed for the engine (kernels/accept.Verdict): no launch beyond accept's."""
+    return _pick("verdict", logits.device)(logits, block_ids, cache_len, **params)
 
 
 # ---- Gated DeltaNet (the hybrid family's linear layers) -------------------------------------------------
