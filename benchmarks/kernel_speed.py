@@ -90,10 +90,12 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
                lambda f, n_q=n_q: f(q_rot[:n_q], *caches[BIG_CAPACITY], long_len, causal=True, scale=D**-0.5),
                2 * HKV * LONG_CTX * D * kc.element_size() + 2 * nbytes(q_rot[:n_q]))
     yield ("draft context K/V (B, 5 layers)", draft_kv.draft_ctx_kv, draft_kv.draft_ctx_kv_ref,
-           lambda f: f(ctx, wkv, dkn, 1e-6, cs, pos, dkc, dvc), nbytes(ctx, wkv) + 2 * LAYERS * HKV * B * D * 2)
+           lambda f: f(ctx, wkv, dkn, 1e-6, cs, pos[0], dkc, dvc), nbytes(ctx, wkv) + 2 * LAYERS * HKV * B * D * 2)
     yield ("sample greedy (1 × 151936)", accept.sample, accept.sample_ref,
            lambda f: f(logits[:1], pos[:1], temperature=0.0), nbytes(logits[:1]))
     yield ("accept greedy (B × 151936)", accept.accept, accept.accept_ref,
+           lambda f: f(logits, block, length.clone(), temperature=0.0), nbytes(logits))
+    yield ("verdict greedy (B × 151936)", accept.verdict, accept.verdict_ref,  # accept, packed: the engine's call
            lambda f: f(logits, block, length.clone(), temperature=0.0), nbytes(logits))
     yield ("accept T=1 (B × 151936)", accept.accept, accept.accept_ref,
            lambda f: f(logits, block, length.clone(), temperature=1.0, seed=seed), nbytes(logits))

@@ -380,7 +380,7 @@ class Engine:
 
         def step(bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if b > 1:
-                block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, b, self.draft_window)))
+                block = self.drafter.draft_block(bonus, self.draft_cache, b, self.draft_window)
             else:
                 block = bonus
             logits, features = self.target.forward(block, self.target_cache, logits_from=0,

@@ -26,6 +26,7 @@ _MODULES = {
     "sample": "accept",
     "accept": "accept",
     "verdict": "accept",
+    "dynamic_conv": "dynamic_conv",
     "causal_conv": "gated_delta",
     "gated_delta_rule": "gated_delta",
     "replay": "gated_delta",
@@ -125,6 +126,11 @@ def sample(logits, rows, **params):
 
 def accept(logits, block_ids, cache_len, **params):
     return _pick("accept", logits.device)(logits, block_ids, cache_len, **params)
+
+
+def dynamic_conv(z, base, dynamic):
+    """DFlash2's dynamic causal conv over the block rows (kernels/dynamic_conv.py)."""
+    return _pick("dynamic_conv", z.device)(z, base, dynamic)
 
 
 def verdict(logits, block_ids, cache_len, **params):

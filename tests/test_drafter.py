@@ -67,22 +67,22 @@ def _check(tmp_path, dcfg_kwargs, window=None):
     engine = Engine(m.target, m.drafter)
     prompt = list(range(3, 40, 2))
     ids, calls = list(prompt), 0
-    original = m.drafter.draft_logits
+    original = m.drafter.block_logits  # what every draft goes through (draft_block, draft_logits)
 
-    def checked(bonus, cache, block_size, draft_window=None):
+    def checked(block, cache, draft_window=None):
         nonlocal calls
-        got = original(bonus, cache, block_size, draft_window)
+        assert block[1:].tolist() == m.drafter.mask_ids[: block.shape[0] - 1].tolist()  # [bonus, MASK × (b - 1)]
+        got = original(block, cache, draft_window)
         n = int(cache.length)
         with torch.inference_mode():
             feats = m.target.forward(torch.tensor(ids[:n]), m.target.new_cache(n + 1),
                                      feature_layers=m.drafter.cfg.target_layer_ids)[1]
-        block = torch.cat((bonus, m.drafter.mask_ids[: block_size - 1]))
         want = naive_draft(w, cfg, m.target.embed, m.target.lm_head, feats, block, window)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         calls += 1
         return got
 
-    m.drafter.draft_logits = checked
+    m.drafter.block_logits = checked
     for step in engine.generate(Request(prompt, 40)):
         ids += step.tokens
     assert calls >= 5
