@@ -104,11 +104,4 @@ class CandidateSelector:
         candidate given the one chosen before (argmax: the lowest index on ties). Device ops only; the loop
         is over the fixed L."""
         candidates, scores = self.lattice(hidden, logits, anchor)
-        chosen = torch.zeros(1, dtype=torch.int64, device=scores.device)  # row 0: every predecessor is the anchor
-        path = []
-        for t in range(scores.shape[0]):
-            chosen = scores[t].index_select(0, chosen).argmax(-1)
-            path.append(chosen)
-        if out is None:
-            return candidates.gather(1, torch.stack(path)).view(-1)
-        return torch.gather(candidates, 1, torch.stack(path), out=out.view(-1, 1)).view(-1)
+        return ops.selector_walk(scores, candidates, out)  # kernels/selector_walk.py: one launch

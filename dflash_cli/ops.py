@@ -27,6 +27,7 @@ _MODULES = {
     "accept": "accept",
     "verdict": "accept",
     "dynamic_conv": "dynamic_conv",
+    "selector_walk": "selector_walk",
     "causal_conv": "gated_delta",
     "gated_delta_rule": "gated_delta",
     "replay": "gated_delta",
@@ -131,6 +132,11 @@ def accept(logits, block_ids, cache_len, **params):
 def dynamic_conv(z, base, dynamic):
     """DFlash2's dynamic causal conv over the block rows (kernels/dynamic_conv.py)."""
     return _pick("dynamic_conv", z.device)(z, base, dynamic)
+
+
+def selector_walk(scores, candidates, out=None):
+    """DFlash2's greedy walk over its candidate lattice (kernels/selector_walk.py)."""
+    return _pick("selector_walk", scores.device)(scores, candidates, out)
 
 
 def verdict(logits, block_ids, cache_len, **params):
