@@ -91,6 +91,16 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
                2 * HKV * LONG_CTX * D * kc.element_size() + 2 * nbytes(q_rot[:n_q]))
     yield ("draft context K/V (B, 5 layers)", draft_kv.draft_ctx_kv, draft_kv.draft_ctx_kv_ref,
            lambda f: f(ctx, wkv, dkn, 1e-6, cs, pos[0], dkc, dvc), nbytes(ctx, wkv) + 2 * LAYERS * HKV * B * D * 2)
+    from dflash_cli.kernels import dynamic_conv, selector_walk
+
+    conv_base = torch.randn(2, 4, H, dtype=dt, device=dev)  # DFlash2: 4 taps, groups of 64 channels
+    conv_dyn = torch.randn(B, 2, 4, H // 64, dtype=dt, device=dev)
+    yield ("DFlash2 dynamic conv (B × 4096, 4 taps)", dynamic_conv.dynamic_conv, dynamic_conv.dynamic_conv_ref,
+           lambda f: f(x, conv_base[0], conv_dyn[:, 0]), nbytes(x, conv_base[0], x))
+    lattice = torch.randn(B - 1, 32, 32, device=dev)
+    lattice_ids = torch.randint(0, V, (B - 1, 32), device=dev)
+    yield ("DFlash2 selector walk (B - 1 rows, top-32)", selector_walk.selector_walk, selector_walk.selector_walk_ref,
+           lambda f: f(lattice, lattice_ids), nbytes(lattice, lattice_ids))
     yield ("sample greedy (1 × 151936)", accept.sample, accept.sample_ref,
            lambda f: f(logits[:1], pos[:1], temperature=0.0), nbytes(logits[:1]))
     yield ("accept greedy (B × 151936)", accept.accept, accept.accept_ref,
@@ -155,7 +165,9 @@ def hybrid_cases(dev: str, dt: torch.dtype):
     states = state.expand(n_lin, -1, -1, -1).contiguous()
     kr, vr = qk.expand(n_lin, -1, -1, -1).contiguous(), vv.expand(n_lin, -1, -1, -1).contiguous()
     gr, br = gg.expand(n_lin, -1, -1).contiguous(), bb.expand(n_lin, -1, -1).contiguous()
-    yield ("masked replay commit (48 layers)", gated_delta.replay, gated_delta.replay_ref,
+    from dflash_cli.kernels import gdn_replay
+
+    yield ("replay commit (48 layers)", gdn_replay.replay, gated_delta.replay_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, count), 2 * nbytes(states) + nbytes(kr, vr))
 
 

@@ -30,7 +30,7 @@ _MODULES = {
     "selector_walk": "selector_walk",
     "causal_conv": "gated_delta",
     "gated_delta_rule": "gated_delta",
-    "replay": "gated_delta",
+    "replay": "gdn_replay",  # kernels/gdn_replay.py: the commit in one launch (the reference: gated_delta.replay_ref)
     "conv_commit": "gated_delta",
     "gated_rms_norm": "gated_delta",
     "l2norm": "gated_delta",
