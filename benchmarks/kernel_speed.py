@@ -97,6 +97,11 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
     conv_dyn = torch.randn(B, 2, 4, H // 64, dtype=dt, device=dev)
     yield ("DFlash2 dynamic conv (B × 4096, 4 taps)", dynamic_conv.dynamic_conv, dynamic_conv.dynamic_conv_ref,
            lambda f: f(x, conv_base[0], conv_dyn[:, 0]), nbytes(x, conv_base[0], x))
+    from dflash_cli.kernels import embed_block
+
+    table = torch.randn(1024, H, dtype=dt, device=dev)  # the launch does not depend on the vocabulary
+    yield ("drafter block input (B × 4096)", embed_block.embed_block, embed_block.embed_block_ref,
+           lambda f: f(block[:1] % 1024, block[1:B] % 1024, table), 2 * nbytes(x))
     lattice = torch.randn(B - 1, 32, 32, device=dev)
     lattice_ids = torch.randint(0, V, (B - 1, 32), device=dev)
     yield ("DFlash2 selector walk (B - 1 rows, top-32)", selector_walk.selector_walk, selector_walk.selector_walk_ref,

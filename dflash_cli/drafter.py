@@ -233,11 +233,11 @@ class Drafter:
 
         The draft is the argmax (DFlash2: the selector's argmax walk): a point mass, which is what
         makes the accept rule lossless."""
-        ids = self.block_ids(bonus, block_size)
+        ids, x = self.block_input(bonus, block_size)
         if self.selector is None:
-            torch.argmax(self.block_logits(ids, cache, window), -1, out=ids[1:])
+            torch.argmax(self.block_logits(ids, cache, window, x), -1, out=ids[1:])
         else:
-            hidden = self._hidden(ids, cache, window)
+            hidden = self._hidden(ids, cache, window, x)
             self.selector.walk(hidden, ops.dense_linear(hidden, self.lm_head), bonus, out=ids[1:])
         return ids
 
@@ -245,15 +245,25 @@ class Drafter:
         """The drafter's input, [bonus, MASK × (block_size - 1)]."""
         return torch.cat((bonus, self.mask_ids[: block_size - 1]))
 
+    def block_input(self, bonus: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`block_ids`, their embedded rows [block_size, H]): one launch (kernels/embed_block.py) where the
+        rows are the table's as they are (no input_embedding_scale)."""
+        if self.cfg.input_embedding_scale == 1.0:
+            return ops.embed_block(bonus, self.mask_ids[: block_size - 1], self.embed)
+        ids = self.block_ids(bonus, block_size)
+        return ids, F.embedding(ids, self.embed) * self.cfg.input_embedding_scale
+
     def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
                      ) -> torch.Tensor:
         """Logits [block_size - 1, V] for the tokens after `bonus` (with the head's multiplier and
         softcap, where the config sets them)."""
         return self.block_logits(self.block_ids(bonus, block_size), cache, window)
 
-    def block_logits(self, ids: torch.Tensor, cache: KVCache, window: int | None = None) -> torch.Tensor:
-        """`draft_logits` of the drafter's input ids ([bonus, MASK × (b - 1)], `block_ids`)."""
-        logits = ops.dense_linear(self._hidden(ids, cache, window), self.lm_head)
+    def block_logits(self, ids: torch.Tensor, cache: KVCache, window: int | None = None,
+                     x: torch.Tensor | None = None) -> torch.Tensor:
+        """`draft_logits` of the drafter's input ids ([bonus, MASK × (b - 1)], `block_ids`); x: their
+        embedded rows, when `block_input` made them already."""
+        logits = ops.dense_linear(self._hidden(ids, cache, window, x), self.lm_head)
         return head_logits(logits, self.cfg.output_multiplier, self.cfg.final_logit_softcapping)
 
     def block_hidden(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
@@ -263,12 +273,14 @@ class Drafter:
         its own sliding window."""
         return self._hidden(self.block_ids(bonus, block_size), cache, window)
 
-    def _hidden(self, ids: torch.Tensor, cache: KVCache, window: int | None = None) -> torch.Tensor:
+    def _hidden(self, ids: torch.Tensor, cache: KVCache, window: int | None = None,
+                x: torch.Tensor | None = None) -> torch.Tensor:
         c, block_size = self.cfg, ids.shape[0]
         positions, kv_len = span(cache.length, block_size, self.offsets)
-        x = F.embedding(ids, self.embed)
-        if c.input_embedding_scale != 1.0:
-            x = x * c.input_embedding_scale
+        if x is None:
+            x = F.embedding(ids, self.embed)
+            if c.input_embedding_scale != 1.0:
+                x = x * c.input_embedding_scale
         # On the fused kernels (DFLASH_LINEAR=invariant, kernels/fused_linear.py) each norm (with its residual
         # add) runs in the prologue of the projection after it, and SwiGLU in gate_up's epilogue, as in the
         # target's dense layer; not where a DFlash2 conv sits between the norm and the projection.

@@ -28,6 +28,7 @@ _MODULES = {
     "verdict": "accept",
     "dynamic_conv": "dynamic_conv",
     "selector_walk": "selector_walk",
+    "embed_block": "embed_block",
     "causal_conv": "gated_delta",
     "gated_delta_rule": "gated_delta",
     "replay": "gdn_replay",  # kernels/gdn_replay.py: the commit in one launch (the reference: gated_delta.replay_ref)
@@ -137,6 +138,11 @@ def dynamic_conv(z, base, dynamic):
 def selector_walk(scores, candidates, out=None):
     """DFlash2's greedy walk over its candidate lattice (kernels/selector_walk.py)."""
     return _pick("selector_walk", scores.device)(scores, candidates, out)
+
+
+def embed_block(bonus, mask_ids, table):
+    """The drafter's input ids [bonus, mask_ids] and their embedding rows, in one launch (kernels/embed_block.py)."""
+    return _pick("embed_block", table.device)(bonus, mask_ids, table)
 
 
 def verdict(logits, block_ids, cache_len, **params):

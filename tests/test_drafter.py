@@ -69,10 +69,10 @@ def _check(tmp_path, dcfg_kwargs, window=None):
     ids, calls = list(prompt), 0
     original = m.drafter.block_logits  # what every draft goes through (draft_block, draft_logits)
 
-    def checked(block, cache, draft_window=None):
+    def checked(block, cache, draft_window=None, x=None):
         nonlocal calls
         assert block[1:].tolist() == m.drafter.mask_ids[: block.shape[0] - 1].tolist()  # [bonus, MASK × (b - 1)]
-        got = original(block, cache, draft_window)
+        got = original(block, cache, draft_window, x)
         n = int(cache.length)
         with torch.inference_mode():
             feats = m.target.forward(torch.tensor(ids[:n]), m.target.new_cache(n + 1),
