@@ -174,6 +174,8 @@ def hybrid_cases(dev: str, dt: torch.dtype):
 
     yield ("replay commit (48 layers)", gdn_replay.replay, gated_delta.replay_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, count), 2 * nbytes(states) + nbytes(kr, vr))
+    yield ("hybrid commit: replay + conv windows (48 layers)", gdn_replay.gdn_commit, gdn_replay.gdn_commit_ref,
+           lambda f: f(states.clone(), kr, vr, gr, br, conv.clone(), xs, count), 2 * nbytes(states) + nbytes(kr, vr, xs))
 
 
 def grouped_mm() -> tuple[str, object]:

@@ -29,6 +29,7 @@ _MODULES = {
     "dynamic_conv": "dynamic_conv",
     "selector_walk": "selector_walk",
     "embed_block": "embed_block",
+    "gdn_commit": "gdn_replay",
     "causal_conv": "gated_delta",
     "gated_delta_rule": "gated_delta",
     "replay": "gdn_replay",  # kernels/gdn_replay.py: the commit in one launch (the reference: gated_delta.replay_ref)
@@ -165,6 +166,11 @@ def gated_delta_rule(q, k, v, g, beta, state, scale):
 
 def gdn_replay(state, k, v, g, beta, count):
     return _pick("replay", state.device)(state, k, v, g, beta, count)
+
+
+def gdn_commit(state, k, v, g, beta, conv, x, count):
+    """The hybrid commit: `gdn_replay` and `conv_commit` in one launch (kernels/gdn_replay.py)."""
+    return _pick("gdn_commit", state.device)(state, k, v, g, beta, conv, x, count)
 
 
 def conv_commit(conv, x, count):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .gated_delta import replay_ref  # noqa: F401  (the torch reference, ops' `replay` on the CPU)
+from .gated_delta import conv_commit_ref, replay_ref  # noqa: F401  (the torch references, ops' on the CPU)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -21,7 +21,14 @@ import triton.language as tl  # noqa: E402
 def _replay_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t, gb_n, gb_t,
                    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+    _replay(tl.program_id(0).to(tl.int64), state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t,
+            gb_n, gb_t, HK, HV, K, V, BK, BV)
+
+
+@triton.jit
+def _replay(pid, state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t, gb_n, gb_t,
+            HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+            BV: tl.constexpr):
     NV = tl.cdiv(V, BV)
     i_v, i_nh = pid % NV, pid // NV
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -63,3 +70,58 @@ def replay(state, k, v, g, beta, count) -> None:
     _replay_kernel[(triton.cdiv(dv, bv) * n * hv,)](
         state, k, v, g, beta, count.reshape(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
         g.stride(1), HK=hk, HV=hv, K=dk, V=dv, BK=triton.next_power_of_2(dk), BV=bv, num_warps=1)
+
+
+# ---- the whole commit: the replay and the conv windows, one launch ----------------------------------------
+@triton.jit
+def _commit_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t, gb_n, gb_t,
+                   conv_ptr, x_ptr, x_n, x_t, channels, n_replay, c_blocks,
+                   HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, KEEP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Programs [0, n_replay): the replay (as `_replay_kernel`); the rest, one per (layer, channel block): conv
+    := rows count .. count+KEEP-1 of [conv | x] (as kernels/gated_delta._conv_commit_kernel), each program's
+    rows read before they are written."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < n_replay:
+        _replay(pid, state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t, gb_n, gb_t,
+                HK, HV, K, V, BK, BV)
+    else:
+        c = pid - n_replay
+        n, cb = c // c_blocks, c % c_blocks
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        r = tl.arange(0, BLOCK_K)
+        src = tl.load(count_ptr) + r
+        c_ok = cols[None, :] < channels
+        from_conv = (src < KEEP)[:, None] & (r < KEEP)[:, None] & c_ok
+        from_x = (src >= KEEP)[:, None] & (r < KEEP)[:, None] & c_ok
+        conv_rows = conv_ptr + n * KEEP * channels
+        old = tl.load(conv_rows + src[:, None] * channels + cols[None, :], mask=from_conv, other=0.0)
+        new = tl.load(x_ptr + n * x_n + (src[:, None] - KEEP) * x_t + cols[None, :], mask=from_x, other=0.0)
+        tl.debug_barrier()
+        tl.store(conv_rows + r[:, None] * channels + cols[None, :], tl.where(from_conv, old, new.to(old.dtype)),
+                 mask=(r < KEEP)[:, None] & c_ok)
+
+
+def gdn_commit_ref(state, k, v, g, beta, conv, x, count) -> None:
+    """Reference: `replay_ref`, then `conv_commit_ref` (conv [N, K-1, C] and the recorded conv inputs x [N, T, C])."""
+    replay_ref(state, k, v, g, beta, count)
+    conv_commit_ref(conv, x, count)
+
+
+def gdn_commit(state, k, v, g, beta, conv, x, count) -> None:
+    """Triton: same contract as `gdn_commit_ref`, one launch (the replay's programs, then the conv windows')."""
+    n, hv, dk, dv = state.shape
+    _, keep, channels = conv.shape
+    assert state.is_contiguous() and conv.is_contiguous() and x.stride(-1) == 1
+    assert k.stride(-1) == v.stride(-1) == g.stride(-1) == beta.stride(-1) == 1
+    assert k.stride(2) == dk and v.stride(2) == dv and g.stride() == beta.stride()
+    count = count if isinstance(count, torch.Tensor) else torch.tensor(count, device=state.device)
+    bv = min(8, triton.next_power_of_2(dv))
+    n_replay = triton.cdiv(dv, bv) * n * hv
+    block_c = min(1024, triton.next_power_of_2(channels))
+    c_blocks = triton.cdiv(channels, block_c)
+    _commit_kernel[(n_replay + n * c_blocks,)](
+        state, k, v, g, beta, count.reshape(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
+        g.stride(1), conv, x, x.stride(0), x.stride(1), channels, n_replay, c_blocks, HK=k.shape[2], HV=hv, K=dk,
+        V=dv, BK=triton.next_power_of_2(dk), BV=bv, KEEP=keep, BLOCK_K=max(2, triton.next_power_of_2(keep)),
+        BLOCK_C=block_c, num_warps=1)

@@ -96,9 +96,8 @@ class RecurrentCache:
         if plan.path is not None:  # the path's rows first, in order (gathered before any is written)
             for r in records:
                 r[:, :t].copy_(r.index_select(1, plan.path[:t]))
-        ops.gdn_replay(self.state, self.rec_k[:, :t], self.rec_v[:, :t], self.rec_g[:, :t], self.rec_beta[:, :t],
-                       plan.count)
-        ops.conv_commit(self.conv, self.rec_x[:, :t], plan.count)
+        ops.gdn_commit(self.state, self.rec_k[:, :t], self.rec_v[:, :t], self.rec_g[:, :t], self.rec_beta[:, :t],
+                       self.conv, self.rec_x[:, :t], plan.count)  # the replay and the conv windows: one launch
 
     def reset(self) -> None:
         self.state.zero_()
