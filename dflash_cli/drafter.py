@@ -113,6 +113,13 @@ def _narrowest(*windows: int | None) -> int | None:
     return min(given) if given else None
 
 
+def copy_bytes(c: DrafterConfig, dtype: torch.dtype) -> int:
+    """Bytes the loaded drafter holds beyond its checkpoint's tensors: every layer's k/v projection rows twice
+    (in its q/k/v GEMM and in the stacked context projection, `tie`)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * c.hidden_size * size
+
+
 def cache_bytes(c: DrafterConfig, dtype: torch.dtype) -> int:
     """Context K/V bytes per token."""
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()

@@ -95,3 +95,20 @@ def test_cached_drafter_matches_the_uncached_definition(tmp_path):
 def test_sliding_window_drafter_layers(tmp_path):
     _check(tmp_path, dict(block_size=8, layers=2, layer_types=["sliding_attention", "full_attention"],
                           sliding_window=12), window=12)
+
+
+def test_the_memory_plan_counts_what_the_loaded_drafter_holds(tmp_path):
+    """The loaded drafter holds its checkpoint's tensors plus the k/v rows kept twice (its layers' q/k/v GEMM
+    and the stacked context projection): the memory plan counts both (drafter.copy_bytes)."""
+    from dflash_cli.drafter import copy_bytes, weight_table
+    from dflash_cli.models.weights import table_bytes
+
+    tcfg = target_config("qwen3", tie=False)
+    m = loader.load(write_target(tmp_path / "t", tcfg), write_drafter(tmp_path / "d", drafter_config(tcfg, layers=2)),
+                    device="cpu")
+    d = m.drafter
+    tensors = [d.fc, d.hidden_norm, d.norm, d.w_kv] + [t for layer in d.layers for t in (
+        layer.input_norm, layer.qkv, layer.q_norm, layer.k_norm, layer.o_proj, layer.post_norm, layer.gate_up,
+        layer.down, layer.q_proj, layer.kv_proj)]
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    assert held == table_bytes(weight_table(d.cfg), d.fc.dtype) + copy_bytes(d.cfg, d.fc.dtype)
