@@ -420,18 +420,19 @@ class Engine:
 
         def step(bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if b > 1:
-                block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, b, self.draft_window)))
+                block = self.drafter.draft_block(bonus, self.draft_cache, b, self.draft_window)
             else:
                 block = bonus
             logits, features = self.target.forward(block, self.target_cache, logits_from=0,
                                                    feature_layers=self.feature_layers)
-            y, accepted = ops.accept(logits, block, self.target_cache.length, **params)
-            self.target_cache.commit(CommitPlan(accepted + 1))
+            # the accept kernel packs the readback, the commit count and the next bonus (no launches of their own)
+            verdict = ops.verdict(logits, block, self.target_cache.length, **params)
+            self.target_cache.commit(CommitPlan(verdict.count))
             if self.speculative and b > 1:
-                self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
+                self.drafter.add_context(features, self.draft_cache, count=verdict.count)
             elif self.speculative:  # b = 1 commits exactly this token: its drafter context waits
                 self.draft_cache.defer(features)
-            return torch.cat((accepted.view(1), y, block)), y.gather(0, accepted.view(1))
+            return verdict.packed, verdict.bonus
 
         return step
 

@@ -28,7 +28,7 @@ TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 # "out of resources" at run time, so it is checked here. A100, RTX 30xx/A6000, RTX 40xx/L40, H100/H200,
 # RTX 50xx (consumer Blackwell: 99 KB, as sm_86/89).
 SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448, "sm_120": 101376}
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl", "enable_fp_fusion")
 PDL_TARGETS = ("sm_90", "sm_120")  # kernels/pdl.py: capability 9.0 and later
 
 
@@ -63,7 +63,9 @@ def record(path: Path) -> int:
                 kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
                 params[name] = [kind, attr if kind == "constexpr" else (attr or "")]
         entry = {"module": fn.__module__, "name": fn.__name__, "params": params,
-                 "options": {"num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3)}}
+                 "options": {"num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3),
+                             **({"enable_fp_fusion": options["enable_fp_fusion"]} if "enable_fp_fusion" in options
+                                else {})}}
         launches[json.dumps(entry, sort_keys=True, default=str)] = entry
         if params.get("PDL") == ["constexpr", False]:  # the launch as an sm_90+ GPU makes it
             pdl = {**entry, "params": {**params, "PDL": ["constexpr", True]},
