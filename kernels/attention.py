@@ -154,7 +154,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 # Triton's CPU interpreter mis-computes tl.dot on bfloat16 operands (seen with triton 3.9): under
-# TRITON_INTERPRET the operands are upcast to float32 first. On a GPU the dots stay in bf16.
+# TRITON_INTERPRET the operands are upcast to float32 first. On a GPU the dots stay in bf16. The same flag
+# rounds the outputs to bf16 by hand (`_rounded`: the interpreter truncates where a GPU rounds to nearest).
 _UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
 SPLIT = 256  # keys per split, at absolute positions: fixed once, never chosen per call
 MAX_INVARIANT_Q_LEN = 32  # = ops.MAX_KERNEL_Q_LEN: up to this many queries the splits are SPLIT keys
@@ -190,9 +191,21 @@ def _tile(q, k, v, ok, m, l, acc, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, dtype: tl.constexpr, BY_HAND: tl.constexpr):
+    """x (fp32) rounded to `dtype` to nearest even, as a GPU's conversion and torch round. BY_HAND: under
+    Triton's CPU interpreter, whose float32 -> bfloat16 conversion truncates (seen with triton 3.9)."""
+    if BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # finite values: the nearest bf16, ties to even
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+    return x.to(dtype)
+
+
+@triton.jit
 def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, sinks_ptr, gate_ptr, rows, kvh, kv_len, first, q_len, group, n_heads,
                 n_splits, gate_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
-                ROWS: tl.constexpr, CHUNK: tl.constexpr, SINKS: tl.constexpr, GATE: tl.constexpr):
+                ROWS: tl.constexpr, CHUNK: tl.constexpr, SINKS: tl.constexpr, GATE: tl.constexpr,
+                UPCAST: tl.constexpr):
     """The output of query rows `rows` (token, head) of kv head `kvh`: their split partials merged in
     ascending split order, CHUNK at a time, the sink added, divided, and the output gate applied."""
     n_rows = q_len * group
@@ -229,14 +242,15 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, sinks_ptr, gate_ptr, rows, kvh, kv
         alpha = tl.exp(m_run - m_final)
         denominator = l_run * alpha + tl.exp(sink - m_final)
         acc_run = acc_run * alpha[:, None]
-    out = (acc_run / tl.where(row_ok, denominator, 1.0)[:, None]).to(o_ptr.dtype.element_ty)  # (past the last: 0 / 0)
+    dtype = o_ptr.dtype.element_ty
+    out = _rounded(acc_run / tl.where(row_ok, denominator, 1.0)[:, None], dtype, UPCAST)  # (past the last: 0 / 0)
     t = rows // group
     io_ok = row_ok[:, None] & (dims < D)[None, :]
     if GATE:  # out × sigmoid(gate) as torch computes it: the sigmoid in fp32, each result rounded to the dtype
         g = tl.load(gate_ptr + (t.to(tl.int64) * gate_stride + head * D)[:, None] + dims[None, :], mask=io_ok,
                     other=0.0).to(tl.float32)
-        sig = (1.0 / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty)
-        out = (out.to(tl.float32) * sig.to(tl.float32)).to(o_ptr.dtype.element_ty)
+        sig = _rounded(1.0 / (1.0 + tl.exp(-g)), dtype, UPCAST)
+        out = _rounded(out.to(tl.float32) * sig.to(tl.float32), dtype, UPCAST)
     tl.store(o_ptr + ((t * n_heads + head) * D)[:, None] + dims[None, :], out, mask=io_ok)
 
 
@@ -336,20 +350,21 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, cnt_ptr, o
                 for r0 in range(0, tl.minimum(BLOCK_M, n_rows - tl.program_id(0) * BLOCK_M), ROWS):
                     _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, sinks_ptr, gate_ptr,
                                 tl.program_id(0) * BLOCK_M + r0 + tl.arange(0, ROWS), kvh, kv_len, first, q_len,
-                                group, n_heads, n_splits, gate_stride, D, BLOCK_D, SPLIT, ROWS, CHUNK, SINKS, GATE)
+                                group, n_heads, n_splits, gate_stride, D, BLOCK_D, SPLIT, ROWS, CHUNK, SINKS, GATE,
+                                UPCAST)
 
 
 @triton.jit(do_not_specialize=["q_len"])
 def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, gate_ptr, q_len, group, n_heads, n_splits,
                        window, gate_stride, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                       SINKS: tl.constexpr, GATE: tl.constexpr):
+                       SINKS: tl.constexpr, GATE: tl.constexpr, UPCAST: tl.constexpr):
     """The two-launch form's merge (`attention(..., one_launch=False)`): what the last split does, as its
     own launch. Kept as the reference the one-launch form is checked against, bit for bit."""
     kv_len, lo = _visible_keys(len_ptr, q_len, window, WINDOW)
     _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, sinks_ptr, gate_ptr, tl.program_id(0) * ROWS + tl.arange(0, ROWS),
                 tl.program_id(1), kv_len, lo // BLOCK_N * BLOCK_N, q_len, group, n_heads, n_splits, gate_stride,
-                D, BLOCK_D, SPLIT, ROWS, CHUNK, SINKS, GATE)
+                D, BLOCK_D, SPLIT, ROWS, CHUNK, SINKS, GATE, UPCAST)
 
 
 def _launch_shape(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -412,7 +427,7 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
     n_rows = tq * group
     block_d = max(16, triton.next_power_of_2(d))
     block_n, stages = _launch_shape(block_d, q.dtype)
-    split = split or split_size(tq, capacity, hkv, group)
+    split = split or (SPLIT if tree is not None else split_size(tq, capacity, hkv, group))  # a tree: invariant
     assert split % block_n == 0, (split, block_n)
     n_splits = triton.cdiv(capacity, split)
     acc = torch.empty((hkv * n_splits * n_rows, block_d), dtype=torch.float32, device=q.device)
@@ -444,5 +459,5 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
     if not one_launch:
         _attn_merge_kernel[(triton.cdiv(n_rows, merge_rows), hkv)](
             acc, m, l, out, kv_len, sinks if sinks is not None else m, gate if gate is not None else q, tq, group,
-            hq, n_splits, window, 0 if gate is None else gate.stride(0), BLOCK_N=block_n, **common)
+            hq, n_splits, window, 0 if gate is None else gate.stride(0), BLOCK_N=block_n, UPCAST=_UPCAST_DOTS, **common)
     return out

@@ -217,3 +217,27 @@ def test_attention_is_one_launch(monkeypatch):
     q, k, v = _inputs(4, 4, 2, 16, 600, 550, torch.float32)
     attention(q, k, v, torch.tensor(550), causal=True, scale=0.25)
     assert launched == ["_attn_kernel"]
+
+
+# ---- the output gate in the merge (Qwen3.5's gated attention) --------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len, kv_len, split", [(1, 300, None), (16, 611, 64), (17, 200, 32)])
+def test_the_output_gate_in_the_merge_is_the_torch_ops(seed, dtype, q_len, kv_len, split):
+    """attention × sigmoid(gate) in the merging program = the kernel's attention, then torch's sigmoid and
+    product in the same dtype: bit for bit in bf16 (each rounding where torch rounds), to an ulp of the
+    exponential in fp32. The gate is a strided view of the q/(gate)/k/v projection, as the layer passes it."""
+    hq, hkv, d = 8, 2, 32
+    q, k, v = _inputs(q_len, hq, hkv, d, 700, kv_len, dtype)
+    qkv = torch.randn(q_len, 2 * hq * d + 16, dtype=dtype, device=DEVICE) * 3
+    gate = qkv[:, hq * d:2 * hq * d].view(q_len, hq, d)
+    length = torch.tensor(kv_len, device=DEVICE)
+    kw = dict(causal=True, scale=d**-0.5, split=split)
+    got = attention(q, k, v, length, gate=gate, **kw)
+    want = attention(q, k, v, length, **kw) * torch.sigmoid(gate)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want), f"seed {seed}: {(got != want).sum()} elements differ"
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-7, msg=lambda m: f"seed {seed}: {m}")
+    assert torch.equal(attention(q, k, v, length, gate=gate, one_launch=False, **kw), got)
+    ref = attention_ref(q, k, v, length, causal=True, scale=d**-0.5, gate=gate)
+    torch.testing.assert_close(got, ref, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
