@@ -136,6 +136,22 @@ def _attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor) -> t
 # serves every step; kv_len is read on the device and programs whose split holds no visible key exit
 # at once (their partials are never read).
 #
+# One launch, not two (issue 26): each split with a visible key stores its partials, then draws a ticket
+# from its (row block, kv head)'s counter (a barrier, then an acq_rel atomic: its stores are visible to
+# whoever draws later); the one that draws the last ticket (the count of such splits follows from kv_len)
+# merges, as `_merge_rows` always did (the same order, so the same bits as the two-launch form, kept as
+# the reference), applies the output gate if any (Qwen3.5: out × sigmoid(gate), rounded as torch rounds),
+# and sets the counter back to zero. The counters are allocated zeroed once per device and stream and
+# reused by every launch (a captured graph replays them from zero).
+#
+# A tree verify (issue 28, `tree=`): node t sits at position base + depth(t) (base = kv_len - q_len), its
+# K/V at cache row base + t. The tiles of committed keys only are shared by the whole block as above. The
+# tiles from the one holding row `base` on are taken one node at a time: the node's tile n0 is gathered
+# as the cache of decoding its path holds it (committed keys, then its ancestor at depth d at key
+# base + d), so its sums are those of its decode step, in the same order, and the block's other rows add
+# exact neutrals. A node's output is the bits of decoding its path, at the cost of re-reading those few
+# tiles once per node.
+#
 # The cost of a fixed split size (SPLIT = 256; no GPU has timed the choice yet: kernel_speed.py's
 # attention rows are the measurement to make). The splits with work are ceil(kv_len / SPLIT) per kv
 # head. At 2k context a decode step of Qwen3-8B (8 kv heads) gets 64 programs, half an H100's 132 SMs,

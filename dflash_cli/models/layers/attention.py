@@ -127,7 +127,7 @@ class Attention:
                                    step.positions, cache_k, cache_v, offset=self.norm_offset)
         out = ops.attention(q, cache_k, cache_v, step.kv_len, causal=True,
                             scale=hd**-0.5 if self.scale is None else self.scale,
-                            sliding_window=self.window, sinks=self.sinks, gate=gate)
+                            sliding_window=self.window, sinks=self.sinks, **({} if gate is None else {"gate": gate}))
         return self.o_proj(out.reshape(t, -1))
 
     def _tree(self, q, k, v, q_norm, k_norm, cache_k, cache_v, step, gate) -> torch.Tensor:
