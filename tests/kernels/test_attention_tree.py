@@ -87,3 +87,30 @@ def test_the_ancestor_mask_is_what_the_kernel_reads(seed):
     after = attention(q, k, v, kv_len, causal=True, scale=0.25, tree=(cut, positions))
     changed = [i for i in range(10) if not torch.equal(before[i], after[i])]
     assert changed == [node]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rope_cache_kernel_writes_a_trees_nodes_at_their_rows(seed, dtype):
+    """A tree's nodes are rotated at their positions (length + depth, repeated among siblings) and written at
+    their own cache rows (length + node): the kernel as its reference, the K bits those of a node written
+    alone at its position (what decoding its path writes), and no other row touched."""
+    from dflash_cli.kernels.rope_cache import qk_norm_rope_cache, qk_norm_rope_cache_ref
+    from dflash_cli.rope import rope_table
+
+    from .conftest import nan_like
+
+    tree, length, hq, hkv, d = _tree(10, 4, seed), 20, 4, 2, 32
+    positions, rows = length + tree.depths, length + torch.arange(10)
+    cos_sin = rope_table(d, 10000.0, None, 64, DEVICE)
+    q, k, v = (torch.randn(10, h, d, dtype=dtype, device=DEVICE) for h in (hq, hkv, hkv))
+    norms = [torch.randn(d, dtype=dtype, device=DEVICE) for _ in range(2)]
+    caches = [nan_like((hkv, 64, d), dtype) for _ in range(4)]
+    got = qk_norm_rope_cache(q, k, v, *norms, 1e-6, cos_sin, positions, caches[0], caches[1], rows=rows)
+    want = qk_norm_rope_cache_ref(q, k, v, *norms, 1e-6, cos_sin, positions, caches[2], caches[3], rows=rows)
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(caches[0], caches[2], equal_nan=True, **TOL[dtype])
+    assert torch.equal(caches[1][:, rows], caches[3][:, rows]) and caches[1][:, :length].isnan().all()
+    for i in range(10):  # node i alone, written at its position
+        alone = [nan_like((hkv, 64, d), dtype) for _ in range(2)]
+        qk_norm_rope_cache(q[i:i + 1], k[i:i + 1], v[i:i + 1], *norms, 1e-6, cos_sin, positions[i:i + 1], *alone)
+        assert torch.equal(alone[0][:, positions[i]], caches[0][:, rows[i]]), f"seed {seed}: node {i}"
