@@ -72,9 +72,10 @@ def swiglu(gate_up):
     return _pick("swiglu", gate_up.device)(gate_up)
 
 
-def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache, offset=False):
+def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache, offset=False, rows=None):
+    extra = {} if rows is None else {"rows": rows}  # a tree verify's cache rows (its positions repeat)
     return _pick("qk_norm_rope_cache", q.device)(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache,
-                                                 offset)
+                                                 offset, **extra)
 
 
 # The split-K kernel is shaped for decode, verify and draft (a few query rows, many keys). Prefill
@@ -102,8 +103,9 @@ def flash_prefill(q: torch.Tensor, causal: bool, sliding_window: int | None) -> 
     return q.dtype in (torch.bfloat16, torch.float16) and sliding_window is None and causal and _LOWER_RIGHT_GQA
 
 
-def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None, sinks=None):
-    extra = {} if sinks is None else {"sinks": sinks}  # keyword only when used: families without sinks see none
+def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None, sinks=None, gate=None):
+    # keywords only when used: families without sinks or an output gate see none
+    extra = {name: x for name, x in (("sinks", sinks), ("gate", gate)) if x is not None}
     if q.shape[0] > MAX_KERNEL_Q_LEN:
         # SDPA has no sinks: with the kernels on, a long chunk with sinks runs through the split kernel too
         kernels = _pick("attention", q.device) is not _impl("attention", False)
@@ -115,6 +117,20 @@ def attention(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None
     return _pick("attention", q.device)(
         q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window, **extra
     )
+
+
+def tree_attention(q, k_cache, v_cache, kv_len, mask, positions, key_positions, *, scale, sliding_window=None,
+                   sinks=None, gate=None):
+    """A tree verify's attention (Decoder.forward(tree=...)): node t, at positions[t], sees the committed keys
+    and its ancestors (mask [T, capacity]), within the window by position (key_positions [capacity]). The
+    kernel reads the tree from the mask's new rows and gives each node the bits of decoding its path."""
+    extra = {name: x for name, x in (("sinks", sinks), ("gate", gate)) if x is not None}
+    if _pick("attention", q.device) is _impl("attention", False):
+        if sliding_window is not None:
+            mask = mask & (positions[:, None] - key_positions[None, :] < sliding_window)
+        return _impl("attention", False)(q, k_cache, v_cache, kv_len, causal=True, scale=scale, mask=mask, **extra)
+    return _impl("attention", True)(q, k_cache, v_cache, torch.as_tensor(kv_len, device=q.device), causal=True,
+                                    scale=scale, sliding_window=sliding_window, tree=(mask, positions), **extra)
 
 
 def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache, b_kv=None):

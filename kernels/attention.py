@@ -48,13 +48,19 @@ def attention_ref(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference. q: [Tq, Hq, D]; caches: [Hkv, max_len, D]; kv_len: 0-d int64 (or an int, as a
     prefill chunk gives it); sinks: [Hq] float32 logits or None. Returns [Tq, Hq, D].
 
     mask: [Tq, n] bool, which of the cache's first n slots each query sees (a tree verify's ancestor
     mask, dflash_cli/tree.py); it replaces kv_len, `causal` and the window (its shape is static: no
-    host read)."""
+    host read). gate: [Tq, Hq, D] or None: the output times sigmoid(gate) (Qwen3.5's gated attention)."""
+    out = _attention_ref(q, k_cache, v_cache, kv_len, causal, scale, sliding_window, sinks, mask)
+    return out if gate is None else out * torch.sigmoid(gate)
+
+
+def _attention_ref(q, k_cache, v_cache, kv_len, causal, scale, sliding_window, sinks, mask) -> torch.Tensor:
     if mask is not None:
         k, v = k_cache[:, :mask.shape[1]], v_cache[:, :mask.shape[1]]
         if sinks is not None:
@@ -130,6 +136,22 @@ def _attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor) -> t
 # serves every step; kv_len is read on the device and programs whose split holds no visible key exit
 # at once (their partials are never read).
 #
+# One launch, not two (issue 26): each split with a visible key stores its partials, then draws a ticket
+# from its (row block, kv head)'s counter (a barrier, then an acq_rel atomic: its stores are visible to
+# whoever draws later); the one that draws the last ticket (the count of such splits follows from kv_len)
+# merges, as `_merge_rows` always did (the same order, so the same bits as the two-launch form, kept as
+# the reference), applies the output gate if any (Qwen3.5: out × sigmoid(gate), rounded as torch rounds),
+# and sets the counter back to zero. The counters are allocated zeroed once per device and stream and
+# reused by every launch (a captured graph replays them from zero).
+#
+# A tree verify (issue 28, `tree=`): node t sits at position base + depth(t) (base = kv_len - q_len), its
+# K/V at cache row base + t. The tiles of committed keys only are shared by the whole block as above. The
+# tiles from the one holding row `base` on are taken one node at a time: the node's tile n0 is gathered
+# as the cache of decoding its path holds it (committed keys, then its ancestor at depth d at key
+# base + d), so its sums are those of its decode step, in the same order, and the block's other rows add
+# exact neutrals. A node's output is the bits of decoding its path, at the cost of re-reading those few
+# tiles once per node.
+#
 # The cost of a fixed split size (SPLIT = 256; no GPU has timed the choice yet: kernel_speed.py's
 # attention rows are the measurement to make). The splits with work are ceil(kv_len / SPLIT) per kv
 # head. At 2k context a decode step of Qwen3-8B (8 kv heads) gets 64 programs, half an H100's 132 SMs,
@@ -148,7 +170,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 # Triton's CPU interpreter mis-computes tl.dot on bfloat16 operands (seen with triton 3.9): under
-# TRITON_INTERPRET the operands are upcast to float32 first. On a GPU the dots stay in bf16.
+# TRITON_INTERPRET the operands are upcast to float32 first. On a GPU the dots stay in bf16. The same flag
+# rounds the outputs to bf16 by hand (`_rounded`: the interpreter truncates where a GPU rounds to nearest).
 _UPCAST_DOTS = os.environ.get("TRITON_INTERPRET") == "1"
 SPLIT = 256  # keys per split, at absolute positions: fixed once, never chosen per call
 MAX_INVARIANT_Q_LEN = 32  # = ops.MAX_KERNEL_Q_LEN: up to this many queries the splits are SPLIT keys
@@ -169,74 +192,40 @@ def _visible_keys(len_ptr, q_len, window, WINDOW: tl.constexpr):
     return kv_len, lo
 
 
-@triton.jit(do_not_specialize=["q_len"])  # q_len varies (prefill tails): no recompile per value
-def _attn_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr,
-                       q_len, group, n_heads, capacity, window, scale,
-                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    split = tl.program_id(1)
-    kvh = tl.program_id(2)
-    kv_len, lo = _visible_keys(len_ptr, q_len, window, WINDOW)
-    start = tl.maximum(split * SPLIT, lo // BLOCK_N * BLOCK_N)  # leading tiles nobody sees: skipped
-    end = tl.minimum((split + 1) * SPLIT, kv_len)
-    if start < end:  # a split with no visible key writes nothing: the merge counts it out the same way
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = t * group + g
-        t = rows // group
-        g = rows % group
-        n_rows = q_len * group
-        row_ok = rows < n_rows
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < D
-        q = tl.load(q_ptr + ((t * n_heads + kvh * group + g) * D)[:, None] + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        q_pos = kv_len - q_len + t
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        base = kvh.to(tl.int64) * capacity * D
-        for n0 in range(start, end, BLOCK_N):
-            keys = n0 + tl.arange(0, BLOCK_N)
-            key_ok = keys < end
-            kv_off = base + keys[:, None] * D + dims[None, :]
-            k = tl.load(k_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            ok = key_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                ok = ok & (keys[None, :] <= q_pos[:, None])
-            if WINDOW:
-                ok = ok & (q_pos[:, None] - keys[None, :] < window)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
-            p = tl.exp(s - m_safe[:, None])  # exactly 0 where masked
-            alpha = tl.exp(m - m_safe)  # exactly 1 where the tile added nothing to the row
-            v = tl.load(v_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
-        out = (kvh * tl.num_programs(1) + split).to(tl.int64) * n_rows + rows  # int64: long caches' partials
-        tl.store(acc_ptr + out[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
-        tl.store(m_ptr + out, m, mask=row_ok)
-        tl.store(l_ptr + out, l, mask=row_ok)
+@triton.jit
+def _tile(q, k, v, ok, m, l, acc, scale, PRECISION: tl.constexpr):
+    """One BLOCK_N-key step of the rows' online softmax; `ok` [rows, keys]: which scores count."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+    p = tl.exp(s - m_safe[:, None])  # exactly 0 where masked
+    alpha = tl.exp(m - m_safe)  # exactly 1 where the tile added nothing to the row
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    l = l * alpha + tl.sum(p, axis=1)
+    return m_new, l, acc
 
 
-@triton.jit(do_not_specialize=["q_len"])
-def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, q_len, group, n_heads, n_splits, window,
-                       WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SPLIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, SINKS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # ROWS query rows (token, head) of one kv head
-    kvh = tl.program_id(1)
+@triton.jit
+def _rounded(x, dtype: tl.constexpr, BY_HAND: tl.constexpr):
+    """x (fp32) rounded to `dtype` to nearest even, as a GPU's conversion and torch round. BY_HAND: under
+    Triton's CPU interpreter, whose float32 -> bfloat16 conversion truncates (seen with triton 3.9)."""
+    if BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # finite values: the nearest bf16, ties to even
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+    return x.to(dtype)
+
+
+@triton.jit
+def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, sinks_ptr, gate_ptr, rows, kvh, kv_len, first, q_len, group, n_heads,
+                n_splits, gate_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+                ROWS: tl.constexpr, CHUNK: tl.constexpr, SINKS: tl.constexpr, GATE: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """The output of query rows `rows` (token, head) of kv head `kvh`: their split partials merged in
+    ascending split order, CHUNK at a time, the sink added, divided, and the output gate applied."""
     n_rows = q_len * group
     row_ok = rows < n_rows
-    kv_len, lo = _visible_keys(len_ptr, q_len, window, WINDOW)
-    first = lo // BLOCK_N * BLOCK_N  # the split kernel's first tile
     dims = tl.arange(0, BLOCK_D)
     m_run = tl.full([ROWS], float("-inf"), tl.float32)
     l_run = tl.zeros([ROWS], tl.float32)
@@ -249,9 +238,11 @@ def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, q_len, 
         s_ok = (tl.maximum(splits * SPLIT, first) < tl.minimum((splits + 1) * SPLIT, kv_len)) & (splits < n_splits)
         ok = row_ok[:, None] & s_ok[None, :]
         idx = (kvh * n_splits + splits[None, :]).to(tl.int64) * n_rows + rows[:, None]  # [ROWS, CHUNK]
-        m = tl.load(m_ptr + idx, mask=ok, other=float("-inf"))
-        l = tl.load(l_ptr + idx, mask=ok, other=0.0)
-        acc = tl.load(acc_ptr + idx[:, :, None] * BLOCK_D + dims[None, None, :], mask=ok[:, :, None], other=0.0)
+        # .cg: from L2, never a line an earlier layer's launch left in this SM's L1 (the buffer is shared)
+        m = tl.load(m_ptr + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
+        acc = tl.load(acc_ptr + idx[:, :, None] * BLOCK_D + dims[None, None, :], mask=ok[:, :, None], other=0.0,
+                      cache_modifier=".cg")
         m_new = tl.maximum(m_run, tl.max(m, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_run - m_safe)  # exactly 1 where the chunk adds nothing to the row
@@ -267,10 +258,129 @@ def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, q_len, 
         alpha = tl.exp(m_run - m_final)
         denominator = l_run * alpha + tl.exp(sink - m_final)
         acc_run = acc_run * alpha[:, None]
-    out = acc_run / tl.where(row_ok, denominator, 1.0)[:, None]  # (rows past the last hold 0 / 0)
+    dtype = o_ptr.dtype.element_ty
+    out = _rounded(acc_run / tl.where(row_ok, denominator, 1.0)[:, None], dtype, UPCAST)  # (past the last: 0 / 0)
     t = rows // group
-    tl.store(o_ptr + ((t * n_heads + head) * D)[:, None] + dims[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (dims < D)[None, :])
+    io_ok = row_ok[:, None] & (dims < D)[None, :]
+    if GATE:  # out × sigmoid(gate) as torch computes it: the sigmoid in fp32, each result rounded to the dtype
+        g = tl.load(gate_ptr + (t.to(tl.int64) * gate_stride + head * D)[:, None] + dims[None, :], mask=io_ok,
+                    other=0.0).to(tl.float32)
+        sig = _rounded(1.0 / (1.0 + tl.exp(-g)), dtype, UPCAST)
+        out = _rounded(out.to(tl.float32) * sig.to(tl.float32), dtype, UPCAST)
+    tl.store(o_ptr + ((t * n_heads + head) * D)[:, None] + dims[None, :], out, mask=io_ok)
+
+
+@triton.jit(do_not_specialize=["q_len"])  # q_len varies (prefill tails): no recompile per value
+def _attn_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, cnt_ptr, o_ptr, sinks_ptr, gate_ptr,
+                 tree_ptr, pos_ptr, q_len, group, n_heads, capacity, window, scale, n_splits, gate_stride,
+                 tree_stride, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, MERGE: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                 SINKS: tl.constexpr, GATE: tl.constexpr, TREE: tl.constexpr):
+    split = tl.program_id(1)
+    kvh = tl.program_id(2)
+    kv_len, lo = _visible_keys(len_ptr, q_len, window, WINDOW)
+    first = lo // BLOCK_N * BLOCK_N  # leading tiles nobody sees: skipped
+    start = tl.maximum(split * SPLIT, first)
+    end = tl.minimum((split + 1) * SPLIT, kv_len)
+    if start < end:  # a split with no visible key writes nothing: the merge counts it out the same way
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = t * group + g
+        t = rows // group
+        g = rows % group
+        n_rows = q_len * group
+        row_ok = rows < n_rows
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        q = tl.load(q_ptr + ((t * n_heads + kvh * group + g) * D)[:, None] + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        base_pos = kv_len - q_len  # the first new token's cache row
+        if TREE:  # node t at position base + depth(t): its own
+            q_pos = tl.load(pos_ptr + t, mask=row_ok, other=0).to(tl.int32)
+            shared_end = tl.minimum(end, base_pos // BLOCK_N * BLOCK_N)  # the tiles of committed keys only
+        else:
+            q_pos = base_pos + t
+            shared_end = end
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        base = kvh.to(tl.int64) * capacity * D
+        for n0 in range(start, shared_end, BLOCK_N):  # keys every row of the block reads from the same rows
+            keys = n0 + tl.arange(0, BLOCK_N)
+            key_ok = keys < end
+            kv_off = base + keys[:, None] * D + dims[None, :]
+            k = tl.load(k_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            ok = key_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                ok = ok & (keys[None, :] <= q_pos[:, None])
+            if WINDOW:
+                ok = ok & (q_pos[:, None] - keys[None, :] < window)
+            m, l, acc = _tile(q, k, v, ok, m, l, acc, scale, PRECISION)
+        if TREE:
+            # The tiles that hold new rows: each node's own, one node at a time. Its tile n0 holds what the
+            # cache of decoding its path holds at keys n0..: the committed keys, then its ancestors in
+            # depth order (the one at depth d at key base + d, read from the cache row base + its node
+            # index), then nothing. So the same sums in the same order: a node's output is the bits of
+            # decoding its path. The other rows of the block add exactly nothing (weight 0, rescale 1).
+            nodes = tl.arange(0, TREE)
+            node_ok = nodes < q_len
+            depth = tl.load(pos_ptr + nodes, mask=node_ok, other=0).to(tl.int32) - base_pos
+            t_first = tl.program_id(0) * BLOCK_M // group
+            t_last = tl.minimum(((tl.program_id(0) + 1) * BLOCK_M + group - 1) // group, q_len)
+            for node in range(t_first, t_last):
+                ancestor = tl.load(tree_ptr + node * tree_stride + base_pos + nodes, mask=node_ok, other=0) != 0
+                mine = row_ok & (t == node)
+                for n0 in range(tl.maximum(start, shared_end), end, BLOCK_N):
+                    keys = n0 + tl.arange(0, BLOCK_N)
+                    at = ancestor[None, :] & (depth[None, :] == (keys - base_pos)[:, None])  # [keys, nodes]
+                    found = tl.max(at.to(tl.int32), axis=1) > 0
+                    row = tl.where(keys < base_pos, keys, base_pos + tl.sum(tl.where(at, nodes[None, :], 0), axis=1))
+                    key_ok = (keys < end) & ((keys < base_pos) | found)
+                    kv_off = base + row[:, None] * D + dims[None, :]
+                    k = tl.load(k_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+                    v = tl.load(v_ptr + kv_off, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+                    if UPCAST:
+                        k = k.to(tl.float32)
+                        v = v.to(tl.float32)
+                    ok = key_ok[None, :] & mine[:, None] & (keys[None, :] <= q_pos[:, None])
+                    if WINDOW:
+                        ok = ok & (q_pos[:, None] - keys[None, :] < window)
+                    m, l, acc = _tile(q, k, v, ok, m, l, acc, scale, PRECISION)
+        out = (kvh * n_splits + split).to(tl.int64) * n_rows + rows  # int64: long caches' partials
+        tl.store(acc_ptr + out[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(m_ptr + out, m, mask=row_ok)
+        tl.store(l_ptr + out, l, mask=row_ok)
+        if MERGE:
+            # The split to finish last merges (one launch, not two). Its ticket, drawn after this program's
+            # partials are stored (the barrier, then a release), comes with the others' stores (acquire).
+            tl.debug_barrier()
+            counter = cnt_ptr + kvh * tl.num_programs(0) + tl.program_id(0)
+            writers = (kv_len + SPLIT - 1) // SPLIT - first // SPLIT  # the splits with a visible key
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == writers - 1:
+                tl.store(counter, 0)  # zero again for the next launch (a CUDA graph replays this one)
+                for r0 in range(0, tl.minimum(BLOCK_M, n_rows - tl.program_id(0) * BLOCK_M), ROWS):
+                    _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, sinks_ptr, gate_ptr,
+                                tl.program_id(0) * BLOCK_M + r0 + tl.arange(0, ROWS), kvh, kv_len, first, q_len,
+                                group, n_heads, n_splits, gate_stride, D, BLOCK_D, SPLIT, ROWS, CHUNK, SINKS, GATE,
+                                UPCAST)
+
+
+@triton.jit(do_not_specialize=["q_len"])
+def _attn_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, len_ptr, sinks_ptr, gate_ptr, q_len, group, n_heads, n_splits,
+                       window, gate_stride, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                       SINKS: tl.constexpr, GATE: tl.constexpr, UPCAST: tl.constexpr):
+    """The two-launch form's merge (`attention(..., one_launch=False)`): what the last split does, as its
+    own launch. Kept as the reference the one-launch form is checked against, bit for bit."""
+    kv_len, lo = _visible_keys(len_ptr, q_len, window, WINDOW)
+    _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, sinks_ptr, gate_ptr, tl.program_id(0) * ROWS + tl.arange(0, ROWS),
+                tl.program_id(1), kv_len, lo // BLOCK_N * BLOCK_N, q_len, group, n_heads, n_splits, gate_stride,
+                D, BLOCK_D, SPLIT, ROWS, CHUNK, SINKS, GATE, UPCAST)
 
 
 def _launch_shape(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -295,11 +405,35 @@ def split_size(q_len: int, capacity: int, kv_heads: int, group: int) -> int:
     return max(SPLIT, triton.next_power_of_2(triton.cdiv(capacity, want)))
 
 
+_COUNTERS: dict = {}  # (device, stream) -> the merge tickets' int32 counters, zero between launches
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed int32 ticket counters, kept for every later launch on this device and stream (each launch
+    leaves them zero again): allocated once, not per step (a memset would be one more launch), and the
+    same memory in every replay of a captured graph. Grown (to a power of two) only when a launch needs more."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    have = _COUNTERS.get(key)
+    if have is None or have.numel() < n:
+        have = _COUNTERS[key] = torch.zeros(max(1024, triton.next_power_of_2(n)), dtype=torch.int32, device=device)
+    return have
+
+
 def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, sliding_window: int | None = None,
-              sinks: torch.Tensor | None = None, split: int | None = None):
-    """Triton: same contract as `attention_ref` (caches contiguous, as the engine allocates them;
-    kv_len a device tensor). `split` overrides the keys per split (a multiple of the kernel's key
-    tile; tests sweep it)."""
+              sinks: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+              tree: tuple[torch.Tensor, torch.Tensor] | None = None, split: int | None = None,
+              one_launch: bool = True):
+    """Triton: the contract of `attention_ref` (caches contiguous, as the engine allocates them; kv_len a
+    device tensor), in one launch: the split to finish last merges. `split` overrides the keys per split
+    (a multiple of the kernel's key tile; tests sweep it); one_launch=False merges in a second launch
+    (the reference the one-launch form is checked against).
+
+    gate: [Tq, Hq, D] (rows may be strided): the output times sigmoid(gate), in the merge.
+    tree: (mask [Tq, capacity] bool, positions [Tq] int64), a tree verify's (Decoder.forward(tree=...)): query
+    t is node t, at position positions[t] = kv_len - Tq + depth(t), whose K/V are at cache row kv_len - Tq + t;
+    it sees every committed key (rows before kv_len - Tq) and the new rows j with mask[t, kv_len - Tq + j] (its
+    ancestors and itself; the mask's other columns are not read), within the window by position. Its output is
+    the bits of decoding its path (see the kernel), which `causal` and the mask of `attention_ref` describe."""
     q = q.contiguous()
     tq, hq, d = q.shape
     hkv, capacity, _ = k_cache.shape
@@ -309,23 +443,37 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
     n_rows = tq * group
     block_d = max(16, triton.next_power_of_2(d))
     block_n, stages = _launch_shape(block_d, q.dtype)
-    split = split or split_size(tq, capacity, hkv, group)
+    split = split or (SPLIT if tree is not None else split_size(tq, capacity, hkv, group))  # a tree: invariant
     assert split % block_n == 0, (split, block_n)
     n_splits = triton.cdiv(capacity, split)
     acc = torch.empty((hkv * n_splits * n_rows, block_d), dtype=torch.float32, device=q.device)
     m = torch.empty((hkv * n_splits * n_rows,), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    window = sliding_window or 0
-    _attn_split_kernel[(triton.cdiv(n_rows, _BLOCK_M), n_splits, hkv)](
-        q, k_cache, v_cache, kv_len, acc, m, l, tq, group, hq, capacity, window, scale,
-        CAUSAL=causal, WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
-        SPLIT=split, UPCAST=_UPCAST_DOTS,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 uses tensor cores
-        num_warps=4 if _BLOCK_M * block_d <= 64 * 128 else 8, num_stages=stages)
     out = torch.empty_like(q)
+    if gate is not None:
+        assert gate.shape == q.shape and gate.stride(2) == 1 and gate.stride(1) == d, (gate.shape, gate.stride())
+    if tree is not None:
+        mask, positions = tree
+        assert mask.shape == (tq, capacity) and mask.stride(1) == 1 and positions.shape == (tq,), (mask.shape, tq)
+        mask = mask.view(torch.uint8)
+        causal = True
+    window = sliding_window or 0
+    row_blocks = triton.cdiv(n_rows, _BLOCK_M)
     merge_rows = max(1, _MERGE_TILE // (_MERGE_CHUNK * block_d))
-    _attn_merge_kernel[(triton.cdiv(n_rows, merge_rows), hkv)](
-        acc, m, l, out, kv_len, sinks if sinks is not None else m, tq, group, hq, n_splits, window,
-        WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split,
-        ROWS=merge_rows, CHUNK=_MERGE_CHUNK, SINKS=sinks is not None)
+    common = dict(WINDOW=sliding_window is not None, D=d, BLOCK_D=block_d, SPLIT=split, ROWS=merge_rows,
+                  CHUNK=_MERGE_CHUNK, SINKS=sinks is not None, GATE=gate is not None)
+    _attn_kernel[(row_blocks, n_splits, hkv)](
+        q, k_cache, v_cache, kv_len, acc, m, l, _counters(q.device, row_blocks * hkv), out,
+        sinks if sinks is not None else m, gate if gate is not None else q,
+        mask if tree is not None else q, positions if tree is not None else kv_len,
+        tq, group, hq, capacity, window, scale, n_splits, 0 if gate is None else gate.stride(0),
+        0 if tree is None else mask.stride(0),
+        CAUSAL=causal, BLOCK_M=_BLOCK_M, BLOCK_N=block_n, UPCAST=_UPCAST_DOTS,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 uses tensor cores
+        MERGE=one_launch, TREE=0 if tree is None else max(16, triton.next_power_of_2(tq)), **common,
+        num_warps=4 if _BLOCK_M * block_d <= 64 * 128 else 8, num_stages=stages)
+    if not one_launch:
+        _attn_merge_kernel[(triton.cdiv(n_rows, merge_rows), hkv)](
+            acc, m, l, out, kv_len, sinks if sinks is not None else m, gate if gate is not None else q, tq, group,
+            hq, n_splits, window, 0 if gate is None else gate.stride(0), BLOCK_N=block_n, UPCAST=_UPCAST_DOTS, **common)
     return out

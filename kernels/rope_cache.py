@@ -43,19 +43,22 @@ def qk_norm_rope_cache_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     offset: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference. q: [T, Hq, D]; k, v: [T, Hkv, D]; positions: [T] int64.
 
     Normalises q and k per head (when norm weights are given: Qwen3 has them, Llama not), rotates
-    both, writes k and v into the caches at `positions`, and returns the rotated q.
+    both, writes k and v into the caches at `positions` (at cache `rows` [T] instead, when given: a tree
+    verify's nodes, whose positions repeat), and returns the rotated q.
     """
     if q_norm is not None:
         q = head_rms_norm(q, q_norm, eps, offset)
         k = head_rms_norm(k, k_norm, eps, offset)
     cs = cos_sin[positions]
     q = rotate(q, cs)
-    k_cache[:, positions] = rotate(k, cs).transpose(0, 1).to(k_cache.dtype)
-    v_cache[:, positions] = v.transpose(0, 1).to(v_cache.dtype)
+    rows = positions if rows is None else rows
+    k_cache[:, rows] = rotate(k, cs).transpose(0, 1).to(k_cache.dtype)
+    v_cache[:, rows] = v.transpose(0, 1).to(v_cache.dtype)
     return q
 
 
@@ -113,7 +116,7 @@ def store_head(dst, o1, o2, o3, half, rot, d, BLOCK_H: tl.constexpr, BLOCK_P: tl
 
 
 @triton.jit
-def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, qo_ptr,
+def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, cs_ptr, pos_ptr, rows_ptr, kc_ptr, vc_ptr, qo_ptr,
                                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, n_q_heads, capacity, half, rot, d, eps,
                                HAS_NORM: tl.constexpr, OFFSET: tl.constexpr, BLOCK_H: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -130,7 +133,7 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, cs_ptr, pos_
         j = h - n_q_heads
         x1, x2, x3 = load_head(k_ptr + t * sk_t + j * sk_h, half, rot, d, BLOCK_H, BLOCK_P)
         o1, o2, o3 = norm_rope(x1, x2, x3, kn_ptr, cs, half, rot, d, eps, HAS_NORM, OFFSET, BLOCK_H, BLOCK_P, dtype)
-        row = (j.to(tl.int64) * capacity + pos) * d
+        row = (j.to(tl.int64) * capacity + tl.load(rows_ptr + t)) * d  # rows_ptr: the positions, or a tree's rows
         store_head(kc_ptr + row, o1, o2, o3, half, rot, d, BLOCK_H, BLOCK_P)
         dims = tl.arange(0, BLOCK_D)
         vals = tl.load(v_ptr + t * sv_t + j * sv_h + dims, mask=dims < d)
@@ -141,7 +144,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache, offset=False) -> torch.Tensor:
+def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache, offset=False,
+                       rows=None) -> torch.Tensor:
     """Triton: same contract as `qk_norm_rope_cache_ref`; one program per (token, head)."""
     q, k, v = _rows(q), _rows(k), _rows(v)
     t, hq, d = q.shape
@@ -152,7 +156,8 @@ def qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache
     has_norm = q_norm is not None
     if t:
         _qk_norm_rope_cache_kernel[(t, hq + hkv)](
-            q, k, v, q_norm if has_norm else q, k_norm if has_norm else k, cos_sin, positions, k_cache, v_cache,
+            q, k, v, q_norm if has_norm else q, k_norm if has_norm else k, cos_sin, positions,
+            positions if rows is None else rows, k_cache, v_cache,
             out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), hq,
             k_cache.shape[1], rot // 2, rot, d, eps, HAS_NORM=has_norm, OFFSET=offset,
             BLOCK_H=triton.next_power_of_2(rot // 2), BLOCK_P=max(1, triton.next_power_of_2(d - rot)),

@@ -86,7 +86,7 @@ def record(path: Path) -> int:
             call(kernel)
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
         for name, call in (*fused_linear_launches(dtype, bench), *gdn_glue_launches(dtype, bench),
-                           *moe_launches(dtype)):
+                           *moe_launches(dtype), *attention_launches(dtype, bench)):
             call()
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
     path.write_text(json.dumps(list(launches.values()), indent=1, default=str))
@@ -157,6 +157,40 @@ def moe_launches(dtype):
         yield f"moe experts + shared expert T={t} (256 experts)", \
             lambda x=x, shared=shared, gate=gate, idx=idx, weights=weights: moe.experts(
                 x, gate_up, down, idx, weights, shared=shared, shared_gate=gate)
+
+
+def attention_launches(dtype, bench):
+    """kernels/attention.py's launches that kernel_speed.py's cases leave out: the output gate in the merge
+    (Qwen3.5-27B: 24 heads of 256, the gate a strided view of the projection) and a tree verify (Qwen3-8B at
+    budgets 16 and 48; gpt-oss-20b's window and sinks at 16), each also with the two-launch merge."""
+    import torch
+
+    from dflash_cli import tree as trees
+    from dflash_cli.kernels import attention
+
+    cap = bench.CTX + 64
+    length = torch.tensor(bench.CTX)
+    for hq, hkv, d in ((24, 4, 256),):
+        kc = torch.empty(hkv, cap, d, dtype=dtype)
+        for n in (1, bench.B):
+            qkv = torch.empty(n, (2 * hq + 2 * hkv) * d, dtype=dtype)
+            q, gate = (x.view(n, hq, d) for x in qkv[:, :2 * hq * d].split(hq * d, -1))
+            for one in (True, False):
+                yield (f"attention + gate head {d} q={n} one_launch={one}",
+                       lambda q=q, gate=gate, kc=kc, one=one: attention.attention(
+                           q, kc, kc, length, causal=True, scale=d**-0.5, gate=gate, one_launch=one))
+    for (hq, hkv, d, window, sinks), budget in (((bench.HQ, bench.HKV, bench.D, None, False), 16),
+                                               ((bench.HQ, bench.HKV, bench.D, None, False), 48),
+                                               ((64, 8, 64, 128, True), 16)):
+        tree = trees.build(torch.tensor([1]), torch.randn(6, 50), budget)
+        mask, _ = trees.attention_mask(tree, length, cap)
+        kc, q = torch.empty(hkv, cap, d, dtype=dtype), torch.empty(budget, hq, d, dtype=dtype)
+        for one in (True, False):
+            yield (f"attention tree {budget} head {d} window={window} one_launch={one}",
+                   lambda q=q, kc=kc, mask=mask, tree=tree, window=window, sinks=sinks, one=one, hq=hq, d=d:
+                   attention.attention(q, kc, kc, length + q.shape[0], causal=True, scale=d**-0.5,
+                                       sliding_window=window, sinks=torch.empty(hq) if sinks else None,
+                                       tree=(mask, length + tree.depths), one_launch=one))
 
 
 def _source(entry: dict):

@@ -173,3 +173,71 @@ def test_a_long_fp32_prefill_chunk_on_the_gpu_goes_through_the_split_kernel(seed
     assert ("attention", True) in chosen
     want = attention_ref(q, k, v, length, causal=True, scale=0.2)
     torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")
+
+
+# ---- one launch: the split to finish last merges (issue 26) ----------------------------------------------------
+ONE_LAUNCH_CASES = [  # (q_len, hq, hkv, d, capacity, kv_len, causal, window, sinks, split)
+    (1, 4, 2, 16, 600, 537, True, None, False, None),   # decode over three splits
+    (16, 8, 2, 32, 700, 611, True, None, False, 64),     # verify, ten splits of 64: two merge chunks
+    (17, 4, 1, 32, 300, 200, True, 40, True, 32),       # two row blocks, a window that skips splits, sinks
+    (5, 6, 3, 24, 90, 90, False, None, False, None),    # a drafter block, odd head size
+    (3, 4, 2, 256, 400, 301, True, None, True, 64),     # 256-wide heads: 4 merge rows per step
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ONE_LAUNCH_CASES)
+def test_one_launch_gives_the_two_launch_bits_and_leaves_its_counters_zero(seed, dtype, case):
+    """The merge done by the last split to finish is the two-launch merge, bit for bit; the ticket counters
+    are zero again afterwards, so the next launch (or a replayed graph) starts from the same state."""
+    from dflash_cli.kernels import attention as attention_mod
+
+    q_len, hq, hkv, d, capacity, kv_len, causal, window, sinks, split = case
+    q, k, v = _inputs(q_len, hq, hkv, d, capacity, kv_len, dtype)
+    kw = dict(causal=causal, scale=d**-0.5, sliding_window=window, split=split,
+              sinks=torch.randn(hq, device=DEVICE) * 2 if sinks else None)
+    length = torch.tensor(kv_len, device=DEVICE)
+    two = attention(q, k, v, length, one_launch=False, **kw)
+    one = attention(q, k, v, length, **kw)
+    assert not one.isnan().any()
+    assert torch.equal(one, two), f"seed {seed}"
+    assert all(int(c.count_nonzero()) == 0 for c in attention_mod._COUNTERS.values())
+    assert torch.equal(attention(q, k, v, length, **kw), one), f"seed {seed}: a second launch differs"
+
+
+def test_attention_is_one_launch(monkeypatch):
+    """Decode, verify and draft attention: one kernel launch, whatever the split count."""
+    from dflash_cli.kernels import attention as attention_mod
+
+    launched = []
+    for name in ("_attn_kernel", "_attn_merge_kernel"):
+        kernel = getattr(attention_mod, name)
+        monkeypatch.setattr(attention_mod, name, type("Counted", (), {
+            "__getitem__": lambda self, grid, name=name, kernel=kernel: (launched.append(name), kernel[grid])[1]})())
+    q, k, v = _inputs(4, 4, 2, 16, 600, 550, torch.float32)
+    attention(q, k, v, torch.tensor(550), causal=True, scale=0.25)
+    assert launched == ["_attn_kernel"]
+
+
+# ---- the output gate in the merge (Qwen3.5's gated attention) --------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len, kv_len, split", [(1, 300, None), (16, 611, 64), (17, 200, 32)])
+def test_the_output_gate_in_the_merge_is_the_torch_ops(seed, dtype, q_len, kv_len, split):
+    """attention × sigmoid(gate) in the merging program = the kernel's attention, then torch's sigmoid and
+    product in the same dtype: bit for bit in bf16 (each rounding where torch rounds), to an ulp of the
+    exponential in fp32. The gate is a strided view of the q/(gate)/k/v projection, as the layer passes it."""
+    hq, hkv, d = 8, 2, 32
+    q, k, v = _inputs(q_len, hq, hkv, d, 700, kv_len, dtype)
+    qkv = torch.randn(q_len, 2 * hq * d + 16, dtype=dtype, device=DEVICE) * 3
+    gate = qkv[:, hq * d:2 * hq * d].view(q_len, hq, d)
+    length = torch.tensor(kv_len, device=DEVICE)
+    kw = dict(causal=True, scale=d**-0.5, split=split)
+    got = attention(q, k, v, length, gate=gate, **kw)
+    want = attention(q, k, v, length, **kw) * torch.sigmoid(gate)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want), f"seed {seed}: {(got != want).sum()} elements differ"
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-7, msg=lambda m: f"seed {seed}: {m}")
+    assert torch.equal(attention(q, k, v, length, gate=gate, one_launch=False, **kw), got)
+    ref = attention_ref(q, k, v, length, causal=True, scale=d**-0.5, gate=gate)
+    torch.testing.assert_close(got, ref, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")

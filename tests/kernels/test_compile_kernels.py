@@ -33,7 +33,7 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     assert p.returncode == 0 and p.stdout.splitlines()[-1] == "0 failed", p.stdout[-6000:] + p.stderr[-3000:]
     compiled = [line for line in p.stdout.splitlines() if line.startswith("ok ")]
     kernels = {line.split()[2] for line in compiled}
-    for name in ("attention._attn_split_kernel", "accept._select_kernel", "moe._gate_up_kernel",
+    for name in ("attention._attn_kernel", "attention._attn_merge_kernel", "accept._select_kernel", "moe._gate_up_kernel",
                  "gated_delta._causal_conv_kernel", "fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel",
                  "invariant_linear._partial_kernel",
                  "quant_linear._int4_partial_kernel", "quant_linear._fp8_partial_kernel",

@@ -119,37 +119,25 @@ class Attention:
             k, _ = ops.rms_norm(k, k_norm, self.eps, fp32_weight=True)
             q_norm = k_norm = None
         cache_k, cache_v = cache.kv.layer(self.slot)
+        gate = gate.view(t, self.heads, hd) if self.gated else None  # out × sigmoid(gate): in the kernel's merge
         if step.mask is not None:  # a tree verify
-            out = self._tree(q, k, v, q_norm, k_norm, cache_k, cache_v, step).reshape(t, -1)
-            return self.o_proj(out * torch.sigmoid(gate) if self.gated else out)
+            return self.o_proj(self._tree(q, k, v, q_norm, k_norm, cache_k, cache_v, step, gate).reshape(t, -1))
         q = ops.qk_norm_rope_cache(q, k, v, q_norm, k_norm, self.eps,
                                    step.cos_sin if self.cos_sin is None else self.cos_sin,
                                    step.positions, cache_k, cache_v, offset=self.norm_offset)
         out = ops.attention(q, cache_k, cache_v, step.kv_len, causal=True,
                             scale=hd**-0.5 if self.scale is None else self.scale,
-                            sliding_window=self.window, sinks=self.sinks)
-        out = out.reshape(t, -1)
-        return self.o_proj(out * torch.sigmoid(gate) if self.gated else out)
+                            sliding_window=self.window, sinks=self.sinks, **({} if gate is None else {"gate": gate}))
+        return self.o_proj(out.reshape(t, -1))
 
-    def _tree(self, q, k, v, q_norm, k_norm, cache_k, cache_v, step) -> torch.Tensor:
+    def _tree(self, q, k, v, q_norm, k_norm, cache_k, cache_v, step, gate) -> torch.Tensor:
         """A tree verify (dflash_cli/tree.py): q/k normed and rotated at each node's own position
-        (anchor + depth), K/V written at the node's cache row, attention over the committed keys and the
-        node's ancestors (`step.mask`), within the layer's window by position. The torch reference on
-        every device: the fused rope-cache and attention kernels take neither rows apart from positions
-        nor a mask yet."""
-        from ...kernels.attention import attention_ref
-        from ...kernels.rope_cache import head_rms_norm, rotate
-
-        if q_norm is not None:
-            q = head_rms_norm(q, q_norm, self.eps, self.norm_offset)
-            k = head_rms_norm(k, k_norm, self.eps, self.norm_offset)
-        cs = (step.cos_sin if self.cos_sin is None else self.cos_sin)[step.positions]
-        q = rotate(q, cs)
-        cache_k.index_copy_(1, step.rows, rotate(k, cs).transpose(0, 1).to(cache_k.dtype))
-        cache_v.index_copy_(1, step.rows, v.transpose(0, 1).to(cache_v.dtype))
-        mask = step.mask
-        if self.window is not None:
-            mask = mask & (step.positions[:, None] - step.key_positions[None, :] < self.window)
-        return attention_ref(q, cache_k, cache_v, step.kv_len, causal=True,
-                             scale=self.head_dim**-0.5 if self.scale is None else self.scale, sinks=self.sinks,
-                             mask=mask)
+        (anchor + depth), K/V written at the node's cache row (`step.rows`), attention over the committed keys
+        and the node's ancestors (`step.mask`), within the layer's window by position. On the kernels each
+        node gets the bits of decoding its path; the torch path runs the masked reference."""
+        q = ops.qk_norm_rope_cache(q, k, v, q_norm, k_norm, self.eps,
+                                   step.cos_sin if self.cos_sin is None else self.cos_sin,
+                                   step.positions, cache_k, cache_v, offset=self.norm_offset, rows=step.rows)
+        return ops.tree_attention(q, cache_k, cache_v, step.kv_len, step.mask, step.positions, step.key_positions,
+                                  scale=self.head_dim**-0.5 if self.scale is None else self.scale,
+                                  sliding_window=self.window, sinks=self.sinks, gate=gate)
