@@ -40,6 +40,6 @@ def test_every_launch_compiles_for_every_target(tmp_path):
                  "fused_linear._fused_partial_kernel", "fused_linear._swiglu_merge_kernel", "gated_delta._l2norm_kernel",
                  "gated_delta._gated_rms_norm_kernel", "moe._top_k_kernel", "gdn_glue._prologue_kernel",
                  "gdn_glue._rule_norm_kernel", "moe._down_kernel", "moe._combine_kernel",
-                 "gated_delta_tree._tree_rule_kernel"):
+                 "gated_delta_tree._tree_rule_norm_kernel", "gdn_glue._replay_kernel"):
         assert name in kernels, sorted(kernels)
     assert {line.split()[1] for line in compiled} == {"sm_80", "sm_86", "sm_89", "sm_90", "sm_120"}
