@@ -29,7 +29,8 @@ def tree_rule_norm_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     states = state.new_empty((n, *state.shape))
     out = torch.empty(v.shape, dtype=z.dtype, device=z.device)
     for i in range(n):
-        s = (state if i == 0 else states[parents[i]]).clone()
+        # the parent's state by a device index (no host read: a captured step's)
+        s = state.clone() if i == 0 else states.index_select(0, parents[i:i + 1])[0]
         row = slice(i, i + 1)
         out[i] = gdn_rule_norm_ref(q[row], k[row], v[row], g[row], beta[row], s, scale, z[row], norm_weight, eps,
                                    True)[0]
