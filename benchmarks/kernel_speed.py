@@ -90,10 +90,27 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
                lambda f, n_q=n_q: f(q_rot[:n_q], *caches[BIG_CAPACITY], long_len, causal=True, scale=D**-0.5),
                2 * HKV * LONG_CTX * D * kc.element_size() + 2 * nbytes(q_rot[:n_q]))
     yield ("draft context K/V (B, 5 layers)", draft_kv.draft_ctx_kv, draft_kv.draft_ctx_kv_ref,
-           lambda f: f(ctx, wkv, dkn, 1e-6, cs, pos, dkc, dvc), nbytes(ctx, wkv) + 2 * LAYERS * HKV * B * D * 2)
+           lambda f: f(ctx, wkv, dkn, 1e-6, cs, pos[0], dkc, dvc), nbytes(ctx, wkv) + 2 * LAYERS * HKV * B * D * 2)
+    from dflash_cli.kernels import dynamic_conv, selector_walk
+
+    conv_base = torch.randn(2, 4, H, dtype=dt, device=dev)  # DFlash2: 4 taps, groups of 64 channels
+    conv_dyn = torch.randn(B, 2, 4, H // 64, dtype=dt, device=dev)
+    yield ("DFlash2 dynamic conv (B × 4096, 4 taps)", dynamic_conv.dynamic_conv, dynamic_conv.dynamic_conv_ref,
+           lambda f: f(x, conv_base[0], conv_dyn[:, 0]), nbytes(x, conv_base[0], x))
+    from dflash_cli.kernels import embed_block
+
+    table = torch.randn(1024, H, dtype=dt, device=dev)  # the launch does not depend on the vocabulary
+    yield ("drafter block input (B × 4096)", embed_block.embed_block, embed_block.embed_block_ref,
+           lambda f: f(block[:1] % 1024, block[1:B] % 1024, table), 2 * nbytes(x))
+    lattice = torch.randn(B - 1, 32, 32, device=dev)
+    lattice_ids = torch.randint(0, V, (B - 1, 32), device=dev)
+    yield ("DFlash2 selector walk (B - 1 rows, top-32)", selector_walk.selector_walk, selector_walk.selector_walk_ref,
+           lambda f: f(lattice, lattice_ids), nbytes(lattice, lattice_ids))
     yield ("sample greedy (1 × 151936)", accept.sample, accept.sample_ref,
            lambda f: f(logits[:1], pos[:1], temperature=0.0), nbytes(logits[:1]))
     yield ("accept greedy (B × 151936)", accept.accept, accept.accept_ref,
+           lambda f: f(logits, block, length.clone(), temperature=0.0), nbytes(logits))
+    yield ("verdict greedy (B × 151936)", accept.verdict, accept.verdict_ref,  # accept, packed: the engine's call
            lambda f: f(logits, block, length.clone(), temperature=0.0), nbytes(logits))
     yield ("accept T=1 (B × 151936)", accept.accept, accept.accept_ref,
            lambda f: f(logits, block, length.clone(), temperature=1.0, seed=seed), nbytes(logits))
@@ -166,13 +183,17 @@ def hybrid_cases(dev: str, dt: torch.dtype):
     states = state.expand(n_lin, -1, -1, -1).contiguous()
     kr, vr = qk.expand(n_lin, -1, -1, -1).contiguous(), vv.expand(n_lin, -1, -1, -1).contiguous()
     gr, br = gg.expand(n_lin, -1, -1).contiguous(), bb.expand(n_lin, -1, -1).contiguous()
-    yield ("replay commit (48 layers)", gdn_glue.replay, gdn_glue.replay_ref,
+    from dflash_cli.kernels import gdn_replay
+
+    yield ("replay commit (48 layers)", gdn_replay.replay, gated_delta.replay_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, count), 2 * nbytes(states) + nbytes(kr, vr))
     parents = torch.cat((torch.zeros(1, dtype=torch.int64), torch.arange(B - 1) // 2)).to(dev)  # a binary tree
     yield ("gdn rule + gated norm, tree verify (1 layer, B nodes)", gated_delta_tree.tree_rule_norm,
            gated_delta_tree.tree_rule_norm_ref,
            lambda f: f(qk[0], qk[0], vv[0], gg[0], bb[0], state[0], parents, dk**-0.5, z, norm_w, 1e-6),
            (B + 1) * 2 * nbytes(state) + nbytes(qk, qk, vv, z, z))
+    yield ("hybrid commit: replay + conv windows (48 layers)", gdn_replay.gdn_commit, gdn_replay.gdn_commit_ref,
+           lambda f: f(states.clone(), kr, vr, gr, br, conv.clone(), xs, count), 2 * nbytes(states) + nbytes(kr, vr, xs))
 
 
 def grouped_mm() -> tuple[str, object]:

@@ -6,9 +6,15 @@ and the capture's recording (what a CUDA graph replays) is counted: Triton launc
 that run a kernel, views, metadata and allocations excluded (tests/launch_count.py lists them). Per
 layer kind by difference (the model with one more layer of that kind, less the model), the rest is
 the step's fixed work. `decode`: a plain decoding step (b = 1, no drafter); `verify`: one DFlash
-iteration at b = 4 (draft, verify, accept, commit, drafter context). Counts do not depend on the
-model's width, so the tiny models count what a released one launches per layer (a released model's
-per-step total is fixed + layers × per layer).
+iteration at b = 4 (draft, verify, accept, commit, drafter context). Each DFLASH_LINEAR mode is counted
+(`cublas`: F.linear; `invariant`: the batch-invariant kernels, with the norm and SwiGLU fused in).
+
+A released target's decode step is estimated as fixed + layers × launches per layer, at its real widths:
+the tiny models' counts, plus what a projection launches at its real N × K beyond its one launch at a tiny
+width (where every weight is reduced in one slice). That is found by running the invariant linear launcher
+on each of the released layer's weights on meta tensors, launches counted, not run
+(tests/launch_count.real_projections). Under cublas a projection is one F.linear at any width (cuBLAS may
+add a split-K reduction kernel of its own at M = 1, which no CPU count sees).
 
 Each cell prints `count / budget`: the budget is issue 26's (which needs its fusions); tests/test_launches.py
 holds today's counts as ceilings so they cannot creep up.
@@ -29,13 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tests.conftest  # noqa: E402,F401  (transformers' hybrid references import without fla, as in the tests)
-from tests.launch_count import BUDGETS, FAMILIES, count_family  # noqa: E402
+from tests.launch_count import BUDGETS, FAMILIES, RELEASED, count_family, real_width_extra  # noqa: E402
 
-
-# The released target each family stands for (its layer count from dflash_cli.synthetic, the `--synthetic`
-# configs), for an estimate of its decode step: fixed + layers × launches per layer.
-RELEASED = {"dense": "qwen3-8b", "hybrid": "qwen3.5-27b", "moe": "qwen3-coder-30b-a3b",
-            "hybrid-moe": "qwen3.5-35b-a3b", "gpt-oss": "gpt-oss-20b"}
+LINEAR_MODES = ("cublas", "invariant")
 
 
 def released_layers(family: str) -> dict[str, int]:
@@ -48,54 +50,84 @@ def released_layers(family: str) -> dict[str, int]:
             "gpt-oss": {"gpt-oss sliding": n // 2, "gpt-oss full": n - n // 2}}[family]
 
 
-def released_table(results) -> str:
-    rows = ["| family | released target | layers | decode launches (est.) | at the issue's budgets |",
-            "| --- | --- | --- | --- | --- |"]
-    for c in results:
-        if c.family not in RELEASED or "decode" not in c.per_layer:
+def released_table(results: dict[str, list]) -> tuple[str, list[str]]:
+    """The estimate per family and mode, and one line per released layer kind naming its projections at
+    the real widths (splits, launches with the merge folded in / with a merge launch)."""
+    head = ["family", "released target", "layers", *[f"decode launches, {m} (est.)" for m in results],
+            "at the issue's budgets"]
+    rows, notes = [head, ["---"] * len(head)], []
+    families = [c.family for c in next(iter(results.values()))]
+    for family in families:
+        if family not in RELEASED:
             continue
-        layers = released_layers(c.family)
-        now = c.fixed["decode"] + sum(n * c.per_layer["decode"][k] for k, n in layers.items())
+        layers = released_layers(family)
+        extra = {}
+        for kind in layers:
+            extra[kind], projections = real_width_extra(family, kind)
+            before = sum(p.launches["launch"] - 1 for p in projections)
+            notes.append(f"{RELEASED[family]} {kind}: " + ", ".join(
+                f"{p.name} {p.n}x{p.k} {p.splits} slice{'s' if p.splits > 1 else ''}" for p in projections)
+                + f"; invariant launches beyond the tiny count: +{extra[kind]} (with a merge launch per split weight, "
+                f"the two-launch form: +{before})")
+        cells = []
+        for mode, counts in results.items():
+            c = next(c for c in counts if c.family == family)
+            if "decode" not in c.per_layer:
+                cells.append("")
+                continue
+            plus = extra if mode == "invariant" else dict.fromkeys(layers, 0)
+            per_layer = {k: c.per_layer["decode"][k] + plus[k] for k in layers}
+            cells.append(str(c.fixed["decode"] + sum(n * per_layer[k] for k, n in layers.items())))
         budget = BUDGETS["fixed"] + sum(n * BUDGETS[k] for k, n in layers.items())
-        rows.append(f"| {c.family} | {RELEASED[c.family]} | "
-                    + " + ".join(f"{n} {k}" for k, n in layers.items()) + f" | {now} | {budget} |")
-    return "\n".join(rows)
+        rows.append([family, RELEASED[family], " + ".join(f"{n} {k}" for k, n in layers.items()), *cells, str(budget)])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows), notes
 
 
-def table(results) -> str:
-    kinds = list(dict.fromkeys(k for c in results for step in c.per_layer.values() for k in step))
-    head = ["family", "step", *[f"{k} (≤{BUDGETS[k]})" for k in kinds], f"fixed (≤{BUDGETS['fixed']})",
+def table(results: dict[str, list]) -> str:
+    flat = [c for counts in results.values() for c in counts]
+    kinds = list(dict.fromkeys(k for c in flat for step in c.per_layer.values() for k in step))
+    head = ["family", "linear", "step", *[f"{k} (≤{BUDGETS[k]})" for k in kinds], f"fixed (≤{BUDGETS['fixed']})",
             "total (tiny)"]
     rows = [head, ["---"] * len(head)]
-    for c in results:
+    for c in flat:
         for step in ("decode", "verify"):
             cells = [str(c.per_layer[step][k]) if k in c.per_layer[step] else "" for k in kinds]
-            rows.append([c.family, step, *cells, str(c.fixed[step]), str(c.total[step])])
+            rows.append([c.family, c.linear, step, *cells, str(c.fixed[step]), str(c.total[step])])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these (default: all)")
+    ap.add_argument("--linear", action="append", choices=LINEAR_MODES,
+                    help="DFLASH_LINEAR modes to count (default: both)")
     ap.add_argument("--ops", action="store_true", help="also print each kind's launches by op")
     ap.add_argument("--json", type=Path, help="also write the counts here")
     args = ap.parse_args()
-    results, start = [], time.perf_counter()
-    for name in args.family or FAMILIES:
-        results.append(count_family(FAMILIES[name]))
-        print(f"counted {name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    print("Launches per layer (by kind) and per step's fixed work; the issue's budget beside each kind.")
+    results, start = {}, time.perf_counter()
+    for mode in args.linear or LINEAR_MODES:
+        results[mode] = []
+        for name in args.family or FAMILIES:
+            results[mode].append(count_family(FAMILIES[name], linear=mode))
+            print(f"counted {name}, DFLASH_LINEAR={mode} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    print("Launches per layer (by kind) and per step's fixed work, at the tiny models' widths; the issue's budget")
+    print("beside each kind.")
     print(table(results))
     print()
-    print("A released target's decode step, estimated: fixed + its layers × launches per layer.")
-    print(released_table(results))
+    print("A released target's decode step, estimated at its real widths: fixed + its layers × launches per layer,")
+    print("each layer's count the tiny model's plus what its projections launch beyond it at the real N × K")
+    print("(the invariant launcher run on meta tensors at each weight's shape, launches counted, not run).")
+    released, notes = released_table(results)
+    print(released)
+    for line in notes:
+        print(f"- {line}")
     if args.ops:
-        for c in results:
+        for c in (c for counts in results.values() for c in counts):
             for step in ("decode", "verify"):
                 for kind, ops in c.ops[step].items():
-                    print(f"{c.family} {step} {kind}: " + ", ".join(f"{op} {n}" for op, n in ops.items()))
+                    print(f"{c.family} {c.linear} {step} {kind}: " + ", ".join(f"{op} {n}" for op, n in ops.items()))
     if args.json:
-        args.json.write_text(json.dumps([c.__dict__ for c in results], indent=1))
+        args.json.write_text(json.dumps([c.__dict__ for counts in results.values() for c in counts], indent=1))
     return 0
 
 

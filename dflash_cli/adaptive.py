@@ -28,25 +28,46 @@ loss. b = 1 costs about what plain decoding costs: the drafter's context for tho
 deferred, and written in one batch before the next draft (drafter.DraftCache), so drafting can
 resume at any iteration.
 
+With `--tree-budget auto` the same choice also weighs trees (dflash_cli/tree.py) of `TREE_BUDGETS` nodes
+at the largest b: their seconds are measured with the chain's (a tree iteration per budget; verify cost
+grows with the node count, nearly flat to ~32 rows on a GPU, steeply on a CPU), and their expected tokens
+come from acceptance per drafter rank: at each position, the chance that the target's token is the
+drafter's rank r given it is none of ranks 0..r-1 (rank 0's is p_i). A tree iteration reads back, with
+its tokens, each accepted node's rank and the stop node's number of children (`walk_record`), which is
+exactly what the walk judged; a chain iteration judges rank 0 only. The expected tokens of a budget are
+those of the best-first tree over these estimates (`tree_tokens`), as the device builds it over the
+drafter's own scores; a tree is picked over the chain only where its tokens per second are higher.
+
 `benchmarks/adaptive_replay.py` replays this policy on recorded acceptance at this machine's costs
 (how the constants below were chosen), and `benchmarks/adaptive.py` times it against plain decoding
 and fixed B.
 """
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol
 
 import torch
 
-from . import cuda
+from . import cuda, ops
 
 PRIOR = 0.8  # acceptance assumed for a position with no evidence: optimistic enough to try drafting
 PRIOR_WEIGHT = 0.5  # the prior counts as half an observation: little bias once a position is observed
 OBSERVED = 0.95  # weight kept by older observations at each new one (~20 recent iterations)
 START = 1.0  # a request starts with this many observations at the prior, which fade like any other
 PROBE_SHARE = 0.02  # while drafting is paused, probes may cost this share of the time (expected loss)
+# --tree-budget auto: the node budgets it chooses among (beside 0, the chain); each is one captured step. A
+# budget past ops.MAX_KERNEL_Q_LEN rows is left out (`tree_budgets`): such a verify takes the prefill's
+# attention path, which reads its length back (no CUDA graph) and is not batch-invariant.
+TREE_BUDGETS = (4, 8, 16, 32, 64)
+# Chance that the target's token is the drafter's rank r >= 1 at a position, given it is none of ranks
+# 0..r-1 (a hazard), assumed with no evidence: high enough that a cheap tree is tried and learnt from.
+RANK_PRIOR = 0.3
+# Drafter ranks the estimate follows per position (a tree's rank-r node for larger r is counted as unlikely
+# as never): past rank 8 the chances left are tiny, and the policy runs every iteration.
+RANKS = 8
 
 
 def candidates(largest: int) -> list[int]:
@@ -59,13 +80,35 @@ def candidates(largest: int) -> list[int]:
     return sorted(sizes)
 
 
+def tree_budgets(room: int) -> tuple[int, ...]:
+    """The node budgets `--tree-budget auto` may use in an engine whose caches have room for `room` nodes:
+    at most ops.MAX_KERNEL_Q_LEN (the verify stays on the attention kernel's graph-safe, invariant path)."""
+    return tuple(n for n in TREE_BUDGETS if n <= min(room, ops.MAX_KERNEL_Q_LEN))
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What one tree iteration tells of the drafter's ranks (read back with its tokens): the rank among
+    its siblings of each node the walk descended to (depth 1..accepted; rank r is the drafter's r-th
+    likeliest id at that depth), and how many children the node it stopped at had (the target's token
+    was none of them, so its rank there is at least that; 0: nothing was judged there)."""
+
+    ranks: tuple[int, ...]
+    stop_children: int
+
+
 class Acceptance:
-    """Per-position acceptance estimates p_1 .. p_(B-1) (conditional on the earlier drafts)."""
+    """Per-position acceptance estimates p_1 .. p_(B-1) (conditional on the earlier drafts), and for trees
+    the same per drafter rank: at each position, the chance that the target's token is the drafter's
+    rank r given it is none of ranks 0..r-1 (rank 0's is p_i)."""
 
     def __init__(self, positions: int, prior: float = PRIOR):
         self.prior = prior
         self.hits = [START * prior] * positions  # weighted accepted observations per position
         self.seen = [START] * positions  # weighted observations per position
+        # ranks 1.. per position, grown as trees observe them: [position][rank - 1]
+        self.rank_hits: list[list[float]] = [[] for _ in range(positions)]
+        self.rank_seen: list[list[float]] = [[] for _ in range(positions)]
 
     @property
     def positions(self) -> int:
@@ -89,6 +132,74 @@ class Acceptance:
             total += chain
         return total
 
+    def observe_walk(self, drafted: int, walk: Walk) -> None:
+        """One tree iteration over `drafted` positions: each descended node is a hit at its rank (and a
+        miss at every rank above it); the stop node's children are misses. Positions past the stop, and
+        ranks past the judged ones, learn nothing."""
+        for i, rank in enumerate(walk.ranks[:drafted]):
+            self._judge(i, rank + 1, rank)
+        i = len(walk.ranks)
+        if i < drafted and walk.stop_children > 0:
+            self._judge(i, walk.stop_children, None)
+
+    def _judge(self, i: int, ranks: int, hit: int | None) -> None:
+        """Ranks 0..ranks-1 at position i were judged; `hit` (if any) held the target's token."""
+        self.hits[i] = OBSERVED * self.hits[i] + (hit == 0)
+        self.seen[i] = OBSERVED * self.seen[i] + 1.0
+        hits, seen = self.rank_hits[i], self.rank_seen[i]
+        while len(seen) < ranks - 1:
+            hits.append(START * RANK_PRIOR)
+            seen.append(START)
+        for r in range(1, ranks):
+            hits[r - 1] = OBSERVED * hits[r - 1] + (hit == r)
+            seen[r - 1] = OBSERVED * seen[r - 1] + 1.0
+
+    def rank_probabilities(self, positions: int, ranks: int) -> list[list[float]]:
+        """q[i][r]: the chance, given drafts 1..i were accepted, that the target's token at position i + 1
+        is the drafter's rank r (r < ranks), for the first `positions` positions."""
+        out = []
+        for i, p in enumerate(self.rates()[:positions]):
+            hits, seen = self.rank_hits[i], self.rank_seen[i]
+            left, row = 1.0, []
+            for r in range(ranks):
+                h = p if r == 0 else ((hits[r - 1] + PRIOR_WEIGHT * RANK_PRIOR) / (seen[r - 1] + PRIOR_WEIGHT)
+                                      if r - 1 < len(seen) else RANK_PRIOR)
+                row.append(left * h)
+                left *= 1.0 - h
+            out.append(row)
+        return out
+
+    def expected_tree_tokens(self, block_size: int, budget: int) -> float:
+        """Tokens one tree iteration of `budget` nodes over b - 1 drafted positions commits on average
+        (the estimates' best-first tree: `tree_tokens`)."""
+        return tree_tokens(self.rank_probabilities(block_size - 1, min(max(budget - 1, 1), RANKS)), budget)
+
+
+def tree_tokens(q: list[list[float]], budget: int) -> float:
+    """1 + the summed chance of each non-anchor node of the best-first tree of `budget` nodes built as
+    tree.build builds it (a popped node pushes its next sibling and its first child), where a node's
+    chance is the product of q[depth][rank] along its path: the tokens it commits on average, if the
+    ranks at each position are independent of the path. At budget b it is at least the chain's τ at b."""
+    return tree_tokens_by_budget(q, (budget,))[budget]
+
+
+def tree_tokens_by_budget(q: list[list[float]], budgets) -> dict[int, float]:
+    """`tree_tokens` for each budget in one best-first pass: a smaller tree is the first nodes popped."""
+    total, ranks, out, wanted = 1.0, len(q[0]) if q else 0, {}, sorted(budgets)
+    frontier = [(-q[0][0], 0, 0, 1.0)] if q and ranks else []
+    for nodes in range(1, wanted[-1] + 1):
+        while wanted and wanted[0] == nodes:
+            out[wanted.pop(0)] = total
+        if not frontier:
+            continue
+        neg, depth, rank, base = heapq.heappop(frontier)
+        total -= neg
+        if rank + 1 < ranks:
+            heapq.heappush(frontier, (-base * q[depth][rank + 1], depth, rank + 1, base))
+        if depth + 1 < len(q):
+            heapq.heappush(frontier, (neg * q[depth + 1][0], depth + 1, 0, -neg))
+    return out
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -102,24 +213,44 @@ class Decision:
     rival_tau: float = 0.0
     rival_break_even: float = 0.0
     probe: bool = False  # a block drafted while paused, to learn whether drafting pays again
+    tree_budget: int = 0  # nodes of the verified tree (0: the drafter's chain)
 
     @property
     def paused(self) -> bool:
         return self.block_size == 1 and self.rival is not None
 
     def describe(self) -> str:
-        """'b 16 · τ 6.1', 'b 1 · drafting paused: τ 1.2 < break-even 1.5', or 'b 8 · probe: τ 1.4 < …'."""
+        """'b 16 · τ 6.1', 'b 16 · tree 32 · τ 7.0', 'b 1 · drafting paused: τ 1.2 < break-even 1.5', or
+        'b 8 · probe: τ 1.4 < …'."""
         if self.paused:
             return f"b 1 · drafting paused: τ {self.rival_tau:.1f} < break-even {self.rival_break_even:.1f}"
         if self.probe:
             return f"b {self.block_size} · probe: τ {self.expected_tau:.1f} < break-even {self.break_even:.1f}"
         if self.block_size == 1:
             return "b 1"
-        return f"b {self.block_size} · τ {self.expected_tau:.1f}"
+        tree = f" · tree {self.tree_budget}" if self.tree_budget else ""
+        return f"b {self.block_size}{tree} · τ {self.expected_tau:.1f}"
 
 
-def choose(costs: dict[int, float], acceptance: Acceptance) -> Decision:
-    """The block size with the most expected tokens per second; ties go to the smaller b."""
+def choose(costs: dict[int, float], acceptance: Acceptance, tree_costs: dict[int, float] | None = None,
+           tree_block: int = 0) -> Decision:
+    """The block size with the most expected tokens per second; ties go to the smaller b. With
+    `tree_costs` (seconds of a tree iteration at block size `tree_block`, per node budget), a tree
+    instead where its expected tokens (`Acceptance.expected_tree_tokens`) per second beat the chain's;
+    ties go to the chain, then to the smaller budget."""
+    chain = _choose_chain(costs, acceptance)
+    if not tree_costs or tree_block < 2:
+        return chain
+    q = acceptance.rank_probabilities(tree_block - 1, min(max(max(tree_costs) - 1, 1), RANKS))
+    expected = tree_tokens_by_budget(q, tree_costs)
+    best = max(expected, key=lambda n: (expected[n] / tree_costs[n], -n))
+    if expected[best] / tree_costs[best] <= chain.expected_tau / costs[chain.block_size]:
+        return chain
+    one = costs.get(1)
+    return Decision(tree_block, expected[best], tree_costs[best] / one if one else 0.0, tree_budget=best)
+
+
+def _choose_chain(costs: dict[int, float], acceptance: Acceptance) -> Decision:
     expected = _expected_by_size(acceptance.rates(), sorted(costs))
     rate = {b: expected[b] / costs[b] for b in expected}
     best = max(rate, key=lambda b: (rate[b], -b))
@@ -159,14 +290,26 @@ class Policy(Protocol):
     def observe(self, block_size: int, accepted: int) -> None: ...
 
 
+class TreePolicy(Policy, Protocol):
+    """A policy that also chooses the tree budget (`--tree-budget auto`): `decide` gets the tree costs
+    (node budget → seconds at the largest block size) and `observe` the walk of a tree iteration."""
+
+    tree_budgets: tuple[int, ...]
+
+    def decide(self, costs: dict[int, float] | None, tree_costs: dict[int, float] | None = None) -> Decision: ...
+
+    def observe(self, block_size: int, accepted: int, walk: Walk | None = None) -> None: ...
+
+
 class Adaptive:
     """Chooses among `candidates(largest)` from the measured costs and the live acceptance, and probes
     while drafting is paused (module docstring)."""
 
     adaptive = True
 
-    def __init__(self, largest: int):
+    def __init__(self, largest: int, budgets: tuple[int, ...] = ()):
         self.sizes = candidates(largest)
+        self.tree_budgets = budgets  # with --tree-budget auto: trees of these many nodes at b = largest
         self.acceptance = Acceptance(largest - 1)
         self.budget = 0.0  # seconds of expected loss that probes may spend now
 
@@ -176,9 +319,9 @@ class Adaptive:
         self.acceptance = Acceptance(self.acceptance.positions)
         self.budget = 0.0
 
-    def decide(self, costs: dict[int, float] | None) -> Decision:
+    def decide(self, costs: dict[int, float] | None, tree_costs: dict[int, float] | None = None) -> Decision:
         assert costs is not None, "an adaptive engine measures its costs before deciding"
-        decision = choose(costs, self.acceptance)
+        decision = choose(costs, self.acceptance, tree_costs, self.sizes[-1])
         if not decision.paused:
             self.budget = 0.0
             return decision
@@ -189,28 +332,38 @@ class Adaptive:
         self.budget += PROBE_SHARE * costs[1]
         return decision
 
-    def observe(self, block_size: int, accepted: int) -> None:
-        self.acceptance.observe(block_size - 1, accepted)
+    def observe(self, block_size: int, accepted: int, walk: Walk | None = None) -> None:
+        if walk is None:
+            self.acceptance.observe(block_size - 1, accepted)
+        else:
+            self.acceptance.observe_walk(block_size - 1, walk)
 
 
 class Pinned:
-    """Always `block_size` (`--block-size N`, or plain decoding); still estimates τ for the status line."""
+    """Always `block_size` (`--block-size N`, or plain decoding); still estimates τ for the status line.
+    With `budgets` (--tree-budget auto) it chooses between the chain and those trees at that block size."""
 
     adaptive = False
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, budgets: tuple[int, ...] = ()):
         self.sizes = [block_size]
+        self.tree_budgets = budgets if block_size > 1 else ()
         self.acceptance = Acceptance(max(block_size - 1, 0))
 
     def reset(self) -> None:
         self.acceptance = Acceptance(self.acceptance.positions)
 
-    def decide(self, costs: dict[int, float] | None) -> Decision:
+    def decide(self, costs: dict[int, float] | None, tree_costs: dict[int, float] | None = None) -> Decision:
         b = self.sizes[0]
+        if tree_costs and costs:
+            return choose({b: costs[b]}, self.acceptance, tree_costs, b)
         return Decision(b, self.acceptance.expected_tokens(b), costs[b] / costs[1] if costs and 1 in costs else 0.0)
 
-    def observe(self, block_size: int, accepted: int) -> None:
-        self.acceptance.observe(block_size - 1, accepted)
+    def observe(self, block_size: int, accepted: int, walk: Walk | None = None) -> None:
+        if walk is None:
+            self.acceptance.observe(block_size - 1, accepted)
+        else:
+            self.acceptance.observe_walk(block_size - 1, walk)
 
 
 # ---- measured costs ---------------------------------------------------------------------------------
@@ -292,3 +445,24 @@ def position_rates(block_sizes: list[int], acceptance_lengths: list[int], positi
             seen[i] += 1
             hits[i] += i < accepted
     return [h / n if n else None for h, n in zip(hits, seen)]
+
+
+def walk_record(tree, path: torch.Tensor) -> torch.Tensor:
+    """On the device, what `Walk` reads back from a tree iteration (`tree`: tree.Tree; `path` [D + 1]: the
+    walk's nodes): [the rank among its siblings of path[1..D] (D), the children of path[0..D] (D + 1)].
+    Siblings enter the tree in rank order (tree.build pushes rank r + 1 when it pops rank r), so a node's
+    rank is the number of its siblings with a smaller index. No host read: fixed shapes per budget."""
+    n = tree.tokens.shape[0]
+    index = torch.arange(n, device=tree.tokens.device)
+    real = (tree.tokens >= 0) & (index > 0)  # a node of the tree other than the anchor
+    older = (tree.parents.view(-1, 1) == tree.parents.view(1, -1)) & real.view(1, -1) & (index.view(1, -1) < index.view(-1, 1))
+    rank = older.sum(1)
+    children = torch.zeros(n, dtype=torch.int64, device=index.device).index_add_(0, tree.parents, real.long())
+    return torch.cat((rank.index_select(0, path[1:]), children.index_select(0, path)))
+
+
+def read_walk(record: list[int], accepted: int) -> Walk:
+    """`Walk` from `walk_record`'s values after a walk that descended `accepted` nodes."""
+    depth = (len(record) - 1) // 2
+    ranks, children = record[:depth], record[depth:]
+    return Walk(tuple(ranks[:accepted]), children[accepted] if accepted < depth else 0)

@@ -44,17 +44,16 @@ class ModelOptions:
     block_size: int | None = None  # None: auto (chosen per iteration); a number pins it
     max_context: int | None = None  # None: what fits
     draft_window: int | None = None
-    tree_budget: int = 0  # nodes of a verified draft tree (tree.py); 0: the drafter's chain
+    tree_budget: int | str = 0  # nodes of a verified draft tree (tree.py); 0: the drafter's chain; "auto"
     quantize: str | None = None  # "int4" | "int8" | "fp8": the target quantized at load (cached on disk)
 
 
-def parse_tree_budget(value: str | int | None, flag: str = "--tree-budget") -> int:
-    """0 (the chain) or a node budget >= 2; `auto` is refused until its cost model is measured."""
+def parse_tree_budget(value: str | int | None, flag: str = "--tree-budget") -> int | str:
+    """0 (the chain), a node budget >= 2, or "auto" (the engine picks the chain or a tree per iteration)."""
     if value is None:
         return 0
     if isinstance(value, str) and value.strip().lower() == "auto":
-        raise UsageError(f"{flag} auto is not available yet (its cost model is not measured): give a node "
-                         "budget such as 16, or 0 for the chain")
+        return "auto"
     try:
         number = int(value)
     except (TypeError, ValueError):
@@ -199,7 +198,7 @@ class Pair:
     """A loaded target and drafter with their tokenizer, chat format and engine."""
 
     def __init__(self, model: Model, *, block_size: int | None = None, draft_window: int | None = None,
-                 tree_budget: int = 0):
+                 tree_budget: int | str = 0):
         self.model, self.block_size, self.draft_window = model, block_size, draft_window
         self.tree_budget = tree_budget
         self._warm = False

@@ -30,6 +30,7 @@ from importlib import resources
 
 import torch
 
+from . import ops
 from .adaptive import FIRST_BUCKET, position_rates
 from .engine import Engine, Request
 from .generate import Stats, stream_text
@@ -65,6 +66,8 @@ class BenchRow:
     divergence: dict | None = None  # where fixed B parts from plain: {"token": i, "margin": top-1 minus top-2 logit}
     auto_divergence: dict | None = None  # where auto parts from plain
     runs: dict[str, list[float]] = field(default_factory=dict)  # SPEEDS → each repeat's figure (the fields: medians)
+    tree_budgets: dict[int, int] = field(default_factory=dict)  # tree nodes → iterations of the fixed-B arm (0: chain)
+    auto_tree_budgets: dict[int, int] = field(default_factory=dict)  # the same, of the auto arm
 
     @property
     def noise(self) -> float:
@@ -98,7 +101,8 @@ class BenchReport:
     histogram: Counter = field(default_factory=Counter)  # τ → iterations, at B
     costs: dict[int, float] = field(default_factory=dict)  # seconds per iteration at each b (auto's measurement)
     position_acceptance: list[float | None] = field(default_factory=list)  # at B, over every prompt
-    tree_budget: int = 0  # the DFlash arms' verified tree (0: the drafter's chain)
+    tree_budget: int | str = 0  # the DFlash arms' verified tree (0: the drafter's chain; "auto": chosen per iteration)
+    tree_costs: dict[int, float] = field(default_factory=dict)  # with auto: seconds of a tree iteration at B per budget
 
     @property
     def break_even(self) -> dict[int, float]:
@@ -141,6 +145,7 @@ class BenchReport:
             "rows": [asdict(r) | {"speedup": r.speedup, "auto_speedup": r.auto_speedup} for r in self.rows],
             "acceptance_histogram": {str(k): v for k, v in sorted(self.histogram.items())},
             "iteration_seconds": {str(b): s for b, s in self.costs.items()},
+            "tree_iteration_seconds": {str(n): s for n, s in self.tree_costs.items()},
             "break_even_tau": {str(b): t for b, t in self.break_even.items()},
             "position_acceptance": self.position_acceptance,
             "totals": self.totals(),
@@ -165,10 +170,12 @@ def first_divergence(engine: Engine, prompt: list[int], plain: list[int], spec: 
 
 
 def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block_size: int | None = None,
-              sampling: SamplingParams | None = None, on_row=None, repeats: int = 3, tree_budget: int = 0) -> BenchReport:
+              sampling: SamplingParams | None = None, on_row=None, repeats: int = 3,
+              tree_budget: int | str = 0) -> BenchReport:
     """block_size: the fixed arm's B, and the largest the auto arm may choose (default: the drafter's).
     repeats: runs of each prompt per arm, interleaved; the row's speeds are their medians.
-    tree_budget: both DFlash arms verify a tree of this many nodes (0: the chain)."""
+    tree_budget: both DFlash arms verify a tree of this many nodes (0: the chain; "auto": each picks the chain or
+    a tree per iteration, and the rows count the budgets they used)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     sampling = sampling or SamplingParams(seed=0)
@@ -205,11 +212,15 @@ def run_bench(model: Model, prompts: list[dict], *, max_tokens: int = 256, block
             auto_divergence=None if a.token_ids == c.token_ids else first_divergence(plain, ids, a.token_ids,
                                                                                       c.token_ids),
             runs={k: runs[k] for k in SPEEDS},
+            tree_budgets=dict(sorted(Counter(b.tree_budgets).items())),
+            auto_tree_budgets=dict(sorted(Counter(c.tree_budgets).items())),
         )
         report.rows.append(row)
         if on_row:
             on_row(row)
-    report.costs = auto.costs.get(sampling.mode, 0) or {}
+    measured = auto.costs.get(sampling.mode, 0) or {}
+    report.costs = {b: s for b, s in measured.items() if isinstance(b, int)}
+    report.tree_costs = {key[1]: s for key, s in measured.items() if isinstance(key, tuple)}
     report.position_acceptance = position_rates(sizes, taus, report.block_size - 1)
     return report
 
@@ -259,15 +270,30 @@ def render(report: BenchReport, console) -> None:
     if report.break_even:
         console.print(f"break-even τ on this machine (context ≤ {FIRST_BUCKET}): "
                       + " · ".join(f"b {k}: {v:.2f}" for k, v in report.break_even.items() if k > 1))
+        if report.tree_costs:
+            one = report.costs[1]
+            console.print(f"break-even τ of a tree at B={b}: "
+                          + " · ".join(f"{n} nodes: {s / one:.2f}" for n, s in sorted(report.tree_costs.items())))
     console.print(f"acceptance by position at B={b}: {rates_line(report.position_acceptance)}")
     console.print(histogram_line(report.histogram, b))
     mix = Counter()
     for r in report.rows:
         mix.update(r.auto_block_sizes)
     console.print(f"auto chose: {block_size_mix(list(mix.elements()))}")
+    if report.tree_budget:
+        for arm, key in ((f"B={b}", "tree_budgets"), ("auto", "auto_tree_budgets")):
+            console.print(f"tree budget {report.tree_budget}, {arm} verified: {tree_mix(report.rows, key)}")
     console.print(f"with prefill: plain {t['plain_e2e_tps']:.1f} · B={b} {t['dflash_e2e_tps']:.1f} · "
                   f"auto {t['auto_e2e_tps']:.1f} tok/s (end to end)")
     console.print("Decode speeds are after the first token; --json has every figure.")
+
+
+def tree_mix(rows: list[BenchRow], key: str) -> str:
+    """'chain 12 · 16 nodes 30 (iterations)': which tree budgets an arm's iterations verified."""
+    mix = Counter()
+    for r in rows:
+        mix.update(getattr(r, key))
+    return " · ".join(f"{'chain' if n == 0 else f'{n} nodes'} {count}" for n, count in sorted(mix.items())) + " iterations"
 
 
 NOISY = 0.10  # a row whose speeds vary more than this (half-range over median) is named under the table
@@ -315,5 +341,12 @@ def render_synthetic(report, console) -> None:
         console.print("iteration by block size (the auto engine's measurement): "
                       + " · ".join(f"b {b}: {s * 1e3:.3f} ms" for b, s in r.iteration_by_block.items()))
         console.print("break-even τ: " + " · ".join(f"b {b}: {t:.2f}" for b, t in r.break_even.items() if b > 1))
+    if r.verify_by_nodes:
+        one = r.verify_by_nodes[1]
+        console.print("verify by node count (a best-first tree, ancestor mask; what --tree-budget auto weighs): "
+                      + " · ".join(f"{n}: {s * 1e3:.3f} ms ({s / one:.2f}×)" for n, s in r.verify_by_nodes.items()))
+        if max(r.verify_by_nodes) > ops.MAX_KERNEL_Q_LEN:
+            console.print(f"(over {ops.MAX_KERNEL_Q_LEN} nodes the verify takes the prefill's attention path, which "
+                          "reads its length back: timed eagerly, and auto does not use it)")
     if r.projected_tps is not None:
         console.print(f"PROJECTION at τ = {r.tau:.2f}: {r.projected_tps:.1f} tok/s (τ / iteration time; not a generation run)")

@@ -44,6 +44,9 @@ class TorchCuda:
     def device_name(self, device: torch.device | int) -> str:
         return torch.cuda.get_device_name(device)
 
+    def capability(self, device: torch.device | int) -> tuple[int, int]:
+        return torch.cuda.get_device_capability(device)
+
     def mem_get_info(self, device: torch.device | int) -> tuple[int, int]:
         return torch.cuda.mem_get_info(device)
 
@@ -126,6 +129,11 @@ def set_device(device: torch.device) -> None:
 
 def device_name(device: torch.device | int) -> str:
     return _backend.device_name(device)
+
+
+def capability(device: torch.device | int) -> tuple[int, int]:
+    """The GPU's compute capability, (9, 0) for sm_90: what a kernel may use there (kernels/pdl.py)."""
+    return tuple(_backend.capability(device))
 
 
 def mem_get_info(device: torch.device | int) -> tuple[int, int]:

@@ -43,21 +43,10 @@ class DynamicConv:
 
 
 def dynamic_conv(z: torch.Tensor, base: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
-    """Σ_o (base[o] + dynamic[:, o] per group) · z shifted down by o rows (zeros above row 0).
-
-    z: [L, H]; base: [K, H]; dynamic: [L, K, G] with H = G · group_size. Accumulated tap by tap,
-    base term then dynamic term, in z's dtype: with base = identity and dynamic = 0 the output is z
-    bit for bit (z · 1 + z · 0 + shifted · 0), which is what makes an identity-initialised DFlash2
-    drafter equal the v1 drafter."""
-    length, hidden = z.shape
-    taps, groups = dynamic.shape[1], dynamic.shape[2]
-    blocks = z.view(length, groups, hidden // groups)
-    out = torch.zeros_like(blocks)
-    for o in range(taps):
-        shifted = blocks if o == 0 else F.pad(blocks[: length - o], (0, 0, 0, 0, o, 0))
-        out = out + base[o].view(groups, -1).to(z.dtype) * shifted
-        out = out + dynamic[:, o, :, None].to(z.dtype) * shifted
-    return out.view(length, hidden)
+    """Σ_o (base[o] + dynamic[:, o] per group) · z shifted down by o rows (zeros above row 0); z: [L, H],
+    base: [K, H], dynamic: [L, K, G]. In z's dtype, tap by tap, so that an identity base with a zero dynamic
+    part is z bit for bit (kernels/dynamic_conv.py: one launch, equal to its reference bit for bit)."""
+    return ops.dynamic_conv(z, base, dynamic)
 
 
 def pre_conv(conv: DynamicConv | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,13 +98,10 @@ class CandidateSelector:
         right = F.embedding(candidates, self.successor).float()  # B[b]
         return candidates, unary[:, None, :] + left @ right.transpose(1, 2)
 
-    def walk(self, hidden: torch.Tensor, logits: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """The L drafted ids: from the anchor, at each row the best candidate given the one chosen
-        before (argmax: the lowest index on ties). Device ops only; the loop is over the fixed L."""
+    def walk(self, hidden: torch.Tensor, logits: torch.Tensor, anchor: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """The L drafted ids (written into `out` [L] when given): from the anchor, at each row the best
+        candidate given the one chosen before (argmax: the lowest index on ties). Device ops only; the loop
+        is over the fixed L."""
         candidates, scores = self.lattice(hidden, logits, anchor)
-        chosen = torch.zeros(1, dtype=torch.int64, device=scores.device)  # row 0: every predecessor is the anchor
-        path = []
-        for t in range(scores.shape[0]):
-            chosen = scores[t].index_select(0, chosen).argmax(-1)
-            path.append(chosen)
-        return candidates.gather(1, torch.stack(path)).view(-1)
+        return ops.selector_walk(scores, candidates, out)  # kernels/selector_walk.py: one launch

@@ -33,6 +33,7 @@ from .checkpoint import header_shapes, read_weights, weight_files
 from .config import DrafterConfig
 from .dflash2 import CandidateSelector, DynamicConv, head_logits, post_conv, pre_conv
 from .errors import DflashError
+from .models.base import span, span_offsets
 from .models.weights import Weight
 from .rope import rope_table
 
@@ -112,6 +113,13 @@ def _narrowest(*windows: int | None) -> int | None:
     return min(given) if given else None
 
 
+def copy_bytes(c: DrafterConfig, dtype: torch.dtype) -> int:
+    """Bytes the loaded drafter holds beyond its checkpoint's tensors: every layer's k/v projection rows twice
+    (in its q/k/v GEMM and in the stacked context projection, `tie`)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * c.hidden_size * size
+
+
 def cache_bytes(c: DrafterConfig, dtype: torch.dtype) -> int:
     """Context K/V bytes per token."""
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
@@ -122,6 +130,7 @@ class DraftLayer:
     input_norm: torch.Tensor
     q_proj: torch.Tensor
     kv_proj: torch.Tensor  # this layer's rows of the stacked context projection
+    qkv: torch.Tensor  # [q_proj | kv_proj]: the block's q, k and v in one GEMM (the k/v rows a copy of kv_proj's)
     q_norm: torch.Tensor
     k_norm: torch.Tensor
     o_proj: torch.Tensor
@@ -135,6 +144,7 @@ class DraftLayer:
     q_bias: torch.Tensor | None = None  # attention biases (gpt-oss drafters)
     kv_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
 
 
 class Drafter:
@@ -148,6 +158,7 @@ class Drafter:
         self.cos_sin = rope_table(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions, embed.device)
         self.scale = cfg.head_dim**-0.5
         self.mask_ids = torch.full((cfg.block_size - 1,), cfg.mask_token_id, dtype=torch.int64, device=embed.device)
+        self.offsets = span_offsets(embed.device)
 
     @classmethod
     def load(cls, directory: Path, cfg: DrafterConfig, embed: torch.Tensor, lm_head: torch.Tensor,
@@ -178,26 +189,20 @@ class Drafter:
     def from_weights(cls, cfg: DrafterConfig, w: dict[str, torch.Tensor], embed: torch.Tensor, lm_head: torch.Tensor,
                      max_positions: int) -> "Drafter":
         """The drafter from its checkpoint tensors by name (`weight_table`); `w` is consumed."""
-        kv, kv_bias, layers = [], [], []
+        layers = []
         for i in range(cfg.num_layers):
             p = f"layers.{i}.self_attn."
-            kv.append(torch.cat((w.pop(p + "k_proj.weight"), w.pop(p + "v_proj.weight"))))
-            if cfg.attention_bias:
-                kv_bias.append(torch.cat((w.pop(p + "k_proj.bias"), w.pop(p + "v_proj.bias"))))
             q = f"layers.{i}."
+            qkv = [w.pop(p + f"{n}_proj.weight") for n in "qkv"]
+            bias = [w.pop(p + f"{n}_proj.bias") for n in "qkv"] if cfg.attention_bias else None
             layers.append(DraftLayer(
-                input_norm=w.pop(q + "input_layernorm.weight"), q_proj=w.pop(p + "q_proj.weight"), kv_proj=kv[-1],
-                q_norm=w.pop(p + "q_norm.weight"), k_norm=w.pop(p + "k_norm.weight"), o_proj=w.pop(p + "o_proj.weight"),
-                post_norm=w.pop(q + "post_attention_layernorm.weight"),
+                input_norm=w.pop(q + "input_layernorm.weight"), q_proj=qkv[0], kv_proj=qkv[1],
+                qkv=torch.cat(qkv), q_norm=w.pop(p + "q_norm.weight"), k_norm=w.pop(p + "k_norm.weight"),
+                o_proj=w.pop(p + "o_proj.weight"), post_norm=w.pop(q + "post_attention_layernorm.weight"),
                 gate_up=torch.cat((w.pop(q + "mlp.gate_proj.weight"), w.pop(q + "mlp.up_proj.weight"))),
                 down=w.pop(q + "mlp.down_proj.weight"), window=cfg.sliding_windows[i], causal=cfg.causal[i],
-                q_bias=w.pop(p + "q_proj.bias", None), o_bias=w.pop(p + "o_proj.bias", None)))
-        w_kv = torch.cat(kv)
-        b_kv = torch.cat(kv_bias) if kv_bias else None
-        rows = w_kv.shape[0] // cfg.num_layers
-        for i, layer in enumerate(layers):  # share the stacked tensor rather than keep two copies
-            layer.kv_proj = w_kv[i * rows:(i + 1) * rows]
-            layer.kv_bias = None if b_kv is None else b_kv[i * rows:(i + 1) * rows]
+                o_bias=w.pop(p + "o_proj.bias", None), qkv_bias=None if bias is None else torch.cat(bias)))
+        w_kv, b_kv = tie(cfg, layers)
         selector = _dflash2_modules(cfg, w, layers) if cfg.dflash2 else None
         return cls(cfg, w["fc.weight"], w["hidden_norm.weight"], w["norm.weight"], layers, w_kv,
                    embed, lm_head, max_positions, b_kv, selector)
@@ -221,24 +226,51 @@ class Drafter:
         of them (all by default). Entries past `count` are padding the next draft overwrites."""
         ctx_h, _ = ops.rms_norm(ops.dense_linear(features, self.fc), self.hidden_norm, self.cfg.rms_norm_eps)
         ops.draft_ctx_kv(ctx_h, self.w_kv, self.k_norms, self.cfg.rms_norm_eps, self.cos_sin,
-                         cache.positions(features.shape[0]), cache.k, cache.v, b_kv=self.b_kv)
+                         cache.length, cache.k, cache.v, b_kv=self.b_kv)  # the rows follow the length
         cache.commit(features.shape[0] if count is None else count)
 
     def draft(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None) -> torch.Tensor:
-        """bonus: [1] id at position cache.length. Returns the block_size - 1 drafted ids.
+        """bonus: [1] id at position cache.length. Returns the block_size - 1 drafted ids."""
+        return self.draft_block(bonus, cache, block_size, window)[1:]
+
+    def draft_block(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
+                    ) -> torch.Tensor:
+        """The block to verify, [bonus, d_1 .. d_(b-1)]: the drafts are written over the mask ids of the
+        drafter's own input, so the block costs no launch of its own.
 
         The draft is the argmax (DFlash2: the selector's argmax walk): a point mass, which is what
         makes the accept rule lossless."""
+        ids, x = self.block_input(bonus, block_size)
         if self.selector is None:
-            return self.draft_logits(bonus, cache, block_size, window).argmax(-1)
-        hidden = self.block_hidden(bonus, cache, block_size, window)
-        return self.selector.walk(hidden, ops.dense_linear(hidden, self.lm_head), bonus)
+            torch.argmax(self.block_logits(ids, cache, window, x), -1, out=ids[1:])
+        else:
+            hidden = self._hidden(ids, cache, window, x)
+            self.selector.walk(hidden, ops.dense_linear(hidden, self.lm_head), bonus, out=ids[1:])
+        return ids
+
+    def block_ids(self, bonus: torch.Tensor, block_size: int) -> torch.Tensor:
+        """The drafter's input, [bonus, MASK × (block_size - 1)]."""
+        return torch.cat((bonus, self.mask_ids[: block_size - 1]))
+
+    def block_input(self, bonus: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`block_ids`, their embedded rows [block_size, H]): one launch (kernels/embed_block.py) where the
+        rows are the table's as they are (no input_embedding_scale)."""
+        if self.cfg.input_embedding_scale == 1.0:
+            return ops.embed_block(bonus, self.mask_ids[: block_size - 1], self.embed)
+        ids = self.block_ids(bonus, block_size)
+        return ids, F.embedding(ids, self.embed) * self.cfg.input_embedding_scale
 
     def draft_logits(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
                      ) -> torch.Tensor:
         """Logits [block_size - 1, V] for the tokens after `bonus` (with the head's multiplier and
         softcap, where the config sets them)."""
-        logits = ops.dense_linear(self.block_hidden(bonus, cache, block_size, window), self.lm_head)
+        return self.block_logits(self.block_ids(bonus, block_size), cache, window)
+
+    def block_logits(self, ids: torch.Tensor, cache: KVCache, window: int | None = None,
+                     x: torch.Tensor | None = None) -> torch.Tensor:
+        """`draft_logits` of the drafter's input ids ([bonus, MASK × (b - 1)], `block_ids`); x: their
+        embedded rows, when `block_input` made them already."""
+        logits = ops.dense_linear(self._hidden(ids, cache, window, x), self.lm_head)
         return head_logits(logits, self.cfg.output_multiplier, self.cfg.final_logit_softcapping)
 
     def block_hidden(self, bonus: torch.Tensor, cache: KVCache, block_size: int, window: int | None = None
@@ -246,33 +278,68 @@ class Drafter:
         """The final normed hidden states [block_size - 1, H] of the block rows after `bonus`.
         `window`: every layer sees at most this many positions back (`--draft-window`), on top of
         its own sliding window."""
-        c = self.cfg
-        ids = torch.cat((bonus, self.mask_ids[: block_size - 1]))
-        positions, kv_len = cache.positions(block_size), cache.length + block_size
-        x = F.embedding(ids, self.embed)
-        if c.input_embedding_scale != 1.0:
-            x = x * c.input_embedding_scale
+        return self._hidden(self.block_ids(bonus, block_size), cache, window)
+
+    def _hidden(self, ids: torch.Tensor, cache: KVCache, window: int | None = None,
+                x: torch.Tensor | None = None) -> torch.Tensor:
+        c, block_size = self.cfg, ids.shape[0]
+        positions, kv_len = span(cache.length, block_size, self.offsets)
+        if x is None:
+            x = F.embedding(ids, self.embed)
+            if c.input_embedding_scale != 1.0:
+                x = x * c.input_embedding_scale
+        # On the fused kernels (DFLASH_LINEAR=invariant, kernels/fused_linear.py) each norm (with its residual
+        # add) runs in the prologue of the projection after it, and SwiGLU in gate_up's epilogue, as in the
+        # target's dense layer; not where a DFlash2 conv sits between the norm and the projection.
+        fused = ops.fused_linear_applies(x)
+        q_rows = c.num_heads * c.head_dim
         added = None  # the last sublayer's output, added into the residual stream x by the next norm (fused)
         for i, layer in enumerate(self.layers):
-            if added is None:
-                h, _ = ops.rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            source = x if added is None else added
+            if fused and layer.attention_conv is None:
+                qkv, stream = ops.norm_linear(source, layer.input_norm, c.rms_norm_eps, layer.qkv, layer.qkv_bias,
+                                              None if added is None else x)
+                x, conv_kernels = x if stream is None else stream, None
             else:
-                h, x = ops.rms_norm(added, layer.input_norm, c.rms_norm_eps, x)
-            h, conv_kernels = pre_conv(layer.attention_conv, h)
-            k, v = ops.dense_linear(h, layer.kv_proj, layer.kv_bias).view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
-            q = ops.qk_norm_rope_cache(ops.dense_linear(h, layer.q_proj, layer.q_bias).view(block_size, c.num_heads, c.head_dim),
+                h, stream = ops.rms_norm(source, layer.input_norm, c.rms_norm_eps, None if added is None else x)
+                x = x if stream is None else stream
+                h, conv_kernels = pre_conv(layer.attention_conv, h)
+                qkv = ops.dense_linear(h, layer.qkv, layer.qkv_bias)
+            k, v = qkv[:, q_rows:].view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
+            q = ops.qk_norm_rope_cache(qkv[:, :q_rows].view(block_size, c.num_heads, c.head_dim),
                                        k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
                                        positions, cache.k[i], cache.v[i])
             out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
                                 sliding_window=_narrowest(layer.window, window))
             out = ops.dense_linear(out.reshape(block_size, -1), layer.o_proj, layer.o_bias)
-            h, x = ops.rms_norm(post_conv(layer.attention_conv, out, conv_kernels), layer.post_norm, c.rms_norm_eps, x)
+            out = post_conv(layer.attention_conv, out, conv_kernels)
+            if fused and layer.mlp_conv is None:
+                act, x = ops.norm_swiglu_linear(out, layer.post_norm, c.rms_norm_eps, layer.gate_up, None, x)
+                added = ops.dense_linear(act, layer.down)
+                continue
+            h, x = ops.rms_norm(out, layer.post_norm, c.rms_norm_eps, x)
             h, conv_kernels = pre_conv(layer.mlp_conv, h)
-            out = ops.dense_linear(ops.swiglu(ops.dense_linear(h, layer.gate_up)), layer.down)
-            added = post_conv(layer.mlp_conv, out, conv_kernels)
+            act = ops.swiglu_linear(h, layer.gate_up) if fused else ops.swiglu(ops.dense_linear(h, layer.gate_up))
+            added = post_conv(layer.mlp_conv, ops.dense_linear(act, layer.down), conv_kernels)
         h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps) if added is None else \
             ops.rms_norm(added[1:], self.norm, c.rms_norm_eps, x[1:])
         return h
+
+
+def tie(cfg: DrafterConfig, layers: list[DraftLayer]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stacked context projection (w_kv, b_kv: every layer's k/v rows, one GEMM for all layers' context
+    K/V) from the layers' `qkv`, the one source of their q, k and v; each layer's q_proj, kv_proj and biases
+    become views. The k/v rows are held twice (in `qkv`, so the block's q, k and v are one GEMM, and in
+    w_kv): a fit that trains `qkv` calls this again after each step (tests/dflash2_fit.py)."""
+    q_rows = cfg.num_heads * cfg.head_dim
+    w_kv = torch.cat([layer.qkv[q_rows:] for layer in layers])
+    b_kv = torch.cat([layer.qkv_bias[q_rows:] for layer in layers]) if layers[0].qkv_bias is not None else None
+    rows = w_kv.shape[0] // len(layers)
+    for i, layer in enumerate(layers):
+        layer.q_proj, layer.kv_proj = layer.qkv[:q_rows], w_kv[i * rows:(i + 1) * rows]
+        if b_kv is not None:
+            layer.q_bias, layer.kv_bias = layer.qkv_bias[:q_rows], b_kv[i * rows:(i + 1) * rows]
+    return w_kv, b_kv
 
 
 def _dflash2_modules(cfg: DrafterConfig, w: dict[str, torch.Tensor], layers: list[DraftLayer]) -> CandidateSelector:

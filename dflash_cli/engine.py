@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
 
 from . import cuda, ops
-from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, time_iterations
+from .adaptive import (Adaptive, CostTable, Decision, Pinned, Policy, read_walk, time_iterations, tree_budgets,
+                       walk_record)
 from .cache import CommitPlan
 from .drafter import DEFERRED, Drafter
 from .errors import DflashError
@@ -60,6 +61,11 @@ class Step:
     def acceptance_length(self) -> int:
         """τ of this iteration: accepted drafts plus the target's own token."""
         return self.accepted + 1
+
+    @property
+    def tree_budget(self) -> int:
+        """Nodes of the tree this iteration verified (0: the chain, or no draft)."""
+        return self.decision.tree_budget if self.decision else 0
 
 
 @dataclass
@@ -95,7 +101,7 @@ def cache_slack(block_size: int) -> int:
 class Engine:
     def __init__(self, target, drafter: Drafter | None = None, block_size: int | None = None,
                  max_context: int | None = None, prefill_chunk: int = 512, lookahead: bool | None = None,
-                 adaptive: bool = False, draft_window: int | None = None, tree_budget: int = 0):
+                 adaptive: bool = False, draft_window: int | None = None, tree_budget: int | str = 0):
         """block_size: the block size B (default: the drafter's); with `adaptive`, the largest one the
         engine may choose per iteration (`adaptive.candidates(B)`), otherwise the only one.
 
@@ -114,7 +120,15 @@ class Engine:
         tree_budget: verify a best-first tree of this many nodes (dflash_cli/tree.py) rather than the
         drafter's argmax chain, at every iteration that drafts (0: the chain). It may change between
         iterations (set `tree_budget`, at most the one the engine was made with: the caches are sized
-        for it); each budget is its own captured step."""
+        for it); each budget is its own captured step. "auto": the policy picks the chain or a tree of
+        `adaptive.TREE_BUDGETS` nodes per iteration, from measured costs and the live rank acceptance
+        (the chain only where trees are not supported: DFlash2 drafters)."""
+        self.auto_tree = tree_budget == "auto"
+        if self.auto_tree:
+            dflash2 = drafter is not None and drafter.selector is not None
+            # room: the largest budget whose cache slack leaves at least half the rope positions to the context
+            room = [n for n in tree_budgets(1 << 30) if cache_slack(n) <= target.max_positions // 2]
+            tree_budget = 0 if dflash2 or not room else max(room)
         if drafter is None:
             block_size = 1
         elif block_size is None:
@@ -130,16 +144,19 @@ class Engine:
             raise DflashError(f"the draft window must be at least 1 token, got {draft_window}")
         self.target, self.drafter, self.block_size = target, drafter, block_size
         self.draft_window = draft_window
-        self.policy: Policy = Adaptive(block_size) if adaptive and self.speculative else Pinned(block_size)
         self.costs = CostTable()  # seconds per iteration at each b, measured when first needed
         self.most_nodes = tree_budget if drafter is not None and block_size > 1 else 0  # the caches' room
-        self.tree_budget = self.most_nodes
+        self._tree_budget = self.most_nodes
         rope_positions, slack = target.max_positions, cache_slack(max(block_size, self.most_nodes))
         self.max_context = min(max_context or rope_positions, rope_positions - slack)
         self.prefill_chunk = prefill_chunk
         self.lookahead = cuda.is_gpu(target.device) if lookahead is None else lookahead
         capacity = self.max_context + slack
         self.target_cache = target.new_cache(capacity, max(block_size, self.most_nodes))
+        budgets = tree_budgets(self.most_nodes) if self.auto_tree else ()
+        self.policy: Policy = Adaptive(block_size, budgets) if adaptive and self.speculative else Pinned(block_size, budgets)
+        if self.auto_tree:
+            self._tree_budget = 0  # the policy picks each iteration's budget
         self.draft_cache = drafter.new_cache(capacity) if self.speculative else None
         self.feature_layers = drafter.cfg.target_layer_ids if self.speculative else ()
         self._cached_ids: list[int] = []  # tokens whose K/V both caches hold, in order
@@ -155,7 +172,7 @@ class Engine:
 
         Its prompt is long enough (WARM_UP_PROMPT) to take the prefill paths of a long prompt, so that
         their kernels compile (and fla's chunked Gated DeltaNet autotunes) here too."""
-        if not self.graphs.enabled and not self.adaptive:
+        if not self.graphs.enabled and not self.measures:
             # Nothing to capture or measure, but a process's first call still pays one-time costs (kernel
             # modules load on first use): a two-token throwaway keeps them out of the first answer's prefill.
             for _ in self.generate(Request([0, 0, 0], 2, sampling=sampling or SamplingParams())):
@@ -207,13 +224,25 @@ class Engine:
     def adaptive(self) -> bool:
         return self.policy.adaptive
 
+    @property
+    def measures(self) -> bool:
+        """Whether the policy decides from measured costs (auto block size, or auto tree budget)."""
+        return self.policy.adaptive or bool(getattr(self.policy, "tree_budgets", ()))
+
+    @property
+    def tree_setting(self) -> int | str:
+        """The tree budget as configured, for reports: 'auto', or the fixed number of nodes (0: the chain)."""
+        return "auto" if self.auto_tree else self.tree_budget
+
     def describe(self) -> str:
         """How this engine decodes, for banners: 'DFlash, block size auto (1…16)', '… 8', 'plain decoding'."""
         if not self.speculative:
             return "plain decoding"
         sizes = f"auto (1…{self.block_size})" if self.adaptive else str(self.block_size)
         window = f", draft window {self.draft_window}" if self.draft_window else ""
-        tree = f", tree budget {self.tree_budget}" if self.tree_budget else ""
+        tree = (f", tree budget auto (0, {', '.join(map(str, self.policy.tree_budgets))})"
+                if self.auto_tree and self.policy.tree_budgets
+                else f", tree budget {self.tree_budget}" if self.tree_budget else "")
         return f"DFlash, block size {sizes}{window}{tree}"
 
     @torch.inference_mode()
@@ -249,7 +278,7 @@ class Engine:
             if catch_up_due(deferred, decision.block_size):
                 self._catch_up(bonus)
                 deferred = 0
-            runner = self._runner(mode, decision.block_size, bonus)
+            runner = self._runner(mode, decision.block_size, decision.tree_budget, bonus)
             launched.append((runner, decision))
             deferred += self.speculative and decision.block_size == 1
             return runner.launch(bonus)
@@ -260,8 +289,11 @@ class Engine:
                 if self.lookahead:  # the next iteration runs while this one is read and streamed
                     bonus = launch(bonus)
                 runner, decision = launched.popleft()
-                emitted, accepted, block = self._unpack(runner.result(), decision.block_size)
-                self.policy.observe(decision.block_size, accepted)
+                emitted, accepted, block, walk = self._unpack(runner.result(), decision.block_size, decision.tree_budget)
+                if self.auto_tree and walk is not None:
+                    self.policy.observe(decision.block_size, accepted, walk)
+                else:
+                    self.policy.observe(decision.block_size, accepted)
                 self._cached_ids += block[: accepted + 1]
                 step = _cut(Step(emitted, block[1:], accepted, 0.0, decision=decision), stops, budget - produced)
                 produced += len(step.tokens)
@@ -284,28 +316,33 @@ class Engine:
         self.drafter.catch_up(self.draft_cache)
         return bonus, bonus
 
-    def _runner(self, mode: Mode, block_size: int, bonus: torch.Tensor) -> EagerStep:
+    def _runner(self, mode: Mode, block_size: int, budget: int, bonus: torch.Tensor) -> EagerStep:
         """The step of this sampling mode and block size (and tree budget, when it drafts a tree): one
         captured graph each, made on first use."""
-        budget = self.tree_budget if block_size > 1 else 0
-        if budget:
+        if budget and block_size > 1:
             return self.graphs.get((mode, block_size, budget), lambda: self._tree_step(mode, block_size, budget), bonus)
         return self.graphs.get((mode, block_size), lambda: self._device_step(mode, block_size), bonus)
 
     def _decide(self, mode: Mode, bonus: torch.Tensor) -> Decision:
-        """The next iteration's block size. An adaptive engine first measures its costs at this context
-        length, once per sampling mode and context bucket (adaptive.CostTable)."""
+        """The next iteration's block size (and tree budget). An adaptive engine first measures its costs
+        at this context length, once per sampling mode and context bucket (adaptive.CostTable); with
+        --tree-budget auto the costs hold a tree iteration's too, keyed (b, nodes)."""
         costs = None
-        if self.policy.adaptive:
+        if self.measures:
             context = len(self._cached_ids)  # what the host has read; a queued iteration adds at most B
             costs = self.costs.get(mode, context)
             if costs is None:
                 costs = self.measure(mode, bonus)
                 self.costs.put(mode, context, costs)
-        return self.policy.decide(costs)
+        if self.auto_tree and self.policy.tree_budgets:
+            chain = {b: s for b, s in costs.items() if isinstance(b, int)}
+            return self.policy.decide(chain, {key[1]: s for key, s in costs.items() if isinstance(key, tuple)})
+        decision = self.policy.decide(costs)
+        return replace(decision, tree_budget=self.tree_budget if decision.block_size > 1 else 0)
 
-    def measure(self, mode: Mode, bonus: torch.Tensor) -> dict[int, float]:
-        """Seconds of one iteration at each of the policy's block sizes, from the caches as they are
+    def measure(self, mode: Mode, bonus: torch.Tensor) -> dict[int | tuple[int, int], float]:
+        """Seconds of one iteration at each of the policy's block sizes (with --tree-budget auto, also of a
+        tree iteration at the largest one per node budget, keyed (b, nodes)), from the caches as they are
         (after any queued iteration: the device runs in stream order). Every timed iteration really
         runs, so the caches, and `bonus` (a captured step's output buffer), are put back afterwards:
         lengths after each run (slots past them are free), whole snapshots (a recurrent state) at the end.
@@ -320,8 +357,8 @@ class Engine:
         lengths = [c.length.clone() for c in self.caches]
         deferred = self.draft_cache.pending_count.clone() if self.draft_cache is not None else None
 
-        def timed(block_size: int):
-            runner = self._runner(mode, block_size, start)
+        def timed(block_size: int, budget: int):
+            runner = self._runner(mode, block_size, budget, start)
 
             def run() -> None:
                 runner.run(start)
@@ -332,7 +369,11 @@ class Engine:
             return run
 
         try:
-            return time_iterations({b: timed(b) for b in self.policy.sizes}, self.target.device)
+            runs = {b: timed(b, 0 if self.auto_tree else self.tree_budget) for b in self.policy.sizes}
+            if self.auto_tree:  # a tree iteration at the largest block size, per node budget
+                tree_block = self.policy.sizes[-1]
+                runs |= {(tree_block, n): timed(tree_block, n) for n in self.policy.tree_budgets}
+            return time_iterations(runs, self.target.device)
         finally:
             for cache, snap in zip(self.caches, saved):
                 cache.restore(snap)
@@ -362,10 +403,12 @@ class Engine:
         return logits
 
     @staticmethod
-    def _unpack(host: list[int], block_size: int) -> tuple[list[int], int, list[int]]:
-        """(emitted ids, accepted drafts, the block) from the packed result of `_device_step`."""
-        a = host[0]
-        return host[1:2 + a], a, host[1 + block_size:]
+    def _unpack(host: list[int], block_size: int, tree_budget: int = 0) -> tuple[list[int], int, list[int], object]:
+        """(emitted ids, accepted drafts, the block, the walk: adaptive.Walk of a tree step, else None) from
+        the packed result of `_device_step` or `_tree_step`."""
+        a, b = host[0], block_size
+        walk = read_walk(host[1 + 2 * b:], a) if tree_budget and b > 1 else None
+        return host[1:2 + a], a, host[1 + b:1 + 2 * b], walk
 
     def _device_step(self, mode: Mode, block_size: int | None = None):
         """The device side of an iteration at block size b (default: B), free of host syncs so that a
@@ -377,18 +420,19 @@ class Engine:
 
         def step(bonus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if b > 1:
-                block = torch.cat((bonus, self.drafter.draft(bonus, self.draft_cache, b, self.draft_window)))
+                block = self.drafter.draft_block(bonus, self.draft_cache, b, self.draft_window)
             else:
                 block = bonus
             logits, features = self.target.forward(block, self.target_cache, logits_from=0,
                                                    feature_layers=self.feature_layers)
-            y, accepted = ops.accept(logits, block, self.target_cache.length, **params)
-            self.target_cache.commit(CommitPlan(accepted + 1))
+            # the accept kernel packs the readback, the commit count and the next bonus (no launches of their own)
+            verdict = ops.verdict(logits, block, self.target_cache.length, **params)
+            self.target_cache.commit(CommitPlan(verdict.count))
             if self.speculative and b > 1:
-                self.drafter.add_context(features, self.draft_cache, count=accepted + 1)
+                self.drafter.add_context(features, self.draft_cache, count=verdict.count)
             elif self.speculative:  # b = 1 commits exactly this token: its drafter context waits
                 self.draft_cache.defer(features)
-            return torch.cat((accepted.view(1), y, block)), y.gather(0, accepted.view(1))
+            return verdict.packed, verdict.bonus
 
         return step
 
@@ -396,7 +440,7 @@ class Engine:
         """The device side of a tree iteration (dflash_cli/tree.py): draft once, build the best-first tree
         of `budget` nodes over the b - 1 drafted positions, verify every node in one target forward with
         the ancestor mask, walk the target's own tokens down it, and commit the accepted path's rows.
-        Packed as `_device_step`'s, with the path's b ids as the block."""
+        Packed as `_device_step`'s, with the path's b ids as the block, then `adaptive.walk_record`."""
         params = self.sampling.kernel_args(mode)
         depth = block_size - 1
 
@@ -411,7 +455,7 @@ class Engine:
             self.target_cache.commit(CommitPlan(accepted + 1, path))
             self.drafter.add_context(features.index_select(0, path), self.draft_cache, count=accepted + 1)
             emitted = y.index_select(0, path)
-            return torch.cat((accepted.view(1), emitted, tree.tokens.index_select(0, path))), \
+            return torch.cat((accepted.view(1), emitted, tree.tokens.index_select(0, path), walk_record(tree, path))), \
                 emitted.gather(0, accepted.view(1))
 
         return step

@@ -22,6 +22,7 @@ class Stats:
     decode_seconds: float = 0.0
     acceptance_lengths: list[int] = field(default_factory=list)  # τ per speculative/decode iteration
     block_sizes: list[int] = field(default_factory=list)  # b per iteration (1: plain decoding)
+    tree_budgets: list[int] = field(default_factory=list)  # the verified tree's nodes per iteration (0: the chain)
     decision: Decision | None = None  # why the last iteration had its block size
     finish: str | None = None
 
@@ -33,6 +34,7 @@ class Stats:
             self.decode_seconds += step.seconds
             self.acceptance_lengths.append(step.acceptance_length)
             self.block_sizes.append(step.block_size)
+            self.tree_budgets.append(step.tree_budget)
             self.decision = step.decision or self.decision
         self.finish = step.finish or self.finish
 

@@ -45,7 +45,7 @@ def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: i
     weights = table_bytes(family.weight_table(target_cfg), dtype) if target_weights is None else target_weights
     per_token, fixed = family.cache_bytes(target_cfg, dtype, block_size)
     if drafter_cfg is not None:
-        weights += table_bytes(drafter.weight_table(drafter_cfg), dtype)
+        weights += table_bytes(drafter.weight_table(drafter_cfg), dtype) + drafter.copy_bytes(drafter_cfg, dtype)
         per_token += drafter.cache_bytes(drafter_cfg, dtype)
     return MemoryNeeds(weights, per_token, fixed, workspace_bytes(target_cfg, block_size), slack)
 

@@ -25,9 +25,14 @@ _MODULES = {
     "draft_ctx_kv": "draft_kv",
     "sample": "accept",
     "accept": "accept",
+    "verdict": "accept",
+    "dynamic_conv": "dynamic_conv",
+    "selector_walk": "selector_walk",
+    "embed_block": "embed_block",
+    "gdn_commit": "gdn_replay",
     "causal_conv": "gated_delta",
     "gated_delta_rule": "gated_delta",
-    "replay": "gdn_glue",  # the rule's own step (kernels/gdn_glue.py's), as every state update
+    "replay": "gdn_replay",  # kernels/gdn_replay.py: the commit in one launch (the reference: gated_delta.replay_ref)
     "conv_commit": "gated_delta",
     "gated_rms_norm": "gated_delta",
     "l2norm": "gated_delta",
@@ -126,6 +131,26 @@ def accept(logits, block_ids, cache_len, **params):
     return _pick("accept", logits.device)(logits, block_ids, cache_len, **params)
 
 
+def dynamic_conv(z, base, dynamic):
+    """DFlash2's dynamic causal conv over the block rows (kernels/dynamic_conv.py)."""
+    return _pick("dynamic_conv", z.device)(z, base, dynamic)
+
+
+def selector_walk(scores, candidates, out=None):
+    """DFlash2's greedy walk over its candidate lattice (kernels/selector_walk.py)."""
+    return _pick("selector_walk", scores.device)(scores, candidates, out)
+
+
+def embed_block(bonus, mask_ids, table):
+    """The drafter's input ids [bonus, mask_ids] and their embedding rows, in one launch (kernels/embed_block.py)."""
+    return _pick("embed_block", table.device)(bonus, mask_ids, table)
+
+
+def verdict(logits, block_ids, cache_len, **params):
+    """`accept`, packed for the engine (kernels/accept.Verdict): no launch beyond accept's."""
+    return _pick("verdict", logits.device)(logits, block_ids, cache_len, **params)
+
+
 # ---- Gated DeltaNet (the hybrid family's linear layers) -------------------------------------------------
 def l2norm(x):
     return _pick("l2norm", x.device)(x)
@@ -141,6 +166,11 @@ def gated_delta_rule(q, k, v, g, beta, state, scale):
 
 def gdn_replay(state, k, v, g, beta, count):
     return _pick("replay", state.device)(state, k, v, g, beta, count)
+
+
+def gdn_commit(state, k, v, g, beta, conv, x, count):
+    """The hybrid commit: `gdn_replay` and `conv_commit` in one launch (kernels/gdn_replay.py)."""
+    return _pick("gdn_commit", state.device)(state, k, v, g, beta, conv, x, count)
 
 
 def conv_commit(conv, x, count):

@@ -166,7 +166,8 @@ def run_prompt(model: Model, engine: Engine, prompt: ChatPrompt, opts: RunOption
         "decode_seconds": round(stats.decode_seconds, 4),
         "block_size": engine.block_size,
         "adaptive": engine.adaptive,
-        "tree_budget": engine.tree_budget,
+        "tree_budget": engine.tree_setting,
+        "tree_budgets": stats.tree_budgets,
     }
     if tool_call is not None:
         result["tool_call"] = {"name": tool_call.name, "arguments": tool_call.arguments}

@@ -117,7 +117,9 @@ class DeviceSampling:
         def scalar(dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros((), dtype=dtype, device=device)
 
-        self.temperature, self.top_p, self.min_p = (scalar(torch.float32) for _ in range(3))
+        # One float32 buffer, [temperature, top_p, min_p]: the sampler reads it as it is (no launch to stack them).
+        self.values = torch.zeros(3, dtype=torch.float32, device=device)
+        self.temperature, self.top_p, self.min_p = self.values.unbind(0)
         self.top_k, self.seed = scalar(torch.int64), scalar(torch.int64)
 
     def load(self, params: SamplingParams) -> Mode:

@@ -21,6 +21,7 @@ from . import drafter as drafter_module
 from . import cuda, ops
 from .config import DrafterConfig
 from .drafter import Drafter
+from . import tree as trees
 from .engine import Engine, cache_slack
 from .errors import DflashError, UsageError
 from .graphs import capture, graphs_enabled
@@ -382,6 +383,9 @@ def weight_bytes(name: str, dtype: torch.dtype, quantize: str | None = None) -> 
     return dense + size(experts) * t.top_k // t.num_experts if experts else dense
 
 
+NODE_COUNTS = (1, 4, 8, 16, 32, 64)  # the verify forward timed at each (bench --synthetic)
+
+
 @dataclass
 class SyntheticReport:
     shape: str
@@ -402,6 +406,10 @@ class SyntheticReport:
     commit_s: float = 0.0  # device time of the target's commit after a verify (a hybrid's masked replay)
     # The auto engine's cost curve: one iteration at each candidate block size, as the engine measures it.
     iteration_by_block: dict[int, float] = field(default_factory=dict)
+    # The target's verify forward at each node count (1: a plain decode row; more: a best-first tree of that
+    # many nodes, ancestor mask): what --tree-budget auto weighs a tree's τ against. Empty where trees are
+    # not supported (a hybrid target).
+    verify_by_nodes: dict[int, float] = field(default_factory=dict)
     quantize: str | None = None  # the target's projections in int4 / int8 / fp8 (None: in `dtype`)
 
     @property
@@ -431,6 +439,7 @@ class SyntheticReport:
     def to_json(self) -> dict:
         out = dict(vars(self))
         out["iteration_by_block"] = {str(b): t for b, t in self.iteration_by_block.items()}
+        out["verify_by_nodes"] = {str(n): t for n, t in self.verify_by_nodes.items()}
         out |= {"break_even_tau": {str(b): t for b, t in self.break_even.items()}, "host_overhead_s": self.host_overhead_s, "decode_bandwidth": self.decode_bandwidth,
                 "roofline_fraction": self.roofline_fraction, "projected_tps": self.projected_tps,
                 "plain_tps": 1 / self.decode_s, "projection": "tau / iteration_s, from measured step times"}
@@ -453,8 +462,15 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
     check_memory(shape, dtype, device, context + b, drafter_cfg.block_size, quantize)
     # Rope rows as the loader gives them: the context, then the caches' slack (verify blocks in flight,
     # the drafter's catch-up rows), which every timed step may write into.
-    target, drafter = random_pair(shape, dtype, device, context + b + cache_slack(drafter_cfg.block_size), quantize)
-    engine = Engine(target, drafter, block_size=b, max_context=context + b, adaptive=True)  # its cost curve too
+    nodes = max(NODE_COUNTS)  # the caches hold a tree of this many nodes too (the verify by node count)
+    slack = cache_slack(max(drafter_cfg.block_size, nodes))
+    target, drafter = random_pair(shape, dtype, device, context + b + slack, quantize)
+    # its cost curve too; its caches sized for the largest tree, its own steps the chain's
+    try:
+        engine = Engine(target, drafter, block_size=b, max_context=context + b, adaptive=True, tree_budget=nodes)
+        engine.tree_budget = 0
+    except DflashError:  # a hybrid target: no tree verify yet
+        engine = Engine(target, drafter, block_size=b, max_context=context + b, adaptive=True)
     plain = Engine(target, max_context=context + b)
     with torch.inference_mode():
         for cache in (engine.target_cache, engine.draft_cache, plain.target_cache):
@@ -496,6 +512,17 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         at_context(lambda: target.forward(block, engine.target_cache, logits_from=0))()  # what a commit replays
         half = torch.tensor(max(1, b // 2), device=device)  # half the block accepted
         commit = graphed(at_context(lambda: target.commit(engine.target_cache, half)), device)
+        verify_by_nodes = {}
+        if engine.most_nodes:  # the engine took the tree budget (a hybrid target has no tree verify yet)
+            draft_logits = torch.randn(b - 1, target_cfg.vocab_size, dtype=torch.float32, device=device)
+            for n in NODE_COUNTS:
+                tree = trees.build(bonus, draft_logits, n) if n > 1 else None
+                ids = tree.tokens.clamp(min=0) if tree else bonus
+                verify = at_context(lambda ids=ids, tree=tree: target.forward(
+                    ids, engine.target_cache, logits_from=0, feature_layers=drafter_cfg.target_layer_ids, tree=tree))
+                # past ops.MAX_KERNEL_Q_LEN rows the verify reads its length back (a prefill's path): eager
+                verify_by_nodes[n] = device_time(graphed(verify, device) if n <= ops.MAX_KERNEL_Q_LEN else verify,
+                                                 device, iters)
         report = SyntheticReport(
             shape=shape, device=str(device), dtype=str(dtype).removeprefix("torch."), context=context, block_size=b,
             decode_s=time_it(iterate(plain), device, iters), verify_s=device_time(verify, device, iters),
@@ -507,6 +534,6 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
             weight_bytes=weight_bytes(shape, dtype, quantize), quantize=quantize,
             copy_bytes_per_s=copy_bandwidth(device, copy_size(device)),
             tau=tau if tau is not None else published,
-            iteration_by_block=engine.measure(greedy, bonus),
+            iteration_by_block=engine.measure(greedy, bonus), verify_by_nodes=verify_by_nodes,
         )
     return report

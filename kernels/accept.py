@@ -18,6 +18,8 @@ filters are on) changes which code runs, and keys a graph.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..sampling import Mode
@@ -106,6 +108,36 @@ def accept_ref(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.T
                    mode=mode)
     accepted = (block_ids[1:] == y[:-1]).cumprod(0).sum()
     return y, accepted
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What an iteration's accept step hands on, laid out for the engine: `packed` [1 + 2b] int64 is
+    [a, y_0 .. y_(b-1), block_0 .. block_(b-1)] (the iteration's one readback), `y` and `accepted` are
+    views of it; `count` (0-d) = a + 1 (the rows every cache commits) and `bonus` [1] = y_a (the next
+    iteration's first token)."""
+
+    packed: torch.Tensor
+    count: torch.Tensor
+    bonus: torch.Tensor
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.packed[1:1 + self.block_size]
+
+    @property
+    def accepted(self) -> torch.Tensor:
+        return self.packed[0]
+
+    @property
+    def block_size(self) -> int:
+        return (self.packed.shape[0] - 1) // 2
+
+
+def verdict_ref(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tensor, **params) -> Verdict:
+    """Reference: `accept_ref`, packed as a `Verdict`."""
+    y, accepted = accept_ref(logits, block_ids, cache_len, **params)
+    return Verdict(torch.cat((accepted.view(1), y, block_ids)), accepted + 1, y.gather(0, accepted.view(1)))
 
 
 # ---- Triton ---------------------------------------------------------------------------------
@@ -387,9 +419,21 @@ def _select_filtered(logits_ptr, stride, rows_ptr, seed_ptr, out_ptr, vocab, n_c
 
 
 def _seed_tensor(seed, device) -> torch.Tensor:
-    if isinstance(seed, torch.Tensor):
-        return (seed & M32).reshape(1)
+    if isinstance(seed, torch.Tensor):  # a view: the kernels take its low 32 bits (`.to(tl.uint32)`), i.e. & M32
+        return seed.reshape(1)
     return torch.full((1,), seed & M32, dtype=torch.int64, device=device)
+
+
+def _values(temperature, top_p, min_p, dev) -> torch.Tensor:
+    """temperature, top_p and min_p as one float32 [3] vector: a view where they are consecutive
+    elements of one float32 buffer already (`sampling.DeviceSampling` keeps them so), else a stack."""
+    parts = (temperature, top_p, min_p)
+    if all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 0 for v in parts):
+        first = temperature.data_ptr()
+        if all(v.untyped_storage().data_ptr() == temperature.untyped_storage().data_ptr()
+               and v.data_ptr() == first + 4 * i for i, v in enumerate(parts)):
+            return temperature.as_strided((3,), (1,))
+    return torch.cat([_scalar(v, torch.float32, dev) for v in parts])
 
 
 def _scalar(value, dtype: torch.dtype, device) -> torch.Tensor:
@@ -400,11 +444,11 @@ def _scalar(value, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def _sample(logits: torch.Tensor, rows: torch.Tensor, row_offset: bool, mode: Mode, temperature, top_k, top_p, min_p,
-            seed, trace: torch.Tensor | None = None) -> torch.Tensor:
+            seed, trace: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     n, vocab = logits.shape
     dev = logits.device
-    out = torch.empty(n, dtype=torch.int64, device=dev)
+    out = torch.empty(n, dtype=torch.int64, device=dev) if out is None else out
     filters = dict(TOP_K=mode.top_k, TOP_P=mode.top_p, MIN_P=mode.min_p) if not mode.greedy else \
         dict(TOP_K=False, TOP_P=False, MIN_P=False)
     kind = 0 if mode.greedy else 2 if any(filters.values()) else 1
@@ -419,11 +463,14 @@ def _sample(logits: torch.Tensor, rows: torch.Tensor, row_offset: bool, mode: Mo
         total = torch.empty(n * n_chunks, dtype=torch.float32, device=dev)
     else:
         cand = low = total = best  # unused
-    # temperature, top_p and min_p in one float32 vector; on the engine's path they are device
-    # tensors already (a stack is a device op), so no value is read back or copied from the host.
-    values = torch.cat([_scalar(v, torch.float32, dev) for v in (temperature if not mode.greedy else 1.0, top_p, min_p)])
-    top_k_t = _scalar(top_k, torch.int64, dev)
-    seed_t = _seed_tensor(seed, dev)
+    if mode.greedy:  # reads no value: nothing to prepare (no launch)
+        values, top_k_t, seed_t = best, index, index
+    else:
+        # temperature, top_p and min_p in one float32 vector; on the engine's path they are device
+        # tensors already (a view of DeviceSampling's buffer), so no value is read back or copied from the host.
+        values = _values(temperature, top_p, min_p, dev)
+        top_k_t = _scalar(top_k, torch.int64, dev)
+        seed_t = _seed_tensor(seed, dev)
     if n == 0:
         return out
     _chunk_kernel[(n, n_chunks)](
@@ -448,13 +495,19 @@ def sample(logits: torch.Tensor, rows: torch.Tensor, *, temperature, top_k=0, to
 
 
 @triton.jit
-def _accept_kernel(block_ptr, y_ptr, acc_ptr, b, BLOCK: tl.constexpr):
+def _accept_kernel(block_ptr, y_ptr, acc_ptr, tail_ptr, b, BLOCK: tl.constexpr, PACK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     ok = i < b - 1
     draft = tl.load(block_ptr + 1 + i, mask=ok, other=-1)
     target = tl.load(y_ptr + i, mask=ok, other=-2)
     miss = tl.where(ok & (draft != target), i, b - 1)
-    tl.store(acc_ptr, tl.min(miss, axis=0).to(tl.int64))  # drafts accepted: up to the first mismatch
+    a = tl.min(miss, axis=0).to(tl.int64)  # drafts accepted: up to the first mismatch
+    tl.store(acc_ptr, a)
+    if PACK:  # acc_ptr is packed[0], y_ptr packed[1:1+b]: the block goes after y; count and bonus to tail
+        in_block = i < b
+        tl.store(acc_ptr + 1 + b + i, tl.load(block_ptr + i, mask=in_block), mask=in_block)
+        tl.store(tail_ptr, a + 1)
+        tl.store(tail_ptr + 1, tl.load(y_ptr + a))
 
 
 def accept(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tensor, *, temperature, top_k=0, top_p=1.0,
@@ -466,5 +519,20 @@ def accept(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tenso
     b = logits.shape[0]
     y = _sample(logits, cache_len, True, mode, temperature, top_k, top_p, min_p, seed)
     accepted = torch.empty((), dtype=torch.int64, device=logits.device)
-    _accept_kernel[(1,)](block_ids, y, accepted, b, BLOCK=max(2, triton.next_power_of_2(b)))
+    _accept_kernel[(1,)](block_ids, y, accepted, accepted, b, BLOCK=max(2, triton.next_power_of_2(b)), PACK=False)
     return y, accepted
+
+
+def verdict(logits: torch.Tensor, block_ids: torch.Tensor, cache_len: torch.Tensor, *, temperature, top_k=0,
+            top_p=1.0, min_p=0.0, seed=0, mode: Mode | None = None) -> Verdict:
+    """Triton: same contract as `verdict_ref`, in `accept`'s three launches: the sampler writes y into
+    the packed result, and the accept kernel also writes a, the block, a + 1 and the next bonus (the
+    packing, the count and the bonus's gather cost no launch of their own)."""
+    mode = _mode(mode, temperature, top_k, top_p, min_p)
+    b, dev = logits.shape[0], logits.device
+    packed = torch.empty(1 + 2 * b, dtype=torch.int64, device=dev)
+    tail = torch.empty(2, dtype=torch.int64, device=dev)
+    _sample(logits, cache_len, True, mode, temperature, top_k, top_p, min_p, seed, out=packed[1:1 + b])
+    _accept_kernel[(1,)](block_ids.contiguous(), packed[1:1 + b], packed, tail, b,
+                         BLOCK=max(2, triton.next_power_of_2(b)), PACK=True)
+    return Verdict(packed, tail[0], tail[1:])

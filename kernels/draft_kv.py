@@ -23,9 +23,12 @@ def draft_ctx_kv_ref(
     v_cache: torch.Tensor,
     b_kv: torch.Tensor | None = None,
 ) -> None:
-    """Reference. ctx_h: [T, H]; k_norm: [layers, D]; positions: [T]; caches: [layers, Hkv, L, D];
-    b_kv: the projection's bias (gpt-oss drafters), added before the k-norm."""
+    """Reference. ctx_h: [T, H]; k_norm: [layers, D]; positions: [T], or the 0-d position of the first token
+    (the others follow it); caches: [layers, Hkv, L, D]; b_kv: the projection's bias (gpt-oss drafters), added
+    before the k-norm."""
     layers, hkv, _, d = k_cache.shape
+    if positions.dim() == 0:
+        positions = positions + torch.arange(ctx_h.shape[0], device=positions.device)
     kv = _project(ctx_h, w_kv, b_kv).view(ctx_h.shape[0], layers, 2, hkv, d)
     cs = cos_sin[positions]
     for i in range(layers):
@@ -49,13 +52,16 @@ from .rope_cache import load_head, norm_rope, store_head  # noqa: E402
 
 @triton.jit
 def _ctx_kv_kernel(kv_ptr, kn_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, n_layers, n_heads, capacity, half,
-                   eps, BLOCK_H: tl.constexpr):
+                   eps, BLOCK_H: tl.constexpr, FOLLOW: tl.constexpr):
     t = tl.program_id(0)
     lh = tl.program_id(1)  # layer * n_heads + head
     layer = lh // n_heads
     head = lh % n_heads
     d = 2 * half
-    pos = tl.load(pos_ptr + t)
+    if FOLLOW:  # pos_ptr: the first token's position, the others follow it (no positions tensor to make)
+        pos = tl.load(pos_ptr) + t
+    else:
+        pos = tl.load(pos_ptr + t)
     base = kv_ptr + ((t * n_layers + layer) * 2 * n_heads) * d  # kv: [T, layers, 2, heads, D]
     dtype = kc_ptr.dtype.element_ty
     x1, x2, x3 = load_head(base + head * d, half, d, d, BLOCK_H, 1)
@@ -72,7 +78,7 @@ def _ctx_kv_kernel(kv_ptr, kn_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, n_layers, n_
 
 def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache, b_kv=None) -> None:
     """Triton: one GEMM for all draft layers' K and V, then one kernel for k-norm, rope and the
-    cache writes of every (token, layer, head)."""
+    cache writes of every (token, layer, head); `positions` as in the reference."""
     layers, hkv, capacity, d = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
     assert k_norm.is_contiguous() and cos_sin.is_contiguous() and w_kv.shape[0] == layers * 2 * hkv * d
@@ -80,4 +86,5 @@ def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache,
     t = ctx_h.shape[0]
     if t:
         _ctx_kv_kernel[(t, layers * hkv)](kv, k_norm, cos_sin, positions, k_cache, v_cache, layers, hkv, capacity,
-                                          d // 2, eps, BLOCK_H=triton.next_power_of_2(d // 2))
+                                          d // 2, eps, BLOCK_H=triton.next_power_of_2(d // 2),
+                                          FOLLOW=positions.dim() == 0)

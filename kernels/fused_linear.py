@@ -13,9 +13,9 @@ so that a dense layer's norm, projection and activation are one launch instead o
 - Both at once (`norm_swiglu_linear`): post-attention norm, gate_up and SwiGLU in one launch.
 
 Batch invariance is kept as in the plain kernel: one binary for every M ≤ 32 (M is not specialised),
-the tiling and the split count from the weight's shape only, slices merged in order by a second launch
-(with the SwiGLU epilogue in the merge when the weight is split). A row's output never depends on M, on
-its place in a tile, or on the other rows.
+the tiling and the split count from the weight's shape only, slices merged in order by the last program of
+each output tile to finish (invariant_linear's tickets; the SwiGLU epilogue after that sum when the weight
+is split): one launch. A row's output never depends on M, on its place in a tile, or on the other rows.
 
 Rounding against the unfused path (rms_norm kernel, then invariant_linear, then swiglu): the GEMM tiles,
 the split points, the merge order, the bias, the roundings of gate and up to x's dtype, silu rounded,
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .invariant_linear import BLOCK_K, BLOCK_M, BLOCK_N, MERGE_BLOCK, invariant_linear_ref, splits
+from .invariant_linear import BLOCK_K, BLOCK_M, BLOCK_N, MERGE_BLOCK, MERGES, invariant_linear_ref, plan
 from .rmsnorm import rms_norm_ref
 
 
@@ -59,7 +59,8 @@ def norm_swiglu_linear_ref(x, norm_w, eps, w, b=None, residual=None):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .invariant_linear import _UPCAST  # noqa: E402
+from . import pdl  # noqa: E402
+from .invariant_linear import _UPCAST, _merge_kernel, _sum_splits, _ticket, tickets  # noqa: E402
 
 
 @triton.jit
@@ -70,15 +71,18 @@ def _silu_times(g, u, dtype):
 
 
 @triton.jit(do_not_specialize=["M"])  # one binary for every M
-def _fused_partial_kernel(x_ptr, res_ptr, new_res_ptr, nw_ptr, w_ptr, part_ptr, b_ptr, out_ptr, M, N, K,
-                          k_per_split, eps,
+def _fused_partial_kernel(x_ptr, res_ptr, new_res_ptr, nw_ptr, w_ptr, part_ptr, b_ptr, out_ptr, tickets_ptr, M, N, K,
+                          k_per_split, n_splits, eps,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                           DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                          HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr):
+                          HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr):
     """As invariant_linear._partial_kernel over this program's K slice, with NORM: x (+ residual) is
     normalised by its row's rms (a first pass over all of K) as it streams; with SWIGLU: N is the
     intermediate width I, the weight has 2N rows, and the program keeps the gate tile (rows n) and the up
-    tile (rows N + n). part is [splits, M, 2N] under SWIGLU (gate columns, then up), [splits, M, N] else."""
+    tile (rows N + n). part is [splits, M, 2N] under SWIGLU (gate columns, then up), [splits, M, N] else;
+    with FOLD the last program of an output tile to finish sums the slices and runs the epilogue."""
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,31 +131,47 @@ def _fused_partial_kernel(x_ptr, res_ptr, new_res_ptr, nw_ptr, w_ptr, part_ptr, 
             if UPCAST or x.dtype != wu.dtype:
                 wu = wu.to(tl.float32)
             acc_up = tl.dot(x, wu, acc_up, input_precision="ieee")
-    mask = row_ok[:, None] & col_ok[None, :]
     if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if SWIGLU:
-                acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out_dtype = out_ptr.dtype.element_ty
-        if SWIGLU:  # gate and up rounded as the GEMM's output would be, then the activation
-            res = _silu_times(acc.to(out_dtype).to(tl.float32), acc_up.to(out_dtype).to(tl.float32), out_dtype)
-        else:
-            res = acc.to(out_dtype)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], res, mask=mask)
+        _epilogue(acc, acc_up, rows, cols, row_ok, col_ok, N, b_ptr, out_ptr, HAS_BIAS, SWIGLU)
     else:
         width = 2 * N if SWIGLU else N
         part = part_ptr + (split * M + rows.to(tl.int64))[:, None] * width + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
         tl.store(part, acc, mask=mask)
         if SWIGLU:
             tl.store(part + N, acc_up, mask=mask)
+        if FOLD:
+            last, tile = _ticket(tickets_ptr, n_splits)
+            if last:  # gate and up each summed in slice order, as _swiglu_merge_kernel and _merge_kernel add
+                acc = _sum_splits(rows, cols, row_ok, col_ok, n_splits, M, width, part_ptr, BLOCK_M, BLOCK_N)
+                if SWIGLU:
+                    acc_up = _sum_splits(rows, cols, row_ok, col_ok, n_splits, M, width, part_ptr + N, BLOCK_M,
+                                         BLOCK_N)
+                _epilogue(acc, acc_up, rows, cols, row_ok, col_ok, N, b_ptr, out_ptr, HAS_BIAS, SWIGLU)
+                tl.atomic_xchg(tile, 0)  # ready for the next launch (and a graph's next replay)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, rows, cols, row_ok, col_ok, N, b_ptr, out_ptr, HAS_BIAS: tl.constexpr,
+              SWIGLU: tl.constexpr):
+    """The tile's K sum (and up's) + bias, rounded to out's dtype, then SwiGLU: out [M, N]."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    if SWIGLU:  # gate and up rounded as the GEMM's output would be, then the activation
+        res = _silu_times(acc.to(out_dtype).to(tl.float32), acc_up.to(out_dtype).to(tl.float32), out_dtype)
+    else:
+        res = acc.to(out_dtype)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], res, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["MN"])
 def _swiglu_merge_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                          BLOCK: tl.constexpr):
     """out[m, n] = silu(gate) · up, gate = part[0][m, n] + part[1][m, n] + ... in order (+ bias), up the
-    same at column N + n, each rounded once to out's dtype first."""
+    same at column N + n, each rounded once to out's dtype first: the two-launch form's merge."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < MN
     m, n = idx // N, idx % N
@@ -169,7 +189,8 @@ def _swiglu_merge_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, 
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, b, norm_w, eps: float, residual, swiglu: bool,
-            n_splits: int | None = None):
+            n_splits: int | None = None, merge: str = "last"):
+    assert merge in MERGES, merge
     rows_w, k = w.shape
     assert x.shape[-1] == k and (b is None or b.shape == (rows_w,)), (x.shape, w.shape)
     assert not swiglu or rows_w % 2 == 0, "gate_up has an even number of rows"
@@ -186,39 +207,36 @@ def _launch(x: torch.Tensor, w: torch.Tensor, b, norm_w, eps: float, residual, s
         new_res = torch.empty_like(residual)
     if m == 0 or n == 0:
         return out.reshape(*lead, n), None if new_res is None else new_res.reshape(x.shape)
-    s = n_splits or splits(rows_w, k)  # the unfused GEMM's split count: the same slices, the same order
-    k_per_split = max(1, triton.cdiv(triton.cdiv(k, s), BLOCK_K)) * BLOCK_K
-    s = max(1, triton.cdiv(k, k_per_split))
+    s, k_per_split = plan(rows_w, k, n_splits)  # the unfused GEMM's split count: the same slices, the same order
     part = torch.empty(s, m, rows_w, dtype=torch.float32, device=x.device) if s > 1 else out
     bias = b if b is not None else out
-    _fused_partial_kernel[(triton.cdiv(n, BLOCK_N), s, triton.cdiv(m, BLOCK_M))](
+    grid = (triton.cdiv(n, BLOCK_N), s, triton.cdiv(m, BLOCK_M))
+    _fused_partial_kernel[grid](
         x2, residual if residual is not None else x2, new_res if new_res is not None else x2,
-        norm_w if norm_w is not None else x2, w, part, bias, out, m, n, k, k_per_split, float(eps),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=_UPCAST, DIRECT=s == 1, HAS_BIAS=b is not None,
-        NORM=norm_w is not None, HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, num_warps=4,
+        norm_w if norm_w is not None else x2, w, part, bias, out, tickets(x.device, grid[0] * grid[2]), m, n, k,
+        k_per_split, s, float(eps), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=_UPCAST, DIRECT=s == 1,
+        HAS_BIAS=b is not None, NORM=norm_w is not None, HAS_RESIDUAL=residual is not None, SWIGLU=swiglu,
+        FOLD=merge == "last", **pdl.launch(x.device), num_warps=4,
         num_stages=3 if swiglu else 4)  # two weight tiles per stage: 4 stages of fp32 pass sm_86/89's 99 KB
-    if s > 1:
-        if swiglu:
-            _swiglu_merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
-                part, bias, out, m * n, n, SPLITS=s, HAS_BIAS=b is not None, BLOCK=MERGE_BLOCK, num_warps=4)
-        else:
-            from .invariant_linear import _merge_kernel
-
-            _merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
-                part, bias, out, m * n, n, SPLITS=s, HAS_BIAS=b is not None, BLOCK=MERGE_BLOCK, num_warps=4)
+    if s > 1 and merge == "launch":
+        merge_kernel = _swiglu_merge_kernel if swiglu else _merge_kernel
+        merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
+            part, bias, out, m * n, n, SPLITS=s, HAS_BIAS=b is not None, BLOCK=MERGE_BLOCK, num_warps=4)
     return out.reshape(*lead, n), None if new_res is None else new_res.reshape(x.shape)
 
 
 def swiglu_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
-                  n_splits: int | None = None) -> torch.Tensor:
-    """Triton: same contract as `swiglu_linear_ref` (bit for bit the unfused invariant_linear + swiglu)."""
-    return _launch(x, w, b, None, 0.0, None, swiglu=True, n_splits=n_splits)[0]
+                  n_splits: int | None = None, merge: str = "last") -> torch.Tensor:
+    """Triton: same contract as `swiglu_linear_ref` (bit for bit the unfused invariant_linear + swiglu).
+    `n_splits` and `merge` as invariant_linear's."""
+    return _launch(x, w, b, None, 0.0, None, swiglu=True, n_splits=n_splits, merge=merge)[0]
 
 
-def norm_linear(x, norm_w, eps, w, b=None, residual=None, swiglu: bool = False, n_splits: int | None = None):
+def norm_linear(x, norm_w, eps, w, b=None, residual=None, swiglu: bool = False, n_splits: int | None = None,
+                merge: str = "last"):
     """Triton: same contract as `norm_linear_ref`: (output, new residual or None)."""
-    return _launch(x, w, b, norm_w, eps, residual, swiglu=swiglu, n_splits=n_splits)
+    return _launch(x, w, b, norm_w, eps, residual, swiglu=swiglu, n_splits=n_splits, merge=merge)
 
 
-def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None, n_splits: int | None = None):
-    return norm_linear(x, norm_w, eps, w, b, residual, swiglu=True, n_splits=n_splits)
+def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None, n_splits: int | None = None, merge: str = "last"):
+    return norm_linear(x, norm_w, eps, w, b, residual, swiglu=True, n_splits=n_splits, merge=merge)

@@ -17,7 +17,7 @@ row's result does not depend on the number of rows (batch invariance, issue 24).
 
 One recurrence arithmetic (`_rule_step`, whole heads, `_warps`): a token's state update rounds alike
 whether it is a prefill chunk's row, a committed decode step, a verify row replayed by the commit
-(`replay`, here) or a drafted tree's node (kernels/gated_delta_tree.py); and a tree node's q, k, v, g,
+(kernels/gdn_replay.py) or a drafted tree's node (kernels/gated_delta_tree.py); and a tree node's q, k, v, g,
 beta come from this prologue too, over its own conv window (`windows`). Only a prefill chunk over
 MAX_RULE_ROWS rows (fla's chunked rule) rounds apart; plain and speculative decoding share the prefill.
 """
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .gated_delta import causal_conv_ref, gated_delta_rule_ref, gated_rms_norm_ref, l2norm_ref, replay_ref  # noqa: F401
+from .gated_delta import causal_conv_ref, gated_delta_rule_ref, gated_rms_norm_ref, l2norm_ref
 
 MAX_RULE_ROWS = 64  # longer prefill chunks take fla's chunked rule (kernels/gated_delta.py)
 
@@ -243,42 +243,3 @@ def gdn_rule_norm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                                       WRITE_STATE=write_state, num_warps=_warps(bk, bv))
     return out
 
-
-# ---- The commit: a verify block's recorded rows, replayed as far as they were accepted -----------------------
-@triton.jit(do_not_specialize=["t_rows"])
-def _replay_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, count_ptr, t_rows, k_layer, v_layer, g_layer,
-                   HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr):
-    """Program (layer, value head): the first `count` (read on the device, at most T) recorded rows, each
-    `_rule_step`."""
-    n = tl.program_id(0).to(tl.int64)
-    hv = tl.program_id(1).to(tl.int64)
-    hk = hv // (HV // HK)
-    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
-    mk, mv = rk < DK, rv < DV
-    s_ptrs = state_ptr + (n * HV + hv) * DK * DV + rk[:, None] * DV + rv[None, :]
-    h = tl.load(s_ptrs, mask=mk[:, None] & mv[None, :], other=0.0)
-    k_ptr += n * k_layer
-    v_ptr += n * v_layer
-    g_ptr += n * g_layer
-    beta_ptr += n * g_layer
-    for t in range(tl.minimum(tl.load(count_ptr), t_rows)):
-        k = tl.load(k_ptr + (t * HK + hk) * DK + rk, mask=mk, other=0.0)
-        v = tl.load(v_ptr + (t * HV + hv) * DV + rv, mask=mv, other=0.0)
-        h = _rule_step(h, k, v, tl.load(g_ptr + t * HV + hv), tl.load(beta_ptr + t * HV + hv))
-    tl.store(s_ptrs, h, mask=mk[:, None] & mv[None, :])
-
-
-def replay(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-           count: torch.Tensor | int) -> None:
-    """Triton: same contract as `replay_ref`, all N layers in one launch, `count` read on the device (no
-    host sync: a captured step). k, v, g, beta: each layer's rows contiguous (a record's first T rows)."""
-    n, t, heads_k, dk = k.shape
-    heads_v, dv = v.shape[2], v.shape[3]
-    assert state.is_contiguous() and g.stride(0) == beta.stride(0)
-    assert all(x[0].is_contiguous() for x in (k, v, g, beta))
-    count = (count if isinstance(count, torch.Tensor) else torch.tensor(count, device=state.device)).reshape(1)
-    if n and t:
-        bk, bv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
-        _replay_kernel[(n, heads_v)](k, v, g, beta, state, count, t, k.stride(0), v.stride(0), g.stride(0),
-                                     HK=heads_k, HV=heads_v, DK=dk, DV=dv, BK=bk, BV=bv, num_warps=_warps(bk, bv))

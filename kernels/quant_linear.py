@@ -9,7 +9,8 @@ one `tl.dot` per tile (bf16 × bf16 on the tensor cores for bf16 activations, fp
 for fp32 ones) with fp32 accumulation. Everything else is invariant_linear's contract: one compiled
 configuration for every M (rows in tiles of BLOCK_M, M not specialised), a fixed BLOCK_N × BLOCK_K tiling,
 K cut into `splits(N, K)` slices chosen from the weight's shape alone, the slices' fp32 partial sums added
-in slice order by invariant_linear's merge kernel (no atomics), then the bias, then one rounding.
+in slice order by the last program of each output tile to finish (invariant_linear's `_store`: one launch),
+then the bias, then one rounding.
 
 int4: `qweight` int32 [N, K/8] (column k at bits 4·(k % 8) of word k // 8), `scales` [N, K/group]
 (fp16, bf16 or fp32), `zeros` uint8 [N, K/group] or None (symmetric: z = 8), `input_perm` [K] or None:
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .invariant_linear import BLOCK_K, BLOCK_M, BLOCK_N, MERGE_BLOCK, _UPCAST, _merge_kernel, _store, splits
+from .invariant_linear import BLOCK_K, BLOCK_M, BLOCK_N, _UPCAST, _store, merge_after, plan, tickets
 
 # Scales (and zero points) are read once per SUB columns of a tile, not once per weight: every int4 group
 # and every FP8 scale block spans a whole number of SUB columns (32, 64, 128, a row: what checkpoints use).
@@ -62,6 +63,8 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
 # ---- Triton ---------------------------------------------------------------------------------
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from . import pdl  # noqa: E402
 
 _SUB: tl.constexpr = tl.constexpr(SUB)  # the kernels' view of SUB (a jit function reads only constexpr globals)
 
@@ -106,12 +109,15 @@ def _per_sub(v, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])  # one binary for every M: M = 1 is not folded into a constant
-def _int4_partial_kernel(x_ptr, q_ptr, s_ptr, z_ptr, part_ptr, b_ptr, out_ptr, M, N, K, k_per_split, group, groups,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                         DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+def _int4_partial_kernel(x_ptr, q_ptr, s_ptr, z_ptr, part_ptr, b_ptr, out_ptr, tickets_ptr, M, N, K, k_per_split,
+                         n_splits, group, groups, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         UPCAST: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr,
+                         PDL: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """part[split, m, n] = sum over this split's K slice of x[m, k] · W[n, k], W dequantized per tile: the
     tile's packed words read once ([BLOCK_K / 8, BLOCK_N]) and unpacked in registers, its scales and zero
     points once per SUB columns (a group is a whole number of SUB-column slices)."""
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,15 +150,19 @@ def _int4_partial_kernel(x_ptr, q_ptr, s_ptr, z_ptr, part_ptr, b_ptr, out_ptr, M
         if s_ptr.dtype.element_ty != x_ptr.dtype.element_ty:
             w = _round(w.to(tl.float32), x_ptr.dtype.element_ty, UPCAST)
         acc = _accumulate(acc, x, w, UPCAST)
-    _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_ptr, DIRECT, HAS_BIAS)
+    _store(acc, rows, cols, row_ok, col_ok, split, n_splits, M, N, part_ptr, b_ptr, out_ptr, tickets_ptr, DIRECT,
+           HAS_BIAS, FOLD, BLOCK_M, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fp8_partial_kernel(x_ptr, w_ptr, s_ptr, part_ptr, b_ptr, out_ptr, M, N, K, k_per_split, block_rows, block_cols,
-                        scale_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        UPCAST: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _fp8_partial_kernel(x_ptr, w_ptr, s_ptr, part_ptr, b_ptr, out_ptr, tickets_ptr, M, N, K, k_per_split, n_splits,
+                        block_rows, block_cols, scale_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        FOLD: tl.constexpr, PDL: tl.constexpr):
     """part[split, m, n] = sum over this split's K slice of x[m, k] · q[n, k]·s[n // rows, k // cols], the
     scales read once per SUB columns (`block_cols` is a multiple of SUB)."""
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
     pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,12 +185,13 @@ def _fp8_partial_kernel(x_ptr, w_ptr, s_ptr, part_ptr, b_ptr, out_ptr, M, N, K, 
         w = _round(_e4m3_to_f32(bits) * _per_sub(s.to(tl.float32), BLOCK_K, BLOCK_N), x_ptr.dtype.element_ty,
                    UPCAST)  # Fp8Linear.dequantize
         acc = _accumulate(acc, x, w, UPCAST)
-    _store(acc, rows, cols, row_ok, col_ok, split, M, N, part_ptr, b_ptr, out_ptr, DIRECT, HAS_BIAS)
+    _store(acc, rows, cols, row_ok, col_ok, split, n_splits, M, N, part_ptr, b_ptr, out_ptr, tickets_ptr, DIRECT,
+           HAS_BIAS, FOLD, BLOCK_M, BLOCK_N)
 
 
 def _launch(partial, x: torch.Tensor, n: int, k: int, b: torch.Tensor | None, n_splits: int | None, weight_args,
-            **constexprs) -> torch.Tensor:
-    """Rows in, split-K partial sums, merge in slice order: invariant_linear's launcher around `partial`."""
+            merge: str = "last", **constexprs) -> torch.Tensor:
+    """Rows in, split-K partial sums merged in slice order: invariant_linear's launcher around `partial`."""
     assert x.shape[-1] == k and (b is None or b.shape == (n,)), (x.shape, n, k, None if b is None else b.shape)
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), k).contiguous()
@@ -188,26 +199,24 @@ def _launch(partial, x: torch.Tensor, n: int, k: int, b: torch.Tensor | None, n_
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
-    s = n_splits or splits(n, k)
-    k_per_split = max(1, triton.cdiv(triton.cdiv(k, s), BLOCK_K)) * BLOCK_K  # slices start on a BLOCK_K boundary
-    s = max(1, triton.cdiv(k, k_per_split))
+    s, k_per_split = plan(n, k, n_splits)
     part = torch.empty(s, m, n, dtype=torch.float32, device=x.device) if s > 1 else out
     bias = b if b is not None else out
     head, tail = weight_args
-    partial[(triton.cdiv(n, BLOCK_N), s, triton.cdiv(m, BLOCK_M))](
-        x2, *head, part, bias, out, m, n, k, k_per_split, *tail, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        UPCAST=_UPCAST, DIRECT=s == 1, HAS_BIAS=b is not None, **constexprs, num_warps=4, num_stages=4)
-    if s > 1:
-        _merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](
-            part, bias, out, m * n, n, SPLITS=s, HAS_BIAS=b is not None, BLOCK=MERGE_BLOCK, num_warps=4)
+    grid = (triton.cdiv(n, BLOCK_N), s, triton.cdiv(m, BLOCK_M))
+    partial[grid](
+        x2, *head, part, bias, out, tickets(x.device, grid[0] * grid[2]), m, n, k, k_per_split, s, *tail,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=_UPCAST, DIRECT=s == 1, HAS_BIAS=b is not None,
+        FOLD=merge == "last", **pdl.launch(x.device), **constexprs, num_warps=4, num_stages=4)
+    merge_after(s, m, n, part, bias, out, b is not None, merge)
     return out.reshape(*lead, n)
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None = None, input_perm: torch.Tensor | None = None,
-                n_splits: int | None = None) -> torch.Tensor:
+                n_splits: int | None = None, merge: str = "last") -> torch.Tensor:
     """Triton: same contract as `int4_linear_ref`. `n_splits` overrides `splits(N, K)` (tests plant an
-    M-dependent choice with it to show the invariance tests fail)."""
+    M-dependent choice with it to show the invariance tests fail); `merge` as invariant_linear's."""
     k = x.shape[-1]
     n, groups = scales.shape
     assert qweight.shape == (n, -(-k // 8)) and qweight.dtype == torch.int32 and groups * group_size == k, \
@@ -218,12 +227,13 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         x = x.index_select(-1, input_perm.to(x.device))
     z = zeros.contiguous() if zeros is not None else scales
     return _launch(_int4_partial_kernel, x, n, k, bias, n_splits,
-                   ((qweight.contiguous(), scales.contiguous(), z), (group_size, groups)), HAS_ZEROS=zeros is not None)
+                   ((qweight.contiguous(), scales.contiguous(), z), (group_size, groups)), merge,
+                   HAS_ZEROS=zeros is not None)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-               bias: torch.Tensor | None = None, n_splits: int | None = None) -> torch.Tensor:
-    """Triton: same contract as `fp8_linear_ref`."""
+               bias: torch.Tensor | None = None, n_splits: int | None = None, merge: str = "last") -> torch.Tensor:
+    """Triton: same contract as `fp8_linear_ref` (`n_splits`, `merge` as int4_linear's)."""
     n, k = weight.shape
     rows, cols = block
     assert weight.dtype == torch.float8_e4m3fn and scale.shape == (-(-n // rows), -(-k // cols)), \
@@ -233,4 +243,4 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     assert cols % SUB == 0, f"the FP8 kernel takes scale blocks of a multiple of {SUB} columns, not {block}"
     bits = weight.contiguous().view(torch.uint8)
     return _launch(_fp8_partial_kernel, x, n, k, bias, n_splits,
-                   ((bits, scale.contiguous()), (rows, cols, scale.shape[1])))
+                   ((bits, scale.contiguous()), (rows, cols, scale.shape[1])), merge)

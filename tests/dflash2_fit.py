@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dflash_cli.config import DrafterConfig
-from dflash_cli.drafter import Drafter, dflash2_table
+from dflash_cli.drafter import Drafter, dflash2_table, tie
 from dflash_cli.engine import Engine, Request
 from dflash_cli.models import load_target
 from dflash_cli.models.weights import random_weights
@@ -53,21 +53,23 @@ def selector_loss(drafter: Drafter, hidden: torch.Tensor, logits: torch.Tensor, 
 
 def trainable(drafter: Drafter) -> list[torch.Tensor]:
     convs = [c for layer in drafter.layers for c in (layer.attention_conv, layer.mlp_conv)]
-    return ([drafter.fc, drafter.w_kv] + [t for layer in drafter.layers for t in (layer.q_proj, layer.o_proj,
-                                                                                    layer.gate_up, layer.down)]
+    # qkv holds each layer's q, k and v (w_kv is derived from it: drafter.tie, after every step)
+    return ([drafter.fc] + [t for layer in drafter.layers for t in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                                     layer.down)]
             + [t for c in convs for t in (c.base, c.projection)]
             + [drafter.selector.hidden_projection, drafter.selector.predecessor, drafter.selector.successor])
 
 
 def released_weights(drafter: Drafter) -> dict[str, torch.Tensor]:
     """The drafter's tensors by their names in a released DFlash2 checkpoint."""
-    rows = drafter.w_kv.shape[0] // len(drafter.layers)
+    q_rows = drafter.cfg.num_heads * drafter.cfg.head_dim
+    rows = drafter.layers[0].qkv.shape[0] - q_rows
     inter = drafter.layers[0].gate_up.shape[0] // 2
     w = {"fc.weight": drafter.fc, "hidden_norm.weight": drafter.hidden_norm, "norm.weight": drafter.norm}
     for i, layer in enumerate(drafter.layers):
-        p, kv = f"layers.{i}.", drafter.w_kv[i * rows:(i + 1) * rows]
+        p, kv = f"layers.{i}.", layer.qkv[q_rows:]
         w |= {p + "input_layernorm.weight": layer.input_norm, p + "post_attention_layernorm.weight": layer.post_norm,
-              p + "self_attn.q_proj.weight": layer.q_proj, p + "self_attn.k_proj.weight": kv[:rows // 2],
+              p + "self_attn.q_proj.weight": layer.qkv[:q_rows], p + "self_attn.k_proj.weight": kv[:rows // 2],
               p + "self_attn.v_proj.weight": kv[rows // 2:], p + "self_attn.o_proj.weight": layer.o_proj,
               p + "self_attn.q_norm.weight": layer.q_norm, p + "self_attn.k_norm.weight": layer.k_norm,
               p + "mlp.gate_proj.weight": layer.gate_up[:inter], p + "mlp.up_proj.weight": layer.gate_up[inter:],
@@ -128,6 +130,7 @@ def fit_dflash2(target_dir: Path, out_dir: Path, drafter_cfg: dict, prompts: lis
     b = dcfg.block_size
     for _ in range(steps):
         opt.zero_grad()
+        drafter.w_kv, drafter.b_kv = tie(dcfg, drafter.layers)  # the context projection, from the trained qkv
         loss = 0.0
         with torch.autograd.graph.allow_mutation_on_saved_tensors():  # the K/V cache is written in place
             for _ in range(blocks_per_step):

@@ -61,8 +61,9 @@ class FakeCuda:
     type = "cpu"
     version = "13.0 (fake)"
 
-    def __init__(self, count: int = 1, free: int = 768 << 20, total: int = 1 << 30):
-        self.count, self.free, self.total = count, free, total
+    def __init__(self, count: int = 1, free: int = 768 << 20, total: int = 1 << 30,
+                 capability: tuple[int, int] = (8, 0)):
+        self.count, self.free, self.total, self._capability = count, free, total, capability
         self._local = threading.local()
         self._capture: Recording | None = None  # the capture in progress, and its thread
         self.default_stream = FakeStream(self, counted=False)
@@ -113,6 +114,10 @@ class FakeCuda:
     def device_name(self, device) -> str:
         self.index_of(device, optional=True)
         return "Fake GPU (the CPU)"
+
+    def capability(self, device) -> tuple[int, int]:
+        self.index_of(device, optional=True)
+        return self._capability
 
     def mem_get_info(self, device) -> tuple[int, int]:
         self._no_sync("mem_get_info")

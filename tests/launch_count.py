@@ -21,6 +21,7 @@ and the graph it captures.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,16 +83,22 @@ def breakdown(recording) -> Counter:
     return Counter(op_name(n) for n in recording if is_launch(n))
 
 
-def captured_step(target_dir: Path, drafter_dir: Path | None = None, block_size: int | None = None) -> list:
+def captured_step(target_dir: Path, drafter_dir: Path | None = None, block_size: int | None = None,
+                  linear: str | None = None) -> list:
     """The recording of one captured device step: plain decoding (b = 1) without a drafter, the DFlash
     iteration at `block_size` (draft, verify, accept, commit, drafter context) with one. Triton kernels
-    run in the interpreter (TRITON_INTERPRET=1 must be set before triton is imported)."""
+    run in the interpreter (TRITON_INTERPRET=1 must be set before triton is imported). `linear`: the
+    DFLASH_LINEAR mode to count under (None: as the environment says)."""
+    import pytest
+
     from dflash_cli import loader
     from dflash_cli.engine import Engine, Request
 
     from .fake_cuda import stand_in
 
-    with stand_in(kernels="triton") as gpu:
+    with pytest.MonkeyPatch.context() as env, stand_in(kernels="triton") as gpu:
+        if linear is not None:
+            env.setenv("DFLASH_LINEAR", linear)
         graphs, make = [], gpu.CUDAGraph
         gpu.CUDAGraph = lambda: graphs.append(make()) or graphs[-1]  # keep what the engine captures
         model = loader.load(target_dir, drafter_dir, device="cuda", dtype="float32", max_context=64)
@@ -191,14 +198,16 @@ class Counts:
     per_layer: dict[str, dict[str, int]] = field(default_factory=dict)  # step -> kind -> launches per layer
     total: dict[str, int] = field(default_factory=dict)  # step -> launches in the base model's step
     fixed: dict[str, int] = field(default_factory=dict)  # step -> launches no layer accounts for
+    linear: str = "cublas"  # the DFLASH_LINEAR mode counted
     layers: dict[str, int] = field(default_factory=dict)  # kind -> how many the base model has
     ops: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # step -> kind or "fixed" -> op -> launches
 
 
 def count_family(family: Family, steps_wanted: tuple[str, ...] = ("decode", "verify"),
-                 workdir: Path | None = None) -> Counts:
+                 workdir: Path | None = None, linear: str | None = None) -> Counts:
     """Per-layer launches by difference: the base model (family.kinds, a one-layer drafter), then the
-    same with one more layer of each kind (appended), for the decode step and the verify step."""
+    same with one more layer of each kind (appended), for the decode step and the verify step; `linear`:
+    the DFLASH_LINEAR mode (None: the environment's)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
 
@@ -206,13 +215,14 @@ def count_family(family: Family, steps_wanted: tuple[str, ...] = ("decode", "ver
             t, d = family.write(tmp / name, kinds, drafter_layers)
             out = {}
             if "verify" in steps_wanted:
-                out["verify"] = breakdown(captured_step(t, d, family.block_size))
+                out["verify"] = breakdown(captured_step(t, d, family.block_size, linear))
             if decode and "decode" in steps_wanted:
-                out["decode"] = breakdown(captured_step(t))
+                out["decode"] = breakdown(captured_step(t, linear=linear))
             return out
 
         base = steps("base", family.kinds, 1)
-        c = Counts(family.name, {s: {} for s in base}, {s: n.total() for s, n in base.items()})
+        c = Counts(family.name, {s: {} for s in base}, {s: n.total() for s, n in base.items()},
+                   linear=linear or os.environ.get("DFLASH_LINEAR", "cublas"))
         c.layers = dict(Counter(family.kinds)) | {family.drafter_kind: 1}
         c.ops = {s: {} for s in base}
         for kind in dict.fromkeys(family.kinds):
@@ -236,3 +246,93 @@ def count_family(family: Family, steps_wanted: tuple[str, ...] = ("decode", "ver
 def _minus(a: Counter, b: Counter) -> dict[str, int]:
     """a - b per op, negatives kept (a layer can also remove a launch from the fixed work)."""
     return {op: a[op] - b[op] for op in sorted(set(a) | set(b)) if a[op] != b[op]}
+
+
+# ---- at a released target's real widths ------------------------------------------------------------------
+# The tiny models' projections are narrow, so the invariant linear kernels reduce each in one slice; a
+# released model's are reduced in K slices (kernels/invariant_linear.splits), and a launcher that merged the
+# slices in a second kernel would launch more there than here. What a layer's projections launch at the
+# real widths is found by running the launcher on each of the layer's weights at its real N × K, on meta
+# tensors, with the Triton launches counted and not run: the layer built by its family from the released
+# config (dflash_cli.synthetic), one projection at a time, so no weight is ever allocated.
+RELEASED = {"dense": "qwen3-8b", "hybrid": "qwen3.5-27b", "moe": "qwen3-coder-30b-a3b",
+            "hybrid-moe": "qwen3.5-35b-a3b", "gpt-oss": "gpt-oss-20b"}
+# The layer type (config.json's layer_types) of each layer kind; kinds without one are every layer.
+KIND_TYPES = {"linear": "linear_attention", "linear+moe": "linear_attention", "full": "full_attention",
+              "full+moe": "full_attention", "gpt-oss sliding": "sliding_attention", "gpt-oss full": "full_attention"}
+
+
+@dataclass
+class Projection:
+    name: str  # the weight's place in the layer, as the model holds it (q/k/v stacked, gate_up stacked)
+    n: int
+    k: int
+    splits: int  # the K slices the invariant kernels reduce it in
+    launches: dict[str, int]  # merge form ("last": folded, "launch": a merge kernel) -> Triton launches
+
+
+def real_projections(target: str, kind: str) -> list[Projection]:
+    """The dense projections of one layer of `kind` of the released `target` at its real widths, each with
+    the launches the invariant linear launcher makes for it (run on meta tensors, kernels not run)."""
+    from dflash_cli import synthetic
+    from dflash_cli.models import family_of
+    from dflash_cli.models.layers.linear import Dense
+
+    raw, where = dict(synthetic.TARGETS[target]), Path(f"<released {target}>")
+    family = family_of(raw, where)
+    types = getattr(family.Config.from_raw(raw, where), "layer_types", None)  # the family's own defaults
+    index = list(types).index(KIND_TYPES[kind]) if types and kind in KIND_TYPES else 0
+    raw["num_hidden_layers"] = index + 1  # the layers up to the first of its kind: nothing else is built
+    if types:
+        raw["layer_types"] = list(types[:index + 1])
+    cfg = family.Config.from_raw(raw, where)
+    dtypes = {"model": torch.bfloat16, "float32": torch.float32, "raw": torch.uint8}
+    weights = {w.name: torch.empty(w.shape, dtype=dtypes[w.dtype], device="meta")
+               for w in family.weight_table(cfg, "fused")}
+    layer = family.build(cfg, weights, 64).layers[index]
+    found: list[tuple[str, Dense]] = []
+
+    def walk(obj, path: str, depth: int = 0) -> None:
+        if isinstance(obj, Dense):
+            found.append((path, obj))
+        elif isinstance(obj, (list, tuple)):
+            for i, item in enumerate(obj):
+                walk(item, f"{path}[{i}]", depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, torch.nn.Module)) and depth < 6:
+            for name, value in vars(obj).items():
+                walk(value, f"{path}.{name}" if path else name, depth + 1)
+    walk(layer, "")
+    return [Projection(name, *d.weight.shape, _splits(*d.weight.shape),
+                       {merge: linear_launches(*d.weight.shape, merge) for merge in ("last", "launch")})
+            for name, d in found]
+
+
+def _splits(n: int, k: int) -> int:
+    from dflash_cli.kernels.invariant_linear import plan
+
+    return plan(n, k)[0]
+
+
+def linear_launches(n: int, k: int, merge: str = "last") -> int:
+    """Triton launches of the invariant linear launcher for one step row through a weight [n, k], the
+    launcher run on meta tensors with the launches counted, not run (TRITON_INTERPRET=1)."""
+    from triton.runtime import interpreter
+
+    from dflash_cli.kernels.invariant_linear import invariant_linear
+
+    launched, run = [], interpreter.GridExecutor.__call__
+    interpreter.GridExecutor.__call__ = lambda executor, *args, **kwargs: launched.append(executor.fn.__name__)
+    try:
+        x, w = (torch.empty(shape, dtype=torch.bfloat16, device="meta") for shape in ((1, k), (n, k)))
+        invariant_linear(x, w, merge=merge)
+    finally:
+        interpreter.GridExecutor.__call__ = run
+    return len(launched)
+
+
+def real_width_extra(family: str, kind: str, merge: str = "last") -> tuple[int, list[Projection]]:
+    """Launches a layer of `kind` makes at its released target's widths beyond the tiny model's count,
+    under DFLASH_LINEAR=invariant: each projection's launches less the one launch it makes at a tiny width
+    (where every weight is one slice). Under cublas a projection is one F.linear at any width: 0."""
+    projections = real_projections(RELEASED[family], kind)
+    return sum(p.launches[merge] - 1 for p in projections), projections

@@ -509,3 +509,87 @@ def test_the_measurement_keeps_the_fastest_round_because_noise_only_adds_time():
 
     costs = adaptive.time_iterations({1: run(1, 0.002), 2: run(2, 0.004)}, torch.device("cpu"), rounds=9)
     assert costs[1] == pytest.approx(0.002, rel=0.5) and costs[2] == pytest.approx(0.004, rel=0.5)
+
+
+# ---- --tree-budget auto: the chain or a tree, from the cost per node count and the acceptance per rank ------
+CHAIN_8 = {1: 1.0, 2: 1.01, 4: 1.02, 8: 1.05}
+FLAT_TREES = {4: 1.06, 8: 1.07, 16: 1.08, 32: 1.1, 64: 1.3}  # a GPU: verify nearly flat up to ~32 rows
+STEEP_TREES = {4: 3.0, 8: 5.0, 16: 9.0, 32: 17.0, 64: 33.0}  # verify cost per node steep (a CPU)
+
+
+def ranked_acceptance(p: float, hazard: float, positions: int = 7, weight: float = 1e6) -> Acceptance:
+    """Estimates pinned at acceptance `p` for the drafter's top id and `hazard` for each lower rank (the
+    chance of rank r given none of ranks 0..r-1)."""
+    a = acceptance_with([p] * positions, weight)
+    a.rank_hits = [[hazard * weight] * 63 for _ in range(positions)]
+    a.rank_seen = [[weight] * 63 for _ in range(positions)]
+    return a
+
+
+def test_auto_picks_a_tree_when_its_tau_gain_outweighs_its_cost_and_the_chain_when_nodes_are_steep():
+    hesitant = ranked_acceptance(0.5, 0.5)  # the target's token is often the drafter's second or third
+    tree = choose(CHAIN_8, hesitant, FLAT_TREES, 8)
+    chain = choose(CHAIN_8, hesitant)
+    assert tree.tree_budget in FLAT_TREES and tree.block_size == 8
+    assert tree.expected_tau / FLAT_TREES[tree.tree_budget] > chain.expected_tau / CHAIN_8[chain.block_size]
+    assert "tree" in tree.describe()
+    steep = choose(CHAIN_8, hesitant, STEEP_TREES, 8)
+    assert steep.tree_budget == 0 and steep == chain
+    # a drafter whose top id is always right gains nothing from a tree: the chain, even on flat costs
+    assert choose(CHAIN_8, ranked_acceptance(1.0, 0.5), FLAT_TREES, 8).tree_budget == 0
+    # a tree may win where no chain pays (drafting paused): it drafts again, at the largest b
+    cpu = {1: 1.0, 2: 1.4, 4: 1.5, 8: 1.7}
+    weak = ranked_acceptance(0.1, 0.9)
+    assert choose(cpu, weak).paused and choose(cpu, weak, {4: 1.5, 8: 1.5, 16: 1.6}, 8).tree_budget > 0
+
+
+def test_auto_trees_stay_on_the_attention_kernels_graph_safe_rows():
+    """A verify of more than ops.MAX_KERNEL_Q_LEN rows reads its length back (no CUDA graph, not batch-
+    invariant): auto's budgets stop there, and at the caches' room."""
+    from dflash_cli import ops
+
+    assert max(adaptive.tree_budgets(1 << 30)) <= ops.MAX_KERNEL_Q_LEN < 64
+    assert adaptive.tree_budgets(10) == (4, 8) and adaptive.tree_budgets(0) == ()
+
+
+def test_a_pinned_block_size_with_auto_trees_chooses_between_the_chain_and_trees_at_that_size():
+    policy = adaptive.Pinned(8, (4, 8, 16))
+    policy.acceptance = ranked_acceptance(0.5, 0.5)
+    assert policy.decide({8: 1.05}, FLAT_TREES).tree_budget > 0
+    assert policy.decide({8: 1.05}, STEEP_TREES).tree_budget == 0 and policy.decide({8: 1.05}).block_size == 8
+
+
+def test_tree_tokens_is_the_chain_with_one_rank_and_the_best_prefixes_with_more():
+    """One rank per position: the chain's τ. More: 1 + the summed chance of the n - 1 likeliest prefixes
+    (by brute force), when chances fall with rank as the drafter's sort makes them."""
+    rates = [0.9, 0.7, 0.6, 0.4]
+    assert adaptive.tree_tokens([[r] for r in rates], 5) == pytest.approx(acceptance_with(rates).expected_tokens(5))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        q = torch.rand(3, 3, generator=gen).sort(descending=True).values
+        q = (q / q.sum(1, keepdim=True) * 0.9).tolist()  # each position's ranks: at most 0.9 in all
+        prefixes = []
+        for depth in range(1, 4):
+            for ranks in itertools.product(range(3), repeat=depth):
+                prefixes.append(float(torch.tensor([q[d][r] for d, r in enumerate(ranks)]).prod()))
+        prefixes.sort(reverse=True)
+        for n in (2, 4, 8, 16):
+            assert adaptive.tree_tokens(q, n) == pytest.approx(1 + sum(prefixes[:n - 1]))
+
+
+def test_a_walk_teaches_the_rank_it_hit_and_the_ranks_it_missed_and_nothing_past_its_stop():
+    a = Acceptance(7)
+    before = (list(a.seen), [list(s) for s in a.rank_seen])
+    for _ in range(60):  # the target's token: rank 1 at depth 1, rank 0 at 2 and 3, none of 2 children at 4
+        a.observe_walk(7, adaptive.Walk(ranks=(1, 0, 0), stop_children=2))
+    q = a.rank_probabilities(7, 3)
+    assert q[0][1] > 0.9 and q[0][0] < 0.1  # depth 1: rank 1, not rank 0
+    assert q[1][0] > 0.9 and q[2][0] > 0.9
+    assert q[3][0] < 0.1 and q[3][1] < 0.1 / (1 - q[3][0])  # depth 4: neither rank 0 nor 1
+    assert a.seen[4:] == before[0][4:] and a.rank_seen[4:] == before[1][4:]  # never judged: unchanged
+    second = a.seen[1]
+    a.observe_walk(7, adaptive.Walk(ranks=(0,), stop_children=0))  # stopped where the tree had no child
+    assert a.seen[1] == second  # so depth 2 was not judged
+    chain = Adaptive(8, (4, 8))
+    chain.observe(8, 3)  # a chain iteration learns rank 0 only, as before
+    assert chain.acceptance.rank_seen == [[] for _ in range(7)]

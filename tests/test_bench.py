@@ -50,8 +50,13 @@ def test_synthetic_mode_times_each_step_and_labels_the_projection(capsys, shape)
         assert r[key] > 0
     assert set(r["iteration_by_block"]) == {"1", "2", "4", "8"} and r["break_even_tau"]["1"] == 1.0
     assert r["projected_tps"] == 4 / r["iteration_s"] and "projection" in r
+    # the verify forward per node count (a hybrid target: none until its tree verify lands, then the same)
+    if shape == "tiny" or r["verify_by_nodes"]:
+        assert set(r["verify_by_nodes"]) == {"1", "4", "8", "16", "32", "64"} and min(r["verify_by_nodes"].values()) > 0
     assert main(["bench", "tiny", "--synthetic", "--device", "cpu", "--context", "64"]) == 0
-    assert "PROJECTION" not in capsys.readouterr().out  # no published τ for the tiny shape, none given
+    out = capsys.readouterr().out
+    assert "PROJECTION" not in out  # no published τ for the tiny shape, none given
+    assert re.search(r"verify by node count .*1: [\d.]+ ms \(1\.00×\).*64: [\d.]+ ms", " ".join(out.split()))
 
 
 def test_bad_bench_input(capsys, stories_pair):
@@ -215,3 +220,20 @@ def test_a_pinned_engine_warms_up_so_that_first_call_costs_are_not_prefill(stori
         monkeypatch.setattr(engine, "generate", lambda request: calls.append(request) or real(request))
         assert engine.warm_up() is None
         assert len(calls) == 1 and calls[0].max_new_tokens == 2  # one throwaway: prefill and an iteration
+
+
+def test_bench_with_auto_trees_reports_the_budgets_each_arm_verified(capsys, stories_pair):
+    """`bench --tree-budget auto`: both DFlash arms pick the chain or a tree per iteration; each row counts
+    the budgets its iterations verified, the report gives a tree iteration's measured cost per budget, and
+    the answers are still plain decoding's."""
+    t, d = stories_pair
+    assert main(["bench", "--target", str(t), "--drafter", str(d), "--device", "cpu", "-n", "12", "--prompts", "chat",
+                 "--repeats", "1", "--tree-budget", "auto", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tree_budget"] == "auto" and report["totals"]["all_identical"] and report["totals"]["auto_all_identical"]
+    assert set(report["tree_iteration_seconds"]) == {"4", "8", "16", "32"}  # 64: past the kernel's graph-safe rows
+    assert set(report["iteration_seconds"]) == {"1", "2", "4", "8"}
+    for r in report["rows"]:
+        for arm in ("tree_budgets", "auto_tree_budgets"):
+            assert sum(r[arm].values()) > 0 and set(map(int, r[arm])) <= {0, 4, 8, 16, 32}
+        assert sum(r["auto_tree_budgets"].values()) == sum(r["auto_block_sizes"].values())

@@ -136,13 +136,13 @@ def test_a_step_that_reads_the_host_cannot_be_captured_and_the_engine_falls_back
     prompt = cpu.tokenizer.encode(STORY_PROMPTS[0])
     want = _tokens(Engine(cpu.target), prompt, SamplingParams())
     with stand_in():
-        real = ops.accept
+        real = ops.verdict  # the engine's accept step
 
         def reads_back(logits, block, length, **kw):
             int(length)  # a host read: fine eagerly, frozen (and refused) in a capture
             return real(logits, block, length, **kw)
 
-        monkeypatch.setattr(ops, "accept", reads_back)
+        monkeypatch.setattr(ops, "verdict", reads_back)
         model = loader.load(*stories_pair, device="cuda", dtype="float32")
         engine = Engine(model.target, model.drafter)
         assert _tokens(engine, prompt, SamplingParams()) == want

@@ -165,11 +165,13 @@ def test_the_cached_drafter_matches_the_reference_written_from_the_math(tmp_path
     w = load_file(str(d / "model.safetensors"))
     prompt = random_prompts(1, 500, seed=7, longest=30)[0]
     ids, calls = list(prompt), 0
-    original = m.drafter.draft
+    original = m.drafter.draft_block  # what the engine drafts through
 
     def checked(bonus, cache, block_size, window=None):
         nonlocal calls
-        got = original(bonus, cache, block_size, window)
+        block = original(bonus, cache, block_size, window)
+        assert block[:1].tolist() == bonus.tolist()
+        got = block[1:]
         logits = m.drafter.draft_logits(bonus, cache, block_size, window)
         n = int(cache.length)
         feats = m.target.forward(torch.tensor(ids[:n]), m.target.new_cache(n + 1, 8),
@@ -178,15 +180,17 @@ def test_the_cached_drafter_matches_the_reference_written_from_the_math(tmp_path
         torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
         assert got.tolist() == want, f"draft {calls}"
         calls += 1
-        return got
+        return block
 
-    m.drafter.draft = checked
+    m.drafter.draft_block = checked
     for step in Engine(m.target, m.drafter).generate(Request(prompt, 40)):
         ids += step.tokens
     assert calls >= 5 and len(ids) - len(prompt) == 40 and len(prompt) + 40 > 16  # the window binds
 
 
-@pytest.mark.parametrize("taps, length, hidden, groups", [(2, 8, 64, 4), (1, 3, 16, 16), (3, 5, 48, 3), (2, 1, 8, 1)])
+# (4, 2, ...): a conv longer than the block (a DFlash2 drafter at b = 2), whose taps past row 0 read zeros only
+@pytest.mark.parametrize("taps, length, hidden, groups", [(2, 8, 64, 4), (1, 3, 16, 16), (3, 5, 48, 3), (2, 1, 8, 1),
+                                                          (4, 2, 16, 4), (4, 1, 8, 2)])
 def test_the_dynamic_conv_equals_its_definition(taps, length, hidden, groups):
     g = torch.Generator().manual_seed(taps * 100 + length)
     z, base = torch.randn(length, hidden, generator=g), torch.randn(taps, hidden, generator=g)
@@ -225,13 +229,13 @@ def test_an_identity_initialised_dflash2_drafter_is_the_v1_drafter_bit_for_bit(t
     assert v2.drafter.selector is not None and v2.drafter.layers[0].attention_conv is not None
     logits = {1: [], 2: []}
     for m, key in ((v1, 1), (v2, 2)):
-        original = m.drafter.draft
+        original = m.drafter.draft_block
 
         def record(bonus, cache, block_size, window=None, m=m, key=key, original=original):
             logits[key].append(m.drafter.draft_logits(bonus, cache, block_size, window))
             return original(bonus, cache, block_size, window)
 
-        m.drafter.draft = record
+        m.drafter.draft_block = record
     accepted = 0
     for prompt in HYBRID_PROMPTS[:3]:
         steps1 = list(Engine(v1.target, v1.drafter).generate(Request(prompt, 32)))
@@ -266,15 +270,15 @@ def test_the_selector_walk_of_the_fitted_drafter_leaves_the_heads_argmax(dflash2
     size, the candidate selector's walk really chooses other tokens than the head's argmax."""
     model = loader.load(*dflash2_pair, device="cpu")
     drafter = model.drafter
-    head, original = [0, 0], drafter.draft
+    head, original = [0, 0], drafter.draft_block
 
     def counting(bonus, cache, block_size, window=None):  # rows where the walk leaves the head's argmax
-        drafts = original(bonus, cache, block_size, window)
-        head[0] += int((drafts != drafter.draft_logits(bonus, cache, block_size, window).argmax(-1)).sum())
+        block = original(bonus, cache, block_size, window)
+        head[0] += int((block[1:] != drafter.draft_logits(bonus, cache, block_size, window).argmax(-1)).sum())
         head[1] += block_size - 1
-        return drafts
+        return block
 
-    drafter.draft = counting
+    drafter.draft_block = counting
     for prompt in HYBRID_PROMPTS[:3] + random_prompts(2, 500, seed=99):
         _tokens(Engine(model.target, drafter, block_size=8), prompt, 40)
     assert head[0] > 0, head

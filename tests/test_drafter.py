@@ -67,22 +67,22 @@ def _check(tmp_path, dcfg_kwargs, window=None):
     engine = Engine(m.target, m.drafter)
     prompt = list(range(3, 40, 2))
     ids, calls = list(prompt), 0
-    original = m.drafter.draft_logits
+    original = m.drafter.block_logits  # what every draft goes through (draft_block, draft_logits)
 
-    def checked(bonus, cache, block_size, draft_window=None):
+    def checked(block, cache, draft_window=None, x=None):
         nonlocal calls
-        got = original(bonus, cache, block_size, draft_window)
+        assert block[1:].tolist() == m.drafter.mask_ids[: block.shape[0] - 1].tolist()  # [bonus, MASK × (b - 1)]
+        got = original(block, cache, draft_window, x)
         n = int(cache.length)
         with torch.inference_mode():
             feats = m.target.forward(torch.tensor(ids[:n]), m.target.new_cache(n + 1),
                                      feature_layers=m.drafter.cfg.target_layer_ids)[1]
-        block = torch.cat((bonus, m.drafter.mask_ids[: block_size - 1]))
         want = naive_draft(w, cfg, m.target.embed, m.target.lm_head, feats, block, window)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         calls += 1
         return got
 
-    m.drafter.draft_logits = checked
+    m.drafter.block_logits = checked
     for step in engine.generate(Request(prompt, 40)):
         ids += step.tokens
     assert calls >= 5
@@ -95,3 +95,20 @@ def test_cached_drafter_matches_the_uncached_definition(tmp_path):
 def test_sliding_window_drafter_layers(tmp_path):
     _check(tmp_path, dict(block_size=8, layers=2, layer_types=["sliding_attention", "full_attention"],
                           sliding_window=12), window=12)
+
+
+def test_the_memory_plan_counts_what_the_loaded_drafter_holds(tmp_path):
+    """The loaded drafter holds its checkpoint's tensors plus the k/v rows kept twice (its layers' q/k/v GEMM
+    and the stacked context projection): the memory plan counts both (drafter.copy_bytes)."""
+    from dflash_cli.drafter import copy_bytes, weight_table
+    from dflash_cli.models.weights import table_bytes
+
+    tcfg = target_config("qwen3", tie=False)
+    m = loader.load(write_target(tmp_path / "t", tcfg), write_drafter(tmp_path / "d", drafter_config(tcfg, layers=2)),
+                    device="cpu")
+    d = m.drafter
+    tensors = [d.fc, d.hidden_norm, d.norm, d.w_kv] + [t for layer in d.layers for t in (
+        layer.input_norm, layer.qkv, layer.q_norm, layer.k_norm, layer.o_proj, layer.post_norm, layer.gate_up,
+        layer.down, layer.q_proj, layer.kv_proj)]
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    assert held == table_bytes(weight_table(d.cfg), d.fc.dtype) + copy_bytes(d.cfg, d.fc.dtype)

@@ -219,7 +219,7 @@ def _model(tok):
 
 
 class _Engine(ScriptedEngine):
-    block_size, max_context, adaptive, tree_budget = 4, 1000, False, 0
+    block_size, max_context, adaptive, tree_budget, tree_setting = 4, 1000, False, 0, 0
 
     def reusable_prefix(self, prompt_ids: list[int]) -> int:  # the engine's public seam: nothing is cached here
         return 0

@@ -119,6 +119,7 @@ def test_stream_shape_usage_and_speculation_stats(server):
     assert stats["prefill_seconds"] > 0
     assert usage_chunk.model_extra["dflash"] == stats  # the README's "on the last streamed chunk" (B17)
     assert stats["tree_budget"] == 0  # no --tree-budget: the drafter's chain
+    assert stats["tree_budget_histogram"] == {"0": stats["iterations"]}  # every iteration verified the chain
     assert server.wait_for(lambda l: "200 · " in l and "tok/s · τ" in l and "9 generated" in l, 10)
 
 
@@ -135,6 +136,7 @@ def test_a_tree_budget_server_reports_its_budget_and_gives_dflash_runs_answer(ca
     stats = whole.model_extra["dflash"]
     assert stats["tree_budget"] == 6 and stats["block_size"] == BLOCK and stats["iterations"] > 0
     assert chunks[-1].model_extra["dflash"]["tree_budget"] == 6
+    assert stats["tree_budget_histogram"] == {"6": stats["iterations"]}  # budget per iteration (auto may vary it)
     expected = dflash_run(capsys, qwen3_chat_pair, "-p", "Tell me a story", "-n", 10, "--tree-budget", 6)
     assert whole.choices[0].message.content == expected == dflash_run(capsys, qwen3_chat_pair, "-p",
                                                                       "Tell me a story", "-n", 10) != ""

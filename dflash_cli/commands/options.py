@@ -32,7 +32,7 @@ TARGET = typer.Option(None, "--target", metavar="ID|DIR", help="Target: a Huggin
 DRAFTER = typer.Option(None, "--drafter", metavar="ID|DIR", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
 YES = typer.Option(False, "--yes", "-y", help="Download missing models without asking.", rich_help_panel=MODEL)
 BLOCK = typer.Option("auto", "--block-size", "-b", metavar="auto|B", help="Draft block size: auto picks it per iteration from measured costs and live acceptance (1 when drafting does not pay); B pins it.", rich_help_panel=MODEL)
-TREE_BUDGET = typer.Option("0", "--tree-budget", metavar="N|0", help="Verify a best-first tree of N draft nodes per target pass (DDTree) instead of the drafter's chain; 0: the chain. Same answer, more tokens per pass when the drafter hesitates.", rich_help_panel=MODEL)
+TREE_BUDGET = typer.Option("0", "--tree-budget", metavar="N|auto|0", help="Verify a best-first tree of N draft nodes per target pass (DDTree) instead of the drafter's chain; auto: the chain or a tree of 4 to 64 nodes per iteration, from measured costs and live acceptance; 0: the chain. Same answer, more tokens per pass when the drafter hesitates.", rich_help_panel=MODEL)
 DRAFT_WINDOW = typer.Option(None, "--draft-window", min=1, metavar="TOKENS", help="The drafter attends to at most this many recent tokens (bounds its cost at long context; the answer is the same).", rich_help_panel=MODEL)
 NO_SPEC = typer.Option(False, "--no-spec", help="Plain autoregressive decoding (the baseline).", rich_help_panel=MODEL)
 DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)

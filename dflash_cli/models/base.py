@@ -97,6 +97,46 @@ def layer_norm_weights(c: DecoderConfig, p: str, norm: str = "norm", norm_dtype:
             Weight(p + "post_attention_layernorm.weight", (c.hidden_size,), norm, dtype=norm_dtype)]
 
 
+def span(length: torch.Tensor, count: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """(positions [count], kv_len) of `count` new tokens after the committed `length`. A step's block (up to
+    ops.MAX_KERNEL_Q_LEN rows) gets both in one launch, as views of length + offsets[:count + 1] (offsets:
+    0, 1, 2, ... made once); a long prefill chunk's kv_len is read back once (ops.kv_length)."""
+    if count > ops.MAX_KERNEL_Q_LEN:
+        return length + torch.arange(count, device=length.device), ops.kv_length(length, count)
+    both = length + offsets[: count + 1]
+    return both[:count], both[count]
+
+
+def span_offsets(device: torch.device) -> torch.Tensor:
+    """The `offsets` of `span`, made once per model."""
+    return torch.arange(ops.MAX_KERNEL_Q_LEN + 1, device=device)
+
+
+class Taps(dict):
+    """The residual streams the drafter reads, by layer (`wanted[i] = stream` as a forward passes layer i),
+    each copied as it is set into its columns of one [T, len(layers)·H] buffer, in the order the layers were
+    given: one copy per layer, and the features need no concatenation afterwards."""
+
+    def __init__(self, layers: Sequence[int]):
+        super().__init__({layer: None for layer in layers})
+        self._column = {layer: j for j, layer in enumerate(self)}
+        self._buffer: torch.Tensor | None = None
+
+    def __setitem__(self, layer: int, stream: torch.Tensor) -> None:
+        h = stream.shape[-1]
+        if self._buffer is None:
+            self._buffer = stream.new_empty(stream.shape[0], len(self._column) * h)
+        j = self._column[layer]
+        out = self._buffer[:, j * h:(j + 1) * h]
+        out.copy_(stream)
+        super().__setitem__(layer, out)
+
+    def features(self) -> torch.Tensor:
+        """[T, len(layers)·H]: every layer's stream, side by side."""
+        assert all(v is not None for v in self.values()), "a feature layer the forward did not pass"
+        return self._buffer
+
+
 @dataclass
 class StepPlan:
     """What every mixer of one forward shares: where the new tokens sit, and whether they are a prefill
@@ -171,6 +211,7 @@ class Decoder:
                                      mlp(i, p)))
         self.cos_sin = rope_table(rotary_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions,
                                   self.embed.device)
+        self.offsets = span_offsets(self.embed.device)
 
     def new_cache(self, capacity: int, block_size: int = 1):
         """A cache for `capacity` tokens, whose verify blocks are at most `block_size` rows."""
@@ -203,19 +244,19 @@ class Decoder:
         t = ids.shape[0]
         if not commit:
             cache.verify_rows(t)
-        step = StepPlan(cache.positions(t), ops.kv_length(cache.length, t), self.cos_sin, commit)
+        step = StepPlan(*span(cache.length, t, self.offsets), self.cos_sin, commit)
         if tree is not None:
             from ..tree import attention_mask
 
             mask, keys = attention_mask(tree, cache.length, cache.kv.capacity)
             step = StepPlan(cache.length + tree.depths, step.kv_len, self.cos_sin, False, step.positions, mask, keys)
-        wanted = {layer: None for layer in feature_layers}
+        wanted = Taps(feature_layers)
         x = self.embedding(ids)
         h = self.run_layers(x, cache, step, wanted)
         if commit:
             cache.prefilled(t)
         logits = None if logits_from is None else self.logits(h[logits_from:])
-        features = torch.cat(list(wanted.values()), dim=-1) if wanted else None
+        features = wanted.features() if wanted else None
         return logits, features
 
     def run_layers(self, x: torch.Tensor, cache, step: StepPlan, wanted: dict[int, torch.Tensor | None]
@@ -226,7 +267,7 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             x, residual = norm_then_mixer(layer, x, residual, cache, step)
             if i > 0 and i - 1 in wanted:  # layer i - 1's output: the stream after this layer's residual add
-                wanted[i - 1] = residual.clone()
+                wanted[i - 1] = residual  # copied into the features buffer (Taps)
             x, residual = norm_then_mlp(layer, x, residual)
         h, residual = self.norm(x, residual)
         if len(self.layers) - 1 in wanted:

@@ -20,6 +20,7 @@ def extension(fin: Finished, seed: int | None, cached: int) -> dict:
         "tree_budget": fin.tree_budget, "iterations": len(s.acceptance_lengths),
         "acceptance_histogram": {str(k): v for k, v in sorted(Counter(s.acceptance_lengths).items())},
         "block_size_histogram": {str(k): v for k, v in sorted(Counter(s.block_sizes).items())},
+        "tree_budget_histogram": {str(k): v for k, v in sorted(Counter(s.tree_budgets).items())},
         "position_acceptance": [None if r is None else round(r, 4) for r in s.position_acceptance()],
         "prefill_seconds": round(s.prefill_seconds, 4), "decode_seconds": round(s.decode_seconds, 4),
         "cached_prompt_tokens": cached, "seed": seed,

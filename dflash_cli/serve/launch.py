@@ -34,7 +34,7 @@ class ServeFlags:
     tp: int | None = None
     dry_run: bool = False
     draft_window: int | None = None
-    tree_budget: int = 0  # --tree-budget: nodes of the verified draft tree (0: the drafter's chain)
+    tree_budget: int | str = 0  # --tree-budget: nodes of the verified draft tree (0: the drafter's chain), or "auto"
     reasoning_effort: str | None = None  # when a request does not say, for any template that reads it
     allow_hosts: tuple[str, ...] = ()  # --allow-host: Host names besides loopback and the bound address
     quantize: str | None = None  # --quantize as given (precision.apply decides)

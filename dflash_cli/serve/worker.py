@@ -47,7 +47,7 @@ class Finished:
     stats: Stats
     finish: str  # "stop", "length" or "cancelled"
     block_size: int
-    tree_budget: int = 0  # the verified tree's nodes (0: the drafter's chain)
+    tree_budget: int | str = 0  # the verified tree's nodes (0: the drafter's chain), or "auto"
 
 
 @dataclass
@@ -212,4 +212,4 @@ class EngineWorker:
             late = stats.generated - (job.generated_at_cancel or 0)
             self._log(f"dflash: generation cancelled ({job.cancel_reason}) after {stats.generated} tokens, "
                       f"{late} of them after the cancel")
-        return Finished(stats, finish, engine.block_size, engine.tree_budget)
+        return Finished(stats, finish, engine.block_size, engine.tree_setting)

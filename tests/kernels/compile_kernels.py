@@ -8,7 +8,9 @@ interpreter's launch path and captures every launch (without running it): the ke
 launcher computes it (16-byte-aligned pointers and ints that are multiples of 16 get the divisibility hint;
 an int equal to 1 becomes a constant; `do_not_specialize` is honoured), the constexprs and num_warps /
 num_stages. fla-core's kernels (the Gated DeltaNet rule) are recorded too. `compile` then builds each
-distinct launch for each target. Usage:
+distinct launch for each target. A kernel with a PDL constexpr (kernels/pdl.py) is recorded twice: as the
+interpreter launches it (PDL off), built for every target, and as an sm_90+ GPU launches it (PDL=True,
+`launch_pdl`), built for the targets where kernels/pdl.py turns it on (sm_90, sm_120). Usage:
     TRITON_INTERPRET=1 python tests/kernels/compile_kernels.py record FILE
     python tests/kernels/compile_kernels.py compile FILE [sm_90 ...]
 """
@@ -26,7 +28,8 @@ TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 # "out of resources" at run time, so it is checked here. A100, RTX 30xx/A6000, RTX 40xx/L40, H100/H200,
 # RTX 50xx (consumer Blackwell: 99 KB, as sm_86/89).
 SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448, "sm_120": 101376}
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl", "enable_fp_fusion")
+PDL_TARGETS = ("sm_90", "sm_120")  # kernels/pdl.py: capability 9.0 and later
 
 
 def record(path: Path) -> int:
@@ -60,8 +63,14 @@ def record(path: Path) -> int:
                 kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
                 params[name] = [kind, attr if kind == "constexpr" else (attr or "")]
         entry = {"module": fn.__module__, "name": fn.__name__, "params": params,
-                 "options": {"num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3)}}
+                 "options": {"num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3),
+                             **({"enable_fp_fusion": options["enable_fp_fusion"]} if "enable_fp_fusion" in options
+                                else {})}}
         launches[json.dumps(entry, sort_keys=True, default=str)] = entry
+        if params.get("PDL") == ["constexpr", False]:  # the launch as an sm_90+ GPU makes it
+            pdl = {**entry, "params": {**params, "PDL": ["constexpr", True]},
+                   "options": {**entry["options"], "launch_pdl": True}, "targets": list(PDL_TARGETS)}
+            launches[json.dumps(pdl, sort_keys=True, default=str)] = pdl
         # Not run: a launch's parameters never depend on what an earlier kernel computed (nothing on the
         # engine's path reads device values back), and interpreting every kernel at real shapes takes
         # minutes. The interpreter's correctness runs are the other kernel tests.
@@ -184,10 +193,11 @@ def compile_all(path: Path, targets: tuple[str, ...]) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's kernels, not an installed copy's
     failed = 0
     for entry in json.loads(path.read_text()):
-        for target in targets:
+        for target in (t for t in targets if t in entry.get("targets", targets)):
             dtypes = sorted({k for k, _ in entry["params"].values() if k.startswith("*") and k[1:] in ("bf16", "fp32")})
             label = (f"{target} {entry['module'].rsplit('.', 1)[-1]}.{entry['name']} "
-                     f"warps={entry['options']['num_warps']} {'/'.join(dtypes)}")
+                     f"warps={entry['options']['num_warps']} {'/'.join(dtypes)}"
+                     + (" pdl" if entry["options"].get("launch_pdl") else ""))
             try:
                 fn, src = _source(entry)
                 kernel = triton.compile(src, target=GPUTarget("cuda", int(target[3:]), 32), options=entry["options"])

@@ -3,7 +3,7 @@ import torch
 from scipy import stats
 
 from dflash_cli.kernels import accept as kernels
-from dflash_cli.kernels.accept import accept, accept_ref, filtered_scores, sample, sample_ref
+from dflash_cli.kernels.accept import accept, accept_ref, filtered_scores, sample, sample_ref, verdict_ref
 
 from dflash_cli.sampling import Mode
 
@@ -183,3 +183,37 @@ def test_a_row_samples_the_same_token_alone_or_in_any_block(seed, params, small_
     rows = torch.arange(16, device=DEVICE) + 100
     assert first_variant_row(lambda a, b: (sample(logits[a:b], rows[a:b], seed=seed, **params),), rows=16,
                              blocks=(3, 16)) is None, f"seed {seed}"
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95)], ids=ids)
+def test_the_verdict_packs_what_accept_returns(seed, params):
+    """The engine's packed result: [a, y, block], the commit count a + 1 and the next bonus y_a, written by
+    accept's own launches, equal to the reference's for every agreement length."""
+    b, vocab = 6, 300
+    logits = torch.randn(b, vocab, device=DEVICE) * 4
+    length = torch.tensor(int(torch.randint(0, 1000, (1,))), device=DEVICE)
+    y = sample_ref(logits, length + torch.arange(b, device=DEVICE), seed=seed, **params)
+    for agree in (0, 2, b - 1):
+        block = torch.randint(0, vocab, (b,), device=DEVICE)
+        block[1:agree + 1] = y[:agree]
+        if agree < b - 1:
+            block[agree + 1] = (y[agree] + 1) % vocab
+        got, want = kernels.verdict(logits, block, length, seed=seed, **params), verdict_ref(logits, block, length,
+                                                                                           seed=seed, **params)
+        assert got.packed.tolist() == want.packed.tolist() == [agree, *y.tolist(), *block.tolist()]
+        assert int(got.count) == int(want.count) == agree + 1 and got.count.dim() == want.count.dim() == 0
+        assert got.bonus.tolist() == want.bonus.tolist() == [int(y[agree])]
+        assert int(got.accepted) == agree and torch.equal(got.y, y)
+
+
+def test_device_sampling_values_are_read_in_place():
+    """DeviceSampling keeps temperature, top_p and min_p in one buffer: the sampler reads that buffer (a view,
+    no stack), and a device seed is not masked by a launch of its own."""
+    from dflash_cli.sampling import DeviceSampling, SamplingParams
+
+    s = DeviceSampling(torch.device(DEVICE))
+    s.load(SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, seed=3))
+    values = kernels._values(s.temperature, s.top_p, s.min_p, s.values.device)
+    assert values.data_ptr() == s.values.data_ptr() and values.tolist() == pytest.approx([0.7, 0.9, 0.05])
+    assert kernels._values(torch.tensor(0.5), torch.tensor(1.0), torch.tensor(0.0), "cpu").tolist() == [0.5, 1.0, 0.0]
+    assert kernels._seed_tensor(s.seed, s.seed.device).data_ptr() == s.seed.data_ptr()

@@ -199,26 +199,9 @@ def test_ops_takes_the_glue_kernels_with_kernels_on(monkeypatch):
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
     assert ops._pick("gdn_prologue", torch.device("cpu")) is gg.gdn_prologue_ref
     assert ops._pick("gdn_rule_norm", torch.device("cpu")) is gg.gdn_rule_norm_ref
-    assert ops._pick("replay", torch.device("cpu")) is gg.replay_ref
 
 
-# ---- one recurrence arithmetic: the commit's replay and a tree node's prologue -----------------------------
-@pytest.mark.parametrize("count", [0, 1, 5, 8])
-def test_replay_matches_the_reference(seed, count):
-    """The commit's replay over all layers at once, the first `count` rows (read on the device)."""
-    g = torch.Generator().manual_seed(seed)
-    n, t, hk, hv, dk, dv = 3, 8, 2, 4, 16, 16
-    k = gd.l2norm_ref(torch.randn(n, t, hk, dk, generator=g)).to(DEVICE)
-    v, state = torch.randn(n, t, hv, dv, generator=g).to(DEVICE), torch.randn(n, hv, dk, dv, generator=g).to(DEVICE)
-    decay, beta = (-torch.rand(n, t, hv, generator=g) * 2).to(DEVICE), torch.rand(n, t, hv, generator=g).to(DEVICE)
-    got, want = state.clone(), state.clone()
-    gg.replay(got, k, v, decay, beta, torch.tensor(count, device=DEVICE))
-    gg.replay_ref(want, k, v, decay, beta, torch.tensor(count, device=DEVICE))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
-    if count == 0:
-        assert torch.equal(got, state)  # nothing accepted: the state is untouched, bit for bit
-
-
+# ---- one recurrence arithmetic: the commit's replay (kernels/gdn_replay.py) and a tree node's prologue -----
 @pytest.mark.parametrize("count", [1, 3, 6])
 def test_a_replayed_state_is_the_rules_bit_for_bit(seed, count):
     """A verify row the commit replays updates the state exactly as the same row through the rule written
@@ -231,14 +214,21 @@ def test_a_replayed_state_is_the_rules_bit_for_bit(seed, count):
     rec_g = (-torch.rand(n, t + 2, hv, generator=g) * 2).to(DEVICE)
     rec_beta = torch.rand(n, t + 2, hv, generator=g).to(DEVICE)
     state = torch.randn(n, hv, dk, dv, generator=g).to(DEVICE)
-    replayed = state.clone()
-    gg.replay(replayed, rec_k[:, :t], rec_v[:, :t], rec_g[:, :t], rec_beta[:, :t], torch.tensor(count, device=DEVICE))
+    from dflash_cli.kernels import gdn_replay
+
+    replayed, committed = state.clone(), state.clone()
+    gdn_replay.replay(replayed, rec_k[:, :t], rec_v[:, :t], rec_g[:, :t], rec_beta[:, :t],
+                      torch.tensor(count, device=DEVICE))
+    conv, x = torch.randn(n, 3, 40, generator=g).to(DEVICE), torch.randn(n, t + 2, 40, generator=g).to(DEVICE)
+    gdn_replay.gdn_commit(committed, rec_k[:, :t], rec_v[:, :t], rec_g[:, :t], rec_beta[:, :t], conv, x[:, :t],
+                          torch.tensor(count, device=DEVICE))
     z, w = torch.randn(count, hv * dv, generator=g).to(DEVICE), torch.randn(dv, generator=g).to(DEVICE)
     for layer in range(n):
         ruled = state[layer].clone()
         gg.gdn_rule_norm(*(r[layer, :count].contiguous() for r in (rec_k, rec_k, rec_v, rec_g, rec_beta)), ruled,
                          dk**-0.5, z, w, 1e-6, True)
         assert torch.equal(replayed[layer], ruled), f"seed {seed}, layer {layer}"
+        assert torch.equal(committed[layer], ruled), f"seed {seed}, layer {layer}: the one-launch commit's"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

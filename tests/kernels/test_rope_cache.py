@@ -45,14 +45,16 @@ def test_norm_rope_and_cache_write(seed, dtype, t, hq, hkv, d, rot, qk_norm):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, layers, hkv, d, hidden", [(1, 1, 2, 16, 64), (7, 5, 2, 32, 96), (16, 3, 4, 64, 200),
                                                         (3, 2, 2, 128, 96)])
-def test_draft_context_kv(seed, dtype, t, layers, hkv, d, hidden):
+@pytest.mark.parametrize("given", ["positions", "first"])  # [T] positions, or the 0-d first one (the rest follow)
+def test_draft_context_kv(seed, dtype, t, layers, hkv, d, hidden, given):
     capacity = 40
     cos_sin = rope_table(d, 1e6, None, 64, DEVICE)
     ctx = torch.randn(t, hidden, dtype=dtype, device=DEVICE)
     w_kv = torch.randn(layers * 2 * hkv * d, hidden, dtype=dtype, device=DEVICE) / hidden**0.5
     k_norm = torch.randn(layers, d, dtype=dtype, device=DEVICE)
     start = int(torch.randint(0, capacity - t, (1,)))
-    positions = torch.arange(start, start + t, device=DEVICE)
+    positions = torch.arange(start, start + t, device=DEVICE) if given == "positions" else \
+        torch.tensor(start, device=DEVICE)
     caches = [nan_like((layers, hkv, capacity, d), dtype) for _ in range(4)]
     draft_ctx_kv(ctx, w_kv, k_norm, 1e-6, cos_sin, positions, caches[0], caches[1])
     draft_ctx_kv_ref(ctx, w_kv, k_norm, 1e-6, cos_sin, positions, caches[2], caches[3])

@@ -98,9 +98,8 @@ class RecurrentCache:
             t = min(t, plan.path.shape[0])  # a tree's path: at most its depth + 1 of its nodes
             for r in records:
                 r[:, :t].copy_(r.index_select(1, plan.path[:t]))
-        ops.gdn_replay(self.state, self.rec_k[:, :t], self.rec_v[:, :t], self.rec_g[:, :t], self.rec_beta[:, :t],
-                       plan.count)
-        ops.conv_commit(self.conv, self.rec_x[:, :t], plan.count)
+        ops.gdn_commit(self.state, self.rec_k[:, :t], self.rec_v[:, :t], self.rec_g[:, :t], self.rec_beta[:, :t],
+                       self.conv, self.rec_x[:, :t], plan.count)  # the replay and the conv windows: one launch
 
     def reset(self) -> None:
         self.state.zero_()
