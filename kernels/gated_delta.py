@@ -13,8 +13,8 @@ the conv; committing it is a gather at a device index.
 The torch references run on the CPU; on CUDA fla-core's Triton kernels (imported lazily) serve only
 prefill chunks over 64 tokens (`chunk`), the conv commit is ours below. A layer's step (decode, verify,
 short prefill chunks) runs the conv, the norms and the rule in kernels/gdn_glue.py's two fused kernels,
-which round as the ones here do, and the commit's replay (`replay_ref` here) runs there with the same
-per-step arithmetic, as does a tree verify (kernels/gated_delta_tree.py).
+which round as the ones here do; the commit's replay (`replay_ref` here) runs in kernels/gdn_replay.py
+with the same per-step arithmetic, as does a tree verify (kernels/gated_delta_tree.py).
 """
 from __future__ import annotations
 
