@@ -188,9 +188,10 @@ def hybrid_cases(dev: str, dt: torch.dtype):
     yield ("replay commit (48 layers)", gdn_replay.replay, gated_delta.replay_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, count), 2 * nbytes(states) + nbytes(kr, vr))
     parents = torch.cat((torch.zeros(1, dtype=torch.int64), torch.arange(B - 1) // 2)).to(dev)  # a binary tree
-    yield ("gated delta rule, tree verify (1 layer, B nodes)", gated_delta_tree.tree_rule,
-           gated_delta_tree.tree_rule_ref, lambda f: f(qk[0], qk[0], vv[0], gg[0], bb[0], state[0], parents, dk**-0.5),
-           (B + 1) * 2 * nbytes(state) + nbytes(qk, qk, vv))
+    yield ("gdn rule + gated norm, tree verify (1 layer, B nodes)", gated_delta_tree.tree_rule_norm,
+           gated_delta_tree.tree_rule_norm_ref,
+           lambda f: f(qk[0], qk[0], vv[0], gg[0], bb[0], state[0], parents, dk**-0.5, z, norm_w, 1e-6),
+           (B + 1) * 2 * nbytes(state) + nbytes(qk, qk, vv, z, z))
     yield ("hybrid commit: replay + conv windows (48 layers)", gdn_replay.gdn_commit, gdn_replay.gdn_commit_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, conv.clone(), xs, count), 2 * nbytes(states) + nbytes(kr, vr, xs))
 

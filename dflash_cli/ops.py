@@ -201,8 +201,9 @@ def gated_rms_norm(x, z, weight, eps):
 _MODULES.update(gdn_prologue="gdn_glue", gdn_rule_norm="gdn_glue")
 
 
-def gdn_prologue(proj, conv, weight, a_log, dt_bias, heads_k, k, v, g, beta, x=None):
-    return _pick("gdn_prologue", proj.device)(proj, conv, weight, a_log, dt_bias, heads_k, k, v, g, beta, x)
+def gdn_prologue(proj, conv, weight, a_log, dt_bias, heads_k, k, v, g, beta, x=None, windows=None):
+    extra = {} if windows is None else {"windows": windows}  # a tree's nodes: each its own conv window
+    return _pick("gdn_prologue", proj.device)(proj, conv, weight, a_log, dt_bias, heads_k, k, v, g, beta, x, **extra)
 
 
 def gdn_rule_norm(q, k, v, g, beta, state, scale, z, norm_weight, eps, write_state):
@@ -310,9 +311,10 @@ def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None):
 
 
 # ---- Tree verification on a hybrid target ---------------------------------------------------------------
-# kernels/gated_delta_tree.py: the gated delta rule down a drafted tree, each node from its parent's state.
-_MODULES.update(tree_rule="gated_delta_tree")
+# kernels/gated_delta_tree.py: the gated delta rule down a drafted tree, each node from its parent's state,
+# with the chain's gated norm as epilogue.
+_MODULES.update(tree_rule_norm="gated_delta_tree")
 
 
-def gdn_tree_rule(q, k, v, g, beta, state, parents, scale):
-    return _pick("tree_rule", q.device)(q, k, v, g, beta, state, parents, scale)
+def gdn_tree_rule_norm(q, k, v, g, beta, state, parents, scale, z, norm_weight, eps):
+    return _pick("tree_rule_norm", q.device)(q, k, v, g, beta, state, parents, scale, z, norm_weight, eps)

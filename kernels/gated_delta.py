@@ -10,10 +10,11 @@ was (S·exp(0) = S, S + k·0 = S), so the result is exactly the state after the 
 fixed shapes and no host read (a captured graph's step). The conv state is the last K-1 inputs of
 the conv; committing it is a gather at a device index.
 
-The torch references run on the CPU; on CUDA the rule runs in fla-core's Triton kernels (imported
-lazily; `fused_recurrent` for the replay, `chunk` for prefill chunks over 64 tokens), the conv commit
-in ours below. A layer's step (decode, verify, short prefill chunks) runs the conv, the norms and the
-rule in kernels/gdn_glue.py's two fused kernels, which round as the ones here do.
+The torch references run on the CPU; on CUDA fla-core's Triton kernels (imported lazily) serve only
+prefill chunks over 64 tokens (`chunk`), the conv commit is ours below. A layer's step (decode, verify,
+short prefill chunks) runs the conv, the norms and the rule in kernels/gdn_glue.py's two fused kernels,
+which round as the ones here do; the commit's replay (`replay_ref` here) runs in kernels/gdn_replay.py
+with the same per-step arithmetic, as does a tree verify (kernels/gated_delta_tree.py).
 """
 from __future__ import annotations
 
@@ -100,16 +101,6 @@ def gated_delta_rule(q, k, v, g, beta, state, scale):
     out, final = rule(q.contiguous(), k.contiguous(), v.contiguous(), g=g.contiguous(), beta=beta.contiguous(),
                       scale=scale, initial_state=state.contiguous(), output_final_state=True)
     return out.float(), final
-
-
-def replay(state, k, v, g, beta, count) -> None:
-    """fla-core: same contract as `replay_ref` (all N layers in one launch)."""
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
-
-    g, beta = _masked(g, beta, count)
-    _, final = fused_recurrent_gated_delta_rule(k.contiguous(), k.contiguous(), v.contiguous(), g=g, beta=beta,
-                                                scale=1.0, initial_state=state, output_final_state=True)
-    state.copy_(final)
 
 
 @triton.jit(do_not_specialize=["t_rows"])  # prefill chunks of any length: one compile

@@ -1,10 +1,13 @@
 """The gated delta rule down a drafted tree (tree verification on a hybrid target, dflash_cli/tree.py):
 node i's step runs from its parent's state after the parent's step; the root's from the committed state.
+Each node's output row goes through the gated RMSNorm in the same program, as a chain's does.
 
-Nodes come parents first, so one pass in node order serves: per value head and block of value columns,
-one program walks the nodes, keeping each node's state in a scratch buffer [N, Hv, dk, dv] from which its
-children load it. A node's output depends on its own path alone (never on how many nodes share the
-launch), as a chain's row depends on the rows before it alone.
+Nodes come parents first, so one pass in node order serves: per value head, one program walks the nodes,
+keeping each node's state in a scratch buffer [N, Hv, dk, dv] from which its children load it. Every step
+is kernels/gdn_glue.py's `_rule_step` on a whole head, launched with its warps, and every output row its
+`_gated_norm`: a node's state and output are, bit for bit, those of the chain of its path through
+`gdn_rule_norm` (and so of the commit's replay and of a fresh prefill), and depend on its own path alone
+(never on how many nodes share the launch).
 """
 from __future__ import annotations
 
@@ -12,68 +15,68 @@ import torch
 import triton
 import triton.language as tl
 
+from .gdn_glue import _gated_norm, _rule_step, _warps, gdn_rule_norm_ref
 
-def tree_rule_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                  state: torch.Tensor, parents: torch.Tensor, scale: float) -> torch.Tensor:
+
+def tree_rule_norm_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                       state: torch.Tensor, parents: torch.Tensor, scale: float, z: torch.Tensor,
+                       norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """q, k [N, Hk, dk] fp32 (l2-normed); v [N, Hv, dv]; g, beta [N, Hv] fp32; state [Hv, dk, dv] fp32 (not
-    modified); parents [N] int64 (parents[i] < i for i > 0; node 0 starts from `state`). Value head h reads
-    key head h // (Hv / Hk). Returns o [N, Hv, dv] fp32. Each node's step is the chain's own step
-    (kernels/gated_delta.gated_delta_rule_ref, the same ops in the same order), from its parent's state."""
-    group = v.shape[1] // k.shape[1]
-    q = q.repeat_interleave(group, dim=1) * scale
-    k = k.repeat_interleave(group, dim=1)
-    v = v.float()
+    modified); parents [N] int64 (parents[i] < i for i > 0; node 0 starts from `state`); z [N, Hv·dv].
+    Returns [N, Hv, dv] in z's dtype: each node is `gdn_rule_norm_ref`'s one-row step from its parent's
+    state (the chain's step, the same ops in the same order)."""
     n = q.shape[0]
     states = state.new_empty((n, *state.shape))
-    out = torch.empty_like(v)
+    out = torch.empty(v.shape, dtype=z.dtype, device=z.device)
     for i in range(n):
-        s = state if i == 0 else states.index_select(0, parents[i:i + 1])[0]
-        s = s * g[i].exp()[..., None, None]
-        delta = (v[i] - (s * k[i, ..., None]).sum(-2)) * beta[i, :, None]
-        s = s + k[i, ..., None] * delta[..., None, :]
+        # the parent's state by a device index (no host read: a captured step's)
+        s = state.clone() if i == 0 else states.index_select(0, parents[i:i + 1])[0]
+        row = slice(i, i + 1)
+        out[i] = gdn_rule_norm_ref(q[row], k[row], v[row], g[row], beta[row], s, scale, z[row], norm_weight, eps,
+                                   True)[0]
         states[i] = s
-        out[i] = (s * q[i, ..., None]).sum(-2)
     return out
 
 
 @triton.jit(do_not_specialize=["n_nodes"])  # every budget: one compile
-def _tree_rule_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, parents_ptr, scratch_ptr, out_ptr, n_nodes,
-                      scale, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr):
-    hv = tl.program_id(0)
+def _tree_rule_norm_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, parents_ptr, scratch_ptr, z_ptr,
+                           z_stride, w_ptr, out_ptr, n_nodes, scale, eps, HK: tl.constexpr, HV: tl.constexpr,
+                           DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    hv = tl.program_id(0).to(tl.int64)
     hk = hv // (HV // HK)
-    rk = tl.arange(0, BK)
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
     mk, mv = rk < DK, rv < DV
     tile = mk[:, None] & mv[None, :]
     at = rk[:, None] * DV + rv[None, :]
-    start = tl.load(state_ptr + hv * DK * DV + at, mask=tile, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    start = tl.load(state_ptr + hv * DK * DV + at, mask=tile, other=0.0)
+    w = tl.load(w_ptr + rv, mask=mv, other=0.0).to(tl.float32)
     for i in range(n_nodes):
         parent = tl.load(parents_ptr + i)
         loaded = tl.load(scratch_ptr + (parent * HV + hv) * DK * DV + at, mask=tile & (i > 0), other=0.0)
-        s = tl.where(i > 0, loaded, start)
-        kk = tl.load(k_ptr + (i * HK + hk) * DK + rk, mask=mk, other=0.0).to(tl.float32)
-        qq = tl.load(q_ptr + (i * HK + hk) * DK + rk, mask=mk, other=0.0).to(tl.float32) * scale
-        vv = tl.load(v_ptr + (i * HV + hv) * DV + rv, mask=mv, other=0.0).to(tl.float32)
-        decay = tl.exp(tl.load(g_ptr + i * HV + hv).to(tl.float32))
-        b = tl.load(beta_ptr + i * HV + hv).to(tl.float32)
-        s = s * decay
-        delta = (vv - tl.sum(s * kk[:, None], axis=0)) * b
-        s = s + kk[:, None] * delta[None, :]
-        tl.store(out_ptr + (i * HV + hv) * DV + rv, tl.sum(s * qq[:, None], axis=0), mask=mv)
-        tl.store(scratch_ptr + (i * HV + hv) * DK * DV + at, s, mask=tile)
+        h = tl.where(i > 0, loaded, start)
+        q = tl.load(q_ptr + (i * HK + hk) * DK + rk, mask=mk, other=0.0) * scale
+        k = tl.load(k_ptr + (i * HK + hk) * DK + rk, mask=mk, other=0.0)
+        v = tl.load(v_ptr + (i * HV + hv) * DV + rv, mask=mv, other=0.0)
+        h = _rule_step(h, k, v, tl.load(g_ptr + i * HV + hv), tl.load(beta_ptr + i * HV + hv))
+        z = tl.load(z_ptr + i * z_stride + hv * DV + rv, mask=mv, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (i * HV + hv) * DV + rv, _gated_norm(tl.sum(h * q[:, None], 0), z, w, eps, DV, dtype),
+                 mask=mv)
+        tl.store(scratch_ptr + (i * HV + hv) * DK * DV + at, h, mask=tile)
         tl.debug_barrier()  # a child (a later node) loads this state: written before any thread reads it
 
 
-def tree_rule(q, k, v, g, beta, state, parents, scale) -> torch.Tensor:
-    """Triton: same contract as `tree_rule_ref`, one launch for the whole tree."""
+def tree_rule_norm(q, k, v, g, beta, state, parents, scale, z, norm_weight, eps) -> torch.Tensor:
+    """Triton: same contract as `tree_rule_norm_ref`, one launch for the whole tree. q, k, v, g, beta:
+    contiguous fp32 (gdn_prologue's, a record's first rows); z: rows of stride z.stride(0)."""
     n, hk, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
-    out = torch.empty((n, hv, dv), dtype=torch.float32, device=q.device)
+    assert z.stride(-1) == 1 and state.is_contiguous() and all(x.is_contiguous() for x in (q, k, v, g, beta))
+    out = torch.empty((n, hv, dv), dtype=z.dtype, device=z.device)
     scratch = torch.empty((n, hv, dk, dv), dtype=torch.float32, device=q.device)
-    block_v = min(32, triton.next_power_of_2(dv))
-    _tree_rule_kernel[(hv, triton.cdiv(dv, block_v))](
-        q.contiguous(), k.contiguous(), v.float().contiguous(), g.contiguous(), beta.contiguous(), state.contiguous(),
-        parents.contiguous(), scratch, out, n, scale, HK=hk, HV=hv, DK=dk, DV=dv, BK=triton.next_power_of_2(dk),
-        BV=block_v)
+    bk, bv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    if n:
+        _tree_rule_norm_kernel[(hv,)](q, k, v, g, beta, state, parents.contiguous(), scratch, z, z.stride(0),
+                                      norm_weight, out, n, scale, eps, HK=hk, HV=hv, DK=dk, DV=dv, BK=bk, BV=bv,
+                                      num_warps=_warps(bk, bv))
     return out

@@ -14,6 +14,12 @@ fp32 and rounds once to the activations' dtype, q/k/v are that rounded value in 
 output is rounded to the activations' dtype before its norm. Only g and beta (softplus, sigmoid) may
 differ from torch's in the last bits. A row is one program per head whatever the launch holds, so a
 row's result does not depend on the number of rows (batch invariance, issue 24).
+
+One recurrence arithmetic (`_rule_step`, whole heads, `_warps`): a token's state update rounds alike
+whether it is a prefill chunk's row, a committed decode step, a verify row replayed by the commit
+(kernels/gdn_replay.py) or a drafted tree's node (kernels/gated_delta_tree.py); and a tree node's q, k, v, g,
+beta come from this prologue too, over its own conv window (`windows`). Only a prefill chunk over
+MAX_RULE_ROWS rows (fla's chunked rule) rounds apart; plain and speculative decoding share the prefill.
 """
 from __future__ import annotations
 
@@ -34,14 +40,21 @@ def _columns(proj: torch.Tensor, conv_dim: int, value_dim: int, heads_v: int):
 
 def gdn_prologue_ref(proj: torch.Tensor, conv: torch.Tensor, weight: torch.Tensor, a_log: torch.Tensor,
                      dt_bias: torch.Tensor, heads_k: int, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                     beta: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+                     beta: torch.Tensor, x: torch.Tensor | None = None,
+                     windows: torch.Tensor | None = None) -> torch.Tensor:
     """proj [T, C + Hv·dv + 2·Hv]: the in-projection's rows; conv [K-1, C]: the conv's last inputs (read
     only); weight [C, K]. Writes k [T, Hk, dk], v [T, Hv, dv], g, beta [T, Hv] (fp32) and, given, x [T, C]
-    := the conv inputs; returns q [T, Hk, dk] fp32 (q and k l2-normed)."""
+    := the conv inputs; returns q [T, Hk, dk] fp32 (q and k l2-normed). Row t's conv window is rows
+    t .. t+K-1 of [conv | proj's conv columns], or, given `windows` [T, K] int64 (a tree's nodes), the
+    rows windows[t] of it."""
     t, (_, heads_v, dv) = proj.shape[0], v.shape
     c, dk = conv.shape[-1], k.shape[-1]
     mixed, _, b, a = _columns(proj, c, heads_v * dv, heads_v)
-    qkv = causal_conv_ref(torch.cat((conv, mixed)), weight)
+    window = torch.cat((conv, mixed))
+    if windows is None:
+        qkv = causal_conv_ref(window, weight)
+    else:  # the windows laid end to end, every K-th output kept
+        qkv = causal_conv_ref(window.index_select(0, windows.reshape(-1)), weight)[::weight.shape[1]]
     q, kk, vv = qkv.split([heads_k * dk, heads_k * dk, heads_v * dv], dim=-1)
     k.copy_(l2norm_ref(kk.reshape(t, heads_k, dk)))
     v.copy_(vv.reshape(t, heads_v, dv))
@@ -69,16 +82,19 @@ def gdn_rule_norm_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
 
 # ---- Triton -----------------------------------------------------------------------------------------------
 @triton.jit
-def _conv_row(proj_ptr, proj_stride, conv_ptr, w_ptr, t, channels, start, width, K: tl.constexpr,
-              BLOCK: tl.constexpr):
+def _conv_row(proj_ptr, proj_stride, conv_ptr, w_ptr, win_ptr, t, channels, start, width, K: tl.constexpr,
+              WINDOWS: tl.constexpr, BLOCK: tl.constexpr):
     """silu(conv) of row t at channels start .. start+width-1, rounded to the activations' dtype, in fp32
-    (kernels/gated_delta.py's _causal_conv_kernel, the same ops in the same order). Window row r is the
-    cached conv row r for r < K-1, else the in-projection's row r-(K-1)."""
+    (kernels/gated_delta.py's _causal_conv_kernel, the same ops in the same order). Window row r (t + j,
+    or windows[t, j]) is the cached conv row r for r < K-1, else the in-projection's row r-(K-1)."""
     cols = start + tl.arange(0, BLOCK)
     ok = tl.arange(0, BLOCK) < width
     acc = tl.zeros([BLOCK], tl.float32)
     for j in tl.static_range(K):
-        r = t + j + 0 * cols  # as a vector: Triton's interpreter cannot `and` a scalar into a mask
+        if WINDOWS:
+            r = tl.load(win_ptr + t * K + j) + 0 * cols
+        else:
+            r = t + j + 0 * cols  # as a vector: Triton's interpreter cannot `and` a scalar into a mask
         w = tl.load(w_ptr + cols * K + j, mask=ok, other=0.0).to(tl.float32)
         old = tl.load(conv_ptr + r * channels + cols, mask=ok & (r < K - 1), other=0.0)
         new = tl.load(proj_ptr + (r - (K - 1)) * proj_stride + cols, mask=ok & (r >= K - 1), other=0.0)
@@ -89,8 +105,9 @@ def _conv_row(proj_ptr, proj_stride, conv_ptr, w_ptr, t, channels, start, width,
 
 @triton.jit
 def _prologue_kernel(proj_ptr, proj_stride, conv_ptr, w_ptr, a_log_ptr, dt_bias_ptr, q_ptr, k_ptr, v_ptr, g_ptr,
-                     beta_ptr, x_ptr, channels, HK: tl.constexpr, DK: tl.constexpr, HV: tl.constexpr,
-                     DV: tl.constexpr, K: tl.constexpr, RECORD: tl.constexpr, BLOCK_K: tl.constexpr,
+                     beta_ptr, x_ptr, win_ptr, channels, HK: tl.constexpr, DK: tl.constexpr, HV: tl.constexpr,
+                     DV: tl.constexpr, K: tl.constexpr, RECORD: tl.constexpr, WINDOWS: tl.constexpr,
+                     BLOCK_K: tl.constexpr,
                      BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (t, p): p < 2·Hk a q or k head (conv, l2norm), p < 2·Hk + Hv a v head (conv), the last
     one g and beta of all value heads. Each writes its channels' conv inputs to the record."""
@@ -98,7 +115,8 @@ def _prologue_kernel(proj_ptr, proj_stride, conv_ptr, w_ptr, a_log_ptr, dt_bias_
     p = tl.program_id(1)
     row = proj_ptr + t * proj_stride
     if p < 2 * HK:
-        y = _conv_row(proj_ptr, proj_stride, conv_ptr, w_ptr, t, channels, p * DK, DK, K, BLOCK_K)
+        y = _conv_row(proj_ptr, proj_stride, conv_ptr, w_ptr, win_ptr, t, channels, p * DK, DK, K, WINDOWS,
+                      BLOCK_K)
         y = y * (1.0 / tl.sqrt(tl.sum(y * y, axis=0) + 1e-6))  # kernels/gated_delta.py's _l2norm_kernel
         d = tl.arange(0, BLOCK_K)
         is_q = 0 * d + p < HK  # a vector, as in _conv_row
@@ -108,7 +126,8 @@ def _prologue_kernel(proj_ptr, proj_stride, conv_ptr, w_ptr, a_log_ptr, dt_bias_
             tl.store(x_ptr + t * channels + p * DK + d, tl.load(row + p * DK + d, mask=d < DK), mask=d < DK)
     elif p < 2 * HK + HV:
         start = 2 * HK * DK + (p - 2 * HK) * DV
-        y = _conv_row(proj_ptr, proj_stride, conv_ptr, w_ptr, t, channels, start, DV, K, BLOCK_V)
+        y = _conv_row(proj_ptr, proj_stride, conv_ptr, w_ptr, win_ptr, t, channels, start, DV, K, WINDOWS,
+                      BLOCK_V)
         d = tl.arange(0, BLOCK_V)
         tl.store(v_ptr + (t * HV + p - 2 * HK) * DV + d, y, mask=d < DV)
         if RECORD:
@@ -132,29 +151,56 @@ def _prologue_kernel(proj_ptr, proj_stride, conv_ptr, w_ptr, a_log_ptr, dt_bias_
 
 def gdn_prologue(proj: torch.Tensor, conv: torch.Tensor, weight: torch.Tensor, a_log: torch.Tensor,
                  dt_bias: torch.Tensor, heads_k: int, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                 beta: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+                 beta: torch.Tensor, x: torch.Tensor | None = None, windows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Triton: same contract as `gdn_prologue_ref`, one launch. k, v, g, beta, x: contiguous (a record's
     first rows, or new)."""
     t, (_, heads_v, dv) = proj.shape[0], v.shape
     c, dk = conv.shape[-1], k.shape[-1]
     assert proj.stride(-1) == 1 and conv.is_contiguous() and weight.is_contiguous()
     assert all(o.is_contiguous() for o in (k, v, g, beta) + (() if x is None else (x,)))
+    assert windows is None or windows.is_contiguous()
     q = torch.empty_like(k)
     if t:
         _prologue_kernel[(t, 2 * heads_k + heads_v + 1)](
-            proj, proj.stride(0), conv, weight, a_log, dt_bias, q, k, v, g, beta, proj if x is None else x, c,
-            HK=heads_k, DK=dk, HV=heads_v, DV=dv, K=weight.shape[1], RECORD=x is not None,
+            proj, proj.stride(0), conv, weight, a_log, dt_bias, q, k, v, g, beta, proj if x is None else x,
+            proj if windows is None else windows, c, HK=heads_k, DK=dk, HV=heads_v, DV=dv, K=weight.shape[1],
+            RECORD=x is not None, WINDOWS=windows is not None,
             BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=triton.next_power_of_2(dv),
             BLOCK_H=triton.next_power_of_2(heads_v))
     return q
+
+
+@triton.jit
+def _rule_step(h, k, v, g, beta):
+    """One token's step of the gated delta rule on a whole head's state h [BK, BV] (fla's fused recurrent
+    step): the one arithmetic of every state update, so that a token's state rounds alike in a prefill
+    chunk, a decode step, a commit's replay and a tree's node (each launched with `_warps`)."""
+    h *= tl.exp(g)
+    v = beta * (v - tl.sum(h * k[:, None], 0))
+    h += k[:, None] * v[None, :]
+    return h
+
+
+@triton.jit
+def _gated_norm(o, z, w, eps, DV: tl.constexpr, dtype: tl.constexpr):
+    """w · rmsnorm(o) · silu(z) of one output row (o rounded to dtype first; _gated_rms_norm_kernel's ops)."""
+    o = o.to(dtype).to(tl.float32)
+    normed = (o * (1.0 / tl.sqrt(tl.sum(o * o, axis=0) / DV + eps))).to(dtype).to(tl.float32)
+    return (w * normed * (z / (1.0 + tl.exp(-z)))).to(dtype)
+
+
+def _warps(bk: int, bv: int) -> int:
+    """The warps of every launch of `_rule_step`: a reduction's order follows the tile and the warps."""
+    return 8 if bk * bv >= 128 * 128 else 4
 
 
 @triton.jit(do_not_specialize=["t_rows"])
 def _rule_norm_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, z_ptr, z_stride, w_ptr, out_ptr, t_rows,
                       scale, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, WRITE_STATE: tl.constexpr):
-    """One program per value head: its state [dk, dv] in registers over the T rows (fla's fused recurrent
-    step, whole heads), each output row normed and gated at once (_gated_rms_norm_kernel's ops)."""
+    """One program per value head: its state [dk, dv] in registers over the T rows (`_rule_step`), each
+    output row normed and gated at once (`_gated_norm`)."""
     hv = tl.program_id(0).to(tl.int64)
     hk = hv // (HV // HK)
     rk, rv = tl.arange(0, BK), tl.arange(0, BV)
@@ -167,13 +213,10 @@ def _rule_norm_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, z_ptr, z_
         q = tl.load(q_ptr + (t * HK + hk) * DK + rk, mask=mk, other=0.0) * scale
         k = tl.load(k_ptr + (t * HK + hk) * DK + rk, mask=mk, other=0.0)
         v = tl.load(v_ptr + (t * HV + hv) * DV + rv, mask=mv, other=0.0)
-        h *= tl.exp(tl.load(g_ptr + t * HV + hv))
-        v = tl.load(beta_ptr + t * HV + hv) * (v - tl.sum(h * k[:, None], 0))
-        h += k[:, None] * v[None, :]
-        o = tl.sum(h * q[:, None], 0).to(dtype).to(tl.float32)
-        normed = (o * (1.0 / tl.sqrt(tl.sum(o * o, axis=0) / DV + eps))).to(dtype).to(tl.float32)
+        h = _rule_step(h, k, v, tl.load(g_ptr + t * HV + hv), tl.load(beta_ptr + t * HV + hv))
         z = tl.load(z_ptr + t * z_stride + hv * DV + rv, mask=mv, other=0.0).to(tl.float32)
-        tl.store(out_ptr + (t * HV + hv) * DV + rv, (w * normed * (z / (1.0 + tl.exp(-z)))).to(dtype), mask=mv)
+        out = _gated_norm(tl.sum(h * q[:, None], 0), z, w, eps, DV, dtype)
+        tl.store(out_ptr + (t * HV + hv) * DV + rv, out, mask=mv)
     if WRITE_STATE:  # each program read its own head's state first: in place is safe
         tl.store(s_ptrs, h, mask=mk[:, None] & mv[None, :])
 
@@ -197,5 +240,6 @@ def gdn_rule_norm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         dk, bk, bv = k.shape[-1], triton.next_power_of_2(k.shape[-1]), triton.next_power_of_2(dv)
         _rule_norm_kernel[(heads_v,)](q, k, v, g, beta, state, z, z.stride(0), norm_weight, out, t, scale, eps,
                                       HK=k.shape[1], HV=heads_v, DK=dk, DV=dv, BK=bk, BV=bv,
-                                      WRITE_STATE=write_state, num_warps=8 if bk * bv >= 128 * 128 else 4)
+                                      WRITE_STATE=write_state, num_warps=_warps(bk, bv))
     return out
+

@@ -2,79 +2,74 @@
 one launch: every linear layer's state advanced in place by the first `count` recorded steps of the verify
 block, `count` read on the device (the loop stops there), so no masking of g and β, no final state to copy back.
 
-The step is fla-core's fused recurrent kernel's (which kernels/gated_delta.replay runs over the masked steps):
-the same loads, the same operations in the same order, the same tile (BK = K, BV ≤ 8, one warp), so the state
-is the one fla computes; a masked step there (g = 0, β = 0) leaves the state as it was, which is what
-stopping at `count` does.
+The step is the rule's own (kernels/gdn_glue.py's `_rule_step`, on a whole head, launched with its `_warps`),
+so a replayed row updates the state exactly as the same row does in a prefill chunk, a decode step or a tree
+node: speculative and plain decoding keep the same recurrent state, bit for bit. (The reference stops as the
+masked reference does: a step with g = 0, β = 0 leaves the state as it was.)
 """
 from __future__ import annotations
 
 import torch
 
 from .gated_delta import conv_commit_ref, replay_ref  # noqa: F401  (the torch references, ops' on the CPU)
+from .gdn_glue import _rule_step, _warps
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
-@triton.jit
-def _replay_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t, gb_n, gb_t,
+@triton.jit(do_not_specialize=["t_rows"])  # a tree's path: any length, one compile
+def _replay_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, t_rows, k_n, k_t, v_n, v_t, gb_n, gb_t,
                    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr):
-    _replay(tl.program_id(0).to(tl.int64), state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t,
-            gb_n, gb_t, HK, HV, K, V, BK, BV)
+    _replay(tl.program_id(0).to(tl.int64), state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, t_rows, k_n, k_t,
+            v_n, v_t, gb_n, gb_t, HK, HV, K, V, BK, BV)
 
 
 @triton.jit
-def _replay(pid, state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t, gb_n, gb_t,
+def _replay(pid, state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, t_rows, k_n, k_t, v_n, v_t, gb_n, gb_t,
             HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
             BV: tl.constexpr):
-    NV = tl.cdiv(V, BV)
-    i_v, i_nh = pid % NV, pid // NV
-    i_n, i_hv = i_nh // HV, i_nh % HV
+    """Program pid = (layer, value head): the first min(count, T) recorded rows, each `_rule_step`."""
+    i_n, i_hv = pid // HV, pid % HV
     i_h = i_hv // (HV // HK)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     mask_k, mask_v = o_k < K, o_v < V
     mask_h = mask_k[:, None] & mask_v[None, :]
-    p_h = state_ptr + i_nh * K * V + o_k[:, None] * V + o_v[None, :]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h += tl.load(p_h, mask=mask_h, other=0).to(tl.float32)
+    p_h = state_ptr + pid * K * V + o_k[:, None] * V + o_v[None, :]
+    h = tl.load(p_h, mask=mask_h, other=0.0)
     p_k = k_ptr + i_n * k_n + i_h * K + o_k
     p_v = v_ptr + i_n * v_n + i_hv * V + o_v
     p_g = g_ptr + i_n * gb_n + i_hv
     p_beta = beta_ptr + i_n * gb_n + i_hv
-    for _ in range(0, tl.load(count_ptr)):
-        b_k = tl.load(p_k, mask=mask_k, other=0).to(tl.float32)
-        b_v = tl.load(p_v, mask=mask_v, other=0).to(tl.float32)
-        b_beta = tl.load(p_beta).to(tl.float32)
-        b_g = tl.load(p_g).to(tl.float32)
-        b_h *= tl.exp(b_g)
-        b_v = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
-        b_h += b_k[:, None] * b_v
+    for _ in range(0, tl.minimum(tl.load(count_ptr), t_rows)):
+        k = tl.load(p_k, mask=mask_k, other=0.0)
+        v = tl.load(p_v, mask=mask_v, other=0.0)
+        h = _rule_step(h, k, v, tl.load(p_g), tl.load(p_beta))
         p_k += k_t
         p_v += v_t
         p_g += gb_t
         p_beta += gb_t
-    tl.store(p_h, b_h.to(state_ptr.dtype.element_ty), mask=mask_h)
+    tl.store(p_h, h, mask=mask_h)
 
 
 def replay(state, k, v, g, beta, count) -> None:
     """Triton: same contract as `replay_ref` (all N layers in one launch; `count` a 0-d device tensor or an int)."""
     n, hv, dk, dv = state.shape
-    hk = k.shape[2]
+    hk, t = k.shape[2], k.shape[1]
     assert state.is_contiguous() and k.stride(-1) == v.stride(-1) == g.stride(-1) == beta.stride(-1) == 1
     assert k.stride(2) == dk and v.stride(2) == dv and g.stride() == beta.stride()
+    assert state.dtype == k.dtype == v.dtype == g.dtype == beta.dtype == torch.float32
     count = count if isinstance(count, torch.Tensor) else torch.tensor(count, device=state.device)
-    bv = min(8, triton.next_power_of_2(dv))
-    _replay_kernel[(triton.cdiv(dv, bv) * n * hv,)](
-        state, k, v, g, beta, count.reshape(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
-        g.stride(1), HK=hk, HV=hv, K=dk, V=dv, BK=triton.next_power_of_2(dk), BV=bv, num_warps=1)
+    bk, bv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    _replay_kernel[(n * hv,)](
+        state, k, v, g, beta, count.reshape(1), t, k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
+        g.stride(1), HK=hk, HV=hv, K=dk, V=dv, BK=bk, BV=bv, num_warps=_warps(bk, bv))
 
 
 # ---- the whole commit: the replay and the conv windows, one launch ----------------------------------------
-@triton.jit
-def _commit_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t, gb_n, gb_t,
+@triton.jit(do_not_specialize=["t_rows"])
+def _commit_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, t_rows, k_n, k_t, v_n, v_t, gb_n, gb_t,
                    conv_ptr, x_ptr, x_n, x_t, channels, n_replay, c_blocks,
                    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, KEEP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -83,7 +78,7 @@ def _commit_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t
     rows read before they are written."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < n_replay:
-        _replay(pid, state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, k_n, k_t, v_n, v_t, gb_n, gb_t,
+        _replay(pid, state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, t_rows, k_n, k_t, v_n, v_t, gb_n, gb_t,
                 HK, HV, K, V, BK, BV)
     else:
         c = pid - n_replay
@@ -115,13 +110,14 @@ def gdn_commit(state, k, v, g, beta, conv, x, count) -> None:
     assert state.is_contiguous() and conv.is_contiguous() and x.stride(-1) == 1
     assert k.stride(-1) == v.stride(-1) == g.stride(-1) == beta.stride(-1) == 1
     assert k.stride(2) == dk and v.stride(2) == dv and g.stride() == beta.stride()
+    assert state.dtype == k.dtype == v.dtype == g.dtype == beta.dtype == torch.float32
     count = count if isinstance(count, torch.Tensor) else torch.tensor(count, device=state.device)
-    bv = min(8, triton.next_power_of_2(dv))
-    n_replay = triton.cdiv(dv, bv) * n * hv
+    bk, bv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    n_replay = n * hv
     block_c = min(1024, triton.next_power_of_2(channels))
     c_blocks = triton.cdiv(channels, block_c)
     _commit_kernel[(n_replay + n * c_blocks,)](
-        state, k, v, g, beta, count.reshape(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
-        g.stride(1), conv, x, x.stride(0), x.stride(1), channels, n_replay, c_blocks, HK=k.shape[2], HV=hv, K=dk,
-        V=dv, BK=triton.next_power_of_2(dk), BV=bv, KEEP=keep, BLOCK_K=max(2, triton.next_power_of_2(keep)),
-        BLOCK_C=block_c, num_warps=1)
+        state, k, v, g, beta, count.reshape(1), k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        g.stride(0), g.stride(1), conv, x, x.stride(0), x.stride(1), channels, n_replay, c_blocks, HK=k.shape[2],
+        HV=hv, K=dk, V=dv, BK=bk, BV=bv, KEEP=keep, BLOCK_K=max(2, triton.next_power_of_2(keep)), BLOCK_C=block_c,
+        num_warps=_warps(bk, bv))  # the rule's warps: a replayed step rounds as the rule's

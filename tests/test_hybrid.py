@@ -81,6 +81,31 @@ def test_a_verify_block_rolls_back_to_exactly_the_committed_tokens(slow_model, a
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.slow  # ~20 s interpreted
+def test_on_the_kernel_path_a_committed_verify_block_leaves_the_decode_steps_state_bit_for_bit(qwen35_kernel_pair,
+                                                                                              monkeypatch):
+    """bf16, through the kernels with the batch-invariant linear layers (as on a GPU with
+    DFLASH_LINEAR=invariant): verify a block, commit a + 1 of its rows (the commit replays the recorded rows),
+    and every linear layer's recurrent state and conv window equal, bit for bit, those left by plain decoding
+    of the same tokens one step at a time: the replay steps the state with the rule's own arithmetic."""
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    target = loader.load(qwen35_kernel_pair[0], None, device="cpu", dtype="bfloat16").target
+    g = torch.Generator().manual_seed(7)
+    prompt, block = torch.randint(3, 256, (6,), generator=g), torch.randint(3, 256, (4,), generator=g)
+    for accepted in (1, 3):
+        spec, plain = target.new_cache(32, 4), target.new_cache(32, 4)
+        target.forward(prompt, spec, commit=True)
+        target.forward(block, spec, logits_from=0)
+        target.commit(spec, torch.tensor(accepted + 1))
+        target.forward(prompt, plain, commit=True)
+        for token in block[:accepted + 1]:
+            target.forward(token[None], plain, logits_from=0, commit=True)
+        assert int(spec.length) == int(plain.length) == len(prompt) + accepted + 1
+        assert torch.equal(spec.state, plain.state), f"{accepted + 1} committed: the recurrent states differ"
+        assert torch.equal(spec.conv, plain.conv), f"{accepted + 1} committed: the conv windows differ"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_linear_layer_on_the_glue_kernels_equals_its_torch_path(slow_model, monkeypatch, dtype):
     """A Gated DeltaNet layer with its two glue kernels (kernels/gdn_glue.py, in Triton's interpreter) against

@@ -120,8 +120,8 @@ def fused_linear_launches(dtype, bench):
 
 def gdn_glue_launches(dtype, bench):
     """kernels/gdn_glue.py at Qwen3.5-27B's linear-attention shapes (16 key and 48 value heads of 128, a conv
-    of 4), as the layer launches it: a decode step and a verify block (recorded), a prefill chunk (written
-    through)."""
+    of 4), as the layer launches it: a decode step and a verify block (recorded), a tree verify's nodes (by
+    window), a prefill chunk (written through)."""
     import torch
 
     from dflash_cli.kernels import gdn_glue as gg
@@ -139,6 +139,9 @@ def gdn_glue_launches(dtype, bench):
         z = proj[:, c:c + hv * d]
         yield f"gdn rule + gated norm M={m}{'' if record else ' (state written)'}", \
             lambda a=(k_, k_, v, g, beta, state, d**-0.5, z, norm_w, 1e-6, not record): gg.gdn_rule_norm(*a)
+        if record:  # a tree verify's nodes: each its own conv window (the replay and tree rule: kernel_speed's)
+            windows = torch.zeros(m, k, dtype=torch.int64)
+            yield f"gdn prologue M={m} tree windows", lambda a=args, w=windows: gg.gdn_prologue(*a, windows=w)
 
 
 def moe_launches(dtype):

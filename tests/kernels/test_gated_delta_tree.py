@@ -1,13 +1,15 @@
-"""The gated delta rule down a drafted tree (kernels/gated_delta_tree.py): the reference is the chain's rule
-along each node's own path, and the kernel equals the reference; a node's output does not depend on the
-rest of the tree (batch invariance, issue 24)."""
+"""The gated delta rule down a drafted tree, with the gated norm (kernels/gated_delta_tree.py): the reference
+is the chain's rule along each node's own path, and the kernel equals the chain's kernel along that path bit
+for bit (one recurrence arithmetic); a node's output does not depend on the rest of the tree (batch
+invariance, issue 24)."""
 import pytest
 import torch
 
 from dflash_cli.kernels import gated_delta as gd
 from dflash_cli.kernels import gated_delta_tree as gt
+from dflash_cli.kernels import gdn_glue as gg
 
-from .conftest import DEVICE
+from .conftest import DEVICE, TOL
 
 
 def _tree(n: int, g: torch.Generator) -> torch.Tensor:
@@ -15,14 +17,16 @@ def _tree(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.tensor([0] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)])
 
 
-def _inputs(n, hk, hv, dk, dv, g):
+def _inputs(n, hk, hv, dk, dv, g, dtype=torch.float32):
     q = gd.l2norm_ref(torch.randn(n, hk, dk, generator=g)).to(DEVICE)
     k = gd.l2norm_ref(torch.randn(n, hk, dk, generator=g)).to(DEVICE)
     v = torch.randn(n, hv, dv, generator=g).to(DEVICE)
     decay = (-torch.rand(n, hv, generator=g) * 2).to(DEVICE)
     beta = torch.rand(n, hv, generator=g).to(DEVICE)
     state = torch.randn(hv, dk, dv, generator=g).to(DEVICE)
-    return q, k, v, decay, beta, state
+    proj = torch.randn(n, 2 * hv * dv, generator=g).to(dtype).to(DEVICE)
+    z = proj[:, hv * dv:]  # a strided view, as the in-projection's z columns
+    return q, k, v, decay, beta, state, z, torch.randn(dv, generator=g).to(DEVICE)
 
 
 def _path(parents: list[int], i: int) -> list[int]:
@@ -32,20 +36,40 @@ def _path(parents: list[int], i: int) -> list[int]:
     return nodes[::-1]
 
 
+def _along(inputs, p, dk):
+    """The chain's kernel (gdn_rule_norm) over the path p's rows, from the committed state."""
+    q, k, v, decay, beta, state, z, w = inputs
+    return gg.gdn_rule_norm(*(x[p].contiguous() for x in (q, k, v, decay, beta)), state.clone(), dk**-0.5, z[p], w,
+                            1e-6, False)
+
+
+def _along_ref(inputs, p, dk, hv, dv):
+    """The chain's reference rule over the path p's rows, its last row through the gated norm alone (torch's
+    CPU norm rounds a row by the number of rows beside it)."""
+    q, k, v, decay, beta, state, z, w = inputs
+    out, _ = gd.gated_delta_rule_ref(*(x[p][None] for x in (q, k, v, decay, beta)), state[None], dk**-0.5)
+    return gd.gated_rms_norm_ref(out[0, -1:].to(z.dtype), z[p[-1:]].reshape(1, hv, dv), w, 1e-6)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, hk, hv, dk, dv", [(1, 2, 4, 16, 16), (9, 2, 4, 16, 16), (16, 1, 3, 32, 48),
                                                (12, 2, 2, 8, 24)])
-def test_each_node_is_the_chain_rule_along_its_path_and_the_kernel_equals_it(seed, n, hk, hv, dk, dv):
+def test_each_node_is_the_chain_rule_along_its_path_and_the_kernel_equals_it(seed, n, hk, hv, dk, dv, dtype):
     g = torch.Generator().manual_seed(seed)
     parents = _tree(n, g)
-    q, k, v, decay, beta, state = _inputs(n, hk, hv, dk, dv, g)
+    inputs = _inputs(n, hk, hv, dk, dv, g, dtype)
+    state = inputs[5]
     before = state.clone()
-    want = gt.tree_rule_ref(q, k, v, decay, beta, state, parents.to(DEVICE), dk**-0.5)
+    want = gt.tree_rule_norm_ref(*inputs[:6], parents.to(DEVICE), dk**-0.5, *inputs[6:], 1e-6)
+    got = gt.tree_rule_norm(*inputs[:6], parents.to(DEVICE), dk**-0.5, *inputs[6:], 1e-6)
+    assert got.dtype == want.dtype == dtype
     for i in range(n):
         p = torch.tensor(_path(parents.tolist(), i))
-        chain, _ = gd.gated_delta_rule_ref(*(x[p][None] for x in (q, k, v, decay, beta)), state[None], dk**-0.5)
-        assert torch.equal(want[i], chain[0, -1]), f"seed {seed}: node {i}"  # the same steps, in the same order
-    got = gt.tree_rule(q, k, v, decay, beta, state, parents.to(DEVICE), dk**-0.5)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+        chain_ref = _along_ref(inputs, p, dk, hv, dv)
+        assert torch.equal(want[i], chain_ref), f"seed {seed}: node {i}"  # the same steps, in the same order
+        chain = _along(inputs, p, dk)
+        assert torch.equal(got[i], chain[-1]), f"seed {seed}: node {i} rounds apart from the chain's kernel"
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
     assert torch.equal(state, before), "a tree verify must not write the committed state"
 
 
@@ -55,9 +79,19 @@ def test_a_nodes_output_does_not_depend_on_the_rest_of_the_tree(seed):
     n, hk, hv, dk, dv = 16, 2, 4, 16, 16
     parents = _tree(n, g)
     inputs = _inputs(n, hk, hv, dk, dv, g)
-    whole = gt.tree_rule(*inputs[:5], inputs[5], parents.to(DEVICE), dk**-0.5)
+    whole = gt.tree_rule_norm(*inputs[:6], parents.to(DEVICE), dk**-0.5, *inputs[6:], 1e-6)
     for i in (3, 9, 15):
         p = torch.tensor(_path(parents.tolist(), i))
-        alone = gt.tree_rule(*(x[p] for x in inputs[:5]), inputs[5], torch.cat((p[:1] * 0, torch.arange(len(p) - 1))
-                                                                                 ).to(DEVICE), dk**-0.5)
+        chain_parents = torch.cat((p[:1] * 0, torch.arange(len(p) - 1))).to(DEVICE)
+        alone = gt.tree_rule_norm(*(x[p].contiguous() for x in inputs[:5]), inputs[5], chain_parents, dk**-0.5,
+                                  inputs[6][p], inputs[7], 1e-6)
         assert torch.equal(whole[i], alone[-1]), f"seed {seed}: node {i}"
+
+
+def test_ops_takes_the_tree_kernel_with_kernels_on(monkeypatch):
+    from dflash_cli import ops
+
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    assert ops._pick("tree_rule_norm", torch.device("cpu")) is gt.tree_rule_norm
+    monkeypatch.setenv("DFLASH_KERNELS", "torch")
+    assert ops._pick("tree_rule_norm", torch.device("cpu")) is gt.tree_rule_norm_ref

@@ -199,3 +199,58 @@ def test_ops_takes_the_glue_kernels_with_kernels_on(monkeypatch):
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
     assert ops._pick("gdn_prologue", torch.device("cpu")) is gg.gdn_prologue_ref
     assert ops._pick("gdn_rule_norm", torch.device("cpu")) is gg.gdn_rule_norm_ref
+
+
+# ---- one recurrence arithmetic: the commit's replay (kernels/gdn_replay.py) and a tree node's prologue -----
+@pytest.mark.parametrize("count", [1, 3, 6])
+def test_a_replayed_state_is_the_rules_bit_for_bit(seed, count):
+    """A verify row the commit replays updates the state exactly as the same row through the rule written
+    through (a prefill chunk, a decode step): one arithmetic, so speculative and plain decoding keep the same
+    recurrent state bit for bit. Read from a verify record's first rows (rows past T not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    n, t, hk, hv, dk, dv = 2, 6, 2, 4, 16, 32
+    rec_k = gd.l2norm_ref(torch.randn(n, t + 2, hk, dk, generator=g)).to(DEVICE)
+    rec_v = torch.randn(n, t + 2, hv, dv, generator=g).to(DEVICE)
+    rec_g = (-torch.rand(n, t + 2, hv, generator=g) * 2).to(DEVICE)
+    rec_beta = torch.rand(n, t + 2, hv, generator=g).to(DEVICE)
+    state = torch.randn(n, hv, dk, dv, generator=g).to(DEVICE)
+    from dflash_cli.kernels import gdn_replay
+
+    replayed, committed = state.clone(), state.clone()
+    gdn_replay.replay(replayed, rec_k[:, :t], rec_v[:, :t], rec_g[:, :t], rec_beta[:, :t],
+                      torch.tensor(count, device=DEVICE))
+    conv, x = torch.randn(n, 3, 40, generator=g).to(DEVICE), torch.randn(n, t + 2, 40, generator=g).to(DEVICE)
+    gdn_replay.gdn_commit(committed, rec_k[:, :t], rec_v[:, :t], rec_g[:, :t], rec_beta[:, :t], conv, x[:, :t],
+                          torch.tensor(count, device=DEVICE))
+    z, w = torch.randn(count, hv * dv, generator=g).to(DEVICE), torch.randn(dv, generator=g).to(DEVICE)
+    for layer in range(n):
+        ruled = state[layer].clone()
+        gg.gdn_rule_norm(*(r[layer, :count].contiguous() for r in (rec_k, rec_k, rec_v, rec_g, rec_beta)), ruled,
+                         dk**-0.5, z, w, 1e-6, True)
+        assert torch.equal(replayed[layer], ruled), f"seed {seed}, layer {layer}"
+        assert torch.equal(committed[layer], ruled), f"seed {seed}, layer {layer}: the one-launch commit's"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_window_can_be_given_by_index(seed, dtype):
+    """With `windows` (a tree's nodes), row t's conv window is the rows windows[t] of [conv | proj]: its q, k,
+    v, g, beta are, bit for bit, those of the same token after the same K-1 inputs in a chain (the kernel);
+    the reference agrees to the tolerance."""
+    hk, hv, dk, dv, k, t = 2, 4, 16, 32, 4, 6
+    proj, conv, weight, a_log, dt_bias = _layer(hk, hv, dk, dv, k, t, dtype, torch.Generator().manual_seed(seed))
+    c = conv.shape[1]
+    # rows of [conv (3) | proj (6)], the last of each the row itself (its own token)
+    windows = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 5], [2, 3, 5, 6], [2, 4, 6, 7], [0, 1, 2, 8]])
+    got, want = _records(t, hk, hv, dk, dv, c, dtype), _records(t, hk, hv, dk, dv, c, dtype)
+    q = gg.gdn_prologue(proj, conv, weight, a_log, dt_bias, hk, *got, windows=windows.to(DEVICE))
+    q_want = gg.gdn_prologue_ref(proj, conv, weight, a_log, dt_bias, hk, *want, windows=windows.to(DEVICE))
+    for name, a, b in zip(("q", "k", "v", "g", "beta"), (q, *got[:4]), (q_want, *want[:4])):
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, name=name: f"seed {seed}, {name}: {m}")
+    assert torch.equal(got[4], proj[:, :c]), "each row records its own conv input"
+    inputs = torch.cat((conv, proj[:, :c]))
+    for r in range(t):  # the chain: row r's K-1 window rows as the cached conv, then its own row
+        out = _records(1, hk, hv, dk, dv, c, dtype)
+        qr = gg.gdn_prologue(proj[r:r + 1], inputs[windows[r, :-1]].contiguous(), weight, a_log, dt_bias, hk, *out)
+        chain = (qr[0], *(x[0] for x in out[:4]))
+        for name, a, b in zip(("q", "k", "v", "g", "beta"), (q[r], *(x[r] for x in got[:4])), chain):
+            assert torch.equal(a, b), f"seed {seed}: row {r}'s {name}"

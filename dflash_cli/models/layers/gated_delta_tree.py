@@ -6,8 +6,10 @@ tokens, then its ancestors at depths 0..d-1, then itself. So its conv window is 
 [committed conv inputs | its ancestors' inputs], gathered by index (fixed shapes, no host read), and its
 recurrent state is its parent's after the parent's update (the root's parent: the committed state).
 
-The rule runs down the tree in one pass (kernels/gated_delta_tree.py). Nothing is written through: like
-a chain's verify block, every node records its conv input and its (k, v, g, beta). A node's records
+A node's q, k, v, g and beta come from the chain's prologue (kernels/gdn_glue.py) over its own window,
+and the rule runs down the tree in one pass (kernels/gated_delta_tree.py) with the chain's step and norm.
+Nothing is written through: like a chain's verify block, every node records its conv input and its
+(k, v, g, beta). A node's records
 depend only on its own path, so once the walk picks a path, `RecurrentCache.commit` with
 `CommitPlan.path` gathers the path's rows to the front and replays them as it replays a chain's
 accepted rows: with projections that round a row alike whatever M is (the kernel path), the state after
@@ -22,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ... import ops
 
@@ -57,31 +58,18 @@ def tree_shape(step, keep: int) -> TreeShape:
     return shape
 
 
-def tree_conv(conv_state: torch.Tensor, mixed: torch.Tensor, windows: torch.Tensor, weight: torch.Tensor
-              ) -> torch.Tensor:
-    """silu(causal conv) of each node over its own window [N, C] (`windows`: rows of [conv_state | mixed]):
-    the windows laid end to end through the chain's conv op (so a node's row is computed as the chain
-    computes a row), every K-th output kept."""
-    k = windows.shape[1]
-    laid = torch.cat((conv_state, mixed)).index_select(0, windows.reshape(-1))
-    return ops.causal_conv(laid, weight)[::k]
-
-
 def gated_delta_tree(mixer, h: torch.Tensor, cache, step) -> torch.Tensor:
     """`GatedDeltaNet.__call__` for a tree verify (`step.mask` set): h [N, H] -> [N, H], recorded per node
-    for the commit."""
+    for the commit. The chain's prologue, each node over its own conv window (so a node's q, k, v, g and
+    beta are the chain's for the same token and window, bit for bit), then the rule down the tree with the
+    chain's per-step arithmetic and gated norm (kernels/gated_delta_tree.py)."""
     s, n, j, rec = mixer.shape, h.shape[0], mixer.slot, cache.rec
     tree = tree_shape(step, rec.conv.shape[1])
-    mixed, z, b, a = mixer.in_proj(h).split([s.conv_dim, s.value_dim, s.heads_v, s.heads_v], dim=-1)
-    qkv = tree_conv(rec.conv[j], mixed, tree.windows, mixer.conv)
-    q, k, v = qkv.split([s.key_dim, s.key_dim, s.value_dim], dim=-1)
-    q = ops.l2norm(q.reshape(n, s.heads_k, s.dk))
-    k = ops.l2norm(k.reshape(n, s.heads_k, s.dk))
-    v = v.reshape(n, s.heads_v, s.dv).float()
-    beta = b.sigmoid().float()
-    g = -mixer.a_log.exp() * F.softplus(a.float() + mixer.dt_bias)
-    out = ops.gdn_tree_rule(q, k, v, g, beta, rec.state[j], tree.parents, s.dk**-0.5)
-    rec.rec_x[j, :n] = mixed
-    rec.rec_k[j, :n], rec.rec_v[j, :n], rec.rec_g[j, :n], rec.rec_beta[j, :n] = k, v, g, beta
-    out = mixer.norm(out.to(h.dtype), z.reshape(n, s.heads_v, s.dv))
+    proj = mixer.in_proj(h)  # [mixed | z | b | a]
+    k, v, g, beta, x = (r[j, :n] for r in (rec.rec_k, rec.rec_v, rec.rec_g, rec.rec_beta, rec.rec_x))
+    q = ops.gdn_prologue(proj, rec.conv[j], mixer.conv, mixer.a_log, mixer.dt_bias, s.heads_k, k, v, g, beta, x,
+                         windows=tree.windows)
+    z = proj[:, s.conv_dim:s.conv_dim + s.value_dim]
+    out = ops.gdn_tree_rule_norm(q, k, v, g, beta, rec.state[j], tree.parents, s.dk**-0.5, z, mixer.norm.weight,
+                                 mixer.norm.eps)
     return mixer.out_proj(out.reshape(n, -1))
