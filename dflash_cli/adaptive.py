@@ -59,8 +59,8 @@ OBSERVED = 0.95  # weight kept by older observations at each new one (~20 recent
 START = 1.0  # a request starts with this many observations at the prior, which fade like any other
 PROBE_SHARE = 0.02  # while drafting is paused, probes may cost this share of the time (expected loss)
 # --tree-budget auto: the node budgets it chooses among (beside 0, the chain); each is one captured step. A
-# budget past ops.MAX_KERNEL_Q_LEN rows is left out (`tree_budgets`): such a verify takes the prefill's
-# attention path, which reads its length back (no CUDA graph) and is not batch-invariant.
+# budget past ops.MAX_KERNEL_Q_LEN rows is left out (`tree_budgets`): such a verify's projections leave the
+# batch-invariant kernels (kernels/invariant_linear.py serves up to 32 rows), so bf16 could round apart.
 TREE_BUDGETS = (4, 8, 16, 32, 64)
 # Chance that the target's token is the drafter's rank r >= 1 at a position, given it is none of ranks
 # 0..r-1 (a hazard), assumed with no evidence: high enough that a cheap tree is tried and learnt from.
@@ -82,7 +82,7 @@ def candidates(largest: int) -> list[int]:
 
 def tree_budgets(room: int) -> tuple[int, ...]:
     """The node budgets `--tree-budget auto` may use in an engine whose caches have room for `room` nodes:
-    at most ops.MAX_KERNEL_Q_LEN (the verify stays on the attention kernel's graph-safe, invariant path)."""
+    at most ops.MAX_KERNEL_Q_LEN (the verify stays on the batch-invariant kernels)."""
     return tuple(n for n in TREE_BUDGETS if n <= min(room, ops.MAX_KERNEL_Q_LEN))
 
 

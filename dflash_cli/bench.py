@@ -346,7 +346,7 @@ def render_synthetic(report, console) -> None:
         console.print("verify by node count (a best-first tree, ancestor mask; what --tree-budget auto weighs): "
                       + " · ".join(f"{n}: {s * 1e3:.3f} ms ({s / one:.2f}×)" for n, s in r.verify_by_nodes.items()))
         if max(r.verify_by_nodes) > ops.MAX_KERNEL_Q_LEN:
-            console.print(f"(over {ops.MAX_KERNEL_Q_LEN} nodes the verify takes the prefill's attention path, which "
-                          "reads its length back: timed eagerly, and auto does not use it)")
+            console.print(f"(over {ops.MAX_KERNEL_Q_LEN} nodes the projections leave the batch-invariant kernels, so "
+                          "bf16 can round apart from plain decoding: auto does not use them)")
     if r.projected_tps is not None:
         console.print(f"PROJECTION at τ = {r.tau:.2f}: {r.projected_tps:.1f} tok/s (τ / iteration time; not a generation run)")

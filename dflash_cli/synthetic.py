@@ -513,16 +513,14 @@ def run_synthetic(shape: str, *, device: torch.device, dtype: torch.dtype, conte
         half = torch.tensor(max(1, b // 2), device=device)  # half the block accepted
         commit = graphed(at_context(lambda: target.commit(engine.target_cache, half)), device)
         verify_by_nodes = {}
-        if engine.most_nodes:  # the engine took the tree budget (a hybrid target has no tree verify yet)
+        if engine.most_nodes:  # the engine took the tree budget (a DFlash2 drafter keeps its chain)
             draft_logits = torch.randn(b - 1, target_cfg.vocab_size, dtype=torch.float32, device=device)
             for n in NODE_COUNTS:
                 tree = trees.build(bonus, draft_logits, n) if n > 1 else None
                 ids = tree.tokens.clamp(min=0) if tree else bonus
                 verify = at_context(lambda ids=ids, tree=tree: target.forward(
                     ids, engine.target_cache, logits_from=0, feature_layers=drafter_cfg.target_layer_ids, tree=tree))
-                # past ops.MAX_KERNEL_Q_LEN rows the verify reads its length back (a prefill's path): eager
-                verify_by_nodes[n] = device_time(graphed(verify, device) if n <= ops.MAX_KERNEL_Q_LEN else verify,
-                                                 device, iters)
+                verify_by_nodes[n] = device_time(graphed(verify, device), device, iters)
         report = SyntheticReport(
             shape=shape, device=str(device), dtype=str(dtype).removeprefix("torch."), context=context, block_size=b,
             decode_s=time_it(iterate(plain), device, iters), verify_s=device_time(verify, device, iters),

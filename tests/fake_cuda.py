@@ -378,9 +378,15 @@ class Recording(TorchDispatchMode):
         return read
 
 
-def attention_masked_on_device(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None, sinks=None):
+def attention_masked_on_device(q, k_cache, v_cache, kv_len, *, causal, scale, sliding_window=None, sinks=None,
+                               gate=None):
     """`attention_ref` without its host read: every cache slot, masked by positions on the device
-    (gpt-oss's sinks: one more logit per head, its share of the softmax dropped)."""
+    (gpt-oss's sinks: one more logit per head, its share of the softmax dropped; Qwen3.5's output gate)."""
+    out = _masked_on_device(q, k_cache, v_cache, kv_len, causal, scale, sliding_window, sinks)
+    return out if gate is None else out * torch.sigmoid(gate)
+
+
+def _masked_on_device(q, k_cache, v_cache, kv_len, causal, scale, sliding_window, sinks):
     tq, capacity = q.shape[0], k_cache.shape[1]
     q_pos = kv_len - tq + torch.arange(tq, device=q.device)[:, None]
     k_pos = torch.arange(capacity, device=q.device)[None, :]

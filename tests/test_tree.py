@@ -276,12 +276,14 @@ def test_the_tree_step_reads_nothing_back_to_the_host(fixture, request, monkeypa
     model = loader.load(*request.getfixturevalue(fixture), device="cpu", dtype="float32")
     b = model.drafter.cfg.block_size
     prompt = model.tokenizer.encode("Once upon a time") if fixture == "stories_pair" else HYBRID_PROMPTS[0]
-    engine = Engine(model.target, model.drafter, block_size=b, tree_budget=16)
-    for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=1)):
+    engine = Engine(model.target, model.drafter, block_size=b, tree_budget=48)
+    # 48: a tree of more nodes than a kernel-path block (ops.MAX_KERNEL_Q_LEN) still keeps its length on the device
+    for sampling, budget in ((SamplingParams(), 16), (SamplingParams(temperature=0.8, top_p=0.9, seed=1), 16),
+                             (SamplingParams(), 48)):
         steps = engine.generate(Request(prompt, 32, sampling=sampling))
         bonus = torch.tensor([next(steps).tokens[-1]])
         with torch.inference_mode(), HostReads() as reads:
-            packed, _ = engine._tree_step(sampling.mode, b, 16)(bonus)
+            packed, _ = engine._tree_step(sampling.mode, b, budget)(bonus)
         steps.close()
         assert reads.seen == []
         assert packed.shape == (1 + 2 * b + (b - 1) + b,)  # and adaptive.walk_record: ranks, children

@@ -244,12 +244,15 @@ class Decoder:
         t = ids.shape[0]
         if not commit:
             cache.verify_rows(t)
-        step = StepPlan(*span(cache.length, t, self.offsets), self.cos_sin, commit)
-        if tree is not None:
+        if tree is None:
+            step = StepPlan(*span(cache.length, t, self.offsets), self.cos_sin, commit)
+        else:  # rows length.., kv_len on the device at any budget (a tree is a verify, never a prefill chunk)
             from ..tree import attention_mask
 
             mask, keys = attention_mask(tree, cache.length, cache.kv.capacity)
-            step = StepPlan(cache.length + tree.depths, step.kv_len, self.cos_sin, False, step.positions, mask, keys)
+            rows, kv_len = span(cache.length, t, self.offsets) if t <= ops.MAX_KERNEL_Q_LEN else \
+                (cache.length + torch.arange(t, device=ids.device), cache.length + t)
+            step = StepPlan(cache.length + tree.depths, kv_len, self.cos_sin, False, rows, mask, keys)
         wanted = Taps(feature_layers)
         x = self.embedding(ids)
         h = self.run_layers(x, cache, step, wanted)
