@@ -299,9 +299,11 @@ def swiglu_linear(x, w, b=None):
     return _impl("swiglu_linear", True)(x, w, b)
 
 
-def norm_linear(x, norm_w, eps, w, b=None, residual=None):
-    """RMSNorm (plain style) of x (+ residual), then x @ w.T + b on the invariant kernel, in one launch:
-    (out, new residual, None without a residual)."""
+def norm_linear(x, norm_w, eps, w, b=None, residual=None, fp32_weight=False):
+    """RMSNorm (plain style, or with `fp32_weight` gpt-oss's) of x (+ residual), then x @ w.T + b on the
+    invariant kernel, in one launch: (out, new residual, None without a residual)."""
+    if fp32_weight:  # the others call with the arguments they always did
+        return _impl("norm_linear", True)(x, norm_w, eps, w, b, residual, fp32_weight=True)
     return _impl("norm_linear", True)(x, norm_w, eps, w, b, residual)
 
 

@@ -43,11 +43,13 @@ def swiglu_linear_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None =
 
 
 def norm_linear_ref(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor,
-                    b: torch.Tensor | None = None, residual: torch.Tensor | None = None, swiglu: bool = False):
+                    b: torch.Tensor | None = None, residual: torch.Tensor | None = None, swiglu: bool = False,
+                    fp32_weight: bool = False):
     """Reference: (rms_norm(x [+ residual]) @ w.T + b [then SwiGLU], the new residual or None). The
-    residual is not updated in place (a new tensor is returned, as the kernel does)."""
+    residual is not updated in place (a new tensor is returned, as the kernel does). fp32_weight: the
+    norm's weight applied in float32 before the one rounding (gpt-oss, kernels/rmsnorm.py)."""
     residual = None if residual is None else residual.clone()
-    h, residual = rms_norm_ref(x, norm_w, eps, residual)
+    h, residual = rms_norm_ref(x, norm_w, eps, residual, fp32_weight=fp32_weight)
     return (swiglu_linear_ref if swiglu else invariant_linear_ref)(h, w, b), residual
 
 
@@ -75,7 +77,8 @@ def _fused_partial_kernel(x_ptr, res_ptr, new_res_ptr, nw_ptr, w_ptr, part_ptr, 
                           k_per_split, n_splits, eps,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                           DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                          HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr):
+                          HAS_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr,
+                          FP32_WEIGHT: tl.constexpr = False):
     """As invariant_linear._partial_kernel over this program's K slice, with NORM: x (+ residual) is
     normalised by its row's rms (a first pass over all of K) as it streams; with SWIGLU: N is the
     intermediate width I, the weight has 2N rows, and the program keeps the gate tile (rows n) and the up
@@ -120,8 +123,11 @@ def _fused_partial_kernel(x_ptr, res_ptr, new_res_ptr, nw_ptr, w_ptr, part_ptr, 
                 x = (x.to(tl.float32) + tl.load(r_rows + (k0 + ks)[None, :], mask=ok, other=0.0).to(tl.float32))
                 x = x.to(res_ptr.dtype.element_ty)
             nw = tl.load(nw_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
-            normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)  # rounded to x's dtype, as HF
-            x = (nw[None, :] * normed).to(dtype)  # then the weight, rounded once more
+            if FP32_WEIGHT:  # gpt-oss: the fp32 weight times the fp32 normed row, rounded once
+                x = (nw[None, :] * (x.to(tl.float32) * rstd[:, None])).to(dtype)
+            else:
+                normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)  # rounded to x's dtype, as HF
+                x = (nw[None, :] * normed).to(dtype)  # then the weight, rounded once more
         w = tl.load(w_rows + (k0 + ks)[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         if UPCAST or x.dtype != w.dtype:  # a mixed pair meets in fp32 (exact products either way)
             x, w = x.to(tl.float32), w.to(tl.float32)
@@ -189,7 +195,7 @@ def _swiglu_merge_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, 
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, b, norm_w, eps: float, residual, swiglu: bool,
-            n_splits: int | None = None, merge: str = "last"):
+            n_splits: int | None = None, merge: str = "last", fp32_weight: bool = False):
     assert merge in MERGES, merge
     rows_w, k = w.shape
     assert x.shape[-1] == k and (b is None or b.shape == (rows_w,)), (x.shape, w.shape)
@@ -216,7 +222,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, b, norm_w, eps: float, residual, s
         norm_w if norm_w is not None else x2, w, part, bias, out, tickets(x.device, grid[0] * grid[2]), m, n, k,
         k_per_split, s, float(eps), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, UPCAST=_UPCAST, DIRECT=s == 1,
         HAS_BIAS=b is not None, NORM=norm_w is not None, HAS_RESIDUAL=residual is not None, SWIGLU=swiglu,
-        FOLD=merge == "last", **pdl.launch(x.device), num_warps=4,
+        FOLD=merge == "last", FP32_WEIGHT=fp32_weight, **pdl.launch(x.device), num_warps=4,
         num_stages=3 if swiglu else 4)  # two weight tiles per stage: 4 stages of fp32 pass sm_86/89's 99 KB
     if s > 1 and merge == "launch":
         merge_kernel = _swiglu_merge_kernel if swiglu else _merge_kernel
@@ -233,9 +239,10 @@ def swiglu_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
 
 
 def norm_linear(x, norm_w, eps, w, b=None, residual=None, swiglu: bool = False, n_splits: int | None = None,
-                merge: str = "last"):
+                merge: str = "last", fp32_weight: bool = False):
     """Triton: same contract as `norm_linear_ref`: (output, new residual or None)."""
-    return _launch(x, w, b, norm_w, eps, residual, swiglu=swiglu, n_splits=n_splits, merge=merge)
+    return _launch(x, w, b, norm_w, eps, residual, swiglu=swiglu, n_splits=n_splits, merge=merge,
+                   fp32_weight=fp32_weight)
 
 
 def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None, n_splits: int | None = None, merge: str = "last"):

@@ -139,7 +139,10 @@ def test_no_family_launches_more_than_today(family):
 # The drafter's layer takes the same fusions (norm + q/k/v, norm + gate_up + SwiGLU), and attention's split and
 # merge are one launch: dense 6, drafter 6, the budget.
 INVARIANT_CEILINGS = {"dense": {"decode": {"dense": 6, "fixed": 8},
-                                "verify": {"dense": 6, "drafter": 6, "fixed": 19}}}
+                                "verify": {"dense": 6, "drafter": 6, "fixed": 19}},
+                      # gpt-oss's input norm (fp32 weight, one rounding) fused into its biased q/k/v: 11 -> 10
+                      "gpt-oss": {"decode": {"gpt-oss sliding": 10, "gpt-oss full": 10, "fixed": 8},
+                                  "verify": {"gpt-oss sliding": 10, "gpt-oss full": 10, "drafter": 6, "fixed": 19}}}
 
 
 @pytest.mark.slow  # the dense family counted twice over: ~90 s
@@ -152,3 +155,15 @@ def test_the_dense_and_drafter_layers_under_the_invariant_linear_fuse_their_norm
         layer = counts.ops[step][kind]
         assert layer.get("triton:_fused_partial_kernel") == 2, layer  # norm + q/k/v, norm + gate_up + SwiGLU
         assert "triton:_swiglu_kernel" not in layer and "triton:_rms_norm_kernel" not in layer, layer
+
+
+@pytest.mark.slow  # each family counted twice over: ~40 s
+@pytest.mark.parametrize("family", [f for f in INVARIANT_CEILINGS if f != "dense"])
+def test_the_moe_families_under_the_invariant_linear_fuse_the_input_norm(monkeypatch, family):
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    counts = count_family(FAMILIES[family])
+    wrong = off_ceiling(counts, INVARIANT_CEILINGS[family])
+    assert not wrong, "\n".join(wrong)
+    for kind, layer in counts.ops["decode"].items():
+        if kind != "fixed":
+            assert layer.get("triton:_fused_partial_kernel") == 1 and layer.get("triton:_rms_norm_kernel") == 1, layer

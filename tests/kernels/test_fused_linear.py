@@ -91,6 +91,27 @@ def test_norm_prologue_rounds_the_normed_row_as_the_unfused_path(seed, dtype):
     assert torch.equal(got, swiglu(invariant_linear(h, w, b))), f"seed {seed}"
 
 
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+def test_gpt_oss_norm_prologue_rounds_once_as_the_unfused_path(seed, with_residual):
+    """gpt-oss's norm (fp32 weight, applied to the fp32 normed row before the one rounding): with the row's
+    statistic exact in either order, the fused q/k/v equals rms_norm(fp32_weight) then the invariant linear
+    bit for bit, with its bias, and the new residual too. (The plain style's double rounding fails it.)"""
+    k, n, dtype = 1031, 40, torch.bfloat16
+    sign = torch.randint(0, 2, (4, k), device=DEVICE) * 2 - 1
+    x = (sign * torch.randint(1, 3, (4, k), device=DEVICE)).to(dtype)
+    res = torch.zeros(4, k, device=DEVICE, dtype=dtype) if with_residual else None
+    nw = 1 + 0.1 * torch.randn(k, device=DEVICE)  # float32, as gpt-oss keeps its norms
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype)
+    got, new_res = norm_linear(x, nw, 1e-5, w, b, res, fp32_weight=True)
+    h, want_res = rms_norm(x, nw, 1e-5, None if res is None else res.clone(), fp32_weight=True)
+    assert torch.equal(got, invariant_linear(h, w, b)), f"seed {seed}"
+    if res is not None:
+        assert torch.equal(new_res, want_res)
+    ref, _ = norm_linear_ref(x, nw, 1e-5, w, b, res, fp32_weight=True)
+    torch.testing.assert_close(got, ref, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+
+
 def as_linear(fused):
     """A (x, w, b) launcher over a fused kernel, for first_variant_row (gate_up from w: [n, k] stacked twice
     over, perturbed so gate and up differ)."""

@@ -92,9 +92,11 @@ class Attention:
         """`norm(x, residual)` then this attention: (out, new residual; None where `residual` is None). On
         the fused kernels (a plain-style norm, a dense qkv) the norm, the residual add and the q/k/v
         projection are one launch (kernels/fused_linear.norm_linear), whose new residual is a new tensor
-        (not `residual` updated in place); anywhere else the unfused norm, then `self`."""
-        if isinstance(self.qkv, Dense) and norm.style == "plain" and ops.fused_linear_applies(x):
-            qkv, residual = ops.norm_linear(x, norm.weight, norm.eps, self.qkv.weight, self.qkv.bias, residual)
+        (not `residual` updated in place); anywhere else the unfused norm, then `self`. gpt-oss's norm (its
+        fp32 weight applied before the one rounding) fuses too."""
+        if isinstance(self.qkv, Dense) and norm.style in ("plain", "fp32") and ops.fused_linear_applies(x):
+            qkv, residual = ops.norm_linear(x, norm.weight, norm.eps, self.qkv.weight, self.qkv.bias, residual,
+                                            fp32_weight=norm.style == "fp32")
             return self._attend(qkv, cache, step), residual
         h, residual = norm(x, residual)
         return self(h, cache, step), residual
