@@ -156,9 +156,11 @@ def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 
 
 # ---- Triton ------------------------------------------------------------------------------------------
-# Launches none of which reduces across rows (five per layer whatever T and k):
-#  1. `_router_kernel`, grid (T, expert blocks): each row's logits, its H reduced in BLOCK_H chunks in order;
-#     `_top_k_kernel`, one program per row: its softmax, top-k and renormalisation.
+# Launches none of which reduces across rows (four per layer whatever T and k):
+#  1. `_route_kernel`, grid (T, expert blocks): each row's logits, its H reduced in BLOCK_H chunks in order,
+#     stored; the last program of the row to take its ticket (a per-row counter, reset after) runs the
+#     row's softmax, top-k and renormalisation over them (`_router_kernel` then `_top_k_kernel`, as two
+#     launches with the same bits: route(launches=2)).
 #  2. `_gate_up_kernel`, grid (slots, I blocks), aligns the (token, expert) pairs itself: slot s is the
 #     s-th touched expert in ascending id (unused slots: expert -1), its rows that expert's pairs in pair
 #     order (at most T <= 32: one M-block of BLOCK_M rows), what a stable sort by expert gives; every
@@ -175,16 +177,17 @@ def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .invariant_linear import tickets  # noqa: E402  (the per-device zeroed counters: one per row here)
+
 _BLOCK_M = 32  # rows per expert slot: every T <= 32 fits one slot per touched expert
 _BLOCK_Q = 32  # pair ids compared per step of the alignment
 _UPCAST = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # the interpreter mis-computes bf16 tl.dot
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_experts, hidden, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-                   HAS_BIAS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+def _router_logits(x_ptr, w_ptr, b_ptr, row, experts, n_experts, hidden, BLOCK_E: tl.constexpr,
+                   BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Row `row`'s logits for the experts `experts` [BLOCK_E], H reduced in BLOCK_H chunks in order."""
     acc = tl.zeros([BLOCK_E], tl.float32)
     for h0 in range(0, hidden, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
@@ -194,19 +197,35 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_experts, hidden, BLOCK_E: tl.
         acc += tl.sum(w * x[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + experts, mask=experts < n_experts, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_experts, hidden, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    acc = _router_logits(x_ptr, w_ptr, b_ptr, row, experts, n_experts, hidden, BLOCK_E, BLOCK_H, HAS_BIAS)
     tl.store(out_ptr + row * n_experts + experts, acc, mask=experts < n_experts)
 
 
 @triton.jit
 def _top_k_kernel(logits_ptr, idx_ptr, w_ptr, n_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
                   BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, SOFTMAX_AFTER_TOPK: tl.constexpr):
+    _top_k(logits_ptr, idx_ptr, w_ptr, tl.program_id(0).to(tl.int64), n_experts, TOP_K, BLOCK_E, BLOCK_K,
+           RENORMALIZE, SOFTMAX_AFTER_TOPK)
+
+
+@triton.jit
+def _top_k(logits_ptr, idx_ptr, w_ptr, row, n_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+           BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, SOFTMAX_AFTER_TOPK: tl.constexpr):
     """One row of `route_from_logits`: the softmax, the top-k (ties: the lowest expert id) and the
-    renormalisation, in one program, so a row's weights never depend on how many rows share the launch."""
-    row = tl.program_id(0).to(tl.int64)
+    renormalisation, in one program, so a row's weights never depend on how many rows share the launch.
+    The logits are read past L1 (.cg): in `_route_kernel` other programs wrote them."""
     experts = tl.arange(0, BLOCK_E)
     ok = experts < n_experts
     dt = w_ptr.dtype.element_ty
-    logits = tl.load(logits_ptr + row * n_experts + experts, mask=ok, other=0.0)
+    logits = tl.load(logits_ptr + row * n_experts + experts, mask=ok, other=0.0, cache_modifier=".cg")
     scores = tl.where(ok, logits.to(dt).to(tl.float32), float("-inf"))  # rounded as transformers computes them
     if not SOFTMAX_AFTER_TOPK:
         e = tl.exp(scores - tl.max(scores, axis=0))
@@ -230,10 +249,33 @@ def _top_k_kernel(logits_ptr, idx_ptr, w_ptr, n_experts, TOP_K: tl.constexpr, BL
     tl.store(w_ptr + row * TOP_K + ranks, top_v.to(dt), mask=used)
 
 
+@triton.jit
+def _route_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, idx_ptr, weight_ptr, tickets_ptr, n_experts, hidden,
+                  n_blocks, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_ALL: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, SOFTMAX_AFTER_TOPK: tl.constexpr):
+    """`_router_kernel` then `_top_k_kernel` in one launch: program (row, block) stores its block of the
+    row's logits and takes a ticket on the row's counter; the last of the row's n_blocks programs runs
+    the top-k over the stored logits (the same loads and instructions as `_top_k_kernel`) and puts the
+    counter back to 0 (for the next launch and a graph's next replay)."""
+    row = tl.program_id(0).to(tl.int64)
+    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    acc = _router_logits(x_ptr, w_ptr, b_ptr, row, experts, n_experts, hidden, BLOCK_E, BLOCK_H, HAS_BIAS)
+    tl.store(logits_ptr + row * n_experts + experts, acc, mask=experts < n_experts)
+    tl.debug_barrier()  # every thread's logits are stored before the ticket's release publishes them
+    counter = tickets_ptr + row
+    if tl.atomic_add(counter, 1, sem="acq_rel") == n_blocks - 1:
+        _top_k(logits_ptr, idx_ptr, weight_ptr, row, n_experts, TOP_K, BLOCK_ALL, BLOCK_K, RENORMALIZE,
+               SOFTMAX_AFTER_TOPK)
+        tl.atomic_xchg(counter, 0)
+
+
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool, bias: torch.Tensor | None = None,
-          softmax_after_topk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          softmax_after_topk: bool = False, launches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton: same contract as `route_ref` (weights within rounding of its softmax; the same experts
-    but where two scores tie, which the kernel breaks to the lowest id)."""
+    but where two scores tie, which the kernel breaks to the lowest id). One launch (`_route_kernel`);
+    `launches=2`: the router and the top-k as two, the same bits (kept to test that)."""
+    assert launches in (1, 2), launches
     t, h = x.shape
     e = router.shape[0]
     logits = torch.empty((t, e), dtype=torch.float32, device=x.device)
@@ -241,12 +283,18 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool, 
     weights = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
     if t:
         block_e = min(64, triton.next_power_of_2(e))
-        _router_kernel[(t, triton.cdiv(e, block_e))](x.contiguous(), router, router if bias is None else bias, logits,
-                                                     e, h, BLOCK_E=block_e, BLOCK_H=min(128, triton.next_power_of_2(h)),
-                                                     HAS_BIAS=bias is not None)
-        _top_k_kernel[(t,)](logits, idx, weights, e, TOP_K=top_k, BLOCK_E=triton.next_power_of_2(e),
-                            BLOCK_K=max(2, triton.next_power_of_2(top_k)), RENORMALIZE=renormalize,
-                            SOFTMAX_AFTER_TOPK=softmax_after_topk)
+        grid = (t, triton.cdiv(e, block_e))
+        top = dict(TOP_K=top_k, BLOCK_K=max(2, triton.next_power_of_2(top_k)), RENORMALIZE=renormalize,
+                   SOFTMAX_AFTER_TOPK=softmax_after_topk)
+        x, b = x.contiguous(), router if bias is None else bias
+        if launches == 1:
+            _route_kernel[grid](x, router, b, logits, idx, weights, tickets(x.device, t), e, h, grid[1],
+                                BLOCK_E=block_e, BLOCK_H=min(128, triton.next_power_of_2(h)),
+                                BLOCK_ALL=triton.next_power_of_2(e), HAS_BIAS=bias is not None, **top)
+        else:
+            _router_kernel[grid](x, router, b, logits, e, h, BLOCK_E=block_e,
+                                 BLOCK_H=min(128, triton.next_power_of_2(h)), HAS_BIAS=bias is not None)
+            _top_k_kernel[(t,)](logits, idx, weights, e, BLOCK_E=triton.next_power_of_2(e), **top)
     return idx, weights
 
 

@@ -238,3 +238,24 @@ def test_a_row_s_routing_weights_are_the_same_alone_or_in_any_block(seed, dtype,
     torch.testing.assert_close(logits.gather(1, idx), logits.gather(1, want_idx), **TOL[dtype])
     assert (idx != want_idx).float().mean() < 0.1 if dtype == torch.bfloat16 else torch.equal(idx, want_idx)
     torch.testing.assert_close(w, want_w, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("e,k", [(40, 4), (128, 8), (200, 6)], ids=["one block", "two blocks", "ragged blocks"])
+@pytest.mark.parametrize("variant", ["renormalised", "plain", "gpt-oss"])
+def test_routing_in_one_launch_is_the_two_launches_bit_for_bit(seed, dtype, e, k, variant):
+    """Issue 26: the router's logits and the top-k in one launch (the last program of a row, by its ticket,
+    runs the top-k) give the ids and weights of `_router_kernel` then `_top_k_kernel` bit for bit, and leave
+    the row counters at zero (a second call, or a graph's replay, starts from them)."""
+    from dflash_cli.kernels.invariant_linear import tickets
+
+    g = torch.Generator().manual_seed(seed)
+    router = (torch.randn(e, 96, generator=g) * 4 / 96**0.5).to(DEVICE, dtype)
+    bias = torch.randn(e, generator=g).to(DEVICE, dtype) if variant == "gpt-oss" else None
+    x = torch.randn(9, 96, generator=g).to(DEVICE, dtype)
+    kw = dict(bias=bias, softmax_after_topk=variant == "gpt-oss")
+    for _ in range(2):
+        idx, w = moe.route(x, router, k, variant == "renormalised", **kw)
+        assert not tickets(x.device, 9).any(), "the row counters are left at zero"
+        want_idx, want_w = moe.route(x, router, k, variant == "renormalised", launches=2, **kw)
+        assert torch.equal(idx, want_idx) and torch.equal(w, want_w), f"seed {seed}"
