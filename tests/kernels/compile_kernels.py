@@ -112,6 +112,12 @@ def fused_linear_launches(dtype, bench):
         yield f"fused norm + swiglu linear M={m}", lambda x=x, res=res: fl.norm_swiglu_linear(x, norm_w, 1e-6, gate_up,
                                                                                             None, res)
         yield f"fused norm + q/k/v (split) M={m}", lambda x=x, res=res: fl.norm_linear(x, norm_w, 1e-6, w_qkv, None, res)
+    # gpt-oss-20b's input norm (its float32 weight, one rounding) before its biased q/k/v (H 2880, 64 + 2·8 heads of 64)
+    w_oss, b_oss, nw_oss = torch.empty(5120, 2880, dtype=dtype), torch.empty(5120, dtype=dtype), torch.ones(2880)
+    for m in (1, bench.B):
+        x, res = torch.zeros(m, 2880, dtype=dtype), torch.zeros(m, 2880, dtype=dtype)
+        yield f"fused gpt-oss norm + q/k/v M={m}", lambda x=x, res=res: fl.norm_linear(x, nw_oss, 1e-5, w_oss, b_oss,
+                                                                                      res, fp32_weight=True)
     shared = torch.empty(2 * 512, 2048, dtype=dtype)  # Qwen3.5-35B-A3B's shared expert: gate_up in slices
     for m in (1, bench.B):
         x = torch.zeros(m, 2048, dtype=dtype)
@@ -146,17 +152,21 @@ def gdn_glue_launches(dtype, bench):
 
 def moe_launches(dtype):
     """kernels/moe.py at Qwen3.5-35B-A3B's shapes (256 experts, top-8, H 2048, I 512), as its layer launches
-    them (T = 1 and 16): the alignment over 256 experts inside gate_up, and the combine with the gated shared
-    expert (the Qwen3-Coder cases of kernel_speed have neither)."""
+    them (T = 1 and 16): the router and top-k in one launch over 256 experts, the alignment over 256 experts
+    inside gate_up, and the combine with the gated shared expert (the Qwen3-Coder cases of kernel_speed have
+    neither)."""
     import torch
 
     from dflash_cli.kernels import moe
 
     e, h, i, k = 256, 2048, 512, 8
     gate_up, down = torch.empty(e, 2 * i, h, dtype=dtype), torch.empty(e, h, i, dtype=dtype)
+    router = torch.empty(e, h, dtype=dtype)
     for t in (1, 16):
         x, shared, gate = torch.zeros(t, h, dtype=dtype), torch.zeros(t, h, dtype=dtype), torch.zeros(t, 1, dtype=dtype)
         idx, weights = torch.arange(t * k).view(t, k) % e, torch.zeros(t, k, dtype=dtype)
+        yield f"moe route T={t} (256 experts: 4 blocks, one ticket per row)", \
+            lambda x=x, router=router: moe.route(x, router, k, True)
         yield f"moe experts + shared expert T={t} (256 experts)", \
             lambda x=x, shared=shared, gate=gate, idx=idx, weights=weights: moe.experts(
                 x, gate_up, down, idx, weights, shared=shared, shared_gate=gate)

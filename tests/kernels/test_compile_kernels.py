@@ -38,7 +38,7 @@ def test_every_launch_compiles_for_every_target(tmp_path):
                  "invariant_linear._partial_kernel",
                  "quant_linear._int4_partial_kernel", "quant_linear._fp8_partial_kernel",
                  "fused_linear._fused_partial_kernel", "gated_delta._l2norm_kernel",
-                 "gated_delta._gated_rms_norm_kernel", "moe._top_k_kernel", "gdn_glue._prologue_kernel",
+                 "gated_delta._gated_rms_norm_kernel", "moe._route_kernel", "gdn_glue._prologue_kernel",
                  "gdn_glue._rule_norm_kernel", "moe._down_kernel", "moe._combine_kernel",
                  "gated_delta_tree._tree_rule_norm_kernel", "gdn_replay._replay_kernel", "gdn_replay._commit_kernel"):
         assert name in kernels, sorted(kernels)
