@@ -156,7 +156,7 @@ def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 
 
 # ---- Triton ------------------------------------------------------------------------------------------
-# Launches none of which reduces across rows (four per layer whatever T and k):
+# Launches none of which reduces across rows (three per layer whatever T and k):
 #  1. `_route_kernel`, grid (T, expert blocks): each row's logits, its H reduced in BLOCK_H chunks in order,
 #     stored; the last program of the row to take its ticket (a per-row counter, reset after) runs the
 #     row's softmax, top-k and renormalisation over them (`_router_kernel` then `_top_k_kernel`, as two
@@ -169,9 +169,12 @@ def experts_by_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 #     rows once for all of its tokens and writes silu(g)·u per pair; `_down_kernel`, grid (slots, H
 #     blocks), does the down projection times the routing weight. BLOCK_M is fixed, so a row's tile
 #     products are the same instructions whether its expert has 1 row or 32.
-#  3. `_combine_kernel`, grid (T, H blocks): each token's k outputs summed in rank order (one rounding per
-#     term, no reduction whose tree could follow T), then (Qwen3.5-MoE) the gated shared expert added,
-#     rounded op by op as the torch expression y + sigmoid(g) · s.
+#  3. The combine, in `_down_kernel`'s epilogue: each program takes a ticket on the counter of each
+#     (token, H block) among its rows; the last of a token's k expert programs sums the token's k outputs
+#     in rank order (one rounding per term, no reduction whose tree could follow T), then (Qwen3.5-MoE)
+#     adds the gated shared expert, rounded op by op as the torch expression y + sigmoid(g) · s, and
+#     resets the counter. `experts(launches=3)` runs it as its own launch (`_combine_kernel`, grid (T, H
+#     blocks)), the same bits.
 # More than BLOCK_M tokens (a long prefill chunk) go to `experts_by_expert`, which never copies an
 # expert's weights per pair as the reference does.
 import triton  # noqa: E402
@@ -457,8 +460,15 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, idx_ptr, slot_expert_ptr, slot_rows_p
 
 @triton.jit
 def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, slot_expert_ptr, slot_rows_ptr,
-                 hidden, inter, s_ptr, b_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 hidden, inter, s_ptr, b_ptr, y_ptr, shared_ptr, gate_ptr, tickets_ptr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 TOP_K: tl.constexpr = 1, SHARED: tl.constexpr = False, FOLD: tl.constexpr = False):
+    """Slot s's pairs times the down projection, times their routing weights, into out [T·k, H] (fp32). With
+    FOLD the combine is this launch's epilogue: each program takes a ticket on the counter of every (token,
+    H block) among its rows; a token's k expert programs each take one, and the last to arrive sums the
+    token's k outputs in rank order as `_combine_kernel` does (the same loads and roundings, element by
+    element) and resets the counter."""
     s = tl.program_id(0)
     expert = tl.load(slot_expert_ptr + s)
     if expert >= 0:
@@ -503,6 +513,35 @@ def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, slot_expert_ptr, slot_rows
             out = (out + bias[None, :]).to(dt).to(tl.float32)
         out = out * scale[:, None]
         tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + n[None, :], out, mask=ok[:, None] & n_ok[None, :])
+        if FOLD:
+            token = pair // TOP_K
+            counters = tickets_ptr + token * tl.num_programs(1) + tl.program_id(1)
+            tl.debug_barrier()  # every thread's outputs are stored before the tickets' release publishes them
+            last = (tl.atomic_add(counters, 1, mask=ok, sem="acq_rel") == TOP_K - 1) & ok
+            tl.debug_barrier()
+            _combine_tile(out_ptr, y_ptr, shared_ptr, gate_ptr, token.to(tl.int64), n, last, n_ok, hidden, TOP_K,
+                          SHARED)
+            tl.atomic_xchg(counters, 0, mask=last)  # ready for the next launch (and a graph's next replay)
+
+
+@triton.jit
+def _combine_tile(out_ptr, y_ptr, shared_ptr, gate_ptr, t, cols, rows_ok, cols_ok, hidden, TOP_K: tl.constexpr,
+                  SHARED: tl.constexpr):
+    """`_combine_kernel`'s body on the tokens t [R] (where rows_ok) and columns cols [C]: element by element,
+    so the same bits whatever the tile (the outputs read past L1: other programs wrote them)."""
+    ok = rows_ok[:, None] & cols_ok[None, :]
+    y = tl.load(out_ptr + (t * TOP_K * hidden)[:, None] + cols[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+    for j in tl.static_range(1, TOP_K):
+        y = y + tl.load(out_ptr + ((t * TOP_K + j) * hidden)[:, None] + cols[None, :], mask=ok, other=0.0,
+                        cache_modifier=".cg")
+    dt = y_ptr.dtype.element_ty
+    y = y.to(dt)
+    if SHARED:
+        g = tl.load(gate_ptr + t, mask=rows_ok, other=0.0).to(tl.float32)
+        sig = (1.0 / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        shared = tl.load(shared_ptr + (t * hidden)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + (sig[:, None] * shared).to(dt).to(tl.float32)).to(dt)
+    tl.store(y_ptr + (t * hidden)[:, None] + cols[None, :], y, mask=ok)
 
 
 @triton.jit
@@ -530,9 +569,11 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: tor
             weights: torch.Tensor, *, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
             gate_up_scales: torch.Tensor | None = None, down_scales: torch.Tensor | None = None,
             swiglu_limit: float | None = None, swiglu_alpha: float = 1.702, shared: torch.Tensor | None = None,
-            shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+            shared_gate: torch.Tensor | None = None, launches: int = 2) -> torch.Tensor:
     """Triton: same contract as `experts_ref`, for up to 32 tokens (a prefill chunk of more goes expert
-    by expert, which syncs: it runs once, eagerly)."""
+    by expert, which syncs: it runs once, eagerly). Two launches (the combine in the down projection's
+    epilogue); `launches=3`: the combine as its own launch, the same bits (kept to test that)."""
+    assert launches in (2, 3), launches
     t, k = idx.shape
     kw = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, gate_up_scales=gate_up_scales, down_scales=down_scales,
               swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, shared=shared, shared_gate=shared_gate)
@@ -565,13 +606,20 @@ def experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: tor
         BLOCK_Q=_BLOCK_Q, HAS_BIAS=gate_up_bias is not None, CLAMPED=swiglu_limit is not None, **flags)
     block_n = min(64, max(16, triton.next_power_of_2(hidden)))
     block_k = min(64, max(least_k, triton.next_power_of_2(inter)))
-    _down_kernel[(n_slots, triton.cdiv(hidden, block_n))](
-        act, down, weights.reshape(-1).contiguous(), out, slot_expert, slot_rows, hidden, inter,
-        down_scales if mxfp4 else down, down if down_bias is None else down_bias, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=block_k, HAS_BIAS=down_bias is not None, **flags)
     has_shared = shared is not None
+    shared_args = (shared.contiguous() if has_shared else y, shared_gate.contiguous() if has_shared else y)
+    h_blocks = triton.cdiv(hidden, block_n)
+    # counters for every (token, H block) of a full slot: one size per weight, allocated on the first call
+    # (a warm-up, before any capture)
+    counters = tickets(x.device, _BLOCK_M * h_blocks)
+    _down_kernel[(n_slots, h_blocks)](
+        act, down, weights.reshape(-1).contiguous(), out, slot_expert, slot_rows, hidden, inter,
+        down_scales if mxfp4 else down, down if down_bias is None else down_bias, y, *shared_args, counters,
+        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=down_bias is not None, TOP_K=k,
+        SHARED=has_shared, FOLD=launches == 2, **flags)
+    if launches == 2:
+        return y
     block_h = min(1024, triton.next_power_of_2(hidden))
-    _combine_kernel[(t, triton.cdiv(hidden, block_h))](
-        out, y, shared.contiguous() if has_shared else y, shared_gate.contiguous() if has_shared else y, hidden,
-        TOP_K=k, BLOCK_H=block_h, SHARED=has_shared)
+    _combine_kernel[(t, triton.cdiv(hidden, block_h))](out, y, *shared_args, hidden, TOP_K=k, BLOCK_H=block_h,
+                                                       SHARED=has_shared)
     return y

@@ -259,3 +259,35 @@ def test_routing_in_one_launch_is_the_two_launches_bit_for_bit(seed, dtype, e, k
         assert not tickets(x.device, 9).any(), "the row counters are left at zero"
         want_idx, want_w = moe.route(x, router, k, variant == "renormalised", launches=2, **kw)
         assert torch.equal(idx, want_idx) and torch.equal(w, want_w), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 5, 32])
+@pytest.mark.parametrize("variant", ["qwen3", "shared expert", "gpt-oss mxfp4"])
+def test_the_combine_in_the_down_epilogue_is_the_combine_launch_bit_for_bit(seed, dtype, t, variant):
+    """Issue 26: the last of a token's k expert programs (by its ticket on the token's counter) sums the k
+    outputs in rank order, then (Qwen3.5-MoE) adds the gated shared expert, in the down launch: the bits of
+    the separate `_combine_kernel` launch, over H blocks of several programs (H 160: 3 blocks of 64), with the
+    counters left at zero."""
+    from dflash_cli.kernels.invariant_linear import tickets
+
+    g = torch.Generator().manual_seed(seed)
+    e, h, i, k = 12, 160, 64, 4
+    kw = {}
+    if variant == "gpt-oss mxfp4":
+        router, router_bias, gate_up, down, kw = _gpt_oss(e, h, i, dtype, g, mxfp4=True)
+        route_kw = dict(bias=router_bias, softmax_after_topk=True)
+    else:
+        router, gate_up, down = _weights(e, h, i, dtype, g)
+        route_kw = {}
+    x = torch.randn(t, h, generator=g).to(DEVICE, dtype)
+    if variant == "shared expert":
+        kw = dict(shared=torch.randn(t, h, generator=g).to(DEVICE, dtype),
+                  shared_gate=torch.randn(t, 1, generator=g).to(DEVICE, dtype))
+    idx, weights = moe.route(x, router, k, variant != "gpt-oss mxfp4", **route_kw)
+    for _ in range(2):
+        got = moe.experts(x, gate_up, down, idx, weights, **kw)
+        assert not tickets(x.device, 1024).any(), "the counters are left at zero"
+        want = moe.experts(x, gate_up, down, idx, weights, launches=3, **kw)
+        assert torch.equal(got, want), f"seed {seed}"
+    torch.testing.assert_close(got, moe.experts_ref(x, gate_up, down, idx, weights, **kw), **TOL[dtype])
