@@ -153,8 +153,8 @@ def gdn_glue_launches(dtype, bench):
 def moe_launches(dtype):
     """kernels/moe.py at Qwen3.5-35B-A3B's shapes (256 experts, top-8, H 2048, I 512), as its layer launches
     them (T = 1 and 16): the router and top-k in one launch over 256 experts, the alignment over 256 experts
-    inside gate_up, and the combine with the gated shared expert (the Qwen3-Coder cases of kernel_speed have
-    neither)."""
+    inside gate_up, and the combine with the gated shared expert in the down launch's epilogue (the Qwen3-Coder
+    cases of kernel_speed have neither)."""
     import torch
 
     from dflash_cli.kernels import moe
