@@ -261,7 +261,7 @@ def test_the_dense_attention_takes_the_norm_prologue_under_invariant_linear(seed
 
 def test_the_attention_falls_back_to_the_unfused_norm_where_the_prologue_does_not_apply(seed, monkeypatch):
     """The unfused norm, then the attention, wherever the fused kernel does not apply: more rows than a
-    step's (a prefill chunk), DFLASH_LINEAR=cublas, the torch references, a norm of another style, a q/k/v
+    step's (a prefill chunk), DFLASH_LINEAR=cublas, the torch references, the offset norm style, a q/k/v
     that is not one dense weight (a quantized or concatenated projection). Each gives what `norm` then the
     attention give."""
     from dataclasses import replace
@@ -274,7 +274,6 @@ def test_the_attention_falls_back_to_the_unfused_norm_where_the_prologue_does_no
              "cublas": (attn, norm, 4, {"DFLASH_LINEAR": "cublas"}),
              "torch kernels": (attn, norm, 4, {"DFLASH_KERNELS": "torch"}),
              "offset norm": (attn, replace(norm, style="offset"), 4, {}),
-             "fp32 norm": (attn, replace(norm, style="fp32"), 4, {}),
              "not dense": (replace(attn, qkv=split), norm, 4, {})}
     for case, (a, n, t, env) in cases.items():
         monkeypatch.setenv("DFLASH_KERNELS", "triton")
