@@ -112,7 +112,7 @@ def fused_linear_launches(dtype, bench):
         yield f"fused norm + swiglu linear M={m}", lambda x=x, res=res: fl.norm_swiglu_linear(x, norm_w, 1e-6, gate_up,
                                                                                             None, res)
         yield f"fused norm + q/k/v (split) M={m}", lambda x=x, res=res: fl.norm_linear(x, norm_w, 1e-6, w_qkv, None, res)
-    # gpt-oss-20b's input norm (its float32 weight, one rounding) before its biased q/k/v (H 2880, 64 + 2·8 heads of 64)
+    # gpt-oss-20b's input norm (float32 weight, one rounding) before its biased q/k/v (H 2880, 64 + 2·8 heads)
     w_oss, b_oss, nw_oss = torch.empty(5120, 2880, dtype=dtype), torch.empty(5120, dtype=dtype), torch.ones(2880)
     for m in (1, bench.B):
         x, res = torch.zeros(m, 2880, dtype=dtype), torch.zeros(m, 2880, dtype=dtype)
