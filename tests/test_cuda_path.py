@@ -362,14 +362,14 @@ def test_warm_up_takes_the_long_prompt_prefill_paths(qwen35_pair, monkeypatch):
     first long prompt."""
     from dflash_cli import ops
 
-    lengths = {"gated_delta_rule": [], "attention": []}
+    lengths = {"gdn_rule_norm": [], "attention": []}  # gdn_rule_norm: fla's chunked rule past 64 rows
     for name in lengths:
         real = getattr(ops, name)
 
         def seen(*args, _real=real, _name=name, **kwargs):
-            lengths[_name].append(args[0].shape[1 if _name == "gated_delta_rule" else 0])
+            lengths[_name].append(args[0].shape[0])
             return _real(*args, **kwargs)
         monkeypatch.setattr(ops, name, seen)
     model = loader.load(*qwen35_pair, device="cpu")
     Engine(model.target, model.drafter, adaptive=True).warm_up()
-    assert max(lengths["gated_delta_rule"]) > 64 and max(lengths["attention"]) > ops.MAX_KERNEL_Q_LEN
+    assert max(lengths["gdn_rule_norm"]) > 64 and max(lengths["attention"]) > ops.MAX_KERNEL_Q_LEN
