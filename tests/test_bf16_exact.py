@@ -164,7 +164,7 @@ def test_every_projection_of_a_step_goes_through_the_linear_seam(name, request, 
     d = model.drafter
     wanted = {"fc": d.fc, "lm_head": d.lm_head, "context k/v": d.w_kv}
     for i, layer in enumerate(d.layers):
-        wanted |= {f"{i}.{n}": getattr(layer, n) for n in ("q_proj", "kv_proj", "o_proj", "gate_up", "down")}
+        wanted |= {f"{i}.{n}": getattr(layer, n) for n in ("qkv", "o_proj", "gate_up", "down")}
         if d.selector is not None:
             wanted |= {f"{i}.attention_conv": layer.attention_conv.projection, f"{i}.mlp_conv": layer.mlp_conv.projection}
     if d.selector is not None:
