@@ -304,7 +304,7 @@ def test_doctor_names_what_auto_runs_for_a_pair_that_does_not_fit_in_bf16():
 
     with stand_in(free=23 * GiB, total=24 * GiB):
         check = doctor._model_check("qwen3.6-27b", True)
-    assert "needs ~55.3 GiB of GPU memory in bfloat16, 23.0 GiB free: runs as quantized to int4 at load" in check.detail
+    assert "needs ~55.4 GiB of GPU memory in bfloat16, 23.0 GiB free: runs as quantized to int4 at load" in check.detail
     with stand_in(free=40 * GiB, total=40 * GiB):
         check = doctor._model_check("qwen3.6-27b", True)
     assert "runs as its fp8 checkpoint Qwen/Qwen3.6-27B-FP8" in check.detail and check.status == "warn"
