@@ -421,7 +421,7 @@ def test_projections_stay_packed_in_memory_and_the_plan_counts_their_packed_byte
     dense = table_bytes(family.weight_table(cfg), torch.float32)
     assert loader.target_weight_bytes(twin_dir, family, cfg, torch.float32) is None  # plain: the table's bytes
     target = loader.load(qdir, None, device="cpu", max_context=64).target
-    held = _held_bytes(target) - target.cos_sin.untyped_storage().nbytes()
+    held = _held_bytes(target) - sum(t.untyped_storage().nbytes() for t in (target.cos_sin, target.offsets))  # tables
     # int4 projections (a quarter of a bf16 copy, an eighth of fp32) plus fp32 embedding, head and norms
     assert held <= planned < 0.6 * dense, (held, planned, dense)
     q_proj_bytes = 8 * 2 * 128 * 128 * 4  # what one dense fp32 [q; k; v] of layer 0 would take, and more
