@@ -132,12 +132,12 @@ def causal_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _conv_commit_kernel(conv_ptr, x_ptr, count_ptr, t_rows, channels, KEEP: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """conv[n] := rows count .. count+KEEP-1 of [conv[n] | x[n]]: every source row is read before any
-    row is written (conv is both source and destination)."""
-    n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def conv_window(conv_ptr, x_ptr, count_ptr, n, cb, x_n, x_t, channels, KEEP: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """Layer n's channel block cb: conv[n] := rows count .. count+KEEP-1 of [conv[n] | x[n]] (x's layer and
+    row strides x_n, x_t): every source row is read before any row is written (conv is both source and
+    destination). Shared by `_conv_commit_kernel` and kernels/gdn_replay's one-launch commit."""
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_K)
     src = tl.load(count_ptr) + r
     c_ok = cols[None, :] < channels
@@ -145,10 +145,18 @@ def _conv_commit_kernel(conv_ptr, x_ptr, count_ptr, t_rows, channels, KEEP: tl.c
     from_x = (src >= KEEP)[:, None] & (r < KEEP)[:, None] & c_ok
     conv_rows = conv_ptr + n * KEEP * channels
     old = tl.load(conv_rows + src[:, None] * channels + cols[None, :], mask=from_conv, other=0.0)
-    new = tl.load(x_ptr + (n * t_rows + src[:, None] - KEEP) * channels + cols[None, :], mask=from_x, other=0.0)
+    new = tl.load(x_ptr + n * x_n + (src[:, None] - KEEP) * x_t + cols[None, :], mask=from_x, other=0.0)
     tl.debug_barrier()
     tl.store(conv_rows + r[:, None] * channels + cols[None, :], tl.where(from_conv, old, new.to(old.dtype)),
              mask=(r < KEEP)[:, None] & c_ok)
+
+
+@triton.jit
+def _conv_commit_kernel(conv_ptr, x_ptr, count_ptr, t_rows, channels, KEEP: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """conv[n] := rows count .. count+KEEP-1 of [conv[n] | x[n]] (`conv_window`), x contiguous."""
+    conv_window(conv_ptr, x_ptr, count_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), t_rows * channels,
+                channels, channels, KEEP, BLOCK_K, BLOCK_C)
 
 
 def conv_commit(conv: torch.Tensor, x: torch.Tensor, count) -> None:

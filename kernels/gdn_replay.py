@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .gated_delta import conv_commit_ref, replay_ref  # noqa: F401  (the torch references, ops' on the CPU)
+from .gated_delta import conv_commit_ref, conv_window, replay_ref  # noqa: F401  (references: ops' on the CPU)
 from .gdn_glue import _rule_step, _warps
 
 import triton  # noqa: E402
@@ -74,7 +74,7 @@ def _commit_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, t_rows, 
                    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, KEEP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """Programs [0, n_replay): the replay (as `_replay_kernel`); the rest, one per (layer, channel block): conv
-    := rows count .. count+KEEP-1 of [conv | x] (as kernels/gated_delta._conv_commit_kernel), each program's
+    := rows count .. count+KEEP-1 of [conv | x] (kernels/gated_delta.conv_window), each program's
     rows read before they are written."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < n_replay:
@@ -82,19 +82,8 @@ def _commit_kernel(state_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, count_ptr, t_rows, 
                 HK, HV, K, V, BK, BV)
     else:
         c = pid - n_replay
-        n, cb = c // c_blocks, c % c_blocks
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        r = tl.arange(0, BLOCK_K)
-        src = tl.load(count_ptr) + r
-        c_ok = cols[None, :] < channels
-        from_conv = (src < KEEP)[:, None] & (r < KEEP)[:, None] & c_ok
-        from_x = (src >= KEEP)[:, None] & (r < KEEP)[:, None] & c_ok
-        conv_rows = conv_ptr + n * KEEP * channels
-        old = tl.load(conv_rows + src[:, None] * channels + cols[None, :], mask=from_conv, other=0.0)
-        new = tl.load(x_ptr + n * x_n + (src[:, None] - KEEP) * x_t + cols[None, :], mask=from_x, other=0.0)
-        tl.debug_barrier()
-        tl.store(conv_rows + r[:, None] * channels + cols[None, :], tl.where(from_conv, old, new.to(old.dtype)),
-                 mask=(r < KEEP)[:, None] & c_ok)
+        conv_window(conv_ptr, x_ptr, count_ptr, c // c_blocks, c % c_blocks, x_n, x_t, channels, KEEP, BLOCK_K,
+                    BLOCK_C)
 
 
 def gdn_commit_ref(state, k, v, g, beta, conv, x, count) -> None:
