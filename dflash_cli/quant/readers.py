@@ -1,4 +1,4 @@
-"""Each on-disk quantized format, read into dflash's layouts (int4.Int4Linear, fp8.Fp8Linear).
+"""Each on-disk quantized format, read into dflash's layouts (int4.Int4Linear, fp8.Fp8Linear, int8.Int8Linear).
 
 A reader takes one projection's tensors exactly as stored (int32 words, fp8, scales in their own dtype;
 never cast to the model's dtype first) and repacks them. The conventions, per format:
