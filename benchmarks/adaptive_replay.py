@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adaptive_common import (MORE, PROMPTS, Costs, measured_costs, named_pair, pair_arguments, recorded_answer,  # noqa: E402
-                             replay, row_name)
+from adaptive_common import (MORE, PROMPTS, Costs, measured_costs, named_pair, pair_arguments,  # noqa: E402
+                             recorded_answer, replay, row_name)
 
 from dflash_cli import loader  # noqa: E402
 from dflash_cli.adaptive import Adaptive, Pinned  # noqa: E402

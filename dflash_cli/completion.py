@@ -151,7 +151,8 @@ def _fish(cmds: list[Cmd]) -> str:
     for c in cmds:
         for spec in _fish_specs(c):
             users.setdefault(spec, []).append(c.name)
-    lines += [f"complete -c dflash -n '__fish_seen_subcommand_from {' '.join(on)}' {spec}" for spec, on in users.items()]
+    lines += [f"complete -c dflash -n '__fish_seen_subcommand_from {' '.join(on)}' {spec}"
+              for spec, on in users.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -160,7 +161,8 @@ def _fish_specs(c: Cmd) -> list[str]:
     specs = []
     for o in c.options:
         flags = " ".join(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}" for n in o.names)
-        value = {"file": " -r -F", "dir": " -r -a '(__fish_complete_directories)'"}.get(o.kind or "", " -r" if o.takes_value else "")
+        value = {"file": " -r -F", "dir": " -r -a '(__fish_complete_directories)'"}.get(
+            o.kind or "", " -r" if o.takes_value else "")
         if o.values:
             value = f" -r -a '{' '.join(o.values)}'"
         specs.append(f"{flags}{value} -d '{_fish_text(o.help)}'")

@@ -595,7 +595,8 @@ def test_every_layout_stacks_takes_and_stacks_rows_as_its_parts(kind):
     parts = [_layout(kind, 40 + e, bias=True) for e in range(3)]
     stack = type(parts[0]).stack_experts(parts)
     for e, part in enumerate(parts):
-        assert torch.equal(stack.expert(e).dequantize(), part.dequantize()) and torch.equal(stack.expert(e).bias, part.bias)
+        one = stack.expert(e)
+        assert torch.equal(one.dequantize(), part.dequantize()) and torch.equal(one.bias, part.bias)
     taken = stack.take_experts(torch.tensor([2, 0, 0]))
     assert type(taken) is type(stack) and taken.packed.dtype == stack.packed.dtype
     assert torch.equal(taken.dequantize(), torch.stack([parts[i].dequantize() for i in (2, 0, 0)]))
