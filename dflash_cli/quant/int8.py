@@ -3,8 +3,9 @@
 What `--quantize int8` writes (compressed-tensors `int-quantized`, symmetric, per output channel) is read
 into this layout: `weight` int8 [..., out, in] and `scale` [..., out, 1] in the checkpoint's dtype, so
 W[o, k] = q[o, k] · s[o]. The product is taken in fp32 and rounded once to the scale's dtype, as
-compressed-tensors' decompressor does. The kernels (an int8 member of the batch-invariant linear
-family, dequantizing in registers) come later; until then this reference is the forward.
+compressed-tensors' decompressor does. A step's rows run ops.int8_linear (kernels/quant_linear.py: the
+int8 member of the batch-invariant quantized linear family, dequantizing in registers, one byte a weight);
+this reference is its contract.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .layout import QuantizedLinear, cat_bias
 @dataclass
 class Int8Linear(QuantizedLinear):
     STACKED = ("weight", "scale", "bias")
+    OP = "int8_linear"
 
     weight: torch.Tensor  # int8 [..., out, in]
     scale: torch.Tensor  # [..., out, 1], the checkpoint's float dtype

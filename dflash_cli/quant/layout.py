@@ -3,8 +3,7 @@ forward, the step's forward through ops, and the expert stacks, written once.
 
 A layout is a dataclass whose tensors with the leading expert dims ([..., out, *]: the packed weight
 first, then its scales, zero points, the bias [..., out]) are named in `STACKED`; it gives `dequantize` and
-`OP`, the ops function that runs a step's rows (None: the reference is the forward, as int8's until its
-kernel comes).
+`OP`, the ops function that runs a step's rows (None: the reference is the forward).
 """
 from __future__ import annotations
 
