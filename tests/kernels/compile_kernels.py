@@ -3,7 +3,7 @@ sm_86 (RTX 30xx/A6000), sm_89 (RTX 40xx/L40), sm_90 (H100/H200) and sm_120 (RTX 
 machine (Triton's CUDA backend lowers to PTX and runs ptxas on the host).
 
 "As launched" is recorded, not written down: `record` runs each launcher once at a released model's real
-shapes (benchmarks/kernel_speed.py's cases: Qwen3-8B, Qwen3.5-27B, Qwen3-Coder-30B-A3B, gpt-oss-20b; the invariant linear kernel and its int4 / FP8 variants at Qwen3-8B's weights) with Triton's CPU
+shapes (benchmarks/kernel_speed.py's cases: Qwen3-8B, Qwen3.5-27B, Qwen3-Coder-30B-A3B, gpt-oss-20b; the invariant linear kernel and its int4 / int8 / FP8 variants at Qwen3-8B's weights) with Triton's CPU
 interpreter's launch path and captures every launch (without running it): the kernel, each argument's type and specialisation as Triton's own
 launcher computes it (16-byte-aligned pointers and ints that are multiples of 16 get the divisibility hint;
 an int equal to 1 becomes a constant; `do_not_specialize` is honoured), the constexprs and num_warps /

@@ -36,8 +36,8 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     for name in ("attention._attn_kernel", "attention._attn_merge_kernel", "accept._select_kernel", "moe._gate_up_kernel",
                  "gated_delta._causal_conv_kernel", "fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel",
                  "invariant_linear._partial_kernel",
-                 "quant_linear._int4_partial_kernel", "quant_linear._fp8_partial_kernel",
-                 "fused_linear._fused_partial_kernel", "gated_delta._l2norm_kernel",
+                 "quant_linear._int4_partial_kernel", "quant_linear._int8_partial_kernel",
+                 "quant_linear._fp8_partial_kernel", "fused_linear._fused_partial_kernel", "gated_delta._l2norm_kernel",
                  "gated_delta._gated_rms_norm_kernel", "moe._route_kernel", "gdn_glue._prologue_kernel",
                  "gdn_glue._rule_norm_kernel", "moe._down_kernel",
                  "gated_delta_tree._tree_rule_norm_kernel", "gdn_replay._replay_kernel", "gdn_replay._commit_kernel"):
@@ -47,7 +47,8 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     # weight's merge runs in its last split program (no merge kernel is launched)
     pdl = {(line.split()[1], line.split()[2]) for line in compiled if line.split()[-4] == "pdl"}
     for name in ("invariant_linear._partial_kernel", "quant_linear._int4_partial_kernel",
-                 "quant_linear._fp8_partial_kernel", "fused_linear._fused_partial_kernel"):
+                 "quant_linear._int8_partial_kernel", "quant_linear._fp8_partial_kernel",
+                 "fused_linear._fused_partial_kernel"):
         assert {("sm_90", name), ("sm_120", name)} <= pdl, sorted(pdl)
     assert {target for target, _ in pdl} == {"sm_90", "sm_120"}
     assert not kernels & {"invariant_linear._merge_kernel", "fused_linear._swiglu_merge_kernel"}
