@@ -291,6 +291,8 @@ def test_doctor_says_how_each_quantized_format_runs(monkeypatch):
 
     cpu = doctor.quantized_check(False, True)
     assert cpu.status == "ok" and cpu.detail.startswith("int4, int8, fp8 targets run on the CPU through the torch reference")
+    gpu = doctor.quantized_check(True, True)  # every format has its kernel (int8's: kernels/quant_linear.py)
+    assert (gpu.status, gpu.detail, gpu.fix) == ("ok", "kernels for int4, int8, fp8", "")
     monkeypatch.setattr(ops, "_MODULES", {k: v for k, v in ops._MODULES.items() if not k.endswith(("int4_linear",
                                                                                                    "int8_linear",
                                                                                                    "fp8_linear"))}
