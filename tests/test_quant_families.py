@@ -261,7 +261,7 @@ def test_the_memory_plan_counts_gemma_experts_quantized_and_its_router_dense():
 
 @pytest.mark.slow  # Triton's interpreter on shared cores
 @pytest.mark.parametrize("case, how", [("gemma4-moe", "int4"), ("gemma4-moe-per-expert", "gptq-v1-sym-desc_act"),
-                                       ("muse", "fp8-block128")])
+                                       ("muse", "fp8-block128"), ("gemma4", "int8")])
 def test_bf16_through_the_interpreted_kernels_speculative_output_equals_plain_decoding(case, how, built, monkeypatch):
     """bf16 through the Triton kernels (the CPU's torch GEMMs are not batch-invariant in bf16, for any family,
     quantized or not): a step's logits do not depend on how many tokens it verifies, so speculative output
