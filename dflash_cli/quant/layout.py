@@ -41,7 +41,7 @@ class QuantizedLinear:
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The projection as a model step runs it (ops.int4_linear, ops.fp8_linear): up to
+        """The projection as a model step runs it (ops.int4_linear, ops.int8_linear, ops.fp8_linear): up to
         ops.MAX_INVARIANT_ROWS rows go through the batch-invariant kernel on the kernel path (CUDA, or
         DFLASH_KERNELS=triton; kernels/quant_linear.py), which dequantizes in registers, so a row rounds the
         same alone or in a verify block; elsewhere its torch reference (the dequantized weight, the product in
