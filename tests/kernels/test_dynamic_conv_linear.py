@@ -1,0 +1,164 @@
+"""DFlash2's dynamic conv fused into the drafter layer's projections (issue 26, kernels/fused_linear.py):
+`norm_linear_rows` (the norm prologue of the conv's kernel projection, the normed rows stored),
+`conv_linear` (the pre-conv as the loader of the projection after it, with or without SwiGLU) and
+`linear_conv` (the post-conv in the merge of the output projection). The convs equal the unfused
+kernels (dynamic_conv, then invariant_linear [+ swiglu], or the other way round) bit for bit in fp32 and
+bf16, weights in one slice or in several, row tiles crossed.
+
+Batch invariance here: a conv row reads the rows above it in the block by design, so a row cannot be its
+launch alone. What holds instead: for every block length L = 1..16, the L rows of a launch are the unfused
+path's bits, and the first rows of a longer block (row t depends on rows ≤ t only, through the same sums).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dflash_cli.kernels import invariant_linear as il
+from dflash_cli.kernels.dynamic_conv import dynamic_conv
+from dflash_cli.kernels.fused_linear import (conv_linear, conv_linear_ref, linear_conv, linear_conv_ref, norm_linear,
+                                             norm_linear_rows, norm_linear_rows_ref)
+from dflash_cli.kernels.invariant_linear import invariant_linear, splits
+from dflash_cli.kernels.rmsnorm import rms_norm
+from dflash_cli.kernels.swiglu import swiglu
+
+from .conftest import DEVICE, TOL
+
+DTYPES = [torch.float32, torch.bfloat16]
+# (K, N, taps, groups, rows): one slice; K reduced in slices (the merge by ticket); an N of several column tiles;
+# 20 rows: two row tiles (a conv row reads the tile above)
+PRE = [(64, 48, 3, 4, 20), (1031, 40, 4, 1, 5), (128, 136, 2, 8, 5)]
+POST = [(64, 48, 3, 4, 5), (1031, 40, 4, 1, 20), (128, 136, 2, 8, 20)]
+
+
+def conv_inputs(m: int, width: int, taps: int, groups: int, dtype):
+    """base [taps, width] and one side of the [m, 2, taps, groups] kernels (a strided view, as the drafter has)."""
+    base = torch.randn(2, taps, width, device=DEVICE).to(dtype)
+    dynamic = torch.randn(m, 2, taps, groups, device=DEVICE).to(dtype)
+    return base[1], dynamic[:, 1]
+
+
+def test_the_shapes_cover_both_paths():
+    assert splits(48, 64) == 1 and splits(40, 1031) > 1 and splits(136, 128) == 1 and -(-136 // il.BLOCK_N) > 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,taps,groups,m", PRE, ids=str)
+@pytest.mark.parametrize("swiglu_out", [False, True], ids=["linear", "swiglu"])
+def test_the_pre_conv_in_the_loader_is_the_unfused_pair_bit_for_bit(seed, dtype, k, n, taps, groups, m, swiglu_out):
+    z = torch.randn(m, k, device=DEVICE).to(dtype)
+    base, dynamic = conv_inputs(m, k, taps, groups, dtype)
+    w = (torch.randn(2 * n if swiglu_out else n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(w.shape[0], device=DEVICE).to(dtype)
+    got = conv_linear(z, base, dynamic, w, b, swiglu=swiglu_out)
+    want = invariant_linear(dynamic_conv(z, base, dynamic), w, b)
+    want = swiglu(want) if swiglu_out else want
+    assert got.shape == want.shape == (m, n) and got.dtype == dtype
+    assert torch.equal(got, want), f"seed {seed}"
+    torch.testing.assert_close(got, conv_linear_ref(z, base, dynamic, w, b, swiglu_out), **TOL[dtype],
+                               msg=lambda msg: f"seed {seed}: {msg}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,taps,groups,m", POST, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_the_post_conv_in_the_merge_is_the_unfused_pair_bit_for_bit(seed, dtype, k, n, taps, groups, m, bias):
+    """Row t's conv reads the merged rows t - 1, t - 2, ... back from the partials (of another row tile too,
+    at 20 rows): the last program of the column merges them; the tickets are left zeroed."""
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    base, dynamic = conv_inputs(m, n, taps, groups, dtype)
+    got = linear_conv(x, w, b, base, dynamic)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert torch.equal(got, dynamic_conv(invariant_linear(x, w, b), base, dynamic)), f"seed {seed}"
+    torch.testing.assert_close(got, linear_conv_ref(x, w, b, base, dynamic), **TOL[dtype],
+                               msg=lambda msg: f"seed {seed}: {msg}")
+    assert not il.tickets(x.device, 1).any(), "every column's ticket is put back to 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", [(64, 48), (1031, 40)], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+def test_the_norm_prologue_stores_the_rows_it_projected(seed, dtype, k, n, with_residual):
+    """norm_linear's output and residual bit for bit, and the rows stored are the ones it multiplied (the
+    invariant GEMM of them is its output); against rms_norm to the rounding of the normed row (the fused
+    norm's statistic is summed in another order: kernels/fused_linear.py)."""
+    x = torch.randn(6, k, device=DEVICE).to(dtype)
+    res = torch.randn(6, k, device=DEVICE).to(dtype) if with_residual else None
+    nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    out, new_res, rows = norm_linear_rows(x, nw, 1e-6, w, None, res)
+    want, want_res = norm_linear(x, nw, 1e-6, w, None, res)
+    assert torch.equal(out, want) and (new_res is None if res is None else torch.equal(new_res, want_res))
+    assert rows.shape == x.shape and rows.dtype == dtype
+    assert torch.equal(invariant_linear(rows, w), out), f"seed {seed}"
+    h, _ = rms_norm(x, nw, 1e-6, None if res is None else res.clone())
+    torch.testing.assert_close(rows, h, **TOL[dtype])
+    ref_out, _, ref_rows = norm_linear_rows_ref(x, nw, 1e-6, w, None, res)
+    torch.testing.assert_close(rows, ref_rows, **TOL[dtype])
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_normed_rows_are_rms_norms_bits_where_the_statistic_is_exact(seed, dtype):
+    """Entries ±1 and ±2: the squares are small integers, summed exactly in either order, so the stored rows are
+    rms_norm's bit for bit (the rounding to x's dtype, the weight, the rounding again)."""
+    k = 1031
+    sign = torch.randint(0, 2, (4, k), device=DEVICE) * 2 - 1
+    x = (sign * torch.randint(1, 3, (4, k), device=DEVICE)).to(dtype)
+    nw = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    _, _, rows = norm_linear_rows(x, nw, 1e-6, torch.randn(40, k, device=DEVICE).to(dtype))
+    assert torch.equal(rows, rms_norm(x, nw, 1e-6)[0]), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", [(64, 48), (520, 3)], ids=["one slice", "split-K"])
+def test_every_block_length_is_the_unfused_paths_bits_and_a_prefix_of_the_longer_block(seed, dtype, k, n):
+    assert splits(n, k) == (1 if k == 64 else 2)
+    z = torch.randn(16, k, device=DEVICE).to(dtype)
+    base_in, dyn_in = conv_inputs(16, k, 4, 4, dtype)
+    base_out, dyn_out = conv_inputs(16, n, 4, 1, dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype)
+    full_in = conv_linear(z, base_in, dyn_in, w, b)
+    full_out = linear_conv(z, w, b, base_out, dyn_out)
+    for length in range(1, 17):
+        pre = conv_linear(z[:length], base_in, dyn_in[:length], w, b)
+        post = linear_conv(z[:length], w, b, base_out, dyn_out[:length])
+        assert torch.equal(pre, invariant_linear(dynamic_conv(z[:length], base_in, dyn_in[:length]), w, b)), length
+        assert torch.equal(post, dynamic_conv(invariant_linear(z[:length], w, b), base_out, dyn_out[:length])), length
+        assert torch.equal(pre, full_in[:length]) and torch.equal(post, full_out[:length]), length
+
+
+@pytest.mark.parametrize("fused", ["pre", "post"])
+def test_a_rounding_order_other_than_the_references_is_caught(seed, fused):
+    """The bit-for-bit checks can fail: the same conv with the dynamic term added before the base term
+    (one tap's two sums swapped) differs from the kernel in bf16."""
+    m, k, n, taps, dtype = 8, 64, 48, 3, torch.bfloat16
+    z = torch.randn(m, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    width = k if fused == "pre" else n
+    base, dynamic = conv_inputs(m, width, taps, 4, dtype)
+
+    def conv_swapped(v):
+        out = torch.zeros_like(v)
+        for o in range(taps):
+            shifted = torch.cat([torch.zeros(o, width, dtype=dtype, device=DEVICE), v[: m - o]])
+            out = out + dynamic[:, o].repeat_interleave(width // 4, dim=1) * shifted
+            out = out + base[o] * shifted
+        return out
+
+    if fused == "pre":
+        got, wrong = conv_linear(z, base, dynamic, w), invariant_linear(conv_swapped(z), w)
+    else:
+        got, wrong = linear_conv(z, w, None, base, dynamic), conv_swapped(invariant_linear(z, w))
+    assert not torch.equal(got, wrong), f"seed {seed}"
+
+
+def test_empty_rows_and_shapes(seed):
+    z, w = torch.randn(0, 32, device=DEVICE), torch.randn(16, 32, device=DEVICE)
+    base, dynamic = conv_inputs(0, 32, 2, 4, torch.float32)
+    assert conv_linear(z, base, dynamic, w).shape == (0, 16)
+    base, dynamic = conv_inputs(0, 16, 2, 4, torch.float32)
+    assert linear_conv(z, w, None, base, dynamic).shape == (0, 16)
