@@ -162,3 +162,71 @@ def test_empty_rows_and_shapes(seed):
     assert conv_linear(z, base, dynamic, w).shape == (0, 16)
     base, dynamic = conv_inputs(0, 16, 2, 4, torch.float32)
     assert linear_conv(z, w, None, base, dynamic).shape == (0, 16)
+
+
+# ---- the drafter layer's seam ---------------------------------------------------------------------------------
+def dflash2_drafter(tmp_path, dtype, seed: int, bias: bool = False):
+    """A tiny DFlash2 drafter (1 layer, hidden 64, 3 taps, groups of 16) from random weights, with the
+    context K/V of 5 tokens cached: (drafter, cache)."""
+    from dflash_cli.config import DrafterConfig
+    from dflash_cli.drafter import Drafter, weight_table
+    from dflash_cli.models.weights import random_weights
+
+    from ..tiny import dflash2_config
+
+    target = {"hidden_size": 64, "vocab_size": 256, "max_position_embeddings": 256, "num_hidden_layers": 4}
+    raw = dflash2_config(target, layers=1, target_layer_ids=(1, 2), group_size=16, top_k=4)
+    raw["dflash_config"]["conv_kernel_size"] = 3
+    raw["attention_bias"] = bias
+    cfg = DrafterConfig.from_raw(raw, tmp_path)
+    w = {k: v.to(dtype) for k, v in random_weights(weight_table(cfg), seed=seed).items()}
+    g = torch.Generator().manual_seed(seed)
+    embed, head = torch.randn(256, 64, generator=g).to(dtype), torch.randn(256, 64, generator=g).to(dtype)
+    drafter = Drafter.from_weights(cfg, w, embed, head, max_positions=64)
+    cache = drafter.new_cache(64)
+    drafter.add_context(torch.randn(5, 2 * 64, generator=g).to(dtype), cache)
+    return drafter, cache
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, False),  # ~20 s: the others in the slow tier
+                                        pytest.param(torch.float32, False, marks=pytest.mark.slow),
+                                        pytest.param(torch.float32, True, marks=pytest.mark.slow),
+                                        pytest.param(torch.bfloat16, True, marks=pytest.mark.slow)],
+                         ids=["bf16", "fp32", "fp32 attention bias", "bf16 attention bias"])
+def test_the_drafter_layer_on_the_fused_kernels_is_the_unfused_layer_bit_for_bit(tmp_path, seed, dtype, bias,
+                                                                                 monkeypatch):
+    """DFLASH_LINEAR=invariant on the kernels: a DFlash2 layer's norms, kernel projections, convs and projections
+    run as three launches per sublayer (no rms_norm, dense_linear or dynamic_conv call of their own), and the
+    block's final hidden rows are the unfused layer's bit for bit once both paths normalise a row with the same
+    statistic (the fused norm's: kernels/fused_linear.py); with rms_norm's own, to its rounding."""
+    from dflash_cli import ops
+
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    drafter, cache = dflash2_drafter(tmp_path, dtype, seed, bias)
+    bonus = torch.tensor([7])
+    assert ops.fused_linear_applies(torch.zeros(8, 64, dtype=dtype))
+    calls = []
+    for name in ("rms_norm", "dense_linear", "dynamic_conv", "norm_linear_rows", "conv_linear", "linear_conv"):
+        monkeypatch.setattr(ops, name, lambda *a, name=name, f=getattr(ops, name), **k: calls.append(name) or f(*a, **k))
+    fused = drafter.block_hidden(bonus, cache, 8)
+    assert {n: calls.count(n) for n in set(calls)} == {"norm_linear_rows": 2, "conv_linear": 2, "linear_conv": 2,
+                                                      "rms_norm": 1}, calls  # the final norm
+    real_applies = ops.fused_linear_applies
+    monkeypatch.setattr(ops, "fused_linear_applies", lambda x: False)
+    unfused = drafter.block_hidden(bonus, cache, 8)
+    torch.testing.assert_close(fused, unfused, **TOL[dtype], msg=lambda m: f"seed {seed}: {m}")
+
+    def fused_statistic(x, weight, eps, residual=None, offset=False, fp32_weight=False):
+        assert not offset and not fp32_weight
+        _, residual, rows = norm_linear_rows(x, weight, eps, torch.zeros(1, x.shape[-1], dtype=x.dtype), None,
+                                             residual)
+        return rows, residual
+
+    monkeypatch.setattr(ops, "rms_norm", fused_statistic)
+    calls.clear()
+    unfused = drafter.block_hidden(bonus, cache, 8)
+    assert calls.count("dynamic_conv") == 4 and "conv_linear" not in calls
+    monkeypatch.setattr(ops, "fused_linear_applies", real_applies)
+    fused = drafter.block_hidden(bonus, cache, 8)
+    assert torch.equal(fused, unfused), f"seed {seed}"
