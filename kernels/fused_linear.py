@@ -311,7 +311,9 @@ def _launch(x: torch.Tensor, w: torch.Tensor, b, norm_w, eps: float, residual, s
         HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, FOLD=merge == "last", FP32_WEIGHT=fp32_weight,
         **({} if rows is None else dict(normed_ptr=rows, NORMED_OUT=True)),
         **conv_args, CONV_IN=conv_in is not None, CONV_OUT=conv_out is not None, **pdl.launch(x.device), num_warps=4,
-        num_stages=3 if swiglu else 4)  # two weight tiles per stage: 4 stages of fp32 pass sm_86/89's 99 KB
+        # two weight tiles per stage: 4 stages of fp32 pass sm_86/89's 99 KB; the pre-conv's loads (a tile per tap)
+        # are staged too: a stage fewer (fp32's q/k/v and gate_up need ~100 KB with as many as the plain kernel)
+        num_stages=(3 if swiglu else 4) - (conv_in is not None))
     if s > 1 and merge == "launch":
         merge_kernel = _swiglu_merge_kernel if swiglu else _merge_kernel
         merge_kernel[(triton.cdiv(m * n, MERGE_BLOCK),)](

@@ -230,3 +230,28 @@ def test_the_drafter_layer_on_the_fused_kernels_is_the_unfused_layer_bit_for_bit
     monkeypatch.setattr(ops, "fused_linear_applies", real_applies)
     fused = drafter.block_hidden(bonus, cache, 8)
     assert torch.equal(fused, unfused), f"seed {seed}"
+
+
+def test_an_identity_conv_on_the_fused_kernels_is_the_v1_layer_bit_for_bit(tmp_path, seed, monkeypatch):
+    """Base kernels = identity and zero projections: the DFlash2 layer's three fused launches per sublayer give the
+    v1 layer's fused launches' bits (norm + q/k/v, norm + gate_up + SwiGLU, plain o and down) in bf16: the normed
+    rows, the conv of them and the merged output pass through unchanged. A base off identity changes them."""
+    import dataclasses
+
+    monkeypatch.setenv("DFLASH_KERNELS", "triton")
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    drafter, cache = dflash2_drafter(tmp_path, torch.bfloat16, seed)
+    for layer in drafter.layers:
+        for conv in (layer.attention_conv, layer.mlp_conv):
+            conv.base.zero_()
+            conv.base[:, 0] = 1
+            conv.projection.zero_()
+    layers = drafter.layers
+    bonus = torch.tensor([7])
+    d2 = drafter.block_hidden(bonus, cache, 8)
+    drafter.layers = [dataclasses.replace(layer, attention_conv=None, mlp_conv=None) for layer in layers]  # v1's path
+    plain = drafter.block_hidden(bonus, cache, 8)
+    assert torch.equal(d2, plain), f"seed {seed}"
+    drafter.layers = layers
+    layers[0].mlp_conv.base[1] = 0.01
+    assert not torch.equal(drafter.block_hidden(bonus, cache, 8), plain)
