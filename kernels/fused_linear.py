@@ -11,6 +11,16 @@ so that a dense layer's norm, projection and activation are one launch instead o
   launch still read the old one), written by the programs with pid_n == 0 and split == 0 (one owner per
   row tile, no atomics).
 - Both at once (`norm_swiglu_linear`): post-attention norm, gate_up and SwiGLU in one launch.
+- DFlash2's drafter layer (dflash_cli/dflash2.py), a sublayer in three launches around its middle:
+  `norm_linear_rows` (the norm prologue before the conv's kernel projection d = P·h, the normed rows stored
+  by the programs of the first column tile as they stream them: stored once, not recomputed, since every
+  tap of the pre-conv reads them), `conv_linear` (the pre-conv as the loader of q/k/v or gate_up: the x tile
+  at (t, c) is Σ_o (base[o, c] + d[t, o, c // group]) · h[t - o, c], in kernels/dynamic_conv.py's rounding
+  order, each N tile computing it again from memory) and `linear_conv` (the post-conv after o or down: every
+  program stores its partial and takes a ticket on its output COLUMN, and the last one merges each row as
+  the unfused GEMM rounds it, read back at the shifted rows, and convs it). The convs are the unfused
+  kernels' bits; a conv row reads the rows above it by design, so their invariance is: for every block
+  length, the rows equal the unfused path's and the first rows of a longer block.
 
 Batch invariance is kept as in the plain kernel: one binary for every M ≤ 32 (M is not specialised),
 the tiling and the split count from the weight's shape only, slices merged in order by the last program of
