@@ -335,7 +335,7 @@ class Drafter:
                 continue
             h, x = ops.rms_norm(out, layer.post_norm, c.rms_norm_eps, x)
             h, conv_kernels = pre_conv(layer.mlp_conv, h)
-            act = ops.swiglu_linear(h, layer.gate_up) if fused else ops.swiglu(ops.dense_linear(h, layer.gate_up))
+            act = ops.swiglu(ops.dense_linear(h, layer.gate_up))  # (unfused: the fused paths continued above)
             added = post_conv(layer.mlp_conv, ops.dense_linear(act, layer.down), conv_kernels)
         h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps) if added is None else \
             ops.rms_norm(added[1:], self.norm, c.rms_norm_eps, x[1:])
