@@ -320,6 +320,25 @@ def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None):
     return _impl("norm_swiglu_linear", True)(x, norm_w, eps, w, b, residual)
 
 
+# DFlash2's drafter layer (dflash2.DynamicConv): its dynamic conv inside the projections around it.
+_MODULES.update(norm_linear_rows="fused_linear", conv_linear="fused_linear", linear_conv="fused_linear")
+
+
+def norm_linear_rows(x, norm_w, eps, w, residual=None):
+    """`norm_linear`, and the normed rows: (out, new residual or None, normed rows), in one launch."""
+    return _impl("norm_linear_rows", True)(x, norm_w, eps, w, None, residual)
+
+
+def conv_linear(z, base, dynamic, w, b=None, swiglu=False):
+    """The projection (SwiGLU with `swiglu`) of dynamic_conv(z, base, dynamic), in one launch."""
+    return _impl("conv_linear", True)(z, base, dynamic, w, b, swiglu)
+
+
+def linear_conv(x, w, b, base, dynamic):
+    """dynamic_conv(x @ w.T + b, base, dynamic), in one launch."""
+    return _impl("linear_conv", True)(x, w, b, base, dynamic)
+
+
 # ---- Tree verification on a hybrid target ---------------------------------------------------------------
 # kernels/gated_delta_tree.py: the gated delta rule down a drafted tree, each node from its parent's state,
 # with the chain's gated norm as epilogue.

@@ -27,6 +27,10 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     upcast = [e for e in json.loads(launches.read_text()) if "UPCAST" in e["params"]]
     assert upcast and all(e["params"]["UPCAST"] == ["constexpr", False] for e in upcast), \
         "the bf16 dots are compiled as a GPU launches them, not as the interpreter's fp32 fallback"
+    # DFlash2's drafter layer (kernels/fused_linear.py): the norm storing its rows, the pre-conv in the loader,
+    # the post-conv in the merge are each recorded (and so compiled below)
+    fused = [e["params"] for e in json.loads(launches.read_text()) if e["name"] == "_fused_partial_kernel"]
+    assert all(any(p.get(flag) == ["constexpr", True] for p in fused) for flag in ("NORMED_OUT", "CONV_IN", "CONV_OUT"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     p = subprocess.run([sys.executable, str(SCRIPT), "compile", str(launches)], capture_output=True, text=True,
                        env=env, timeout=1800, cwd=ROOT)
