@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except _ABORT:
         print("", file=sys.stderr)
         return 130
-    except _PARSER_ERRORS as e:  # usage errors from the parser: exit 2
-        e.show()
+    except _PARSER_ERRORS as e:  # usage errors from the parser: exit 2, one line as every other error
+        print(f"Error: {_parser_message(e)}", file=sys.stderr)
         return e.exit_code
     except DflashError as e:
         print(f"Error: {e}", file=sys.stderr)
@@ -98,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         print(f"Error: cannot write the output: {e.strerror}", file=sys.stderr)
         return 1
+
+
+def _parser_message(e: Exception) -> str:
+    """The parser's message on one line, with where the usage is (click's own form is four lines:
+    usage, a hint, a blank line, the error)."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)  # usage errors know their command; other parser errors do not
+    return f"{message} (see `{ctx.command_path} -h`)" if ctx is not None else message
 
 
 def _rich_saw_a_closed_pipe(e: SystemExit) -> bool:
