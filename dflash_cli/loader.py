@@ -72,9 +72,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# A file that holds a vocabulary (transformers' fast, sentencepiece, BPE and WordPiece tokenizers). Without
+# one, transformers 5 builds an empty tokenizer for some model types (qwen3: one token), and every prompt
+# would encode to nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+
+
 def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise DflashError(f"{directory} has no tokenizer (no {', '.join(TOKENIZER_FILES[:3])}): copy the tokenizer "
+                          "files of the model it was made from into it")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -190,3 +190,16 @@ def test_per_layer_overrides_dflash_does_not_read_are_refused_by_name(tmp_path, 
         code = main(["run", "--target", str(d), "--no-spec", "--device", "cpu", "--raw", "-p", PROMPT, "-n", "2"])
         out, err = capsys.readouterr()
         assert (code, out) == (1, "") and err.count("\n") == 1 and says in err, err
+
+
+def test_a_checkpoint_saved_without_its_tokenizer_is_one_line_naming_the_fix(checkpoints, tmp_path, capsys):
+    """`model.save_pretrained(dir)` alone writes no tokenizer; transformers 5 then builds an empty one for a
+    Qwen3 (one token), and every prompt encoded to nothing ("the prompt is empty")."""
+    d = shutil.copytree(checkpoints("qwen3, 1 KV head, head_dim 24, untied"), tmp_path / "no-tokenizer",
+                        ignore=shutil.ignore_patterns("tokenizer*"))
+    code = main(["run", str(d), "--no-spec", "--device", "cpu", "-p", PROMPT, "-n", "2"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "") and err.strip().splitlines()[-1] == (
+        f"Error: {d} has no tokenizer (no tokenizer.json, tokenizer.model, vocab.json): copy the tokenizer files of "
+        "the model it was made from into it")
+    assert "Traceback" not in err
