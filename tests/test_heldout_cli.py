@@ -49,3 +49,13 @@ def test_a_released_target_or_drafter_repo_id_names_its_pair():
 def test_an_unknown_hub_id_as_model_says_it_goes_after_target(capsys):
     code, err = one_line_error(capsys, "run", "someone/some-model", "-p", "hi")
     assert code == 2 and "--target someone/some-model" in err
+
+
+def test_a_prompt_past_the_model_s_positions_does_not_send_the_user_to_max_context(capsys):
+    """--max-context cannot go past the model's positions (that is refused too): the fix is a shorter prompt."""
+    long_prompt = "Once upon a time there was a cat. " * 80  # > 512 tokens, the demo model's positions
+    code, err = one_line_error(capsys, "run", "demo", "--no-spec", "--raw", "-n", "2", "-q", "-p", long_prompt)
+    assert code == 1 and "the context limit is 512 (shorten the prompt: the model has no more positions)" in err
+    code, err = one_line_error(capsys, "run", "demo", "--no-spec", "--raw", "-n", "2", "-q", "--max-context", "64",
+                               "-p", long_prompt)
+    assert code == 1 and "the context limit is 64 (raise it with --max-context, or shorten the prompt)" in err
