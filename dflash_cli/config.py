@@ -161,9 +161,7 @@ class Fields:
 def rope_params(raw: dict, f: Fields) -> tuple[float, dict | None]:
     """(theta, scaling dict or None) from `rope_theta`/`rope_scaling` or transformers 5's `rope_parameters`."""
     params = raw.get("rope_parameters") or {}
-    theta = raw.get("rope_theta", params.get("rope_theta"))
-    if theta is None:
-        raise DflashError(f"{f.where}/config.json is missing 'rope_theta'")
+    theta = raw.get("rope_theta", params.get("rope_theta", 10_000.0))  # transformers' default_theta when absent
     scaling = raw.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     return float(theta), scaling
 

@@ -203,3 +203,25 @@ def test_a_checkpoint_saved_without_its_tokenizer_is_one_line_naming_the_fix(che
         f"Error: {d} has no tokenizer (no tokenizer.json, tokenizer.model, vocab.json): copy the tokenizer files of "
         "the model it was made from into it")
     assert "Traceback" not in err
+
+
+REQUIRED = {"architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "layer_types", "num_experts",
+            "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "linear_conv_kernel_dim",
+            "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id"}
+
+
+@pytest.mark.parametrize("case", ["qwen3, 1 KV head, head_dim 24, untied", "llama, stored bf16",
+                                  "qwen3-moe, 1 KV head, vocab 515, tied, no top-k norm", "qwen3.5 text-only, tied"])
+def test_a_config_that_leaves_the_rest_to_transformers_defaults_runs_as_transformers_reads_it(case, checkpoints,
+                                                                                               tmp_path, capsys):
+    """A hand-written config.json gives the shapes and leaves rope_theta, rms_norm_eps, the rope parameters
+    and the rest to the config class's defaults (rope_theta was refused as missing)."""
+    d = shutil.copytree(checkpoints(case), tmp_path / "minimal")
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if k in REQUIRED}))
+    plain = dflash_json(capsys, d, "--no-spec")
+    from dflash_cli.loader import load_tokenizer
+
+    assert plain["token_ids"] == transformers_greedy(d, CASES[case][1], load_tokenizer(d).encode(PROMPT), NEW_TOKENS)
