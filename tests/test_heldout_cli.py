@@ -59,3 +59,26 @@ def test_a_prompt_past_the_model_s_positions_does_not_send_the_user_to_max_conte
     code, err = one_line_error(capsys, "run", "demo", "--no-spec", "--raw", "-n", "2", "-q", "--max-context", "64",
                                "-p", long_prompt)
     assert code == 1 and "the context limit is 64 (raise it with --max-context, or shorten the prompt)" in err
+
+
+def test_bench_takes_a_directory_as_model_as_run_does(capsys):
+    code, err = one_line_error(capsys, "bench", "./no-such-model", "--device", "cpu")
+    assert code == 2 and "./no-such-model: no such directory" in err
+
+
+def test_doctor_checks_a_local_directory(capsys, tmp_path):
+    """`dflash doctor DIR`: whether this version runs the checkpoint (it was looked up as an alias)."""
+    import json
+    import shutil
+
+    target = registry.demo_dirs()[0]
+    main(["doctor", str(target)])
+    out = capsys.readouterr().out
+    assert f"{target}: a llama checkpoint this version runs (5 layers, hidden 64)" in out
+    d = shutil.copytree(target, tmp_path / "dynamic")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}))
+    assert main(["doctor", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert f"{d}: unsupported rope scaling type 'dynamic' in config.json (dflash runs default, linear, llama3, yarn " \
+           "and proportional rope)" in " ".join(out.split())
