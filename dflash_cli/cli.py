@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 
 import click
 import typer
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         cmd = command()
-        with cmd.make_context("dflash", args) as ctx:
+        with cmd.make_context("dflash", args) as ctx, warnings.catch_warnings():
+            warnings.showwarning = _show_warning
             cmd.invoke(ctx)
         sys.stdout.flush()  # what is still buffered fails here, where a closed pipe is handled, not at exit
         return 0
@@ -98,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         print(f"Error: cannot write the output: {e.strerror}", file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line on stderr, as the notes are (Python's form adds the file, line and source)."""
+    print(f"dflash: warning: {message}", file=sys.stderr)
 
 
 def _parser_message(e: Exception) -> str:

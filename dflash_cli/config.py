@@ -354,6 +354,8 @@ class DrafterConfig:
         bad = [i for i in self.target_layer_ids if not 0 <= i < target.num_layers]
         if bad:
             raise DflashError(f"{where} target_layer_ids {bad} outside the target's {target.num_layers} layers")
+        if len(set(self.target_layer_ids)) != len(self.target_layer_ids):  # features are gathered once per layer
+            raise DflashError(f"{where} target_layer_ids {list(self.target_layer_ids)} name a layer twice")
         if not 0 <= self.mask_token_id < target.vocab_size:
             raise DflashError(f"{where} mask_token_id {self.mask_token_id} outside the vocab ({target.vocab_size})")
         if self.block_size < 2:

@@ -82,3 +82,47 @@ def test_doctor_checks_a_local_directory(capsys, tmp_path):
     out = capsys.readouterr().out
     assert f"{d}: unsupported rope scaling type 'dynamic' in config.json (dflash runs default, linear, llama3, yarn " \
            "and proportional rope)" in " ".join(out.split())
+
+
+def test_a_drafter_given_as_the_target_is_one_line_saying_so(capsys):
+    """A drafter's config.json is a Qwen3 one: it was read as a Qwen3 target (and failed on its tokenizer)."""
+    target, drafter = registry.demo_dirs()
+    for args in ([str(drafter), "--no-spec"], ["--target", str(drafter), "--drafter", str(target)]):
+        code, err = one_line_error(capsys, "run", *args, "--device", "cpu", "-p", "hi")
+        assert code == 1 and f"{drafter} is a DFlash drafter (DFlashDraftModel), not a target: pass it as " \
+                              "--drafter, with the model it drafts for as MODEL or --target" in err
+
+
+def test_a_warning_is_one_line(capsys, tmp_path):
+    """Python's own form is two lines (file:line: UserWarning: …, then the source line that warned)."""
+    from .tiny import drafter_config, target_config, write_drafter, write_target
+
+    cfg = target_config("qwen3", layers=6)
+    target = write_target(tmp_path / "t", cfg)
+    dcfg = drafter_config(cfg, layers=2, target_layer_ids=(1, 3))
+    del dcfg["dflash_config"]["target_layer_ids"]  # guessed: [1, 3]
+    d = write_drafter(tmp_path / "d", dcfg)
+    code = main(["run", "--target", str(target), "--drafter", str(d), "--device", "cpu", "--raw", "-p", "The cat",
+                 "-n", "4", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out
+    assert err.count("\n") == 1 and err.startswith(f"dflash: warning: {d}: no dflash_config.target_layer_ids"), err
+
+
+@pytest.mark.parametrize("layers, ids, says", [(4, (1, 1), "target_layer_ids [1, 1] name a layer twice"),
+                                               (4, None, "target_layer_ids [1, 1] name a layer twice"),  # the guess
+                                               (2, None, "target_layer_ids [-1] outside the target's 2 layers")])
+def test_target_layer_ids_that_name_a_layer_twice_are_one_line(capsys, tmp_path, layers, ids, says):
+    """A repeated layer crashed the first draft with a shape error (its features are gathered once)."""
+    from .tiny import drafter_config, target_config, write_drafter, write_target
+
+    cfg = target_config("qwen3", layers=layers)
+    target = write_target(tmp_path / "t", cfg)
+    dcfg = drafter_config(cfg, layers=2, target_layer_ids=ids or (0, 1))
+    if ids is None:
+        del dcfg["dflash_config"]["target_layer_ids"]
+    d = write_drafter(tmp_path / "d", dcfg)
+    code = main(["run", "--target", str(target), "--drafter", str(d), "--device", "cpu", "--raw", "-p", "The cat",
+                 "-n", "4", "-q"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "") and err.splitlines()[-1].startswith("Error: ") and says in err, err
