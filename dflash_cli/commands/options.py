@@ -26,8 +26,8 @@ SERVER = "Server"
 ENGINE = "Hand-off to SGLang / vLLM"
 TRAINING = "Training"
 
-MODEL_ARG = typer.Argument(None, help="Model alias (see `dflash models`) or a local directory; or use --target/--drafter.",
-                           metavar="MODEL")
+MODEL_ARG = typer.Argument(None, metavar="MODEL",
+                           help="Model alias (see `dflash models`) or a local directory; or use --target/--drafter.")
 TARGET = typer.Option(None, "--target", metavar="ID|DIR", help="Target: a Hugging Face repo id or a local directory.", rich_help_panel=MODEL)
 DRAFTER = typer.Option(None, "--drafter", metavar="ID|DIR", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
 YES = typer.Option(False, "--yes", "-y", help="Download missing models without asking.", rich_help_panel=MODEL)
