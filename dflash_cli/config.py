@@ -162,9 +162,7 @@ def rope_params(raw: dict, f: Fields, drop: tuple[str, ...] = ()) -> tuple[float
     """(theta, scaling dict or None) from `rope_theta`/`rope_scaling` or transformers 5's `rope_parameters`;
     `drop`: keys a family's scaling must not carry (dropping them leaves None for a default rope)."""
     params = raw.get("rope_parameters") or {}
-    theta = raw.get("rope_theta", params.get("rope_theta"))
-    if theta is None:
-        raise DflashError(f"{f.where}/config.json is missing 'rope_theta'")
+    theta = raw.get("rope_theta", params.get("rope_theta", 10_000.0))  # transformers' default_theta when absent
     scaling = raw.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     if scaling is not None and drop:
         scaling = {k: v for k, v in scaling.items() if k not in drop}
@@ -372,6 +370,8 @@ class DrafterConfig(LayerShape):
         bad = [i for i in self.target_layer_ids if not 0 <= i < target.num_layers]
         if bad:
             raise DflashError(f"{where} target_layer_ids {bad} outside the target's {target.num_layers} layers")
+        if len(set(self.target_layer_ids)) != len(self.target_layer_ids):  # features are gathered once per layer
+            raise DflashError(f"{where} target_layer_ids {list(self.target_layer_ids)} name a layer twice")
         if not 0 <= self.mask_token_id < target.vocab_size:
             raise DflashError(f"{where} mask_token_id {self.mask_token_id} outside the vocab ({target.vocab_size})")
         if self.block_size < 2:

@@ -193,6 +193,12 @@ def resolve(name: str) -> ModelPair:
         return pair
     if is_demo(name):
         raise UsageError("the demo pair ships with dflash: there is nothing to download or remove")
+    by_repo = [p for p in PAIRS if key in (p.target.lower(), p.drafter.lower())]
+    if by_repo:  # `dflash run Qwen/Qwen3-8B`: the released pair of that target (or drafter)
+        return by_repo[0]
+    if "/" in key:
+        raise UsageError(f"unknown model '{name}': a Hub repo id or a directory goes after --target "
+                         f"(--target {name} --drafter DRAFTER; `dflash models` lists the aliases)")
     close = difflib.get_close_matches(key, _BY_ALIAS, n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else " (see `dflash models`)"
     raise UsageError(f"unknown model '{name}'{hint}")
