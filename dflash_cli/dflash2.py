@@ -80,6 +80,16 @@ class CandidateSelector:
     multiplier: float = 1.0  # the head's output_multiplier and final_logit_softcapping (`head_logits`)
     softcap: float | None = None
 
+    def lattice(self, hidden: torch.Tensor, logits: torch.Tensor,
+                anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidates [L, k], scores [L, k, k]): every S_t(a, b) for the k candidates a of row t - 1 (row 0: the
+        anchor, repeated) and the k candidates b of row t, in the walk's bits (kernels/selector.lattice_ref; the
+        walk itself reads only the chosen a's row). For experiments (scripts/dflash2_walk_tau.py's sampled walk)."""
+        from .kernels.selector import lattice_ref  # on demand: the kernel module imports Triton
+
+        return lattice_ref(ops.dense_linear(hidden, self.hidden_projection), logits, anchor, self.predecessor,
+                           self.successor, self.top_k, self.multiplier, self.softcap)
+
     def walk(self, hidden: torch.Tensor, logits: torch.Tensor, anchor: torch.Tensor,
              out: torch.Tensor | None = None) -> torch.Tensor:
         """The L drafted ids (written into `out` [L] when given): from the anchor, at each row the best of the

@@ -116,3 +116,17 @@ def test_the_walk_follows_its_own_choice():
     scores[1, 2, 2] = 9.0
     candidates = torch.tensor([[10, 11, 12], [20, 21, 22]])
     assert selector_walk_ref(scores, candidates).tolist() == [11, 20]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_the_drafters_selector_walks_its_own_lattice(seed, kernels, monkeypatch):
+    """CandidateSelector.walk (P h, then ops.selector) drafts what the greedy walk over its full lattice does."""
+    from dflash_cli.dflash2 import CandidateSelector
+
+    monkeypatch.setenv("DFLASH_KERNELS", kernels)
+    g = torch.Generator().manual_seed(seed)
+    hidden, proj = torch.randn(6, 32, generator=g), torch.randn(8, 32, generator=g)
+    _, logits, anchor, a, b = _inputs(seed, 6, 300, 8, torch.float32, scale=30.0)
+    s = CandidateSelector(proj.to(DEVICE), a, b, 5, 0.5, 10.0)
+    candidates, scores = s.lattice(hidden.to(DEVICE), logits, anchor)
+    assert torch.equal(s.walk(hidden.to(DEVICE), logits, anchor), selector_walk_ref(scores, candidates)), f"seed {seed}"
