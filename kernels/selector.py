@@ -20,11 +20,14 @@ row's n_blocks × k survivors the same way, stores the row's k (value, id) pairs
 and takes a ticket on the step's counter; the last row to finish walks the L rows: per row one k × r tile of
 B[candidates], the chosen predecessor's A row times p_t, the tree over r and an argmax, and resets that
 counter (a CUDA graph replays the launch from zeroed counters). The walk needs S_t(c_(t-1), ·) only, not
-the k × k lattice the reference builds (the same entries, the same bits).
+the k × k lattice the reference builds (the same entries, the same bits). Its loads run one row ahead
+(the A rows of all k predecessors, the chosen one picked in registers), so no load waits on a choice.
 
 Cost at the released sizes (V 248,320, k 16, r 256, L ≤ 15): 61 blocks of 4,096 logits per row (each k
 max/min passes over its block: ~130k compares, 16 KB read); 15 merges of 976 survivors; one walk of 15 rows
-× (16 × 256 products + 8 tree levels), ~60k flops and 15 × 8 KB of codebook rows, on one SM.
+× (16 × 256 products + 8 tree levels), ~60k flops and 15 × 16 KB of codebook rows (bf16), on one SM.
+Compiled for sm_90: 111-128 registers a thread (8 warps), no spills, 2-4 KB of shared memory. Not timed
+(no GPU here): benchmarks/kernel_speed.py's "DFlash2 selector" rows are the measurement to make.
 """
 from __future__ import annotations
 
@@ -149,6 +152,30 @@ def _tree_sum(x, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG_WIDTH: tl.constexp
 
 
 @triton.jit
+def _codebook_rows(ptr, ids, rank, r, k_ok, r_ok):
+    """The codebook rows of `ids` [BLOCK_K] as fp32 [BLOCK_K, BLOCK_R] (zeros where masked)."""
+    return tl.load(ptr + ids[:, None] * rank + r[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _walk_row(t, rows, row_i_ptr, row_v_ptr, p_ptr, p_row, b_ptr, rank, multiplier, softcap, ranks, r, k_ok, r_ok,
+              BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Row t's part of the walk (nothing is loaded for t = rows): (its candidates, their unary scores, p_t,
+    B[candidates])."""
+    k_ok = k_ok & (ranks * 0 + t < rows)  # as tensors: the interpreter takes no Python bool in a mask
+    r_ok = r_ok & (r * 0 + t < rows)
+    cand = tl.load(row_i_ptr + t * BLOCK_K + ranks, mask=k_ok, other=0, cache_modifier=".cg")
+    z = tl.load(row_v_ptr + t * BLOCK_K + ranks, mask=k_ok, other=0.0, cache_modifier=".cg")
+    if SCALE:
+        z = z * multiplier
+    if SOFTCAP:
+        c = (softcap + tl.zeros([BLOCK_K], tl.float32)).to(tl.float64)  # c as an fp32 argument
+        z = (_tanh64(z.to(tl.float64) / c) * c).to(tl.float32)
+    p = tl.load(p_ptr + t * p_row + r, mask=r_ok, other=0.0).to(tl.float32)
+    return cand, z, p, _codebook_rows(b_ptr, cand.to(tl.int64), rank, r, k_ok, r_ok)
+
+
+@triton.jit
 def _selector_kernel(logits_ptr, p_ptr, anchor_ptr, a_ptr, b_ptr, out_ptr, part_v_ptr, part_i_ptr, row_v_ptr,
                      row_i_ptr, tickets_ptr, vocab, rank, rows, n_blocks, logits_row, p_row, multiplier, softcap,
                      TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_MERGE: tl.constexpr,
@@ -180,30 +207,30 @@ def _selector_kernel(logits_ptr, p_ptr, anchor_ptr, a_ptr, b_ptr, out_ptr, part_
         tl.debug_barrier()
         step = tickets_ptr + rows
         if tl.atomic_add(step, 1, sem="acq_rel") == rows - 1:
-            # 3. the last row to finish walks the rows from the anchor
+            # 3. the last row to finish walks the rows from the anchor. Each row's loads are issued one row
+            # ahead (none depends on the walk: the A rows of all k predecessors are loaded, the chosen one
+            # picked in registers), so the chain from one choice to the next is arithmetic only.
             k_ok = ranks < TOP_K
             r = tl.arange(0, BLOCK_R)
             r_ok = r < rank
-            tile_ok = k_ok[:, None] & r_ok[None, :]
-            previous = tl.load(anchor_ptr).to(tl.int64)
+            anchor = tl.load(anchor_ptr).to(tl.int64) + tl.zeros([BLOCK_K], tl.int64)  # row 0's predecessors
+            cand, z, p, right = _walk_row(0, rows, row_i_ptr, row_v_ptr, p_ptr, p_row, b_ptr, rank, multiplier,
+                                          softcap, ranks, r, k_ok, r_ok, BLOCK_K, SCALE, SOFTCAP)
+            left_all = _codebook_rows(a_ptr, anchor, rank, r, k_ok, r_ok)  # rows ≥ 1 here
+            chosen = tl.zeros([], tl.int32)  # row 0: every predecessor is the anchor
             for t in range(0, rows):
-                cand = tl.load(row_i_ptr + t * BLOCK_K + ranks, mask=k_ok, other=0, cache_modifier=".cg")
-                z = tl.load(row_v_ptr + t * BLOCK_K + ranks, mask=k_ok, other=0.0, cache_modifier=".cg")
-                if SCALE:
-                    z = z * multiplier
-                if SOFTCAP:
-                    c = (softcap + tl.zeros([BLOCK_K], tl.float32)).to(tl.float64)  # c as an fp32 argument
-                    z = (_tanh64(z.to(tl.float64) / c) * c).to(tl.float32)
-                p = tl.load(p_ptr + t * p_row + r, mask=r_ok, other=0.0).to(tl.float32)
-                left = tl.load(a_ptr + previous * rank + r, mask=r_ok, other=0.0).to(tl.float32) * p
-                right = tl.load(b_ptr + cand.to(tl.int64)[:, None] * rank + r[None, :], mask=tile_ok,
-                                other=0.0).to(tl.float32)
-                edges = _tree_sum(tl.where(tile_ok, left[None, :] * right, 0.0), BLOCK_K, BLOCK_R, LOG_R)
-                s = z + edges
+                cand_n, z_n, p_n, right_n = _walk_row(t + 1, rows, row_i_ptr, row_v_ptr, p_ptr, p_row, b_ptr, rank,
+                                                      multiplier, softcap, ranks, r, k_ok, r_ok, BLOCK_K, SCALE,
+                                                      SOFTCAP)
+                left_n = _codebook_rows(a_ptr, cand.to(tl.int64), rank, r, k_ok & (ranks * 0 + t + 1 < rows), r_ok)
+                # A[c_(t-1)] bit for bit: the other rows add -0.0, which leaves every x (+0.0 included) as it is
+                a_row = tl.sum(tl.where(ranks[:, None] == chosen, left_all, -0.0), axis=0)
+                products = tl.where(k_ok[:, None] & r_ok[None, :], (a_row * p)[None, :] * right, 0.0)
+                s = z + _tree_sum(products, BLOCK_K, BLOCK_R, LOG_R)
                 best = tl.max(tl.where(k_ok, s, float("-inf")), axis=0)
                 chosen = tl.min(tl.where(k_ok & (s == best), ranks, BLOCK_K), axis=0)  # argmax: the lowest
-                previous = tl.sum(tl.where(ranks == chosen, cand, 0), axis=0).to(tl.int64)  # exact: one term
-                tl.store(out_ptr + t, previous)
+                tl.store(out_ptr + t, tl.sum(tl.where(ranks == chosen, cand, 0), axis=0).to(tl.int64))  # one term
+                cand, z, p, right, left_all = cand_n, z_n, p_n, right_n, left_n
             tl.atomic_xchg(step, 0)
 
 
