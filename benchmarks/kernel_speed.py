@@ -91,7 +91,7 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
                2 * HKV * LONG_CTX * D * kc.element_size() + 2 * nbytes(q_rot[:n_q]))
     yield ("draft context K/V (B, 5 layers)", draft_kv.draft_ctx_kv, draft_kv.draft_ctx_kv_ref,
            lambda f: f(ctx, wkv, dkn, 1e-6, cs, pos[0], dkc, dvc), nbytes(ctx, wkv) + 2 * LAYERS * HKV * B * D * 2)
-    from dflash_cli.kernels import dynamic_conv, selector_walk
+    from dflash_cli.kernels import dynamic_conv, selector
 
     conv_base = torch.randn(2, 4, H, dtype=dt, device=dev)  # DFlash2: 4 taps, groups of 64 channels
     conv_dyn = torch.randn(B, 2, 4, H // 64, dtype=dt, device=dev)
@@ -102,10 +102,15 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
     table = torch.randn(1024, H, dtype=dt, device=dev)  # the launch does not depend on the vocabulary
     yield ("drafter block input (B × 4096)", embed_block.embed_block, embed_block.embed_block_ref,
            lambda f: f(block[:1] % 1024, block[1:B] % 1024, table), 2 * nbytes(x))
-    lattice = torch.randn(B - 1, 32, 32, device=dev)
-    lattice_ids = torch.randint(0, V, (B - 1, 32), device=dev)
-    yield ("DFlash2 selector walk (B - 1 rows, top-32)", selector_walk.selector_walk, selector_walk.selector_walk_ref,
-           lambda f: f(lattice, lattice_ids), nbytes(lattice, lattice_ids))
+    # DFlash2's selector at the released drafters' sizes (top-16, rank 256) over this vocabulary: B - 1 rows
+    sel_p, sel_logits = torch.randn(B - 1, 256, dtype=dt, device=dev), torch.randn(B - 1, V, dtype=dt, device=dev)
+    codebooks = torch.randn(2, V, 256, dtype=dt, device=dev)
+    yield ("DFlash2 selector (B - 1 rows × 151936, top-16, rank 256)", selector.selector, selector.selector_ref,
+           lambda f: f(sel_p, sel_logits, block[:1], codebooks[0], codebooks[1], 16),
+           nbytes(sel_logits) + 16 * (B - 1) * 2 * 256 * codebooks.element_size())
+    yield ("DFlash2 selector, Muse-Glimmer's head (x 1/sqrt(26), softcap 20)", selector.selector, selector.selector_ref,
+           lambda f: f(sel_p, sel_logits, block[:1], codebooks[0], codebooks[1], 16, 0.19611613513818404, 20.0),
+           nbytes(sel_logits) + 16 * (B - 1) * 2 * 256 * codebooks.element_size())
     yield ("sample greedy (1 × 151936)", accept.sample, accept.sample_ref,
            lambda f: f(logits[:1], pos[:1], temperature=0.0), nbytes(logits[:1]))
     yield ("accept greedy (B × 151936)", accept.accept, accept.accept_ref,

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 
@@ -103,25 +102,24 @@ class CandidateSelector:
 
     def lattice(self, hidden: torch.Tensor, logits: torch.Tensor,
                 anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(candidates [L, k], scores [L, k, k]): S_t(a, b) for the k candidates a of row t - 1 (row 0:
-        the anchor, repeated) and the k candidates b of row t. hidden: the normed final rows [L, H];
-        logits: the target head's raw logits [L, V]; anchor: [1] id.
+        """(candidates [L, k], scores [L, k, k]): every S_t(a, b) for the k candidates a of row t - 1 (row 0: the
+        anchor, repeated) and the k candidates b of row t, in the walk's bits (kernels/selector.lattice_ref; the
+        walk itself reads only the chosen a's row). For experiments (scripts/dflash2_walk_tau.py's sampled walk)."""
+        from .kernels.selector import lattice_ref  # on demand: the kernel module imports Triton
 
-        One top-k over the L rows and one batched GEMM. The multiplier and softcap are monotone, so the
-        top-k of the raw logits holds the same tokens; they are applied to the k values only, and the
-        scores are summed in float32 whatever the model's dtype."""
-        values, candidates = logits.topk(self.top_k, dim=-1)  # sorted: the same order every run
-        unary = head_logits(values.float(), self.multiplier, self.softcap)
-        p = ops.dense_linear(hidden, self.hidden_projection).float()  # [L, r]
-        previous = torch.cat((anchor.view(1, 1).expand(1, self.top_k), candidates[:-1]))  # [L, k]
-        left = F.embedding(previous, self.predecessor).float() * p[:, None, :]  # A[a] ⊙ P h_t
-        right = F.embedding(candidates, self.successor).float()  # B[b]
-        return candidates, unary[:, None, :] + left @ right.transpose(1, 2)
+        return lattice_ref(ops.dense_linear(hidden, self.hidden_projection), logits, anchor, self.predecessor,
+                           self.successor, self.top_k, self.multiplier, self.softcap)
 
     def walk(self, hidden: torch.Tensor, logits: torch.Tensor, anchor: torch.Tensor,
              out: torch.Tensor | None = None) -> torch.Tensor:
-        """The L drafted ids (written into `out` [L] when given): from the anchor, at each row the best
-        candidate given the one chosen before (argmax: the lowest index on ties). Device ops only; the loop
-        is over the fixed L."""
-        candidates, scores = self.lattice(hidden, logits, anchor)
-        return ops.selector_walk(scores, candidates, out)  # kernels/selector_walk.py: one launch
+        """The L drafted ids (written into `out` [L] when given): from the anchor, at each row the best of the
+        head's top-k candidates given the one chosen before (argmax: the lowest index on ties). hidden: the
+        normed final rows [L, H]; logits: the target head's raw logits [L, V]; anchor: [1] id.
+
+        The multiplier and softcap are monotone, so the top-k of the raw logits holds the same tokens; they
+        are applied to the k values only, and the scores are summed in fp32 whatever the model's dtype, in
+        the order kernels/selector.py documents. Two launches: P h, then the top-k, the lattice's entries
+        along the walk and the walk itself in one kernel. Device ops only, fixed shapes."""
+        p = ops.dense_linear(hidden, self.hidden_projection)  # [L, r]
+        return ops.selector(p, logits, anchor, self.predecessor, self.successor, self.top_k, self.multiplier,
+                            self.softcap, out)

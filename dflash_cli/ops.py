@@ -27,7 +27,7 @@ _MODULES = {
     "accept": "accept",
     "verdict": "accept",
     "dynamic_conv": "dynamic_conv",
-    "selector_walk": "selector_walk",
+    "selector": "selector",
     "embed_block": "embed_block",
     "gdn_commit": "gdn_replay",
     "causal_conv": "gated_delta",
@@ -153,9 +153,11 @@ def dynamic_conv(z, base, dynamic):
     return _pick("dynamic_conv", z.device)(z, base, dynamic)
 
 
-def selector_walk(scores, candidates, out=None):
-    """DFlash2's greedy walk over its candidate lattice (kernels/selector_walk.py)."""
-    return _pick("selector_walk", scores.device)(scores, candidates, out)
+def selector(p, logits, anchor, predecessor, successor, top_k, multiplier=1.0, softcap=None, out=None):
+    """DFlash2's candidate selector: each row's top-k, the bigram rescoring and the greedy walk from the
+    anchor, in one launch (kernels/selector.py)."""
+    return _pick("selector", logits.device)(p, logits, anchor, predecessor, successor, top_k, multiplier, softcap,
+                                            out)
 
 
 def embed_block(bonus, mask_ids, table):
