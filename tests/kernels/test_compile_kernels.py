@@ -27,6 +27,10 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     upcast = [e for e in json.loads(launches.read_text()) if "UPCAST" in e["params"]]
     assert upcast and all(e["params"]["UPCAST"] == ["constexpr", False] for e in upcast), \
         "the bf16 dots are compiled as a GPU launches them, not as the interpreter's fp32 fallback"
+    prologue = [e for e in json.loads(launches.read_text())
+                if e["name"] == "_attn_kernel" and e["params"]["ROPE"] == ["constexpr", True]]
+    assert {e["params"]["TREE"][1] > 0 for e in prologue} == {False, True}, \
+        "attention with its q/k-norm, rope and cache-write prologue (issue 26) is compiled, a tree's too"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     p = subprocess.run([sys.executable, str(SCRIPT), "compile", str(launches)], capture_output=True, text=True,
                        env=env, timeout=1800, cwd=ROOT)
