@@ -153,6 +153,17 @@ def _attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor) -> t
 # exact neutrals. A node's output is the bits of decoding its path, at the cost of re-reading those few
 # tiles once per node.
 #
+# The prologue (issue 26, `rope=`): q/k-norm, rope and the KV-cache write in this launch, not one before it. A
+# program with a visible key norms and rotates its own q rows into a scratch buffer; one whose split reads a new
+# key (end > kv_len - q_len) first writes all the block's new K rows (normed, rotated) and V rows of its kv head
+# into the cache (a tree's too: a node's key at base + depth may sit in another split than its row base + node).
+# Then a CTA barrier, and the loop reads them as before. Rows are taken 16 at a time by `norm_rope_rows`, whose
+# per-row sums and per-dim expressions are `_qk_norm_rope_cache_kernel`'s, so the two-launch form's bits, and a
+# row's bits do not depend on the rows beside it. Several programs (the row blocks of a split, and the two
+# splits a block may straddle) write the same rows with the same bits: a duplicate store, never a different
+# value. Programs whose split holds only committed keys do no K work. A prefill chunk keeps the two launches
+# (ops.rope_attention).
+#
 # The cost of a fixed split size (SPLIT = 256; no GPU has timed the choice yet: kernel_speed.py's
 # attention rows are the measurement to make). The splits with work are ceil(kv_len / SPLIT) per kv
 # head. At 2k context a decode step of Qwen3-8B (8 kv heads) gets 64 programs, half an H100's 132 SMs,

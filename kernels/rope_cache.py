@@ -7,6 +7,9 @@ of each head; the rest pass through (Qwen3.5 rotates 64 of 256). Positions come 
 so one captured CUDA graph serves every step. Cache layout: [kv_heads, max_len, head_dim], and a
 token at position p lives at index p. The q/k norm is Qwen3's (w times the rounded normalised head)
 or, with `offset`, Qwen3.5's zero-centred one ((1 + w) in float32, one rounding).
+
+On the kernel path a step's rows (decode, verify, draft, a tree) do this inside the attention launch
+(`norm_rope_rows`, called by kernels/attention.py's prologue, the same bits); this kernel serves prefill chunks.
 """
 from __future__ import annotations
 
