@@ -14,7 +14,8 @@ from dflash_cli.rope import rope_table
 from .conftest import DEVICE, TOL, nan_like
 from .invariance import first_variant_row
 
-YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 64}
+YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "original_max_position_embeddings": 64}
 
 
 def _inputs(t, hq, hkv, d, rot, dtype, norm, length, gated=False, rope_scaling=None):
@@ -106,7 +107,8 @@ def test_a_row_and_its_cache_rows_are_the_same_bits_alone_and_in_a_block(seed, d
                     rope.positions[start:stop])
         out = attention(q[start:stop], kc, vc, torch.tensor(length + stop, device=DEVICE), causal=True,
                         scale=d**-0.5, rope=part)
-        return out, kc[:, length + start:length + stop].transpose(0, 1), vc[:, length + start:length + stop].transpose(0, 1)
+        new = slice(length + start, length + stop)
+        return out, kc[:, new].transpose(0, 1), vc[:, new].transpose(0, 1)
 
     assert first_variant_row(step, rows, blocks=(2, 5, 16)) is None, f"seed {seed}"
     alone = step(3, 4)
@@ -129,8 +131,8 @@ def test_a_tree_verify_is_the_two_launch_form_bit_for_bit(seed, dtype, window, s
     positions, rows = (length + tree.depths).to(DEVICE), torch.arange(length, length + budget, device=DEVICE)
     rope = Rope(rope.k, rope.v, rope.q_norm, rope.k_norm, rope.eps, rope.cos_sin, positions)
     kv_len = torch.tensor(length + budget, device=DEVICE)
-    kw = dict(causal=True, scale=d**-0.5, sliding_window=window, sinks=torch.randn(hq, device=DEVICE) if sinks else None,
-              tree=(mask, positions))
+    kw = dict(causal=True, scale=d**-0.5, sliding_window=window,
+              sinks=torch.randn(hq, device=DEVICE) if sinks else None, tree=(mask, positions))
     kc, vc = (c.clone() for c in caches)
     got = attention(q, kc, vc, kv_len, rope=rope, **kw)
     kc2, vc2 = (c.clone() for c in caches)
