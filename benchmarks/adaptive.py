@@ -25,24 +25,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adaptive_common import PROMPTS, held_at, pair, row_name, timed_answer  # noqa: E402
+from adaptive_common import PROMPTS, held_at, named_pair, pair_arguments, row_name, timed_answer  # noqa: E402
 
-from dflash_cli import loader, registry  # noqa: E402
+from dflash_cli import loader  # noqa: E402
 from dflash_cli.engine import Engine  # noqa: E402
 from dflash_cli.prompt import encode_raw  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    demo_target, demo_drafter = registry.demo_dirs()
-    parser.add_argument("--target", type=Path, default=demo_target)
-    parser.add_argument("--drafter", type=Path, default=demo_drafter)
-    parser.add_argument("--untrained", action="store_true", help="the drafter's layout with random weights")
+    pair_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts only (a quick look)")
     args = parser.parse_args()
-    with pair(args.target, args.drafter, args.untrained) as m:
-        print(f"{args.target.name} · drafter {args.drafter.name}{' with random weights' if args.untrained else ''}")
+    with named_pair(args) as m:
         report(m, args.repeats, PROMPTS[:args.prompts])
 
 

@@ -6,6 +6,7 @@ policy's public seams: no benchmark reaches into an engine's private attributes.
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from dflash_cli import drafter as drafter_module, engine as engine_module, loader  # noqa: E402
+from dflash_cli import drafter as drafter_module, engine as engine_module, loader, registry  # noqa: E402
 from dflash_cli.adaptive import Policy, Pinned, candidates, time_iterations  # noqa: E402
 from dflash_cli.config import DrafterConfig  # noqa: E402
 from dflash_cli.drafter import weight_table  # noqa: E402
@@ -73,6 +74,23 @@ def pair(target: Path, drafter: Path, untrained: bool = False) -> Iterator[loade
     with tempfile.TemporaryDirectory() as tmp:
         yield loader.load(target, untrained_copy(drafter, Path(tmp) / "untrained") if untrained else drafter,
                           device="cpu")
+
+
+def pair_arguments(parser: argparse.ArgumentParser, untrained: bool = True) -> None:
+    """--target and --drafter (default: the demo pair), and --untrained (the drafter's layout with random weights)."""
+    demo_target, demo_drafter = registry.demo_dirs()
+    parser.add_argument("--target", type=Path, default=demo_target)
+    parser.add_argument("--drafter", type=Path, default=demo_drafter)
+    if untrained:
+        parser.add_argument("--untrained", action="store_true", help="the drafter's layout with random weights")
+
+
+@contextmanager
+def named_pair(args: argparse.Namespace) -> Iterator[loader.Model]:
+    """The pair of `pair_arguments`' flags, named on the report's first line."""
+    with pair(args.target, args.drafter, args.untrained) as m:
+        print(f"{args.target.name} · drafter {args.drafter.name}{' with random weights' if args.untrained else ''}")
+        yield m
 
 
 def row_name(label: str, text: str) -> str:

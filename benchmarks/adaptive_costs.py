@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adaptive_common import held_at, timed_answer  # noqa: E402
+from adaptive_common import held_at, pair_arguments, timed_answer  # noqa: E402
 
-from dflash_cli import adaptive, loader, registry  # noqa: E402
+from dflash_cli import adaptive, loader  # noqa: E402
 from dflash_cli.engine import Engine, Request  # noqa: E402
 from dflash_cli.prompt import encode_raw  # noqa: E402
 
@@ -55,9 +55,7 @@ def measured(engine: Engine, ids: list[int]) -> dict[str, dict[int, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    demo_target, demo_drafter = registry.demo_dirs()
-    parser.add_argument("--target", type=Path, default=demo_target)
-    parser.add_argument("--drafter", type=Path, default=demo_drafter)
+    pair_arguments(parser, untrained=False)
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64, help="each real answer's length")
     args = parser.parse_args()

@@ -22,25 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adaptive_common import MORE, PROMPTS, Costs, measured_costs, pair, recorded_answer, replay, row_name  # noqa: E402
+from adaptive_common import (MORE, PROMPTS, Costs, measured_costs, named_pair, pair_arguments,  # noqa: E402
+                             recorded_answer, replay, row_name)
 
-from dflash_cli import loader, registry  # noqa: E402
+from dflash_cli import loader  # noqa: E402
 from dflash_cli.adaptive import Adaptive, Pinned  # noqa: E402
 from dflash_cli.engine import Engine  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    demo_target, demo_drafter = registry.demo_dirs()
-    parser.add_argument("--target", type=Path, default=demo_target)
-    parser.add_argument("--drafter", type=Path, default=demo_drafter)
-    parser.add_argument("--untrained", action="store_true", help="the drafter's layout with random weights")
+    pair_arguments(parser)
     parser.add_argument("--prompts", choices=("bench", "all"), default="all",
                         help="the timed benchmark's eight prompts, or those and ten more")
     parser.add_argument("--count", type=int, default=None, help="the first N of those prompts only (a quick look)")
     args = parser.parse_args()
-    with pair(args.target, args.drafter, args.untrained) as m:
-        print(f"{args.target.name} · drafter {args.drafter.name}{' with random weights' if args.untrained else ''}")
+    with named_pair(args) as m:
         costs = measured_costs(m)
         print(costs.describe())
         run(m, costs, (PROMPTS + (MORE if args.prompts == "all" else []))[:args.count])

@@ -13,8 +13,8 @@ work, so the two should cost about the same; and at 32k of the 40k cache, where 
 (2 × rows / 256 of the K/V bytes: half for 16 × GQA 4) show against decode's.
 First, F.linear at M = 1 and M = B for each Qwen3-8B weight (cuBLAS, not ours: what verify costs
 over a decode step comes down to it), then the batch-invariant linear kernel beside F.linear at M = 1,
-4, 8, B for each weight (GB/s of each, and a layer's M = B over M = 1 on each path), the int4 and FP8 kernels
-beside the bf16 ones at M = 1, 2, 4, 8, B (GB/s on the bytes each reads: packed weights + scales), and a
+4, 8, B for each weight (GB/s of each, and a layer's M = B over M = 1 on each path), the int4, int8 and FP8
+kernels beside the bf16 ones at M = 1, 2, 4, 8, B (GB/s on the bytes each reads: packed weights + scales), and a
 check of the grouped-GEMM experts against the reference.
 Every row runs on its own: a failure prints `n/a (ExcType: message)` and the next row runs.
 Without CUDA it says so and exits 0.
@@ -404,16 +404,19 @@ QUANT_ROWS = (1, 2, 4, 8, B)
 
 
 def quantized_weights(n_out: int, n_in: int, dev: str, dt: torch.dtype):
-    """Qwen3-8B-sized int4 (group 128, symmetric, scales in x's dtype: what `--quantize int4` writes) and
-    FP8 (Qwen's block-128 `weight_scale_inv`, fp32) layouts of a random [n_out, n_in] weight."""
-    from dflash_cli.quant import Fp8Linear, Int4Linear
+    """Qwen3-8B-sized int4 (group 128, symmetric, scales in x's dtype: what `--quantize int4` writes), int8
+    (per output channel, scales in x's dtype: what `--quantize int8` writes) and FP8 (Qwen's block-128
+    `weight_scale_inv`, fp32) layouts of a random [n_out, n_in] weight."""
+    from dflash_cli.quant import Fp8Linear, Int4Linear, Int8Linear
 
     g = 128 if n_in % 128 == 0 else n_in
     int4 = Int4Linear(torch.randint(-2**31, 2**31 - 1, (n_out, n_in // 8), dtype=torch.int32, device=dev),
                       (torch.rand(n_out, n_in // g, device=dev) * 0.01).to(dt), None, g, n_in)
     fp8 = Fp8Linear((torch.randn(n_out, n_in, device=dev) * 64).to(torch.float8_e4m3fn),
                     torch.rand(-(-n_out // 128), -(-n_in // 128), device=dev) * 1e-3, (128, 128))
-    return int4, fp8
+    int8 = Int8Linear(torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8, device=dev),
+                      (torch.rand(n_out, 1, device=dev) * 4e-4).to(dt))
+    return int4, int8, fp8
 
 
 def quant_bytes(layer) -> int:
@@ -423,11 +426,12 @@ def quant_bytes(layer) -> int:
 
 
 def quant_linear_cases(dev: str, dt: torch.dtype, rows=(1, B), lm_head: bool = False):
-    """The int4 and FP8 batch-invariant kernels at each Qwen3-8B weight for M = `rows`, and the variants a
-    checkpoint may bring (zero points with fp16 scales and act-order; FP8 per channel with bf16 scales and
-    a bias; per tensor), for the compile check. The reference column dequantizes then runs F.linear."""
+    """The int4, int8 and FP8 batch-invariant kernels at each Qwen3-8B weight for M = `rows`, and the variants
+    a checkpoint may bring (zero points with fp16 scales and act-order; int8 with fp16 or fp32 scales and a
+    bias; FP8 per channel with bf16 scales and a bias; per tensor), for the compile check. The reference
+    column dequantizes then runs F.linear."""
     from dflash_cli.kernels import quant_linear as ql
-    from dflash_cli.quant import Fp8Linear, Int4Linear
+    from dflash_cli.quant import Fp8Linear, Int4Linear, Int8Linear
 
     def int4_call(layer, x):
         return lambda f: f(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias, layer.input_perm)
@@ -435,13 +439,18 @@ def quant_linear_cases(dev: str, dt: torch.dtype, rows=(1, B), lm_head: bool = F
     def fp8_call(layer, x):
         return lambda f: f(x, layer.weight, layer.scale, layer.block, layer.bias)
 
+    def int8_call(layer, x):
+        return lambda f: f(x, layer.weight, layer.scale, layer.bias)
+
     for name, n_out, n_in in WEIGHTS[:None if lm_head else -1]:
-        int4, fp8 = quantized_weights(n_out, n_in, dev, dt)
+        int4, int8, fp8 = quantized_weights(n_out, n_in, dev, dt)
         x = torch.randn(max(rows), n_in, dtype=dt, device=dev)
         for m in rows:
             out = m * n_out * x.element_size()
             yield (f"int4 g128 linear {name.split(' (')[0]} M={m}", ql.int4_linear, ql.int4_linear_ref,
                    int4_call(int4, x[:m]), quant_bytes(int4) + nbytes(x[:m]) + out)
+            yield (f"int8 per-channel linear {name.split(' (')[0]} M={m}", ql.int8_linear, ql.int8_linear_ref,
+                   int8_call(int8, x[:m]), quant_bytes(int8) + nbytes(x[:m]) + out)
             yield (f"fp8 block-128 linear {name.split(' (')[0]} M={m}", ql.fp8_linear, ql.fp8_linear_ref,
                    fp8_call(fp8, x[:m]), quant_bytes(fp8) + nbytes(x[:m]) + out)
     n, k, group = H, H, 128
@@ -452,6 +461,12 @@ def quant_linear_cases(dev: str, dt: torch.dtype, rows=(1, B), lm_head: bool = F
                                  g_idx=torch.randperm(k, device=dev) % (k // group))
     yield ("int4 g128 asym act-order fp16 scales M=B", ql.int4_linear, ql.int4_linear_ref, int4_call(asym, x),
            quant_bytes(asym) + nbytes(x) + B * n * x.element_size())
+    q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=dev)
+    for label, scale_dtype in (("fp16 scales", torch.float16), ("fp32 scales, bias", torch.float32)):
+        layer = Int8Linear(q8, (torch.rand(n, 1, device=dev) * 4e-4).to(scale_dtype),
+                           torch.randn(n, device=dev).to(scale_dtype) if "bias" in label else None)
+        yield (f"int8 {label} M=B", ql.int8_linear, ql.int8_linear_ref, int8_call(layer, x),
+               quant_bytes(layer) + nbytes(x) + B * n * x.element_size())
     w = (torch.randn(n, k, device=dev) * 64).to(torch.float8_e4m3fn)
     per_channel = torch.rand(n, 1, device=dev).to(torch.bfloat16)
     for label, scale, block in (("per channel, bf16 scales, bias", per_channel, (1, k)),
@@ -463,41 +478,47 @@ def quant_linear_cases(dev: str, dt: torch.dtype, rows=(1, B), lm_head: bool = F
 
 def quant_rows(dev: str, dt: torch.dtype, do_bench, copy_rate: float, scale: int = 1,
                deadline: float | None = None) -> list[dict]:
-    """The int4 (group 128) and FP8 (block 128) batch-invariant kernels against the bf16 ones (ours and
-    cuBLAS's F.linear) at M = 1, 2, 4, 8, B for each Qwen3-8B weight: µs and GB/s, counted on the bytes each
-    actually reads (packed weights + scales, the rows; the outputs written), and that as a share of copy
-    bandwidth (the target: ≥ 80%). `scale` divides the weights' sides (a CPU rehearsal)."""
+    """The int4 (group 128), int8 (per channel) and FP8 (block 128) batch-invariant kernels against the bf16
+    ones (ours and cuBLAS's F.linear) at M = 1, 2, 4, 8, B for each Qwen3-8B weight: µs and GB/s, counted on
+    the bytes each actually reads (packed weights + scales, the rows; the outputs written), and that as a
+    share of copy bandwidth (the target: ≥ 80%). `scale` divides the weights' sides (a CPU rehearsal)."""
     import time
 
     import torch.nn.functional as F
 
     from dflash_cli.kernels.invariant_linear import invariant_linear
-    from dflash_cli.kernels.quant_linear import fp8_linear, int4_linear
+    from dflash_cli.kernels.quant_linear import fp8_linear, int4_linear, int8_linear
 
     print(f"| {'quantized linear':<24} | {'M':>2} | {'int4 µs':>8} | {'int4 GB/s':>9} | {'int4 % copy':>11} | "
+          f"{'int8 µs':>8} | {'int8 GB/s':>9} | {'int8 % copy':>11} | "
           f"{'fp8 µs':>8} | {'fp8 GB/s':>8} | {'fp8 % copy':>10} | {'bf16 inv µs':>11} | {'cuBLAS µs':>9} |")
-    print(f"|{'-' * 26}|{'-' * 4}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 13}|{'-' * 11}|")
+    print(f"|{'-' * 26}|{'-' * 4}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 10}|"
+          f"{'-' * 10}|{'-' * 12}|{'-' * 13}|{'-' * 11}|")
     rows = []
     for name, n_out, n_in in WEIGHTS[:-1]:  # the lm_head stays bf16 (issue 25: never quantized)
         if deadline is not None and time.perf_counter() > deadline:
             print(f"(quantized rows stopped at the budget before {name})", flush=True)
             break
         try:
-            int4, fp8 = quantized_weights(n_out // scale, n_in // scale, dev, dt)
+            int4, int8, fp8 = quantized_weights(n_out // scale, n_in // scale, dev, dt)
             w = torch.randn(n_out // scale, n_in // scale, dtype=dt, device=dev) / 64
             x = torch.randn(max(QUANT_ROWS), n_in // scale, dtype=dt, device=dev)
             for m in QUANT_ROWS:
                 xm, io = x[:m], nbytes(x[:m]) + m * w.shape[0] * x.element_size()
                 t4 = do_bench(lambda: int4_linear(xm, int4.qweight, int4.scales, None, int4.group_size)) * 1e3
+                ti = do_bench(lambda: int8_linear(xm, int8.weight, int8.scale)) * 1e3
                 t8 = do_bench(lambda: fp8_linear(xm, fp8.weight, fp8.scale, fp8.block)) * 1e3
                 tb = do_bench(lambda: invariant_linear(xm, w)) * 1e3
                 tc = do_bench(lambda: F.linear(xm, w)) * 1e3
                 r4, r8 = (quant_bytes(int4) + io) / (t4 * 1e-6), (quant_bytes(fp8) + io) / (t8 * 1e-6)
+                ri = (quant_bytes(int8) + io) / (ti * 1e-6)
                 rb = (nbytes(w) + io) / (tb * 1e-6)
                 rows.append(dict(weight=name, m=m, int4_us=t4, int4_bytes_per_s=r4, int4_copy_share=r4 / copy_rate,
-                                 fp8_us=t8, fp8_bytes_per_s=r8, fp8_copy_share=r8 / copy_rate, bf16_invariant_us=tb,
+                                 int8_us=ti, int8_bytes_per_s=ri, int8_copy_share=ri / copy_rate, fp8_us=t8,
+                                 fp8_bytes_per_s=r8, fp8_copy_share=r8 / copy_rate, bf16_invariant_us=tb,
                                  bf16_invariant_bytes_per_s=rb, cublas_us=tc))
                 print(f"| {name.split(' (')[0]:<24} | {m:>2} | {t4:8.1f} | {r4 / 1e9:9.0f} | {100 * r4 / copy_rate:10.1f}% | "
+                      f"{ti:8.1f} | {ri / 1e9:9.0f} | {100 * ri / copy_rate:10.1f}% | "
                       f"{t8:8.1f} | {r8 / 1e9:8.0f} | {100 * r8 / copy_rate:9.1f}% | {tb:11.1f} | {tc:9.1f} |", flush=True)
         except Exception as e:  # the next weight still runs
             print(f"| {name:<24} | n/a ({type(e).__name__}: {first_line(e)}) |", flush=True)

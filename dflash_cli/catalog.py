@@ -53,14 +53,11 @@ def measured() -> dict[str, tuple[int, ...]]:
     return rows
 
 
-NOT_QUANTIZED = ("gpt-oss",)  # families quantize.py refuses (gpt-oss: its experts ship MXFP4 already)
-
-
 def gpu_memory(pair: registry.ModelPair, fmt: str = "bf16", repo: registry.QuantRepo | None = None) -> int | None:
     """GPU memory the pair needs with its target in `fmt` (None: unknown): quantized at load, or the
     checkpoint `repo`, whose published size replaces the estimate where the registry gives one."""
     needs = GPU_MEMORY.get(pair.alias)
-    if needs is None or not pair.supported or (fmt != "bf16" and (pair.kind in NOT_QUANTIZED or not pair.quantizable)):
+    if needs is None or not pair.supported or (fmt != "bf16" and not pair.quantizable):
         return None
     if repo is not None and repo.gb is not None:
         return needs["bf16"] - TARGET_WEIGHTS[pair.alias] + int(repo.gb * 1e9)

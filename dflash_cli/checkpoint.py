@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -57,6 +57,17 @@ def _open(path: Path, device: str):
         raise DflashError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+def _each_in_file(files: dict[str, Path], names: Iterable[str], device: str = "cpu") -> Iterator[tuple[str, object]]:
+    """(name, the open safetensors file that holds it) for each of `names`, grouped so that each file opens once."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for path, group in by_file.items():
+        with _open(path, device) as f:
+            for name in group:
+                yield name, f
+
+
 def _check_complete(path: Path) -> None:
     """A truncated download would otherwise fail deep inside a read: check the header's extent
     (once per file version: loading reads a shard many times)."""
@@ -92,30 +103,16 @@ def load_tensors(
     if absent:
         directory = next(iter(files.values())).parent if files else "?"
         raise DflashError(f"{directory}: weight '{absent[0]}' is missing from the checkpoint")
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
     out = {}
-    load_device = "cpu" if device.type == "cpu" else str(device)
-    for path, group in by_file.items():
-        with _open(path, load_device) as f:
-            for name in group:
-                t = f.get_tensor(name)  # dtype None: as stored (packed MXFP4 bytes must stay bytes)
-                out[name] = t.to(device=device) if dtype is None else t.to(dtype=dtype, device=device)
+    for name, f in _each_in_file(files, names, "cpu" if device.type == "cpu" else str(device)):
+        t = f.get_tensor(name)  # dtype None: as stored (packed MXFP4 bytes must stay bytes)
+        out[name] = t.to(device=device) if dtype is None else t.to(dtype=dtype, device=device)
     return out
 
 
 def header_shapes(files: dict[str, Path], names: Iterable[str]) -> dict[str, tuple[int, ...]]:
     """Shapes of `names` from the safetensors headers, without reading any tensor data."""
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    shapes = {}
-    for path, group in by_file.items():
-        with _open(path, "cpu") as f:
-            for name in group:
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+    return {name: tuple(f.get_slice(name).get_shape()) for name, f in _each_in_file(files, names)}
 
 
 # What marks a tensor of the table as stored quantized, whatever the format: a module's own keys, or for a
@@ -197,30 +194,14 @@ def quantized_entries(files: dict[str, Path], table: list[Weight], plan, directo
 
 def header_dtypes(files: dict[str, Path], names: Iterable[str]) -> dict[str, str]:
     """The stored dtypes of `names` ("BF16", "F8_E4M3", ...) from the safetensors headers."""
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    dtypes = {}
-    for path, group in by_file.items():
-        with _open(path, "cpu") as f:
-            for name in group:
-                dtypes[name] = f.get_slice(name).get_dtype()
-    return dtypes
+    return {name: f.get_slice(name).get_dtype() for name, f in _each_in_file(files, names)}
 
 
 def stored_bytes(files: dict[str, Path], names: Iterable[str]) -> int:
     """Bytes of tensors as stored, from the safetensors headers."""
     sizes = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    total = 0
-    for path, group in by_file.items():
-        with _open(path, "cpu") as f:
-            for name in group:
-                s = f.get_slice(name)
-                total += math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
-    return total
+    slices = (f.get_slice(name) for name, f in _each_in_file(files, names))
+    return sum(math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1) for s in slices)
 
 
 def weight_bytes(directory: Path, table: list[Weight], dtype: torch.dtype, plan) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 
 import click
 import typer
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         cmd = command()
-        with cmd.make_context("dflash", args) as ctx:
+        with cmd.make_context("dflash", args) as ctx, warnings.catch_warnings():
+            warnings.showwarning = _show_warning
             cmd.invoke(ctx)
         sys.stdout.flush()  # what is still buffered fails here, where a closed pipe is handled, not at exit
         return 0
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except _ABORT:
         print("", file=sys.stderr)
         return 130
-    except _PARSER_ERRORS as e:  # usage errors from the parser: exit 2
-        e.show()
+    except _PARSER_ERRORS as e:  # usage errors from the parser: exit 2, one line as every other error
+        print(f"Error: {_parser_message(e)}", file=sys.stderr)
         return e.exit_code
     except DflashError as e:
         print(f"Error: {e}", file=sys.stderr)
@@ -98,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         print(f"Error: cannot write the output: {e.strerror}", file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line on stderr, as the notes are (Python's form adds the file, line and source)."""
+    print(f"dflash: warning: {message}", file=sys.stderr)
+
+
+def _parser_message(e: Exception) -> str:
+    """The parser's message on one line, with where the usage is (click's own form is four lines:
+    usage, a hint, a blank line, the error)."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)  # usage errors know their command; other parser errors do not
+    return f"{message} (see `{ctx.command_path} -h`)" if ctx is not None else message
 
 
 def _rich_saw_a_closed_pipe(e: SystemExit) -> bool:

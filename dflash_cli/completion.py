@@ -147,14 +147,25 @@ def _fish(cmds: list[Cmd]) -> str:
     names = " ".join(c.name for c in cmds)
     for c in cmds:
         lines.append(f"complete -c dflash -n 'not __fish_seen_subcommand_from {names}' -a {c.name} -d '{_fish_text(c.help)}'")
+    users: dict[str, list[str]] = {}  # a completion several commands share is one line naming them all
     for c in cmds:
-        cond = f"-n '__fish_seen_subcommand_from {c.name}'"
-        for o in c.options:
-            flags = " ".join(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}" for n in o.names)
-            value = {"file": " -r -F", "dir": " -r -a '(__fish_complete_directories)'"}.get(o.kind or "", " -r" if o.takes_value else "")
-            if o.values:
-                value = f" -r -a '{' '.join(o.values)}'"
-            lines.append(f"complete -c dflash {cond} {flags}{value} -d '{_fish_text(o.help)}'")
-        if c.arg_values:
-            lines.append(f"complete -c dflash {cond} -a '{' '.join(c.arg_values)}'")
+        for spec in _fish_specs(c):
+            users.setdefault(spec, []).append(c.name)
+    lines += [f"complete -c dflash -n '__fish_seen_subcommand_from {' '.join(on)}' {spec}"
+              for spec, on in users.items()]
     return "\n".join(lines) + "\n"
+
+
+def _fish_specs(c: Cmd) -> list[str]:
+    """What follows a `complete` line's condition, for each of `c`'s options and for its arguments."""
+    specs = []
+    for o in c.options:
+        flags = " ".join(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}" for n in o.names)
+        value = {"file": " -r -F", "dir": " -r -a '(__fish_complete_directories)'"}.get(
+            o.kind or "", " -r" if o.takes_value else "")
+        if o.values:
+            value = f" -r -a '{' '.join(o.values)}'"
+        specs.append(f"{flags}{value} -d '{_fish_text(o.help)}'")
+    if c.arg_values:
+        specs.append(f"-a '{' '.join(c.arg_values)}'")
+    return specs

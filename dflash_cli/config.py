@@ -158,14 +158,46 @@ class Fields:
             raise DflashError(f"{self.where}/config.json: '{key}' should be {kind.__name__}, got {value!r}") from None
 
 
-def rope_params(raw: dict, f: Fields) -> tuple[float, dict | None]:
-    """(theta, scaling dict or None) from `rope_theta`/`rope_scaling` or transformers 5's `rope_parameters`."""
+def rope_params(raw: dict, f: Fields, drop: tuple[str, ...] = ()) -> tuple[float, dict | None]:
+    """(theta, scaling dict or None) from `rope_theta`/`rope_scaling` or transformers 5's `rope_parameters`;
+    `drop`: keys a family's scaling must not carry (dropping them leaves None for a default rope)."""
     params = raw.get("rope_parameters") or {}
-    theta = raw.get("rope_theta", params.get("rope_theta"))
-    if theta is None:
-        raise DflashError(f"{f.where}/config.json is missing 'rope_theta'")
+    theta = raw.get("rope_theta", params.get("rope_theta", 10_000.0))  # transformers' default_theta when absent
     scaling = raw.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling is not None and drop:
+        scaling = {k: v for k, v in scaling.items() if k not in drop}
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
     return float(theta), scaling
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The layer shape a target's and a drafter's config.json give alike: the first fields of DecoderConfig
+    (models/base.py) and of DrafterConfig."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+
+    @staticmethod
+    def read(raw: dict, f: Fields, *, eps: float = 1e-6, head_dim: int | None = None, intermediate: bool = True,
+             rope_drop: tuple[str, ...] = ()) -> dict:
+        """These fields of `raw` as keyword arguments (a family passes its defaults)."""
+        theta, scaling = rope_params(raw, f, rope_drop)
+        hidden, heads = f.req("hidden_size"), f.req("num_attention_heads")
+        return dict(
+            hidden_size=hidden,
+            intermediate_size=f.req("intermediate_size") if intermediate else f.opt("intermediate_size", 0) or 0,
+            num_layers=f.req("num_hidden_layers"), num_heads=heads, num_kv_heads=f.opt("num_key_value_heads", heads),
+            head_dim=f.opt("head_dim", head_dim) or hidden // heads, rms_norm_eps=f.opt("rms_norm_eps", eps, float),
+            rope_theta=theta, rope_scaling=scaling)
 
 
 # Drafter config keys that change the math; refused until implemented (research/dflash2.md §1, hybrid.md §4).
@@ -243,20 +275,11 @@ def _knob(raw: dict, dflash: dict, key: str, default, kind: type, directory: Pat
 
 
 @dataclass(frozen=True)
-class DrafterConfig:
+class DrafterConfig(LayerShape):
     block_size: int
     mask_token_id: int
     target_layer_ids: tuple[int, ...]
     vocab_size: int | None
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
     sliding_windows: tuple[int | None, ...]  # per draft layer
     causal: tuple[bool, ...]  # per draft layer: causal inside the block (the context is always visible)
     dflash2: DFlash2Config | None = None  # a DFlash2DraftModel's convs and selector; None for v1
@@ -296,8 +319,8 @@ class DrafterConfig:
                 return inner.req(key)
             raise DflashError(f"{directory}/config.json is missing '{key}' (top level or dflash_config)")
 
-        hidden, heads = f.req("hidden_size"), f.req("num_attention_heads")
-        num_layers = f.req("num_hidden_layers")
+        shape = LayerShape.read(raw, f)
+        hidden, num_layers = shape["hidden_size"], shape["num_layers"]
         layer_ids = dflash.get("target_layer_ids")
         if v2:
             layer_ids = _knob(raw, dflash, "target_layer_ids", None, list, directory)
@@ -318,7 +341,6 @@ class DrafterConfig:
         window = f.opt("sliding_window", None)
         if "sliding_attention" in layer_types and not window:
             raise DflashError(f"{directory}/config.json: sliding_attention layers need a sliding_window")
-        theta, scaling = rope_params(raw, f)
         # Causality inside the block, as the newest reference and vLLM resolve it: `is_causal` (top
         # level), else dflash_config.causal, else sliding layers causal and full layers not.
         forced = raw.get("is_causal", dflash.get("causal"))
@@ -329,15 +351,7 @@ class DrafterConfig:
             mask_token_id=either("mask_token_id"),
             target_layer_ids=tuple(int(i) for i in layer_ids),
             vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=f.req("intermediate_size"),
-            num_layers=num_layers,
-            num_heads=heads,
-            num_kv_heads=f.opt("num_key_value_heads", heads),
-            head_dim=f.opt("head_dim", None) or hidden // heads,
-            rms_norm_eps=f.opt("rms_norm_eps", 1e-6, float),
-            rope_theta=theta,
-            rope_scaling=scaling,
+            **shape,
             sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
             causal=causal,
             **(_dflash2_fields(raw, dflash, Path(directory), hidden, vocab) if v2 else
@@ -356,6 +370,8 @@ class DrafterConfig:
         bad = [i for i in self.target_layer_ids if not 0 <= i < target.num_layers]
         if bad:
             raise DflashError(f"{where} target_layer_ids {bad} outside the target's {target.num_layers} layers")
+        if len(set(self.target_layer_ids)) != len(self.target_layer_ids):  # features are gathered once per layer
+            raise DflashError(f"{where} target_layer_ids {list(self.target_layer_ids)} name a layer twice")
         if not 0 <= self.mask_token_id < target.vocab_size:
             raise DflashError(f"{where} mask_token_id {self.mask_token_id} outside the vocab ({target.vocab_size})")
         if self.block_size < 2:

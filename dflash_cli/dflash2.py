@@ -41,6 +41,26 @@ class DynamicConv:
         """conv(z) over the rows of z [L, H] with side 0 (pre) or 1 (post) of `dynamic` [L, 2, K, G]."""
         return dynamic_conv(z, self.base[side], dynamic[:, side])
 
+    # On the fused kernels (ops.fused_linear_applies; kernels/fused_linear.py) a sublayer's norm, kernels, pre-conv,
+    # projection and post-conv are three launches around its middle, each equal to the unfused ops above (the
+    # norm to the rounding of the normed row, as every fused norm; the convs bit for bit).
+    def normed_kernels(self, x: torch.Tensor, norm_w: torch.Tensor, eps: float, residual: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(rms_norm(x [+ residual]), the new residual or None, `kernels` of it) in one launch: the norm in the
+        kernel projection's prologue, the normed rows stored as it streams them, for the pre-conv to read."""
+        dynamic, residual, h = ops.norm_linear_rows(x, norm_w, eps, self.projection, residual)
+        return h, residual, dynamic.view(x.shape[0], 2, self.base.shape[1], -1)
+
+    def project(self, h: torch.Tensor, dynamic: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                swiglu: bool = False) -> torch.Tensor:
+        """The sublayer's projection of the pre-conv of h (then SwiGLU): the conv in the projection's loader."""
+        return ops.conv_linear(h, self.base[0], dynamic[:, 0], w, b, swiglu)
+
+    def project_out(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dynamic: torch.Tensor
+                    ) -> torch.Tensor:
+        """The post-conv of the output projection x @ w.T + b: the conv in the projection's merge."""
+        return ops.linear_conv(x, w, b, self.base[1], dynamic[:, 1])
+
 
 def dynamic_conv(z: torch.Tensor, base: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
     """Σ_o (base[o] + dynamic[:, o] per group) · z shifted down by o rows (zeros above row 0); z: [L, H],

@@ -5,6 +5,7 @@ import itertools
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import hub
 
@@ -133,6 +134,22 @@ def quantized_check(gpu: bool, triton: bool) -> Check:
     return Check("quantized", "ok" if not slow else "warn", detail, fix)
 
 
+def _directory_check(directory: Path) -> Check:
+    """A local checkpoint: whether this version runs it (its config.json read as `dflash run` reads it)."""
+    from .config import read_config
+    from .errors import DflashError
+    from .models import target_config
+    from .rope import inv_frequencies
+
+    try:
+        _, cfg = target_config(directory)
+        inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # an unsupported rope type is refused here
+    except DflashError as e:
+        return Check(str(directory), "fail", str(e))
+    return Check(str(directory), "ok", f"a {read_config(directory).get('model_type')} checkpoint this version runs "
+                                       f"({cfg.num_layers} layers, hidden {cfg.hidden_size})")
+
+
 def _model_check(model: str, gpu: bool) -> Check:
     from . import cuda, registry
     from .errors import DflashError
@@ -140,6 +157,8 @@ def _model_check(model: str, gpu: bool) -> Check:
 
     if registry.is_demo(model):
         return Check(registry.DEMO, "ok", "ships with dflash (stories260K and its drafter, under 1 MB): runs on the CPU, nothing to download")
+    if model.strip().lower() not in registry.aliases() and Path(model).expanduser().is_dir():
+        return _directory_check(Path(model).expanduser())
     try:
         pair = registry.resolve(model)
     except DflashError as e:

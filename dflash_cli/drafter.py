@@ -290,7 +290,9 @@ class Drafter:
                 x = x * c.input_embedding_scale
         # On the fused kernels (DFLASH_LINEAR=invariant, kernels/fused_linear.py) each norm (with its residual
         # add) runs in the prologue of the projection after it, and SwiGLU in gate_up's epilogue, as in the
-        # target's dense layer; not where a DFlash2 conv sits between the norm and the projection.
+        # target's dense layer. A DFlash2 conv sits between them: the norm goes into the prologue of the conv's
+        # kernel projection, the pre-conv into the loader of the projection after it, the post-conv into the merge
+        # of the output projection (dflash2.DynamicConv).
         fused = ops.fused_linear_applies(x)
         q_rows = c.num_heads * c.head_dim
         added = None  # the last sublayer's output, added into the residual stream x by the next norm (fused)
@@ -300,6 +302,11 @@ class Drafter:
                 qkv, stream = ops.norm_linear(source, layer.input_norm, c.rms_norm_eps, layer.qkv, layer.qkv_bias,
                                               None if added is None else x)
                 x, conv_kernels = x if stream is None else stream, None
+            elif fused:
+                h, stream, conv_kernels = layer.attention_conv.normed_kernels(source, layer.input_norm, c.rms_norm_eps,
+                                                                              None if added is None else x)
+                x = x if stream is None else stream
+                qkv = layer.attention_conv.project(h, conv_kernels, layer.qkv, layer.qkv_bias)
             else:
                 h, stream = ops.rms_norm(source, layer.input_norm, c.rms_norm_eps, None if added is None else x)
                 x = x if stream is None else stream
@@ -310,15 +317,24 @@ class Drafter:
                                      layer.k_norm, c.rms_norm_eps, self.cos_sin, positions, cache.k[i], cache.v[i],
                                      kv_len, causal=layer.causal, scale=self.scale,
                                      sliding_window=_narrowest(layer.window, window))
-            out = ops.dense_linear(out.reshape(block_size, -1), layer.o_proj, layer.o_bias)
-            out = post_conv(layer.attention_conv, out, conv_kernels)
+            if fused and layer.attention_conv is not None:
+                out = layer.attention_conv.project_out(out.reshape(block_size, -1), layer.o_proj, layer.o_bias,
+                                                       conv_kernels)
+            else:
+                out = ops.dense_linear(out.reshape(block_size, -1), layer.o_proj, layer.o_bias)
+                out = post_conv(layer.attention_conv, out, conv_kernels)
             if fused and layer.mlp_conv is None:
                 act, x = ops.norm_swiglu_linear(out, layer.post_norm, c.rms_norm_eps, layer.gate_up, None, x)
                 added = ops.dense_linear(act, layer.down)
                 continue
+            if fused:  # DFlash2: norm + kernels, pre-conv + gate_up + SwiGLU, down + post-conv
+                h, x, conv_kernels = layer.mlp_conv.normed_kernels(out, layer.post_norm, c.rms_norm_eps, x)
+                act = layer.mlp_conv.project(h, conv_kernels, layer.gate_up, swiglu=True)
+                added = layer.mlp_conv.project_out(act, layer.down, None, conv_kernels)
+                continue
             h, x = ops.rms_norm(out, layer.post_norm, c.rms_norm_eps, x)
             h, conv_kernels = pre_conv(layer.mlp_conv, h)
-            act = ops.swiglu_linear(h, layer.gate_up) if fused else ops.swiglu(ops.dense_linear(h, layer.gate_up))
+            act = ops.swiglu(ops.dense_linear(h, layer.gate_up))  # (unfused: the fused paths continued above)
             added = post_conv(layer.mlp_conv, ops.dense_linear(act, layer.down), conv_kernels)
         h, _ = ops.rms_norm(x[1:], self.norm, c.rms_norm_eps) if added is None else \
             ops.rms_norm(added[1:], self.norm, c.rms_norm_eps, x[1:])

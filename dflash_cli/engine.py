@@ -85,6 +85,13 @@ class Request:
 WARM_UP_PROMPT = 65
 
 
+def prompt_too_long(length: int, limit: int, positions: int) -> DflashError:
+    """The error for a prompt that leaves no room to answer; --max-context helps only below the model's positions."""
+    fix = "shorten the prompt: the model has no more positions" if limit >= positions else \
+        "raise it with --max-context, or shorten the prompt"
+    return DflashError(f"the prompt is {length} tokens; the context limit is {limit} ({fix})")
+
+
 def catch_up_due(deferred: int, block_size: int) -> bool:
     """Whether the drafter's deferred context is written before an iteration at `block_size`: before
     any draft, and once DEFERRED tokens wait (its buffer is full)."""
@@ -251,8 +258,7 @@ class Engine:
         if not prompt:
             raise DflashError("the prompt is empty")
         if len(prompt) >= limit:
-            raise DflashError(f"the prompt is {len(prompt)} tokens; the context limit is {limit} "
-                              "(raise it with --max-context, or shorten the prompt)")
+            raise prompt_too_long(len(prompt), limit, self.target.cfg.max_position_embeddings)
         mode = self.sampling.load(request.sampling)
         params = self.sampling.kernel_args(mode)
         budget = min(request.max_new_tokens, limit - len(prompt))

@@ -72,15 +72,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# A file that holds a vocabulary (transformers' fast, sentencepiece, BPE and WordPiece tokenizers). Without
+# one, transformers 5 builds an empty tokenizer for some model types (qwen3: one token), and every prompt
+# would encode to nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+
+
 def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise DflashError(f"{directory} has no tokenizer (no {', '.join(TOKENIZER_FILES[:3])}): copy the tokenizer "
+                          "files of the model it was made from into it")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads config.json too, and logs its opinions of it (dflash checks its own)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as e:  # transformers raises many types here; all mean "no usable tokenizer"
         raise DflashError(f"cannot load a tokenizer from {directory}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def stop_token_ids(directory: Path, tokenizer) -> frozenset[int]:

@@ -40,6 +40,7 @@ _MODULES = {
     "experts": "moe",
     "invariant_linear": "invariant_linear",
     "int4_linear": "quant_linear",
+    "int8_linear": "quant_linear",
     "fp8_linear": "quant_linear",
 }
 
@@ -288,10 +289,10 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
 
 
 # ---- Quantized linear ------------------------------------------------------------------------------------
-# Weight-only int4 (W4A16) and FP8 e4m3 projections (dflash_cli/quant). A step's rows (up to
+# Weight-only int4 (W4A16), int8 (W8A16) and FP8 e4m3 projections (dflash_cli/quant). A step's rows (up to
 # MAX_INVARIANT_ROWS) run kernels/quant_linear.py on the kernel path (CUDA, or DFLASH_KERNELS=triton),
 # which dequantizes in registers and rounds a row the same whatever M is; its torch reference elsewhere.
-# There is no cuBLAS int4/fp8 path to switch to, so DFLASH_LINEAR does not apply. Longer prefill chunks
+# There is no cuBLAS int4/int8/fp8 path to switch to, so DFLASH_LINEAR does not apply. Longer prefill chunks
 # (shared by plain and speculative decoding, so no invariance needed) dequantize the whole weight into the
 # activations' dtype and run F.linear (cuBLAS): one transient weight-sized buffer per call.
 def _step_rows(x: torch.Tensor) -> bool:
@@ -304,6 +305,13 @@ def int4_linear(x: torch.Tensor, layer) -> torch.Tensor:
         return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
     return _pick("int4_linear", x.device)(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias,
                                           layer.input_perm)
+
+
+def int8_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """x @ W.T + b for an Int8Linear `layer` (a single projection, not a stack of experts)."""
+    if not _step_rows(x):
+        return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+    return _pick("int8_linear", x.device)(x, layer.weight, layer.scale, layer.bias)
 
 
 def fp8_linear(x: torch.Tensor, layer) -> torch.Tensor:
@@ -344,6 +352,25 @@ def norm_linear(x, norm_w, eps, w, b=None, residual=None, fp32_weight=False):
 def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None):
     """RMSNorm (plain style) of x (+ residual), then `swiglu_linear`, in one launch: (out, new residual)."""
     return _impl("norm_swiglu_linear", True)(x, norm_w, eps, w, b, residual)
+
+
+# DFlash2's drafter layer (dflash2.DynamicConv): its dynamic conv inside the projections around it.
+_MODULES.update(norm_linear_rows="fused_linear", conv_linear="fused_linear", linear_conv="fused_linear")
+
+
+def norm_linear_rows(x, norm_w, eps, w, residual=None):
+    """`norm_linear`, and the normed rows: (out, new residual or None, normed rows), in one launch."""
+    return _impl("norm_linear_rows", True)(x, norm_w, eps, w, None, residual)
+
+
+def conv_linear(z, base, dynamic, w, b=None, swiglu=False):
+    """The projection (SwiGLU with `swiglu`) of dynamic_conv(z, base, dynamic), in one launch."""
+    return _impl("conv_linear", True)(z, base, dynamic, w, b, swiglu)
+
+
+def linear_conv(x, w, b, base, dynamic):
+    """dynamic_conv(x @ w.T + b, base, dynamic), in one launch."""
+    return _impl("linear_conv", True)(x, w, b, base, dynamic)
 
 
 # ---- Tree verification on a hybrid target ---------------------------------------------------------------

@@ -90,9 +90,9 @@ def choose(pair: ModelPair | None, requested: str | None, free: int | None, *,
 
 
 def _unquantized(pair: ModelPair, named: bool = False) -> str:
-    """Why there is no quantized choice: the target kind (gpt-oss: MXFP4 experts already), or this pair's
-    family (not tested quantized yet)."""
-    if not pair.quantizable:
+    """Why there is no quantized choice: the target kind (registry.UNQUANTIZED_KINDS: gpt-oss, MXFP4 experts
+    already), or this pair's family (not tested quantized yet)."""
+    if not pair.tested_quantized:
         return f"dflash does not run {pair.alias} quantized yet (its family is not tested quantized)"
     return f"dflash does not quantize {pair.kind} targets" + (f" ({pair.alias})" if named else "")
 

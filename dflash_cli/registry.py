@@ -23,6 +23,10 @@ class QuantRepo:
     # embedding, head and norms in bf16 (then an all-projections estimate would be too small)
 
 
+# Target kinds dflash does not quantize: gpt-oss's experts ship MXFP4 already (quant/cache.py refuses gpt_oss).
+UNQUANTIZED_KINDS = ("gpt-oss",)
+
+
 @dataclass(frozen=True)
 class ModelPair:
     alias: str  # what users type: `dflash run qwen3-8b`
@@ -35,12 +39,17 @@ class ModelPair:
     kind: str = "dense"  # dense, hybrid, moe, hybrid-moe or gpt-oss: the target's architecture family
     think: bool = False  # the thinking mode the drafter was trained with: the chat default
     gpus: int = 1  # GPUs the pair needs; above 1 it is handed to SGLang/vLLM (`dflash serve --engine`)
-    quantizable: bool = True  # whether dflash runs this target quantized (its family is tested so: config.QUANT_FAMILIES)
+    tested_quantized: bool = True  # its family is tested quantized (config.QUANT_FAMILIES); False: refused by name
     quantized: tuple[QuantRepo, ...] = ()  # quantized checkpoints of the target, official ones first
 
     def official(self, fmt: str) -> QuantRepo | None:
         """The target's official checkpoint in `fmt` ("fp8", "int4"), if there is one."""
         return next((q for q in self.quantized if q.official and q.format == fmt), None)
+
+    @property
+    def quantizable(self) -> bool:
+        """Whether dflash runs this target quantized (an official checkpoint, or quantized at load)."""
+        return self.tested_quantized and self.kind not in UNQUANTIZED_KINDS
 
     @property
     def engine_only(self) -> bool:
@@ -184,6 +193,12 @@ def resolve(name: str) -> ModelPair:
         return pair
     if is_demo(name):
         raise UsageError("the demo pair ships with dflash: there is nothing to download or remove")
+    by_repo = [p for p in PAIRS if key in (p.target.lower(), p.drafter.lower())]
+    if by_repo:  # `dflash run Qwen/Qwen3-8B`: the released pair of that target (or drafter)
+        return by_repo[0]
+    if "/" in key:
+        raise UsageError(f"unknown model '{name}': a Hub repo id or a directory goes after --target "
+                         f"(--target {name} --drafter DRAFTER; `dflash models` lists the aliases)")
     close = difflib.get_close_matches(key, _BY_ALIAS, n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else " (see `dflash models`)"
     raise UsageError(f"unknown model '{name}'{hint}")

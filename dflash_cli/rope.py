@@ -27,7 +27,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> tuple[
         return inv_freq / scaling["factor"], 1.0
     if kind == "proportional":
         return _proportional(head_dim, theta, scaling), 1.0
-    raise DflashError(f"unsupported rope scaling type '{kind}' in config.json")
+    raise DflashError(f"unsupported rope scaling type '{kind}' in config.json "
+                      "(dflash runs default, linear, llama3, yarn and proportional rope)")
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:

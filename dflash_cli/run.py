@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from .engine import Engine, Request
+from .engine import Engine, Request, prompt_too_long
 from .errors import DflashError, Interrupted, UsageError
 from .generate import Stats, stream_text
 from .formats import Reasoning
@@ -71,8 +71,7 @@ def prompt_ids(model: Model, prompt: Prompt, opts: RunOptions) -> ChatPrompt:
 def check_length(ids: list[int], engine: Engine) -> None:
     """The engine's own check, made before a batch starts rather than halfway through it."""
     if len(ids) >= engine.max_context:
-        raise DflashError(f"the prompt is {len(ids)} tokens; the context limit is {engine.max_context} "
-                          "(raise it with --max-context, or shorten the prompt)")
+        raise prompt_too_long(len(ids), engine.max_context, engine.target.cfg.max_position_embeddings)
 
 
 def encode_batch(model: Model, engine: Engine, path: Path, prompts: list[tuple[int, Prompt]],

@@ -6,6 +6,12 @@ The reference accumulates tap by tap, base term then dynamic term, each product 
 dtype (as the torch ops round them); the kernel does the same operations in the same order, so it equals the
 reference bit for bit in every dtype (and an identity base with a zero dynamic part returns z itself). One
 launch instead of the reference's ~4 ops per tap.
+
+The tap arithmetic is one helper (`conv_tile`, `tap`), which kernels/fused_linear.py also runs inside the
+drafter's projections (issue 26): the pre-conv as the loader of the projection after it, the post-conv in
+the merge of the projection before it. A product is never contracted with the sum after it into an FMA:
+this launch compiles without FP fusion, and the fused projections (whose GEMM keeps it) round each
+product on its own (`_product`: PTX mul.rn, which the assembler never fuses).
 """
 from __future__ import annotations
 
@@ -33,8 +39,14 @@ def dynamic_conv_ref(z: torch.Tensor, base: torch.Tensor, dynamic: torch.Tensor)
 
 
 # ---- Triton ---------------------------------------------------------------------------------
+import os  # noqa: E402
+
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra import libdevice  # noqa: E402
+
+# The interpreter has no libdevice; numpy's products are rounded on their own anyway.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -47,6 +59,41 @@ def _rounded(x, dtype: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
     else:
         return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _product(a, b):
+    """a · b rounded to fp32 on its own: never contracted into an FMA with the sum it goes into."""
+    if _INTERPRETED:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
+@triton.jit
+def tap(acc, b, d, shifted, dtype: tl.constexpr):
+    """One tap: acc + b · z[t - o], then + d · z[t - o], each product and each sum rounded to `dtype`, as the
+    reference's torch ops round them (values of `dtype` held in fp32; all four of one shape)."""
+    acc = _rounded(acc + _rounded(_product(b, shifted), dtype), dtype)
+    return _rounded(acc + _rounded(_product(d, shifted), dtype), dtype)
+
+
+@triton.jit
+def conv_tile(z_ptr, base_ptr, dyn_ptr, rows, cols, row_ok, col_ok, z_row, base_tap, group_size, dyn_row, dyn_tap,
+              TAPS: tl.constexpr, dtype: tl.constexpr):
+    """The conv at a [rows, cols] tile, in fp32 (values of `dtype`): Σ_o (base[o, c] + dyn[t, o, c // group_size])
+    · z[t - o, c], rows above 0 zeros; z read from memory at the shifted rows (the rows of other tiles too)."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    for o in tl.static_range(TAPS):
+        src = rows - o
+        shifted = tl.load(z_ptr + src.to(tl.int64)[:, None] * z_row + cols[None, :], mask=ok & (src >= 0)[:, None],
+                          other=0.0).to(tl.float32)
+        b = _rounded(tl.load(base_ptr + o * base_tap + cols, mask=col_ok, other=0.0).to(tl.float32), dtype)
+        d = tl.load(dyn_ptr + rows.to(tl.int64)[:, None] * dyn_row + o * dyn_tap + (cols // group_size)[None, :],
+                    mask=ok, other=0.0)
+        acc = tap(acc, tl.broadcast_to(b[None, :], acc.shape), _rounded(d.to(tl.float32), dtype), shifted, dtype)
+    return acc
 
 
 @triton.jit
@@ -63,9 +110,7 @@ def _dynamic_conv_kernel(z_ptr, base_ptr, dyn_ptr, out_ptr, hidden, group_size, 
         b = _rounded(tl.load(base_ptr + o * hidden + cols, mask=ok, other=0.0).to(tl.float32), dtype)
         d = tl.load(dyn_ptr + t * dyn_row + o * dyn_tap + cols // group_size, mask=ok, other=0.0)
         d = _rounded(d.to(tl.float32), dtype)
-        # each product and each sum rounded to the dtype, as the reference's torch ops round them
-        acc = _rounded(acc + _rounded(b * shifted, dtype), dtype)
-        acc = _rounded(acc + _rounded(d * shifted, dtype), dtype)
+        acc = tap(acc, b, d, shifted, dtype)
     tl.store(out_ptr + t * hidden + cols, acc.to(dtype), mask=ok)
 
 

@@ -1,10 +1,11 @@
-"""Batch-invariant weight-only quantized linear layers: int4 W4A16 and FP8 e4m3, the quantized variants of
+"""Batch-invariant weight-only quantized linear layers: int4 W4A16, int8 W8A16 and FP8 e4m3, the quantized variants of
 kernels/invariant_linear.py (issue 25). `out = x @ dequant(w).T + b` for the rows a step sees (M ≤ 32),
 each output element reduced in the same order whatever M is.
 
 The weights are dequantized in registers, tile by tile, exactly as the layouts' torch references do
-(dflash_cli/quant/int4.py, fp8.py), into the activations' dtype: int4 `(q − z)·s` rounded once to the
-scales' dtype, then to x's; FP8 `q·s` in fp32, rounded once to x's dtype. The products then meet x in
+(dflash_cli/quant/int4.py, int8.py, fp8.py), into the activations' dtype: int4 `(q − z)·s` rounded once to
+the scales' dtype, then to x's; int8 `q·s` in fp32, rounded once to the scale's dtype, then to x's; FP8
+`q·s` in fp32, rounded once to x's dtype. The products then meet x in
 one `tl.dot` per tile (bf16 × bf16 on the tensor cores for bf16 activations, fp32 × fp32 in IEEE precision
 for fp32 ones) with fp32 accumulation. Everything else is invariant_linear's contract: one compiled
 configuration for every M (rows in tiles of BLOCK_M, M not specialised), a fixed BLOCK_N × BLOCK_K tiling,
@@ -16,6 +17,8 @@ int4: `qweight` int32 [N, K/8] (column k at bits 4·(k % 8) of word k // 8), `sc
 (fp16, bf16 or fp32), `zeros` uint8 [N, K/group] or None (symmetric: z = 8), `input_perm` [K] or None:
 act-order is resolved at load by sorting the weight's columns (Int4Linear.input_perm), so the kernel
 sees no g_idx; the launcher gathers x's columns into the weight's order instead.
+int8: `weight` int8 [N, K], `scale` [N, 1] (fp16, bf16 or fp32): symmetric, per output channel, so each
+program reads its columns' scales once, before the K loop.
 FP8: `weight` float8_e4m3fn [N, K], `scale` [ceil(N/rows), ceil(K/cols)] over blocks `block = (rows, cols)`
 (128×128 for Qwen's `weight_scale_inv`, (1, K) per channel, (N, K) per tensor), multiplied. The e4m3 bits
 are decoded with integer arithmetic (exact, and the same on every GPU: sm_80/86 have no e4m3 conversion).
@@ -49,6 +52,15 @@ def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
     layer = Int4Linear(qweight, scales, zeros, group_size, x.shape[-1], input_perm)
     return _finish(x, layer.dequantize(x.dtype), bias)
+
+
+def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: Int8Linear's dequantizer (q·s in fp32, rounded once to the scale's dtype, then to x's),
+    then the product in fp32, rounded once to x's dtype."""
+    from ..quant.int8 import Int8Linear
+
+    return _finish(x, Int8Linear(weight, scale).dequantize(x.dtype), bias)
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -155,6 +167,40 @@ def _int4_partial_kernel(x_ptr, q_ptr, s_ptr, z_ptr, part_ptr, b_ptr, out_ptr, t
 
 
 @triton.jit(do_not_specialize=["M"])
+def _int8_partial_kernel(x_ptr, w_ptr, s_ptr, part_ptr, b_ptr, out_ptr, tickets_ptr, M, N, K, k_per_split, n_splits,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                         DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr):
+    """part[split, m, n] = sum over this split's K slice of x[m, k] · q[n, k]·s[n], the weight read as int8
+    (one byte a weight) and dequantized per tile; the per-channel scales read once per program."""
+    pdl.wait(PDL)
+    pdl.launch_dependents(PDL)
+    pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < N
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
+    w_rows = w_ptr + cols.to(tl.int64)[None, :] * K
+    s = tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + ks
+        k_ok = kk < k_end
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        q = tl.load(w_rows + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0)
+        # q·s: one fp32 multiply as the reference's (exact for bf16/fp16 scales), rounded once to the
+        # scale's dtype, then to x's (Int8Linear.dequantize)
+        w = _round(q.to(tl.float32) * s, s_ptr.dtype.element_ty, UPCAST)
+        if s_ptr.dtype.element_ty != x_ptr.dtype.element_ty:
+            w = _round(w.to(tl.float32), x_ptr.dtype.element_ty, UPCAST)
+        acc = _accumulate(acc, x, w, UPCAST)
+    _store(acc, rows, cols, row_ok, col_ok, split, n_splits, M, N, part_ptr, b_ptr, out_ptr, tickets_ptr, DIRECT,
+           HAS_BIAS, FOLD, BLOCK_M, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["M"])
 def _fp8_partial_kernel(x_ptr, w_ptr, s_ptr, part_ptr, b_ptr, out_ptr, tickets_ptr, M, N, K, k_per_split, n_splits,
                         block_rows, block_cols, scale_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -229,6 +275,15 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return _launch(_int4_partial_kernel, x, n, k, bias, n_splits,
                    ((qweight.contiguous(), scales.contiguous(), z), (group_size, groups)), merge,
                    HAS_ZEROS=zeros is not None)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                n_splits: int | None = None, merge: str = "last") -> torch.Tensor:
+    """Triton: same contract as `int8_linear_ref` (`n_splits`, `merge` as int4_linear's)."""
+    n, k = weight.shape
+    assert weight.dtype == torch.int8 and scale.shape == (n, 1), (weight.dtype, weight.shape, scale.shape)
+    return _launch(_int8_partial_kernel, x, n, k, bias, n_splits, ((weight.contiguous(), scale.contiguous()), ()),
+                   merge)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],

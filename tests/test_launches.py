@@ -151,7 +151,12 @@ INVARIANT_CEILINGS = {"dense": {"decode": {"dense": 5, "fixed": 8},
                       "moe": {"decode": {"moe": 7, "fixed": 8},
                               "verify": {"moe": 7, "drafter": 5, "fixed": 19}},
                       "gpt-oss": {"decode": {"gpt-oss sliding": 7, "gpt-oss full": 7, "fixed": 8},
-                                  "verify": {"gpt-oss sliding": 7, "gpt-oss full": 7, "drafter": 5, "fixed": 19}}}
+                                  "verify": {"gpt-oss sliding": 7, "gpt-oss full": 7, "drafter": 5, "fixed": 19}},
+                      # DFlash2 drafter 14 -> 8: per sublayer norm + the conv's kernel projection, pre-conv + q/k/v
+                      # (gate_up + SwiGLU), o (down) + post-conv, one launch each (kernels/fused_linear.py);
+                      # dense 6 -> 5, drafter 8 -> 7: q/k-norm, rope and the K/V write in attention's prologue
+                      "dflash2": {"decode": {"dense": 5, "fixed": 8},
+                                  "verify": {"dense": 5, "dflash2 drafter": 7, "fixed": 27}}}
 
 
 @pytest.mark.slow  # the dense family counted twice over: ~90 s
@@ -167,7 +172,7 @@ def test_the_dense_and_drafter_layers_under_the_invariant_linear_fuse_their_norm
 
 
 @pytest.mark.slow  # each family counted twice over: ~40 s
-@pytest.mark.parametrize("family", [f for f in INVARIANT_CEILINGS if f != "dense"])
+@pytest.mark.parametrize("family", [f for f in INVARIANT_CEILINGS if f not in ("dense", "dflash2")])
 def test_the_moe_families_under_the_invariant_linear_fuse_the_input_norm(monkeypatch, family):
     monkeypatch.setenv("DFLASH_LINEAR", "invariant")
     counts = count_family(FAMILIES[family])
@@ -176,3 +181,16 @@ def test_the_moe_families_under_the_invariant_linear_fuse_the_input_norm(monkeyp
     for kind, layer in counts.ops["decode"].items():
         if kind != "fixed":
             assert layer.get("triton:_fused_partial_kernel") == 1 and layer.get("triton:_rms_norm_kernel") == 1, layer
+
+
+@pytest.mark.slow  # the DFlash2 pair counted twice over: ~130 s
+def test_the_dflash2_drafter_layer_under_the_invariant_linear_runs_its_convs_inside_the_projections(monkeypatch):
+    """Per sublayer: norm + the conv's kernel projection, pre-conv + the projection (q/k/v; gate_up + SwiGLU),
+    the output projection + post-conv; no norm, conv or plain GEMM launch of its own."""
+    monkeypatch.setenv("DFLASH_LINEAR", "invariant")
+    counts = count_family(FAMILIES["dflash2"])
+    wrong = off_ceiling(counts, INVARIANT_CEILINGS["dflash2"])
+    assert not wrong, "\n".join(wrong)
+    layer = counts.ops["verify"]["dflash2 drafter"]
+    assert layer.get("triton:_fused_partial_kernel") == 6, layer
+    assert not {"triton:_dynamic_conv_kernel", "triton:_rms_norm_kernel", "triton:_partial_kernel"} & set(layer), layer

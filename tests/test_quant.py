@@ -569,3 +569,43 @@ def test_per_expert_projections_stack_into_one_3d_layout():
     q, grid, ref = quantize_fp8_blocks(weight(16, 64), 8, 32)
     both = Fp8Linear.stack_experts([Fp8Linear(q, grid, (8, 32))] * 2)
     assert torch.equal(both.dequantize(torch.float32), torch.stack([ref, ref]))
+
+
+def _layout(kind: str, seed: int, bias: bool):
+    """A 16×64 projection in `kind`'s layout (fp32 scales), with a bias when `bias`."""
+    from dflash_cli.quant import Int8Linear
+
+    b = torch.randn(16, generator=torch.Generator().manual_seed(seed)) if bias else None
+    if kind == "int4":
+        codes, scales, zeros, _ = quantize_int4(weight(16, 64, seed=seed), 32, False, torch.float32)
+        return Int4Linear.from_codes(codes, scales, zeros, 32, None, b)
+    if kind == "fp8":
+        q, grid, _ = quantize_fp8_blocks(weight(16, 64, seed=seed), 8, 32)
+        return Fp8Linear(q, grid, (8, 32), b)
+    w = weight(16, 64, seed=seed)
+    scale = w.abs().amax(-1, keepdim=True) / 127
+    return Int8Linear(torch.round(w / scale).to(torch.int8), scale, b)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8", "fp8"])
+def test_every_layout_stacks_takes_and_stacks_rows_as_its_parts(kind):
+    """The layouts' shared seams (quant/layout.py): a stack of experts gives each expert back, `take_experts`
+    gathers them by index, still packed, and rows stacked into one GEMM are the parts' rows, a part without a
+    bias adding zeros."""
+    parts = [_layout(kind, 40 + e, bias=True) for e in range(3)]
+    stack = type(parts[0]).stack_experts(parts)
+    for e, part in enumerate(parts):
+        one = stack.expert(e)
+        assert torch.equal(one.dequantize(), part.dequantize()) and torch.equal(one.bias, part.bias)
+    taken = stack.take_experts(torch.tensor([2, 0, 0]))
+    assert type(taken) is type(stack) and taken.packed.dtype == stack.packed.dtype
+    assert torch.equal(taken.dequantize(), torch.stack([parts[i].dequantize() for i in (2, 0, 0)]))
+    assert torch.equal(taken.bias, torch.stack([parts[i].bias for i in (2, 0, 0)]))
+    mixed = [_layout(kind, 50, bias=False), _layout(kind, 51, bias=True)]
+    rows = type(mixed[0]).cat_rows(mixed)
+    assert rows.out_features == 32 and rows.dtype == torch.float32
+    assert torch.equal(rows.dequantize(), torch.cat([p.dequantize() for p in mixed]))
+    assert torch.equal(rows.bias, torch.cat([torch.zeros(16), mixed[1].bias]))
+    assert type(rows).cat_rows([_layout(kind, 52, bias=False)] * 2).bias is None
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(stack.expert(1).forward(x), F.linear(x, parts[1].dequantize(), parts[1].bias))

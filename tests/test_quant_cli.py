@@ -193,15 +193,16 @@ def test_auto_quantizes_at_load_when_no_official_checkpoint_fits(small_pair, rec
     assert recorded[-1].quantize is None
 
 
-def test_quantize_at_load_runs_end_to_end(capsys, tmp_path, monkeypatch):
-    """--quantize int4 on the demo: the target is quantized once into the cache, then read from there, and
-    the answer is the same both times (quant/cache.py does the work; this is the flag reaching it)."""
+@pytest.mark.parametrize("scheme", ["int4", "int8"])  # int8: no kernel yet, its torch reference runs
+def test_quantize_at_load_runs_end_to_end(scheme, capsys, tmp_path, monkeypatch):
+    """--quantize int4|int8 on the demo: the target is quantized once into the cache, then read from there,
+    and the answer is the same both times (quant/cache.py does the work; this is the flag reaching it)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    argv = ["run", "demo", "-p", "Once upon a time", "-n", "8", "--device", "cpu", "-q", "--quantize", "int4"]
+    argv = ["run", "demo", "-p", "Once upon a time", "-n", "8", "--device", "cpu", "-q", "--quantize", scheme]
     assert main(argv) == 0
     first = capsys.readouterr().out
     copies = list((tmp_path / "dflash" / "quantized").iterdir())
-    assert len(copies) == 1 and "int4" in copies[0].name
+    assert len(copies) == 1 and scheme in copies[0].name
     assert main(argv) == 0
     assert capsys.readouterr().out == first and list((tmp_path / "dflash" / "quantized").iterdir()) == copies
 
@@ -290,6 +291,8 @@ def test_doctor_says_how_each_quantized_format_runs(monkeypatch):
 
     cpu = doctor.quantized_check(False, True)
     assert cpu.status == "ok" and cpu.detail.startswith("int4, int8, fp8 targets run on the CPU through the torch reference")
+    gpu = doctor.quantized_check(True, True)  # every format has its kernel (int8's: kernels/quant_linear.py)
+    assert (gpu.status, gpu.detail, gpu.fix) == ("ok", "kernels for int4, int8, fp8", "")
     monkeypatch.setattr(ops, "_MODULES", {k: v for k, v in ops._MODULES.items() if not k.endswith(("int4_linear",
                                                                                                    "int8_linear",
                                                                                                    "fp8_linear"))}
@@ -334,7 +337,7 @@ def test_the_readme_models_table_is_what_dflash_computes():
 def test_gemma4_and_muse_glimmer_are_offered_quantized_and_a_family_not_tested_so_is_refused_by_name():
     """Gemma 4 and Muse-Glimmer run quantized (config.QUANT_FAMILIES, tests/test_quant_families.py): every
     format is offered, with a size between int4's and bf16's, and the defaults quantize at load. A pair whose
-    family is not tested quantized (`quantizable=False`) gets no format but bf16, and the refusal names the
+    family is not tested quantized (`tested_quantized=False`) gets no format but bf16, and the refusal names the
     pair, not its kind."""
     for alias in ("gemma-4-12b", "gemma-4-31b", "gemma-4-26b-a4b", "muse-glimmer-30b"):
         pair = registry.resolve(alias)
@@ -344,10 +347,10 @@ def test_gemma4_and_muse_glimmer_are_offered_quantized_and_a_family_not_tested_s
     assert (choice.format, choice.repo, choice.at_load) == ("int4", None, True)
     choice = precision.choose(registry.resolve("muse-glimmer-30b"), "int4", None)
     assert (choice.format, choice.at_load) == ("int4", True)
-    untested = replace(registry.resolve("gemma-4-26b-a4b"), quantizable=False)
+    untested = replace(registry.resolve("gemma-4-26b-a4b"), tested_quantized=False)
     assert catalog._by_format(untested) == {"bf16": catalog.gpu_memory(untested), "fp8": None, "int8": None,
                                             "int4": None}
     with pytest.raises(DflashError, match=r"dflash does not run gemma-4-26b-a4b quantized yet"):
         precision.choose(untested, None, 23 * GiB)
     with pytest.raises(UsageError, match=r"--quantize int4: dflash does not run muse-glimmer-30b quantized yet"):
-        precision.choose(replace(registry.resolve("muse-glimmer-30b"), quantizable=False), "int4", None)
+        precision.choose(replace(registry.resolve("muse-glimmer-30b"), tested_quantized=False), "int4", None)

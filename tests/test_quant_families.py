@@ -32,9 +32,10 @@ from dflash_cli.models.layers.mlp import PER_EXPERT, ExpertList, GemmaExperts
 from dflash_cli.quant import Fp8Linear, Int4Linear, Int8Linear
 from dflash_cli.quant.quantize import quantize_checkpoint as quantize_at_load
 
-from .test_quant_models import FORMATS, _kinds, _prefill_logits, _tokens, realign
+from .test_quant_models import (FORMATS, _kinds, _prefill_logits, _tokens, assert_generates_as, built_once, realign,
+                                write_plain_and_drafter)
 from .test_quant_models import quantize_checkpoint as pack_checkpoint
-from .tiny import drafter_config, save_weights, write_drafter, write_target
+from .tiny import drafter_config, save_weights, write_target
 from .tiny_gemma4 import gemma4_config, gemma4_drafter_config, write_gemma4
 from .tiny_muse import muse_config, write_muse
 
@@ -152,23 +153,16 @@ def fuse_twin(twin: Path) -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(case, how) → (quantized dir, twin dir, drafter dir, plain dir), each written once per module."""
-    cache: dict = {}
-
-    def get(case: str, how: str):
-        if (case, how) not in cache:
-            root = tmp_path_factory.mktemp(f"{case}-{how}")
-            plain = CASES[case].write(root / "plain")
-            drafter = write_drafter(root / "drafter", CASES[case].drafter(json.loads((plain / "config.json").read_text())),
-                                    seed=2)
-            if how in AT_LOAD:
-                quantize_at_load(plain, root / "q", how)
-                dequantized_twin(root / "q", root / "twin")
-            else:
-                pack_checkpoint(plain, root / "q", root / "twin", FORMATS[how])
-                fuse_twin(root / "twin")
-            cache[(case, how)] = root / "q", root / "twin", drafter, plain
-        return cache[(case, how)]
-    return get
+    def make(root: Path, case: str, how: str) -> tuple:
+        plain, drafter = write_plain_and_drafter(CASES[case], root)
+        if how in AT_LOAD:
+            quantize_at_load(plain, root / "q", how)
+            dequantized_twin(root / "q", root / "twin")
+        else:
+            pack_checkpoint(plain, root / "q", root / "twin", FORMATS[how])
+            fuse_twin(root / "twin")
+        return root / "q", root / "twin", drafter, plain
+    return built_once(tmp_path_factory, make)
 
 
 def _gemma_experts(target) -> list[GemmaExperts]:
@@ -212,14 +206,7 @@ def test_quantized_target_runs_exactly_as_its_dequantized_twin(case, how, built)
 
     arch = json.loads((twin_dir / "config.json").read_text())["architectures"][0]
     reference = getattr(transformers, arch).from_pretrained(twin_dir, dtype=torch.float32).eval()
-    n = 12
-    for prompt in PROMPTS:
-        x = torch.tensor([prompt])
-        want = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert _tokens(Engine(q.target), prompt, n) == want, prompt
-        for b in (1, 2, 4, q.drafter.cfg.block_size):
-            assert _tokens(Engine(q.target, q.drafter, block_size=b), prompt, n) == want, (prompt, b)
+    assert_generates_as(reference, q, PROMPTS)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -274,7 +261,7 @@ def test_the_memory_plan_counts_gemma_experts_quantized_and_its_router_dense():
 
 @pytest.mark.slow  # Triton's interpreter on shared cores
 @pytest.mark.parametrize("case, how", [("gemma4-moe", "int4"), ("gemma4-moe-per-expert", "gptq-v1-sym-desc_act"),
-                                       ("muse", "fp8-block128")])
+                                       ("muse", "fp8-block128"), ("gemma4", "int8")])
 def test_bf16_through_the_interpreted_kernels_speculative_output_equals_plain_decoding(case, how, built, monkeypatch):
     """bf16 through the Triton kernels (the CPU's torch GEMMs are not batch-invariant in bf16, for any family,
     quantized or not): a step's logits do not depend on how many tokens it verifies, so speculative output

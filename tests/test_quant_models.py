@@ -254,21 +254,31 @@ def quantize_checkpoint(plain: Path, out: Path, twin: Path, fmt: Format) -> None
     (out / "config.json").write_text(json.dumps(cfg | {"quantization_config": fmt.config}))
 
 
+def built_once(tmp_path_factory, make: Callable[[Path, str, str], tuple]) -> Callable[[str, str], tuple]:
+    """(case, how) → make(a directory of its own, case, how), each written once per module."""
+    cache: dict = {}
+
+    def get(case: str, how: str) -> tuple:
+        if (case, how) not in cache:
+            cache[(case, how)] = make(tmp_path_factory.mktemp(f"{case}-{how}"), case, how)
+        return cache[(case, how)]
+    return get
+
+
+def write_plain_and_drafter(case, root: Path) -> tuple[Path, Path]:
+    """A case's plain checkpoint (root/plain) and its drafter (root/drafter, seed 2)."""
+    plain = case.write(root / "plain")
+    return plain, write_drafter(root / "drafter", case.drafter(json.loads((plain / "config.json").read_text())), seed=2)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(case, format) → (quantized dir, twin dir, drafter dir), each written once per module."""
-    cache: dict = {}
-
-    def get(case: str, fmt: str):
-        if (case, fmt) not in cache:
-            root = tmp_path_factory.mktemp(f"{case}-{fmt}")
-            plain = CASES[case].write(root / "plain")
-            cfg = json.loads((plain / "config.json").read_text())
-            drafter = write_drafter(root / "drafter", CASES[case].drafter(cfg), seed=2)
-            quantize_checkpoint(plain, root / "q", root / "twin", FORMATS[fmt])
-            cache[(case, fmt)] = root / "q", root / "twin", drafter
-        return cache[(case, fmt)]
-    return get
+    def make(root: Path, case: str, fmt: str) -> tuple:
+        plain, drafter = write_plain_and_drafter(CASES[case], root)
+        quantize_checkpoint(plain, root / "q", root / "twin", FORMATS[fmt])
+        return root / "q", root / "twin", drafter
+    return built_once(tmp_path_factory, make)
 
 
 def _prefill_logits(target, ids: list[int], chunks) -> torch.Tensor:
@@ -317,6 +327,18 @@ def realign(obj, seen=None):
     return obj
 
 
+def assert_generates_as(reference, q: loader.Model, prompts, n: int = 12) -> None:
+    """Greedy output of `q`'s target, plain and with its drafter at b = 1, 2, 4 and B, is transformers'
+    `reference`'s, prompt by prompt."""
+    for prompt in prompts:
+        x = torch.tensor([prompt])
+        want = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert _tokens(Engine(q.target), prompt, n) == want, prompt
+        for b in (1, 2, 4, q.drafter.cfg.block_size):
+            assert _tokens(Engine(q.target, q.drafter, block_size=b), prompt, n) == want, (prompt, b)
+
+
 def _kinds(lin) -> set:
     return set().union(*(_kinds(p) for p in lin.parts)) if isinstance(lin, Concat) else {type(lin)}
 
@@ -343,14 +365,7 @@ def test_quantized_target_runs_exactly_as_its_dequantized_twin(case, fmt, built)
         assert torch.equal(_prefill_logits(exact_q, ids, chunks), _prefill_logits(exact_twin, ids, chunks)), chunks
 
     reference = getattr(transformers, CASES[case].reference).from_pretrained(twin_dir, dtype=torch.float32).eval()
-    n = 12
-    for prompt in CASES[case].prompts:
-        x = torch.tensor([prompt])
-        want = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert _tokens(Engine(q.target), prompt, n) == want, prompt
-        for b in (1, 2, 4, q.drafter.cfg.block_size):
-            assert _tokens(Engine(q.target, q.drafter, block_size=b), prompt, n) == want, (prompt, b)
+    assert_generates_as(reference, q, CASES[case].prompts)
 
 
 @pytest.mark.parametrize("case, fmt", sorted(TRANSFORMERS_READS))

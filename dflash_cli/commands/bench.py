@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UsageError
 from .options import (DEVICE, DRAFTER, DTYPE, MAX_CONTEXT, MODEL, OUTPUT, QUANTIZE, TARGET, TEMPERATURE, TREE_BUDGET, YES,
-                      note)
+                      model_or_directory, note)
 
 
 def bench(
@@ -78,6 +78,7 @@ def bench(
     unknown = [c for c in wanted if c not in bench_mod.CATEGORIES]
     if unknown or not wanted:
         raise UsageError(f"unknown prompt set '{(unknown or [categories])[0]}' (choose from {', '.join(bench_mod.CATEGORIES)})")
+    model, target = model_or_directory(model, target)
     opts = ModelOptions(model=model, target=target, drafter=drafter, yes=yes, block_size=block_size, device=device,
                         dtype=dtype, max_context=max_context)
     opts = precision.apply(opts, quantize, note)

@@ -26,8 +26,8 @@ SERVER = "Server"
 ENGINE = "Hand-off to SGLang / vLLM"
 TRAINING = "Training"
 
-MODEL_ARG = typer.Argument(None, help="Model alias (see `dflash models`); or use --target/--drafter.",
-                           metavar="MODEL")
+MODEL_ARG = typer.Argument(None, metavar="MODEL",
+                           help="Model alias (see `dflash models`) or a local directory; or use --target/--drafter.")
 TARGET = typer.Option(None, "--target", metavar="ID|DIR", help="Target: a Hugging Face repo id or a local directory.", rich_help_panel=MODEL)
 DRAFTER = typer.Option(None, "--drafter", metavar="ID|DIR", help="DFlash drafter: a repo id or a local directory.", rich_help_panel=MODEL)
 YES = typer.Option(False, "--yes", "-y", help="Download missing models without asking.", rich_help_panel=MODEL)
@@ -95,9 +95,27 @@ def _model_options(model, target, drafter, yes, block_size, draft_window, no_spe
                    max_context, tree_budget="0") -> "ModelOptions":
     from ..api import ModelOptions, parse_block_size, parse_tree_budget
 
+    model, target = model_or_directory(model, target)
     return ModelOptions(model=model, target=target, drafter=drafter, yes=yes, block_size=parse_block_size(block_size),
                         draft_window=draft_window, no_spec=no_spec, device=device, dtype=dtype,
                         max_context=max_context, tree_budget=parse_tree_budget(tree_budget))
+
+
+def model_or_directory(model: str | None, target: str | None) -> tuple[str | None, str | None]:
+    """`dflash run ./my-model`: a MODEL that is no alias but a local directory is the target, as --target."""
+    from pathlib import Path
+
+    from .. import registry
+
+    if model is None or target is not None or model.strip().lower() in registry.aliases():
+        return model, target
+    if Path(model).expanduser().is_dir():
+        return None, model
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an alias or a Hub id
+        from ..errors import UsageError
+
+        raise UsageError(f"{model}: no such directory (MODEL is an alias from `dflash models` or a local directory)")
+    return model, target
 
 
 MODEL_OPTIONS = Group((("model", Optional[str], MODEL_ARG), ("target", Optional[str], TARGET),

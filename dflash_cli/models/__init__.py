@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import read_config
+from ..config import DRAFTER_ARCHITECTURES, read_config
 from ..errors import DflashError
 from .base import Decoder, Family
 
@@ -44,6 +44,10 @@ def family_named(module: str) -> Family:
 
 
 def family_of(raw: dict, directory: Path) -> Family:
+    drafter = [a for a in raw.get("architectures") or [] if a in DRAFTER_ARCHITECTURES]
+    if drafter or "dflash_config" in raw or "speculators_model_type" in raw:  # it would read as a Qwen3 target
+        raise DflashError(f"{directory} is a DFlash drafter ({', '.join(drafter) or 'dflash_config'}), not a target: "
+                          "pass it as --drafter, with the model it drafts for as MODEL or --target")
     model_type = raw.get("model_type")
     name = FAMILIES.get(model_type)
     if name is None:

@@ -21,38 +21,18 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..cache import CommitPlan
-from ..config import Fields, rope_params
+from ..config import Fields, LayerShape
 from ..rope import rope_table
 from .layers.linear import Dense, Linear
 from .layers.norm import RMSNorm
 from .weights import Weight
 
 
-def read_rope(raw: dict, f: Fields, drop: tuple[str, ...] = ()) -> tuple[float, dict | None]:
-    """(theta, scaling or None), from `rope_theta`/`rope_scaling` or transformers 5's `rope_parameters`;
-    `drop`: keys a family's scaling must not carry (dropping them leaves None for a default rope)."""
-    theta, scaling = rope_params(raw, f)
-    if scaling is not None and drop:
-        scaling = {k: v for k, v in scaling.items() if k not in drop}
-        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-            scaling = None
-    return theta, scaling
-
-
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(LayerShape):
     """The fields every decoder family reads from config.json. A family's Config adds its own."""
 
     vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
     logit_softcap: float | None = field(default=None, kw_only=True)  # the head's logits: cap·tanh(z / cap)
@@ -69,16 +49,10 @@ class DecoderConfig:
     def shared(raw: dict, f: Fields, *, eps: float = 1e-6, max_positions: int = 4096, head_dim: int | None = None,
                intermediate: bool = True, rope_drop: tuple[str, ...] = ()) -> dict:
         """The shared fields of `raw` (a family passes its defaults), as keyword arguments."""
-        theta, scaling = read_rope(raw, f, rope_drop)
-        hidden, heads = f.req("hidden_size"), f.req("num_attention_heads")
-        return dict(
-            vocab_size=f.req("vocab_size"), hidden_size=hidden,
-            intermediate_size=f.req("intermediate_size") if intermediate else f.opt("intermediate_size", 0) or 0,
-            num_layers=f.req("num_hidden_layers"), num_heads=heads, num_kv_heads=f.opt("num_key_value_heads", heads),
-            head_dim=f.opt("head_dim", head_dim) or hidden // heads, rms_norm_eps=f.opt("rms_norm_eps", eps, float),
-            rope_theta=theta, rope_scaling=scaling,
-            max_position_embeddings=f.opt("max_position_embeddings", max_positions),
-            tie_word_embeddings=f.opt("tie_word_embeddings", False, bool))
+        shape = LayerShape.read(raw, f, eps=eps, head_dim=head_dim, intermediate=intermediate, rope_drop=rope_drop)
+        return dict(vocab_size=f.req("vocab_size"), **shape,
+                    max_position_embeddings=f.opt("max_position_embeddings", max_positions),
+                    tie_word_embeddings=f.opt("tie_word_embeddings", False, bool))
 
 
 def head_weights(c: DecoderConfig, prefix: str = "model.", norm: str = "norm",

@@ -120,6 +120,10 @@ class Config(DecoderConfig):
         k_eq_v = f.opt("attention_k_eq_v", False, bool)
         kv_heads = f.opt("num_key_value_heads", f.req("num_attention_heads"))
         global_kv = f.opt("num_global_key_value_heads", None) if k_eq_v else None
+        global_head_dim = f.opt("global_head_dim", 512)
+        if text.get("per_layer_config") is not None:  # how transformers >= 5.2x saves the global geometry
+            global_head_dim, global_kv = _per_layer_geometry(text["per_layer_config"], layer_types,
+                                                             f.opt("head_dim", 256), kv_heads, where)
         moe = f.opt("enable_moe_block", False, bool)
         base = dict(
             vocab_size=f.req("vocab_size"), hidden_size=f.req("hidden_size"),
@@ -132,10 +136,38 @@ class Config(DecoderConfig):
             logit_softcap=f.opt("final_logit_softcapping", None, float) or None)
         return cls(**base, prefix="model.language_model." if wrapper else "model.", layer_types=tuple(layer_types),
                    sliding_window=f.opt("sliding_window", DEFAULT_WINDOW.get(text_type, 512)),
-                   global_head_dim=f.opt("global_head_dim", 512), global_kv_heads=global_kv or kv_heads,
+                   global_head_dim=global_head_dim, global_kv_heads=global_kv or kv_heads,
                    k_eq_v=k_eq_v, global_rope_theta=g_theta, global_rope_scaling=g_scaling,
                    num_experts=f.req("num_experts") if moe else 0, top_k=f.req("top_k_experts") if moe else 0,
                    moe_intermediate_size=f.req("moe_intermediate_size") if moe else 0)
+
+
+
+def _per_layer_geometry(overrides, layer_types: list[str], head_dim: int, kv_heads: int,
+                        where: Path) -> tuple[int, int]:
+    """(global head_dim, global KV heads) from `per_layer_config` ({layer: {attribute: value}}), which is how
+    transformers' Gemma4TextConfig saves `global_head_dim` / `num_global_key_value_heads`: one override
+    per global layer. Anything else it could say (another attribute, a sliding layer of its own shape,
+    global layers of different shapes) is not a Gemma 4 dflash runs, and is refused by name."""
+    if not isinstance(overrides, dict):
+        raise DflashError(f"{where}/config.json: per_layer_config must map layer indices to overrides")
+    shapes = {}
+    for key, value in overrides.items():
+        if not (str(key).isdigit() and int(key) < len(layer_types) and isinstance(value, dict)):
+            raise DflashError(f"{where}/config.json: per_layer_config['{key}'] must be the overrides of one of "
+                              f"the {len(layer_types)} layers")
+        unknown = set(value) - {"head_dim", "num_key_value_heads"}
+        if unknown:
+            raise DflashError(f"{where}/config.json: per_layer_config['{key}'] overrides "
+                              f"{', '.join(sorted(unknown))}; dflash reads only head_dim and num_key_value_heads")
+        shapes[int(key)] = (int(value.get("head_dim", head_dim)), int(value.get("num_key_value_heads", kv_heads)))
+    per_layer = [shapes.get(i, (head_dim, kv_heads)) for i in range(len(layer_types))]
+    sliding = {per_layer[i] for i, t in enumerate(layer_types) if t == SLIDING}
+    full = {per_layer[i] for i, t in enumerate(layer_types) if t == FULL}
+    if sliding - {(head_dim, kv_heads)} or len(full) != 1:
+        raise DflashError(f"{where}/config.json: per_layer_config gives layers of one type different shapes; "
+                          "dflash runs one head shape for sliding and one for global layers")
+    return full.pop()
 
 
 def _rope(params: dict, where: Path) -> tuple[float, dict | None]:

@@ -12,13 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import DflashError
+from .layout import QuantizedLinear, cat_bias
 
 
 @dataclass
-class Fp8Linear:
+class Fp8Linear(QuantizedLinear):
+    STACKED = ("weight", "scale", "bias")
+    OP = "fp8_linear"
+
     weight: torch.Tensor  # float8_e4m3fn [..., out, in]
     scale: torch.Tensor  # fp32 (or bf16) [..., ceil(out/rows), ceil(in/cols)]
     block: tuple[int, int]
@@ -32,16 +35,8 @@ class Fp8Linear:
             (self.scale.shape, self.weight.shape, self.block)
 
     @property
-    def out_features(self) -> int:
-        return self.weight.shape[-2]
-
-    @property
     def in_features(self) -> int:
         return self.weight.shape[-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scale.dtype
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """q · s in fp32 (cropping the partial edge blocks), cast to `dtype` (default: the scale's)."""
@@ -51,35 +46,12 @@ class Fp8Linear:
         w = self.weight.to(torch.float32) * s
         return w.to(self.scale.dtype if dtype is None else dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference: F.linear with the dequantized weight in the activations' dtype."""
-        assert self.weight.dim() == 2, "a stack of experts has no single forward: take .expert(i)"
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The projection as a model step runs it (ops.fp8_linear): up to ops.MAX_INVARIANT_ROWS rows go through
-        the batch-invariant kernel on the kernel path (CUDA, or DFLASH_KERNELS=triton; kernels/quant_linear.py),
-        which dequantizes in registers, so a row rounds the same alone or in a verify block; elsewhere its
-        torch reference (the dequantized weight, the product in fp32, rounded once). More rows (prefill)
-        dequantize the whole weight into x's dtype and run F.linear."""
-        assert self.weight.dim() == 2, "a stack of experts has no single forward: take .expert(i)"
-        from .. import ops
-
-        return ops.fp8_linear(x, self)
-
-    def expert(self, i: int) -> "Fp8Linear":
-        assert self.weight.dim() == 3
-        return Fp8Linear(self.weight[i], self.scale[i], self.block, None if self.bias is None else self.bias[i])
-
     @classmethod
     def stack_experts(cls, experts: list["Fp8Linear"]) -> "Fp8Linear":
         """Per-expert projections as one [experts, out, in] stack (Qwen's FP8 stores experts un-fused)."""
         if any(e.block != experts[0].block or e.weight.shape != experts[0].weight.shape for e in experts):
             raise DflashError("experts with different FP8 shapes or blocks cannot be stacked")
-        bias = None if experts[0].bias is None else torch.stack([e.bias for e in experts])
-        return cls(torch.stack([e.weight for e in experts]), torch.stack([e.scale for e in experts]),
-                   experts[0].block, bias)
+        return cls._stack(experts)
 
     @classmethod
     def cat_rows(cls, parts: list["Fp8Linear"]) -> "Fp8Linear":
@@ -94,10 +66,8 @@ class Fp8Linear:
         if any(p.block != block or p.in_features != parts[0].in_features for p in parts) or \
                 any(p.out_features % block[0] for p in parts[:-1]):
             raise DflashError(f"FP8 projections with blocks {[p.block for p in parts]} cannot be stacked into one GEMM")
-        biases = [p.bias for p in parts]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(p.out_features, dtype=p.dtype) if b is None else b for p, b in zip(parts, biases)])
-        return cls(torch.cat([p.weight for p in parts], -2), torch.cat([p.scale for p in parts], -2), block, bias)
+        return cls(torch.cat([p.weight for p in parts], -2), torch.cat([p.scale for p in parts], -2), block,
+                   cat_bias(parts))
 
     def per_channel(self) -> "Fp8Linear":
         """The same weights with one scale per output row (a per-tensor scale repeated)."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DflashError
+from .layout import QuantizedLinear, cat_bias
 
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
@@ -64,8 +65,11 @@ def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 @dataclass
-class Int4Linear:
+class Int4Linear(QuantizedLinear):
     """One W4A16 projection (or a stack of experts: leading dims before [out, in]) in dflash's layout."""
+
+    STACKED = ("qweight", "scales", "zeros", "bias")  # (input_perm: one order for every expert)
+    OP = "int4_linear"
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -100,14 +104,6 @@ class Int4Linear:
         return cls(pack_int4_rows(codes), scales.contiguous(), None if zeros is None else zeros.to(torch.uint8),
                    group_size, in_features, perm, bias)
 
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[-2]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scales.dtype
-
     def codes(self) -> torch.Tensor:
         """uint8 [..., out, in] in the layout's (sorted) column order."""
         return unpack_int4_rows(self.qweight, self.in_features)
@@ -123,30 +119,6 @@ class Int4Linear:
             w = torch.empty_like(w).index_copy_(-1, self.input_perm.to(w.device), w)
         return w if dtype is None else w.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference: F.linear with the dequantized weight in the activations' dtype."""
-        assert self.qweight.dim() == 2, "a stack of experts has no single forward: take .expert(i)"
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The projection as a model step runs it (ops.int4_linear): up to ops.MAX_INVARIANT_ROWS rows go through
-        the batch-invariant kernel on the kernel path (CUDA, or DFLASH_KERNELS=triton; kernels/quant_linear.py),
-        which dequantizes in registers, so a row rounds the same alone or in a verify block; elsewhere its
-        torch reference (the dequantized weight, the product in fp32, rounded once). More rows (prefill)
-        dequantize the whole weight into x's dtype and run F.linear."""
-        assert self.qweight.dim() == 2, "a stack of experts has no single forward: take .expert(i)"
-        from .. import ops
-
-        return ops.int4_linear(x, self)
-
-    def expert(self, i: int) -> "Int4Linear":
-        """Expert `i` of a fused [experts, out, in] stack."""
-        assert self.qweight.dim() == 3
-        return Int4Linear(self.qweight[i], self.scales[i], None if self.zeros is None else self.zeros[i],
-                          self.group_size, self.in_features, self.input_perm,
-                          None if self.bias is None else self.bias[i])
-
     @classmethod
     def stack_experts(cls, experts: list["Int4Linear"]) -> "Int4Linear":
         """Per-expert projections (Qwen3-MoE's experts.N.gate_proj …) as one [experts, out, in] stack."""
@@ -157,10 +129,7 @@ class Int4Linear:
                 raise DflashError("experts stored with different int4 schemes cannot be stacked")
             if not _same_perm(e.input_perm, first.input_perm):
                 raise DflashError("experts with different act-order permutations cannot be stacked")
-        zeros = None if first.zeros is None else torch.stack([e.zeros for e in experts])
-        bias = None if first.bias is None else torch.stack([e.bias for e in experts])
-        return cls(torch.stack([e.qweight for e in experts]), torch.stack([e.scales for e in experts]), zeros,
-                   first.group_size, first.in_features, first.input_perm, bias)
+        return cls._stack(experts)
 
     @classmethod
     def cat_rows(cls, parts: list["Int4Linear"]) -> "Int4Linear":
@@ -177,8 +146,5 @@ class Int4Linear:
         if any(p.zeros is not None for p in parts):
             zeros = torch.cat([torch.full_like(p.scales, 8, dtype=torch.uint8) if p.zeros is None else p.zeros
                                for p in parts], -2)
-        biases = [p.bias for p in parts]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(p.out_features, dtype=p.dtype) if b is None else b for p, b in zip(parts, biases)], -1)
         return cls(torch.cat([p.qweight for p in parts], -2), torch.cat([p.scales for p in parts], -2), zeros,
-                   first.group_size, first.in_features, first.input_perm, bias)
+                   first.group_size, first.in_features, first.input_perm, cat_bias(parts))

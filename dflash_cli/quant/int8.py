@@ -3,21 +3,25 @@
 What `--quantize int8` writes (compressed-tensors `int-quantized`, symmetric, per output channel) is read
 into this layout: `weight` int8 [..., out, in] and `scale` [..., out, 1] in the checkpoint's dtype, so
 W[o, k] = q[o, k] · s[o]. The product is taken in fp32 and rounded once to the scale's dtype, as
-compressed-tensors' decompressor does. The kernels (an int8 member of the batch-invariant linear
-family, dequantizing in registers) come later; until then this reference is the forward.
+compressed-tensors' decompressor does. A step's rows run ops.int8_linear (kernels/quant_linear.py: the
+int8 member of the batch-invariant quantized linear family, dequantizing in registers, one byte a weight);
+this reference is its contract.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import DflashError
+from .layout import QuantizedLinear, cat_bias
 
 
 @dataclass
-class Int8Linear:
+class Int8Linear(QuantizedLinear):
+    STACKED = ("weight", "scale", "bias")
+    OP = "int8_linear"
+
     weight: torch.Tensor  # int8 [..., out, in]
     scale: torch.Tensor  # [..., out, 1], the checkpoint's float dtype
     bias: torch.Tensor | None = None
@@ -27,33 +31,13 @@ class Int8Linear:
         assert self.scale.shape == (*self.weight.shape[:-1], 1), (self.scale.shape, self.weight.shape)
 
     @property
-    def out_features(self) -> int:
-        return self.weight.shape[-2]
-
-    @property
     def in_features(self) -> int:
         return self.weight.shape[-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scale.dtype
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """q · s in fp32, rounded once to the scale's dtype, then cast to `dtype` when given."""
         w = (self.weight.to(torch.float32) * self.scale.to(torch.float32)).to(self.scale.dtype)
         return w if dtype is None else w.to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference: F.linear with the dequantized weight in the activations' dtype."""
-        assert self.weight.dim() == 2, "a stack of experts has no single forward: take .expert(i)"
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
-
-    __call__ = forward
-
-    def expert(self, i: int) -> "Int8Linear":
-        assert self.weight.dim() == 3
-        return Int8Linear(self.weight[i], self.scale[i], None if self.bias is None else self.bias[i])
 
     @classmethod
     def stack_experts(cls, experts: list["Int8Linear"]) -> "Int8Linear":
@@ -61,8 +45,7 @@ class Int8Linear:
         first = experts[0]
         if any(e.weight.shape != first.weight.shape or e.dtype != first.dtype for e in experts):
             raise DflashError("experts with different int8 shapes or scale dtypes cannot be stacked")
-        bias = None if first.bias is None else torch.stack([e.bias for e in experts])
-        return cls(torch.stack([e.weight for e in experts]), torch.stack([e.scale for e in experts]), bias)
+        return cls._stack(experts)
 
     @classmethod
     def cat_rows(cls, parts: list["Int8Linear"]) -> "Int8Linear":
@@ -72,7 +55,4 @@ class Int8Linear:
         first = parts[0]
         if any(p.in_features != first.in_features or p.dtype != first.dtype for p in parts):
             raise DflashError("int8 projections stacked into one GEMM differ in width or scale dtype")
-        biases = [p.bias for p in parts]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(p.out_features, dtype=p.dtype) if b is None else b for p, b in zip(parts, biases)], -1)
-        return cls(torch.cat([p.weight for p in parts], -2), torch.cat([p.scale for p in parts], -2), bias)
+        return cls(torch.cat([p.weight for p in parts], -2), torch.cat([p.scale for p in parts], -2), cat_bias(parts))

@@ -1,4 +1,4 @@
-"""Each on-disk quantized format, read into dflash's layouts (int4.Int4Linear, fp8.Fp8Linear).
+"""Each on-disk quantized format, read into dflash's layouts (int4.Int4Linear, fp8.Fp8Linear, int8.Int8Linear).
 
 A reader takes one projection's tensors exactly as stored (int32 words, fp8, scales in their own dtype;
 never cast to the model's dtype first) and repacks them. The conventions, per format:
@@ -26,6 +26,7 @@ from ..errors import DflashError
 from .fp8 import Fp8Linear
 from .int4 import Int4Linear, unpack_int4_rows
 from .int8 import Int8Linear
+from .layout import QuantizedLinear
 from .plan import QuantPlan, WeightScheme
 
 # the tensors each format stores per projection, beside the optional bias: (required, optional)
@@ -169,7 +170,7 @@ READERS = {"pack-quantized": read_pack_quantized, "gptq": read_gptq, "awq": read
            "fp8-block": read_fp8, "float-quantized": read_fp8, "int-quantized": read_int8}
 
 
-def read_projection(name: str, t: dict[str, torch.Tensor], scheme: WeightScheme) -> Int4Linear | Fp8Linear:
+def read_projection(name: str, t: dict[str, torch.Tensor], scheme: WeightScheme) -> QuantizedLinear:
     """One projection from its tensors `t` (keys without the "name." prefix)."""
     required, _ = STORED[scheme.format]
     missing = [k for k in required if k not in t]
@@ -186,7 +187,7 @@ def _stored_plain(w: dict[str, torch.Tensor], name: str, scheme: WeightScheme) -
 
 
 def take_quantized(w: dict[str, torch.Tensor], *names: str, plan: QuantPlan | None,
-                   bias: bool = False) -> Int4Linear | Fp8Linear | None:
+                   bias: bool = False) -> QuantizedLinear | None:
     """Pop the projection `names` (stacked by rows when several, as one GEMM) from the checkpoint's tensors
     `w` when the plan says they are quantized; None (nothing popped) when they are stored plain."""
     schemes = [None if plan is None else plan.scheme_for(n) for n in names]

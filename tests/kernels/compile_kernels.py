@@ -3,7 +3,7 @@ sm_86 (RTX 30xx/A6000), sm_89 (RTX 40xx/L40), sm_90 (H100/H200) and sm_120 (RTX 
 machine (Triton's CUDA backend lowers to PTX and runs ptxas on the host).
 
 "As launched" is recorded, not written down: `record` runs each launcher once at a released model's real
-shapes (benchmarks/kernel_speed.py's cases: Qwen3-8B, Qwen3.5-27B, Qwen3-Coder-30B-A3B, gpt-oss-20b; the invariant linear kernel and its int4 / FP8 variants at Qwen3-8B's weights) with Triton's CPU
+shapes (benchmarks/kernel_speed.py's cases: Qwen3-8B, Qwen3.5-27B, Qwen3-Coder-30B-A3B, gpt-oss-20b; the invariant linear kernel and its int4 / int8 / FP8 variants at Qwen3-8B's weights) with Triton's CPU
 interpreter's launch path and captures every launch (without running it): the kernel, each argument's type and specialisation as Triton's own
 launcher computes it (16-byte-aligned pointers and ints that are multiples of 16 get the divisibility hint;
 an int equal to 1 becomes a constant; `do_not_specialize` is honoured), the constexprs and num_warps /
@@ -119,6 +119,23 @@ def fused_linear_launches(dtype, bench):
         x, res = torch.zeros(m, 2880, dtype=dtype), torch.zeros(m, 2880, dtype=dtype)
         yield f"fused gpt-oss norm + q/k/v M={m}", lambda x=x, res=res: fl.norm_linear(x, nw_oss, 1e-5, w_oss, b_oss,
                                                                                       res, fp32_weight=True)
+    # DFlash2's drafter layer at Qwen3-8B's width with the released conv (2 taps, groups of 16 channels): the norm
+    # before the conv's kernel projection (the normed rows stored), the pre-conv before q/k/v and before gate_up
+    # (+ SwiGLU), the post-conv after o and after down (the merge in the last program of each output column)
+    taps, groups = 2, h // 16
+    proj, base = torch.empty(2 * taps * groups, h, dtype=dtype), torch.empty(2, taps, h, dtype=dtype)
+    w_o, w_down = torch.empty(h, bench.HQ * bench.D, dtype=dtype), torch.empty(h, inter, dtype=dtype)
+    for m in (1, bench.B):
+        x, res, dyn = torch.zeros(m, h, dtype=dtype), torch.zeros(m, h, dtype=dtype), torch.empty(m, 2, taps, groups,
+                                                                                                     dtype=dtype)
+        attn, act = torch.zeros(m, bench.HQ * bench.D, dtype=dtype), torch.zeros(m, inter, dtype=dtype)
+        yield f"DFlash2 norm + conv kernels M={m}", lambda x=x, res=res: fl.norm_linear_rows(x, norm_w, 1e-6, proj,
+                                                                                            None, res)
+        yield f"DFlash2 pre-conv + q/k/v M={m}", lambda x=x, d=dyn: fl.conv_linear(x, base[0], d[:, 0], w_qkv)
+        yield f"DFlash2 pre-conv + gate_up + SwiGLU M={m}", lambda x=x, d=dyn: fl.conv_linear(x, base[0], d[:, 0],
+                                                                                             gate_up, swiglu=True)
+        yield f"DFlash2 o + post-conv M={m}", lambda a=attn, d=dyn: fl.linear_conv(a, w_o, None, base[1], d[:, 1])
+        yield f"DFlash2 down + post-conv M={m}", lambda a=act, d=dyn: fl.linear_conv(a, w_down, None, base[1], d[:, 1])
     shared = torch.empty(2 * 512, 2048, dtype=dtype)  # Qwen3.5-35B-A3B's shared expert: gate_up in slices
     for m in (1, bench.B):
         x = torch.zeros(m, 2048, dtype=dtype)

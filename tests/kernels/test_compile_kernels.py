@@ -31,6 +31,10 @@ def test_every_launch_compiles_for_every_target(tmp_path):
                 if e["name"] == "_attn_kernel" and e["params"]["ROPE"] == ["constexpr", True]]
     assert {e["params"]["TREE"][1] > 0 for e in prologue} == {False, True}, \
         "attention with its q/k-norm, rope and cache-write prologue (issue 26) is compiled, a tree's too"
+    # DFlash2's drafter layer (kernels/fused_linear.py): the norm storing its rows, the pre-conv in the loader,
+    # the post-conv in the merge are each recorded (and so compiled below)
+    fused = [e["params"] for e in json.loads(launches.read_text()) if e["name"] == "_fused_partial_kernel"]
+    assert all(any(p.get(flag) == ["constexpr", True] for p in fused) for flag in ("NORMED_OUT", "CONV_IN", "CONV_OUT"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     p = subprocess.run([sys.executable, str(SCRIPT), "compile", str(launches)], capture_output=True, text=True,
                        env=env, timeout=1800, cwd=ROOT)
@@ -40,8 +44,8 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     for name in ("attention._attn_kernel", "attention._attn_merge_kernel", "accept._select_kernel", "moe._gate_up_kernel",
                  "gated_delta._causal_conv_kernel", "fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel",
                  "invariant_linear._partial_kernel",
-                 "quant_linear._int4_partial_kernel", "quant_linear._fp8_partial_kernel",
-                 "fused_linear._fused_partial_kernel", "gated_delta._l2norm_kernel",
+                 "quant_linear._int4_partial_kernel", "quant_linear._int8_partial_kernel",
+                 "quant_linear._fp8_partial_kernel", "fused_linear._fused_partial_kernel", "gated_delta._l2norm_kernel",
                  "gated_delta._gated_rms_norm_kernel", "moe._route_kernel", "gdn_glue._prologue_kernel",
                  "gdn_glue._rule_norm_kernel", "moe._down_kernel",
                  "gated_delta_tree._tree_rule_norm_kernel", "gdn_replay._replay_kernel", "gdn_replay._commit_kernel"):
@@ -51,7 +55,8 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     # weight's merge runs in its last split program (no merge kernel is launched)
     pdl = {(line.split()[1], line.split()[2]) for line in compiled if line.split()[-4] == "pdl"}
     for name in ("invariant_linear._partial_kernel", "quant_linear._int4_partial_kernel",
-                 "quant_linear._fp8_partial_kernel", "fused_linear._fused_partial_kernel"):
+                 "quant_linear._int8_partial_kernel", "quant_linear._fp8_partial_kernel",
+                 "fused_linear._fused_partial_kernel"):
         assert {("sm_90", name), ("sm_120", name)} <= pdl, sorted(pdl)
     assert {target for target, _ in pdl} == {"sm_90", "sm_120"}
     assert not kernels & {"invariant_linear._merge_kernel", "fused_linear._swiglu_merge_kernel"}

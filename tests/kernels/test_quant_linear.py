@@ -1,15 +1,17 @@
-"""The batch-invariant int4 (W4A16) and FP8 (e4m3) linear kernels: each matches its torch reference (the
+"""The batch-invariant int4 (W4A16), int8 (W8A16) and FP8 (e4m3) linear kernels: each matches its torch reference (the
 layout's dequantizer, then an fp32 product), and a row's output is bit-identical whether the row is
 launched alone or inside a block of 2..32 rows (a decode step against a verify block), for fp32 and bf16
-activations, each int4 group size, symmetric and asymmetric, and each FP8 scale layout."""
+activations, each int4 group size, symmetric and asymmetric, each int8 scale dtype, and each FP8 scale
+layout."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dflash_cli.kernels.quant_linear import fp8_linear, fp8_linear_ref, int4_linear, int4_linear_ref
-from dflash_cli.quant import Fp8Linear, Int4Linear
+from dflash_cli.kernels.quant_linear import (fp8_linear, fp8_linear_ref, int4_linear, int4_linear_ref, int8_linear,
+                                             int8_linear_ref)
+from dflash_cli.quant import Fp8Linear, Int4Linear, Int8Linear
 
 from .conftest import DEVICE, TOL
 
@@ -46,11 +48,21 @@ def fp8_layer(n: int, k: int, kind: str, bias: bool = False) -> Fp8Linear:
     return on_device(Fp8Linear(weight, scale, block, torch.randn(n) if bias else None))
 
 
+def int8_layer(n: int, k: int, scale_dtype=torch.bfloat16, bias: bool = False) -> Int8Linear:
+    """Random codes over the whole int8 range, positive per-channel scales (what `--quantize int8` writes:
+    absmax / 127 in the checkpoint's dtype, for weights of a trained model's size: |W| up to about 0.06)."""
+    weight = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scale = (torch.rand(n, 1) * 4e-4 + 1e-4).to(scale_dtype)
+    return on_device(Int8Linear(weight, scale, torch.randn(n).to(scale_dtype) if bias else None))
+
+
 def kernel(layer, n_splits: int | None = None):
     """The layer's Triton kernel as a function of x (n_splits: a planted split count)."""
     if isinstance(layer, Int4Linear):
         return lambda x: int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias,
                                      layer.input_perm, n_splits=n_splits)
+    if isinstance(layer, Int8Linear):
+        return lambda x: int8_linear(x, layer.weight, layer.scale, layer.bias, n_splits=n_splits)
     return lambda x: fp8_linear(x, layer.weight, layer.scale, layer.block, layer.bias, n_splits=n_splits)
 
 
@@ -58,6 +70,8 @@ def reference(layer):
     if isinstance(layer, Int4Linear):
         return lambda x: int4_linear_ref(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias,
                                          layer.input_perm)
+    if isinstance(layer, Int8Linear):
+        return lambda x: int8_linear_ref(x, layer.weight, layer.scale, layer.bias)
     return lambda x: fp8_linear_ref(x, layer.weight, layer.scale, layer.block, layer.bias)
 
 
@@ -123,6 +137,33 @@ def test_fp8_matches_reference(seed, dtype, kind, m, n, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("m,n,k", [(5, 67, 512), (32, 9, 100)], ids=["split-K", "one slice, K tail"])
+def test_int8_matches_reference(seed, dtype, scale_dtype, m, n, k):
+    """Odd N (a masked tile edge), K = 512 a two-slice reduction, K = 100 one slice with a masked K tail
+    (int8 has no group or block to align to); biased; scales in each dtype a checkpoint stores. fp32 tight,
+    bf16 within its rounding; the reference equals the layout's F.linear forward in fp32."""
+    layer = int8_layer(n, k, scale_dtype, bias=True)
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    got, want = kernel(layer)(x), reference(layer)(x)
+    assert got.shape == (m, n) and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda msg: f"seed {seed}: {msg}")
+    if dtype == torch.float32:
+        torch.testing.assert_close(want, layer.forward(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_int8_weights_dequantize_in_registers_exactly(dtype, scale_dtype):
+    """One-hot rows read the dequantized weight back: equal bit for bit to Int8Linear.dequantize(x's
+    dtype), q·s in fp32 rounded once to the scale's dtype and then to x's. Codes -128 and 127 included."""
+    layer = int8_layer(24, 64, scale_dtype)
+    layer.weight[0, :2] = torch.tensor([-128, 127], dtype=torch.int8, device=DEVICE)
+    got = kernel(layer)(torch.eye(64, dtype=dtype, device=DEVICE)[:MAX_M]).T
+    assert torch.equal(got, layer.dequantize(dtype)[:, :MAX_M])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_e4m3_code_decodes_exactly(dtype):
     """All 256 bit patterns (zeros, subnormals, normals, ±448, NaN) through the kernel's integer decoding
     equal torch's conversion: row j of the weight holds code j, read back against one-hot rows."""
@@ -178,6 +219,19 @@ def near_ties_fp8(kind: str) -> Fp8Linear:
     return layer
 
 
+def near_ties_int8(scale_dtype=torch.bfloat16) -> Int8Linear:
+    """int8's near ties: the codes of columns [256, 512) the negation of [0, 256) (per-channel scales, so
+    the mirrored products cancel exactly in exact arithmetic), the last 128 columns small codes."""
+    n, k, h = NT_N, NT_K, NT_H
+    layer = int8_layer(n, k, scale_dtype)
+    w = layer.weight.to(torch.int16)
+    w[:, :h] = w[:, :h].clamp(-127, 127)
+    w[:, h:2 * h] = -w[:, :h]
+    w[:, 2 * h:] = torch.randint(-3, 4, (n, k - 2 * h), device=w.device)
+    layer.weight = w.to(torch.int8)
+    return layer
+
+
 def near_ties_x(dtype: torch.dtype) -> torch.Tensor:
     x = torch.randn(MAX_M, NT_K, device=DEVICE)
     x[:, :NT_H] *= 64  # large mirrored sums: their fp32 rounding is what the output shows
@@ -203,8 +257,15 @@ def test_an_fp8_row_is_bit_identical_alone_and_in_a_block(seed, dtype, kind):
     assert first_variant_row(kernel(layer), near_ties_x(dtype), SPARSE_M, SPARSE_ROWS) is None, f"seed {seed}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_an_int8_row_is_bit_identical_alone_and_in_a_block(seed, dtype, scale_dtype):
+    layer = near_ties_int8(scale_dtype)
+    assert first_variant_row(kernel(layer), near_ties_x(dtype), SPARSE_M, SPARSE_ROWS) is None, f"seed {seed}"
+
+
 # ~25 s each under the interpreter: the fast tier has the sparse sweep above for every variant
-FULL_SWEEP = [(fmt, dtype) for fmt in ("int4 g32 asym", "int4 g128 sym", "fp8 block 128", "fp8 per channel")
+FULL_SWEEP = [(fmt, dtype) for fmt in ("int4 g32 asym", "int4 g128 sym", "int8", "fp8 block 128", "fp8 per channel")
               for dtype in DTYPES]
 
 
@@ -213,16 +274,17 @@ FULL_SWEEP = [(fmt, dtype) for fmt in ("int4 g32 asym", "int4 g128 sym", "fp8 bl
 def test_every_row_is_bit_identical_alone_and_in_every_block_of_2_to_32(seed, fmt, dtype):
     """The full sweep: every row of every M = 1..32 against the row alone."""
     layer = near_ties_int4(32 if "g32" in fmt else 128, "asym" not in fmt) if fmt.startswith("int4") else \
-        near_ties_fp8(fmt.removeprefix("fp8 "))
+        near_ties_int8() if fmt == "int8" else near_ties_fp8(fmt.removeprefix("fp8 "))
     assert first_variant_row(kernel(layer), near_ties_x(dtype)) is None, f"seed {seed}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
 def test_the_invariance_check_catches_a_split_chosen_by_m(seed, dtype, fmt):
     """The check has teeth: the same kernels with the split count planted to depend on M (as cuBLAS's
     split-K does) are caught, in bf16 too."""
-    layer = near_ties_int4(128, True) if fmt == "int4" else near_ties_fp8("block 128")
+    layer = near_ties_int4(128, True) if fmt == "int4" else near_ties_int8() if fmt == "int8" else \
+        near_ties_fp8("block 128")
 
     def by_m(x):
         return kernel(layer, n_splits=1 if x.shape[0] == 1 else 4)(x)
@@ -235,13 +297,14 @@ QWEN3_8B = [("o", 4096, 4096), ("gate/up", 12288, 4096)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fmt", ["int4 g128", "fp8 block 128"])
+@pytest.mark.parametrize("fmt", ["int4 g128", "int8", "fp8 block 128"])
 @pytest.mark.parametrize("name,n,k", [(n, o // 32, i // 4) for n, o, i in QWEN3_8B], ids=["o/32", "gate-up/32"])
 def test_qwen3_8b_like_shapes_scaled_down(seed, dtype, fmt, name, n, k):
     """Qwen3-8B's o and gate/up projections with N/32 and K/4 (the interpreter is slow): several N tiles,
     a split-K reduction over 1024 columns, 128-wide groups and blocks. M = 1 and M = 16 (decode and
     verify) match the reference, and the verify rows equal the same rows decoded alone."""
-    layer = int4_layer(n, k, 128, sym=True) if fmt.startswith("int4") else fp8_layer(n, k, "block 128")
+    layer = int4_layer(n, k, 128, sym=True) if fmt.startswith("int4") else int8_layer(n, k) if fmt == "int8" else \
+        fp8_layer(n, k, "block 128")
     x = torch.randn(16, k, dtype=dtype, device=DEVICE)
     block = kernel(layer)(x)
     torch.testing.assert_close(block, reference(layer)(x), **TOL[dtype], msg=lambda msg: f"seed {seed}: {msg}")
@@ -264,12 +327,13 @@ def test_qwen3_8b_o_projection_at_full_size(seed, fmt):
 
 # ---- the seam: ops and the layouts' __call__ ----
 
-@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
 def test_a_layer_call_takes_the_kernel_for_step_rows_and_dequantizes_for_prefill(seed, monkeypatch, fmt):
-    """Int4Linear/Fp8Linear.__call__ go through ops: with the kernels on, up to 32 rows (any leading dims)
+    """Int4Linear/Int8Linear/Fp8Linear.__call__ go through ops: with the kernels on, up to 32 rows (any leading dims)
     run the Triton kernel, bit for bit; 33 rows dequantize and run F.linear; with DFLASH_KERNELS=torch
     the step rows run the reference."""
-    layer = int4_layer(24, 128, 32, sym=False, bias=True) if fmt == "int4" else fp8_layer(24, 128, "per channel", True)
+    layer = int4_layer(24, 128, 32, sym=False, bias=True) if fmt == "int4" else \
+        int8_layer(24, 128, torch.float32, bias=True) if fmt == "int8" else fp8_layer(24, 128, "per channel", True)
     weight = layer.dequantize(torch.float32)
     monkeypatch.setenv("DFLASH_KERNELS", "triton")
     for shape in ((1, 128), (2, 16, 128)):

@@ -285,13 +285,7 @@ def _stack_experts(per_expert: list, p: str):
 
 def _gather_experts(stack, pairs: torch.Tensor):
     """The experts `pairs` of a quantized stack, still packed (one copy per pair)."""
-    if isinstance(stack, Int4Linear):
-        zeros = None if stack.zeros is None else stack.zeros[pairs]
-        return Int4Linear(stack.qweight[pairs], stack.scales[pairs], zeros, stack.group_size, stack.in_features, stack.input_perm, None if stack.bias is None else stack.bias[pairs])
-    if isinstance(stack, Int8Linear):
-        return Int8Linear(stack.weight[pairs], stack.scale[pairs], None if stack.bias is None else stack.bias[pairs])
-    return Fp8Linear(stack.weight[pairs], stack.scale[pairs], stack.block,
-                     None if stack.bias is None else stack.bias[pairs])
+    return stack.take_experts(pairs)
 
 
 def quantized_experts(x: torch.Tensor, gate_up, down, idx: torch.Tensor, weights: torch.Tensor,
