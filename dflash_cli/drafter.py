@@ -313,11 +313,10 @@ class Drafter:
                 h, conv_kernels = pre_conv(layer.attention_conv, h)
                 qkv = ops.dense_linear(h, layer.qkv, layer.qkv_bias)
             k, v = qkv[:, q_rows:].view(block_size, 2, c.num_kv_heads, c.head_dim).unbind(1)
-            q = ops.qk_norm_rope_cache(qkv[:, :q_rows].view(block_size, c.num_heads, c.head_dim),
-                                       k, v, layer.q_norm, layer.k_norm, c.rms_norm_eps, self.cos_sin,
-                                       positions, cache.k[i], cache.v[i])
-            out = ops.attention(q, cache.k[i], cache.v[i], kv_len, causal=layer.causal, scale=self.scale,
-                                sliding_window=_narrowest(layer.window, window))
+            out = ops.rope_attention(qkv[:, :q_rows].view(block_size, c.num_heads, c.head_dim), k, v, layer.q_norm,
+                                     layer.k_norm, c.rms_norm_eps, self.cos_sin, positions, cache.k[i], cache.v[i],
+                                     kv_len, causal=layer.causal, scale=self.scale,
+                                     sliding_window=_narrowest(layer.window, window))
             if fused and layer.attention_conv is not None:
                 out = layer.attention_conv.project_out(out.reshape(block_size, -1), layer.o_proj, layer.o_bias,
                                                        conv_kernels)

@@ -134,6 +134,40 @@ def tree_attention(q, k_cache, v_cache, kv_len, mask, positions, key_positions, 
                                     scale=scale, sliding_window=sliding_window, tree=(mask, positions), **extra)
 
 
+# The attention prologue (issue 26): on the kernels a step's rows (decode, verify, draft, a tree) take one launch
+# for q/k-norm, rope, the KV-cache write and attention: the attention kernel's programs norm and rotate the q rows
+# they read, and the new K/V rows when they read them, before their keys (kernels/attention.py, `Rope`). The torch
+# path, and a prefill chunk on the kernels, run `qk_norm_rope_cache` then the attention, as two ops.
+def rope_attention(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache, kv_len, *, offset=False,
+                   causal, scale, sliding_window=None, sinks=None, gate=None):
+    """`qk_norm_rope_cache` (the new tokens' K/V at `positions`, which are kv_len - T + t) then `attention`."""
+    extra = {name: x for name, x in (("sinks", sinks), ("gate", gate)) if x is not None}
+    if q.shape[0] <= MAX_KERNEL_Q_LEN and _pick("attention", q.device) is not _impl("attention", False):
+        from .kernels.attention import Rope
+
+        return _impl("attention", True)(q, k_cache, v_cache, kv_len, causal=causal, scale=scale,
+                                        sliding_window=sliding_window, **extra,
+                                        rope=Rope(k, v, q_norm, k_norm, eps, cos_sin, positions, offset))
+    q = qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache, offset)
+    return attention(q, k_cache, v_cache, kv_len, causal=causal, scale=scale, sliding_window=sliding_window, **extra)
+
+
+def rope_tree_attention(q, k, v, q_norm, k_norm, eps, cos_sin, positions, rows, k_cache, v_cache, kv_len, mask,
+                        key_positions, *, offset=False, scale, sliding_window=None, sinks=None, gate=None):
+    """A tree verify's `qk_norm_rope_cache` (its nodes at `positions`, their K/V at cache `rows`, which are
+    kv_len - T + t: Decoder.forward's) then `tree_attention`."""
+    extra = {name: x for name, x in (("sinks", sinks), ("gate", gate)) if x is not None}
+    if _pick("attention", q.device) is not _impl("attention", False):
+        from .kernels.attention import Rope
+
+        return _impl("attention", True)(q, k_cache, v_cache, torch.as_tensor(kv_len, device=q.device), causal=True,
+                                        scale=scale, sliding_window=sliding_window, tree=(mask, positions), **extra,
+                                        rope=Rope(k, v, q_norm, k_norm, eps, cos_sin, positions, offset))
+    q = qk_norm_rope_cache(q, k, v, q_norm, k_norm, eps, cos_sin, positions, k_cache, v_cache, offset, rows=rows)
+    return tree_attention(q, k_cache, v_cache, kv_len, mask, positions, key_positions, scale=scale,
+                          sliding_window=sliding_window, **extra)
+
+
 def draft_ctx_kv(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache, b_kv=None):
     extra = {} if b_kv is None else {"b_kv": b_kv}  # the gpt-oss drafters' k/v biases
     return _pick("draft_ctx_kv", ctx_h.device)(ctx_h, w_kv, k_norm, eps, cos_sin, positions, k_cache, v_cache,

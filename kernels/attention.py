@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +153,17 @@ def _attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor) -> t
 # exact neutrals. A node's output is the bits of decoding its path, at the cost of re-reading those few
 # tiles once per node.
 #
+# The prologue (issue 26, `rope=`): q/k-norm, rope and the KV-cache write in this launch, not one before it. A
+# program with a visible key norms and rotates its own q rows into a scratch buffer; one whose split reads a new
+# key (end > kv_len - q_len) first writes all the block's new K rows (normed, rotated) and V rows of its kv head
+# into the cache (a tree's too: a node's key at base + depth may sit in another split than its row base + node).
+# Then a CTA barrier, and the loop reads them as before. Rows are taken 16 at a time by `norm_rope_rows`, whose
+# per-row sums and per-dim expressions are `_qk_norm_rope_cache_kernel`'s, so the two-launch form's bits, and a
+# row's bits do not depend on the rows beside it. Several programs (the row blocks of a split, and the two
+# splits a block may straddle) write the same rows with the same bits: a duplicate store, never a different
+# value. Programs whose split holds only committed keys do no K work. A prefill chunk keeps the two launches
+# (ops.rope_attention).
+#
 # The cost of a fixed split size (SPLIT = 256; no GPU has timed the choice yet: kernel_speed.py's
 # attention rows are the measurement to make). The splits with work are ceil(kv_len / SPLIT) per kv
 # head. At 2k context a decode step of Qwen3-8B (8 kv heads) gets 64 programs, half an H100's 132 SMs,
@@ -168,6 +180,8 @@ import os  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from .rope_cache import norm_rope_rows  # noqa: E402
 
 # Triton's CPU interpreter mis-computes tl.dot on bfloat16 operands (seen with triton 3.9): under
 # TRITON_INTERPRET the operands are upcast to float32 first. On a GPU the dots stay in bf16. The same flag
@@ -270,13 +284,55 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, sinks_ptr, gate_ptr, rows, kvh, kv
     tl.store(o_ptr + ((t * n_heads + head) * D)[:, None] + dims[None, :], out, mask=io_ok)
 
 
+_PROLOGUE_ROWS = tl.constexpr(16)  # the q/k/v rows the prologue takes at once: a fixed tile, whatever the query count
+
+
+@triton.jit
+def _rope_prologue(qin_ptr, kin_ptr, vin_ptr, qn_ptr, kn_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t,
+                   sk_h, sv_t, sv_h, half, rot, eps, q_len, group, n_heads, kvh, base, base_pos, end,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
+                   OFFSET: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """What `qk_norm_rope_cache` does before attention, in the program that reads it (issue 26): the new K rows
+    of kv head `kvh` normed, rotated and written into the cache with their V rows (at base_pos + t), when this
+    split reads any new key; and this program's q rows normed and rotated into q_ptr (this launch's scratch).
+    Then a barrier: the key loop and the q load read what the program's other threads wrote. The other
+    programs of the split (row blocks) and the next split write the same K/V rows with the same bits: a
+    duplicate, never a different value, so a read sees those bits whoever wrote last."""
+    R: tl.constexpr = _PROLOGUE_ROWS
+    dims = tl.arange(0, BLOCK_D)
+    dtype = q_ptr.dtype.element_ty
+    if end > base_pos:  # this split reads new keys (a tree's: any new row, whichever node's position it holds)
+        for t0 in range(0, q_len, R):
+            tk = t0 + tl.arange(0, R)
+            tk_ok = tk < q_len
+            pos = tl.load(pos_ptr + tk, mask=tk_ok, other=0)
+            row = base + (base_pos + tk).to(tl.int64) * D
+            norm_rope_rows(kin_ptr, tk * sk_t + kvh * sk_h, k_ptr, row, pos, tk_ok, kn_ptr, cs_ptr, half, rot, D, eps,
+                           HAS_NORM, OFFSET, BLOCK_H, BLOCK_P, BLOCK_D, dtype)
+            ok = tk_ok[:, None] & (dims < D)[None, :]
+            vals = tl.load(vin_ptr + (tk * sv_t + kvh * sv_h)[:, None] + dims[None, :], mask=ok)
+            tl.store(v_ptr + row[:, None] + dims[None, :], vals.to(v_ptr.dtype.element_ty), mask=ok)
+    first_row = tl.program_id(0) * BLOCK_M
+    for r0 in range(0, tl.minimum(BLOCK_M, q_len * group - first_row), R):
+        rows = first_row + r0 + tl.arange(0, R)  # row r = t * group + g, as the key loop's
+        t = rows // group
+        head = kvh * group + rows % group
+        r_ok = t < q_len
+        pos = tl.load(pos_ptr + t, mask=r_ok, other=0)
+        norm_rope_rows(qin_ptr, t * sq_t + head * sq_h, q_ptr, (t * n_heads + head) * D, pos, r_ok, qn_ptr, cs_ptr,
+                       half, rot, D, eps, HAS_NORM, OFFSET, BLOCK_H, BLOCK_P, BLOCK_D, dtype)
+    tl.debug_barrier()
+
+
 @triton.jit(do_not_specialize=["q_len"])  # q_len varies (prefill tails): no recompile per value
 def _attn_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, cnt_ptr, o_ptr, sinks_ptr, gate_ptr,
                  tree_ptr, pos_ptr, q_len, group, n_heads, capacity, window, scale, n_splits, gate_stride,
-                 tree_stride, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 tree_stride, qin_ptr, kin_ptr, vin_ptr, qn_ptr, kn_ptr, cs_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
+                 half, rot, eps, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr, MERGE: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                 SINKS: tl.constexpr, GATE: tl.constexpr, TREE: tl.constexpr):
+                 SINKS: tl.constexpr, GATE: tl.constexpr, TREE: tl.constexpr, ROPE: tl.constexpr,
+                 HAS_NORM: tl.constexpr, OFFSET: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     split = tl.program_id(1)
     kvh = tl.program_id(2)
     kv_len, lo = _visible_keys(len_ptr, q_len, window, WINDOW)
@@ -291,11 +347,16 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, cnt_ptr, o
         row_ok = rows < n_rows
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < D
+        base_pos = kv_len - q_len  # the first new token's cache row
+        base = kvh.to(tl.int64) * capacity * D
+        if ROPE:
+            _rope_prologue(qin_ptr, kin_ptr, vin_ptr, qn_ptr, kn_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, sq_t,
+                           sq_h, sk_t, sk_h, sv_t, sv_h, half, rot, eps, q_len, group, n_heads, kvh, base, base_pos,
+                           end, D, BLOCK_M, BLOCK_D, HAS_NORM, OFFSET, BLOCK_H, BLOCK_P)
         q = tl.load(q_ptr + ((t * n_heads + kvh * group + g) * D)[:, None] + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        base_pos = kv_len - q_len  # the first new token's cache row
         if TREE:  # node t at position base + depth(t): its own
             q_pos = tl.load(pos_ptr + t, mask=row_ok, other=0).to(tl.int32)
             shared_end = tl.minimum(end, base_pos // BLOCK_N * BLOCK_N)  # the tiles of committed keys only
@@ -305,7 +366,6 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, cnt_ptr, o
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        base = kvh.to(tl.int64) * capacity * D
         for n0 in range(start, shared_end, BLOCK_N):  # keys every row of the block reads from the same rows
             keys = n0 + tl.arange(0, BLOCK_N)
             key_ok = keys < end
@@ -419,10 +479,29 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return have
 
 
+@dataclass(frozen=True)
+class Rope:
+    """The attention prologue's inputs (issue 26): what `rope_cache.qk_norm_rope_cache` takes besides q and the
+    caches. k, v: [Tq, Hkv, D], the new tokens' (rows may be strided); q_norm, k_norm: [D] or None; cos_sin: the
+    rope table; positions: [Tq] int64 (a tree's: anchor + depth)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    eps: float
+    cos_sin: torch.Tensor
+    positions: torch.Tensor
+    offset: bool = False
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, sliding_window: int | None = None,
               sinks: torch.Tensor | None = None, gate: torch.Tensor | None = None,
               tree: tuple[torch.Tensor, torch.Tensor] | None = None, split: int | None = None,
-              one_launch: bool = True):
+              one_launch: bool = True, rope: Rope | None = None):
     """Triton: the contract of `attention_ref` (caches contiguous, as the engine allocates them; kv_len a
     device tensor), in one launch: the split to finish last merges. `split` overrides the keys per split
     (a multiple of the kernel's key tile; tests sweep it); one_launch=False merges in a second launch
@@ -433,8 +512,21 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
     t is node t, at position positions[t] = kv_len - Tq + depth(t), whose K/V are at cache row kv_len - Tq + t;
     it sees every committed key (rows before kv_len - Tq) and the new rows j with mask[t, kv_len - Tq + j] (its
     ancestors and itself; the mask's other columns are not read), within the window by position. Its output is
-    the bits of decoding its path (see the kernel), which `causal` and the mask of `attention_ref` describe."""
-    q = q.contiguous()
+    the bits of decoding its path (see the kernel), which `causal` and the mask of `attention_ref` describe.
+
+    rope: q as it leaves the projection, normed and rotated in this launch, and the new K/V rows (rope.k, rope.v)
+    written into the caches at kv_len - Tq + t first (`_rope_prologue`): `qk_norm_rope_cache(q, rope..., caches)`
+    then `attention`, in one launch and with the same bits (output and caches). A tree's positions are its
+    (tree[1] is rope.positions), its K/V rows kv_len - Tq + t as there."""
+    if rope is None:
+        q = q.contiguous()
+    else:
+        q, raw = torch.empty(q.shape, dtype=q.dtype, device=q.device), _rows(q)  # q: the rotated rows, scratch
+        k_in, v_in = _rows(rope.k), _rows(rope.v)
+        rot = rope.cos_sin.shape[1]
+        assert rope.cos_sin.is_contiguous() and rot % 2 == 0 and rot <= q.shape[2], (rope.cos_sin.shape, q.shape)
+        assert k_in.shape == v_in.shape == (q.shape[0], k_cache.shape[0], q.shape[2]), (k_in.shape, v_in.shape)
+        assert tree is None or tree[1] is rope.positions
     tq, hq, d = q.shape
     hkv, capacity, _ = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
@@ -465,9 +557,18 @@ def attention(q, k_cache, v_cache, kv_len, *, causal: bool, scale: float, slidin
     _attn_kernel[(row_blocks, n_splits, hkv)](
         q, k_cache, v_cache, kv_len, acc, m, l, _counters(q.device, row_blocks * hkv), out,
         sinks if sinks is not None else m, gate if gate is not None else q,
-        mask if tree is not None else q, positions if tree is not None else kv_len,
+        mask if tree is not None else q,
+        positions if tree is not None else rope.positions if rope is not None else kv_len,
         tq, group, hq, capacity, window, scale, n_splits, 0 if gate is None else gate.stride(0),
         0 if tree is None else mask.stride(0),
+        *((q, q, q, q, q, q) if rope is None else
+          (raw, k_in, v_in, *((rope.q_norm, rope.k_norm) if rope.q_norm is not None else (q, q)), rope.cos_sin)),
+        *((0,) * 6 if rope is None else (raw.stride(0), raw.stride(1), k_in.stride(0), k_in.stride(1), v_in.stride(0),
+                                         v_in.stride(1))),
+        0 if rope is None else rot // 2, 0 if rope is None else rot, 0.0 if rope is None else rope.eps,
+        ROPE=rope is not None, HAS_NORM=rope is not None and rope.q_norm is not None,
+        OFFSET=rope is not None and rope.offset, BLOCK_H=1 if rope is None else triton.next_power_of_2(rot // 2),
+        BLOCK_P=1 if rope is None else max(1, triton.next_power_of_2(d - rot)),
         CAUSAL=causal, BLOCK_M=_BLOCK_M, BLOCK_N=block_n, UPCAST=_UPCAST_DOTS,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 uses tensor cores
         MERGE=one_launch, TREE=0 if tree is None else max(16, triton.next_power_of_2(tq)), **common,

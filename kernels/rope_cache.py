@@ -7,6 +7,9 @@ of each head; the rest pass through (Qwen3.5 rotates 64 of 256). Positions come 
 so one captured CUDA graph serves every step. Cache layout: [kv_heads, max_len, head_dim], and a
 token at position p lives at index p. The q/k norm is Qwen3's (w times the rounded normalised head)
 or, with `offset`, Qwen3.5's zero-centred one ((1 + w) in float32, one rounding).
+
+On the kernel path a step's rows (decode, verify, draft, a tree) do this inside the attention launch
+(`norm_rope_rows`, called by kernels/attention.py's prologue, the same bits); this kernel serves prefill chunks.
 """
 from __future__ import annotations
 
@@ -138,6 +141,48 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, qn_ptr, kn_ptr, cs_ptr, pos_
         dims = tl.arange(0, BLOCK_D)
         vals = tl.load(v_ptr + t * sv_t + j * sv_h + dims, mask=dims < d)
         tl.store(vc_ptr + row + dims, vals.to(vc_ptr.dtype.element_ty), mask=dims < d)
+
+
+@triton.jit
+def norm_rope_rows(src_ptr, src_off, dst_ptr, dst_off, pos, row_ok, w_ptr, cs_ptr, half, rot, d, eps,
+                   HAS_NORM: tl.constexpr, OFFSET: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
+    """A tile of heads, row r at src_ptr + src_off[r] at position pos[r], normed and rotated as `norm_rope`
+    does one head, and stored at dst_ptr + dst_off[r] (the attention kernel's prologue: kernels/attention.py).
+    The same sums per row (the rotated halves, then the dims that pass through, each over as many lanes), and
+    each dim by the same expression, its rotation partner loaded beside it: the bits of
+    `_qk_norm_rope_cache_kernel`. Row by row alone: a row's bits do not depend on the others in the tile."""
+    dims = tl.arange(0, BLOCK_D)
+    partner = tl.where(dims < half, dims + half, tl.where(dims < rot, dims - half, dims))  # x2 for x1, x1 for x2
+    ok = row_ok[:, None] & (dims < d)[None, :]
+    src = src_ptr + src_off[:, None]
+    x = tl.load(src + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+    xp = tl.load(src + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        offs = tl.arange(0, BLOCK_H)
+        p_offs = rot + tl.arange(0, BLOCK_P)
+        h_ok = row_ok[:, None] & (offs < half)[None, :]
+        x1 = tl.load(src + offs[None, :], mask=h_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half + offs[None, :], mask=h_ok, other=0.0).to(tl.float32)
+        x3 = tl.load(src + p_offs[None, :], mask=row_ok[:, None] & (p_offs < d)[None, :], other=0.0).to(tl.float32)
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1) + tl.sum(x3 * x3, axis=1)
+        rstd = (1.0 / tl.sqrt(ss / d + eps))[:, None]
+        w = tl.load(w_ptr + dims, mask=dims < d, other=0.0).to(tl.float32)[None, :]
+        wp = tl.load(w_ptr + partner, mask=dims < d, other=0.0).to(tl.float32)[None, :]
+        if OFFSET:
+            x = (x * rstd * (1.0 + w)).to(DTYPE).to(tl.float32)
+            xp = (xp * rstd * (1.0 + wp)).to(DTYPE).to(tl.float32)
+        else:
+            x = (w * (x * rstd).to(DTYPE).to(tl.float32)).to(DTYPE).to(tl.float32)
+            xp = (wp * (xp * rstd).to(DTYPE).to(tl.float32)).to(DTYPE).to(tl.float32)
+    at = tl.where(dims < half, dims, dims - half)[None, :]  # the table's column (for dims < rot)
+    rope_ok = row_ok[:, None] & (dims < rot)[None, :]
+    cs = cs_ptr + (pos * rot)[:, None]
+    cos = tl.load(cs + at, mask=rope_ok, other=0.0).to(DTYPE).to(tl.float32)
+    sin = tl.load(cs + half + at, mask=rope_ok, other=0.0).to(DTYPE).to(tl.float32)
+    out = tl.where((dims < half)[None, :], x * cos - xp * sin, x * cos + xp * sin)
+    out = tl.where((dims < rot)[None, :], out, x)
+    tl.store(dst_ptr + dst_off[:, None] + dims[None, :], out.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

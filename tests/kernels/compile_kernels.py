@@ -86,7 +86,8 @@ def record(path: Path) -> int:
             call(kernel)
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
         for name, call in (*fused_linear_launches(dtype, bench), *gdn_glue_launches(dtype, bench),
-                           *moe_launches(dtype), *attention_launches(dtype, bench)):
+                           *moe_launches(dtype), *attention_launches(dtype, bench),
+                           *attention_rope_launches(dtype, bench)):
             call()
             print(f"ran  {str(dtype).removeprefix('torch.'):<9} {name}", flush=True)
     path.write_text(json.dumps(list(launches.values()), indent=1, default=str))
@@ -221,6 +222,52 @@ def attention_launches(dtype, bench):
                    attention.attention(q, kc, kc, length + q.shape[0], causal=True, scale=d**-0.5,
                                        sliding_window=window, sinks=torch.empty(hq) if sinks else None,
                                        tree=(mask, length + tree.depths), one_launch=one))
+
+
+def attention_rope_launches(dtype, bench):
+    """The attention kernel with its prologue (q/k-norm, rope, the K/V write: `attention(rope=...)`, issue 26), as
+    the layers launch it: Qwen3-8B (q/k norm, 128 rotated) at a decode step and a verify block, Qwen3.5-27B's
+    gated layer (24 heads of 256, 64 rotated, (1 + w) norms), gpt-oss-20b's (no norm, a window, sinks), the
+    drafter's bidirectional block, and a tree verify."""
+    import torch
+
+    from dflash_cli import tree as trees
+    from dflash_cli.kernels import attention
+    from dflash_cli.rope import rope_table
+
+    cap = bench.CTX + 64
+    length = torch.tensor(bench.CTX)
+    for (hq, hkv, d, rot, norm, window, sinks, gated), causal, rows in (
+            ((bench.HQ, bench.HKV, bench.D, bench.D, "w", None, False, False), True, (1, bench.B)),
+            ((bench.HQ, bench.HKV, bench.D, bench.D, "w", None, False, False), False, (bench.B,)),
+            ((24, 4, 256, 64, "1+w", None, False, True), True, (1, bench.B)),
+            ((64, 8, 64, 64, None, 128, True, False), True, (1, bench.B))):
+        kc = torch.empty(hkv, cap, d, dtype=dtype)
+        cos_sin = rope_table(rot, 1e6, None, cap, "cpu")
+        norm_dtype = torch.float32 if norm == "1+w" else dtype
+        q_norm = torch.ones(d, dtype=norm_dtype) if norm else None
+        for n in rows:
+            qkv = torch.empty(n, ((2 if gated else 1) * hq + 2 * hkv) * d, dtype=dtype)
+            parts = qkv.split([hq * d] * (2 if gated else 1) + [hkv * d] * 2, -1)
+            q, k, v = (x.view(n, -1, d) for x in (parts[0], *parts[-2:]))
+            gate = parts[1].view(n, hq, d) if gated else None
+            rope = attention.Rope(k, v, q_norm, q_norm, 1e-6, cos_sin, length + torch.arange(n), norm == "1+w")
+            yield (f"attention + rope/cache head {d} rot {rot} norm {norm} q={n} causal={causal} window={window}",
+                   lambda q=q, kc=kc, gate=gate, rope=rope, causal=causal, window=window, sinks=sinks, hq=hq, d=d:
+                   attention.attention(q, kc, kc, length + q.shape[0], causal=causal, scale=d**-0.5,
+                                       sliding_window=window, sinks=torch.empty(hq) if sinks else None, gate=gate,
+                                       rope=rope))
+    hq, hkv, d, budget = bench.HQ, bench.HKV, bench.D, 16
+    tree = trees.build(torch.tensor([1]), torch.randn(6, 50), budget)
+    mask, _ = trees.attention_mask(tree, length, cap)
+    kc, q, kv = torch.empty(hkv, cap, d, dtype=dtype), torch.empty(budget, hq, d, dtype=dtype), \
+        torch.empty(budget, hkv, d, dtype=dtype)
+    positions = length + tree.depths
+    rope = attention.Rope(kv, kv, torch.ones(d, dtype=dtype), torch.ones(d, dtype=dtype), 1e-6,
+                          rope_table(d, 1e6, None, cap, "cpu"), positions)
+    yield (f"attention + rope/cache tree {budget} head {d}",
+           lambda: attention.attention(q, kc, kc, length + budget, causal=True, scale=d**-0.5,
+                                       tree=(mask, positions), rope=rope))
 
 
 def _source(entry: dict):

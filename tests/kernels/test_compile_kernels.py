@@ -27,6 +27,10 @@ def test_every_launch_compiles_for_every_target(tmp_path):
     upcast = [e for e in json.loads(launches.read_text()) if "UPCAST" in e["params"]]
     assert upcast and all(e["params"]["UPCAST"] == ["constexpr", False] for e in upcast), \
         "the bf16 dots are compiled as a GPU launches them, not as the interpreter's fp32 fallback"
+    prologue = [e for e in json.loads(launches.read_text())
+                if e["name"] == "_attn_kernel" and e["params"]["ROPE"] == ["constexpr", True]]
+    assert {e["params"]["TREE"][1] > 0 for e in prologue} == {False, True}, \
+        "attention with its q/k-norm, rope and cache-write prologue (issue 26) is compiled, a tree's too"
     # DFlash2's drafter layer (kernels/fused_linear.py): the norm storing its rows, the pre-conv in the loader,
     # the post-conv in the merge are each recorded (and so compiled below)
     fused = [e["params"] for e in json.loads(launches.read_text()) if e["name"] == "_fused_partial_kernel"]

@@ -122,24 +122,23 @@ class Attention:
             q_norm = k_norm = None
         cache_k, cache_v = cache.kv.layer(self.slot)
         gate = gate.view(t, self.heads, hd) if self.gated else None  # out × sigmoid(gate): in the kernel's merge
+        cos_sin = step.cos_sin if self.cos_sin is None else self.cos_sin
+        scale = hd**-0.5 if self.scale is None else self.scale
+        # q/k norm, rope and the K/V write, then attention: one launch on the kernels (ops.rope_attention)
         if step.mask is not None:  # a tree verify
-            return self.o_proj(self._tree(q, k, v, q_norm, k_norm, cache_k, cache_v, step, gate).reshape(t, -1))
-        q = ops.qk_norm_rope_cache(q, k, v, q_norm, k_norm, self.eps,
-                                   step.cos_sin if self.cos_sin is None else self.cos_sin,
-                                   step.positions, cache_k, cache_v, offset=self.norm_offset)
-        out = ops.attention(q, cache_k, cache_v, step.kv_len, causal=True,
-                            scale=hd**-0.5 if self.scale is None else self.scale,
-                            sliding_window=self.window, sinks=self.sinks, **({} if gate is None else {"gate": gate}))
+            out = self._tree(q, k, v, q_norm, k_norm, cos_sin, scale, cache_k, cache_v, step, gate)
+        else:
+            out = ops.rope_attention(q, k, v, q_norm, k_norm, self.eps, cos_sin, step.positions, cache_k, cache_v,
+                                     step.kv_len, offset=self.norm_offset, causal=True, scale=scale,
+                                     sliding_window=self.window, sinks=self.sinks, gate=gate)
         return self.o_proj(out.reshape(t, -1))
 
-    def _tree(self, q, k, v, q_norm, k_norm, cache_k, cache_v, step, gate) -> torch.Tensor:
+    def _tree(self, q, k, v, q_norm, k_norm, cos_sin, scale, cache_k, cache_v, step, gate) -> torch.Tensor:
         """A tree verify (dflash_cli/tree.py): q/k normed and rotated at each node's own position
         (anchor + depth), K/V written at the node's cache row (`step.rows`), attention over the committed keys
         and the node's ancestors (`step.mask`), within the layer's window by position. On the kernels each
         node gets the bits of decoding its path; the torch path runs the masked reference."""
-        q = ops.qk_norm_rope_cache(q, k, v, q_norm, k_norm, self.eps,
-                                   step.cos_sin if self.cos_sin is None else self.cos_sin,
-                                   step.positions, cache_k, cache_v, offset=self.norm_offset, rows=step.rows)
-        return ops.tree_attention(q, cache_k, cache_v, step.kv_len, step.mask, step.positions, step.key_positions,
-                                  scale=self.head_dim**-0.5 if self.scale is None else self.scale,
-                                  sliding_window=self.window, sinks=self.sinks, gate=gate)
+        return ops.rope_tree_attention(q, k, v, q_norm, k_norm, self.eps, cos_sin, step.positions, step.rows,
+                                       cache_k, cache_v, step.kv_len, step.mask, step.key_positions,
+                                       offset=self.norm_offset, scale=scale, sliding_window=self.window,
+                                       sinks=self.sinks, gate=gate)
