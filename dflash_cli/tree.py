@@ -66,7 +66,7 @@ def build(anchor: torch.Tensor, draft_logits: torch.Tensor, budget: int) -> Tree
     parents = torch.zeros(n, **long)
     depths = torch.zeros(n, **long)
     scores = torch.full((n,), NEG_INF, dtype=torch.float32, device=device)
-    scores[0] = 0.0
+    scores[:1].zero_()  # a slice's fill: no host scalar uploaded inside a capture
     ancestors = torch.eye(n, dtype=torch.bool, device=device)
     # The frontier: candidate (score, depth 1.., rank, parent node, parent's score); -inf: empty.
     f_score = torch.full((slots,), NEG_INF, dtype=torch.float32, device=device)
@@ -75,7 +75,7 @@ def build(anchor: torch.Tensor, draft_logits: torch.Tensor, budget: int) -> Tree
     f_parent = torch.zeros(slots, **long)
     f_base = torch.zeros(slots, dtype=torch.float32, device=device)
     if depth_max > 0:
-        f_score[0] = logp[0, 0]
+        f_score[:1].copy_(logp[0, :1])
     flat_logp, flat_ids = logp.reshape(-1), ids.reshape(-1)
     counter = torch.arange(2 * n, **long)  # node and frontier slot indices (no host-to-device copy in the step)
     for i in range(1, n):
@@ -119,10 +119,9 @@ def walk(tree: Tree, targets: torch.Tensor, depth_max: int) -> tuple[torch.Tenso
     path = [current]
     for _ in range(depth_max):
         want = targets.index_select(0, current.view(1))
-        match = (tree.parents == current) & (tree.tokens == want)
-        match[0] = False  # the root is its own parent
+        match = ((tree.parents == current) & (tree.tokens == want))[1:]  # not the root (its own parent)
         found = match.any() & alive
-        child = match.to(torch.int64).argmax()  # the first matching node (ids are distinct among siblings)
+        child = match.to(torch.int64).argmax() + 1  # the first matching node (ids are distinct among siblings)
         current = torch.where(found, child, current)
         alive = found
         accepted = accepted + found.to(torch.int64)
