@@ -184,9 +184,10 @@ def gdn_replay(state, k, v, g, beta, count):
     return _pick("replay", state.device)(state, k, v, g, beta, count)
 
 
-def gdn_commit(state, k, v, g, beta, conv, x, count):
-    """The hybrid commit: `gdn_replay` and `conv_commit` in one launch (kernels/gdn_replay.py)."""
-    return _pick("gdn_commit", state.device)(state, k, v, g, beta, conv, x, count)
+def gdn_commit(state, k, v, g, beta, conv, x, count, path=None):
+    """The hybrid commit: `gdn_replay` and `conv_commit` in one launch (kernels/gdn_replay.py); `path`: a tree's
+    accepted rows, gathered in the launch."""
+    return _pick("gdn_commit", state.device)(state, k, v, g, beta, conv, x, count, path)
 
 
 def conv_commit(conv, x, count):
