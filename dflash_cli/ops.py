@@ -28,6 +28,8 @@ _MODULES = {
     "verdict": "accept",
     "dynamic_conv": "dynamic_conv",
     "selector_walk": "selector_walk",
+    "tree_build": "tree_build",  # kernels/tree_build.py: a drafted tree's best-first build and its walk
+    "tree_walk": "tree_build",
     "embed_block": "embed_block",
     "gdn_commit": "gdn_replay",
     "causal_conv": "gated_delta",
@@ -178,6 +180,16 @@ def causal_conv(window, weight):
 
 def gated_delta_rule(q, k, v, g, beta, state, scale):
     return _pick("gated_delta_rule", q.device)(q, k, v, g, beta, state, scale)
+
+
+def tree_build(anchor, logp, ids, budget):
+    """The best-first tree over per-depth candidates (dflash_cli/tree.py), one launch."""
+    return _pick("tree_build", logp.device)(anchor, logp, ids, budget)
+
+
+def tree_walk(tokens, parents, targets, depth_max):
+    """The target's walk down a drafted tree (dflash_cli/tree.py), one launch."""
+    return _pick("tree_walk", targets.device)(tokens, parents, targets, depth_max)
 
 
 def gdn_replay(state, k, v, g, beta, count):
