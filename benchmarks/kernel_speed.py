@@ -106,6 +106,17 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
     lattice_ids = torch.randint(0, V, (B - 1, 32), device=dev)
     yield ("DFlash2 selector walk (B - 1 rows, top-32)", selector_walk.selector_walk, selector_walk.selector_walk_ref,
            lambda f: f(lattice, lattice_ids), nbytes(lattice, lattice_ids))
+    from dflash_cli.kernels import tree_build
+
+    tree_logp = torch.randn(B - 1, 31, device=dev).sort(dim=1, descending=True).values.log_softmax(1)
+    tree_ids = torch.randint(0, V, (B - 1, 31), device=dev)
+    anchor = torch.tensor([3], device=dev)
+    yield ("tree build (32 nodes, B - 1 depths, top-31)", tree_build.tree_build, tree_build.tree_build_ref,
+           lambda f: f(anchor, tree_logp, tree_ids, 32), nbytes(tree_logp, tree_ids))
+    tree = tree_build.tree_build_ref(anchor, tree_logp, tree_ids, 32)
+    tree_targets = torch.randint(0, V, (32,), device=dev)
+    yield ("tree walk (32 nodes, depth B - 1)", tree_build.tree_walk, tree_build.tree_walk_ref,
+           lambda f: f(tree[0], tree[1], tree_targets, B - 1), nbytes(tree[0], tree[1], tree_targets))
     yield ("sample greedy (1 × 151936)", accept.sample, accept.sample_ref,
            lambda f: f(logits[:1], pos[:1], temperature=0.0), nbytes(logits[:1]))
     yield ("accept greedy (B × 151936)", accept.accept, accept.accept_ref,
@@ -194,6 +205,10 @@ def hybrid_cases(dev: str, dt: torch.dtype):
            (B + 1) * 2 * nbytes(state) + nbytes(qk, qk, vv, z, z))
     yield ("hybrid commit: replay + conv windows (48 layers)", gdn_replay.gdn_commit, gdn_replay.gdn_commit_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, conv.clone(), xs, count), 2 * nbytes(states) + nbytes(kr, vr, xs))
+    path = torch.tensor([0, 2, 5, 7, 9, 9], device=dev)  # a tree's accepted path: its rows gathered in the launch
+    yield ("hybrid tree commit: a path's rows (48 layers)", gdn_replay.gdn_commit, gdn_replay.gdn_commit_ref,
+           lambda f: f(states.clone(), kr, vr, gr, br, conv.clone(), xs, count, path),
+           2 * nbytes(states) + nbytes(kr, vr, xs))
 
 
 def grouped_mm() -> tuple[str, object]:
