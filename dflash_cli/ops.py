@@ -29,7 +29,8 @@ _MODULES = {
     "dynamic_conv": "dynamic_conv",
     "selector_walk": "selector_walk",
     "tree_build": "tree_build",  # kernels/tree_build.py: a drafted tree's best-first build and its walk
-    "tree_walk": "tree_build",
+    "tree_verdict": "tree_build",
+    "tree_mask": "tree_build",
     "embed_block": "embed_block",
     "gdn_commit": "gdn_replay",
     "causal_conv": "gated_delta",
@@ -187,9 +188,15 @@ def tree_build(anchor, logp, ids, budget):
     return _pick("tree_build", logp.device)(anchor, logp, ids, budget)
 
 
-def tree_walk(tokens, parents, targets, depth_max):
-    """The target's walk down a drafted tree (dflash_cli/tree.py), one launch."""
-    return _pick("tree_walk", targets.device)(tokens, parents, targets, depth_max)
+def tree_mask(ancestors, depths, length, capacity):
+    """A tree verify's attention mask over the cache and its key positions (dflash_cli/tree.py), one launch."""
+    return _pick("tree_mask", length.device)(ancestors, depths, length, capacity)
+
+
+def tree_verdict(tokens, parents, targets, depth_max):
+    """The target's walk down a drafted tree and what a tree iteration packs and commits (dflash_cli/tree.py),
+    one launch."""
+    return _pick("tree_verdict", targets.device)(tokens, parents, targets, depth_max)
 
 
 def gdn_replay(state, k, v, g, beta, count):

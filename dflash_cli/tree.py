@@ -64,18 +64,21 @@ def walk(tree: Tree, targets: torch.Tensor, depth_max: int) -> tuple[torch.Tenso
     """Follow the target's tokens (`targets` [N]: its token at each node) from the root: at each node
     descend to the child holding the target's token, else stop there. Returns (path [depth_max + 1]:
     the visited nodes in order, the last one repeated past the stop; accepted: 0-d int64, the nodes
-    descended to). The committed tokens are targets[path[: accepted + 1]]. One launch (ops.tree_walk)."""
-    return ops.tree_walk(tree.tokens, tree.parents, targets, depth_max)
+    descended to). The committed tokens are targets[path[: accepted + 1]]."""
+    packed, path, _, _ = verdict(tree, targets, depth_max)
+    return path, packed[0]
+
+
+def verdict(tree: Tree, targets: torch.Tensor, depth_max: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`walk`, and what a tree iteration reads back and commits, in one launch (ops.tree_verdict): (packed:
+    accepted, targets[path], the path's node tokens, then adaptive.walk_record; path; count: 0-d, accepted + 1;
+    bonus [1]: the next anchor, targets at the stop node)."""
+    return ops.tree_verdict(tree.tokens, tree.parents, targets, depth_max)
 
 
 def attention_mask(tree: Tree, length: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For a verify of the tree's nodes written at cache rows length .. length + N - 1: (mask [N, capacity]
     bool: the committed keys and each node's ancestors and itself; key positions [capacity]: a slot's
-    position, nodes' rows at length + depth, for sliding windows)."""
-    n, device = tree.budget, length.device
-    slots = torch.arange(capacity, device=device)
-    rows = length + torch.arange(n, device=device)
-    mask = (slots < length).view(1, capacity).expand(n, capacity).clone()
-    mask.index_copy_(1, rows, tree.ancestors)
-    key_positions = slots.index_copy(0, rows, length + tree.depths)
-    return mask, key_positions
+    position, nodes' rows at length + depth, for sliding windows). One launch (ops.tree_mask)."""
+    return ops.tree_mask(tree.ancestors, tree.depths, length, capacity)

@@ -9,6 +9,8 @@ the target's tokens from the root, `depth` steps of integer compares (one progra
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 NEG_INF = float("-inf")
@@ -90,6 +92,26 @@ def tree_walk_ref(tokens: torch.Tensor, parents: torch.Tensor, targets: torch.Te
         accepted = accepted + found.to(torch.int64)
         path.append(current)
     return torch.stack(path), accepted
+
+
+class _Nodes(NamedTuple):  # what adaptive.walk_record reads of a tree.Tree
+    tokens: torch.Tensor
+    parents: torch.Tensor
+
+
+def tree_verdict_ref(tokens: torch.Tensor, parents: torch.Tensor, targets: torch.Tensor, depth_max: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tree iteration's verdict: the walk (`tree_walk_ref`), and what the engine reads back and commits.
+    Returns (packed [4·(depth_max + 1)]: accepted, the target's tokens along the path, the path's node ids,
+    then adaptive.walk_record's ranks and children; path [depth_max + 1]; count: 0-d, accepted + 1, the rows
+    the commit keeps; bonus [1]: the target's token at the stop node, the next iteration's anchor)."""
+    from ..adaptive import walk_record
+
+    path, accepted = tree_walk_ref(tokens, parents, targets, depth_max)
+    emitted = targets.index_select(0, path)
+    packed = torch.cat((accepted.view(1), emitted, tokens.index_select(0, path),
+                        walk_record(_Nodes(tokens, parents), path)))
+    return packed, path, accepted + 1, emitted.gather(0, accepted.view(1))
 
 
 # ---- Triton ---------------------------------------------------------------------------------------------
@@ -176,33 +198,94 @@ def tree_build(anchor, logp, ids, budget):
 
 
 @triton.jit(do_not_specialize=["n_nodes", "depth_max"])
-def _walk_kernel(tokens_ptr, parents_ptr, targets_ptr, path_ptr, accepted_ptr, n_nodes, depth_max,
-                 BN: tl.constexpr):
+def _verdict_kernel(tokens_ptr, parents_ptr, targets_ptr, packed_ptr, path_ptr, count_ptr, bonus_ptr, n_nodes,
+                    depth_max, BN: tl.constexpr):
+    """The walk, and along it what `tree_verdict_ref` packs: packed = [accepted | targets[path] | path's tokens |
+    ranks of path[1..] | children of path[0..]] (each of the walk_record's counts over the tree's filled nodes)."""
+    b = depth_max + 1
     node = tl.arange(0, BN)
-    real = (node > 0) & (node < n_nodes)  # the root is its own parent
-    tokens = tl.load(tokens_ptr + node, mask=real, other=-1)
-    parents = tl.load(parents_ptr + node, mask=real, other=-1)
+    inside = (node > 0) & (node < n_nodes)  # the root is its own parent
+    tokens = tl.load(tokens_ptr + node, mask=inside, other=-1)
+    parents = tl.load(parents_ptr + node, mask=inside, other=-1)
+    filled = inside & (tokens >= 0)
     current = tl.zeros((), tl.int64)
     alive = current == 0
     accepted = tl.zeros((), tl.int64)
-    tl.store(path_ptr, current)
-    for d in range(depth_max):
+    for d in range(depth_max + 1):
         want = tl.load(targets_ptr + current)
-        match = real & (parents == current) & (tokens == want)
-        child = tl.min(tl.where(match, node, BN), axis=0).to(tl.int64)  # the first matching node
-        found = alive & (child < BN)
-        current = tl.where(found, child, current)
-        alive = found
-        accepted += found.to(tl.int64)
-        tl.store(path_ptr + d + 1, current)
-    tl.store(accepted_ptr, accepted)
+        tl.store(path_ptr + d, current)
+        tl.store(packed_ptr + 1 + d, want)
+        tl.store(packed_ptr + 1 + b + d, tl.load(tokens_ptr + current))
+        tl.store(packed_ptr + 1 + 3 * b - 1 + d, tl.sum((filled & (parents == current)).to(tl.int64), axis=0))
+        if d > 0:  # its rank: the filled siblings before it
+            parent = tl.load(parents_ptr + current)
+            older = filled & (parents == parent) & (node < current)
+            tl.store(packed_ptr + 2 * b + d, tl.sum(older.to(tl.int64), axis=0))
+        if d < depth_max:
+            match = inside & (parents == current) & (tokens == want)
+            child = tl.min(tl.where(match, node, BN), axis=0).to(tl.int64)  # the first matching node
+            found = alive & (child < BN)
+            current = tl.where(found, child, current)
+            alive = found
+            accepted += found.to(tl.int64)
+        else:
+            tl.store(bonus_ptr, want)
+    tl.store(packed_ptr, accepted)
+    tl.store(count_ptr, accepted + 1)
 
 
-def tree_walk(tokens, parents, targets, depth_max):
-    """Triton: same contract as `tree_walk_ref`, one launch of one program."""
+def tree_verdict(tokens, parents, targets, depth_max):
+    """Triton: same contract as `tree_verdict_ref`, one launch of one program."""
     device = targets.device
-    path = torch.empty(depth_max + 1, dtype=torch.int64, device=device)
-    accepted = torch.empty(1, dtype=torch.int64, device=device)
-    _walk_kernel[(1,)](tokens, parents, targets.contiguous(), path, accepted, tokens.shape[0], depth_max,
-                       BN=max(2, triton.next_power_of_2(tokens.shape[0])))
-    return path, accepted.view(())
+    b = depth_max + 1
+    packed = torch.empty(4 * b, dtype=torch.int64, device=device)
+    path = torch.empty(b, dtype=torch.int64, device=device)
+    count, bonus = torch.empty(1, dtype=torch.int64, device=device), torch.empty(1, dtype=torch.int64, device=device)
+    _verdict_kernel[(1,)](tokens, parents, targets.contiguous(), packed, path, count, bonus, tokens.shape[0],
+                          depth_max, BN=max(2, triton.next_power_of_2(tokens.shape[0])))
+    return packed, path, count.view(()), bonus
+
+
+# ---- the verify's mask --------------------------------------------------------------------------------------
+def tree_mask_ref(ancestors: torch.Tensor, depths: torch.Tensor, length: torch.Tensor, capacity: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a verify of N nodes written at cache rows length .. length + N - 1 (ancestors [N, N] bool, depths
+    [N], length 0-d on the device): (mask [N, capacity] bool: the committed keys and each node's ancestors and
+    itself; key positions [capacity] int64: a slot's position, nodes' rows at length + depth)."""
+    n, device = ancestors.shape[0], length.device
+    slots = torch.arange(capacity, device=device)
+    rows = length + torch.arange(n, device=device)
+    mask = (slots < length).view(1, capacity).expand(n, capacity).clone()
+    mask.index_copy_(1, rows, ancestors)
+    key_positions = slots.index_copy(0, rows, length + depths)
+    return mask, key_positions
+
+
+@triton.jit
+def _mask_kernel(ancestors_ptr, depths_ptr, length_ptr, mask_ptr, keys_ptr, n_nodes, capacity, BN: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """One block of BLOCK cache slots, every node's row of it."""
+    slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    node = tl.arange(0, BN)
+    length = tl.load(length_ptr)
+    j = slot - length  # the node whose row the slot is, where 0 <= j < n_nodes
+    new = (j >= 0) & (j < n_nodes) & (slot < capacity)
+    ancestor = tl.load(ancestors_ptr + node[:, None] * n_nodes + j[None, :],
+                       mask=(node < n_nodes)[:, None] & new[None, :], other=0)
+    seen = (slot < length)[None, :] | (ancestor != 0)
+    tl.store(mask_ptr + node[:, None] * capacity + slot[None, :], seen.to(tl.int8),
+             mask=(node < n_nodes)[:, None] & (slot < capacity)[None, :])
+    depth = tl.load(depths_ptr + j, mask=new, other=0)
+    tl.store(keys_ptr + slot, tl.where(new, length + depth, slot.to(tl.int64)), mask=slot < capacity)
+
+
+def tree_mask(ancestors, depths, length, capacity):
+    """Triton: same contract as `tree_mask_ref`, one launch."""
+    n, device = ancestors.shape[0], length.device
+    mask = torch.empty((n, capacity), dtype=torch.int8, device=device)
+    keys = torch.empty(capacity, dtype=torch.int64, device=device)
+    bn = max(2, triton.next_power_of_2(n))
+    block = max(16, min(256, 4096 // bn))
+    _mask_kernel[(triton.cdiv(capacity, block),)](ancestors.contiguous().view(torch.int8), depths, length.reshape(1),
+                                                  mask, keys, n, capacity, BN=bn, BLOCK=block)
+    return mask.view(torch.bool), keys
