@@ -115,8 +115,11 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
            lambda f: f(anchor, tree_logp, tree_ids, 32), nbytes(tree_logp, tree_ids))
     tree = tree_build.tree_build_ref(anchor, tree_logp, tree_ids, 32)
     tree_targets = torch.randint(0, V, (32,), device=dev)
-    yield ("tree walk (32 nodes, depth B - 1)", tree_build.tree_walk, tree_build.tree_walk_ref,
+    yield ("tree walk + verdict (32 nodes, depth B - 1)", tree_build.tree_verdict, tree_build.tree_verdict_ref,
            lambda f: f(tree[0], tree[1], tree_targets, B - 1), nbytes(tree[0], tree[1], tree_targets))
+    tree_length = torch.tensor(CTX, device=dev)
+    yield ("tree verify mask (32 nodes, 2048 + 64 cache)", tree_build.tree_mask, tree_build.tree_mask_ref,
+           lambda f: f(tree[3], tree[2], tree_length, CTX + 64), 32 * (CTX + 64) + 8 * (CTX + 64))
     yield ("sample greedy (1 × 151936)", accept.sample, accept.sample_ref,
            lambda f: f(logits[:1], pos[:1], temperature=0.0), nbytes(logits[:1]))
     yield ("accept greedy (B × 151936)", accept.accept, accept.accept_ref,
@@ -203,6 +206,10 @@ def hybrid_cases(dev: str, dt: torch.dtype):
            gated_delta_tree.tree_rule_norm_ref,
            lambda f: f(qk[0], qk[0], vv[0], gg[0], bb[0], state[0], parents, dk**-0.5, z, norm_w, 1e-6),
            (B + 1) * 2 * nbytes(state) + nbytes(qk, qk, vv, z, z))
+    tree_mask = torch.tril(torch.ones(B, B + 64, dtype=torch.bool, device=dev), diagonal=64)  # a chain as a tree
+    tree_rows = torch.arange(64, 64 + B, device=dev)
+    yield ("tree shape: parents + conv windows (B nodes)", gated_delta_tree.tree_windows,
+           gated_delta_tree.tree_windows_ref, lambda f: f(tree_mask, tree_rows, 3), nbytes(tree_mask))
     yield ("hybrid commit: replay + conv windows (48 layers)", gdn_replay.gdn_commit, gdn_replay.gdn_commit_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, conv.clone(), xs, count), 2 * nbytes(states) + nbytes(kr, vr, xs))
     path = torch.tensor([0, 2, 5, 7, 9, 9], device=dev)  # a tree's accepted path: its rows gathered in the launch

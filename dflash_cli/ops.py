@@ -335,7 +335,12 @@ def norm_swiglu_linear(x, norm_w, eps, w, b=None, residual=None):
 # ---- Tree verification on a hybrid target ---------------------------------------------------------------
 # kernels/gated_delta_tree.py: the gated delta rule down a drafted tree, each node from its parent's state,
 # with the chain's gated norm as epilogue.
-_MODULES.update(tree_rule_norm="gated_delta_tree")
+_MODULES.update(tree_rule_norm="gated_delta_tree", tree_windows="gated_delta_tree")
+
+
+def gdn_tree_windows(mask, rows, keep):
+    """The tree's parents and each node's conv window, read from a tree verify's mask, in one launch."""
+    return _pick("tree_windows", mask.device)(mask, rows, keep)
 
 
 def gdn_tree_rule_norm(q, k, v, g, beta, state, parents, scale, z, norm_weight, eps):
