@@ -145,7 +145,8 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     if max_context is not None and max_context < 2:
         raise UsageError(f"--max-context must be at least 2, got {max_context}")
     block = drafter_cfg.block_size if drafter_cfg else 1
-    nodes = tree_nodes(tree_budget) if drafter_cfg is not None and block > 1 else 0
+    # a tree's rows (DFlash2 drafters keep their selector chain: Engine runs them without a tree)
+    nodes = tree_nodes(tree_budget) if drafter_cfg is not None and block > 1 and drafter_cfg.dflash2 is None else 0
     slack = cache_slack(max(block, nodes))
     needs = needs_for(family, target_cfg, drafter_cfg, dt, block, slack, target_weight_bytes(target_dir, family,
                                                                                           target_cfg, dt),

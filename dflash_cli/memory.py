@@ -59,7 +59,8 @@ def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: i
     from . import drafter
     from .models.weights import table_bytes
 
-    nodes = tree_nodes(tree_budget) if drafter_cfg is not None and block_size > 1 else 0
+    trees = drafter_cfg is not None and block_size > 1 and getattr(drafter_cfg, "dflash2", None) is None  # as Engine
+    nodes = tree_nodes(tree_budget) if trees else 0
     rows = max(block_size, nodes)  # the verify rows the caches record (a hybrid's per-row records)
     weights = table_bytes(family.weight_table(target_cfg), dtype) if target_weights is None else target_weights
     per_token, fixed = family.cache_bytes(target_cfg, dtype, rows)

@@ -237,3 +237,12 @@ def test_loading_for_a_tree_plans_its_buffers_and_the_engine_keeps_that_context(
         assert engine.max_context == 300
     with stand_in(free=tree.total(200)), pytest.raises(DflashError, match="for a --tree-budget 16 verify"):
         loader.load(*stories_pair, device="cuda", dtype="float32", tree_budget=16)
+
+
+def test_a_dflash2_drafter_plans_no_tree_as_its_engine_verifies_none():
+    """DFlash2 drafters keep their selector chain (Engine: auto picks the chain, a budget is refused by name), so
+    their plan counts no tree buffers whatever --tree-budget says."""
+    family, target, drafter, _ = configs("qwen3.8-27b")
+    chain = needs_for(family, target, drafter, torch.bfloat16, 8, cache_slack(8))
+    auto = needs_for(family, target, drafter, torch.bfloat16, 8, cache_slack(8), tree_budget="auto")
+    assert auto == chain and auto.tree_nodes == 0
