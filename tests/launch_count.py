@@ -229,10 +229,12 @@ def count_family(family: Family, steps_wanted: tuple[str, ...] = ("decode", "ver
 
         def steps(name: str, kinds, drafter_layers: int, decode: bool = True) -> dict[str, Counter]:
             t, d = family.write(tmp / name, kinds, drafter_layers)
-            out = {step: breakdown(captured_step(t, d, family.block_size, linear, _tree_budget(step)))
-                   for step in drafting}
-            if decode and "decode" in steps_wanted:
-                out["decode"] = breakdown(captured_step(t, linear=linear))
+            out = {}
+            for step in steps_wanted:  # in the order asked (the table's rows)
+                if step != "decode":
+                    out[step] = breakdown(captured_step(t, d, family.block_size, linear, _tree_budget(step)))
+                elif decode:
+                    out[step] = breakdown(captured_step(t, linear=linear))
             return out
 
         base = steps("base", family.kinds, 1)
