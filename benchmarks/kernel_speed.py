@@ -111,6 +111,20 @@ def cases(dev: str, dt: torch.dtype, sample_rows: int = B):
     yield ("DFlash2 selector, Muse-Glimmer's head (x 1/sqrt(26), softcap 20)", selector.selector, selector.selector_ref,
            lambda f: f(sel_p, sel_logits, block[:1], codebooks[0], codebooks[1], 16, 0.19611613513818404, 20.0),
            nbytes(sel_logits) + 16 * (B - 1) * 2 * 256 * codebooks.element_size())
+    from dflash_cli.kernels import tree_build
+
+    tree_logp = torch.randn(B - 1, 31, device=dev).sort(dim=1, descending=True).values.log_softmax(1)
+    tree_ids = torch.randint(0, V, (B - 1, 31), device=dev)
+    anchor = torch.tensor([3], device=dev)
+    yield ("tree build (32 nodes, B - 1 depths, top-31)", tree_build.tree_build, tree_build.tree_build_ref,
+           lambda f: f(anchor, tree_logp, tree_ids, 32), nbytes(tree_logp, tree_ids))
+    tree = tree_build.tree_build_ref(anchor, tree_logp, tree_ids, 32)
+    tree_targets = torch.randint(0, V, (32,), device=dev)
+    yield ("tree walk + verdict (32 nodes, depth B - 1)", tree_build.tree_verdict, tree_build.tree_verdict_ref,
+           lambda f: f(tree[0], tree[1], tree_targets, B - 1), nbytes(tree[0], tree[1], tree_targets))
+    tree_length = torch.tensor(CTX, device=dev)
+    yield ("tree verify mask (32 nodes, 2048 + 64 cache)", tree_build.tree_mask, tree_build.tree_mask_ref,
+           lambda f: f(tree[3], tree[2], tree_length, CTX + 64), 32 * (CTX + 64) + 8 * (CTX + 64))
     yield ("sample greedy (1 × 151936)", accept.sample, accept.sample_ref,
            lambda f: f(logits[:1], pos[:1], temperature=0.0), nbytes(logits[:1]))
     yield ("accept greedy (B × 151936)", accept.accept, accept.accept_ref,
@@ -197,8 +211,16 @@ def hybrid_cases(dev: str, dt: torch.dtype):
            gated_delta_tree.tree_rule_norm_ref,
            lambda f: f(qk[0], qk[0], vv[0], gg[0], bb[0], state[0], parents, dk**-0.5, z, norm_w, 1e-6),
            (B + 1) * 2 * nbytes(state) + nbytes(qk, qk, vv, z, z))
+    tree_mask = torch.tril(torch.ones(B, B + 64, dtype=torch.bool, device=dev), diagonal=64)  # a chain as a tree
+    tree_rows = torch.arange(64, 64 + B, device=dev)
+    yield ("tree shape: parents + conv windows (B nodes)", gated_delta_tree.tree_windows,
+           gated_delta_tree.tree_windows_ref, lambda f: f(tree_mask, tree_rows, 3), nbytes(tree_mask))
     yield ("hybrid commit: replay + conv windows (48 layers)", gdn_replay.gdn_commit, gdn_replay.gdn_commit_ref,
            lambda f: f(states.clone(), kr, vr, gr, br, conv.clone(), xs, count), 2 * nbytes(states) + nbytes(kr, vr, xs))
+    path = torch.tensor([0, 2, 5, 7, 9, 9], device=dev)  # a tree's accepted path: its rows gathered in the launch
+    yield ("hybrid tree commit: a path's rows (48 layers)", gdn_replay.gdn_commit, gdn_replay.gdn_commit_ref,
+           lambda f: f(states.clone(), kr, vr, gr, br, conv.clone(), xs, count, path),
+           2 * nbytes(states) + nbytes(kr, vr, xs))
 
 
 def grouped_mm() -> tuple[str, object]:

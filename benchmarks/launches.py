@@ -6,7 +6,9 @@ and the capture's recording (what a CUDA graph replays) is counted: Triton launc
 that run a kernel, views, metadata and allocations excluded (tests/launch_count.py lists them). Per
 layer kind by difference (the model with one more layer of that kind, less the model), the rest is
 the step's fixed work. `decode`: a plain decoding step (b = 1, no drafter); `verify`: one DFlash
-iteration at b = 4 (draft, verify, accept, commit, drafter context). Each DFLASH_LINEAR mode is counted
+iteration at b = 4 (draft, verify, accept, commit, drafter context); `tree N`: one tree iteration at b = 4
+(draft, the best-first tree of N nodes, its verify under the ancestor mask, the walk, the path's commit),
+for the families that verify trees (not DFlash2: its drafters keep their selector chain). Each DFLASH_LINEAR mode is counted
 (`cublas`: F.linear; `invariant`: the batch-invariant kernels, with the norm and SwiGLU fused in).
 
 A released target's decode step is estimated as fixed + layers × launches per layer, at its real widths:
@@ -19,7 +21,7 @@ add a split-K reduction kernel of its own at M = 1, which no CPU count sees).
 Each cell prints `count / budget`: the budget is issue 26's (which needs its fusions); tests/test_launches.py
 holds today's counts as ceilings so they cannot creep up.
 
-Usage: python benchmarks/launches.py [--family NAME ...] [--ops] [--json FILE]
+Usage: python benchmarks/launches.py [--family NAME ...] [--tree-budget N ...] [--ops] [--json FILE]
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tests.conftest  # noqa: E402,F401  (transformers' hybrid references import without fla, as in the tests)
-from tests.launch_count import BUDGETS, FAMILIES, RELEASED, count_family, real_width_extra  # noqa: E402
+from tests.launch_count import BUDGETS, FAMILIES, RELEASED, count_family, real_width_extra, tree_step  # noqa: E402
 
 LINEAR_MODES = ("cublas", "invariant")
 
@@ -90,7 +92,7 @@ def table(results: dict[str, list]) -> str:
             "total (tiny)"]
     rows = [head, ["---"] * len(head)]
     for c in flat:
-        for step in ("decode", "verify"):
+        for step in c.per_layer:
             cells = [str(c.per_layer[step][k]) if k in c.per_layer[step] else "" for k in kinds]
             rows.append([c.family, c.linear, step, *cells, str(c.fixed[step]), str(c.total[step])])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
@@ -103,12 +105,20 @@ def main() -> int:
                     help="DFLASH_LINEAR modes to count (default: both)")
     ap.add_argument("--ops", action="store_true", help="also print each kind's launches by op")
     ap.add_argument("--json", type=Path, help="also write the counts here")
+    ap.add_argument("--tree-budget", type=int, action="append",
+                    help="also count a tree iteration of this many nodes, at b = 4 (default: 8 and 16; 0: none), "
+                         "for the families that verify trees")
     args = ap.parse_args()
+    trees = [n for n in args.tree_budget or (8, 16) if n]
+    if any(n < 2 for n in trees):
+        ap.error("--tree-budget: a tree has at least 2 nodes (0: count no tree step)")
     results, start = {}, time.perf_counter()
     for mode in args.linear or LINEAR_MODES:
         results[mode] = []
         for name in args.family or FAMILIES:
-            results[mode].append(count_family(FAMILIES[name], linear=mode))
+            family = FAMILIES[name]
+            steps = ("decode", "verify", *(tree_step(n) for n in trees if family.trees))
+            results[mode].append(count_family(family, steps, linear=mode))
             print(f"counted {name}, DFLASH_LINEAR={mode} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     print("Launches per layer (by kind) and per step's fixed work, at the tiny models' widths; the issue's budget")
     print("beside each kind.")
@@ -123,7 +133,7 @@ def main() -> int:
         print(f"- {line}")
     if args.ops:
         for c in (c for counts in results.values() for c in counts):
-            for step in ("decode", "verify"):
+            for step in c.ops:
                 for kind, ops in c.ops[step].items():
                     print(f"{c.family} {c.linear} {step} {kind}: " + ", ".join(f"{op} {n}" for op, n in ops.items()))
     if args.json:

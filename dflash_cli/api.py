@@ -143,7 +143,8 @@ def open_session(opts: ModelOptions, dirs: tuple[Path, Path | None] | None = Non
 
     target_dir, drafter_dir = dirs if dirs is not None else resolve(opts)
     target_dir = quantized_target(target_dir, opts.quantize, opts.device)
-    model = loader.load(target_dir, drafter_dir, device=opts.device, dtype=opts.dtype, max_context=opts.max_context)
+    model = loader.load(target_dir, drafter_dir, device=opts.device, dtype=opts.dtype, max_context=opts.max_context,
+                        tree_budget=opts.tree_budget)  # the plan counts the tree verify's buffers
     if opts.model is not None and opts.target is None and registry.is_demo(opts.model):
         model = replace(model, stop_token_ids=model.stop_token_ids | {registry.DEMO_STORY_END})  # a story's end
     return Pair(model, block_size=opts.block_size, draft_window=opts.draft_window, tree_budget=opts.tree_budget)

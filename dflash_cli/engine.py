@@ -26,8 +26,7 @@ from typing import Iterator
 import torch
 
 from . import cuda, ops
-from .adaptive import (Adaptive, CostTable, Decision, Pinned, Policy, read_walk, time_iterations, tree_budgets,
-                       walk_record)
+from .adaptive import Adaptive, CostTable, Decision, Pinned, Policy, read_walk, time_iterations, tree_budgets
 from .cache import CommitPlan
 from .drafter import DEFERRED, Drafter
 from .errors import DflashError
@@ -457,12 +456,11 @@ class Engine:
             logits, features = self.target.forward(nodes, self.target_cache, logits_from=0,
                                                     feature_layers=self.feature_layers, tree=tree)
             y = ops.sample(logits, self.target_cache.length + tree.depths, **params)
-            path, accepted = trees.walk(tree, y, depth)
-            self.target_cache.commit(CommitPlan(accepted + 1, path))
-            self.drafter.add_context(features.index_select(0, path), self.draft_cache, count=accepted + 1)
-            emitted = y.index_select(0, path)
-            return torch.cat((accepted.view(1), emitted, tree.tokens.index_select(0, path), walk_record(tree, path))), \
-                emitted.gather(0, accepted.view(1))
+            # the walk, the packed readback (adaptive.walk_record included), the commit count and the next bonus
+            packed, path, count, bonus = trees.verdict(tree, y, depth)
+            self.target_cache.commit(CommitPlan(count, path))
+            self.drafter.add_context(features.index_select(0, path), self.draft_cache, count=count)
+            return packed, bonus
 
         return step
 

@@ -29,25 +29,83 @@ class MemoryNeeds:
     fixed: int  # cache bytes that do not grow with the context (recurrent states, scratch)
     workspace: int  # activations of the largest forward, verify logits, the CUDA-graph pool, headroom
     slack: int  # cache slots past the context limit (the verify blocks in flight)
+    tree_nodes: int = 0  # the largest verified tree's nodes (--tree-budget; 0: the chain), counted in the above
+    tree_per_token: int = 0  # of per_token: the tree verify's buffers that grow with the context
+    tree_bytes: int = 0  # of fixed + workspace: what the tree verify adds that does not (records, step scratch)
 
     def total(self, context: int) -> int:
         return self.weights + self.fixed + self.workspace + (context + self.slack) * self.per_token
 
+    def tree_total(self, context: int) -> int:
+        """Of `total(context)`: what verifying trees of `tree_nodes` nodes adds over the chain."""
+        return self.tree_bytes + (context + self.slack) * self.tree_per_token
+
+
+def tree_nodes(tree_budget: int | str) -> int:
+    """Nodes of the largest tree a --tree-budget verifies: the budget, or for "auto" the most the engine may
+    pick (adaptive.tree_budgets: ops.MAX_KERNEL_Q_LEN, 32)."""
+    from .adaptive import tree_budgets
+
+    return max(tree_budgets(1 << 30)) if tree_budget == "auto" else int(tree_budget)
+
 
 def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int,
-              target_weights: int | None = None) -> MemoryNeeds:
+              target_weights: int | None = None, tree_budget: int | str = 0) -> MemoryNeeds:
     """What a target of `family` and its drafter (or None) need, from their weight tables and caches.
     `target_weights`: the target's bytes as its checkpoint stores them, where that is not its table in
-    `dtype` (a quantized target: packed words, scales and zeros; checkpoint.weight_bytes)."""
+    `dtype` (a quantized target: packed words, scales and zeros; checkpoint.weight_bytes). `tree_budget`:
+    the engine's --tree-budget (N nodes, or "auto"), whose verify buffers are counted (`tree_verify_bytes`);
+    `slack` is then the caches' for max(block_size, N) rows (engine.cache_slack)."""
     from . import drafter
     from .models.weights import table_bytes
 
+    trees = drafter_cfg is not None and block_size > 1 and getattr(drafter_cfg, "dflash2", None) is None  # as Engine
+    nodes = tree_nodes(tree_budget) if trees else 0
+    rows = max(block_size, nodes)  # the verify rows the caches record (a hybrid's per-row records)
     weights = table_bytes(family.weight_table(target_cfg), dtype) if target_weights is None else target_weights
-    per_token, fixed = family.cache_bytes(target_cfg, dtype, block_size)
+    per_token, fixed = family.cache_bytes(target_cfg, dtype, rows)
     if drafter_cfg is not None:
         weights += table_bytes(drafter.weight_table(drafter_cfg), dtype) + drafter.copy_bytes(drafter_cfg, dtype)
         per_token += drafter.cache_bytes(drafter_cfg, dtype)
-    return MemoryNeeds(weights, per_token, fixed, workspace_bytes(target_cfg, block_size), slack)
+    workspace = workspace_bytes(target_cfg, block_size)
+    tree_per_token = tree_fixed = 0
+    if nodes:
+        steps = _auto_budgets(nodes) if tree_budget == "auto" else (nodes,)  # a captured step per budget
+        tree_per_token, step_scratch = tree_verify_bytes(target_cfg, block_size, steps)
+        tree_fixed = fixed - family.cache_bytes(target_cfg, dtype, block_size)[1] + step_scratch
+        per_token += tree_per_token
+        workspace += step_scratch
+    return MemoryNeeds(weights, per_token, fixed, workspace, slack, nodes, tree_per_token, tree_fixed)
+
+
+def _auto_budgets(nodes: int) -> tuple[int, ...]:
+    from .adaptive import tree_budgets
+
+    return tree_budgets(nodes)
+
+
+# The tree verify's attention (kernels/attention.py, tree=...) splits every key range at SPLIT keys and keeps
+# an fp32 partial (the head's accumulator and its max and sum) per node, query head and split.
+ATTENTION_SPLIT = 256  # kernels/attention.SPLIT (not imported: that would import Triton to plan memory)
+
+
+def tree_verify_bytes(cfg, block_size: int, budgets: tuple[int, ...]) -> tuple[int, int]:
+    """(bytes per token of context, bytes that do not grow with it) that verifying trees of these node budgets
+    needs beyond the chain, each budget its own captured step (counted as if none reused another's scratch,
+    as `workspace_bytes` counts the chain's). Per token: the largest tree's ancestor mask over the cache
+    [N, capacity] bool, its key positions and the committed-key row (int64), and the attention's split
+    partials. Per step: the N rows' logits, sampling and activations (`_step_scratch` at N rows), the
+    drafter's logits and their log-softmax for the top-K, the ancestors [N, N], and for a hybrid one linear
+    layer's per-node states at a time (kernels/gated_delta_tree: [N, Hv, dk, dv] fp32). The per-node records
+    the commit replays are the cache's own (family.cache_bytes at N rows)."""
+    most = max(budgets)
+    width = max(16, 1 << (cfg.head_dim - 1).bit_length())  # the kernel's head tile
+    partials = cfg.num_heads * most * (width + 2) * 4
+    per_token = most + 3 * 8 + -(-partials // ATTENTION_SPLIT)
+    gdn = getattr(cfg, "gdn", None)
+    states = 0 if gdn is None else gdn.heads_v * gdn.dk * gdn.dv * 4
+    scratch = sum(_step_scratch(cfg, n) + 2 * block_size * cfg.vocab_size * 4 + n * n + n * states for n in budgets)
+    return per_token, scratch
 
 
 # Weight formats a target can be held in on the GPU ("bf16": as released). The drafter stays bf16.
@@ -135,11 +193,19 @@ def plan_context(needs: MemoryNeeds, ceiling: int, requested: int | None, free_b
         if requested > fits:
             need = needs.total(requested)
             cache = (requested + needs.slack) * needs.per_token + needs.fixed
+            tree = (f", the --tree-budget {needs.tree_nodes} verify {needs.tree_total(requested) / GiB:.1f} GiB"
+                    if needs.tree_nodes else "")
+            fix = f"use --max-context {fits} or less" + (" or a smaller --tree-budget" if needs.tree_nodes else "")
             raise DflashError(f"--max-context {requested} needs {need / GiB:.1f} GiB on the GPU "
-                              f"(weights {needs.weights / GiB:.1f} GiB, caches {cache / GiB:.1f} GiB), "
-                              f"{free_bytes / GiB:.1f} GiB is free: use --max-context {fits} or less")
+                              f"(weights {needs.weights / GiB:.1f} GiB, caches {cache / GiB:.1f} GiB{tree}), "
+                              f"{free_bytes / GiB:.1f} GiB is free: {fix}")
         return requested
     if fits < 256:
+        if needs.tree_nodes:
+            raise DflashError(f"not enough GPU memory for a --tree-budget {needs.tree_nodes} verify: the weights need "
+                              f"{needs.weights / GiB:.1f} GiB, the tree's buffers {needs.tree_total(256) / GiB:.1f} GiB "
+                              f"at 256 tokens, and {free_bytes / GiB:.1f} GiB is free (use a smaller --tree-budget, "
+                              f"or --tree-budget 0 for the chain)")
         raise DflashError(f"not enough GPU memory: the weights need {needs.weights / GiB:.1f} GiB and "
                           f"{free_bytes / GiB:.1f} GiB is free (close other GPU programs, or use a smaller model)")
     return min(ceiling, fits)

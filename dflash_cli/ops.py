@@ -28,6 +28,9 @@ _MODULES = {
     "verdict": "accept",
     "dynamic_conv": "dynamic_conv",
     "selector": "selector",
+    "tree_build": "tree_build",  # kernels/tree_build.py: a drafted tree's best-first build and its walk
+    "tree_verdict": "tree_build",
+    "tree_mask": "tree_build",
     "embed_block": "embed_block",
     "gdn_commit": "gdn_replay",
     "causal_conv": "gated_delta",
@@ -217,13 +220,30 @@ def gated_delta_rule(q, k, v, g, beta, state, scale):
     return _pick("gated_delta_rule", q.device)(q, k, v, g, beta, state, scale)
 
 
+def tree_build(anchor, logp, ids, budget):
+    """The best-first tree over per-depth candidates (dflash_cli/tree.py), one launch."""
+    return _pick("tree_build", logp.device)(anchor, logp, ids, budget)
+
+
+def tree_mask(ancestors, depths, length, capacity):
+    """A tree verify's attention mask over the cache and its key positions (dflash_cli/tree.py), one launch."""
+    return _pick("tree_mask", length.device)(ancestors, depths, length, capacity)
+
+
+def tree_verdict(tokens, parents, targets, depth_max):
+    """The target's walk down a drafted tree and what a tree iteration packs and commits (dflash_cli/tree.py),
+    one launch."""
+    return _pick("tree_verdict", targets.device)(tokens, parents, targets, depth_max)
+
+
 def gdn_replay(state, k, v, g, beta, count):
     return _pick("replay", state.device)(state, k, v, g, beta, count)
 
 
-def gdn_commit(state, k, v, g, beta, conv, x, count):
-    """The hybrid commit: `gdn_replay` and `conv_commit` in one launch (kernels/gdn_replay.py)."""
-    return _pick("gdn_commit", state.device)(state, k, v, g, beta, conv, x, count)
+def gdn_commit(state, k, v, g, beta, conv, x, count, path=None):
+    """The hybrid commit: `gdn_replay` and `conv_commit` in one launch (kernels/gdn_replay.py); `path`: a tree's
+    accepted rows, gathered in the launch."""
+    return _pick("gdn_commit", state.device)(state, k, v, g, beta, conv, x, count, path)
 
 
 def conv_commit(conv, x, count):
@@ -378,7 +398,12 @@ def linear_conv(x, w, b, base, dynamic):
 # ---- Tree verification on a hybrid target ---------------------------------------------------------------
 # kernels/gated_delta_tree.py: the gated delta rule down a drafted tree, each node from its parent's state,
 # with the chain's gated norm as epilogue.
-_MODULES.update(tree_rule_norm="gated_delta_tree")
+_MODULES.update(tree_rule_norm="gated_delta_tree", tree_windows="gated_delta_tree")
+
+
+def gdn_tree_windows(mask, rows, keep):
+    """The tree's parents and each node's conv window, read from a tree verify's mask, in one launch."""
+    return _pick("tree_windows", mask.device)(mask, rows, keep)
 
 
 def gdn_tree_rule_norm(q, k, v, g, beta, state, parents, scale, z, norm_weight, eps):

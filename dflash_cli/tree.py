@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-NEG_INF = float("-inf")
+from . import ops
 
 
 @dataclass(frozen=True)
@@ -53,58 +53,11 @@ def branching(budget: int, vocab: int) -> int:
 
 def build(anchor: torch.Tensor, draft_logits: torch.Tensor, budget: int) -> Tree:
     """The best-first tree of `budget` nodes over the drafter's per-position logits [D, V] (row d: the
-    token at depth d + 1), rooted at `anchor` ([1] id)."""
+    token at depth d + 1), rooted at `anchor` ([1] id): the per-position top-K, then the `budget - 1` pops
+    (ops.tree_build: one launch; the reference, kernels/tree_build.tree_build_ref, unrolls them)."""
     assert budget >= 1
-    device = draft_logits.device
-    depth_max = draft_logits.shape[0]
     logp, ids = top_k(draft_logits, branching(budget, draft_logits.shape[-1]))
-    k = logp.shape[1]
-    n, slots = budget, 2 * budget + 1
-    long = dict(dtype=torch.int64, device=device)
-    tokens = torch.full((n,), -1, **long)
-    tokens[:1] = anchor.view(1)
-    parents = torch.zeros(n, **long)
-    depths = torch.zeros(n, **long)
-    scores = torch.full((n,), NEG_INF, dtype=torch.float32, device=device)
-    scores[0] = 0.0
-    ancestors = torch.eye(n, dtype=torch.bool, device=device)
-    # The frontier: candidate (score, depth 1.., rank, parent node, parent's score); -inf: empty.
-    f_score = torch.full((slots,), NEG_INF, dtype=torch.float32, device=device)
-    f_depth = torch.ones(slots, **long)
-    f_rank = torch.zeros(slots, **long)
-    f_parent = torch.zeros(slots, **long)
-    f_base = torch.zeros(slots, dtype=torch.float32, device=device)
-    if depth_max > 0:
-        f_score[0] = logp[0, 0]
-    flat_logp, flat_ids = logp.reshape(-1), ids.reshape(-1)
-    counter = torch.arange(2 * n, **long)  # node and frontier slot indices (no host-to-device copy in the step)
-    for i in range(1, n):
-        best = f_score.argmax().view(1)  # the first maximal slot: ties go to the earlier candidate
-        frontier = (f_score, f_depth, f_rank, f_parent, f_base)
-        score, depth, rank, parent, base = (t.index_select(0, best) for t in frontier)
-        filled = score > NEG_INF
-        row = ((depth - 1) * k + rank).clamp(0, flat_ids.shape[0] - 1)
-        node = counter[i:i + 1]
-        tokens.index_copy_(0, node, torch.where(filled, flat_ids.index_select(0, row), -1))
-        parents.index_copy_(0, node, torch.where(filled, parent, 0))
-        depths.index_copy_(0, node, torch.where(filled, depth, 1))
-        scores.index_copy_(0, node, score)
-        line = ancestors.index_select(0, torch.where(filled, parent, node)) | ancestors.index_select(0, node)
-        ancestors.index_copy_(0, node, line)
-        f_score.index_fill_(0, best, NEG_INF)
-        # its next sibling (same parent, rank + 1) and its first child (depth + 1, rank 0)
-        sib_ok = filled & (rank + 1 < k)
-        sib = base + flat_logp.index_select(0, ((depth - 1) * k + rank + 1).clamp(0, flat_logp.shape[0] - 1))
-        child_ok = filled & (depth < depth_max)
-        child = score + flat_logp.index_select(0, (depth * k).clamp(0, flat_logp.shape[0] - 1))
-        pair = counter[2 * i - 1:2 * i + 1]
-        pushed = torch.cat((torch.where(sib_ok, sib, NEG_INF), torch.where(child_ok, child, NEG_INF)))
-        f_score.index_copy_(0, pair, pushed)
-        f_depth.index_copy_(0, pair, torch.cat((depth, depth + 1)))
-        f_rank.index_copy_(0, pair, torch.cat((rank + 1, torch.zeros_like(rank))))
-        f_parent.index_copy_(0, pair, torch.cat((parent, node)))
-        f_base.index_copy_(0, pair, torch.cat((base, score)))
-    return Tree(tokens, parents, depths, ancestors, scores)
+    return Tree(*ops.tree_build(anchor, logp, ids, budget))
 
 
 def walk(tree: Tree, targets: torch.Tensor, depth_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,32 +65,20 @@ def walk(tree: Tree, targets: torch.Tensor, depth_max: int) -> tuple[torch.Tenso
     descend to the child holding the target's token, else stop there. Returns (path [depth_max + 1]:
     the visited nodes in order, the last one repeated past the stop; accepted: 0-d int64, the nodes
     descended to). The committed tokens are targets[path[: accepted + 1]]."""
-    device = targets.device
-    current = torch.zeros((), dtype=torch.int64, device=device)
-    alive = torch.ones((), dtype=torch.bool, device=device)
-    accepted = torch.zeros((), dtype=torch.int64, device=device)
-    path = [current]
-    for _ in range(depth_max):
-        want = targets.index_select(0, current.view(1))
-        match = (tree.parents == current) & (tree.tokens == want)
-        match[0] = False  # the root is its own parent
-        found = match.any() & alive
-        child = match.to(torch.int64).argmax()  # the first matching node (ids are distinct among siblings)
-        current = torch.where(found, child, current)
-        alive = found
-        accepted = accepted + found.to(torch.int64)
-        path.append(current)
-    return torch.stack(path), accepted
+    packed, path, _, _ = verdict(tree, targets, depth_max)
+    return path, packed[0]
+
+
+def verdict(tree: Tree, targets: torch.Tensor, depth_max: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`walk`, and what a tree iteration reads back and commits, in one launch (ops.tree_verdict): (packed:
+    accepted, targets[path], the path's node tokens, then adaptive.walk_record; path; count: 0-d, accepted + 1;
+    bonus [1]: the next anchor, targets at the stop node)."""
+    return ops.tree_verdict(tree.tokens, tree.parents, targets, depth_max)
 
 
 def attention_mask(tree: Tree, length: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For a verify of the tree's nodes written at cache rows length .. length + N - 1: (mask [N, capacity]
     bool: the committed keys and each node's ancestors and itself; key positions [capacity]: a slot's
-    position, nodes' rows at length + depth, for sliding windows)."""
-    n, device = tree.budget, length.device
-    slots = torch.arange(capacity, device=device)
-    rows = length + torch.arange(n, device=device)
-    mask = (slots < length).view(1, capacity).expand(n, capacity).clone()
-    mask.index_copy_(1, rows, tree.ancestors)
-    key_positions = slots.index_copy(0, rows, length + tree.depths)
-    return mask, key_positions
+    position, nodes' rows at length + depth, for sliding windows). One launch (ops.tree_mask)."""
+    return ops.tree_mask(tree.ancestors, tree.depths, length, capacity)

@@ -133,10 +133,11 @@ def causal_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def conv_window(conv_ptr, x_ptr, count_ptr, n, cb, x_n, x_t, channels, KEEP: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_C: tl.constexpr):
+                BLOCK_C: tl.constexpr, path_ptr=None, HAS_PATH: tl.constexpr = False):
     """Layer n's channel block cb: conv[n] := rows count .. count+KEEP-1 of [conv[n] | x[n]] (x's layer and
     row strides x_n, x_t): every source row is read before any row is written (conv is both source and
-    destination). Shared by `_conv_commit_kernel` and kernels/gdn_replay's one-launch commit."""
+    destination). With HAS_PATH, x's rows are taken as x[n][path] (a tree's accepted path, gathered in the
+    load). Shared by `_conv_commit_kernel` and kernels/gdn_replay's one-launch commit."""
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_K)
     src = tl.load(count_ptr) + r
@@ -145,7 +146,11 @@ def conv_window(conv_ptr, x_ptr, count_ptr, n, cb, x_n, x_t, channels, KEEP: tl.
     from_x = (src >= KEEP)[:, None] & (r < KEEP)[:, None] & c_ok
     conv_rows = conv_ptr + n * KEEP * channels
     old = tl.load(conv_rows + src[:, None] * channels + cols[None, :], mask=from_conv, other=0.0)
-    new = tl.load(x_ptr + n * x_n + (src[:, None] - KEEP) * x_t + cols[None, :], mask=from_x, other=0.0)
+    if HAS_PATH:
+        row = tl.load(path_ptr + (src - KEEP), mask=(src >= KEEP) & (r < KEEP), other=0)
+    else:
+        row = src - KEEP
+    new = tl.load(x_ptr + n * x_n + row[:, None] * x_t + cols[None, :], mask=from_x, other=0.0)
     tl.debug_barrier()
     tl.store(conv_rows + r[:, None] * channels + cols[None, :], tl.where(from_conv, old, new.to(old.dtype)),
              mask=(r < KEEP)[:, None] & c_ok)

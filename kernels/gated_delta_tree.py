@@ -80,3 +80,52 @@ def tree_rule_norm(q, k, v, g, beta, state, parents, scale, z, norm_weight, eps)
                                       norm_weight, out, n, scale, eps, HK=hk, HV=hv, DK=dk, DV=dv, BK=bk, BV=bv,
                                       num_warps=_warps(bk, bv))
     return out
+
+
+# ---- the tree's shape, as every linear layer of a tree verify gathers by ------------------------------------
+def tree_windows_ref(mask: torch.Tensor, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tree of a tree verify's N nodes, read from its attention mask (mask [N, capacity] bool; rows [N]: the
+    nodes' cache rows, so mask[:, rows] is the ancestor matrix): (parents [N] int64, the root's 0: the deepest
+    ancestor before a node; windows [N, keep + 1] int64: each node's conv window oldest first, as rows of
+    [committed keep inputs | nodes]: row keep - m holds its ancestor m levels up (m <= depth) or, above the
+    root, the committed input m - depth back)."""
+    ancestors = mask.index_select(1, rows)  # [N, N]: [i, j] = j is i or an ancestor of i
+    index = torch.arange(ancestors.shape[0], device=ancestors.device)
+    strict = ancestors & (index[None, :] < index[:, None])
+    parents = (strict.to(torch.int64) * index[None, :]).amax(dim=1)  # the deepest ancestor comes last
+    depths = ancestors.sum(dim=1) - 1
+    up, windows = index, [keep + index]
+    for m in range(1, keep + 1):
+        up = parents.index_select(0, up)
+        windows.append(torch.where(depths >= m, keep + up, keep - (m - depths)))
+    return parents, torch.stack(windows[::-1], dim=1)
+
+
+@triton.jit
+def _tree_windows_kernel(mask_ptr, rows_ptr, parents_ptr, windows_ptr, n_nodes, capacity, KEEP: tl.constexpr,
+                         BN: tl.constexpr):
+    node = tl.arange(0, BN)
+    ok = node < n_nodes
+    col = tl.load(rows_ptr + node, mask=ok, other=0)
+    ancestors = tl.load(mask_ptr + node[:, None] * capacity + col[None, :], mask=ok[:, None] & ok[None, :],
+                        other=0) != 0
+    strict = ancestors & (node[None, :] < node[:, None])
+    parents = tl.max(tl.where(strict, node[None, :], 0), axis=1).to(tl.int64)
+    depths = tl.sum(ancestors.to(tl.int64), axis=1) - 1
+    tl.store(parents_ptr + node, parents, mask=ok)
+    tl.store(windows_ptr + node * (KEEP + 1) + KEEP, KEEP + node.to(tl.int64), mask=ok)
+    up = node.to(tl.int64)
+    for m in tl.static_range(1, KEEP + 1):
+        up = tl.sum(tl.where(node[None, :] == up[:, None], parents[None, :], 0), axis=1)  # parents[up]
+        tl.store(windows_ptr + node * (KEEP + 1) + KEEP - m, tl.where(depths >= m, KEEP + up, KEEP - (m - depths)),
+                 mask=ok)
+
+
+def tree_windows(mask, rows, keep):
+    """Triton: same contract as `tree_windows_ref`, one launch of one program."""
+    n, capacity = mask.shape
+    parents = torch.empty(n, dtype=torch.int64, device=mask.device)
+    windows = torch.empty((n, keep + 1), dtype=torch.int64, device=mask.device)
+    _tree_windows_kernel[(1,)](mask.contiguous().view(torch.int8), rows.contiguous(), parents, windows, n, capacity,
+                               KEEP=keep, BN=max(2, triton.next_power_of_2(n)))
+    return parents, windows

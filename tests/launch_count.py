@@ -84,11 +84,13 @@ def breakdown(recording) -> Counter:
 
 
 def captured_step(target_dir: Path, drafter_dir: Path | None = None, block_size: int | None = None,
-                  linear: str | None = None) -> list:
+                  linear: str | None = None, tree_budget: int = 0) -> list:
     """The recording of one captured device step: plain decoding (b = 1) without a drafter, the DFlash
-    iteration at `block_size` (draft, verify, accept, commit, drafter context) with one. Triton kernels
-    run in the interpreter (TRITON_INTERPRET=1 must be set before triton is imported). `linear`: the
-    DFLASH_LINEAR mode to count under (None: as the environment says)."""
+    iteration at `block_size` (draft, verify, accept, commit, drafter context) with one, and with
+    `tree_budget` > 0 a tree iteration instead (draft, build the best-first tree of that many nodes, verify
+    them under the ancestor mask, walk, commit the path). Triton kernels run in the interpreter
+    (TRITON_INTERPRET=1 must be set before triton is imported). `linear`: the DFLASH_LINEAR mode to count
+    under (None: as the environment says)."""
     import pytest
 
     from dflash_cli import loader
@@ -102,7 +104,8 @@ def captured_step(target_dir: Path, drafter_dir: Path | None = None, block_size:
         graphs, make = [], gpu.CUDAGraph
         gpu.CUDAGraph = lambda: graphs.append(make()) or graphs[-1]  # keep what the engine captures
         model = loader.load(target_dir, drafter_dir, device="cuda", dtype="float32", max_context=64)
-        engine = Engine(model.target, model.drafter, block_size=block_size, lookahead=False)
+        engine = Engine(model.target, model.drafter, block_size=block_size, lookahead=False, tree_budget=tree_budget)
+        assert engine.tree_budget == tree_budget
         assert engine.graphs.enabled
         for _ in engine.generate(Request([3, 4, 5], 2)):  # the prefill's token, then one captured step
             pass
@@ -125,6 +128,7 @@ class Family:
     write: Callable[[Path, tuple[str, ...], int], tuple[Path, Path]]  # (dir, target kinds, drafter layers)
     drafter_kind: str = "drafter"
     block_size: int = 4
+    trees: bool = True  # the engine verifies trees for it (DFlash2 drafters keep their selector chain)
 
 
 def _dense(d: Path, kinds, drafter_layers: int):
@@ -182,7 +186,7 @@ FAMILIES = {
     "moe": Family("moe", ("moe", "moe"), _moe),
     "hybrid-moe": Family("hybrid-moe", ("linear+moe", "full+moe"), _hybrid(moe=True)),
     "gpt-oss": Family("gpt-oss", ("gpt-oss sliding", "gpt-oss full"), _gpt_oss),
-    "dflash2": Family("dflash2", ("dense", "dense"), _dflash2, drafter_kind="dflash2 drafter"),
+    "dflash2": Family("dflash2", ("dense", "dense"), _dflash2, drafter_kind="dflash2 drafter", trees=False),
 }
 
 # The issue's budgets (per decode step; verify: the same plus a few). They need the fusions of issue 26;
@@ -203,21 +207,34 @@ class Counts:
     ops: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # step -> kind or "fixed" -> op -> launches
 
 
+def tree_step(budget: int) -> str:
+    """The name of a tree iteration's step at `budget` nodes (count_family's steps_wanted, Counts' keys)."""
+    return f"tree {budget}"
+
+
+def _tree_budget(step: str) -> int:
+    """The tree budget of a drafting step: 0 for "verify" (the chain), N for "tree N"."""
+    return int(step.split()[1]) if step.startswith("tree ") else 0
+
+
 def count_family(family: Family, steps_wanted: tuple[str, ...] = ("decode", "verify"),
                  workdir: Path | None = None, linear: str | None = None) -> Counts:
     """Per-layer launches by difference: the base model (family.kinds, a one-layer drafter), then the
-    same with one more layer of each kind (appended), for the decode step and the verify step; `linear`:
+    same with one more layer of each kind (appended), for each step wanted: "decode", "verify" (the chain
+    at the family's block size), `tree_step(N)` (a tree iteration of N nodes at that block size); `linear`:
     the DFLASH_LINEAR mode (None: the environment's)."""
+    drafting = [s for s in steps_wanted if s != "decode"]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
 
         def steps(name: str, kinds, drafter_layers: int, decode: bool = True) -> dict[str, Counter]:
             t, d = family.write(tmp / name, kinds, drafter_layers)
             out = {}
-            if "verify" in steps_wanted:
-                out["verify"] = breakdown(captured_step(t, d, family.block_size, linear))
-            if decode and "decode" in steps_wanted:
-                out["decode"] = breakdown(captured_step(t, linear=linear))
+            for step in steps_wanted:  # in the order asked (the table's rows)
+                if step != "decode":
+                    out[step] = breakdown(captured_step(t, d, family.block_size, linear, _tree_budget(step)))
+                elif decode:
+                    out[step] = breakdown(captured_step(t, linear=linear))
             return out
 
         base = steps("base", family.kinds, 1)
@@ -229,9 +246,10 @@ def count_family(family: Family, steps_wanted: tuple[str, ...] = ("decode", "ver
             more = steps(kind.replace(" ", "_").replace("+", "_"), family.kinds + (kind,), 1)
             for step in base:
                 c.ops[step][kind] = _minus(more[step], base[step])
-        if "verify" in base:
+        if drafting:
             more = steps("drafter", family.kinds, 2, decode=False)
-            c.ops["verify"][family.drafter_kind] = _minus(more["verify"], base["verify"])
+            for step in drafting:
+                c.ops[step][family.drafter_kind] = _minus(more[step], base[step])
         for step in base:
             c.per_layer[step] = {k: sum(ops.values()) for k, ops in c.ops[step].items()}
             fixed = Counter(base[step])

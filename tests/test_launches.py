@@ -16,7 +16,7 @@ import torch
 from dflash_cli import cuda, ops
 
 from .fake_cuda import stand_in
-from .launch_count import BUDGETS, FAMILIES, breakdown, count_family, launches
+from .launch_count import BUDGETS, FAMILIES, breakdown, captured_step, count_family, launches, tree_step
 
 # The counter counts the launches of the Triton interpreter (what a capture on the stand-in GPU records).
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -196,3 +196,53 @@ def test_the_dflash2_drafter_layer_under_the_invariant_linear_runs_its_convs_ins
     layer = counts.ops["verify"]["dflash2 drafter"]
     assert layer.get("triton:_fused_partial_kernel") == 6, layer
     assert not {"triton:_dynamic_conv_kernel", "triton:_rms_norm_kernel", "triton:_partial_kernel"} & set(layer), layer
+
+
+# ---- tree verification (issue 28): a tree iteration's step ------------------------------------------------------
+# One tree iteration at b = 4 (draft, the best-first tree of N nodes, its verify under the ancestor mask, the walk,
+# the path's commit) at 8 and 16 nodes, for the families that verify trees (DFlash2 drafters keep their chain).
+# Lowered by kernels/tree_build.py and kernels/gated_delta_tree.tree_windows: the build (~56 torch ops per node:
+# 536 / 984 launches in all at 8 / 16 nodes), the walk with the packed readback, the mask, and the hybrid's tree
+# shape are one launch each, and the hybrid commit gathers its path in its own launch (was 10 ops).
+# Fixed work (tiny, both budgets): 509 / 957 -> 37 (dense, MoE, gpt-oss), 549 / 997 -> 39 (the hybrids); what it launches
+# beyond a chain verify's 19-20: the K/V path gather (10: cache.gather_rows), the node positions and the path's
+# features (3), the drafter's logits without its argmax block (embedding + cat), top-K (2), build, mask, verdict,
+# and for the hybrids the tree shape. A tree layer launches what a chain verify layer does.
+TREE_STEPS = (tree_step(8), tree_step(16))
+# Attention-containing kinds one fewer than at first (9 -> 8, full+moe 13 -> 12): the tree attention's prologue
+# norms and ropes q/k and writes the nodes' K/V (ops.rope_tree_attention).
+_TREE = {
+    "dense": {"dense": 8, "drafter": 8, "fixed": 37},
+    "hybrid": {"linear": 9, "full": 8, "drafter": 8, "fixed": 39},
+    "moe": {"moe": 8, "drafter": 8, "fixed": 37},
+    "hybrid-moe": {"linear+moe": 13, "full+moe": 12, "drafter": 8, "fixed": 39},
+    "gpt-oss": {"gpt-oss sliding": 8, "gpt-oss full": 8, "drafter": 8, "fixed": 37},
+}
+TREE_CEILINGS = {family: {step: dict(kinds) for step in TREE_STEPS} for family, kinds in _TREE.items()}
+
+
+def test_the_tree_ceilings_name_every_family_that_verifies_trees():
+    assert set(TREE_CEILINGS) == {name for name, family in FAMILIES.items() if family.trees}
+    for name, steps in TREE_CEILINGS.items():
+        family = FAMILIES[name]
+        assert set(steps) == set(TREE_STEPS)
+        assert all(set(kinds) == {*family.kinds, family.drafter_kind, "fixed"} for kinds in steps.values())
+
+
+@pytest.mark.slow  # two tree steps captured, kernels interpreted: ~25 s
+def test_a_tree_steps_launches_do_not_grow_with_its_budget(tmp_path):
+    """The dense tiny pair's tree iteration at 8 and at 32 nodes launches the same kernels (the build, the walk
+    and the mask are one launch each at any budget; before, the build alone was ~56 torch ops per node)."""
+    family = FAMILIES["dense"]
+    t, d = family.write(tmp_path, family.kinds, 1)
+    small, large = (breakdown(captured_step(t, d, family.block_size, tree_budget=n)) for n in (8, 32))
+    assert small == large, (small, large)
+    assert all(small[f"triton:{k}"] == 1 for k in ("_build_kernel", "_verdict_kernel", "_mask_kernel")), small
+
+
+@pytest.mark.slow  # each family counted twice over, at two budgets: ~60 s
+@pytest.mark.parametrize("family", list(TREE_CEILINGS))
+def test_no_tree_step_launches_more_than_today(family):
+    counts = count_family(FAMILIES[family], TREE_STEPS)
+    wrong = off_ceiling(counts, TREE_CEILINGS[family])
+    assert not wrong, "\n".join(wrong)

@@ -157,3 +157,92 @@ def test_qwen36_27b_in_int4_fits_a_24gb_card_where_fp8_does_not():
     # ~24.3B projection weights at ~4.2 bits, beside a bf16 embedding and head of 1.27B parameters each
     assert 12.5e9 < quantized_bytes(table, "int4") - 2 * 2 * 1.27e9 < 13.5e9
     assert pair("int4") < 23 * GiB < pair("fp8") < pair("bf16")
+
+
+# ---- a tree verify's buffers (--tree-budget) ----------------------------------------------------------------
+def _tree_needs(alias: str, budget) -> "needs_for":
+    from dflash_cli.memory import tree_nodes
+
+    family, target, drafter, _ = configs(alias)
+    rows = max(16, tree_nodes(budget))
+    return needs_for(family, target, drafter, torch.bfloat16, 16, cache_slack(rows), tree_budget=budget)
+
+
+@pytest.mark.parametrize("alias", ["qwen3-8b", "qwen3.5-27b"])
+def test_the_plan_grows_with_the_tree_budget(alias):
+    """Each larger budget needs more at every context: the nodes' logits and activations, their ancestor mask
+    over the cache and attention partials (per token), and "auto" is its largest tree, 32 nodes, and a captured
+    step for each budget it may pick."""
+    chain, *trees = (_tree_needs(alias, n) for n in (0, 8, 16, 32, "auto"))
+    assert chain.tree_nodes == 0 and chain.tree_total(4096) == 0
+    assert [t.tree_nodes for t in trees] == [8, 16, 32, 32]
+    for context in (256, 4096, 32768):
+        totals = [n.total(context) for n in (chain, *trees)]
+        assert totals == sorted(set(totals)), totals  # strictly growing: 0 < 8 < 16 < 32 < auto
+        for t in trees:  # what the tree adds is its part of the total, nothing else moved
+            assert t.total(context) - chain.total(context) == t.tree_total(context) + (t.slack - chain.slack) * (
+                chain.per_token)
+    assert trees[0].per_token > chain.per_token  # the mask [N, capacity] and the partials grow with the context
+
+
+def test_a_hybrid_tree_counts_its_per_node_records_and_states():
+    """Qwen3.5-27B at 32 nodes: the commit's records for 32 rows, not the block's 16 (48 linear layers), and one
+    layer's per-node states in the tree rule's scratch ([32, 48, 128, 128] fp32)."""
+    family, target, _, _ = configs("qwen3.5-27b")
+    chain, tree = _tree_needs("qwen3.5-27b", 0), _tree_needs("qwen3.5-27b", 32)
+    records = 48 * (32 - 16) * target.gdn.record_bytes(2)
+    assert tree.fixed - chain.fixed == records
+    assert tree.workspace - chain.workspace > 32 * 48 * 128 * 128 * 4
+    assert tree.tree_bytes == records + tree.workspace - chain.workspace
+
+
+def test_a_plan_that_just_fits_the_chain_refuses_a_tree_in_one_line():
+    """Free memory for exactly 8192 tokens of the chain: the chain plans them, a 32-node tree asked for the same
+    --max-context is one line naming the tree and the fix, and without --max-context its context shrinks."""
+    chain, tree = _tree_needs("qwen3-8b", 0), _tree_needs("qwen3-8b", 32)
+    free = chain.total(8192)
+    assert plan_context(chain, Q8.max_position_embeddings, 8192, free) == 8192
+    with pytest.raises(DflashError) as e:
+        plan_context(tree, Q8.max_position_embeddings, 8192, free)
+    line = str(e.value)
+    assert "\n" not in line and "--tree-budget 32 verify" in line and "or a smaller --tree-budget" in line
+    shrunk = plan_context(tree, Q8.max_position_embeddings, None, free)
+    assert 256 <= shrunk < 8192 and tree.total(shrunk) <= free < tree.total(shrunk + 1)
+    tight = chain.total(300)  # room for the chain's 300 tokens; the 32-node tree's buffers leave under 256
+    assert plan_context(chain, Q8.max_position_embeddings, None, tight) == 300
+    with pytest.raises(DflashError, match=r"^not enough GPU memory for a --tree-budget 32 verify: .*use a smaller "
+                                          r"--tree-budget, or --tree-budget 0 for the chain\)$"):
+        plan_context(tree, Q8.max_position_embeddings, None, tight)
+
+
+def test_loading_for_a_tree_plans_its_buffers_and_the_engine_keeps_that_context(stories_pair):
+    """On the stand-in GPU with room for exactly 300 tokens beside a 16-node tree's buffers: loading for
+    --tree-budget 16 plans those 300 tokens, the chain more (the tree's buffers are ~1.6 MB, hundreds of this
+    tiny model's tokens), and the engine made with that budget keeps exactly the planned context."""
+    from dflash_cli import loader
+    from dflash_cli.config import DrafterConfig
+    from dflash_cli.engine import Engine
+    from dflash_cli.models import target_config
+
+    from .fake_cuda import stand_in
+
+    family, cfg = target_config(stories_pair[0])
+    tree = needs_for(family, cfg, DrafterConfig.from_dir(stories_pair[1]), torch.float32, 8, cache_slack(16),
+                     tree_budget=16)
+    with stand_in(free=tree.total(300)):
+        assert loader.load(*stories_pair, device="cuda", dtype="float32").max_context > 300
+        model = loader.load(*stories_pair, device="cuda", dtype="float32", tree_budget=16)
+        assert model.max_context == 300
+        engine = Engine(model.target, model.drafter, tree_budget=16)
+        assert engine.max_context == 300
+    with stand_in(free=tree.total(200)), pytest.raises(DflashError, match="for a --tree-budget 16 verify"):
+        loader.load(*stories_pair, device="cuda", dtype="float32", tree_budget=16)
+
+
+def test_a_dflash2_drafter_plans_no_tree_as_its_engine_verifies_none():
+    """DFlash2 drafters keep their selector chain (Engine: auto picks the chain, a budget is refused by name), so
+    their plan counts no tree buffers whatever --tree-budget says."""
+    family, target, drafter, _ = configs("qwen3.8-27b")
+    chain = needs_for(family, target, drafter, torch.bfloat16, 8, cache_slack(8))
+    auto = needs_for(family, target, drafter, torch.bfloat16, 8, cache_slack(8), tree_budget="auto")
+    assert auto == chain and auto.tree_nodes == 0

@@ -49,7 +49,9 @@ def test_every_launch_compiles_for_every_target(tmp_path):
                  "gated_delta._gated_rms_norm_kernel", "moe._route_kernel", "gdn_glue._prologue_kernel",
                  "gdn_glue._rule_norm_kernel", "moe._down_kernel",
                  "gated_delta_tree._tree_rule_norm_kernel", "gdn_replay._replay_kernel", "gdn_replay._commit_kernel",
-                 "selector._selector_kernel"):
+                 "selector._selector_kernel",
+                 "tree_build._build_kernel", "tree_build._verdict_kernel", "tree_build._mask_kernel",
+                 "gated_delta_tree._tree_windows_kernel"):
         assert name in kernels, sorted(kernels)
     assert {line.split()[1] for line in compiled} == {"sm_80", "sm_86", "sm_89", "sm_90", "sm_120"}
     # kernels/pdl.py: the linear kernels as an sm_90+ GPU launches them (PDL on), and only there; a split

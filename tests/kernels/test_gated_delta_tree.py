@@ -95,3 +95,24 @@ def test_ops_takes_the_tree_kernel_with_kernels_on(monkeypatch):
     assert ops._pick("tree_rule_norm", torch.device("cpu")) is gt.tree_rule_norm
     monkeypatch.setenv("DFLASH_KERNELS", "torch")
     assert ops._pick("tree_rule_norm", torch.device("cpu")) is gt.tree_rule_norm_ref
+
+
+@pytest.mark.parametrize("n, keep, length", [(8, 3, 0), (16, 3, 5), (32, 3, 40), (12, 2, 7), (48, 4, 1)])
+def test_the_tree_shape_is_read_from_the_mask_in_one_launch_as_the_reference(seed, n, keep, length):
+    """Parents and each node's conv window (its ancestors, then the committed inputs above the root), from a tree
+    verify's mask at its cache rows: the kernel's integers are the reference's; a node's window ends with itself."""
+    from dflash_cli import tree as trees
+
+    g = torch.Generator().manual_seed(seed)
+    parents = _tree(n, g).to(DEVICE)
+    ancestors = torch.eye(n, dtype=torch.bool, device=DEVICE)
+    for i in range(1, n):
+        ancestors[i] |= ancestors[int(parents[i])]
+    tree = trees.Tree(torch.zeros(n, dtype=torch.int64, device=DEVICE), parents, ancestors.sum(1) - 1, ancestors,
+                      torch.zeros(n, device=DEVICE))
+    at = torch.tensor(length, device=DEVICE)
+    mask, _ = trees.attention_mask(tree, at, length + n + 9)
+    rows = at + torch.arange(n, device=DEVICE)
+    got, want = gt.tree_windows(mask, rows, keep), gt.tree_windows_ref(mask, rows, keep)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
+    assert torch.equal(got[0][1:], parents[1:]) and torch.equal(got[1][:, -1], keep + torch.arange(n, device=DEVICE))

@@ -66,3 +66,32 @@ def test_the_commit_is_the_replay_and_the_conv_commit(seed, count):
     gdn_commit_ref(want, k[:, :5], v[:, :5], decay[:, :5], beta[:, :5], want_conv, x[:, :5], count_t)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_conv, want_conv)
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4])
+def test_a_tree_commit_gathers_its_path_in_the_launch_bit_for_bit(seed, count):
+    """A tree's accepted path (rows 0, 2, 5, 7 of a block recorded in a larger buffer): the one launch reads
+    the path's rows by index, and leaves the states and conv windows of the same commit over those rows
+    copied to the front (the gather it replaces), bit for bit; the records are not written."""
+    from dflash_cli.kernels.gdn_replay import gdn_commit, gdn_commit_ref
+
+    g = torch.Generator().manual_seed(seed)
+    _, k, v, decay, beta, state = _inputs(3, 10, 2, 4, 16, 16, g)
+    conv, x = torch.randn(3, 3, 40, generator=g).to(DEVICE), torch.randn(3, 10, 40, generator=g).to(DEVICE)
+    path, count_t = torch.tensor([0, 2, 5, 7], device=DEVICE), torch.tensor(count, device=DEVICE)
+    records = [r[:, :8] for r in (k, v, decay, beta, x)]
+    before = [r.clone() for r in records]
+    got, got_conv = state.clone(), conv.clone()
+    rk, rv, rg, rb, rx = records
+    gdn_commit(got, rk, rv, rg, rb, got_conv, rx, count_t, path)
+    front = [r.index_select(1, path).contiguous() for r in records]
+    want, want_conv = state.clone(), conv.clone()
+    gdn_commit(want, *front[:4], want_conv, front[4], count_t)
+    assert torch.equal(got, want) and torch.equal(got_conv, want_conv), f"seed {seed}"
+    assert all(torch.equal(r, b) for r, b in zip(records, before))
+    if count:
+        assert not torch.equal(got_conv, conv)  # the commit moved the window
+    ref, ref_conv = state.clone(), conv.clone()
+    gdn_commit_ref(ref, rk, rv, rg, rb, ref_conv, rx, count_t, path)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_conv, ref_conv)

@@ -92,14 +92,12 @@ class RecurrentCache:
     def commit(self, plan: CommitPlan) -> None:
         """Replay the recorded rows of the plan (its path's, gathered first; else 0..count-1) over the
         states of all layers at once, rejected steps masked (fixed shapes), and gather the conv windows."""
-        t = self.recorded
-        records = (self.rec_x, self.rec_k, self.rec_v, self.rec_g, self.rec_beta)
-        if plan.path is not None:  # the path's rows first, in order (gathered before any is written)
-            t = min(t, plan.path.shape[0])  # a tree's path: at most its depth + 1 of its nodes
-            for r in records:
-                r[:, :t].copy_(r.index_select(1, plan.path[:t]))
+        t, path = self.recorded, plan.path
+        if path is not None:  # a tree's path (at most its depth + 1 of its nodes): its rows read by index
+            path = path[:min(t, path.shape[0])]
+        # the replay and the conv windows (a path's rows gathered in the loads): one launch
         ops.gdn_commit(self.state, self.rec_k[:, :t], self.rec_v[:, :t], self.rec_g[:, :t], self.rec_beta[:, :t],
-                       self.conv, self.rec_x[:, :t], plan.count)  # the replay and the conv windows: one launch
+                       self.conv, self.rec_x[:, :t], plan.count, path)
 
     def reset(self) -> None:
         self.state.zero_()

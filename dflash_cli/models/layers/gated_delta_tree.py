@@ -44,16 +44,7 @@ def tree_shape(step, keep: int) -> TreeShape:
     cached = getattr(step, "_gated_delta_tree", None)
     if cached is not None:
         return cached
-    ancestors = step.mask.index_select(1, step.rows)  # [N, N]: [i, j] = j is i or an ancestor of i
-    index = torch.arange(ancestors.shape[0], device=ancestors.device)
-    strict = ancestors & (index[None, :] < index[:, None])
-    parents = (strict.to(torch.int64) * index[None, :]).amax(dim=1)  # the deepest ancestor comes last
-    depths = ancestors.sum(dim=1) - 1
-    up, rows = index, [keep + index]
-    for m in range(1, keep + 1):
-        up = parents.index_select(0, up)
-        rows.append(torch.where(depths >= m, keep + up, keep - (m - depths)))
-    shape = TreeShape(parents, torch.stack(rows[::-1], dim=1))  # windows oldest first
+    shape = TreeShape(*ops.gdn_tree_windows(step.mask, step.rows, keep))  # one launch (kernels/gated_delta_tree.py)
     step._gated_delta_tree = shape
     return shape
 
