@@ -20,7 +20,7 @@ from .engine import cache_slack
 from .errors import DflashError, UsageError
 from .formats import PLAIN, ChatFormat, detect, thinking_default
 from .harmony import HarmonyTokens
-from .memory import free_device_memory, needs_for, plan_context, tree_nodes
+from .memory import free_device_memory, needs_for, plan_context, verified_tree_nodes
 from .models import load_target, target_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,12 +160,10 @@ def load(target_dir: Path, drafter_dir: Path | None, *, device: str = "auto", dt
     if max_context is not None and max_context < 2:
         raise UsageError(f"--max-context must be at least 2, got {max_context}")
     block = drafter_cfg.block_size if drafter_cfg else 1
-    # a tree's rows (DFlash2 drafters keep their selector chain: Engine runs them without a tree)
-    nodes = tree_nodes(tree_budget) if drafter_cfg is not None and block > 1 and drafter_cfg.dflash2 is None else 0
-    slack = cache_slack(max(block, nodes))
+    slack = cache_slack(max(block, verified_tree_nodes(drafter_cfg, block, tree_budget)))  # a tree's rows
     needs = needs_for(family, target_cfg, drafter_cfg, dt, block, slack, target_weight_bytes(target_dir, family,
                                                                                           target_cfg, dt),
-                      tree_budget=tree_budget if nodes else 0)
+                      tree_budget=tree_budget)
     context = plan_context(needs, target_cfg.max_position_embeddings, max_context, free_device_memory(dev))
     positions = context + slack  # rope rows the caches can reach
     if not cuda.is_gpu(dev):

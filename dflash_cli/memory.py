@@ -49,6 +49,14 @@ def tree_nodes(tree_budget: int | str) -> int:
     return max(tree_budgets(1 << 30)) if tree_budget == "auto" else int(tree_budget)
 
 
+def verified_tree_nodes(drafter_cfg, block_size: int, tree_budget: int | str) -> int:
+    """Nodes of the largest tree the engine verifies with this drafter at --tree-budget `tree_budget`; 0 where it
+    verifies the chain (no drafter, block size 1, or a DFlash2 drafter, which keeps its selector's chain, as
+    Engine decides)."""
+    trees = drafter_cfg is not None and block_size > 1 and getattr(drafter_cfg, "dflash2", None) is None
+    return tree_nodes(tree_budget) if trees else 0
+
+
 def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: int, slack: int,
               target_weights: int | None = None, tree_budget: int | str = 0) -> MemoryNeeds:
     """What a target of `family` and its drafter (or None) need, from their weight tables and caches.
@@ -59,8 +67,7 @@ def needs_for(family, target_cfg, drafter_cfg, dtype: torch.dtype, block_size: i
     from . import drafter
     from .models.weights import table_bytes
 
-    trees = drafter_cfg is not None and block_size > 1 and getattr(drafter_cfg, "dflash2", None) is None  # as Engine
-    nodes = tree_nodes(tree_budget) if trees else 0
+    nodes = verified_tree_nodes(drafter_cfg, block_size, tree_budget)
     rows = max(block_size, nodes)  # the verify rows the caches record (a hybrid's per-row records)
     weights = table_bytes(family.weight_table(target_cfg), dtype) if target_weights is None else target_weights
     per_token, fixed = family.cache_bytes(target_cfg, dtype, rows)
