@@ -324,7 +324,7 @@ def _step_rows(x: torch.Tensor) -> bool:
 def int4_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """x @ W.T + b for an Int4Linear `layer` (a single projection, not a stack of experts)."""
     if not _step_rows(x):
-        return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+        return layer.forward(x)  # the layout's reference: the whole weight dequantized, F.linear
     return _pick("int4_linear", x.device)(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bias,
                                           layer.input_perm)
 
@@ -332,14 +332,14 @@ def int4_linear(x: torch.Tensor, layer) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """x @ W.T + b for an Int8Linear `layer` (a single projection, not a stack of experts)."""
     if not _step_rows(x):
-        return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+        return layer.forward(x)  # the layout's reference: the whole weight dequantized, F.linear
     return _pick("int8_linear", x.device)(x, layer.weight, layer.scale, layer.bias)
 
 
 def fp8_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """x @ W.T + b for an Fp8Linear `layer` (a single projection, not a stack of experts)."""
     if not _step_rows(x):
-        return F.linear(x, layer.dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+        return layer.forward(x)  # the layout's reference: the whole weight dequantized, F.linear
     return _pick("fp8_linear", x.device)(x, layer.weight, layer.scale, layer.block, layer.bias)
 
 
